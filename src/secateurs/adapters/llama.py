@@ -1,0 +1,33 @@
+"""Llama-layout families: llama, mistral, qwen2 (q/k/v biases), qwen3 (per-head_dim q/k norms).
+
+All four keep q/k/v/o and gate/up/down as separate Linears, so the base adapter covers them;
+only qwen2's max_window_layers needs care when layers are deleted.
+"""
+
+from __future__ import annotations
+
+from secateurs.adapters.base import ModelAdapter
+
+
+class LlamaAdapter(ModelAdapter):
+    model_types = ("llama", "mistral", "qwen3")
+
+    def stock_equivalent_config(self, config_dict: dict) -> dict | None:
+        """Llama without biases is Mistral with sliding_window None: same modules, same weight
+        names, same rotary; MistralConfig accepts any head count with an explicit head_dim."""
+        if config_dict.get("model_type") != "llama" or config_dict.get("attention_bias") or config_dict.get("mlp_bias"):
+            return None
+        out = {k: v for k, v in config_dict.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+        out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+        return out
+
+
+class Qwen2Adapter(ModelAdapter):
+    model_types = ("qwen2",)
+
+    def update_config_for_kept_layers(self, config, kept: list[int]) -> None:
+        # Layers with index >= max_window_layers use the sliding window: keep that split.
+        limit = getattr(config, "max_window_layers", None)
+        super().update_config_for_kept_layers(config, kept)
+        if limit is not None:
+            config.max_window_layers = sum(1 for i in kept if i < limit)

@@ -1,0 +1,16 @@
+"""Phi-1.5 / Phi-2: q/k/v/dense with biases, fc1 -> gelu -> fc2 with biases, partial rotary,
+parallel block (attention and MLP read the same input_layernorm output)."""
+
+from __future__ import annotations
+
+from secateurs.adapters.base import ModelAdapter
+
+
+class PhiAdapter(ModelAdapter):
+    model_types = ("phi",)
+    o_name = "dense"
+    mlp_in_names = ("fc1",)
+    mlp_out_name = "fc2"
+
+    def final_norm(self, model):
+        return model.model.final_layernorm

@@ -1,0 +1,87 @@
+"""Work-arounds for transformers behaviour that blocks pruned shapes, kept in one place.
+
+transformers 5.x validates LlamaConfig and Gemma2Config with `hidden_size % num_attention_heads
+== 0` even when head_dim is explicit (huggingface/transformers#46082, still in 5.23), although the
+modeling code only needs num_attention_heads * head_dim. Pruned head counts (22 of 32 heads on
+Llama-2-7B) break that rule, so:
+
+* save: a Llama model without biases is written as the mathematically identical Mistral
+  architecture (same weights, same names, sliding_window None), which every stock loader
+  accepts; any other family is written with its real head counts and marked
+  `secateurs.stock_loadable = false`, and `load_pruned` is the way to load it.
+* load: `load_config` reads such a config without the over-strict check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from secateurs.adapters import get_adapter
+from secateurs.plan import CONFIG_KEY
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
+
+
+def config_is_valid(config) -> bool:
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def save_model_files(model, directory: Path) -> dict:
+    """model.save_pretrained(directory), writing a config stock loaders accept where one exists.
+
+    Records in config.json's `secateurs` entry whether stock from_pretrained can load the folder
+    (not when layers differ in width, nor when no valid stock config exists) and how it was exported.
+    """
+    config = model.config
+    real = {k: getattr(config, k) for k in _HEAD_FIELDS}
+    valid = config_is_valid(config)
+    try:
+        if not valid:  # heads=1 divides any hidden size: a valid stand-in while saving
+            for k in _HEAD_FIELDS:
+                setattr(config, k, 1)
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        for k, v in real.items():
+            setattr(config, k, v)
+    path = directory / "config.json"
+    on_disk = json.loads(path.read_text())
+    on_disk.update(real)
+    note = {}
+    if not valid:
+        stock = get_adapter(model).stock_equivalent_config(on_disk)
+        note["export_reason"] = "transformers#46082 rejects hidden_size % num_attention_heads != 0"
+        if stock is not None:
+            on_disk = stock
+            note["exported_from"] = config.model_type
+    info = on_disk.setdefault(CONFIG_KEY, {})
+    note["stock_loadable"] = (valid or "exported_from" in note) and not info.get("heterogeneous", False)
+    info.update(note)
+    path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
+    return note
+
+
+def load_config(path: str | Path):
+    """AutoConfig.from_pretrained, tolerating the divisibility check on pruned head counts."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, TypeError) as exc:
+        data = json.loads((Path(path) / "config.json").read_text())
+        if CONFIG_KEY not in data:
+            raise
+        real = {k: data[k] for k in _HEAD_FIELDS}
+        data.update({k: 1 for k in _HEAD_FIELDS})
+        try:
+            config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
+        except Exception:
+            raise exc
+        for k, v in real.items():
+            setattr(config, k, v)
+        return config

@@ -1,0 +1,228 @@
+"""PruningPlan: which structures stay. JSON on disk; the single source of truth for surgery.
+
+A plan names kept query heads, kept KV heads and kept MLP neurons per layer (None = all kept),
+or marks the layer removed, and carries the geometry of the model it was made for plus
+provenance (method, ratio, calibration, seed, library version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from secateurs.errors import PlanError
+
+PLAN_FORMAT = "secateurs.plan/1"
+PLAN_FILENAME = "pruning_plan.json"
+CONFIG_KEY = "secateurs"  # the config.json entry that marks a pruned model
+
+
+@dataclass
+class LayerPlan:
+    index: int
+    removed: bool = False
+    heads: list[int] | None = None
+    kv_heads: list[int] | None = None
+    neurons: list[int] | None = None
+
+
+@dataclass
+class PruningPlan:
+    base: dict
+    layers: list[LayerPlan]
+    provenance: dict = field(default_factory=dict)
+
+    # -- construction ------------------------------------------------------
+    @staticmethod
+    def base_info(model) -> dict:
+        """The geometry a plan is bound to: applying it elsewhere is refused."""
+        from secateurs.adapters import get_adapter
+
+        adapter = get_adapter(model)
+        config = model.config
+        layers = adapter.decoder_layers(model)
+        shapes = [adapter.layer_shape(layer) for layer in layers]
+        return {
+            "model_type": config.model_type,
+            "name_or_path": _source_name(config),
+            "num_hidden_layers": len(layers),
+            "hidden_size": config.hidden_size,
+            "head_dim": adapter.head_dim(layers[0]),
+            "vocab_size": config.vocab_size,
+            "layer_shapes": [[s.num_heads, s.num_kv_heads, s.intermediate_size] for s in shapes],
+        }
+
+    @classmethod
+    def identity(cls, model, provenance: dict | None = None) -> "PruningPlan":
+        """A plan that keeps everything (a starting point for building one)."""
+        base = cls.base_info(model)
+        layers = [LayerPlan(index=i) for i in range(base["num_hidden_layers"])]
+        return cls(base=base, layers=layers, provenance=dict(provenance or {}))
+
+    # -- queries -----------------------------------------------------------
+    def kept_layer_indices(self) -> list[int]:
+        return [lp.index for lp in self.layers if not lp.removed]
+
+    def layer_shape(self, index: int) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, intermediate_size) of a layer of the base model."""
+        return tuple(self.base["layer_shapes"][index])
+
+    def check_compatible(self, model) -> None:
+        """Refuse a plan made for a model of another geometry."""
+        here = self.base_info(model)
+        keys = ("model_type", "num_hidden_layers", "hidden_size", "head_dim", "vocab_size", "layer_shapes")
+        diffs = [k for k in keys if here[k] != self.base.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: plan {_short(self.base.get(k))} vs model {_short(here[k])}" for k in diffs)
+            raise PlanError(
+                f"this plan was made for another model ({self.base.get('name_or_path')}): {detail}. "
+                "Apply it to the base model it was made for."
+            )
+        if len(self.layers) != here["num_hidden_layers"] or [lp.index for lp in self.layers] != list(
+            range(here["num_hidden_layers"])
+        ):
+            raise PlanError("plan layers must list every layer of the base model once, in order")
+        if not self.kept_layer_indices():
+            raise PlanError("the plan removes every decoder layer; keep at least one")
+
+    def resolve_layer(self, lp: LayerPlan) -> tuple[list[int], list[int], list[int]]:
+        """Validated (kept query heads, kept KV heads, kept neurons) of one layer.
+
+        GQA rule: query head h belongs to KV head h // G. Every kept KV head must keep the same
+        number of its query heads (whole groups, or even pruning inside every group); anything
+        else has no representation as a standard attention module and is refused.
+        """
+        num_heads, num_kv, inter = self.layer_shape(lp.index)
+        group = num_heads // num_kv
+        where = f"layer {lp.index}"
+        heads = _check_indices(lp.heads, num_heads, f"{where} heads")
+        kv_given = _check_indices(lp.kv_heads, num_kv, f"{where} kv_heads")
+        if lp.heads is None and lp.kv_heads is not None:
+            heads = [h for h in range(num_heads) if h // group in set(kv_given)]
+        if not heads:
+            raise PlanError(f"{where} keeps no attention heads; a kept layer needs at least one (remove the layer instead)")
+        per_group: dict[int, int] = {}
+        for h in heads:
+            per_group[h // group] = per_group.get(h // group, 0) + 1
+        kv = sorted(per_group)
+        if lp.kv_heads is not None and kv_given != kv:
+            raise PlanError(
+                f"{where}: kept KV heads {kv_given} do not match the groups of the kept query heads {kv} "
+                f"(query head h uses KV head h // {group})"
+            )
+        counts = sorted(set(per_group.values()))
+        if len(counts) > 1:
+            raise PlanError(
+                f"{where}: GQA split cannot be represented: kept query heads per KV group are "
+                f"{[per_group[g] for g in kv]} (groups {kv}); keep whole KV groups or the same number "
+                f"of query heads in every kept group"
+            )
+        neurons = _check_indices(lp.neurons, inter, f"{where} neurons")
+        if not neurons:
+            raise PlanError(f"{where} keeps no MLP neurons; a kept layer needs at least one (remove the layer instead)")
+        return heads, kv, neurons
+
+    def pruned_shapes(self) -> list[tuple[int, int, int]]:
+        """Shapes of the kept layers after surgery (validates every layer)."""
+        out = []
+        for lp in self.layers:
+            if not lp.removed:
+                heads, kv, neurons = self.resolve_layer(lp)
+                out.append((len(heads), len(kv), len(neurons)))
+        return out
+
+    # -- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "base": self.base,
+            "provenance": self.provenance,
+            "layers": [_compact_layer(lp) for lp in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruningPlan":
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a secateurs plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        layers = [LayerPlan(**{k: v for k, v in d.items()}) for d in data["layers"]]
+        return cls(base=data["base"], layers=layers, provenance=data.get("provenance", {}))
+
+    def to_json(self) -> str:
+        """Readable and diff-friendly: header indented, one line per layer; deterministic."""
+        d = self.to_dict()
+        layers = d.pop("layers")
+        head = json.dumps(d, indent=2)
+        rows = ",\n".join("    " + json.dumps(row) for row in layers)
+        return head[:-2] + ',\n  "layers": [\n' + rows + "\n  ]\n}\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILENAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILENAME
+        if not path.exists():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    # -- display -----------------------------------------------------------
+    def summary(self) -> str:
+        b, p = self.base, self.provenance
+        lines = [
+            f"plan for {b.get('name_or_path')} ({b['model_type']}, {b['num_hidden_layers']} layers, "
+            f"hidden {b['hidden_size']}, head_dim {b['head_dim']})",
+        ]
+        if p:
+            lines.append("provenance: " + ", ".join(f"{k}={_short(v)}" for k, v in p.items() if k != "per_layer"))
+        lines.append(f"{'layer':>5}  {'heads':>9}  {'kv heads':>9}  {'neurons':>13}")
+        for lp in self.layers:
+            h, kv, inter = self.layer_shape(lp.index)
+            if lp.removed:
+                lines.append(f"{lp.index:>5}  {'removed':>9}")
+                continue
+            heads, kvs, neurons = self.resolve_layer(lp)
+            lines.append(
+                f"{lp.index:>5}  {len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}"
+            )
+        removed = sum(lp.removed for lp in self.layers)
+        lines.append(f"layers removed: {removed} of {len(self.layers)}")
+        return "\n".join(lines)
+
+
+def _compact_layer(lp: LayerPlan) -> dict:
+    d = asdict(lp)
+    return {k: v for k, v in d.items() if v is not None and not (k == "removed" and v is False)}
+
+
+def _check_indices(indices, size: int, what: str) -> list[int]:
+    if indices is None:
+        return list(range(size))
+    idx = sorted(int(i) for i in indices)
+    if len(set(idx)) != len(idx):
+        raise PlanError(f"{what}: duplicate indices")
+    if idx and (idx[0] < 0 or idx[-1] >= size):
+        raise PlanError(f"{what}: indices must lie in [0, {size}), got {idx[0]}..{idx[-1]}")
+    return idx
+
+
+def _source_name(config) -> str | None:
+    return getattr(config, "_name_or_path", None) or None
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
