@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -30,7 +31,7 @@ def config_is_valid(config) -> bool:
         if hasattr(config, "validate"):
             config.validate()
         return True
-    except (ValueError, TypeError):
+    except (StrictDataclassClassValidationError, ValueError, TypeError):
         return False
 
 
@@ -72,7 +73,7 @@ def load_config(path: str | Path):
     """AutoConfig.from_pretrained, tolerating the divisibility check on pruned head counts."""
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, TypeError) as exc:
+    except (StrictDataclassClassValidationError, ValueError, TypeError) as exc:
         data = json.loads((Path(path) / "config.json").read_text())
         if CONFIG_KEY not in data:
             raise

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -43,6 +44,9 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
         save_model_files(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -84,9 +88,13 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
 
 def _load_heterogeneous(path: Path, config):
-    """Meta-device skeleton -> resize every layer to its saved widths -> assign weights from disk."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    """Meta-device skeleton -> resize every layer to its saved widths -> assign weights from disk.
+
+    accelerate's init_empty_weights puts parameters on meta but keeps buffers real, so
+    non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are computed from the config.
+    """
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
     adapter = get_adapter(model)
     shapes = getattr(config, CONFIG_KEY)["layer_shapes"]
     layers = adapter.decoder_layers(model)
@@ -104,19 +112,15 @@ def _load_heterogeneous(path: Path, config):
     if result.unexpected_keys:
         raise SecateursError(f"{path}: unexpected weights {result.unexpected_keys[:5]}")
     model.tie_weights()
-    _rebuild_meta_buffers(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise SecateursError(f"{path}: weights missing from the folder: {missing[:5]}")
     return model
 
 
-def _rebuild_meta_buffers(model) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not saved: rebuild their modules from config."""
-    for name, module in list(model.named_modules()):
-        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            if not hasattr(module, "config"):
-                raise SecateursError(f"cannot rebuild buffers of {name} ({type(module).__name__})")
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, type(module)(config=module.config))
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

