@@ -1,0 +1,1 @@
+"""Evaluation: perplexity now; zero-shot and speed arrive with the evaluation issue."""
