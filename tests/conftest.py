@@ -4,6 +4,7 @@ the real stories260K model, and a masking reference for exactness tests."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(os.environ.get("SECATEURS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K-hf"
 TINYSTORIES_TEXT = ASSETS / "text" / "tinystories" / "tinystories_sample.txt"
 
