@@ -21,7 +21,7 @@ from conftest import tiny_model
 
 def test_plan_json_round_trip_and_summary(tmp_path):
     model = tiny_model("llama-gqa")
-    plan = make_plan(model, "magnitude", 0.5, gqa="in-group")
+    plan = make_plan(model, "magnitude", 0.5, gqa="in-group", rounding="structures")
     path = plan.save(tmp_path / "plan.json")
     again = PruningPlan.load(path)
     assert again.to_json() == plan.to_json()
@@ -103,7 +103,7 @@ def test_unknown_family_and_method():
     model.config.model_type = "gpt2"
     with pytest.raises(UnsupportedModelError, match="gemma2, llama, mistral, phi, phi3, qwen2, qwen3"):
         get_adapter(model)
-    with pytest.raises(SecateursError, match="available: magnitude, random"):
+    with pytest.raises(SecateursError, match="available: amp, amp-heads, amp-mlp, magnitude, random"):
         make_plan(tiny_model("llama-mha"), "nope", 0.2)
 
 

@@ -35,9 +35,9 @@ def test_magnitude_20_percent_prune_save_reload_generate(stories, tmp_path, reco
     text = read_text(TINYSTORIES_TEXT)
     dense_ppl = perplexity(dense, tokenizer, text, seq_len=256, progress=False)["perplexity"]
     model, plan = prune(AutoModelForCausalLM.from_pretrained(STORIES).eval(), method="magnitude", ratio=0.2)
-    # GQA respected: 4 KV groups of 2 -> one whole group (2 heads) leaves each layer; 34 of 172 neurons
-    assert plan.pruned_shapes() == [(6, 3, 138)] * 5
-    assert plan.provenance["params_before"] == 260_032 and plan.provenance["params_after"] == 212_032
+    # 20% of all parameters, GQA respected: one whole KV group (2 of 8 heads) and 38 of 172 neurons per layer
+    assert plan.pruned_shapes() == [(6, 3, 134)] * 5
+    assert plan.provenance["params_before"] == 260_032 and plan.provenance["params_after"] == 208_192
     out = save_pruned(model, plan, tmp_path / "stories-mag20", tokenizer=tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # stock loader (exported as Mistral)
     assert json.loads((out / "config.json").read_text())["secateurs"]["stock_loadable"] is True

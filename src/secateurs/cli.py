@@ -24,18 +24,50 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
-def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
-    from secateurs.budget import GQA_MODES
+def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
+    from secateurs.budget import GQA_MODES, RATIO_OF, ROUNDINGS
     from secateurs.methods import METHODS
+    from secateurs.selection import SELECTIONS
 
-    p.add_argument("--method", default="magnitude", choices=sorted(METHODS), help="scoring criterion (default: magnitude)")
+    p.add_argument("--method", default=default_method, choices=sorted(METHODS),
+                   help=f"pruning criterion (default: {default_method})")
     p.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of heads and of MLP neurons removed in every layer, in [0, 1) (default: 0.2)")
+                   help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
+    p.add_argument("--ratio-of", default="all", choices=RATIO_OF,
+                   help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
+    p.add_argument("--layers-equivalent", type=float, metavar="K",
+                   help="remove K decoder layers' worth of parameters instead of --ratio (official AMP 'iterations')")
+    p.add_argument("--rounding", default="balanced", choices=ROUNDINGS,
+                   help="balanced: closest to the target; paper: official AMP shapes; "
+                        "structures: --ratio is a fraction of heads and of neurons")
+    p.add_argument("--round-to", type=int, default=1, metavar="M", help="keep neuron counts a multiple of M")
     p.add_argument("--gqa", default="groups", choices=GQA_MODES,
                    help="grouped-query attention: remove whole KV groups, or the same number of heads in each group")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random criterion (default: 0)")
+    p.add_argument("--selection", default="standard", choices=SELECTIONS,
+                   help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
+    p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
+                   help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
+    p.add_argument("--calib", default=None,
+                   help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
+                        "or 'self' (model-generated; default)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--calib-length", type=int, default=128, help="tokens per calibration sample (default: 128)")
+    p.add_argument("--calib-batch-size", type=int, default=8, help="calibration batch size (default: 8)")
+    p.add_argument("--stats", metavar="FILE",
+                   help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and random choices")
     p.add_argument("--out", required=default_out is None, default=default_out, help="output folder (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def _prune_options(args) -> dict:
+    return dict(
+        ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
+        round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
+        calibration=args.calib, statistics=args.stats, seed=args.seed,
+        calibration_options=dict(num_samples=args.calib_samples, max_length=args.calib_length,
+                                 batch_size=args.calib_batch_size, seed=args.seed),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +123,7 @@ def _prune_and_save(args, model, tokenizer, plan=None):
 
     before = model_stats(model)
     start = time.perf_counter()
-    model, plan = prune(model, method=args.method, ratio=args.ratio, gqa=args.gqa, seed=args.seed, plan=plan)
+    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
     seconds = time.perf_counter() - start
     after = model_stats(model)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force)

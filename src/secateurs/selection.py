@@ -1,8 +1,17 @@
-"""Selection: scores + keep counts -> kept indices. Ties go to the lower index (deterministic)."""
+"""Selection: scores + keep counts -> kept indices. Ties go to the lower index (deterministic).
+
+Modes: standard (keep the highest scores), reversed (keep the lowest: AMP's coherence check,
+which must be far worse), random (ignore the scores; seeded).
+"""
 
 from __future__ import annotations
 
 import torch
+
+from secateurs.criteria.scores import StructureScores
+from secateurs.errors import SecateursError
+
+SELECTIONS = ("standard", "reversed", "random")
 
 
 def top_indices(scores: torch.Tensor, k: int) -> list[int]:
@@ -20,3 +29,16 @@ def select_heads(scores: torch.Tensor, num_kv_heads: int, keep_heads: int, keep_
     per_group = keep_heads // keep_kv
     heads = [g * group + h for g in kv for h in top_indices(by_group[g], per_group)]
     return heads, kv
+
+
+def apply_selection(scores: StructureScores, selection: str, seed: int = 0) -> StructureScores:
+    """Scores as the selection mode sees them."""
+    if selection == "standard":
+        return scores
+    if selection == "reversed":
+        return StructureScores([-h for h in scores.heads], [-n for n in scores.neurons], scores.description)
+    if selection == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return StructureScores([torch.rand(h.shape, generator=gen) for h in scores.heads],
+                               [torch.rand(n.shape, generator=gen) for n in scores.neurons], scores.description)
+    raise SecateursError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")

@@ -70,6 +70,10 @@ class ModelAdapter:
     mlp_out_name = "down_proj"
 
     # -- where things live -------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The transformer without its LM head (calibration does not need logits)."""
+        return model.model
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 

@@ -1,68 +1,121 @@
-"""The public entry point: secateurs.prune(model, method=..., ratio=...) -> (model, plan)."""
+"""The public entry point: secateurs.prune(model, tokenizer, method=..., ratio=...) -> (model, plan).
+
+A width method is a criterion (how heads and neurons are scored) plus which parts it prunes;
+the budget (how many go per layer) and the selection mode are shared by all of them.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 from secateurs import __version__
 from secateurs.accounting import model_stats
-from secateurs.budget import GQA_MODES, check_ratio
+from secateurs.budget import plan_budget
+from secateurs.calibration import Calibration, load_calibration
+from secateurs.criteria import StructureScores
+from secateurs.criteria.amp import amp_scores
 from secateurs.criteria.magnitude import magnitude_scores
 from secateurs.criteria.random import random_scores
+from secateurs.criteria.wanda_sp import wanda_sp_scores
 from secateurs.errors import SecateursError
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
+from secateurs.selection import apply_selection
+from secateurs.statistics import Statistics, collect_statistics
 from secateurs.surgery import apply_plan
 
 
-def _magnitude(model, *, ratio: float, gqa: str, seed: int, **_) -> PruningPlan:
-    return uniform_width_plan(model, magnitude_scores(model), ratio, gqa)
+@dataclass(frozen=True)
+class WidthMethod:
+    score: Callable[..., StructureScores]  # (model, statistics, options) -> scores
+    needs_statistics: bool
+    parts: str = "both"
+    summary: str = ""
 
 
-def _random(model, *, ratio: float, gqa: str, seed: int, **_) -> PruningPlan:
-    return uniform_width_plan(model, random_scores(model, seed), ratio, gqa)
+METHODS: dict[str, WidthMethod] = {
+    "amp": WidthMethod(lambda m, s, o: amp_scores(s, o.get("averaging", "prompt")), True, "both",
+                       "AMP: heads by L1 of their projected output, neurons by mean |activation|"),
+    "amp-heads": WidthMethod(lambda m, s, o: amp_scores(s, o.get("averaging", "prompt")), True, "heads",
+                             "AMP on attention heads only (ablation)"),
+    "amp-mlp": WidthMethod(lambda m, s, o: amp_scores(s, o.get("averaging", "prompt")), True, "mlp",
+                           "AMP on MLP neurons only (ablation)"),
+    "wanda-sp": WidthMethod(lambda m, s, o: wanda_sp_scores(m, s), True, "both",
+                            "wanda-sp: |W| * ||X|| per output-projection input channel"),
+    "magnitude": WidthMethod(lambda m, s, o: magnitude_scores(m), False, "both",
+                             "L2 norm of the weights a head or neuron owns (data-free)"),
+    "random": WidthMethod(lambda m, s, o: random_scores(m, o.get("seed", 0)), False, "both",
+                          "seeded random scores (the floor)"),
+}
 
 
-METHODS: dict[str, Callable[..., PruningPlan]] = {"magnitude": _magnitude, "random": _random}
+def resolve_statistics(model, tokenizer, calibration=None, statistics=None, calibration_options: dict | None = None,
+                       progress: bool = True) -> Statistics:
+    """Statistics from (in order): a Statistics object, a saved statistics file that exists, or a
+    calibration pass (a Calibration, or a source spec loaded with calibration_options). A path
+    given as `statistics` that does not exist yet is written after the pass, for reuse."""
+    if isinstance(statistics, Statistics):
+        return statistics
+    if statistics is not None and os.path.exists(statistics):
+        return Statistics.load(statistics)
+    if not isinstance(calibration, Calibration):
+        calibration = load_calibration(calibration, tokenizer, model=model, **(calibration_options or {}))
+    stats = collect_statistics(model, calibration, progress=progress)
+    if statistics is not None:
+        stats.save(statistics)
+    return stats
 
 
-def make_plan(model, method: str = "magnitude", ratio: float = 0.2, *, gqa: str = "groups", seed: int = 0,
-              **options) -> PruningPlan:
-    """Score the model with `method` and return the plan (the model is not modified)."""
+def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenizer=None, calibration=None,
+              statistics=None, calibration_options: dict | None = None, selection: str = "standard",
+              averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
+              layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
+              progress: bool = True) -> PruningPlan:
+    """Score the model with `method` and return the plan (the model is not modified).
+
+    ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
+    ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
+    """
     if method not in METHODS:
         raise SecateursError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    ratio = check_ratio(ratio)
-    if gqa not in GQA_MODES:
-        raise SecateursError(f"gqa mode must be one of {GQA_MODES}, got {gqa!r}")
-    plan = METHODS[method](model, ratio=ratio, gqa=gqa, seed=seed, **options)
+    spec = METHODS[method]
+    if layers_equivalent is not None:
+        ratio = None
+    budget = plan_budget(model, ratio, ratio_of=ratio_of, layers_equivalent=layers_equivalent, rounding=rounding,
+                         gqa=gqa, parts=spec.parts, round_to=round_to)
+    stats = None
+    if spec.needs_statistics:
+        stats = resolve_statistics(model, tokenizer, calibration, statistics, calibration_options, progress)
+    scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
+    plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
+    calib = stats.description if stats is not None else {}
     plan.provenance = {
         "method": method,
-        "ratio": ratio,
-        "ratio_unit": "fraction of heads and of neurons removed in every layer",
-        "gqa": gqa,
+        "selection": selection,
+        **({"averaging": averaging} if method.startswith("amp") else {}),
+        **budget.report(),
         "seed": seed,
-        "calibration": options.get("calibration_description"),
-        "calibration_hash": options.get("calibration_hash"),
+        "calibration": calib.get("calibration"),
+        "calibration_hash": calib.get("calibration_hash"),
         "base_model": plan.base.get("name_or_path"),
         "secateurs_version": __version__,
-        **plan.provenance,
     }
     return plan
 
 
-def prune(model, tokenizer=None, method: str = "magnitude", ratio: float = 0.2, *, plan: PruningPlan | None = None,
-          gqa: str = "groups", seed: int = 0, **options):
-    """Prune `model` in place and return (model, plan).
+def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2, *, plan: PruningPlan | None = None,
+          **options):
+    """Prune `model` in place and return (model, plan). With `plan` given, it is re-applied as is.
 
-    With `plan` given, it is re-applied as is (method and ratio are ignored). The plan's provenance
-    gains the achieved fraction of parameters removed.
+    The plan's provenance gains the parameter counts before and after surgery.
     """
     if plan is None:
-        plan = make_plan(model, method, ratio, gqa=gqa, seed=seed, **options)
+        plan = make_plan(model, method, ratio, tokenizer=tokenizer, **options)
     before = model_stats(model).total_params
     apply_plan(model, plan)
     after = model_stats(model).total_params
     plan.provenance.setdefault("params_before", before)
     plan.provenance.setdefault("params_after", after)
-    plan.provenance.setdefault("achieved_param_ratio", round(1 - after / before, 6))
     return model, plan

@@ -1,0 +1,192 @@
+"""Calibration data: a source -> padded token batches with attention masks, a description and a hash.
+
+Sources (the `spec` string):
+  PATH.txt / any text file   random windows of max_length tokens from the tokenised file
+  PATH.jsonl                 one sample per record: its "text" field, or an Alpaca record
+                             (instruction / input / output) rendered with the AMP paper's template
+                             "Instruction: ...\\nInput: ...\\nResponse:"
+  hf:NAME[:CONFIG]:SPLIT     a Hugging Face dataset (needs `datasets` and the hub or its cache)
+  self                       text sampled from the model itself (seeded): works offline for any
+                             model with nothing downloaded, and follows the model's own
+                             distribution instead of an arbitrary corpus (data-free calibration, as
+                             in LLM-QAT); the default
+  tinystories                the TinyStories sample bundled with secateurs (small; for toy models)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from secateurs.errors import SecateursError
+
+ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse:"
+DEFAULT_SOURCE = "self"
+
+
+@dataclass
+class Calibration:
+    batches: list[dict[str, torch.Tensor]]
+    description: dict = field(default_factory=dict)
+    hash: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(b["input_ids"].shape[0] for b in self.batches)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(b["attention_mask"].sum() for b in self.batches))
+
+
+def _pad_id(tokenizer) -> int:
+    """Padding never reaches a statistic (masks exclude it), so any id will do when none is set."""
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches; samples keep their order (so the hash is reproducible)."""
+    out = []
+    for start in range(0, len(samples), batch_size):
+        group = samples[start : start + batch_size]
+        width = max(len(s) for s in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, s in enumerate(group):
+            ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[row, : len(s)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _hash(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask"):
+            h.update(b[key].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _text_windows(ids: list[int], num_samples: int, max_length: int, rng: random.Random) -> list[list[int]]:
+    if len(ids) <= max_length:
+        return [ids]
+    starts = [rng.randrange(0, len(ids) - max_length + 1) for _ in range(num_samples)]
+    return [ids[s : s + max_length] for s in starts]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SecateursError(f"{path}:{number}: not JSON ({exc})") from exc
+        texts.append(_record_text(record, f"{path}:{number}"))
+    return texts
+
+
+def _record_text(record: dict, where: str) -> str:
+    if "instruction" in record:
+        return ALPACA_TEMPLATE.format(instruction=record["instruction"], input=record.get("input", ""))
+    if "text" in record:
+        return record["text"]
+    raise SecateursError(f"{where}: a calibration record needs a 'text' field or Alpaca 'instruction'/'input' fields")
+
+
+def _tokenize(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    return tokenizer(text, verbose=False, **kwargs)["input_ids"]
+
+
+def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: int, batch_size: int) -> list[list[int]]:
+    start = getattr(tokenizer, "bos_token_id", None)
+    if start is None:
+        start = getattr(tokenizer, "eos_token_id", None)
+    if start is None:
+        raise SecateursError("'self' calibration needs a tokenizer with a BOS or EOS token to start from")
+    device = next(model.parameters()).device
+    samples = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for offset in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - offset)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
+                                 temperature=1.0, min_new_tokens=max_length - 1, max_new_tokens=max_length - 1,
+                                 pad_token_id=_pad_id(tokenizer))
+            samples.extend(row.tolist() for row in out.cpu())
+    return samples
+
+
+def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: int = 32, max_length: int = 128,
+                     seed: int = 0, batch_size: int = 8) -> Calibration:
+    """Build calibration batches from `spec` (see the module docstring)."""
+    spec = spec or DEFAULT_SOURCE
+    if num_samples < 1 or max_length < 2 or batch_size < 1:
+        raise SecateursError("calibration needs num_samples >= 1, max_length >= 2 and batch_size >= 1")
+    if tokenizer is None:
+        raise SecateursError("calibration needs a tokenizer; the model folder has none")
+    rng = random.Random(seed)
+    description = {"source": spec, "num_samples": num_samples, "max_length": max_length, "seed": seed}
+    text, texts = None, None
+    if spec == "self":
+        if model is None:
+            raise SecateursError("'self' calibration samples text from the model: pass the model")
+        samples = _self_generated(model, tokenizer, num_samples, max_length, seed, batch_size)
+        description["kind"] = "model-generated (ancestral sampling from BOS)"
+    elif spec == "tinystories":
+        text = resources.files("secateurs").joinpath("data", "tinystories_sample.txt").read_text(encoding="utf-8")
+    elif spec.startswith("hf:"):
+        texts = _hf_texts(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise SecateursError(f"calibration source not found: {spec} (a text or .jsonl file, hf:NAME:SPLIT, "
+                                 "'self' or 'tinystories')")
+        if path.suffix == ".jsonl":
+            texts = _read_jsonl(path)
+        else:
+            text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    if text is not None:
+        samples = _text_windows(_tokenize(tokenizer, text), num_samples, max_length, rng)
+        description["kind"] = "random token windows of a text"
+    elif texts is not None:
+        texts = [t for t in texts if t.strip()]
+        chosen = rng.sample(texts, num_samples) if len(texts) > num_samples else texts
+        samples = [_tokenize(tokenizer, t, max_length) for t in chosen]
+        description["kind"] = "one sample per record (truncated)"
+    samples = [s for s in samples if len(s) >= 2]
+    if not samples:
+        raise SecateursError(f"calibration source {spec} gives no sample of at least 2 tokens")
+    batches = _batches(samples, batch_size, _pad_id(tokenizer))
+    calibration = Calibration(batches, description, _hash(batches))
+    description.update(samples=calibration.num_samples, tokens=calibration.num_tokens, batch_size=batch_size)
+    return calibration
+
+
+def _hf_texts(spec: str) -> list[str]:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3):
+        raise SecateursError("use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SecateursError("hf: calibration sources need the `datasets` package (pip install datasets)") from exc
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name, ...
+        raise SecateursError(f"could not load dataset {name!r} ({exc}); use a local text or jsonl file") from exc
+    return [_record_text(dict(r), f"{spec}[{i}]") for i, r in enumerate(data)]

@@ -1,0 +1,174 @@
+"""Calibration statistics, collected by forward hooks in one pass, in float32, padding excluded.
+
+For every decoder layer two Linear inputs are watched: the input of the attention output
+projection (o_proj / dense: the concatenated head outputs) and the input of the MLP output
+projection (down_proj / fc2: the neuron activations). For each we keep
+
+* unit scores for AMP: per head, the L1 norm over the hidden dimension of the head's contribution
+  x_{t,h} W_O[:, h]^T; per neuron, |a_{t,j}|; accumulated both as a mean of per-prompt means
+  (the paper's averaging) and as a token-weighted sum;
+* per-channel first and second moments (sum x, sum x^2), which wanda-sp and FLAP need.
+
+Whatever the criterion, the data runs through the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from secateurs.adapters import get_adapter
+
+# Head contributions are computed for this many (token, head, hidden) elements at a time.
+CONTRIBUTION_CHUNK_ELEMENTS = 1 << 24
+
+
+def head_contribution_l1(x: torch.Tensor, weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """||x_{t,h} W_O[:, h*d:(h+1)*d]^T||_1 for every token t and head h -> (tokens, heads), float32.
+
+    x: (tokens, heads*d); weight: (hidden, heads*d). Tokens are processed in chunks so that the
+    (heads, tokens, hidden) product never exceeds CONTRIBUTION_CHUNK_ELEMENTS.
+    """
+    tokens = x.shape[0]
+    hidden = weight.shape[0]
+    d = weight.shape[1] // num_heads
+    w = weight.float().reshape(hidden, num_heads, d).permute(1, 2, 0)  # (H, d, hidden)
+    xh = x.float().reshape(tokens, num_heads, d).transpose(0, 1)  # (H, tokens, d)
+    step = max(1, CONTRIBUTION_CHUNK_ELEMENTS // (num_heads * hidden))
+    out = torch.empty(tokens, num_heads, dtype=torch.float32, device=x.device)
+    for s in range(0, tokens, step):
+        out[s : s + step] = torch.bmm(xh[:, s : s + step], w).abs().sum(-1).t()
+    return out
+
+
+@dataclass
+class InputStats:
+    """Accumulated statistics of one Linear's input across the calibration set."""
+
+    unit_prompt_mean_sum: torch.Tensor
+    unit_token_sum: torch.Tensor
+    channel_sum: torch.Tensor
+    channel_sumsq: torch.Tensor
+    prompts: int = 0
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, units: int, channels: int) -> "InputStats":
+        z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        return cls(z(units), z(units), z(channels), z(channels))
+
+    def add(self, unit_scores: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """unit_scores: (B, T, units); x: (B, T, channels); mask: (B, T) with 1 for real tokens."""
+        m = mask.to(unit_scores.dtype).unsqueeze(-1)
+        per_prompt = (unit_scores * m).sum(1)  # (B, units)
+        counts = m.sum(1)  # (B, 1)
+        real = counts.squeeze(-1) > 0
+        self.unit_prompt_mean_sum += (per_prompt[real] / counts[real]).sum(0).double().cpu()
+        self.unit_token_sum += per_prompt.sum(0).double().cpu()
+        xf = x.float() * m
+        self.channel_sum += xf.sum((0, 1)).double().cpu()
+        self.channel_sumsq += (xf * xf).sum((0, 1)).double().cpu()
+        self.prompts += int(real.sum())
+        self.tokens += int(counts.sum())
+
+    def unit_mean(self, averaging: str = "prompt") -> torch.Tensor:
+        if averaging == "prompt":
+            return (self.unit_prompt_mean_sum / max(self.prompts, 1)).float()
+        if averaging == "token":
+            return (self.unit_token_sum / max(self.tokens, 1)).float()
+        raise ValueError(f"averaging must be 'prompt' or 'token', got {averaging!r}")
+
+    def channel_mean(self) -> torch.Tensor:
+        return (self.channel_sum / max(self.tokens, 1)).float()
+
+    def channel_mean_square(self) -> torch.Tensor:
+        return (self.channel_sumsq / max(self.tokens, 1)).float()
+
+    def channel_variance(self) -> torch.Tensor:
+        """Population variance over tokens (FLAP's fluctuation)."""
+        mean = self.channel_sum / max(self.tokens, 1)
+        return (self.channel_sumsq / max(self.tokens, 1) - mean * mean).clamp_min(0).float()
+
+
+@dataclass
+class Statistics:
+    attention: list[InputStats]
+    mlp: list[InputStats]
+    description: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors, counts = {}, {}
+        for kind, stats in (("attention", self.attention), ("mlp", self.mlp)):
+            for i, s in enumerate(stats):
+                for name in ("unit_prompt_mean_sum", "unit_token_sum", "channel_sum", "channel_sumsq"):
+                    tensors[f"{kind}.{i}.{name}"] = getattr(s, name).contiguous()
+                counts[f"{kind}.{i}"] = [s.prompts, s.tokens]
+        save_file(tensors, str(path), metadata={"description": json.dumps(self.description),
+                                                "counts": json.dumps(counts)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Statistics":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            counts = json.loads(meta["counts"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        out = {}
+        for kind in ("attention", "mlp"):
+            n = sum(1 for k in counts if k.startswith(kind + "."))
+            out[kind] = [
+                InputStats(*(tensors[f"{kind}.{i}.{name}"] for name in (
+                    "unit_prompt_mean_sum", "unit_token_sum", "channel_sum", "channel_sumsq")),
+                    *counts[f"{kind}.{i}"])
+                for i in range(n)
+            ]
+        return cls(out["attention"], out["mlp"], json.loads(meta["description"]))
+
+
+@torch.inference_mode()
+def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
+    """Run the calibration batches through the decoder once (no LM head) with hooks on every
+    layer's attention-output and MLP-output projections."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    attention, mlp, handles = [], [], []
+    state: dict[str, torch.Tensor] = {}
+
+    for layer in layers:
+        shape = adapter.layer_shape(layer)
+        o_proj, down = adapter.attention_output_linear(layer), adapter.mlp_output_linear(layer)
+        a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features)
+        m_stats = InputStats.zeros(shape.intermediate_size, down.in_features)
+        attention.append(a_stats)
+        mlp.append(m_stats)
+
+        def on_o_proj(module, args, stats=a_stats, heads=shape.num_heads):
+            x = args[0]
+            b, t, _ = x.shape
+            scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, heads).reshape(b, t, heads)
+            stats.add(scores, x, state["mask"].to(x.device))
+
+        def on_down(module, args, stats=m_stats):
+            x = args[0]
+            stats.add(x.float().abs(), x, state["mask"].to(x.device))
+
+        handles.append(o_proj.register_forward_pre_hook(on_o_proj))
+        handles.append(down.register_forward_pre_hook(on_down))
+
+    decoder = adapter.decoder(model)
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(calibration.batches, desc="calibration statistics", disable=not progress):
+            state["mask"] = batch["attention_mask"]
+            decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    description = {"calibration": calibration.description, "calibration_hash": calibration.hash}
+    return Statistics(attention, mlp, description)
