@@ -1,52 +1,193 @@
-"""Perplexity over non-overlapping windows of a text (the Wanda/SliceGPT protocol at long
-windows, LLM-Pruner/FLAP at seq 128): tokenise once, cut into windows of seq_len, drop the
-ragged tail, score every token after the first of each window."""
+"""Perplexity over non-overlapping windows of a text, under the two protocols pruning papers use.
+
+* ``seq128``: windows of 128 tokens (LLM-Pruner, FLAP and most width-pruning tables).
+* ``seq2048`` / ``seq4096`` / ``context``: long windows (Wanda, SparseGPT, SliceGPT use 2048 or
+  the model's context); ``context`` takes ``max_position_embeddings``.
+
+The text is tokenised once (one BOS at the start if the tokenizer adds one), cut into windows of
+exactly ``seq_len`` tokens, the ragged tail dropped; every token after the first of each window is
+scored, so ``tokens == windows * (seq_len - 1)``. Loss is computed from the logits in float32 in
+small row chunks (logsumexp minus the target logit), so the extra work over a plain forward pass is
+one read of the logits, and memory is bounded by ``max_batch_tokens``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
 
+PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
+PROTOCOL_NOTES = {
+    "seq128": "windows of 128 tokens (LLM-Pruner, FLAP)",
+    "seq2048": "windows of 2048 tokens (Wanda, SparseGPT, SliceGPT)",
+    "seq4096": "windows of 4096 tokens (Llama-2 context)",
+    "context": "windows of the model's full context (max_position_embeddings)",
+}
+DEFAULT_MAX_BATCH_TOKENS = 8192
+_CE_CHUNK_ROWS = 256  # rows of logits turned into losses at a time: keeps the temporary small
+
+
+def normalise_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
 
 def read_text(path: str | Path, max_chars: int | None = None) -> str:
+    """A text file with line endings normalised (WikiText's raw files ship with CRLF)."""
     path = Path(path)
     if not path.exists():
         raise SecateursError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = normalise_newlines(path.read_text(encoding="utf-8"))
     return text[:max_chars] if max_chars else text
+
+
+def read_jsonl_text(path: str | Path, field: str = "text", max_docs: int | None = None, sep: str = " ") -> str:
+    """C4-validation-style jsonl: the `field` of the first `max_docs` records joined by `sep`
+    (SparseGPT/Wanda join the first 1100 C4 validation documents with a space)."""
+    path = Path(path)
+    if not path.exists():
+        raise SecateursError(f"jsonl file not found: {path}")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SecateursError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise SecateursError(f"{path}:{n} has no string field {field!r}; pass the right --text-field")
+            docs.append(normalise_newlines(record[field]))
+            if max_docs is not None and len(docs) >= max_docs:
+                break
+    if not docs:
+        raise SecateursError(f"{path} holds no documents")
+    return sep.join(docs)
+
+
+def load_text(source: str | Path, *, field: str = "text", max_docs: int | None = None,
+              max_chars: int | None = None) -> tuple[str, dict]:
+    """(text, description) for a .jsonl file (C4 style) or any text file (WikiText-2 raw, ...).
+
+    The description names the file, its sha256 and how it was read, for result files."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SecateursError(f"perplexity source not found: {source} (give a text file or a .jsonl with a "
+                             f"{field!r} field)")
+    if path.is_dir():
+        raise SecateursError(f"perplexity source {path} is a folder; give a file")
+    if path.suffix in (".jsonl", ".json"):
+        text = read_jsonl_text(path, field, max_docs)
+        how = f"jsonl field {field!r}, {'all' if max_docs is None else f'first {max_docs}'} documents joined by ' '"
+    else:
+        text = read_text(path)
+        how = "text, line endings normalised to \\n"
+    if max_chars:
+        text = text[:max_chars]
+        how += f", first {max_chars} characters"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return text, {"path": str(path), "name": path.name, "sha256": digest, "read_as": how, "chars": len(text)}
 
 
 def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def resolve_seq_len(model, protocol: str | int) -> tuple[str, int]:
+    """(protocol name, window length) for a protocol name or an explicit length; refuses windows
+    longer than the model's context."""
+    limit = context_length(model)
+    if isinstance(protocol, int) or (isinstance(protocol, str) and protocol.isdigit()):
+        seq_len = int(protocol)
+        name = f"seq{seq_len}"
+    elif protocol in PROTOCOLS:
+        name, seq_len = protocol, PROTOCOLS[protocol]
+        if seq_len is None:
+            if limit is None:
+                raise SecateursError("protocol 'context' needs config.max_position_embeddings; give --seq-len")
+            seq_len = limit
+    else:
+        raise SecateursError(f"unknown perplexity protocol {protocol!r}; use one of {', '.join(PROTOCOLS)} "
+                             "or a window length in tokens")
+    if seq_len < 2:
+        raise SecateursError(f"window length must be at least 2 tokens, got {seq_len}")
+    if limit is not None and seq_len > limit:
+        raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens; choose <= {limit} "
+                             f"(protocol 'context' uses the full context)")
+    return name, seq_len
+
+
+def _window_nll(model, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows, in float32, without materialising a second
+    copy of the logits (logsumexp - target logit, row chunk by row chunk)."""
+    logits = model(batch, use_cache=False).logits
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(logits.shape[0]):
+        rows, targets = logits[b, :-1], batch[b, 1:]
+        for s in range(0, rows.shape[0], _CE_CHUNK_ROWS):
+            chunk = rows[s:s + _CE_CHUNK_ROWS].float()
+            tgt = targets[s:s + _CE_CHUNK_ROWS]
+            nll = torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, tgt[:, None])[:, 0]
+            total += nll.double().sum().cpu()
+    return total.item()
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = True) -> dict:
-    """exp(mean next-token NLL) over windows; returns the number of windows and scored tokens."""
-    limit = context_length(model)
-    if limit is not None and seq_len > limit:
-        raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens; choose <= {limit}")
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+               max_windows: int | None = None, progress: bool = True, *,
+               max_tokens: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+               ids: torch.Tensor | None = None) -> dict:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens.
+
+    batch_size is capped so that one batch holds at most `max_batch_tokens` tokens (bounded
+    memory at long windows). max_tokens / max_windows cut the text for quick runs; `ids` skips
+    tokenisation when the caller already has the token ids.
+    """
+    _, seq_len = resolve_seq_len(model, int(seq_len))
+    if batch_size < 1:
+        raise SecateursError(f"batch_size must be >= 1, got {batch_size}")
+    if ids is None:
+        ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    total_tokens = ids.numel()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     windows = ids.numel() // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
         raise SecateursError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     chunks = ids[: windows * seq_len].reshape(windows, seq_len)
+    batch_size = max(1, min(batch_size, max_batch_tokens // seq_len))
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll = 0.0
+    start_time = time.perf_counter()
     for start in tqdm(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
-        batch = chunks[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-        count += target.numel()
+        nll += _window_nll(model, chunks[start:start + batch_size].to(device))
+    seconds = time.perf_counter() - start_time
+    count = windows * (seq_len - 1)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "windows": windows,
-            "tokens": count, "seq_len": seq_len}
+            "tokens": count, "seq_len": seq_len, "batch_size": batch_size, "text_tokens": total_tokens,
+            "seconds": round(seconds, 3), "tokens_per_second": round(windows * seq_len / seconds, 1)}
+
+
+def evaluate_perplexity(model, tokenizer, text: str, protocols: list[str | int] = ("seq128",), *,
+                        batch_size: int = 8, max_windows: int | None = None, max_tokens: int | None = None,
+                        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, progress: bool = True) -> list[dict]:
+    """Perplexity under several protocols, tokenising the text once; each result names its protocol.
+    All protocols are resolved first, so a window the model cannot take fails before any work."""
+    resolved = [resolve_seq_len(model, p) for p in protocols]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    out = []
+    for name, seq_len in resolved:
+        r = perplexity(model, tokenizer, text, seq_len, batch_size, max_windows, progress, max_tokens=max_tokens,
+                       max_batch_tokens=max_batch_tokens, ids=ids)
+        out.append({"protocol": name, "protocol_note": PROTOCOL_NOTES.get(name, f"windows of {seq_len} tokens"), **r})
+    return out
