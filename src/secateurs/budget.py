@@ -121,44 +121,69 @@ def _round_to(kept: int, multiple: int, limit: int) -> int:
     return min(limit, max(multiple, round(kept / multiple) * multiple))
 
 
+@dataclass
+class Geometry:
+    """What a budget needs to know about a model: layer shapes, unit costs, sizes."""
+
+    shapes: list[LayerShape]
+    costs: list[UnitCosts]
+    total_params: int
+    layer_params: list[int]
+
+    @classmethod
+    def of(cls, model) -> "Geometry":
+        adapter = get_adapter(model)
+        layers = list(adapter.decoder_layers(model))
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        return cls([adapter.layer_shape(layer) for layer in layers], [unit_costs(adapter, layer) for layer in layers],
+                   total, [sum(p.numel() for p in layer.parameters()) for layer in layers])
+
+    @property
+    def prunable(self) -> list[int]:
+        return [s.num_heads * c.head + s.num_kv_heads * c.kv_head + s.intermediate_size * c.neuron
+                for s, c in zip(self.shapes, self.costs)]
+
+    def removed_params(self, counts: list[KeepCounts]) -> int:
+        return sum((s.num_heads - k.num_heads) * c.head + (s.num_kv_heads - k.num_kv_heads) * c.kv_head
+                   + (s.intermediate_size - k.intermediate_size) * c.neuron
+                   for s, c, k in zip(self.shapes, self.costs, counts))
+
+
+def target_params(geo: Geometry, ratio: float | None, ratio_of: str = "all",
+                  layers_equivalent: float | None = None) -> tuple[int, dict]:
+    """Parameters to remove: ratio of all / of prunable parameters, or k layers' worth."""
+    _check_choice(ratio_of, RATIO_OF, "ratio_of")
+    if (ratio is None) == (layers_equivalent is None):
+        raise SecateursError("give either a ratio or layers_equivalent (k decoder layers' worth of parameters)")
+    if layers_equivalent is not None:
+        mean_layer = sum(geo.layer_params) / len(geo.layer_params)
+        return round(float(layers_equivalent) * mean_layer), {"layers_equivalent": layers_equivalent}
+    ratio = check_ratio(ratio)
+    return round(ratio * (geo.total_params if ratio_of == "all" else sum(geo.prunable))), {
+        "ratio": ratio, "ratio_of": ratio_of}
+
+
 def plan_budget(model, ratio: float | None = None, *, ratio_of: str = "all", layers_equivalent: float | None = None,
                 rounding: str = "balanced", gqa: str = "groups", parts: str = "both", round_to: int = 1) -> Budget:
     """Per-layer keep counts for a parameter target (see the module docstring)."""
-    _check_choice(ratio_of, RATIO_OF, "ratio_of")
     _check_choice(rounding, ROUNDINGS, "rounding")
     _check_choice(gqa, GQA_MODES, "gqa mode")
     _check_choice(parts, PARTS, "parts")
-    if (ratio is None) == (layers_equivalent is None):
-        raise SecateursError("give either a ratio or layers_equivalent (k decoder layers' worth of parameters)")
-    adapter = get_adapter(model)
-    layers = list(adapter.decoder_layers(model))
-    shapes = [adapter.layer_shape(layer) for layer in layers]
-    costs = [unit_costs(adapter, layer) for layer in layers]
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    prunable = [s.num_heads * c.head + s.num_kv_heads * c.kv_head + s.intermediate_size * c.neuron
-                for s, c in zip(shapes, costs)]
+    geo = Geometry.of(model)
     settings = {"rounding": rounding, "gqa": gqa, "parts": parts, "round_to": round_to}
     if rounding == "structures":
         ratio = check_ratio(ratio if ratio is not None else 0.0)
-        counts = [uniform_keep_counts(s, ratio, gqa) for s in shapes]
+        counts = [uniform_keep_counts(s, ratio, gqa) for s in geo.shapes]
         target = None
         settings["ratio"] = ratio
     else:
-        if layers_equivalent is not None:
-            layer_params = sum(p.numel() for layer in layers for p in layer.parameters()) / len(layers)
-            target = round(float(layers_equivalent) * layer_params)
-            settings["layers_equivalent"] = layers_equivalent
-        else:
-            ratio = check_ratio(ratio)
-            target = round(ratio * (total if ratio_of == "all" else sum(prunable)))
-            settings.update(ratio=ratio, ratio_of=ratio_of)
+        target, more = target_params(geo, ratio, ratio_of, layers_equivalent)
+        settings.update(more)
+        prunable = geo.prunable
         counts = [_layer_counts(i, s, c, target * p / sum(prunable), rounding, gqa, parts, round_to)
-                  for i, (s, c, p) in enumerate(zip(shapes, costs, prunable))]
-    achieved = 0
-    for s, c, k in zip(shapes, costs, counts):
-        achieved += ((s.num_heads - k.num_heads) * c.head + (s.num_kv_heads - k.num_kv_heads) * c.kv_head
-                     + (s.intermediate_size - k.intermediate_size) * c.neuron)
-    return Budget(counts, total, target if target is not None else achieved, achieved, settings)
+                  for i, (s, c, p) in enumerate(zip(geo.shapes, geo.costs, prunable))]
+    achieved = geo.removed_params(counts)
+    return Budget(counts, geo.total_params, target if target is not None else achieved, achieved, settings)
 
 
 def _layer_counts(index: int, shape: LayerShape, costs: UnitCosts, share: float, rounding: str, gqa: str,

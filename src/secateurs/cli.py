@@ -1,4 +1,4 @@
-"""Command line: secateurs info | prune | plan show | demo.
+"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep.
 
 Exit status: 0 success, 2 bad input (the message says what to do), 1 unexpected failure.
 """
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="evaluation text file (default: the bundled TinyStories sample)")
     p.add_argument("--seq-len", type=int, default=128, help="perplexity window (default: 128)")
     p.add_argument("--max-windows", type=int, default=64, help="at most this many perplexity windows (default: 64)")
+
+    from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
+
+    _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
     return parser
 
 
@@ -218,6 +222,10 @@ def _demo_markdown(r: dict, plan_summary: str) -> str:
 
 
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
+
+from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
+
+COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from secateurs.adapters import get_adapter
@@ -33,6 +34,14 @@ def config_is_valid(config) -> bool:
         return True
     except (StrictDataclassClassValidationError, ValueError, TypeError):
         return False
+
+
+def extra_parameter_names(model) -> list[str]:
+    """Parameters the family's config cannot express (e.g. o_proj / down_proj biases added by
+    FLAP's compensation on Llama): present in the model, absent from a skeleton built from its config."""
+    with init_empty_weights():
+        reference = AutoModelForCausalLM.from_config(model.config)
+    return sorted(set(model.state_dict()) - set(reference.state_dict()))
 
 
 def save_model_files(model, directory: Path) -> dict:
@@ -62,8 +71,11 @@ def save_model_files(model, directory: Path) -> dict:
         if stock is not None:
             on_disk = stock
             note["exported_from"] = config.model_type
+    extra = extra_parameter_names(model)
+    if extra:
+        note["extra_parameters"] = extra
     info = on_disk.setdefault(CONFIG_KEY, {})
-    note["stock_loadable"] = (valid or "exported_from" in note) and not info.get("heterogeneous", False)
+    note["stock_loadable"] = (valid or "exported_from" in note) and not info.get("heterogeneous", False) and not extra
     info.update(note)
     path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
     return note

@@ -67,9 +67,10 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     return out
 
 
-def is_heterogeneous(config) -> bool:
+def needs_skeleton(config) -> bool:
+    """Layers of different widths or parameters the config cannot express: stock loading fails."""
     info = getattr(config, CONFIG_KEY, None) or {}
-    return bool(info.get("heterogeneous"))
+    return bool(info.get("heterogeneous") or info.get("extra_parameters"))
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -78,17 +79,18 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     if not (path / "config.json").exists():
         raise SecateursError(f"{path} is not a saved model folder (no config.json)")
     config = load_config(path)
-    if not is_heterogeneous(config):
+    if not needs_skeleton(config):
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto")
     else:
-        model = _load_heterogeneous(path, config)
+        model = _load_skeleton(path, config)
         if dtype is not None:
             model.to(dtype)
     return model.to(device).eval()
 
 
-def _load_heterogeneous(path: Path, config):
-    """Meta-device skeleton -> resize every layer to its saved widths -> assign weights from disk.
+def _load_skeleton(path: Path, config):
+    """Meta-device skeleton -> resize every layer to its saved widths, add the extra parameters
+    (compensation biases) -> assign weights from disk.
 
     accelerate's init_empty_weights puts parameters on meta but keeps buffers real, so
     non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are computed from the config.
@@ -96,12 +98,20 @@ def _load_heterogeneous(path: Path, config):
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
     adapter = get_adapter(model)
-    shapes = getattr(config, CONFIG_KEY)["layer_shapes"]
+    info = getattr(config, CONFIG_KEY)
     layers = adapter.decoder_layers(model)
-    if len(shapes) != len(layers):
-        raise SecateursError(f"{path}: config lists {len(shapes)} layer shapes for {len(layers)} layers")
-    for layer, s in zip(layers, shapes):
-        resize_layer(adapter, layer, s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+    shapes = info.get("layer_shapes")
+    if shapes is not None:
+        if len(shapes) != len(layers):
+            raise SecateursError(f"{path}: config lists {len(shapes)} layer shapes for {len(layers)} layers")
+        for layer, s in zip(layers, shapes):
+            resize_layer(adapter, layer, s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+    for name in info.get("extra_parameters", []):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr != "bias" or not isinstance(module, torch.nn.Linear):
+            raise SecateursError(f"{path}: cannot rebuild extra parameter {name}")
+        module.bias = torch.nn.Parameter(torch.empty(module.out_features, dtype=module.weight.dtype, device="meta"))
     state: dict[str, torch.Tensor] = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -26,6 +26,9 @@ class LayerPlan:
     heads: list[int] | None = None
     kv_heads: list[int] | None = None
     neurons: list[int] | None = None
+    # Mean input of every removed channel, in channel order: {"attention": [...], "mlp": [...]}.
+    # Surgery adds W[:, removed] @ mean to the output projection's bias (FLAP's compensation).
+    compensation: dict | None = None
 
 
 @dataclass
@@ -122,6 +125,11 @@ class PruningPlan:
         neurons = _check_indices(lp.neurons, inter, f"{where} neurons")
         if not neurons:
             raise PlanError(f"{where} keeps no MLP neurons; a kept layer needs at least one (remove the layer instead)")
+        comp = lp.compensation or {}
+        for kind, removed in (("attention", (num_heads - len(heads)) * self.base["head_dim"]),
+                              ("mlp", inter - len(neurons))):
+            if kind in comp and len(comp[kind]) != removed:
+                raise PlanError(f"{where}: {kind} compensation has {len(comp[kind])} values for {removed} removed channels")
         return heads, kv, neurons
 
     def pruned_shapes(self) -> list[tuple[int, int, int]]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from secateurs.adapters import get_adapter
+from secateurs.errors import SecateursError
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
 CONTRIBUTION_CHUNK_ELEMENTS = 1 << 24
@@ -65,13 +66,14 @@ class InputStats:
 
     def add(self, unit_scores: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
         """unit_scores: (B, T, units); x: (B, T, channels); mask: (B, T) with 1 for real tokens."""
-        m = mask.to(unit_scores.dtype).unsqueeze(-1)
-        per_prompt = (unit_scores * m).sum(1)  # (B, units)
-        counts = m.sum(1)  # (B, 1)
+        keep = mask.bool().unsqueeze(-1)
+        # where(), not a product: padded positions may hold NaN (fully masked attention rows)
+        per_prompt = torch.where(keep, unit_scores, 0.0).sum(1)  # (B, units)
+        counts = keep.sum(1).to(per_prompt.dtype)  # (B, 1)
         real = counts.squeeze(-1) > 0
         self.unit_prompt_mean_sum += (per_prompt[real] / counts[real]).sum(0).double().cpu()
         self.unit_token_sum += per_prompt.sum(0).double().cpu()
-        xf = x.float() * m
+        xf = torch.where(keep, x.float(), 0.0)
         self.channel_sum += xf.sum((0, 1)).double().cpu()
         self.channel_sumsq += (xf * xf).sum((0, 1)).double().cpu()
         self.prompts += int(real.sum())
@@ -160,6 +162,14 @@ def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
         handles.append(o_proj.register_forward_pre_hook(on_o_proj))
         handles.append(down.register_forward_pre_hook(on_down))
 
+    def zero_padding(module, args, output):
+        # Padded rows whose attention window holds only padding come out NaN in some families
+        # (gemma2 with sliding windows); NaN values then leak into real tokens through zero
+        # attention weights. Padding is never read, so it is zeroed after every layer.
+        keep = state["mask"].to(output.device).bool().unsqueeze(-1)
+        return torch.where(keep, output, torch.zeros((), dtype=output.dtype, device=output.device))
+
+    handles += [layer.register_forward_hook(zero_padding) for layer in layers]
     decoder = adapter.decoder(model)
     device = next(model.parameters()).device
     try:
@@ -170,5 +180,9 @@ def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
     finally:
         for h in handles:
             h.remove()
+    for i, (a, m) in enumerate(zip(attention, mlp)):
+        if not (torch.isfinite(a.unit_token_sum).all() and torch.isfinite(m.unit_token_sum).all()):
+            raise SecateursError(f"non-finite activations at real tokens in layer {i}; try float32 or another "
+                                 "calibration source")
     description = {"calibration": calibration.description, "calibration_hash": calibration.hash}
     return Statistics(attention, mlp, description)

@@ -25,7 +25,21 @@ def _take(t: torch.Tensor | None, index: torch.Tensor, dim: int) -> torch.Tensor
     return None if t is None else torch.index_select(t.detach(), dim, index.to(t.device))
 
 
-def slice_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], kv_heads: list[int]) -> None:
+def _compensated_bias(out_weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
+                      means: list[float] | None) -> torch.Tensor | None:
+    """bias + W[:, removed] @ mean(removed inputs): removed channels act as their constant mean."""
+    if means is None:
+        return bias
+    removed = torch.ones(out_weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    delta = out_weight.detach()[:, removed.to(out_weight.device)].double() @ torch.tensor(
+        means, dtype=torch.float64, device=out_weight.device)
+    base = bias.detach().double() if bias is not None else torch.zeros_like(delta)
+    return (base + delta).to(out_weight.dtype)
+
+
+def slice_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], kv_heads: list[int],
+                    compensation: list[float] | None = None) -> None:
     """Keep only the given query heads and KV heads (already validated for GQA)."""
     w = adapter.attention_weights(layer)
     d = adapter.head_dim(layer)
@@ -36,12 +50,12 @@ def slice_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], k
         AttentionWeights(
             q=_take(w.q, q_idx, 0), k=_take(w.k, kv_idx, 0), v=_take(w.v, kv_idx, 0), o=_take(w.o, q_idx, 1),
             q_bias=_take(w.q_bias, q_idx, 0), k_bias=_take(w.k_bias, kv_idx, 0),
-            v_bias=_take(w.v_bias, kv_idx, 0), o_bias=w.o_bias,
+            v_bias=_take(w.v_bias, kv_idx, 0), o_bias=_compensated_bias(w.o, w.o_bias, q_idx, compensation),
         ),
     )
 
 
-def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int]) -> None:
+def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int], compensation: list[float] | None = None) -> None:
     """Keep only the given MLP neurons (rows of the input projections, columns of the output)."""
     w = adapter.mlp_weights(layer)
     idx = torch.as_tensor(neurons, dtype=torch.long)
@@ -50,7 +64,7 @@ def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int]) -> No
         MLPWeights(
             inputs=[(_take(weight, idx, 0), _take(bias, idx, 0)) for weight, bias in w.inputs],
             out=_take(w.out, idx, 1),
-            out_bias=w.out_bias,
+            out_bias=_compensated_bias(w.out, w.out_bias, idx, compensation),
         ),
     )
 
@@ -140,15 +154,16 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """
     adapter = get_adapter(model)
     plan.check_compatible(model)
-    resolved = {lp.index: plan.resolve_layer(lp) for lp in plan.layers if not lp.removed}
+    resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
     layers = adapter.decoder_layers(model)
-    for index, (heads, kv_heads, neurons) in resolved.items():
+    for index, (lp, heads, kv_heads, neurons) in resolved.items():
         layer = layers[index]
         shape = adapter.layer_shape(layer)
+        comp = lp.compensation or {}
         if len(heads) < shape.num_heads:
-            slice_attention(adapter, layer, heads, kv_heads)
+            slice_attention(adapter, layer, heads, kv_heads, comp.get("attention"))
         if len(neurons) < shape.intermediate_size:
-            slice_mlp(adapter, layer, neurons)
+            slice_mlp(adapter, layer, neurons, comp.get("mlp"))
     remove_layers(adapter, model, plan.kept_layer_indices())
     sync_config(model, plan)
     return model

@@ -12,7 +12,7 @@ from typing import Callable
 
 from secateurs import __version__
 from secateurs.accounting import model_stats
-from secateurs.budget import plan_budget
+from secateurs.budget import Geometry, KeepCounts, plan_budget, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria import StructureScores
 from secateurs.criteria.amp import amp_scores
@@ -20,6 +20,7 @@ from secateurs.criteria.magnitude import magnitude_scores
 from secateurs.criteria.random import random_scores
 from secateurs.criteria.wanda_sp import wanda_sp_scores
 from secateurs.errors import SecateursError
+from secateurs.methods.flap import flap_plan
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
 from secateurs.selection import apply_selection
@@ -29,7 +30,7 @@ from secateurs.surgery import apply_plan
 
 @dataclass(frozen=True)
 class WidthMethod:
-    score: Callable[..., StructureScores]  # (model, statistics, options) -> scores
+    score: Callable[..., StructureScores] | None  # (model, statistics, options) -> scores; None: global method
     needs_statistics: bool
     parts: str = "both"
     summary: str = ""
@@ -44,6 +45,8 @@ METHODS: dict[str, WidthMethod] = {
                            "AMP on MLP neurons only (ablation)"),
     "wanda-sp": WidthMethod(lambda m, s, o: wanda_sp_scores(m, s), True, "both",
                             "wanda-sp: |W| * ||X|| per output-projection input channel"),
+    "flap": WidthMethod(None, True, "both",
+                        "FLAP: standardised fluctuation, one global threshold, bias compensation (non-uniform)"),
     "magnitude": WidthMethod(lambda m, s, o: magnitude_scores(m), False, "both",
                              "L2 norm of the weights a head or neuron owns (data-free)"),
     "random": WidthMethod(lambda m, s, o: random_scores(m, o.get("seed", 0)), False, "both",
@@ -83,19 +86,31 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     spec = METHODS[method]
     if layers_equivalent is not None:
         ratio = None
-    budget = plan_budget(model, ratio, ratio_of=ratio_of, layers_equivalent=layers_equivalent, rounding=rounding,
-                         gqa=gqa, parts=spec.parts, round_to=round_to)
+    if spec.score is not None:
+        budget = plan_budget(model, ratio, ratio_of=ratio_of, layers_equivalent=layers_equivalent, rounding=rounding,
+                             gqa=gqa, parts=spec.parts, round_to=round_to)
+    else:
+        geo = Geometry.of(model)
+        target, settings = target_params(geo, ratio, ratio_of, layers_equivalent)
     stats = None
     if spec.needs_statistics:
         stats = resolve_statistics(model, tokenizer, calibration, statistics, calibration_options, progress)
-    scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
-    plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
+    if spec.score is not None:
+        scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
+        plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
+        report = budget.report()
+    else:
+        plan = flap_plan(model, stats, target, gqa)
+        achieved = geo.removed_params([KeepCounts(*s) for s in plan.pruned_shapes()])
+        report = {**settings, "gqa": gqa, "requested_params_removed": target, "achieved_params_removed": achieved,
+                  "requested_ratio_of_all": round(target / geo.total_params, 6),
+                  "achieved_ratio_of_all": round(achieved / geo.total_params, 6)}
     calib = stats.description if stats is not None else {}
     plan.provenance = {
         "method": method,
-        "selection": selection,
+        **({"selection": selection} if spec.score is not None else {}),
         **({"averaging": averaging} if method.startswith("amp") else {}),
-        **budget.report(),
+        **report,
         "seed": seed,
         "calibration": calib.get("calibration"),
         "calibration_hash": calib.get("calibration_hash"),

@@ -1,0 +1,198 @@
+"""The evaluation subcommands of the CLI: eval, bench, report, sweep (wired into secateurs.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from secateurs.errors import SecateursError
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--ppl", metavar="SOURCE",
+                   help="text file (e.g. wikitext-2-raw/wiki.test.raw) or C4-style .jsonl to measure perplexity on")
+    g.add_argument("--protocol", default="seq128",
+                   help="comma list of seq128 (LLM-Pruner/FLAP), seq2048 (Wanda/SliceGPT), seq4096, context, "
+                        "or window lengths in tokens (default: seq128)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    g.add_argument("--max-batch-tokens", type=int, default=8192,
+                   help="cap on tokens per forward pass, bounds memory at long windows (default: 8192)")
+    g.add_argument("--max-windows", type=int, help="at most this many windows (quick runs)")
+    g.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text (quick runs)")
+    g.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
+    g.add_argument("--max-docs", type=int, help=".jsonl: use the first N documents (SparseGPT/Wanda C4: 1100)")
+    g = p.add_argument_group("zero-shot (lm-eval)")
+    g.add_argument("--tasks", help="comma list, e.g. piqa,arc_easy,boolq,winogrande,openbookqa")
+    g.add_argument("--data-dir", help="folder of local task files NAME.jsonl (llm-foundry or HF format); "
+                                      "tasks not found there come from lm-eval's registry (needs the hub)")
+    g.add_argument("--limit", type=float, help="at most N items per task (a fraction if < 1)")
+    g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
+    g.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+
+
+def add_parsers(sub, add_model_args) -> None:
+    """Register eval, bench, report and sweep on the CLI's subparsers."""
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model (and its dense baseline)")
+    add_model_args(p)
+    p.add_argument("--baseline", help="dense model evaluated the same way, shown beside MODEL")
+    _add_eval_args(p)
+    p.add_argument("--out", help="write the results as JSON (for `secateurs report`)")
+
+    p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
+    add_model_args(p)
+    p.add_argument("--baseline", help="dense model measured in the same run (ratios are model / baseline)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma list (default: 1,8)")
+    p.add_argument("--prompt-lengths", default="128,512", help="comma list of prompt tokens (default: 128,512)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (default: 32)")
+    p.add_argument("--repeats", type=int, default=5, help="measured repeats; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up rounds (default: 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="write JSON here (and Markdown beside it)")
+
+    p = sub.add_parser("report", help="Markdown + HTML report with plots for a pruned model folder")
+    p.add_argument("run", help="folder written by `secateurs prune` (or its pruning_plan.json)")
+    p.add_argument("--eval", dest="eval_file", help="eval JSON (default: RUN/eval.json if present)")
+    p.add_argument("--bench", dest="bench_file", help="bench JSON (default: RUN/bench.json if present)")
+    p.add_argument("--scores", help="importance scores (StructureScores safetensors) for the heatmap")
+    p.add_argument("--out", help="output folder (default: RUN/report)")
+
+    p = sub.add_parser("sweep", help="prune with several methods x ratios, evaluate, plot against ratio")
+    add_model_args(p)
+    p.add_argument("--methods", default="magnitude", help="comma list of pruning methods (default: magnitude)")
+    p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma list of ratios (default: 0.1,0.2,0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed passed to every method (default: 0)")
+    p.add_argument("--calib", help="calibration source for methods that need one (see `prune --calib`)")
+    _add_eval_args(p)
+    p.add_argument("--out", required=True, help="output folder for sweep.json/.md/.html and plots")
+
+
+def _label(source: str, taken: set[str]) -> str:
+    name = Path(source).name or source
+    while name in taken:
+        name += "'"
+    taken.add(name)
+    return name
+
+
+def _spec(args):
+    from secateurs.evaluation.perplexity import load_text
+    from secateurs.evaluation.suite import EvalSpec
+    from secateurs.evaluation.sweep import parse_list
+    from secateurs.evaluation.zero_shot import parse_tasks
+
+    text, text_info = (None, None)
+    if args.ppl:
+        text, text_info = load_text(args.ppl, field=args.text_field, max_docs=args.max_docs)
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    spec = EvalSpec(text=text, protocols=parse_list(args.protocol, str, "protocols"), batch_size=args.batch_size,
+                    max_windows=args.max_windows, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
+                    tasks=parse_tasks(args.tasks) if args.tasks else None, data_dir=args.data_dir, limit=args.limit,
+                    num_fewshot=args.num_fewshot, eval_batch_size=args.eval_batch_size)
+    if spec.text is None and not spec.tasks:
+        raise SecateursError("nothing to evaluate: give --ppl TEXT and/or --tasks NAMES")
+    return spec, text_info
+
+
+def cmd_eval(args) -> int:
+    from secateurs.evaluation.report import eval_tables, render_markdown
+    from secateurs.evaluation.speed import machine_info
+    from secateurs.evaluation.suite import evaluate
+    from secateurs.loading import load_model
+
+    spec, text_info = _spec(args)
+    taken: set[str] = set()
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    models = {}
+    for source in sources:
+        label = _label(source, taken)
+        model, tokenizer = load_model(source, args.dtype, args.device)
+        spec.check(model)
+        models[label] = {"source": source, **evaluate(model, tokenizer, spec)}
+        del model
+    result = {"text": text_info, "protocols": spec.protocols, "baseline": _label(args.baseline, set()) if args.baseline
+              else None, "models": models, "machine": machine_info(args.device)}
+    if spec.tasks:
+        first = next(iter(models.values()))["zero_shot"]
+        result["zero_shot"] = {k: first[k] for k in ("lm_eval_version", "limit", "num_fewshot")}
+        result["zero_shot"]["data_dir"] = args.data_dir
+    print(render_markdown(eval_tables(result)))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, folder_bytes
+    from secateurs.evaluation.sweep import parse_list
+    from secateurs.loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "batch sizes")),
+                         prompt_lengths=tuple(parse_list(args.prompt_lengths, int, "prompt lengths")),
+                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
+    config.validate()
+    taken: set[str] = set()
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    models, paths = {}, {}
+    for source in sources:
+        label = _label(source, taken)
+        models[label], _ = load_model(source, args.dtype, args.device)
+        paths[label] = source
+    result = bench_models(models, config)
+    for label, source in paths.items():
+        result["models"][label]["source"] = source
+        result["models"][label]["disk_bytes"] = folder_bytes(source)
+    text = bench_markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from secateurs.evaluation.report import write_run_report
+
+    files = write_run_report(args.run, args.out, eval_file=args.eval_file, bench_file=args.bench_file,
+                             scores=args.scores)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from secateurs.evaluation.sweep import check_methods_ratios, parse_list, run_sweep
+    from secateurs.loading import load_model
+
+    methods = parse_list(args.methods, str, "methods")
+    ratios = parse_list(args.ratios, float, "ratios")
+    check_methods_ratios(methods, ratios)
+    spec, text_info = _spec(args)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    options = {"seed": args.seed}
+    if args.calib:
+        options["calibration"] = args.calib
+    summary = run_sweep(model, tokenizer, methods, ratios, spec, args.out, prune_options=options,
+                        model_name=args.model)
+    summary["text"] = text_info
+    (Path(args.out) / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "files"},
+                                                          indent=2, default=str) + "\n")
+    print((Path(args.out) / "sweep.md").read_text())
+    for kind, path in summary["files"].items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep}

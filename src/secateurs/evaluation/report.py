@@ -1,0 +1,360 @@
+"""Reports: one Markdown + HTML page per pruning run (plan summary, per-layer plots, importance
+heatmap, before/after metrics), and sweep plots of perplexity and accuracy against ratio.
+
+Pages are built as a list of blocks rendered twice (Markdown and a small self-contained HTML
+template), so both say the same thing without a Markdown converter. Plots are PNGs from
+matplotlib (the `plots` extra) with the Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from secateurs.errors import SecateursError
+
+SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
+
+
+# -- blocks -> Markdown / HTML ---------------------------------------------------------------
+def _md_cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *body in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + body[0])
+        elif kind == "p":
+            out.append(body[0])
+        elif kind == "table":
+            header, rows = body
+            out.append("| " + " | ".join(map(_md_cell, header)) + " |")
+            out.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+        elif kind == "img":
+            out.append(f"![{body[1]}]({body[0]})")
+        elif kind == "pre":
+            out.append("```\n" + body[0].rstrip("\n") + "\n```")
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
+        "td:not(:first-child){text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+
+
+def render_html(blocks: list[tuple], title: str) -> str:
+    esc = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+           f"<style>{_CSS}</style></head><body>"]
+    for kind, *body in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{esc(body[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{esc(body[0]).replace('`', '')}</p>")
+        elif kind == "table":
+            header, rows = body
+            out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+            out.append("</table>")
+        elif kind == "img":
+            out.append(f"<p><img src='{esc(body[0])}' alt='{esc(body[1])}'></p>")
+        elif kind == "pre":
+            out.append(f"<pre>{esc(body[0])}</pre>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_page(blocks: list[tuple], out_dir: Path, stem: str, title: str) -> dict[str, Path]:
+    md, page = out_dir / f"{stem}.md", out_dir / f"{stem}.html"
+    md.write_text(render_markdown(blocks), encoding="utf-8")
+    page.write_text(render_html(blocks, title), encoding="utf-8")
+    return {"markdown": md, "html": page}
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SecateursError('plots need matplotlib: pip install "secateurs[plots]"') from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plan_arrays(plan) -> dict:
+    """Per layer of the base model: base and kept heads / KV heads / neurons, and a layer x head
+    kept mask (removed layers keep nothing)."""
+    rows = {"layer": [], "heads": [], "kept_heads": [], "kv_heads": [], "kept_kv_heads": [], "neurons": [],
+            "kept_neurons": [], "removed": [], "head_mask": []}
+    for lp in plan.layers:
+        h, kv, n = plan.layer_shape(lp.index)
+        if lp.removed:
+            kept_h, kept_kv, kept_n = [], [], []
+        else:
+            kept_h, kept_kv, kept_n = plan.resolve_layer(lp)
+        for key, value in (("layer", lp.index), ("heads", h), ("kept_heads", len(kept_h)), ("kv_heads", kv),
+                           ("kept_kv_heads", len(kept_kv)), ("neurons", n), ("kept_neurons", len(kept_n)),
+                           ("removed", lp.removed), ("head_mask", [i in set(kept_h) for i in range(h)])):
+            rows[key].append(value)
+    return rows
+
+
+def plot_kept_per_layer(plan, path: Path) -> Path:
+    """Bars of kept query heads and kept MLP neurons per layer, against the base model's."""
+    plt = _plt()
+    a = plan_arrays(plan)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.28 * len(a["layer"]) + 3), 5.5), sharex=True)
+    for ax, base, kept, name in ((axes[0], "heads", "kept_heads", "query heads"),
+                                 (axes[1], "neurons", "kept_neurons", "MLP neurons")):
+        ax.bar(a["layer"], a[base], color="#dddddd", label="base model")
+        ax.bar(a["layer"], a[kept], color="#2a7ab9", label="kept")
+        for i, removed in zip(a["layer"], a["removed"]):
+            if removed:
+                ax.text(i, 0, "x", ha="center", va="bottom", color="#c0392b", fontweight="bold")
+        ax.set_ylabel(name)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[1].set_xlabel("layer (x = layer removed)")
+    axes[0].set_title("kept structures per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
+    """Layer x head heatmap of importance scores (normalised per layer to [0, 1], since score
+    scales differ between layers), removed heads crossed out; without scores, the kept mask."""
+    import numpy as np
+
+    plt = _plt()
+    a = plan_arrays(plan)
+    width = max(a["heads"])
+    grid = np.full((len(a["layer"]), width), np.nan)
+    if scores is not None:
+        for i, s in enumerate(scores.heads):
+            v = s.float().numpy()
+            span = v.max() - v.min()
+            grid[i, :len(v)] = (v - v.min()) / span if span > 0 else 1.0
+        label, title = "importance (per-layer min-max)", "head importance, removed heads crossed"
+    else:
+        for i, mask in enumerate(a["head_mask"]):
+            grid[i, :len(mask)] = mask
+        label, title = "kept (1) / removed (0)", "kept heads (no importance scores given)"
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * width + 2), max(3, 0.25 * len(a["layer"]) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+    if scores is not None:
+        for i, mask in enumerate(a["head_mask"]):
+            for h, kept in enumerate(mask):
+                if not kept:
+                    ax.text(h, i, "x", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(points: list[dict], metric: str, path: Path, ylabel: str, log: bool = False) -> Path:
+    """One line per method: `metric` against the achieved fraction of parameters removed (the
+    dense model is the point at 0 on every line)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [p for p in points if p["method"] == "dense" and p.get(metric) is not None]
+    for method in sorted({p["method"] for p in points} - {"dense"}):
+        pts = sorted([p for p in points if p["method"] == method and p.get(metric) is not None],
+                     key=lambda p: p["params_removed"])
+        pts = dense + pts
+        if pts:
+            ax.plot([p["params_removed"] for p in pts], [p[metric] for p in pts], marker="o", label=method)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("fraction of parameters removed")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- metric tables ----------------------------------------------------------------------------
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _acc(r: dict | None, key: str) -> str:
+    if not r or r.get(key) is None:
+        return "n/a"
+    se = r.get(f"{key}_stderr")
+    return f"{100 * r[key]:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * r[key]:.1f}"
+
+
+def eval_tables(ev: dict) -> list[tuple]:
+    """Blocks comparing the models of an `secateurs eval` result (first = baseline if present)."""
+    labels = list(ev["models"])
+    blocks: list[tuple] = []
+    ppl_keys = []
+    for label in labels:
+        for r in ev["models"][label].get("perplexity", []):
+            if (r["protocol"], r["seq_len"]) not in ppl_keys:
+                ppl_keys.append((r["protocol"], r["seq_len"]))
+    if ppl_keys:
+        src = ev.get("text", {}).get("name", "text")
+        rows = []
+        for protocol, seq in ppl_keys:
+            row = [f"{src} {protocol}"]
+            for label in labels:
+                r = next((x for x in ev["models"][label].get("perplexity", []) if x["protocol"] == protocol), None)
+                row.append(f"{r['perplexity']:.3f} ({r['windows']} windows)" if r else "n/a")
+            rows.append(row)
+        blocks.append(("table", ["perplexity"] + labels, rows))
+    tasks = []
+    for label in labels:
+        for t in ev["models"][label].get("zero_shot", {}).get("tasks", {}):
+            if t not in tasks:
+                tasks.append(t)
+    if tasks:
+        rows = []
+        for t in tasks:
+            rs = [ev["models"][label].get("zero_shot", {}).get("tasks", {}).get(t) for label in labels]
+            n = next((r["samples"] for r in rs if r), None)
+            rows.append([f"{t} (n={n})"] + [f"{_acc(r, 'acc')} / {_acc(r, 'acc_norm')}" for r in rs])
+        means = [ev["models"][label].get("zero_shot", {}).get("mean_acc") for label in labels]
+        rows.append(["mean acc"] + [f"{100 * m:.1f}" if m is not None else "n/a" for m in means])
+        blocks.append(("table", ["zero-shot acc / acc_norm (%)"] + labels, rows))
+    return blocks
+
+
+def bench_blocks(bench: dict) -> list[tuple]:
+    from secateurs.evaluation.speed import bench_markdown
+
+    cfg = bench["config"]
+    header = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB",
+              "prefill x (ideal)", "decode x (ideal)"]
+    rows = []
+    for r in bench["results"]:
+        v = r["vs_baseline"]
+        rows.append([r["model"], r["batch"], r["prompt_length"],
+                     f"{r['prefill_tokens_per_s']['median']:,.0f} ±{100 * r['prefill_tokens_per_s']['spread']:.0f}%",
+                     f"{r['decode_tokens_per_s']['median']:,.1f} ±{100 * r['decode_tokens_per_s']['spread']:.0f}%",
+                     f"{1000 * r['ttft_s']['median']:,.1f}",
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r.get("peak_memory_bytes") else "n/a",
+                     f"{v['prefill_speedup']:.2f} ({v['ideal_prefill_speedup']:.2f})",
+                     f"{v['decode_speedup']:.2f} ({v['ideal_decode_speedup_bytes']:.2f})"])
+    intro = bench_markdown(bench).split("\n\n")[0]
+    return [("p", intro + f" Spread (±) is (max - min) / median over {cfg['repeats']} repeats."),
+            ("table", header, rows)]
+
+
+# -- the run report ---------------------------------------------------------------------------
+def _load_json(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        raise SecateursError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SecateursError(f"{path} is not JSON ({exc.msg})") from exc
+
+
+def find_scores(run_dir: Path, scores: str | Path | None = None):
+    """Importance scores for the heatmap: the given file, or one saved in the run folder."""
+    from secateurs.criteria import StructureScores
+
+    if scores is not None:
+        if not Path(scores).exists():
+            raise SecateursError(f"scores file {scores} not found")
+        return StructureScores.load(scores)
+    for name in SCORE_FILES:
+        if (run_dir / name).exists():
+            return StructureScores.load(run_dir / name)
+    return None
+
+
+def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, eval_file: str | Path | None = None,
+                     bench_file: str | Path | None = None, scores: str | Path | None = None) -> dict[str, Path]:
+    """Markdown + HTML + PNGs for a pruned model folder (or a plan file). eval/bench results default
+    to eval.json / bench.json inside the folder when they exist."""
+    from secateurs.plan import PLAN_FILENAME, PruningPlan
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        plan_path, run_dir = run_dir, run_dir.parent
+    else:
+        plan_path = run_dir / PLAN_FILENAME
+    if not plan_path.exists():
+        raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` or a plan file")
+    plan = PruningPlan.load(plan_path)
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    eval_file = eval_file or (run_dir / "eval.json" if (run_dir / "eval.json").exists() else None)
+    bench_file = bench_file or (run_dir / "bench.json" if (run_dir / "bench.json").exists() else None)
+    ev, bench = _load_json(eval_file), _load_json(bench_file)
+    score_obj = find_scores(run_dir, scores)
+
+    kept_png = plot_kept_per_layer(plan, out / "kept_per_layer.png")
+    heat_png = plot_head_heatmap(plan, out / "head_heatmap.png", score_obj)
+    prov = plan.provenance
+    a = plan_arrays(plan)
+    title = f"Pruning report: {prov.get('base_model') or plan.base.get('name_or_path')}"
+    blocks: list[tuple] = [("h1", title)]
+    facts = [["method", prov.get("method", "n/a")], ["requested ratio", prov.get("ratio", "n/a")],
+             ["parameters before", _fmt(prov.get("params_before"))], ["parameters after", _fmt(prov.get("params_after"))]]
+    if prov.get("params_before") and prov.get("params_after"):
+        facts.append(["parameters removed", f"{100 * (1 - prov['params_after'] / prov['params_before']):.2f}%"])
+    facts += [["layers kept", f"{sum(not r for r in a['removed'])} of {len(a['removed'])}"],
+              ["query heads kept", f"{sum(a['kept_heads'])} of {sum(a['heads'])}"],
+              ["MLP neurons kept", f"{sum(a['kept_neurons']):,} of {sum(a['neurons']):,}"],
+              ["calibration", prov.get("calibration") or "none"], ["seed", prov.get("seed", "n/a")]]
+    blocks += [("table", ["plan", "value"], facts)]
+    blocks += [("h2", "Before / after")]
+    if ev:
+        blocks += [("p", _eval_intro(ev))] + eval_tables(ev)
+    else:
+        blocks.append(("p", "No evaluation results (run `secateurs eval MODEL --baseline DENSE --out "
+                            f"{run_dir}/eval.json`)."))
+    if bench:
+        blocks += [("h3", "Speed and memory")] + bench_blocks(bench)
+    else:
+        blocks.append(("p", f"No speed results (run `secateurs bench MODEL --baseline DENSE --out {run_dir}/bench.json`)."))
+    blocks += [("h2", "Where the cuts fell"), ("img", kept_png.name, "kept heads and neurons per layer"),
+               ("img", heat_png.name, "layer x head importance")]
+    if score_obj is None:
+        blocks.append(("p", "The heatmap shows the kept mask: no importance scores were found (pass --scores FILE, "
+                            f"a StructureScores safetensors, or save one as {SCORE_FILES[0]} in the run folder)."))
+    blocks += [("h2", "Plan"), ("pre", plan.summary())]
+    files = write_page(blocks, out, "report", title)
+    summary = {"plan": plan.to_dict()["provenance"], "eval": ev, "bench": bench,
+               "plots": [kept_png.name, heat_png.name]}
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png}
+
+
+def _eval_intro(ev: dict) -> str:
+    parts = []
+    if ev.get("text"):
+        parts.append(f"Perplexity on {ev['text']['name']} ({ev['text']['read_as']}), non-overlapping windows, "
+                     "ragged tail dropped.")
+    if ev.get("zero_shot"):
+        z = ev["zero_shot"]
+        parts.append(f"Zero-shot with lm-eval {z.get('lm_eval_version')}, {z.get('num_fewshot', 0)}-shot, "
+                     f"limit {z.get('limit') or 'none'}; ± is the standard error.")
+    return " ".join(parts) or "Evaluation results."

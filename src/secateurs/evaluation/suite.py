@@ -1,0 +1,48 @@
+"""One evaluation of one model: perplexity under the chosen protocols plus zero-shot tasks. Used by
+`secateurs eval` and `secateurs sweep`, so both write results in the same shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from secateurs.errors import SecateursError
+from secateurs.evaluation.perplexity import DEFAULT_MAX_BATCH_TOKENS, evaluate_perplexity, resolve_seq_len
+
+
+@dataclass
+class EvalSpec:
+    text: str | None = None            # perplexity text (already read), or None
+    protocols: list[str] = field(default_factory=lambda: ["seq128"])
+    batch_size: int = 8
+    max_windows: int | None = None
+    max_tokens: int | None = None
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    tasks: list[str] | None = None     # zero-shot task names, or None
+    data_dir: str | None = None
+    limit: int | float | None = None
+    num_fewshot: int = 0
+    eval_batch_size: int = 8
+
+    def check(self, model) -> None:
+        """Fail before any work: no metric asked, or a window the model cannot take."""
+        if self.text is None and not self.tasks:
+            raise SecateursError("nothing to evaluate: give --ppl TEXT and/or --tasks NAMES")
+        if self.text is not None:
+            for p in self.protocols:
+                resolve_seq_len(model, p)
+
+
+def evaluate(model, tokenizer, spec: EvalSpec, progress: bool = True) -> dict:
+    """{"perplexity": [per protocol], "zero_shot": {...}} for one model."""
+    spec.check(model)
+    out: dict = {}
+    if spec.text is not None:
+        out["perplexity"] = evaluate_perplexity(
+            model, tokenizer, spec.text, spec.protocols, batch_size=spec.batch_size, max_windows=spec.max_windows,
+            max_tokens=spec.max_tokens, max_batch_tokens=spec.max_batch_tokens, progress=progress)
+    if spec.tasks:
+        from secateurs.evaluation.zero_shot import zero_shot
+
+        out["zero_shot"] = zero_shot(model, tokenizer, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
+                                     batch_size=spec.eval_batch_size, num_fewshot=spec.num_fewshot)
+    return out

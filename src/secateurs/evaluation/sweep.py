@@ -1,0 +1,127 @@
+"""Sweep: prune one model with several methods at several ratios, evaluate each, and plot
+perplexity and zero-shot accuracy against the fraction of parameters removed.
+
+The dense model is loaded once; every point prunes a deep copy (so points are independent and
+the order does not matter) and frees it after evaluation. A point that cannot be made (for
+instance a ratio the GQA rules cannot represent) is recorded with its error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from secateurs.errors import SecateursError
+from secateurs.evaluation.suite import EvalSpec, evaluate
+
+
+def parse_list(text: str, kind=str, what: str = "values") -> list:
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise SecateursError(f"could not parse {what} {text!r}: {exc}") from exc
+    if not items:
+        raise SecateursError(f"no {what} given")
+    return items
+
+
+def check_methods_ratios(methods: list[str], ratios: list[float]) -> None:
+    from secateurs.methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SecateursError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(METHODS))}")
+    bad = [r for r in ratios if not 0 < r < 1]
+    if bad:
+        raise SecateursError(f"ratios must be in (0, 1), got {bad}")
+
+
+def _point(method: str, ratio: float, params_removed: float, result: dict) -> dict:
+    p = {"method": method, "ratio": ratio, "params_removed": params_removed}
+    for r in result.get("perplexity", []):
+        p[f"ppl_{r['protocol']}"] = r["perplexity"]
+    z = result.get("zero_shot")
+    if z:
+        p["mean_acc"] = z.get("mean_acc")
+        for task, r in z["tasks"].items():
+            p[f"acc_{task}"] = r["acc"]
+    return p
+
+
+def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: EvalSpec, out_dir: str | Path, *,
+              prune_options: dict | None = None, model_name: str = "", progress: bool = True) -> dict:
+    """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir."""
+    from secateurs.accounting import model_stats
+    from secateurs.evaluation.speed import machine_info
+    from secateurs.methods import prune
+
+    check_methods_ratios(methods, ratios)
+    spec.check(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dense_params = model_stats(model).total_params
+    started = time.perf_counter()
+    runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
+    points = [_point("dense", 0.0, 0.0, runs[0])]
+    grid = [(m, r) for m in methods for r in ratios]
+    for method, ratio in tqdm(grid, desc="sweep", disable=not progress):
+        pruned = copy.deepcopy(model)
+        try:
+            pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **(prune_options or {}))
+        except SecateursError as exc:
+            runs.append({"method": method, "ratio": ratio, "error": str(exc)})
+            continue
+        params = model_stats(pruned).total_params
+        result = evaluate(pruned, tokenizer, spec, progress)
+        runs.append({"method": method, "ratio": ratio, "params": params, "plan": plan.provenance, **result})
+        points.append(_point(method, ratio, 1 - params / dense_params, result))
+        del pruned
+        gc.collect()
+    summary = {"model": model_name, "methods": methods, "ratios": ratios, "protocols": spec.protocols,
+               "tasks": spec.tasks, "limit": spec.limit, "points": points, "runs": runs,
+               "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
+    files = write_sweep_report(summary, out)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary["files"] = {k: str(v) for k, v in files.items()}
+    return summary
+
+
+def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
+    from secateurs.evaluation.report import plot_sweep, write_page
+
+    points = summary["points"]
+    files: dict[str, Path] = {}
+    ppl_keys = [k for k in points[0] if k.startswith("ppl_")] if points else []
+    for key in ppl_keys:
+        files[key] = plot_sweep(points, key, out / f"sweep_{key}.png", f"perplexity ({key[4:]})", log=True)
+    if points and points[0].get("mean_acc") is not None:
+        files["acc"] = plot_sweep(points, "mean_acc", out / "sweep_acc.png", "mean zero-shot accuracy")
+    acc_keys = [k for k in points[0] if k.startswith("acc_")] if points else []
+    header = ["method", "ratio", "params removed"] + [k[4:] + " ppl" for k in ppl_keys] + \
+        ([k[4:] for k in acc_keys] + ["mean acc"] if acc_keys else [])
+    rows = []
+    for p in points:
+        row = [p["method"], f"{p['ratio']:.2f}", f"{100 * p['params_removed']:.1f}%"]
+        row += [f"{p[k]:.3f}" for k in ppl_keys]
+        if acc_keys:
+            row += [f"{100 * p[k]:.1f}" if p.get(k) is not None else "n/a" for k in acc_keys + ["mean_acc"]]
+        rows.append(row)
+    title = f"Sweep: {summary.get('model') or 'model'}"
+    blocks = [("h1", title),
+              ("p", f"Methods {', '.join(summary['methods'])} at ratios {', '.join(map(str, summary['ratios']))}; "
+                    f"perplexity protocols {', '.join(summary['protocols'])}"
+                    + (f"; zero-shot tasks {', '.join(summary['tasks'])} (limit {summary['limit'] or 'none'})"
+                       if summary.get("tasks") else "") + f". Took {summary['seconds']} s."),
+              ("table", header, rows)]
+    errors = [r for r in summary["runs"] if "error" in r]
+    if errors:
+        blocks.append(("table", ["method", "ratio", "not made because"],
+                       [[r["method"], r["ratio"], r["error"]] for r in errors]))
+    blocks += [("img", f.name, key) for key, f in files.items()]
+    files.update(write_page(blocks, out, "sweep", title))
+    return files

@@ -1,0 +1,64 @@
+"""FLAP's adaptive structure: standardised fluctuation scores of all head units and neurons of
+all layers compete under one global threshold, chosen so the removed parameters are as close to
+the target as the granularity allows (layers end up with different widths). Removed channels
+are replaced by their calibration mean: W[:, removed] @ mean[removed] is added to the
+o_proj / down_proj bias (stored in the plan, applied by surgery)."""
+
+from __future__ import annotations
+
+import torch
+
+from secateurs.budget import Geometry
+from secateurs.criteria.flap import flap_scores, standardize
+from secateurs.errors import SecateursError
+from secateurs.plan import PruningPlan
+from secateurs.statistics import Statistics
+
+
+def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compensate: bool = True) -> PruningPlan:
+    if gqa != "groups":
+        raise SecateursError("FLAP removes whole KV groups on GQA models; use gqa='groups'")
+    geo = Geometry.of(model)
+    scores = flap_scores(model, stats)
+    candidates = []  # (score, layer, kind, index, cost)
+    for i, (shape, costs) in enumerate(zip(geo.shapes, geo.costs)):
+        g = shape.group_size
+        heads = standardize(scores.heads[i]).reshape(shape.num_kv_heads, g).mean(1)
+        unit_cost = g * costs.head + costs.kv_head
+        candidates += [(float(s), i, 0, k, unit_cost) for k, s in enumerate(heads)]
+        candidates += [(float(s), i, 1, j, costs.neuron) for j, s in enumerate(standardize(scores.neurons[i]))]
+    candidates.sort()
+    left = {(i, kind): n for i, s in enumerate(geo.shapes) for kind, n in ((0, s.num_kv_heads), (1, s.intermediate_size))}
+    chosen, removed, best = [], 0, (target, 0)  # best = (|removed - target|, prefix length)
+    for cand in candidates:
+        _, i, kind, _, cost = cand
+        if left[(i, kind)] == 1:  # every layer keeps one head unit and one neuron
+            continue
+        left[(i, kind)] -= 1
+        chosen.append(cand)
+        removed += cost
+        if abs(removed - target) < best[0]:
+            best = (abs(removed - target), len(chosen))
+        if removed > target:
+            break
+    gone: dict[tuple[int, int], set[int]] = {}
+    for _, i, kind, index, _ in chosen[: best[1]]:
+        gone.setdefault((i, kind), set()).add(index)
+    plan = PruningPlan.identity(model)
+    for lp, shape, a, m in zip(plan.layers, geo.shapes, stats.attention, stats.mlp):
+        g = shape.group_size
+        units = gone.get((lp.index, 0), set())
+        neurons = gone.get((lp.index, 1), set())
+        compensation = {}
+        if units:
+            lp.kv_heads = [k for k in range(shape.num_kv_heads) if k not in units]
+            lp.heads = [h for h in range(shape.num_heads) if h // g not in units]
+            d = a.channel_sum.numel() // shape.num_heads
+            removed_channels = [c for h in range(shape.num_heads) if h // g in units for c in range(h * d, (h + 1) * d)]
+            compensation["attention"] = a.channel_mean()[removed_channels].tolist()
+        if neurons:
+            lp.neurons = [j for j in range(shape.intermediate_size) if j not in neurons]
+            compensation["mlp"] = m.channel_mean()[sorted(neurons)].tolist()
+        if compensate and compensation:
+            lp.compensation = compensation
+    return plan
