@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from secateurs.adapters import get_adapter
+from secateurs.value_attention import is_replaced
 
 
 @dataclass
@@ -87,13 +88,14 @@ def model_stats(model: nn.Module) -> ModelStats:
         mlp = _numel(adapter.mlp(layer), seen)
         other = _numel(layer, seen)
         d = adapter.head_dim(layer)
-        dtype_bytes = adapter.attention_weights(layer).k.element_size()
+        dtype_bytes = adapter.mlp_weights(layer).out.element_size()
+        mixing = not is_replaced(adapter.attention(layer))  # HARP layers: no token mixing, no KV cache
         layers.append(LayerStats(
             index=i, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
             intermediate_size=shape.intermediate_size, attention_params=attn, mlp_params=mlp,
             other_params=other, linear_flops_per_token=_linear_flops(layer),
-            attention_flops_per_context_token=4 * shape.num_heads * d,
-            kv_cache_bytes_per_token=2 * shape.num_kv_heads * d * dtype_bytes,
+            attention_flops_per_context_token=4 * shape.num_heads * d * mixing,
+            kv_cache_bytes_per_token=2 * shape.num_kv_heads * d * dtype_bytes * mixing,
         ))
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())

@@ -56,12 +56,52 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     p.add_argument("--stats", metavar="FILE",
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and random choices")
+    depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
+    depth.add_argument("--layers", type=int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
+    depth.add_argument("--metrics", help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
+                                         "procrustes,permutation; also cka-unbiased, nll, bi)")
+    depth.add_argument("--iterative", action="store_true", help="remove one layer at a time, re-scoring the rest")
+    depth.add_argument("--protect-first", type=int, default=1, metavar="N", help="never remove the first N layers (default: 1)")
+    depth.add_argument("--protect-last", type=int, default=1, metavar="N", help="never remove the last N layers (default: 1)")
+    depth.add_argument("--depth-tokens", type=int, default=2048, metavar="N",
+                       help="score layers on a seeded subsample of N calibration tokens (default: 2048)")
+    harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --layers layers")
+    harp.add_argument("--alpha-grid", metavar="A,B,...", help="alpha values to search (default: 0.0,0.1,...,1.0)")
+    harp.add_argument("--flap-ratio", type=float, metavar="R",
+                      help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
     p.add_argument("--out", required=default_out is None, default=default_out, help="output folder (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
+def _depth_options(args) -> dict:
+    from secateurs.methods.depth import DEPTH_METHODS
+
+    if args.method == "harp":
+        return {}
+    if args.method not in DEPTH_METHODS:
+        if args.layers is not None or args.metrics or args.iterative:
+            raise SecateursError(f"--layers, --metrics and --iterative apply to depth methods "
+                                 f"({', '.join(DEPTH_METHODS)}), not to {args.method!r}")
+        return {}
+    return dict(layers=args.layers, iterative=args.iterative, protect_first=args.protect_first,
+                protect_last=args.protect_last, max_tokens=args.depth_tokens,
+                metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None)
+
+
+def _harp_options(args) -> dict:
+    if args.method != "harp":
+        if args.alpha_grid or args.flap_ratio:
+            raise SecateursError(f"--alpha-grid and --flap-ratio apply to --method harp, not to {args.method!r}")
+        return {}
+    try:
+        grid = [float(a) for a in args.alpha_grid.split(",")] if args.alpha_grid else None
+    except ValueError as exc:
+        raise SecateursError(f"--alpha-grid takes comma-separated numbers: {exc}") from exc
+    return dict(harp_layers=args.layers, alpha_grid=grid, flap_ratio=args.flap_ratio)
+
+
 def _prune_options(args) -> dict:
-    return dict(
+    return dict(**_depth_options(args), **_harp_options(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
         round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
         calibration=args.calib, statistics=args.stats, seed=args.seed,

@@ -24,6 +24,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from secateurs.adapters import get_adapter
 from secateurs.plan import CONFIG_KEY
+from secateurs.value_attention import is_replaced
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 
 
@@ -41,7 +42,8 @@ def extra_parameter_names(model) -> list[str]:
     FLAP's compensation on Llama): present in the model, absent from a skeleton built from its config."""
     with init_empty_weights():
         reference = AutoModelForCausalLM.from_config(model.config)
-    return sorted(set(model.state_dict()) - set(reference.state_dict()))
+    replaced = tuple(name + "." for name, module in model.named_modules() if is_replaced(module))
+    return sorted(n for n in set(model.state_dict()) - set(reference.state_dict()) if not n.startswith(replaced))
 
 
 def save_model_files(model, directory: Path) -> dict:
@@ -75,7 +77,8 @@ def save_model_files(model, directory: Path) -> dict:
     if extra:
         note["extra_parameters"] = extra
     info = on_disk.setdefault(CONFIG_KEY, {})
-    note["stock_loadable"] = (valid or "exported_from" in note) and not info.get("heterogeneous", False) and not extra
+    note["stock_loadable"] = ((valid or "exported_from" in note) and not extra
+                              and not info.get("heterogeneous") and not info.get("replaced_attention"))
     info.update(note)
     path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
     return note

@@ -22,7 +22,7 @@ from secateurs.adapters import get_adapter
 from secateurs.errors import OutputExistsError, SecateursError
 from secateurs.hfcompat import load_config, save_model_files
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
-from secateurs.surgery import resize_layer
+from secateurs.surgery import replace_attention, resize_layer
 
 
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False, source: str | None = None) -> Path:
@@ -70,7 +70,7 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
 def needs_skeleton(config) -> bool:
     """Layers of different widths or parameters the config cannot express: stock loading fails."""
     info = getattr(config, CONFIG_KEY, None) or {}
-    return bool(info.get("heterogeneous") or info.get("extra_parameters"))
+    return bool(info.get("heterogeneous") or info.get("extra_parameters") or info.get("replaced_attention"))
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -106,6 +106,8 @@ def _load_skeleton(path: Path, config):
             raise SecateursError(f"{path}: config lists {len(shapes)} layer shapes for {len(layers)} layers")
         for layer, s in zip(layers, shapes):
             resize_layer(adapter, layer, s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+    for index, mode in info.get("replaced_attention", {}).items():
+        replace_attention(adapter, layers[int(index)], mode)
     for name in info.get("extra_parameters", []):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)

@@ -29,6 +29,8 @@ class LayerPlan:
     # Mean input of every removed channel, in channel order: {"attention": [...], "mlp": [...]}.
     # Surgery adds W[:, removed] @ mean to the output projection's bias (FLAP's compensation).
     compensation: dict | None = None
+    # HARP: {"mode": "value", "alpha": a} (identity-matrix attention scaled by a) or {"mode": "removed"}.
+    attention: dict | None = None
 
 
 @dataclass
@@ -125,6 +127,12 @@ class PruningPlan:
         neurons = _check_indices(lp.neurons, inter, f"{where} neurons")
         if not neurons:
             raise PlanError(f"{where} keeps no MLP neurons; a kept layer needs at least one (remove the layer instead)")
+        if lp.attention is not None:
+            mode = lp.attention.get("mode")
+            if mode not in ("value", "removed"):
+                raise PlanError(f"{where}: attention mode must be 'value' or 'removed', got {mode!r}")
+            if len(heads) < num_heads:
+                raise PlanError(f"{where}: a HARP layer keeps all heads (its value path uses every head)")
         comp = lp.compensation or {}
         for kind, removed in (("attention", (num_heads - len(heads)) * self.base["head_dim"]),
                               ("mlp", inter - len(neurons))):
@@ -203,8 +211,12 @@ class PruningPlan:
                 lines.append(f"{lp.index:>5}  {'removed':>9}")
                 continue
             heads, kvs, neurons = self.resolve_layer(lp)
+            harp = ""
+            if lp.attention:
+                harp = "  attention " + ("removed" if lp.attention["mode"] == "removed"
+                                         else f"-> value path, alpha {lp.attention.get('alpha')}")
             lines.append(
-                f"{lp.index:>5}  {len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}"
+                f"{lp.index:>5}  {len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}{harp}"
             )
         removed = sum(lp.removed for lp in self.layers)
         lines.append(f"layers removed: {removed} of {len(self.layers)}")

@@ -48,6 +48,20 @@ def head_contribution_l1(x: torch.Tensor, weight: torch.Tensor, num_heads: int) 
     return out
 
 
+def zero_padding_hooks(layers, state: dict) -> list:
+    """Forward hooks that zero padded positions (state["mask"] == 0) after every layer.
+
+    Padded rows whose attention window holds only padding come out NaN in some families (gemma2
+    with sliding windows), and NaN values then leak into real tokens through zero attention
+    weights. Padding is never read, so zeroing it changes nothing else. Remove the handles after.
+    """
+    def hook(module, args, output):
+        keep = state["mask"].to(output.device).bool().unsqueeze(-1)
+        return torch.where(keep, output, torch.zeros((), dtype=output.dtype, device=output.device))
+
+    return [layer.register_forward_hook(hook) for layer in layers]
+
+
 @dataclass
 class InputStats:
     """Accumulated statistics of one Linear's input across the calibration set."""
@@ -133,9 +147,10 @@ class Statistics:
 
 
 @torch.inference_mode()
-def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
+def collect_statistics(model, calibration, progress: bool = True, parts=("attention", "mlp")) -> Statistics:
     """Run the calibration batches through the decoder once (no LM head) with hooks on every
-    layer's attention-output and MLP-output projections."""
+    layer's attention-output and MLP-output projections (or only those of `parts`; the others
+    keep empty statistics, e.g. for HARP layers whose attention has no o_proj any more)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     attention, mlp, handles = [], [], []
@@ -143,8 +158,9 @@ def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
 
     for layer in layers:
         shape = adapter.layer_shape(layer)
-        o_proj, down = adapter.attention_output_linear(layer), adapter.mlp_output_linear(layer)
-        a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features)
+        o_proj = adapter.attention_output_linear(layer) if "attention" in parts else None
+        down = adapter.mlp_output_linear(layer)
+        a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features if o_proj is not None else 0)
         m_stats = InputStats.zeros(shape.intermediate_size, down.in_features)
         attention.append(a_stats)
         mlp.append(m_stats)
@@ -159,17 +175,12 @@ def collect_statistics(model, calibration, progress: bool = True) -> Statistics:
             x = args[0]
             stats.add(x.float().abs(), x, state["mask"].to(x.device))
 
-        handles.append(o_proj.register_forward_pre_hook(on_o_proj))
-        handles.append(down.register_forward_pre_hook(on_down))
+        if "attention" in parts:
+            handles.append(o_proj.register_forward_pre_hook(on_o_proj))
+        if "mlp" in parts:
+            handles.append(down.register_forward_pre_hook(on_down))
 
-    def zero_padding(module, args, output):
-        # Padded rows whose attention window holds only padding come out NaN in some families
-        # (gemma2 with sliding windows); NaN values then leak into real tokens through zero
-        # attention weights. Padding is never read, so it is zeroed after every layer.
-        keep = state["mask"].to(output.device).bool().unsqueeze(-1)
-        return torch.where(keep, output, torch.zeros((), dtype=output.dtype, device=output.device))
-
-    handles += [layer.register_forward_hook(zero_padding) for layer in layers]
+    handles += zero_padding_hooks(layers, state)
     decoder = adapter.decoder(model)
     device = next(model.parameters()).device
     try:

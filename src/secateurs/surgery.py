@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
+from secateurs.adapters.base import set_linear
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
+from secateurs.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
 
 
 def _row_index(units: list[int], width: int, device) -> torch.Tensor:
@@ -69,6 +71,27 @@ def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int], compe
     )
 
 
+def replace_attention(adapter: ModelAdapter, layer: nn.Module, mode: str, alpha: float = 1.0) -> None:
+    """HARP: swap the attention for its identity-matrix value path scaled by alpha ('value'), or
+    drop it with the norms that only feed it ('removed'). See secateurs.value_attention."""
+    attn = adapter.attention(layer)
+    shape = adapter.layer_shape(layer)
+    d = adapter.head_dim(layer)
+    if mode == "removed":
+        new = RemovedAttention(shape.num_heads, shape.num_kv_heads, d, attn.layer_idx)
+        for name in adapter.attention_only_norms:
+            setattr(layer, name, nn.Identity())
+    else:
+        w = adapter.attention_weights(layer)
+        folded = adapter.fold_attention_scale(layer, alpha)
+        weight, bias = fused_value_output(w.v, w.v_bias, w.o, w.o_bias, shape.num_heads, shape.num_kv_heads,
+                                          1.0 if folded else alpha)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        set_linear(fused, weight, bias)
+        new = ValueOnlyAttention(fused, shape.num_heads, shape.num_kv_heads, d, attn.layer_idx)
+    adapter.set_attention(layer, new)
+
+
 def remove_layers(adapter: ModelAdapter, model: nn.Module, kept: list[int]) -> None:
     """Delete decoder layers not in `kept`, re-index the survivors and fix per-layer config lists."""
     layers = adapter.decoder_layers(model)
@@ -101,6 +124,10 @@ def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     config.intermediate_size = max(s.intermediate_size for s in shapes)
     heterogeneous = len(set(shapes)) > 1
     info = {"format": PLAN_FORMAT, "plan": PLAN_FILENAME, "heterogeneous": heterogeneous}
+    replaced = {str(i): "removed" if isinstance(adapter.attention(layer), RemovedAttention) else "value"
+                for i, layer in enumerate(layers) if is_replaced(adapter.attention(layer))}
+    if replaced:
+        info["replaced_attention"] = replaced
     if plan is not None:
         info["base_model"] = plan.base.get("name_or_path")
         info["method"] = plan.provenance.get("method")
@@ -164,6 +191,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
             slice_attention(adapter, layer, heads, kv_heads, comp.get("attention"))
         if len(neurons) < shape.intermediate_size:
             slice_mlp(adapter, layer, neurons, comp.get("mlp"))
+        if lp.attention is not None:
+            replace_attention(adapter, layer, lp.attention["mode"], float(lp.attention.get("alpha", 0.0)))
     remove_layers(adapter, model, plan.kept_layer_indices())
     sync_config(model, plan)
     return model

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from secateurs.value_attention import is_replaced
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -80,11 +82,18 @@ class ModelAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
+    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
+        layer.self_attn = module
+
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
+
+    def logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits from final-normed hidden states, as the model's own forward makes them."""
+        return model.lm_head(normed_hidden)
 
     def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
         """The Linear whose input columns are the concatenated head outputs (AMP hooks it)."""
@@ -96,6 +105,14 @@ class ModelAdapter:
 
     def head_dim(self, layer: nn.Module) -> int:
         return int(self.attention(layer).head_dim)
+
+    # Norms that feed only the attention block (dropped with it when HARP's alpha is 0).
+    attention_only_norms: tuple[str, ...] = ("input_layernorm",)
+
+    def fold_attention_scale(self, layer: nn.Module, alpha: float) -> bool:
+        """Fold a scale of the attention output into a norm where the family has one after the
+        block; False means the caller folds it into the output projection."""
+        return False
 
     # -- canonical views ---------------------------------------------------
     def attention_weights(self, layer: nn.Module) -> AttentionWeights:
@@ -137,13 +154,14 @@ class ModelAdapter:
             mlp.intermediate_size = w.out.shape[1]
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
+        """Widths from real weight shapes (HARP layers report the head counts they had)."""
+        inter = self.mlp_weights(layer).out.shape[1]
+        attn = self.attention(layer)
+        if is_replaced(attn):
+            return LayerShape(attn.num_heads, attn.num_kv_heads, inter)
         w = self.attention_weights(layer)
         d = self.head_dim(layer)
-        return LayerShape(
-            num_heads=w.q.shape[0] // d,
-            num_kv_heads=w.k.shape[0] // d,
-            intermediate_size=self.mlp_weights(layer).out.shape[1],
-        )
+        return LayerShape(num_heads=w.q.shape[0] // d, num_kv_heads=w.k.shape[0] // d, intermediate_size=inter)
 
     # -- layer deletion ----------------------------------------------------
     def reindex_layer(self, layer: nn.Module, new_index: int) -> None:

@@ -3,8 +3,23 @@ sliding window chosen per layer through config.layer_types (sliced by the base a
 
 from __future__ import annotations
 
+import torch
+
 from secateurs.adapters.base import ModelAdapter
 
 
 class Gemma2Adapter(ModelAdapter):
     model_types = ("gemma2",)
+    attention_only_norms = ("input_layernorm", "post_attention_layernorm")
+
+    def logits(self, model, normed_hidden):
+        logits = model.lm_head(normed_hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+    def fold_attention_scale(self, layer, alpha: float) -> bool:
+        """Gemma's RMSNorm scales by (1 + w): alpha * (1 + w) = 1 + w' with w' = alpha * (1 + w) - 1."""
+        norm = layer.post_attention_layernorm
+        with torch.no_grad():
+            norm.weight.copy_(alpha * (1 + norm.weight.double()) - 1)
+        return True

@@ -11,6 +11,7 @@ class PhiAdapter(ModelAdapter):
     o_name = "dense"
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
+    attention_only_norms = ()  # parallel block: the MLP reads the same input_layernorm
 
     def final_norm(self, model):
         return model.model.final_layernorm

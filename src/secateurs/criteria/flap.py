@@ -14,16 +14,18 @@ from secateurs.statistics import Statistics
 
 
 @torch.no_grad()
-def flap_scores(model, stats: Statistics) -> StructureScores:
+def flap_scores(model, stats: Statistics, heads: bool = True) -> StructureScores:
+    """Per-layer head and neuron fluctuation scores (heads=False: neurons only, heads left empty)."""
     adapter = get_adapter(model)
-    heads, neurons = [], []
+    head_scores, neurons = [], []
     for layer, a, m in zip(adapter.decoder_layers(model), stats.attention, stats.mlp):
         shape = adapter.layer_shape(layer)
-        o = adapter.attention_output_linear(layer).weight.detach().float().cpu()
-        heads.append((a.channel_variance() * o.pow(2).sum(0)).reshape(shape.num_heads, -1).sum(1))
+        if heads:
+            o = adapter.attention_output_linear(layer).weight.detach().float().cpu()
+            head_scores.append((a.channel_variance() * o.pow(2).sum(0)).reshape(shape.num_heads, -1).sum(1))
         down = adapter.mlp_output_linear(layer).weight.detach().float().cpu()
         neurons.append(m.channel_variance() * down.pow(2).sum(0))
-    return StructureScores(heads, neurons, {"criterion": "flap", "metric": "WIFV", **stats.description})
+    return StructureScores(head_scores, neurons, {"criterion": "flap", "metric": "WIFV", **stats.description})
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("run", help="folder written by `secateurs prune` (or its pruning_plan.json)")
     p.add_argument("--eval", dest="eval_file", help="eval JSON (default: RUN/eval.json if present)")
     p.add_argument("--bench", dest="bench_file", help="bench JSON (default: RUN/bench.json if present)")
-    p.add_argument("--scores", help="importance scores (StructureScores safetensors) for the heatmap")
+    p.add_argument("--scores", help="heatmap data: a StructureScores safetensors, or the statistics file of "
+                                     "`prune --stats FILE` (AMP scores are computed from it)")
     p.add_argument("--out", help="output folder (default: RUN/report)")
 
     p = sub.add_parser("sweep", help="prune with several methods x ratios, evaluate, plot against ratio")

@@ -126,14 +126,16 @@ def resolve_seq_len(model, protocol: str | int) -> tuple[str, int]:
 
 
 def _window_nll(model, batch: torch.Tensor) -> float:
-    """Summed next-token NLL of a batch of windows, in float32, without materialising a second
+    """Summed next-token NLL of a batch of windows, in float32 at least, without materialising a second
     copy of the logits (logsumexp - target logit, row chunk by row chunk)."""
     logits = model(batch, use_cache=False).logits
     total = torch.zeros((), dtype=torch.float64)
     for b in range(logits.shape[0]):
         rows, targets = logits[b, :-1], batch[b, 1:]
         for s in range(0, rows.shape[0], _CE_CHUNK_ROWS):
-            chunk = rows[s:s + _CE_CHUNK_ROWS].float()
+            chunk = rows[s:s + _CE_CHUNK_ROWS]
+            if chunk.dtype in (torch.float16, torch.bfloat16):
+                chunk = chunk.float()
             tgt = targets[s:s + _CE_CHUNK_ROWS]
             nll = torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, tgt[:, None])[:, 0]
             total += nll.double().sum().cpu()

@@ -143,7 +143,9 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
             v = s.float().numpy()
             span = v.max() - v.min()
             grid[i, :len(v)] = (v - v.min()) / span if span > 0 else 1.0
-        label, title = "importance (per-layer min-max)", "head importance, removed heads crossed"
+        crit = (scores.description or {}).get("criterion")
+        label = "importance (per-layer min-max)"
+        title = f"head importance{f' ({crit})' if crit else ''}, removed heads crossed"
     else:
         for i, mask in enumerate(a["head_mask"]):
             grid[i, :len(mask)] = mask
@@ -275,17 +277,39 @@ def _load_json(path: Path | None) -> dict | None:
         raise SecateursError(f"{path} is not JSON ({exc.msg})") from exc
 
 
-def find_scores(run_dir: Path, scores: str | Path | None = None):
-    """Importance scores for the heatmap: the given file, or one saved in the run folder."""
+def load_scores(path: str | Path):
+    """StructureScores from a scores file, or AMP scores computed from a calibration statistics
+    file (`secateurs prune --stats FILE`)."""
+    from safetensors import safe_open
+
     from secateurs.criteria import StructureScores
 
+    path = Path(path)
+    if not path.exists():
+        raise SecateursError(f"scores file {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except Exception as exc:  # not a safetensors file at all
+        raise SecateursError(f"{path} is not a safetensors file ({exc})") from exc
+    if "heads.0" in keys:
+        return StructureScores.load(path)
+    try:
+        from secateurs.criteria.amp import amp_scores
+        from secateurs.statistics import Statistics
+
+        return amp_scores(Statistics.load(path))
+    except Exception as exc:
+        raise SecateursError(f"{path} holds neither importance scores nor calibration statistics ({exc})") from exc
+
+
+def find_scores(run_dir: Path, scores: str | Path | None = None):
+    """Importance scores for the heatmap: the given file, or one saved in the run folder."""
     if scores is not None:
-        if not Path(scores).exists():
-            raise SecateursError(f"scores file {scores} not found")
-        return StructureScores.load(scores)
+        return load_scores(scores)
     for name in SCORE_FILES:
         if (run_dir / name).exists():
-            return StructureScores.load(run_dir / name)
+            return load_scores(run_dir / name)
     return None
 
 

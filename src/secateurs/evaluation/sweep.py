@@ -65,6 +65,11 @@ def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: E
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dense_params = model_stats(model).total_params
+    options = dict(prune_options or {})
+    if "statistics" not in options:  # one calibration pass serves every ratio and method of this sweep
+        stats_file = out / "calibration_statistics.safetensors"
+        stats_file.unlink(missing_ok=True)  # never reuse a previous sweep's (maybe another model's)
+        options["statistics"] = str(stats_file)
     started = time.perf_counter()
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
@@ -72,7 +77,7 @@ def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: E
     for method, ratio in tqdm(grid, desc="sweep", disable=not progress):
         pruned = copy.deepcopy(model)
         try:
-            pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **(prune_options or {}))
+            pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **options)
         except SecateursError as exc:
             runs.append({"method": method, "ratio": ratio, "error": str(exc)})
             continue

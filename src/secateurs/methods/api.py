@@ -21,6 +21,8 @@ from secateurs.criteria.random import random_scores
 from secateurs.criteria.wanda_sp import wanda_sp_scores
 from secateurs.errors import SecateursError
 from secateurs.methods.flap import flap_plan
+from secateurs.methods.harp import DEFAULT_GRID, harp_layers_for_ratio, harp_plan
+from secateurs.methods.depth import DEPTH_METHODS, depth_plan
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
 from secateurs.selection import apply_selection
@@ -52,6 +54,9 @@ METHODS: dict[str, WidthMethod] = {
     "random": WidthMethod(lambda m, s, o: random_scores(m, o.get("seed", 0)), False, "both",
                           "seeded random scores (the floor)"),
 }
+METHODS["harp"] = WidthMethod(None, True, "attention",
+                              "HARP: identity-matrix attention with searched alpha in the top layers")
+METHODS.update(DEPTH_METHODS)  # whole-layer methods (secateurs.methods.depth); make_plan branches on them
 
 
 def resolve_statistics(model, tokenizer, calibration=None, statistics=None, calibration_options: dict | None = None,
@@ -75,12 +80,25 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
               statistics=None, calibration_options: dict | None = None, selection: str = "standard",
               averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
               layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
-              progress: bool = True) -> PruningPlan:
+              progress: bool = True, harp_layers: int | None = None, alpha_grid=None, flap_ratio: float | None = None,
+              **depth_options) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
     ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
     """
+    if method == "harp":
+        calib = calibration if isinstance(calibration, Calibration) else load_calibration(
+            calibration, tokenizer, model=model, **(calibration_options or {}))
+        num_layers = harp_layers if harp_layers is not None else harp_layers_for_ratio(model, ratio)
+        return harp_plan(model, calib, num_layers, grid=tuple(alpha_grid or DEFAULT_GRID), flap_ratio=flap_ratio,
+                         progress=progress)
+    if method in DEPTH_METHODS:  # layers=k, metrics=, iterative=, protect_first/last=, max_tokens=
+        return depth_plan(model, method, ratio, tokenizer=tokenizer, calibration=calibration,
+                          calibration_options=calibration_options, ratio_of=ratio_of,
+                          layers_equivalent=layers_equivalent, seed=seed, progress=progress, **depth_options)
+    if depth_options:
+        raise SecateursError(f"options {sorted(depth_options)} only apply to depth methods ({', '.join(DEPTH_METHODS)})")
     if method not in METHODS:
         raise SecateursError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     spec = METHODS[method]

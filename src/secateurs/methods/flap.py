@@ -15,17 +15,20 @@ from secateurs.plan import PruningPlan
 from secateurs.statistics import Statistics
 
 
-def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compensate: bool = True) -> PruningPlan:
+def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compensate: bool = True,
+              parts: str = "both") -> PruningPlan:
+    """parts='mlp' prunes neurons only (HARP + FLAP: attention was handled by HARP)."""
     if gqa != "groups":
         raise SecateursError("FLAP removes whole KV groups on GQA models; use gqa='groups'")
     geo = Geometry.of(model)
-    scores = flap_scores(model, stats)
+    scores = flap_scores(model, stats, heads=parts == "both")
     candidates = []  # (score, layer, kind, index, cost)
     for i, (shape, costs) in enumerate(zip(geo.shapes, geo.costs)):
         g = shape.group_size
-        heads = standardize(scores.heads[i]).reshape(shape.num_kv_heads, g).mean(1)
-        unit_cost = g * costs.head + costs.kv_head
-        candidates += [(float(s), i, 0, k, unit_cost) for k, s in enumerate(heads)]
+        if parts == "both":
+            heads = standardize(scores.heads[i]).reshape(shape.num_kv_heads, g).mean(1)
+            unit_cost = g * costs.head + costs.kv_head
+            candidates += [(float(s), i, 0, k, unit_cost) for k, s in enumerate(heads)]
         candidates += [(float(s), i, 1, j, costs.neuron) for j, s in enumerate(standardize(scores.neurons[i]))]
     candidates.sort()
     left = {(i, kind): n for i, s in enumerate(geo.shapes) for kind, n in ((0, s.num_kv_heads), (1, s.intermediate_size))}

@@ -1,0 +1,115 @@
+"""SmolLM2-135M dense vs pruned: perplexity under both protocols, zero-shot accuracy on the five
+local commonsense tasks, and prefill/decode speed ratios beside their ideal ratios.
+
+Pruned models use AMP when it is registered in `secateurs.methods.METHODS` (else magnitude), at
+each --ratios value. Everything is measured here, on this machine; results go to
+benchmarks/results/eval_smollm2.{json,md} with the protocol, machine and versions.
+
+    python benchmarks/eval_smollm2.py [--method amp] [--ratios 0.2,0.3] [--max-tokens N] [--limit N]
+        [--bench-repeats 5]
+
+--max-tokens cuts WikiText-2 (about 300k tokens) for quick runs; --limit caps items per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from secateurs.accounting import model_stats  # noqa: E402
+from secateurs.evaluation.perplexity import load_text  # noqa: E402
+from secateurs.evaluation.report import eval_tables, render_markdown  # noqa: E402
+from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, machine_info  # noqa: E402
+from secateurs.evaluation.suite import EvalSpec, evaluate  # noqa: E402
+from secateurs.evaluation.zero_shot import STANDARD_TASKS  # noqa: E402
+from secateurs.loading import load_model  # noqa: E402
+from secateurs.methods import METHODS, prune  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
+TASKS = ASSETS / "commonsense" / "llm-foundry"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--method", default="amp" if "amp" in METHODS else "magnitude")
+    ap.add_argument("--ratios", default="0.2,0.3")
+    ap.add_argument("--protocols", default="seq128,seq2048")
+    ap.add_argument("--max-tokens", type=int, help="first N WikiText-2 tokens only")
+    ap.add_argument("--limit", type=int, help="items per zero-shot task (default: all)")
+    ap.add_argument("--tasks", default=",".join(STANDARD_TASKS))
+    ap.add_argument("--bench-batch-sizes", default="1,8")
+    ap.add_argument("--bench-prompt-lengths", default="128,512")
+    ap.add_argument("--bench-repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    args = ap.parse_args()
+
+    started = time.perf_counter()
+    machine_start = machine_info()
+    dense, tok = load_model(args.model, "float32")
+    text, text_info = load_text(WIKI)
+    spec = EvalSpec(text=text, protocols=args.protocols.split(","), max_tokens=args.max_tokens,
+                    tasks=args.tasks.split(",") if args.tasks else None, data_dir=str(TASKS), limit=args.limit)
+    models = {"dense": dense}
+    plans = {}
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        label = f"{args.method}-{int(round(100 * ratio))}%"
+        t0 = time.perf_counter()
+        models[label], plan = prune(copy.deepcopy(dense), tok, method=args.method, ratio=ratio)
+        plans[label] = {**plan.provenance, "prune_seconds": round(time.perf_counter() - t0, 2),
+                        "shapes": plan.pruned_shapes()[:1]}
+    evals = {}
+    for label, model in models.items():
+        t0 = time.perf_counter()
+        evals[label] = {**evaluate(model, tok, spec), "eval_seconds": round(time.perf_counter() - t0, 1),
+                        "params": model_stats(model).total_params}
+        print(label, json.dumps({k: v for k, v in evals[label].items() if k != "zero_shot"}, default=str)[:400])
+    ev = {"text": text_info, "models": evals}
+    if spec.tasks:
+        z = next(iter(evals.values()))["zero_shot"]
+        ev["zero_shot"] = {k: z[k] for k in ("lm_eval_version", "limit", "num_fewshot")}
+    bench = bench_models(models, BenchConfig(
+        batch_sizes=tuple(int(x) for x in args.bench_batch_sizes.split(",")),
+        prompt_lengths=tuple(int(x) for x in args.bench_prompt_lengths.split(",")),
+        decode_tokens=32, repeats=args.bench_repeats, warmup=1))
+    del models
+    gc.collect()
+    result = {"benchmark": "eval_smollm2", "model": args.model, "method": args.method, "plans": plans,
+              "eval": ev, "bench": bench, "args": vars(args), "machine_at_start": machine_start,
+              "machine_at_end": machine_info(), "seconds": round(time.perf_counter() - started, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_smollm2.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = "\n".join([
+        f"# SmolLM2-135M dense vs {args.method}: perplexity, zero-shot, speed",
+        "",
+        f"WikiText-2 test ({text_info['name']}, line endings normalised), "
+        f"{'first ' + str(args.max_tokens) + ' tokens' if args.max_tokens else 'all tokens'}, protocols "
+        f"{args.protocols}; zero-shot: lm-eval {ev.get('zero_shot', {}).get('lm_eval_version')}, local llm-foundry "
+        f"files, {'limit ' + str(args.limit) + ' per task' if args.limit else 'all items'}. "
+        f"Machine: {machine_start['cpu']}, {machine_start['torch_threads']} threads, load average "
+        f"{machine_start.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end; "
+        f"torch {machine_start['torch']}, transformers {machine_start['transformers']}. Took {result['seconds']} s.",
+        "",
+        render_markdown(eval_tables(ev)),
+        "## Speed (ratios vs dense; ideal in parentheses: prefill from FLOPs, decode from bytes read)",
+        "",
+        bench_markdown(bench),
+    ])
+    (out / "eval_smollm2.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

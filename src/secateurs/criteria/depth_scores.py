@@ -1,0 +1,267 @@
+"""Scores for removing whole decoder layers, from cached layer inputs.
+
+One dense forward per calibration batch records what enters layer 0 and the keyword arguments
+every layer receives (rotary position embeddings, its own causal or sliding-window mask, position
+ids). Layers are then re-run by hand with those arguments:
+
+* the reference F(X): final-normed hidden states of the current model (layers already removed in
+  earlier iterative rounds are skipped);
+* for each candidate layer c: F'_c(X), the same with c skipped, starting from the cached input of
+  c, so only the layers above c run (about one partial forward per candidate, shared by every
+  metric);
+* local scores from the same pass: ShortGPT's block influence 1 - cos(layer input, layer output),
+  and Gromov et al.'s angular distance between the inputs of layers l and l + span.
+
+Padding never counts: padded positions are zeroed after every layer (some families produce NaN
+there, which would leak into real tokens through zero attention weights), and metrics only see a
+seeded subsample of real tokens, which keeps the cost bounded on small CPUs and on 70B models.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from secateurs.adapters import get_adapter
+from secateurs.criteria.similarity import DISTANCES, token_angles
+from secateurs.errors import SecateursError
+
+END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
+LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output
+ALL_METRICS = END_TO_END_METRICS + LOCAL_METRICS
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    metrics = tuple(metrics)
+    if not metrics:
+        raise SecateursError("give at least one metric")
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise SecateursError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(ALL_METRICS)}")
+    if len(set(metrics)) != len(metrics):
+        raise SecateursError(f"metrics listed twice: {list(metrics)}")
+    return metrics
+
+
+@dataclass
+class Trace:
+    """One calibration batch: what enters layer 0, each layer's keyword arguments, which tokens count."""
+
+    hidden: torch.Tensor
+    kwargs: list[dict]
+    mask: torch.Tensor  # (B, T) real tokens
+    chosen: torch.Tensor  # (B, T) the subsample the metrics see
+    next_ids: torch.Tensor  # (B, T) next token id (for nll), -1 where there is none
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Representations are kept on the CPU in at least float32 (bf16 models), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def choose_tokens(masks: list[torch.Tensor], max_tokens: int | None, seed: int) -> list[torch.Tensor]:
+    """A seeded subsample of at most max_tokens real tokens over all batches, as per-batch masks."""
+    sizes = [int(m.sum()) for m in masks]
+    total = sum(sizes)
+    if total == 0:
+        raise SecateursError("the calibration data has no real tokens")
+    if max_tokens is None or max_tokens >= total:
+        return [m.bool() for m in masks]
+    if max_tokens < 4:
+        raise SecateursError(f"max_tokens must be at least 4, got {max_tokens}")
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_tokens]] = True
+    out, start = [], 0
+    for m, n in zip(masks, sizes):
+        sel = torch.zeros(m.shape, dtype=torch.bool)
+        sel[m.bool()] = keep[start:start + n]
+        out.append(sel)
+        start += n
+    return out
+
+
+@torch.inference_mode()
+def capture_traces(model, calibration, max_tokens: int | None = 2048, seed: int = 0,
+                   progress: bool = True) -> list[Trace]:
+    """One dense forward per batch with pre-hooks that record the input of layer 0 and the keyword
+    arguments of every layer (gemma2 and qwen2 give sliding-window layers their own mask)."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    device = next(model.parameters()).device
+    masks = [b["attention_mask"] for b in calibration.batches]
+    chosen = choose_tokens(masks, max_tokens, seed)
+    traces = []
+    for batch, sel in tqdm(list(zip(calibration.batches, chosen)), desc="depth: caching layer inputs",
+                           disable=not progress):
+        record: dict[int, tuple] = {}
+
+        def grab(module, args, kwargs, index=None):
+            record[index] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
+
+        handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: grab(m, a, k, i), with_kwargs=True)
+                   for i, layer in enumerate(layers)]
+        try:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            adapter.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        kwargs = []
+        for i in range(len(layers)):
+            kw = {k: v for k, v in record[i][1].items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+            kw["use_cache"] = False
+            kwargs.append(kw)
+        mask = batch["attention_mask"].bool()
+        next_ids = torch.full_like(batch["input_ids"], -1)
+        next_ids[:, :-1] = torch.where(mask[:, 1:], batch["input_ids"][:, 1:], -1)
+        traces.append(Trace(record[0][0], kwargs, mask, sel, next_ids))
+    return traces
+
+
+def _run(layers, h: torch.Tensor, trace: Trace, indices, on_input=None) -> torch.Tensor:
+    keep = trace.mask.to(h.device).unsqueeze(-1)
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    for j in indices:
+        if on_input is not None:
+            on_input(j, h)
+        h = torch.where(keep, _layer_output(layers[j](h, **trace.kwargs[j])), zero)
+    return h
+
+
+@torch.inference_mode()
+def final_hidden(model, trace: Trace, skip=()) -> torch.Tensor:
+    """Final-normed hidden states (B, T, hidden) of a traced batch with the `skip` layers left out:
+    what the model with those layers physically removed computes (padding zeroed)."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    skip = set(skip)
+    return adapter.final_norm(model)(_run(layers, trace.hidden, trace, [j for j in range(len(layers)) if j not in skip]))
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    return ((a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).nan_to_num(1.0)
+
+
+@dataclass
+class DepthScores:
+    """{metric: {layer: score}}, smaller = removing the layer changes less."""
+
+    scores: dict[str, dict[int, float]]
+    tokens: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _logits(model, h: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(h).double()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.inference_mode()
+def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, removed=(), span: int = 1,
+                 progress: bool = True) -> DepthScores:
+    """Score every candidate layer under `metrics` on the current model (the base model with
+    `removed` layers skipped). `span` is the block length of 'block-angular' (candidate = the
+    first layer of the block; the block must lie inside the kept layers)."""
+    metrics = check_metrics(metrics)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    norm = adapter.final_norm(model)
+    removed = set(removed)
+    kept = [j for j in range(len(layers)) if j not in removed]
+    bad = [c for c in candidates if c not in kept]
+    if bad:
+        raise SecateursError(f"candidate layers {bad} are not in the model (removed or out of range)")
+    e2e = [m for m in metrics if m in END_TO_END_METRICS]
+    want_local = any(m in LOCAL_METRICS for m in metrics)
+    start = time.perf_counter()
+    ref_parts, skip_parts = [], {c: [] for c in candidates}
+    nll_sum = {c: 0.0 for c in candidates}
+    nll_ref, nll_count = 0.0, 0
+    # local sums over chosen tokens: layer input vs output (bi), input of kept[p] vs kept[p + span]
+    bi_sum = {c: 0.0 for c in candidates}
+    ang_sum = {c: 0.0 for c in candidates}
+    tokens = 0
+    position = {j: p for p, j in enumerate(kept)}
+    total = len(traces) * (1 + (len(candidates) if e2e else 0))
+    bar = tqdm(total=total, desc="depth: scoring layers", disable=not progress)
+    for trace in traces:
+        sel = trace.chosen.to(trace.hidden.device)
+        inputs: dict[int, torch.Tensor] = {}
+        want_inputs = set(candidates) if e2e else set()
+        if want_local:
+            want_inputs = set(kept)
+
+        def keep_input(j, h):
+            if j in want_inputs:
+                inputs[j] = h
+
+        last = _run(layers, trace.hidden, trace, kept, keep_input)
+        inputs[len(layers)] = last  # "input" of the position after the top layer
+        ref = norm(last)[sel]
+        ref_parts.append(ref.to(_store_dtype(ref.dtype)).cpu())
+        tokens += int(sel.sum())
+        targets = trace.next_ids.to(ref.device)[sel]
+        has_next = targets >= 0
+        if "nll" in e2e:
+            lp = torch.log_softmax(_logits(model, ref[has_next]), -1)
+            nll_ref += float(-lp.gather(-1, targets[has_next][:, None]).sum())
+            nll_count += int(has_next.sum())
+        if want_local:
+            after = kept[1:] + [len(layers)]
+            for c in candidates:
+                h_in = inputs[c][sel]
+                if "bi" in metrics:
+                    bi_sum[c] += float((1 - _cosines(h_in, inputs[after[position[c]]][sel])).sum())
+                if "block-angular" in metrics:
+                    p_end = position[c] + span
+                    if p_end <= len(kept):
+                        end = kept[p_end] if p_end < len(kept) else len(layers)
+                        ang_sum[c] += float((token_angles(h_in.double(), inputs[end][sel].double()) / math.pi).sum())
+                    else:
+                        ang_sum[c] = math.inf
+        bar.update()
+        if e2e:
+            for c in candidates:
+                above = [j for j in kept if j > c]
+                out = norm(_run(layers, inputs[c], trace, above))[sel]
+                skip_parts[c].append(out.to(_store_dtype(ref.dtype)).cpu())
+                if "nll" in e2e:
+                    lp = torch.log_softmax(_logits(model, out[has_next]), -1)
+                    nll_sum[c] += float(-lp.gather(-1, targets[has_next][:, None]).sum())
+                bar.update()
+    bar.close()
+    if tokens < 4:
+        raise SecateursError(f"only {tokens} calibration tokens were scored; use more calibration data")
+    scores: dict[str, dict[int, float]] = {}
+    distances = [m for m in e2e if m != "nll"]
+    if distances:
+        reference = torch.cat(ref_parts)
+        for c in tqdm(candidates, desc="depth: distances", disable=not progress):
+            perturbed = torch.cat(skip_parts[c])
+            for m in distances:
+                scores.setdefault(m, {})[c] = DISTANCES[m](reference, perturbed)
+    extra = {}
+    if "nll" in e2e:
+        if nll_count == 0:
+            raise SecateursError("no scored token has a next token; use longer calibration samples")
+        scores["nll"] = {c: nll_sum[c] / nll_count for c in candidates}
+        extra["reference_nll"] = nll_ref / nll_count
+    if "bi" in metrics:
+        scores["bi"] = {c: bi_sum[c] / tokens for c in candidates}
+    if "block-angular" in metrics:
+        scores["block-angular"] = {c: ang_sum[c] / tokens for c in candidates}
+        extra["span"] = span
+    for m in metrics:  # keep the requested order
+        scores[m] = scores.pop(m)
+    return DepthScores(scores, tokens, time.perf_counter() - start, extra)

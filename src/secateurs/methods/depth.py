@@ -1,0 +1,188 @@
+"""Depth pruning: remove whole decoder layers. Consensus (arXiv 2411.14345) and the single-metric
+baselines people use today, behind one interface.
+
+=================  ===========================================================================
+method             how a layer is chosen
+=================  ===========================================================================
+consensus          rank sum over several distances between the final-normed output with and
+                   without the layer (default: cka, cosine, angular, wasserstein, procrustes,
+                   permutation); smallest sum goes
+depth-bi           ShortGPT: block influence 1 - cos(layer input, layer output)
+depth-angular      Gromov et al.: the contiguous block of k layers whose input and output have the
+                   smallest angular distance (one-shot by construction)
+depth-cka          1 - linear CKA of the final-normed output with the layer skipped
+depth-ppl          Shortened-LLaMA: calibration NLL with the layer skipped
+depth-random       seeded random layers (the floor)
+=================  ===========================================================================
+
+The target is k layers (`layers=k`), or a parameter ratio / layers_equivalent turned into the
+nearest whole number of layers. One-shot removes the k best-scored layers; iterative removes one,
+re-scores the rest on the shortened model, and repeats. The first and last layers are protected
+by default (embedding-adjacent and output-adjacent layers are rarely redundant). The plan's
+provenance holds every round's scores and ranks, so a user can see why a layer went.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from secateurs import __version__
+from secateurs.budget import Geometry, target_params
+from secateurs.calibration import Calibration, load_calibration
+from secateurs.criteria.consensus import consensus_ranking
+from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
+from secateurs.errors import SecateursError
+from secateurs.plan import PruningPlan
+
+CONSENSUS_METRICS = ("cka", "cosine", "angular", "wasserstein", "procrustes", "permutation")
+
+
+@dataclass(frozen=True)
+class DepthMethod:
+    """A registry entry beside the width methods: `kind` is 'rank' (rank-sum of metrics),
+    'block' (Gromov's contiguous block) or 'random'."""
+
+    kind: str
+    metrics: tuple[str, ...]
+    summary: str = ""
+    parts: str = "layers"
+    custom_metrics: bool = False
+
+
+DEPTH_METHODS: dict[str, DepthMethod] = {
+    "consensus": DepthMethod("rank", CONSENSUS_METRICS,
+                             "Consensus: rank sum of representation distances, layer skipped vs kept", custom_metrics=True),
+    "depth-bi": DepthMethod("rank", ("bi",), "ShortGPT block influence 1 - cos(layer in, layer out)"),
+    "depth-angular": DepthMethod("block", ("block-angular",),
+                                 "Gromov et al.: contiguous block with the smallest angular in/out distance"),
+    "depth-cka": DepthMethod("rank", ("cka",), "1 - linear CKA of the output with the layer skipped"),
+    "depth-ppl": DepthMethod("rank", ("nll",), "Shortened-LLaMA: calibration NLL with the layer skipped"),
+    "depth-random": DepthMethod("random", (), "seeded random layers (the floor)"),
+}
+
+
+def layers_for_target(model, ratio: float | None, ratio_of: str = "all",
+                      layers_equivalent: float | None = None) -> tuple[int, dict]:
+    """The whole number of layers closest to a parameter target."""
+    geo = Geometry.of(model)
+    target, settings = target_params(geo, ratio, ratio_of, layers_equivalent)
+    mean_layer = sum(geo.layer_params) / len(geo.layer_params)
+    k = round(target / mean_layer)
+    if k < 1:
+        raise SecateursError(f"the target removes {target:,} parameters, less than half a decoder layer "
+                             f"({mean_layer:,.0f}); raise it or give layers=k")
+    return k, settings
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.8g}")
+
+
+def _table(scores: dict[str, dict[int, float]], rows) -> list[dict]:
+    by_layer = {row.candidate: row for row in rows}
+    return [{"layer": c, "rank_sum": by_layer[c].rank_sum,
+             "scores": {m: _round(s[c]) for m, s in scores.items()},
+             "ranks": by_layer[c].ranks} for c in sorted(by_layer)]
+
+
+def choose_layers(model, method: str, k: int, *, calibration: Calibration | None, metrics=None,
+                  iterative: bool = False, protect_first: int = 1, protect_last: int = 1,
+                  max_tokens: int | None = 2048, seed: int = 0, progress: bool = True) -> tuple[list[int], dict]:
+    """(layers to remove, details for the provenance)."""
+    if method not in DEPTH_METHODS:
+        raise SecateursError(f"unknown depth method {method!r}; available: {', '.join(DEPTH_METHODS)}")
+    spec = DEPTH_METHODS[method]
+    from secateurs.adapters import get_adapter
+
+    num_layers = len(get_adapter(model).decoder_layers(model))
+    if protect_first < 0 or protect_last < 0:
+        raise SecateursError("protect_first and protect_last must be >= 0")
+    candidates = list(range(protect_first, num_layers - protect_last))
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise SecateursError(f"layers must be a positive whole number, got {k!r}")
+    if k >= len(candidates):
+        raise SecateursError(f"cannot remove {k} layers: only {len(candidates)} of {num_layers} are candidates "
+                             f"(first {protect_first} and last {protect_last} protected); keep at least one")
+    if metrics is not None and not spec.custom_metrics:
+        raise SecateursError(f"method {method!r} uses the metric {list(spec.metrics)}; metrics= is for 'consensus'")
+    metrics = check_metrics(metrics if metrics is not None else spec.metrics) if spec.kind != "random" else ()
+    if spec.kind == "rank" and "block-angular" in metrics:
+        raise SecateursError("'block-angular' scores blocks, not single layers; use method 'depth-angular'")
+    details = {"metrics": list(metrics), "iterative": iterative, "protect_first": protect_first,
+               "protect_last": protect_last, "candidates": candidates}
+    if spec.kind == "random":
+        if iterative:
+            raise SecateursError("depth-random has nothing to re-score; drop iterative")
+        return sorted(random.Random(seed).sample(candidates, k)), details
+    if calibration is None:
+        raise SecateursError(f"{method} needs calibration data")
+    traces = capture_traces(model, calibration, max_tokens, seed, progress)
+    details["scoring_tokens"] = int(sum(int(t.chosen.sum()) for t in traces))
+    details["max_tokens"] = max_tokens
+    rounds, removed = [], []
+    if spec.kind == "block":
+        if iterative:
+            raise SecateursError("depth-angular removes one contiguous block, chosen at once; drop iterative")
+        starts = [c for c in candidates if c + k - 1 <= candidates[-1]]
+        result = score_layers(model, traces, starts, metrics, span=k, progress=progress)
+        block = result.scores["block-angular"]
+        best = min(starts, key=lambda s: (block[s], -s))
+        removed = list(range(best, best + k))
+        rounds.append({"removed": removed, "block_length": k,
+                       "table": [{"first_layer": s, "scores": {"block-angular": _round(block[s])}} for s in starts]})
+    else:
+        remaining = list(candidates)
+        while len(removed) < k:
+            result = score_layers(model, traces, remaining, metrics, removed=removed, progress=progress)
+            ranking = consensus_ranking(result.scores)
+            take = [ranking[0].candidate] if iterative else [row.candidate for row in ranking[:k]]
+            rounds.append({"removed": take, "table": _table(result.scores, ranking), **result.extra})
+            removed += take
+            remaining = [c for c in remaining if c not in take]
+    details["rounds"] = rounds  # no timings here: same model + data + seed must give the same plan bytes
+    if any(m in LOCAL_METRICS for m in metrics):
+        details["note"] = "local metrics compare a layer's input with its output on the current model"
+    return sorted(removed), details
+
+
+def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, layers: int | None = None,
+               metrics=None, iterative: bool = False, protect_first: int = 1, protect_last: int = 1,
+               max_tokens: int | None = 2048, tokenizer=None, calibration=None, calibration_options: dict | None = None,
+               ratio_of: str = "all", layers_equivalent: float | None = None, seed: int = 0,
+               progress: bool = True) -> PruningPlan:
+    """A plan that removes whole decoder layers chosen by a depth method (model not modified).
+
+    `layers=k` takes precedence over `ratio` / `layers_equivalent`, which are rounded to the
+    nearest whole number of layers.
+    """
+    if method not in DEPTH_METHODS:
+        raise SecateursError(f"unknown depth method {method!r}; available: {', '.join(DEPTH_METHODS)}")
+    target = {}
+    if layers is None:
+        layers, target = layers_for_target(model, None if layers_equivalent is not None else ratio, ratio_of,
+                                           layers_equivalent)
+    calib = None
+    if DEPTH_METHODS[method].kind != "random":
+        calib = calibration if isinstance(calibration, Calibration) else load_calibration(
+            calibration, tokenizer, model=model, **(calibration_options or {}))
+    removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
+                                     protect_first=protect_first, protect_last=protect_last, max_tokens=max_tokens,
+                                     seed=seed, progress=progress)
+    plan = PruningPlan.identity(model)
+    for i in removed:
+        plan.layers[i].removed = True
+    plan.provenance = {
+        "method": method,
+        "layers": layers,
+        **target,
+        "layers_removed": removed,
+        **{k: v for k, v in details.items() if k != "rounds"},
+        "seed": seed,
+        "calibration": calib.description if calib is not None else None,
+        "calibration_hash": calib.hash if calib is not None else None,
+        "base_model": plan.base.get("name_or_path"),
+        "secateurs_version": __version__,
+        "rounds": details.get("rounds", []),
+    }
+    return plan

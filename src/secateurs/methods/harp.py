@@ -1,0 +1,155 @@
+"""HARP (arXiv 2507.01900): in the top N layers, replace attention by its identity-matrix value
+path scaled by alpha, alpha searched greedily from the top layer down on a grid to minimise
+calibration perplexity; optionally followed by FLAP MLP pruning on the transformed model.
+
+The search never re-runs the layers below the one being tuned: the dense inputs of the top N
+layers (and the keyword arguments each layer needs) are captured in one forward pass; a trial of
+alpha at layer l runs layers l..L-1 (those above l already fixed) on the cached input of l.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from secateurs import __version__
+from secateurs.adapters import get_adapter
+from secateurs.budget import Geometry, target_params
+from secateurs.calibration import Calibration
+from secateurs.errors import SecateursError
+from secateurs.methods.flap import flap_plan
+from secateurs.plan import PruningPlan
+from secateurs.statistics import collect_statistics, zero_padding_hooks
+from secateurs.surgery import apply_plan, replace_attention
+
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@torch.inference_mode()
+def capture_layer_inputs(model, calibration: Calibration, first: int) -> list[list[tuple]]:
+    """For every calibration batch: [(hidden_states, kwargs) for layers first..L-1] of a dense forward."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    state: dict = {}
+    captured: list[list[tuple]] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured[-1].append((hidden, rest))
+
+    handles = [layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in range(first, len(layers))]
+    handles += zero_padding_hooks(layers, state)
+    device = next(model.parameters()).device
+    try:
+        for batch in calibration.batches:
+            state["mask"] = batch["attention_mask"]
+            captured.append([])
+            adapter.decoder(model)(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+@torch.inference_mode()
+def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> float:
+    """Mean next-token NLL of the calibration set running layers[start:] on cached inputs."""
+    first = len(adapter.decoder_layers(model)) - len(captured[0])
+    total, count = 0.0, 0
+    for per_layer, batch in zip(captured, calibration.batches):
+        hidden, _ = per_layer[start - first]
+        keep = batch["attention_mask"].to(hidden.device).bool().unsqueeze(-1)
+        for offset, layer in enumerate(layers[start:]):
+            _, kwargs = per_layer[start - first + offset]
+            hidden = torch.where(keep, layer(hidden, **kwargs), 0)
+        logits = adapter.logits(model, adapter.final_norm(model)(hidden))[:, :-1].float()
+        target = batch["input_ids"][:, 1:].to(logits.device)
+        mask = batch["attention_mask"][:, 1:].to(logits.device).bool()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        total += nll[mask.reshape(-1)].sum().item()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def search_alphas(model, calibration: Calibration, num_layers: int, grid=DEFAULT_GRID,
+                  progress: bool = True) -> tuple[dict[int, float], dict[int, list]]:
+    """Greedy top-down alpha search. Returns ({layer: alpha}, {layer: [[alpha, ppl], ...]})."""
+    adapter = get_adapter(model)
+    dense_layers = list(adapter.decoder_layers(model))
+    total = len(dense_layers)
+    if not 1 <= num_layers < total:
+        raise SecateursError(f"HARP needs 1 <= layers < {total} (the model has {total} decoder layers)")
+    first = total - num_layers
+    captured = capture_layer_inputs(model, calibration, first)
+    layers = list(dense_layers)  # layers above the one being tuned are replaced as they are fixed
+    alphas, curves = {}, {}
+    bar = tqdm(total=num_layers * len(grid), desc="HARP alpha search", disable=not progress)
+    for index in range(total - 1, first - 1, -1):
+        curve = []
+        for alpha in grid:
+            trial = copy.deepcopy(dense_layers[index])
+            replace_attention(adapter, trial, "removed" if alpha == 0 else "value", alpha)
+            layers[index] = trial
+            curve.append([alpha, math.exp(_tail_nll(model, adapter, layers, index, captured, calibration))])
+            bar.update()
+        best = min(curve, key=lambda point: (point[1], point[0]))[0]
+        fixed = copy.deepcopy(dense_layers[index])
+        replace_attention(adapter, fixed, "removed" if best == 0 else "value", best)
+        layers[index] = fixed
+        alphas[index], curves[index] = best, curve
+    bar.close()
+    return alphas, curves
+
+
+def harp_layers_for_ratio(model, ratio: float | None) -> int:
+    """Fewest top layers whose attention, turned into the fused value path, saves at least
+    `ratio` of all parameters (alpha = 0 would save a little more)."""
+    if ratio is None:
+        raise SecateursError("HARP needs harp_layers=N (or a ratio of parameters to remove through attention)")
+    geo = Geometry.of(model)
+    adapter = get_adapter(model)
+    target, _ = target_params(geo, ratio)
+    saved = 0
+    for n, layer in enumerate(reversed(list(adapter.decoder_layers(model))), 1):
+        s, c = geo.shapes[-n], geo.costs[-n]
+        hidden = adapter.attention_weights(layer).o.shape[0]
+        saved += s.num_heads * c.head + s.num_kv_heads * c.kv_head - hidden * hidden
+        if saved >= target:
+            if n >= len(geo.shapes):
+                break
+            return n
+    raise SecateursError(f"HARP on all but one layer cannot remove {ratio:.0%} of the parameters; lower the ratio "
+                         "or add flap_ratio for the MLPs")
+
+
+def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_GRID, alphas: dict | None = None,
+              flap_ratio: float | None = None, progress: bool = True) -> PruningPlan:
+    """A plan with HARP attention in the top `num_layers` layers (alphas searched unless given),
+    plus FLAP MLP pruning of `flap_ratio` of all parameters when asked."""
+    curves = {}
+    if alphas is None:
+        alphas, curves = search_alphas(model, calibration, num_layers, grid, progress)
+    plan = PruningPlan.identity(model)
+    for index, alpha in alphas.items():
+        plan.layers[index].attention = {"mode": "removed"} if alpha == 0 else {"mode": "value", "alpha": alpha}
+    provenance = {"method": "harp", "harp_layers": num_layers, "grid": list(grid),
+                  "alphas": {str(k): v for k, v in sorted(alphas.items(), reverse=True)},
+                  "search_curves": {str(k): v for k, v in sorted(curves.items(), reverse=True)},
+                  "calibration": calibration.description, "calibration_hash": calibration.hash,
+                  "base_model": plan.base.get("name_or_path"), "secateurs_version": __version__}
+    if flap_ratio:
+        transformed = apply_plan(copy.deepcopy(model), plan)
+        stats = collect_statistics(transformed, calibration, progress=progress, parts=("mlp",))
+        target, _ = target_params(Geometry.of(model), flap_ratio)
+        mlp = flap_plan(model, stats, target, parts="mlp")
+        for lp, m in zip(plan.layers, mlp.layers):
+            lp.neurons, lp.compensation = m.neurons, m.compensation
+        provenance.update(flap_ratio=flap_ratio, flap_target_params=target)
+    plan.provenance = provenance
+    return plan
