@@ -47,25 +47,30 @@ def extra_parameter_names(model) -> list[str]:
 
 
 def save_model_files(model, directory: Path) -> dict:
-    """model.save_pretrained(directory), writing a config stock loaders accept where one exists.
-
-    Records in config.json's `secateurs` entry whether stock from_pretrained can load the folder
-    (not when layers differ in width, nor when no valid stock config exists) and how it was exported.
-    """
+    """model.save_pretrained(directory) (weights, generation config), then config.json as write_config
+    makes it. save_pretrained validates the config, so over-strict head counts get a stand-in
+    while it runs."""
     config = model.config
     real = {k: getattr(config, k) for k in _HEAD_FIELDS}
-    valid = config_is_valid(config)
     try:
-        if not valid:  # heads=1 divides any hidden size: a valid stand-in while saving
+        if not config_is_valid(config):  # heads=1 divides any hidden size
             for k in _HEAD_FIELDS:
                 setattr(config, k, 1)
         model.save_pretrained(directory, safe_serialization=True)
     finally:
         for k, v in real.items():
             setattr(config, k, v)
-    path = directory / "config.json"
-    on_disk = json.loads(path.read_text())
-    on_disk.update(real)
+    return write_config(model, directory)
+
+
+def write_config(model, directory: Path) -> dict:
+    """Write config.json: a config stock loaders accept where one exists (Llama with uneven heads
+    -> Mistral), and a `secateurs` entry saying whether stock from_pretrained can load the folder
+    (not when layers differ in width, hold extra parameters or replaced attention) and why."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    valid = config_is_valid(config)
+    on_disk = json.loads(config.to_json_string(use_diff=True))
     note = {}
     if not valid:
         stock = get_adapter(model).stock_equivalent_config(on_disk)
@@ -80,7 +85,7 @@ def save_model_files(model, directory: Path) -> dict:
     note["stock_loadable"] = ((valid or "exported_from" in note) and not extra
                               and not info.get("heterogeneous") and not info.get("replaced_attention"))
     info.update(note)
-    path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
+    (directory / "config.json").write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
     return note
 
 

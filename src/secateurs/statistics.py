@@ -146,40 +146,53 @@ class Statistics:
         return cls(out["attention"], out["mlp"], json.loads(meta["description"]))
 
 
+def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp")) -> tuple[InputStats, InputStats, list]:
+    """Statistics of one layer and the hooks that fill them (state["mask"] holds the batch's mask)."""
+    shape = adapter.layer_shape(layer)
+    o_proj = adapter.attention_output_linear(layer) if "attention" in parts else None
+    down = adapter.mlp_output_linear(layer)
+    a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features if o_proj is not None else 0)
+    m_stats = InputStats.zeros(shape.intermediate_size, down.in_features)
+
+    def on_o_proj(module, args):
+        x = args[0]
+        b, t, _ = x.shape
+        scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, shape.num_heads)
+        a_stats.add(scores.reshape(b, t, shape.num_heads), x, state["mask"].to(x.device))
+
+    def on_down(module, args):
+        x = args[0]
+        m_stats.add(x.float().abs(), x, state["mask"].to(x.device))
+
+    handles = []
+    if o_proj is not None:
+        handles.append(o_proj.register_forward_pre_hook(on_o_proj))
+    if "mlp" in parts:
+        handles.append(down.register_forward_pre_hook(on_down))
+    return a_stats, m_stats, handles
+
+
+def check_finite(index: int, a: InputStats, m: InputStats) -> None:
+    if not (torch.isfinite(a.unit_token_sum).all() and torch.isfinite(m.unit_token_sum).all()):
+        raise SecateursError(f"non-finite activations at real tokens in layer {index}; try float32 or another "
+                             "calibration source")
+
+
 @torch.inference_mode()
 def collect_statistics(model, calibration, progress: bool = True, parts=("attention", "mlp")) -> Statistics:
     """Run the calibration batches through the decoder once (no LM head) with hooks on every
     layer's attention-output and MLP-output projections (or only those of `parts`; the others
-    keep empty statistics, e.g. for HARP layers whose attention has no o_proj any more)."""
+    keep empty statistics, e.g. for HARP layers whose attention has no o_proj any more).
+    For models that do not fit the device, secateurs.streaming runs the same hooks layer by layer."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     attention, mlp, handles = [], [], []
     state: dict[str, torch.Tensor] = {}
-
     for layer in layers:
-        shape = adapter.layer_shape(layer)
-        o_proj = adapter.attention_output_linear(layer) if "attention" in parts else None
-        down = adapter.mlp_output_linear(layer)
-        a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features if o_proj is not None else 0)
-        m_stats = InputStats.zeros(shape.intermediate_size, down.in_features)
+        a_stats, m_stats, layer_handles = attach_layer_hooks(adapter, layer, state, parts)
         attention.append(a_stats)
         mlp.append(m_stats)
-
-        def on_o_proj(module, args, stats=a_stats, heads=shape.num_heads):
-            x = args[0]
-            b, t, _ = x.shape
-            scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, heads).reshape(b, t, heads)
-            stats.add(scores, x, state["mask"].to(x.device))
-
-        def on_down(module, args, stats=m_stats):
-            x = args[0]
-            stats.add(x.float().abs(), x, state["mask"].to(x.device))
-
-        if "attention" in parts:
-            handles.append(o_proj.register_forward_pre_hook(on_o_proj))
-        if "mlp" in parts:
-            handles.append(down.register_forward_pre_hook(on_down))
-
+        handles += layer_handles
     handles += zero_padding_hooks(layers, state)
     decoder = adapter.decoder(model)
     device = next(model.parameters()).device
@@ -192,8 +205,6 @@ def collect_statistics(model, calibration, progress: bool = True, parts=("attent
         for h in handles:
             h.remove()
     for i, (a, m) in enumerate(zip(attention, mlp)):
-        if not (torch.isfinite(a.unit_token_sum).all() and torch.isfinite(m.unit_token_sum).all()):
-            raise SecateursError(f"non-finite activations at real tokens in layer {i}; try float32 or another "
-                                 "calibration source")
+        check_finite(i, a, m)
     description = {"calibration": calibration.description, "calibration_hash": calibration.hash}
     return Statistics(attention, mlp, description)

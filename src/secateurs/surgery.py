@@ -184,15 +184,20 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
     layers = adapter.decoder_layers(model)
     for index, (lp, heads, kv_heads, neurons) in resolved.items():
-        layer = layers[index]
-        shape = adapter.layer_shape(layer)
-        comp = lp.compensation or {}
-        if len(heads) < shape.num_heads:
-            slice_attention(adapter, layer, heads, kv_heads, comp.get("attention"))
-        if len(neurons) < shape.intermediate_size:
-            slice_mlp(adapter, layer, neurons, comp.get("mlp"))
-        if lp.attention is not None:
-            replace_attention(adapter, layer, lp.attention["mode"], float(lp.attention.get("alpha", 0.0)))
+        apply_layer_plan(adapter, layers[index], lp, heads, kv_heads, neurons)
     remove_layers(adapter, model, plan.kept_layer_indices())
     sync_config(model, plan)
     return model
+
+
+def apply_layer_plan(adapter: ModelAdapter, layer: nn.Module, lp, heads: list[int], kv_heads: list[int],
+                     neurons: list[int]) -> None:
+    """One kept layer's part of a plan (already resolved by PruningPlan.resolve_layer)."""
+    shape = adapter.layer_shape(layer)
+    comp = lp.compensation or {}
+    if len(heads) < shape.num_heads:
+        slice_attention(adapter, layer, heads, kv_heads, comp.get("attention"))
+    if len(neurons) < shape.intermediate_size:
+        slice_mlp(adapter, layer, neurons, comp.get("mlp"))
+    if lp.attention is not None:
+        replace_attention(adapter, layer, lp.attention["mode"], float(lp.attention.get("alpha", 0.0)))

@@ -79,6 +79,10 @@ class ModelAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def layer_prefix(self, index: int) -> str:
+        """State-dict prefix of decoder layer `index` (for reading it from a checkpoint)."""
+        return f"model.layers.{index}."
+
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from secateurs import __version__
 from secateurs.accounting import model_stats
-from secateurs.budget import Geometry, KeepCounts, plan_budget, target_params
+from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria import StructureScores
 from secateurs.criteria.amp import amp_scores
@@ -47,6 +47,8 @@ METHODS: dict[str, WidthMethod] = {
                            "AMP on MLP neurons only (ablation)"),
     "wanda-sp": WidthMethod(lambda m, s, o: wanda_sp_scores(m, s), True, "both",
                             "wanda-sp: |W| * ||X|| per output-projection input channel"),
+    "wanda-sp-heads": WidthMethod(lambda m, s, o: wanda_sp_scores(m, s), True, "heads",
+                                  "wanda-sp on attention heads only"),
     "flap": WidthMethod(None, True, "both",
                         "FLAP: standardised fluctuation, one global threshold, bias compensation (non-uniform)"),
     "magnitude": WidthMethod(lambda m, s, o: magnitude_scores(m), False, "both",
@@ -119,10 +121,8 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
         report = budget.report()
     else:
         plan = flap_plan(model, stats, target, gqa)
-        achieved = geo.removed_params([KeepCounts(*s) for s in plan.pruned_shapes()])
-        report = {**settings, "gqa": gqa, "requested_params_removed": target, "achieved_params_removed": achieved,
-                  "requested_ratio_of_all": round(target / geo.total_params, 6),
-                  "achieved_ratio_of_all": round(achieved / geo.total_params, 6)}
+        counts = [KeepCounts(*s) for s in plan.pruned_shapes()]
+        report = Budget(counts, geo.total_params, target, geo.removed_params(counts), {**settings, "gqa": gqa}).report()
     calib = stats.description if stats is not None else {}
     plan.provenance = {
         "method": method,

@@ -1,0 +1,155 @@
+"""Models larger than memory: build them on the meta device and read weights from the safetensors
+checkpoint only while they are used, one decoder layer at a time.
+
+* load_skeleton(folder): the model with every decoder layer on meta and the rest (embeddings,
+  final norm, LM head) loaded; buffers are real (accelerate's init_empty_weights).
+* CheckpointTensors.materialize / release: bring one module's weights in from disk and drop them.
+* prune_checkpoint(folder, plan, out): apply a plan shard by shard, writing an output shard for
+  every input shard, so peak memory stays near one shard (plus the non-layer weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from secateurs.adapters import get_adapter
+from secateurs.errors import SecateursError
+from secateurs.hfcompat import load_config, write_config
+from secateurs.io import check_output_dir
+from secateurs.plan import PLAN_FILENAME, PruningPlan
+from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
+
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class CheckpointTensors:
+    """Name -> file map of a safetensors checkpoint (single file or sharded), read lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            self.weight_map = {}
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(f), "pt") as handle:
+                    self.weight_map.update({k: f.name for k in handle.keys()})
+        if not self.weight_map:
+            raise SecateursError(f"{self.folder}: no safetensors weights found")
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+    def materialize(self, module: torch.nn.Module, prefix: str, device="cpu") -> None:
+        for name, param in list(module.named_parameters()):
+            value = self.get(prefix + name).to(param.dtype)
+            set_module_tensor_to_device(module, name, device, value=value)
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Back to meta: the weights leave memory, their shapes stay."""
+        for name, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, name, "meta")
+
+
+def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None):
+    """(model with decoder layers on meta and everything else loaded, CheckpointTensors)."""
+    folder = Path(folder)
+    config = load_config(folder)
+    tensors = CheckpointTensors(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _dtype(config))
+    for name, _ in list(model.named_parameters()):
+        if not _LAYER.match(name) and name in tensors.weight_map:
+            set_module_tensor_to_device(model, name, "cpu", value=tensors.get(name))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not _LAYER.match(n)]
+    if missing:
+        raise SecateursError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
+    return model.eval(), tensors
+
+
+def _dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+@torch.no_grad()
+def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path, tokenizer=None,
+                     force: bool = False) -> Path:
+    """Apply `plan` to the checkpoint in `folder` without loading the whole model."""
+    out = check_output_dir(out_dir, force, str(folder))
+    model, tensors = load_skeleton(folder)
+    adapter = get_adapter(model)
+    plan.check_compatible(model)
+    resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
+    new_index = {old: new for new, old in enumerate(plan.kept_layer_indices())}
+    layers = adapter.decoder_layers(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    weight_map: dict[str, str] = {}
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # pruned tensors of layers that straddle shards
+    try:
+        for file in tensors.files:
+            names = [n for n, f in tensors.weight_map.items() if f == file]
+            shard: dict[str, torch.Tensor] = {}
+            for index in sorted({int(m.group(1)) for n in names if (m := _LAYER.match(n))}):
+                if index not in resolved:
+                    continue
+                if index not in pending:
+                    layer = layers[index]
+                    tensors.materialize(layer, adapter.layer_prefix(index))
+                    apply_layer_plan(adapter, layer, *resolved[index])
+                    pending[index] = {k: v.contiguous() for k, v in layer.state_dict().items()}
+                    tensors.release(layer)
+                for name in list(pending[index]):
+                    # each tensor goes to the shard it came from (new ones, e.g. fused HARP weights,
+                    # to the shard being written)
+                    if tensors.weight_map.get(adapter.layer_prefix(index) + name, file) == file:
+                        shard[adapter.layer_prefix(new_index[index]) + name] = pending[index].pop(name)
+                if not pending[index]:
+                    del pending[index]
+            for name in names:
+                if not _LAYER.match(name):
+                    shard[name] = tensors.get(name)
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+            del shard
+        remove_layers(adapter, model, plan.kept_layer_indices())
+        sync_config(model, plan)
+        write_config(model, tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if len(tensors.files) > 1:
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
+                                                     indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / PLAN_FILENAME)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

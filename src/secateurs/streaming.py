@@ -1,0 +1,178 @@
+"""Layer-streamed calibration: memory bounded by one decoder layer plus the calibration activations.
+
+1. capture: every decoder layer is swapped for a recorder that passes hidden states through, and
+   the decoder runs over the calibration batches. That yields the inputs of layer 0 and the exact
+   keyword arguments every layer receives (position embeddings, the mask of its own attention
+   type, cache position), at the cost of the embeddings alone.
+2. stream: for each layer in turn, its weights come onto the compute device (from the model, or
+   from the checkpoint on disk for a model built on the meta device), every batch runs through it
+   with the statistics hooks, its outputs become the next layer's inputs, and the weights leave.
+
+mode="dense" gives the statistics of the unpruned model (what AMP uses): identical to
+collect_statistics. mode="sequential" lets a callback prune each layer before its outputs are
+computed, so every layer is measured on inputs from the already-pruned layers below (as FLAP and
+Wanda do). With cache_dir, each layer's statistics and the activations leaving it are written as
+soon as they are known; an interrupted run resumes after the last finished layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.adapters import get_adapter
+from secateurs.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
+
+MODES = ("dense", "sequential")
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, calls: list[list]):
+        super().__init__()
+        self.index, self.calls = index, calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to receive keyword arguments after hidden_states")
+        self.calls[self.index].append((hidden_states if self.index == 0 else None, kwargs))
+        return hidden_states
+
+
+@torch.inference_mode()
+def capture_layer_calls(model, calibration) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """(inputs of layer 0 per batch, [per layer: [kwargs per batch]]), running no decoder layer."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    originals = list(layers)
+    calls: list[list] = [[] for _ in originals]
+    device = _device_of(adapter.decoder(model))
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, calls)
+    try:
+        for batch in calibration.batches:
+            adapter.decoder(model)(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return [h for h, _ in calls[0]], [[kw for _, kw in per_layer] for per_layer in calls]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _cache_paths(cache_dir: Path, index: int) -> tuple[Path, Path]:
+    return cache_dir / f"layer_{index:04d}.stats.safetensors", cache_dir / "activations.safetensors"
+
+
+def _resume(cache_dir: Path, calibration_hash: str, num_layers: int):
+    """(next layer, its input activations, finished statistics) from a cache, or a fresh start."""
+    meta = cache_dir / "progress.json"
+    if not meta.exists():
+        return 0, None, []
+    info = json.loads(meta.read_text())
+    if info.get("calibration_hash") != calibration_hash:
+        return 0, None, []
+    done = min(int(info["layers_done"]), num_layers)
+    stats = [Statistics.load(_cache_paths(cache_dir, i)[0]) for i in range(done)]
+    acts = load_file(_cache_paths(cache_dir, 0)[1])
+    return done, [acts[f"batch.{b}"] for b in range(len(acts))], stats
+
+
+def _checkpoint_progress(cache_dir: Path, index: int, a: InputStats, m: InputStats, hidden: list[torch.Tensor],
+                         calibration_hash: str) -> None:
+    stats_path, acts_path = _cache_paths(cache_dir, index)
+    Statistics([a], [m]).save(stats_path)
+    tmp = acts_path.with_suffix(".tmp")
+    save_file({f"batch.{b}": h.contiguous() for b, h in enumerate(hidden)}, str(tmp))
+    tmp.replace(acts_path)
+    (cache_dir / "progress.json").write_text(json.dumps({"layers_done": index + 1, "calibration_hash": calibration_hash}))
+
+
+@torch.inference_mode()
+def streamed_statistics(model, calibration, *, device: str | torch.device | None = None, checkpoint=None,
+                        mode: str = "dense", on_layer: Callable | None = None, cache_dir: str | Path | None = None,
+                        storage: str | torch.device = "cpu", progress: bool = True) -> Statistics:
+    """Statistics like collect_statistics, one layer in memory at a time (see the module docstring).
+
+    device: where each layer computes (default: where the model is). checkpoint: a
+    secateurs.checkpoint.CheckpointTensors to fetch layer weights from disk (model on meta).
+    on_layer(index, layer, attention_stats, mlp_stats): called after a layer's statistics are
+    known; in sequential mode it may prune the layer, whose outputs are then recomputed.
+    storage: where activations wait between layers.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    inputs, kwargs = capture_layer_calls(model, calibration)
+    device = torch.device(device) if device is not None else _device_of(model)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    start, finished = 0, []
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        start, resumed, finished = _resume(cache, calibration.hash, len(layers))
+        if resumed is not None:
+            inputs = resumed
+    hidden = [h.to(storage) for h in inputs]
+    attention = [s.attention[0] for s in finished]
+    mlp = [s.mlp[0] for s in finished]
+    masks = [b["attention_mask"] for b in calibration.batches]
+    for index in tqdm(range(start, len(layers)), desc="streamed statistics", disable=not progress):
+        layer = layers[index]
+        home = _device_of(layer)
+        if checkpoint is not None:
+            checkpoint.materialize(layer, adapter.layer_prefix(index), device)
+        else:
+            layer.to(device)
+        state: dict = {}
+        a, m, handles = attach_layer_hooks(adapter, layer, state)
+        outputs = []
+        try:
+            for b, h in enumerate(hidden):
+                state["mask"] = masks[b]
+                outputs.append(_run(layer, h, kwargs[index][b], masks[b], device, storage))
+        finally:
+            for handle in handles:
+                handle.remove()
+        check_finite(index, a, m)
+        if on_layer is not None:
+            on_layer(index, layer, a, m)
+        if mode == "sequential":
+            outputs = [_run(layer, h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
+        if checkpoint is not None:
+            checkpoint.release(layer)
+        else:
+            layer.to(home)
+        hidden = outputs
+        attention.append(a)
+        mlp.append(m)
+        if cache is not None:
+            _checkpoint_progress(cache, index, a, m, hidden, calibration.hash)
+    description = {"calibration": calibration.description, "calibration_hash": calibration.hash,
+                   "driver": f"streamed ({mode})"}
+    return Statistics(attention, mlp, description)
+
+
+def _run(layer, hidden, kwargs, mask, device, storage):
+    out = layer(hidden.to(device), **{k: _to(v, device) for k, v in kwargs.items()})
+    keep = mask.to(out.device).bool().unsqueeze(-1)
+    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device)).to(storage)
