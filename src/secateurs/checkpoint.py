@@ -32,7 +32,7 @@ from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
 INDEX_FILE = "model.safetensors.index.json"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LAYER_PARAMETER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 class CheckpointTensors:
@@ -59,31 +59,38 @@ class CheckpointTensors:
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
             return handle.get_tensor(name)
 
-    def materialize(self, module: torch.nn.Module, prefix: str, device="cpu") -> None:
+    def materialize(self, module: torch.nn.Module, prefix: str, device="cpu", skip: re.Pattern | None = None) -> list[str]:
+        """Load the module's parameters (those not matching `skip`) from disk; returns their names."""
+        names = []
         for name, param in list(module.named_parameters()):
+            if (skip is not None and skip.match(prefix + name)) or prefix + name not in self.weight_map:
+                continue  # skipped, or tied to a parameter stored under another name
             value = self.get(prefix + name).to(param.dtype)
             set_module_tensor_to_device(module, name, device, value=value)
+            names.append(name)
+        return names
 
-    def release(self, module: torch.nn.Module) -> None:
+    def release(self, module: torch.nn.Module, names: list[str] | None = None) -> None:
         """Back to meta: the weights leave memory, their shapes stay."""
-        for name, _ in list(module.named_parameters()):
+        for name in names if names is not None else [n for n, _ in module.named_parameters()]:
             set_module_tensor_to_device(module, name, "meta")
 
 
-def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None):
-    """(model with decoder layers on meta and everything else loaded, CheckpointTensors)."""
+def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_outside_layers: bool = True):
+    """(model with decoder layers on meta, CheckpointTensors). With load_outside_layers, the
+    embeddings, final norm and LM head are loaded too; without, everything stays on meta and
+    streamed_statistics loads what it needs when it needs it."""
     folder = Path(folder)
     config = load_config(folder)
     tensors = CheckpointTensors(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or _dtype(config))
-    for name, _ in list(model.named_parameters()):
-        if not _LAYER.match(name) and name in tensors.weight_map:
-            set_module_tensor_to_device(model, name, "cpu", value=tensors.get(name))
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not _LAYER.match(n)]
-    if missing:
-        raise SecateursError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
+    if load_outside_layers:
+        tensors.materialize(model, "", "cpu", skip=LAYER_PARAMETER)
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not LAYER_PARAMETER.match(n)]
+        if missing:
+            raise SecateursError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
     return model.eval(), tensors
 
 
@@ -113,7 +120,7 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
         for file in tensors.files:
             names = [n for n, f in tensors.weight_map.items() if f == file]
             shard: dict[str, torch.Tensor] = {}
-            for index in sorted({int(m.group(1)) for n in names if (m := _LAYER.match(n))}):
+            for index in sorted({int(m.group(1)) for n in names if (m := LAYER_PARAMETER.match(n))}):
                 if index not in resolved:
                     continue
                 if index not in pending:
@@ -130,7 +137,7 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
                 if not pending[index]:
                     del pending[index]
             for name in names:
-                if not _LAYER.match(name):
+                if not LAYER_PARAMETER.match(name):
                     shard[name] = tensors.get(name)
             save_file(shard, str(tmp / file), metadata={"format": "pt"})
             weight_map.update({name: file for name in shard})

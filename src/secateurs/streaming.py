@@ -123,8 +123,18 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    inputs, kwargs = capture_layer_calls(model, calibration)
     device = torch.device(device) if device is not None else _device_of(model)
+    decoder = adapter.decoder(model)
+    loaded = []
+    if checkpoint is not None:  # embeddings (and norm) only for the capture, then they leave again
+        from secateurs.checkpoint import LAYER_PARAMETER
+
+        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=LAYER_PARAMETER)
+    try:
+        inputs, kwargs = capture_layer_calls(model, calibration)
+    finally:
+        if loaded:
+            checkpoint.release(decoder, loaded)
     cache = Path(cache_dir) if cache_dir is not None else None
     start, finished = 0, []
     if cache is not None:

@@ -79,6 +79,10 @@ class ModelAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def decoder_prefix(self) -> str:
+        """State-dict prefix of the decoder (the model without its LM head)."""
+        return "model."
+
     def layer_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer `index` (for reading it from a checkpoint)."""
         return f"model.layers.{index}."

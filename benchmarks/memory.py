@@ -1,0 +1,157 @@
+"""Peak memory of calibration statistics and surgery: full model in memory vs layer-streamed.
+
+A randomly initialised Llama-architecture model of realistic shape (default about 1B parameters,
+float32; the weights do not matter for memory) is written to disk once. Each measurement then
+runs in a fresh subprocess and reports its peak resident memory (VmHWM) above the interpreter's
+baseline:
+
+* stats-full       from_pretrained, then collect_statistics (one forward pass with hooks)
+* stats-streamed   load_skeleton (decoder layers on meta), then streamed_statistics reading each
+                   layer's weights from the checkpoint only while it runs
+* prune-full       from_pretrained, apply_plan, save_pruned
+* prune-streamed   prune_checkpoint (shard by shard)
+
+Peaks are given in bytes, as multiples of one decoder layer's weights and of the whole model.
+This is CPU RAM: on a GPU the same streaming bounds accelerator memory, with the weights waiting
+in CPU RAM or on disk.
+
+    python benchmarks/memory.py [--layers 16 --hidden 2048 --intermediate 5632]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> None:
+    """One measurement, run in its own process; prints a JSON line."""
+    import torch
+
+    from secateurs.calibration import Calibration
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32000, (samples, length))
+    calib = Calibration([{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}
+                         for i in range(0, samples, 8)], {"source": "random tokens"}, "random")
+    base = peak_rss()
+    start = time.perf_counter()
+    if kind == "stats-full":
+        from transformers import AutoModelForCausalLM
+
+        from secateurs.statistics import collect_statistics
+
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        collect_statistics(model, calib, progress=False)
+    elif kind == "stats-streamed":
+        from secateurs.checkpoint import load_skeleton
+        from secateurs.streaming import streamed_statistics
+
+        model, tensors = load_skeleton(folder, load_outside_layers=False)
+        streamed_statistics(model, calib, checkpoint=tensors, progress=False)
+    elif kind == "prune-full":
+        from transformers import AutoModelForCausalLM
+
+        from secateurs.io import save_pruned
+        from secateurs.methods import make_plan
+        from secateurs.surgery import apply_plan
+
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        plan = make_plan(model, "magnitude", 0.2)
+        save_pruned(apply_plan(model, plan), plan, Path(workdir) / "pruned-full", force=True)
+    elif kind == "prune-streamed":
+        from secateurs.checkpoint import load_skeleton, prune_checkpoint
+        from secateurs.methods import make_plan
+
+        model, _ = load_skeleton(folder, load_outside_layers=False)
+        plan = make_plan(model, "random", 0.2)  # magnitude needs the weights; the plan's origin does not matter here
+        prune_checkpoint(folder, plan, Path(workdir) / "pruned-streamed", force=True)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"kind": kind, "peak_bytes": peak_rss() - base, "seconds": seconds}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--workdir", default="/tmp/secateurs-memory")
+    p.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"))
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.workdir, args.samples, args.length)
+        return
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}"
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=32000,
+                         tie_word_embeddings=False)
+    if not (folder / "config.json").exists():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p_ in model.parameters():
+                p_.normal_(0, 0.02)
+        model.save_pretrained(folder, max_shard_size="1GB")
+        del model
+    layer_bytes = 4 * (4 * args.hidden ** 2 + 3 * args.hidden * args.intermediate + 2 * args.hidden)
+    model_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    params = model_bytes // 4
+    rows = []
+    for kind in ("stats-full", "stats-streamed", "prune-full", "prune-streamed"):
+        out = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), "--workdir", args.workdir,
+                              "--samples", str(args.samples), "--length", str(args.length)],
+                             capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["x_layer"] = row["peak_bytes"] / layer_bytes
+        row["x_model"] = row["peak_bytes"] / model_bytes
+        rows.append(row)
+        print(row, flush=True)
+    by = {r["kind"]: r for r in rows}
+    result = {
+        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                  "params": params, "weight_bytes": model_bytes, "layer_bytes": layer_bytes, "dtype": "float32"},
+        "calibration": {"samples": args.samples, "length": args.length, "batch": 8},
+        "rows": rows,
+        "stats_time_ratio_streamed_over_full": by["stats-streamed"]["seconds"] / by["stats-full"]["seconds"],
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "memory.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Peak memory, full vs streamed ({result['date']})", "",
+             f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {params:,} parameters "
+             f"(float32, {model_bytes / 2**30:.2f} GiB; one layer {layer_bytes / 2**20:.0f} MiB). Calibration "
+             f"{args.samples} x {args.length} tokens, batch 8. CPU RAM peak above the interpreter's baseline.", "",
+             "| run | peak | x one layer | x model | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['peak_bytes'] / 2**20:,.0f} MiB | {r['x_layer']:.2f} | {r['x_model']:.3f} | "
+                     f"{r['seconds']:.1f} |")
+    lines += ["", f"Streamed statistics take {result['stats_time_ratio_streamed_over_full']:.2f}x the time of the "
+              "full forward pass (they also read every layer from disk)."]
+    (Path(args.out) / "memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
