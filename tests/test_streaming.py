@@ -111,3 +111,20 @@ def test_checkpoint_streaming_and_shard_by_shard_pruning(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, atol=0, rtol=0)
         torch.testing.assert_close(load_pruned(out)(ids).logits, expected(ids).logits, atol=0, rtol=0)
+
+
+def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
+    from secateurs.cli import main
+
+    from conftest import STORIES, TINYSTORIES_TEXT
+
+    common = ["--method", "amp", "--ratio", "0.2", "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8"]
+    assert main(["prune", str(STORIES), *common, "--out", str(tmp_path / "full")]) == 0
+    assert main(["prune", str(STORIES), *common, "--streamed", "--scores-cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "streamed")]) == 0
+    full, streamed = tmp_path / "full", tmp_path / "streamed"
+    assert (full / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
+    assert json.loads((full / "pruning_plan.json").read_text())["layers"] == \
+        json.loads((streamed / "pruning_plan.json").read_text())["layers"]
+    assert main(["prune", str(STORIES), "--streamed", "--method", "wanda-sp", "--calib", str(TINYSTORIES_TEXT),
+                 "--out", str(tmp_path / "no")]) == 2

@@ -85,6 +85,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     tensors = CheckpointTensors(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or _dtype(config))
+    model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
     if load_outside_layers:
         tensors.materialize(model, "", "cpu", skip=LAYER_PARAMETER)
         model.tie_weights()

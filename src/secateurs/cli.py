@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_prune_args(p, default_out=None)
     p.add_argument("--plan", help="apply this plan JSON instead of scoring (method/ratio are ignored)")
+    p.add_argument("--streamed", action="store_true",
+                   help="for models larger than memory: one decoder layer in memory at a time (local folders)")
+    p.add_argument("--scores-cache", metavar="DIR",
+                   help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
 
     p = sub.add_parser("plan", help="inspect plans")
     plan_sub = p.add_subparsers(dest="plan_command", required=True)
@@ -181,6 +185,8 @@ def cmd_prune(args) -> int:
 
     check_output_dir(args.out, args.force, args.model)  # fail before the slow part
     plan = PruningPlan.load(args.plan) if args.plan else None
+    if args.streamed:
+        return _prune_streamed(args, plan)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     _, plan, _, _, cmp, seconds, out = _prune_and_save(args, model, tokenizer, plan)
     print(plan.summary())
@@ -189,6 +195,45 @@ def cmd_prune(args) -> int:
           f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
     print(f"saved to {out}")
     return 0
+
+
+def _prune_streamed(args, plan) -> int:
+    """Models larger than memory: meta skeleton, statistics streamed layer by layer from the
+    checkpoint (resumable with --scores-cache), surgery shard by shard."""
+    from pathlib import Path
+
+    from secateurs.calibration import load_calibration
+    from secateurs.checkpoint import load_skeleton, prune_checkpoint
+    from secateurs.loading import _tokenizer
+    from secateurs.methods import make_plan
+    from secateurs.streaming import streamed_statistics
+
+    if not Path(args.model).is_dir():
+        raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
+    skeleton, tensors = load_skeleton(args.model, load_outside_layers=False)
+    tokenizer = _tokenizer(args.model)
+    if plan is None:
+        if args.method not in STREAMABLE_METHODS:
+            raise SecateursError(f"--streamed works with {', '.join(STREAMABLE_METHODS)} (their scores need "
+                                 "activations only, not the weights of every layer at once)")
+        options = _prune_options(args)
+        stats = None
+        if args.method != "random":
+            if options["calibration"] in (None, "self"):
+                raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
+                                     "with the whole model")
+            calib = load_calibration(options["calibration"], tokenizer, **options["calibration_options"])
+            stats = streamed_statistics(skeleton, calib, checkpoint=tensors, device=args.device,
+                                        cache_dir=args.scores_cache)
+        options.update(statistics=stats, calibration=None)
+        plan = make_plan(skeleton, args.method, args.ratio, tokenizer=tokenizer, **options)
+    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    print(plan.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+STREAMABLE_METHODS = ("amp", "amp-heads", "amp-mlp", "random")
 
 
 def cmd_plan_show(args) -> int:

@@ -135,6 +135,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     finally:
         if loaded:
             checkpoint.release(decoder, loaded)
+            model.tie_weights()  # releasing gave the embeddings a new (meta) parameter
     cache = Path(cache_dir) if cache_dir is not None else None
     start, finished = 0, []
     if cache is not None:
