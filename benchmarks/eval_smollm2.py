@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,11 +62,13 @@ def main() -> int:
     spec = EvalSpec(text=text, protocols=args.protocols.split(","), max_tokens=args.max_tokens,
                     tasks=args.tasks.split(",") if args.tasks else None, data_dir=str(TASKS), limit=args.limit)
     models = {"dense": dense}
+    stats_file = Path(tempfile.mkdtemp(prefix="secateurs-bench-")) / "statistics.safetensors"
     plans = {}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         label = f"{args.method}-{int(round(100 * ratio))}%"
         t0 = time.perf_counter()
-        models[label], plan = prune(copy.deepcopy(dense), tok, method=args.method, ratio=ratio)
+        models[label], plan = prune(copy.deepcopy(dense), tok, method=args.method, ratio=ratio,
+                                    statistics=str(stats_file))  # one calibration pass for all ratios
         plans[label] = {**plan.provenance, "prune_seconds": round(time.perf_counter() - t0, 2),
                         "shapes": plan.pruned_shapes()[:1]}
     evals = {}

@@ -38,44 +38,37 @@ def peak_rss() -> int:
 
 
 def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> None:
-    """One measurement, run in its own process; prints a JSON line."""
+    """One measurement, run in its own process; prints a JSON line. Everything is imported before
+    the baseline is taken, so the peak is the work's own."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from secateurs.calibration import Calibration
+    from secateurs.checkpoint import load_skeleton, prune_checkpoint
+    from secateurs.io import save_pruned
+    from secateurs.methods import make_plan
+    from secateurs.statistics import collect_statistics
+    from secateurs.streaming import streamed_statistics
+    from secateurs.surgery import apply_plan
 
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (samples, length))
     calib = Calibration([{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}
                          for i in range(0, samples, 8)], {"source": "random tokens"}, "random")
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
     base = peak_rss()
     start = time.perf_counter()
     if kind == "stats-full":
-        from transformers import AutoModelForCausalLM
-
-        from secateurs.statistics import collect_statistics
-
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         collect_statistics(model, calib, progress=False)
     elif kind == "stats-streamed":
-        from secateurs.checkpoint import load_skeleton
-        from secateurs.streaming import streamed_statistics
-
         model, tensors = load_skeleton(folder, load_outside_layers=False)
         streamed_statistics(model, calib, checkpoint=tensors, progress=False)
     elif kind == "prune-full":
-        from transformers import AutoModelForCausalLM
-
-        from secateurs.io import save_pruned
-        from secateurs.methods import make_plan
-        from secateurs.surgery import apply_plan
-
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         plan = make_plan(model, "magnitude", 0.2)
         save_pruned(apply_plan(model, plan), plan, Path(workdir) / "pruned-full", force=True)
     elif kind == "prune-streamed":
-        from secateurs.checkpoint import load_skeleton, prune_checkpoint
-        from secateurs.methods import make_plan
-
         model, _ = load_skeleton(folder, load_outside_layers=False)
         plan = make_plan(model, "random", 0.2)  # magnitude needs the weights; the plan's origin does not matter here
         prune_checkpoint(folder, plan, Path(workdir) / "pruned-streamed", force=True)

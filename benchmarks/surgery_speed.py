@@ -22,7 +22,8 @@ Text is real: the start of wikitext-2-raw test, tokenized with the model's token
 Small shared machines are noisy: other processes steal cores, and an OpenMP barrier then waits for
 the descheduled thread. So every timed run also records `foreign`, the share of the machine's CPU
 time (/proc/stat) used by other processes meanwhile; runs with foreign < QUIET count as quiet.
-Speedups are reported from the median of all runs, the median of quiet runs, and the minimum.
+Speedups are reported from the median of all runs, the median of quiet runs, the minimum, and the
+median of this process's CPU time (all threads; robust to waiting for a core, not to spin-waits).
 
     python benchmarks/surgery_speed.py [--ratio 0.2] [--repeats 10] [--threads N] [--out DIR]
 """
@@ -91,14 +92,14 @@ def cpu_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
-def time_call(fn) -> tuple[float, float]:
-    """(wall seconds, share of the machine's CPU used by other processes meanwhile)."""
+def time_call(fn) -> tuple[float, float, float]:
+    """(wall seconds, share of the machine's CPU used by other processes meanwhile, own CPU seconds)."""
     busy0, own0 = cpu_seconds()
     t0 = time.perf_counter()
     fn()
     wall = time.perf_counter() - t0
     busy1, own1 = cpu_seconds()
-    return wall, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * os.cpu_count())
+    return wall, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * os.cpu_count()), own1 - own0
 
 
 def interleaved(fns: dict, warmup: int, repeats: int) -> dict:
@@ -113,19 +114,21 @@ def interleaved(fns: dict, warmup: int, repeats: int) -> dict:
     return runs
 
 
-def summary(runs: list[tuple[float, float]]) -> dict:
-    times = [t for t, _ in runs]
-    quiet = [t for t, f in runs if f < QUIET]
+def summary(runs: list[tuple[float, float, float]]) -> dict:
+    times = [t for t, _, _ in runs]
+    quiet = [t for t, f, _ in runs if f < QUIET]
+    cpu = [c for _, _, c in runs]
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {"median": statistics.median(times), "min": min(times), "max": max(times),
             "iqr_rel": (q[2] - q[0]) / q[1], "n": len(times),
             "quiet_median": statistics.median(quiet) if quiet else None, "n_quiet": len(quiet),
-            "raw": times, "foreign": [round(f, 3) for _, f in runs]}
+            "cpu_median": statistics.median(cpu),
+            "raw": times, "foreign": [round(f, 3) for _, f, _ in runs], "cpu_raw": [round(c, 3) for c in cpu]}
 
 
 def speedups(dense: dict, pruned: dict, ideal: float) -> dict:
     out = {"ideal": ideal}
-    for key in ("median", "quiet_median", "min"):
+    for key in ("median", "quiet_median", "min", "cpu_median"):
         if dense[key] and pruned[key]:
             out[key] = dense[key] / pruned[key]
             out[f"{key}_over_ideal"] = out[key] / ideal
@@ -222,14 +225,16 @@ def report(r: dict) -> str:
 
     def row(name, t):
         return (f"| {name} | {ms(t['median'])} | {ms(t['quiet_median'])} ({t['n_quiet']}/{t['n']}) "
-                f"| {ms(t['min'])} – {ms(t['max'])} | {t['iqr_rel'] * 100:.0f}% |")
+                f"| {ms(t['min'])} – {ms(t['max'])} | {t['iqr_rel'] * 100:.0f}% | {ms(t['cpu_median'])} |")
 
     def speed(name, sp):
         return (f"| {name} | {sp['ideal']:.3f} | {x(sp.get('median'))} ({x(sp.get('median_over_ideal'))}) "
                 f"| {x(sp.get('quiet_median'))} ({x(sp.get('quiet_median_over_ideal'))}) "
-                f"| {x(sp.get('min'))} ({x(sp.get('min_over_ideal'))}) |")
+                f"| {x(sp.get('min'))} ({x(sp.get('min_over_ideal'))}) "
+                f"| {x(sp.get('cpu_median'))} ({x(sp.get('cpu_median_over_ideal'))}) |")
 
     w = r["widths"]
+    foreign = [f for phase in (p, d) for t in phase["seconds"].values() for f in t["foreign"]]
     return "\n".join([
         "# Surgery cost and CPU speedup (`benchmarks/surgery_speed.py`)",
         "",
@@ -237,7 +242,7 @@ def report(r: dict) -> str:
         f"- `make_plan(model, {r['method']!r}, {r['ratio']}, gqa='groups')`: per layer (heads, KV heads, MLP) "
         f"{tuple(w['dense'])} → {tuple(w['pruned'])}; parameters {a['params_before']:,} → "
         f"{a['params_after']:,} ({a['params_removed_fraction'] * 100:.1f}% removed)",
-        f"- torch {r['torch']}, transformers {r['transformers']}, {r['threads']} torch threads, "
+        f"- torch {r['torch']}, transformers {r['transformers']}, torch threads: {r['threads']}, "
         f"{r['cpu']} ({r['logical_cpus']} logical CPUs); data {r['data']}",
         "",
         "## Surgery (`apply_plan`)",
@@ -250,10 +255,11 @@ def report(r: dict) -> str:
         "",
         "## Timings (dense and pruned interleaved, after warm-up)",
         "",
-        f"Quiet runs: other processes used < {r['quiet_threshold']:.0%} of the machine's CPU meanwhile.",
+        f"Other processes used {statistics.mean(foreign):.0%} of the machine's CPU during these runs on average "
+        f"(/proc/stat); quiet runs are those where they used < {r['quiet_threshold']:.0%}.",
         "",
-        "| run | median | quiet median (n) | min – max | IQR / median |",
-        "|---|---|---|---|---|",
+        "| run | median | quiet median (n) | min – max | IQR / median | own CPU time, median |",
+        "|---|---|---|---|---|---|",
         row(f"prefill {a['prefill_tokens']} tok, dense", p["seconds"]["dense"]),
         row(f"prefill {a['prefill_tokens']} tok, pruned", p["seconds"]["pruned"]),
         row(f"decode {d['new_tokens']} tok, dense", d["seconds"]["dense"]),
@@ -261,8 +267,8 @@ def report(r: dict) -> str:
         "",
         "## Speedups: measured (measured / ideal)",
         "",
-        "| | ideal | from medians | from quiet medians | from minima |",
-        "|---|---|---|---|---|",
+        "| | ideal | from medians | from quiet medians | from minima | from CPU-time medians |",
+        "|---|---|---|---|---|---|",
         speed("prefill (ideal: FLOPs)", p["speedup"]),
         speed("decode (ideal: weight bytes)", d["speedup"]),
         "",
