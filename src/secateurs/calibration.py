@@ -16,7 +16,6 @@ Sources (the `spec` string):
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.jsonl import iter_jsonl
 
 ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse:"
 DEFAULT_SOURCE = "self"
@@ -85,19 +85,12 @@ def _text_windows(ids: list[int], num_samples: int, max_length: int, rng: random
 
 
 def _read_jsonl(path: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SecateursError(f"{path}:{number}: not JSON ({exc})") from exc
-        texts.append(_record_text(record, f"{path}:{number}"))
-    return texts
+    return [_record_text(record, f"{path}:{number}") for number, record in iter_jsonl(path)]
 
 
-def _record_text(record: dict, where: str) -> str:
+def _record_text(record, where: str) -> str:
+    if not isinstance(record, dict):
+        raise SecateursError(f"{where}: a calibration record must be a JSON object")
     if "instruction" in record:
         return ALPACA_TEMPLATE.format(instruction=record["instruction"], input=record.get("input", ""))
     if "text" in record:

@@ -200,8 +200,6 @@ def cmd_prune(args) -> int:
 def _prune_streamed(args, plan) -> int:
     """Models larger than memory: meta skeleton, statistics streamed layer by layer from the
     checkpoint (resumable with --scores-cache), surgery shard by shard."""
-    from pathlib import Path
-
     from secateurs.calibration import load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.loading import _tokenizer

@@ -158,7 +158,8 @@ class DepthScores:
     scores: dict[str, dict[int, float]]
     tokens: int
     seconds: float
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # goes into the plan: deterministic values only
+    timings: dict = field(default_factory=dict)
 
 
 def _logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -244,6 +245,7 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     if tokens < 4:
         raise SecateursError(f"only {tokens} calibration tokens were scored; use more calibration data")
     scores: dict[str, dict[int, float]] = {}
+    forward_seconds = time.perf_counter() - start
     distances = [m for m in e2e if m != "nll"]
     if distances:
         reference = torch.cat(ref_parts)
@@ -264,4 +266,5 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
         extra["span"] = span
     for m in metrics:  # keep the requested order
         scores[m] = scores.pop(m)
-    return DepthScores(scores, tokens, time.perf_counter() - start, extra)
+    seconds = time.perf_counter() - start
+    return DepthScores(scores, tokens, seconds, extra, {"forwards": forward_seconds, "distances": seconds - forward_seconds})

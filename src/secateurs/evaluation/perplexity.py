@@ -14,7 +14,6 @@ one read of the logits, and memory is bounded by ``max_batch_tokens``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
+from secateurs.jsonl import iter_jsonl
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
 PROTOCOL_NOTES = {
@@ -51,23 +51,13 @@ def read_text(path: str | Path, max_chars: int | None = None) -> str:
 def read_jsonl_text(path: str | Path, field: str = "text", max_docs: int | None = None, sep: str = " ") -> str:
     """C4-validation-style jsonl: the `field` of the first `max_docs` records joined by `sep`
     (SparseGPT/Wanda join the first 1100 C4 validation documents with a space)."""
-    path = Path(path)
-    if not path.exists():
-        raise SecateursError(f"jsonl file not found: {path}")
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SecateursError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise SecateursError(f"{path}:{n} has no string field {field!r}; pass the right --text-field")
-            docs.append(normalise_newlines(record[field]))
-            if max_docs is not None and len(docs) >= max_docs:
-                break
+    for n, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise SecateursError(f"{path}:{n} has no string field {field!r}; pass the right --text-field")
+        docs.append(normalise_newlines(record[field]))
+        if max_docs is not None and len(docs) >= max_docs:
+            break
     if not docs:
         raise SecateursError(f"{path} holds no documents")
     return sep.join(docs)

@@ -6,8 +6,6 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 
 from __future__ import annotations
 
-import torch
-
 from secateurs.budget import Geometry
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
