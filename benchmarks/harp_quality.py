@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from secateurs.accounting import model_stats
 from secateurs.budget import Geometry
