@@ -191,7 +191,7 @@ def cmd_prune(args) -> int:
     _, plan, _, _, cmp, seconds, out = _prune_and_save(args, model, tokenizer, plan)
     print(plan.summary())
     print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
-          f"({100 * cmp['params_removed_fraction']:.1f}% removed) in {seconds:.2f} s; "
+          f"({100 * cmp['params_removed_fraction']:.1f}% removed; pruning took {seconds:.2f} s); "
           f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
     print(f"saved to {out}")
     return 0
@@ -266,7 +266,7 @@ def cmd_demo(args) -> int:
                           do_sample=False)[0], skip_special_tokens=True)
     result = {
         "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-        "eval_text": text_name, "surgery_seconds": round(seconds, 4),
+        "eval_text": text_name, "prune_seconds": round(seconds, 4),
         "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
         "pruned_sample": sample, "saved_model": str(saved),
     }
@@ -288,7 +288,8 @@ def _demo_markdown(r: dict, plan_summary: str) -> str:
         f"| weights (MiB) | {r['weight_bytes_before'] / 2**20:,.1f} | {r['weight_bytes_after'] / 2**20:,.1f} |",
         f"| perplexity ({r['eval_text']}, seq {d['seq_len']}, {d['windows']} windows) | {d['perplexity']:.3f} | {p['perplexity']:.3f} |",
         "",
-        f"Removed {100 * r['params_removed_fraction']:.1f}% of parameters in {r['surgery_seconds']:.2f} s. "
+        f"Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring and surgery took "
+        f"{r['prune_seconds']:.1f} s. "
         f"Ideal speedups from the shapes: prefill x{r['ideal_prefill_speedup']:.2f} (FLOPs, "
         f"{r['prefill_tokens']} tokens), decode x{r['ideal_decode_speedup']:.2f} (weight bytes).",
         "",
