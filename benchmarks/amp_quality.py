@@ -26,6 +26,7 @@ import transformers
 import secateurs
 from secateurs.calibration import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
+from secateurs.evaluation.speed import plain_forward_seconds
 from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.statistics import collect_statistics
@@ -46,14 +47,6 @@ def machine() -> dict:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "secateurs": secateurs.__version__,
             "python": platform.python_version()}
-
-
-@torch.inference_mode()
-def plain_forward_seconds(model, calibration) -> float:
-    start = time.perf_counter()
-    for b in calibration.batches:
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-    return time.perf_counter() - start
 
 
 def run_model(name: str, args, text: str) -> dict:

@@ -38,7 +38,7 @@ from secateurs.calibration import load_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info
+from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
 from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.methods.depth import CONSENSUS_METRICS
@@ -50,14 +50,6 @@ ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}
 SINGLE = list(CONSENSUS_METRICS) + ["nll", "bi"]
 LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-cka"}
-
-
-@torch.inference_mode()
-def plain_forward_seconds(model, calibration) -> float:
-    start = time.perf_counter()
-    for b in calibration.batches:
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-    return time.perf_counter() - start
 
 
 def without_layers(model, layers):

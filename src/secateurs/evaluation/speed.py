@@ -267,3 +267,13 @@ def bench_markdown(result: dict) -> str:
             f"| {v['prefill_speedup']:.2f} ({v['ideal_prefill_speedup']:.2f}) "
             f"| {v['decode_speedup']:.2f} ({v['ideal_decode_speedup_bytes']:.2f}) |")
     return "\n".join(lines) + "\n"
+
+
+@torch.inference_mode()
+def plain_forward_seconds(model, calibration) -> float:
+    """Wall time of one plain forward pass (with LM head, no hooks) over calibration batches: the
+    unit in which the benchmarks express the cost of scoring."""
+    start = time.perf_counter()
+    for b in calibration.batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    return time.perf_counter() - start
