@@ -55,7 +55,7 @@ from secateurs.surgery import apply_plan
 
 MODEL = "smollm2"
 METHOD = "magnitude"
-TEXT = Path("/work/shared/assets/text/wikitext-2-raw/wiki.test.raw")
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "assets" / "text" / "wikitext-2-raw" / "wiki.test.raw"
 QUIET = 0.05  # a run is quiet if other processes used < 5% of the machine's CPU time meanwhile
 
 
