@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, write_config
-from secateurs.io import check_output_dir
+from secateurs.io import check_output_dir, config_dtype
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
@@ -84,7 +84,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     config = load_config(folder)
     tensors = CheckpointTensors(folder)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _dtype(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
     if load_outside_layers:
         tensors.materialize(model, "", "cpu", skip=LAYER_PARAMETER)
@@ -93,13 +93,6 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
         if missing:
             raise SecateursError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
     return model.eval(), tensors
-
-
-def _dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 @torch.no_grad()

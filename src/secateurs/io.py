@@ -96,7 +96,7 @@ def _load_skeleton(path: Path, config):
     non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are computed from the config.
     """
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=config_dtype(config))
     adapter = get_adapter(model)
     info = getattr(config, CONFIG_KEY)
     layers = adapter.decoder_layers(model)
@@ -131,7 +131,8 @@ def _load_skeleton(path: Path, config):
 
 
 
-def _config_dtype(config) -> torch.dtype:
+def config_dtype(config) -> torch.dtype:
+    """The dtype a config records (a string on disk), float32 when it records none."""
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
