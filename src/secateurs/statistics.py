@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
+from secateurs.offload import input_device, materialized
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
 CONTRIBUTION_CHUNK_ELEMENTS = 1 << 24
@@ -157,7 +158,8 @@ def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp")) 
     def on_o_proj(module, args):
         x = args[0]
         b, t, _ = x.shape
-        scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, shape.num_heads)
+        with materialized(module):  # offloaded by a device map: the weight is on meta between forwards
+            scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, shape.num_heads)
         a_stats.add(scores.reshape(b, t, shape.num_heads), x, state["mask"].to(x.device))
 
     def on_down(module, args):
@@ -195,7 +197,7 @@ def collect_statistics(model, calibration, progress: bool = True, parts=("attent
         handles += layer_handles
     handles += zero_padding_hooks(layers, state)
     decoder = adapter.decoder(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for batch in tqdm(calibration.batches, desc="calibration statistics", disable=not progress):
             state["mask"] = batch["attention_mask"]

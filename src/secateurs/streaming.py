@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.adapters import get_adapter
+from secateurs.offload import has_offloaded_weights, input_device
 from secateurs.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 
 MODES = ("dense", "sequential")
@@ -51,7 +52,7 @@ def capture_layer_calls(model, calibration) -> tuple[list[torch.Tensor], list[li
     layers = adapter.decoder_layers(model)
     originals = list(layers)
     calls: list[list] = [[] for _ in originals]
-    device = _device_of(adapter.decoder(model))
+    device = input_device(adapter.decoder(model))
     for i in range(len(layers)):
         layers[i] = _Recorder(i, calls)
     try:
@@ -62,13 +63,6 @@ def capture_layer_calls(model, calibration) -> tuple[list[torch.Tensor], list[li
         for i, layer in enumerate(originals):
             layers[i] = layer
     return [h for h, _ in calls[0]], [[kw for _, kw in per_layer] for per_layer in calls]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def _to(value, device):
@@ -123,7 +117,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else input_device(model)
     decoder = adapter.decoder(model)
     loaded = []
     if checkpoint is not None:  # embeddings (and norm) only for the capture, then they leave again
@@ -149,10 +143,11 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     masks = [b["attention_mask"] for b in calibration.batches]
     for index in tqdm(range(start, len(layers)), desc="streamed statistics", disable=not progress):
         layer = layers[index]
-        home = _device_of(layer)
+        home = input_device(layer)
+        moved = checkpoint is None and not has_offloaded_weights(layer)  # accelerate's hooks move offloaded ones
         if checkpoint is not None:
             checkpoint.materialize(layer, adapter.layer_prefix(index), device)
-        else:
+        elif moved:
             layer.to(device)
         state: dict = {}
         a, m, handles = attach_layer_hooks(adapter, layer, state)
@@ -171,7 +166,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
             outputs = [_run(layer, h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
         if checkpoint is not None:
             checkpoint.release(layer)
-        else:
+        elif moved:
             layer.to(home)
         hidden = outputs
         attention.append(a)

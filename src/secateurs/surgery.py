@@ -15,6 +15,7 @@ from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_a
 from secateurs.adapters.base import set_linear
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
 from secateurs.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
+from secateurs.offload import refuse_offloaded
 
 
 def _row_index(units: list[int], width: int, device) -> torch.Tensor:
@@ -179,6 +180,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     The whole plan is validated before any weight is touched, so a bad plan leaves the model
     as it was.
     """
+    refuse_offloaded(model, "in-place surgery")
     adapter = get_adapter(model)
     plan.check_compatible(model)
     resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}

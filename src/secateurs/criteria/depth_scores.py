@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
+from secateurs.offload import input_device
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
 LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output
@@ -95,7 +96,7 @@ def capture_traces(model, calibration, max_tokens: int | None = 2048, seed: int 
     arguments of every layer (gemma2 and qwen2 give sliding-window layers their own mask)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     masks = [b["attention_mask"] for b in calibration.batches]
     chosen = choose_tokens(masks, max_tokens, seed)
     traces = []

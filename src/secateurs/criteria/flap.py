@@ -10,6 +10,7 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.scores import StructureScores
+from secateurs.offload import each_materialized
 from secateurs.statistics import Statistics
 
 
@@ -18,7 +19,7 @@ def flap_scores(model, stats: Statistics, heads: bool = True) -> StructureScores
     """Per-layer head and neuron fluctuation scores (heads=False: neurons only, heads left empty)."""
     adapter = get_adapter(model)
     head_scores, neurons = [], []
-    for layer, a, m in zip(adapter.decoder_layers(model), stats.attention, stats.mlp):
+    for layer, a, m in zip(each_materialized(adapter.decoder_layers(model)), stats.attention, stats.mlp):
         shape = adapter.layer_shape(layer)
         if heads:
             o = adapter.attention_output_linear(layer).weight.detach().float().cpu()

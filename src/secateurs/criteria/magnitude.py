@@ -11,6 +11,7 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.scores import StructureScores
+from secateurs.offload import each_materialized
 
 
 def _sq(t: torch.Tensor | None, units: int, dim: int) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _sq(t: torch.Tensor | None, units: int, dim: int) -> torch.Tensor:
 def magnitude_scores(model) -> StructureScores:
     adapter = get_adapter(model)
     heads, neurons = [], []
-    for layer in adapter.decoder_layers(model):
+    for layer in each_materialized(adapter.decoder_layers(model)):
         shape = adapter.layer_shape(layer)
         w = adapter.attention_weights(layer)
         kv = (_sq(w.k, shape.num_kv_heads, 0) + _sq(w.v, shape.num_kv_heads, 0)

@@ -8,6 +8,7 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.scores import StructureScores
+from secateurs.offload import each_materialized
 from secateurs.statistics import Statistics
 
 
@@ -15,7 +16,7 @@ from secateurs.statistics import Statistics
 def wanda_sp_scores(model, stats: Statistics) -> StructureScores:
     adapter = get_adapter(model)
     heads, neurons = [], []
-    for layer, a, m in zip(adapter.decoder_layers(model), stats.attention, stats.mlp):
+    for layer, a, m in zip(each_materialized(adapter.decoder_layers(model)), stats.attention, stats.mlp):
         shape = adapter.layer_shape(layer)
         o = adapter.attention_output_linear(layer).weight.detach().float().cpu()
         channel = (o.abs() * a.channel_mean_square().sqrt()).sum(0)

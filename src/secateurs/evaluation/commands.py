@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     models = {}
     for source in sources:
         label = _label(source, taken)
-        model, tokenizer = load_model(source, args.dtype, args.device)
+        model, tokenizer = load_model(source, args.dtype, args.device, args.device_map, args.offload_folder)
         spec.check(model)
         models[label] = {"source": source, **evaluate(model, tokenizer, spec)}
         del model
@@ -146,7 +146,7 @@ def cmd_bench(args) -> int:
     models, paths = {}, {}
     for source in sources:
         label = _label(source, taken)
-        models[label], _ = load_model(source, args.dtype, args.device)
+        models[label], _ = load_model(source, args.dtype, args.device, args.device_map, args.offload_folder)
         paths[label] = source
     result = bench_models(models, config)
     for label, source in paths.items():
@@ -181,7 +181,7 @@ def cmd_sweep(args) -> int:
     ratios = parse_list(args.ratios, float, "ratios")
     check_methods_ratios(methods, ratios)
     spec, text_info = _spec(args)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     options = {"seed": args.seed}
     if args.calib:
         options["calibration"] = args.calib

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
 from secateurs.jsonl import iter_jsonl
+from secateurs.offload import input_device
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
 PROTOCOL_NOTES = {
@@ -158,7 +159,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
         raise SecateursError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     chunks = ids[: windows * seq_len].reshape(windows, seq_len)
     batch_size = max(1, min(batch_size, max_batch_tokens // seq_len))
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll = 0.0
     start_time = time.perf_counter()
     for start in tqdm(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):

@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from accelerate.hooks import remove_hook_from_module
 from tqdm.auto import tqdm
 
 from secateurs import __version__
@@ -25,6 +26,7 @@ from secateurs.methods.flap import flap_plan
 from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics, zero_padding_hooks
 from secateurs.surgery import apply_plan, replace_attention
+from secateurs.offload import input_device, materialized
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -44,7 +46,7 @@ def capture_layer_inputs(model, calibration: Calibration, first: int) -> list[li
 
     handles = [layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in range(first, len(layers))]
     handles += zero_padding_hooks(layers, state)
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for batch in calibration.batches:
             state["mask"] = batch["attention_mask"]
@@ -77,6 +79,16 @@ def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> floa
     return total / max(count, 1)
 
 
+def _harp_layer(adapter, dense_layer, alpha: float):
+    """A copy of the dense layer with HARP attention at `alpha` (a plain module in memory, also
+    when the dense layer is offloaded by a device map)."""
+    with materialized(dense_layer):
+        layer = copy.deepcopy(dense_layer)
+    remove_hook_from_module(layer, recurse=True)
+    replace_attention(adapter, layer, "removed" if alpha == 0 else "value", alpha)
+    return layer
+
+
 def search_alphas(model, calibration: Calibration, num_layers: int, grid=DEFAULT_GRID,
                   progress: bool = True) -> tuple[dict[int, float], dict[int, list]]:
     """Greedy top-down alpha search. Returns ({layer: alpha}, {layer: [[alpha, ppl], ...]})."""
@@ -93,15 +105,11 @@ def search_alphas(model, calibration: Calibration, num_layers: int, grid=DEFAULT
     for index in range(total - 1, first - 1, -1):
         curve = []
         for alpha in grid:
-            trial = copy.deepcopy(dense_layers[index])
-            replace_attention(adapter, trial, "removed" if alpha == 0 else "value", alpha)
-            layers[index] = trial
+            layers[index] = _harp_layer(adapter, dense_layers[index], alpha)
             curve.append([alpha, math.exp(_tail_nll(model, adapter, layers, index, captured, calibration))])
             bar.update()
         best = min(curve, key=lambda point: (point[1], point[0]))[0]
-        fixed = copy.deepcopy(dense_layers[index])
-        replace_attention(adapter, fixed, "removed" if best == 0 else "value", best)
-        layers[index] = fixed
+        layers[index] = _harp_layer(adapter, dense_layers[index], best)
         alphas[index], curves[index] = best, curve
     bar.close()
     return alphas, curves

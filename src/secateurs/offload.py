@@ -1,0 +1,82 @@
+"""Models dispatched by accelerate (`device_map=...`), possibly with layers offloaded to CPU or disk.
+
+Such a model computes correctly through accelerate's hooks, so every activation-based criterion
+works on it unchanged. Weights of offloaded modules live on the meta device between forwards;
+code that reads weights outside a forward (weight-based criteria, head contributions in a hook)
+wraps the read in `materialized(module)`, which brings them in for the block and drops them after.
+Surgery cannot slice offloaded weights in place: a plan made on such a model is applied to its
+checkpoint shard by shard (secateurs.checkpoint.prune_checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from accelerate.utils import align_module_device, has_offloaded_params
+import torch
+from torch import nn
+
+from secateurs.errors import SecateursError
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | dict | None) -> str | dict | None:
+    """'auto' | 'balanced' | 'balanced_low_0' | 'sequential', a JSON object {module: device}, or
+    a path to a JSON file holding one."""
+    if text is None or isinstance(text, dict):
+        return text
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    source = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise SecateursError(f"--device-map takes {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object "
+                             f"{{module: device}} or a JSON file; got {text!r}") from exc
+    if not isinstance(value, dict):
+        raise SecateursError(f"a device map is a JSON object {{module name: device}}, got {type(value).__name__}")
+    return value
+
+
+def has_offloaded_weights(model: nn.Module) -> bool:
+    """True when some weights of the model live offloaded (CPU or disk) behind accelerate hooks."""
+    return any(has_offloaded_params(m) for m in model.modules())
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """The module's weights (and its submodules') on their execution device inside the block;
+    a no-op for modules that are not offloaded."""
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if has_offloaded_params(m):
+                stack.enter_context(align_module_device(m))
+        yield module
+
+
+def each_materialized(layers: Iterable[nn.Module]) -> Iterator[nn.Module]:
+    """Layers one at a time with their weights in memory (weight-based criteria on offloaded models)."""
+    for layer in layers:
+        with materialized(layer):
+            yield layer
+
+
+def refuse_offloaded(model: nn.Module, what: str) -> None:
+    if has_offloaded_weights(model):
+        raise SecateursError(
+            f"{what} needs the weights in memory, and this model has layers offloaded by its device map. "
+            "Make the plan on the offloaded model and apply it to the checkpoint shard by shard: "
+            "secateurs.checkpoint.prune_checkpoint(folder, plan, out) (what `secateurs prune --device-map` does)")
+
+
+def input_device(module: nn.Module) -> torch.device:
+    """Where to put inputs: the first parameter not on meta (offloaded ones are), else the CPU;
+    accelerate's hooks move inputs on to each block's execution device themselves."""
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
