@@ -10,6 +10,7 @@ checkpoint only while they are used, one decoder layer at a time.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -33,6 +34,16 @@ from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
 INDEX_FILE = "model.safetensors.index.json"
 LAYER_PARAMETER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by released layers back to the OS. glibc keeps freed blocks below its
+    (adaptive) mmap threshold in the heap, so without this, resident memory creeps up by tens of
+    MB per streamed layer; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class CheckpointTensors:
@@ -74,6 +85,7 @@ class CheckpointTensors:
         """Back to meta: the weights leave memory, their shapes stay."""
         for name in names if names is not None else [n for n, _ in module.named_parameters()]:
             set_module_tensor_to_device(module, name, "meta")
+        return_freed_memory()
 
 
 def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_outside_layers: bool = True):
@@ -136,6 +148,7 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
             save_file(shard, str(tmp / file), metadata={"format": "pt"})
             weight_map.update({name: file for name in shard})
             del shard
+            return_freed_memory()
         remove_layers(adapter, model, plan.kept_layer_indices())
         sync_config(model, plan)
         write_config(model, tmp)

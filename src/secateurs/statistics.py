@@ -28,7 +28,7 @@ from secateurs.errors import SecateursError
 from secateurs.offload import input_device, materialized
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
-CONTRIBUTION_CHUNK_ELEMENTS = 1 << 24
+CONTRIBUTION_CHUNK_ELEMENTS = 1 << 22  # 16 MiB in float32: small beside one layer of any LLM
 
 
 def head_contribution_l1(x: torch.Tensor, weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def head_contribution_l1(x: torch.Tensor, weight: torch.Tensor, num_heads: int) 
     step = max(1, CONTRIBUTION_CHUNK_ELEMENTS // (num_heads * hidden))
     out = torch.empty(tokens, num_heads, dtype=torch.float32, device=x.device)
     for s in range(0, tokens, step):
-        out[s : s + step] = torch.bmm(xh[:, s : s + step], w).abs().sum(-1).t()
+        out[s : s + step] = torch.bmm(xh[:, s : s + step], w).abs_().sum(-1).t()
     return out
 
 

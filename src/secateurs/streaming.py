@@ -65,6 +65,26 @@ def capture_layer_calls(model, calibration) -> tuple[list[torch.Tensor], list[li
     return [h for h, _ in calls[0]], [[kw for _, kw in per_layer] for per_layer in calls]
 
 
+@torch.inference_mode()
+def dense_layer_inputs(model, calibration, first: int, storage: str | torch.device = "cpu",
+                       progress: bool = False) -> tuple[dict[int, list[torch.Tensor]], list[list[dict]]]:
+    """({layer: [input per batch]} for layers first..L-1 of the dense model, [per layer: [kwargs
+    per batch]]), computed one layer at a time over all batches (padding zeroed after each layer)."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    device = input_device(model)
+    hidden, kwargs = capture_layer_calls(model, calibration)
+    hidden = [h.to(storage) for h in hidden]
+    masks = [b["attention_mask"] for b in calibration.batches]
+    kept = {}
+    for index in tqdm(range(len(layers)), desc="layer inputs", disable=not progress):
+        if index >= first:
+            kept[index] = hidden
+        if index + 1 < len(layers):
+            hidden = [_run(layers[index], h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
+    return kept, kwargs
+
+
 def _to(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
-from secateurs.offload import input_device
+from secateurs.streaming import capture_layer_calls
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
 LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output
@@ -89,41 +89,20 @@ def choose_tokens(masks: list[torch.Tensor], max_tokens: int | None, seed: int) 
     return out
 
 
-@torch.inference_mode()
 def capture_traces(model, calibration, max_tokens: int | None = 2048, seed: int = 0,
                    progress: bool = True) -> list[Trace]:
-    """One dense forward per batch with pre-hooks that record the input of layer 0 and the keyword
-    arguments of every layer (gemma2 and qwen2 give sliding-window layers their own mask)."""
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    device = input_device(model)
+    """The input of layer 0 and the keyword arguments of every layer (gemma2 and qwen2 give
+    sliding-window layers their own mask) per batch, recorded by the streaming driver's capture,
+    which runs the embeddings only."""
     masks = [b["attention_mask"] for b in calibration.batches]
     chosen = choose_tokens(masks, max_tokens, seed)
+    inputs, kwargs = capture_layer_calls(model, calibration)
     traces = []
-    for batch, sel in tqdm(list(zip(calibration.batches, chosen)), desc="depth: caching layer inputs",
-                           disable=not progress):
-        record: dict[int, tuple] = {}
-
-        def grab(module, args, kwargs, index=None):
-            record[index] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
-
-        handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: grab(m, a, k, i), with_kwargs=True)
-                   for i, layer in enumerate(layers)]
-        try:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            adapter.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        kwargs = []
-        for i in range(len(layers)):
-            kw = {k: v for k, v in record[i][1].items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-            kw["use_cache"] = False
-            kwargs.append(kw)
+    for b, (batch, sel) in enumerate(zip(calibration.batches, chosen)):
         mask = batch["attention_mask"].bool()
         next_ids = torch.full_like(batch["input_ids"], -1)
         next_ids[:, :-1] = torch.where(mask[:, 1:], batch["input_ids"][:, 1:], -1)
-        traces.append(Trace(record[0][0], kwargs, mask, sel, next_ids))
+        traces.append(Trace(inputs[b], [per_layer[b] for per_layer in kwargs], mask, sel, next_ids))
     return traces
 
 

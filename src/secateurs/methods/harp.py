@@ -24,39 +24,19 @@ from secateurs.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.methods.flap import flap_plan
 from secateurs.plan import PruningPlan
-from secateurs.statistics import collect_statistics, zero_padding_hooks
+from secateurs.statistics import collect_statistics
+from secateurs.streaming import dense_layer_inputs
 from secateurs.surgery import apply_plan, replace_attention
 from secateurs.offload import input_device, materialized
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-@torch.inference_mode()
 def capture_layer_inputs(model, calibration: Calibration, first: int) -> list[list[tuple]]:
-    """For every calibration batch: [(hidden_states, kwargs) for layers first..L-1] of a dense forward."""
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    state: dict = {}
-    captured: list[list[tuple]] = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured[-1].append((hidden, rest))
-
-    handles = [layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in range(first, len(layers))]
-    handles += zero_padding_hooks(layers, state)
-    device = input_device(model)
-    try:
-        for batch in calibration.batches:
-            state["mask"] = batch["attention_mask"]
-            captured.append([])
-            adapter.decoder(model)(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
+    """For every calibration batch: [(hidden_states, kwargs) for layers first..L-1] of the dense
+    model, computed by the layer-streamed driver (one layer at a time over all batches)."""
+    inputs, kwargs = dense_layer_inputs(model, calibration, first, storage=input_device(model))
+    return [[(inputs[i][b], kwargs[i][b]) for i in sorted(inputs)] for b in range(len(calibration.batches))]
 
 
 @torch.inference_mode()
