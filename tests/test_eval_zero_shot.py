@@ -136,3 +136,24 @@ def test_bad_input(stories, tmp_path):
         zero_shot(model, tok, " , ", data_dir=DATA)
     with pytest.raises(SecateursError, match="tokenizer"):
         zero_shot(model, None, ["piqa"], data_dir=DATA)
+
+
+def test_exported_task_yamls_run_in_lm_eval_itself(stories, hand_dir, tmp_path):
+    """`secateurs tasks` writes YAMLs that lm-eval's own runners (lm_eval CLI, accelerate launch)
+    load with --include_path, offline, and that score exactly like zero_shot()."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from secateurs.cli import main
+
+    out = tmp_path / "yamls"
+    assert main(["tasks", "--data-dir", str(hand_dir), "--tasks", "story_mc,story_schema", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.yaml")) == ["secateurs_story_mc.yaml", "secateurs_story_schema.yaml"]
+    manager = TaskManager(include_path=str(out), include_defaults=False)
+    assert {"secateurs_story_mc", "secateurs_story_schema"} <= set(manager.all_tasks)
+    model, tok = stories
+    res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=8), task_manager=manager,
+                          tasks=["secateurs_story_mc", "secateurs_story_schema"])["results"]
+    assert res["secateurs_story_mc"]["acc,none"] == 0.75 and res["secateurs_story_schema"]["acc,none"] == 0.5
+    assert main(["tasks", "--data-dir", str(hand_dir), "--tasks", "piqa", "--out", str(out)]) == 2

@@ -80,11 +80,12 @@ def test_offloaded_plan_is_applied_shard_by_shard_and_reloads(folders, tmp_path)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-12)
+    with pytest.raises(SecateursError, match="load_pruned"):  # per-layer shapes: no stock loading, no device map
+        load_model(str(out), device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload1"))
     # a uniform result loads offloaded again, through stock from_pretrained
     uniform = make_plan(offloaded, "amp", 0.3, calibration=_calibration(), progress=False)
     out2 = prune_checkpoint(folders / "dense", uniform, tmp_path / "uniform")
-    stock = AutoModelForCausalLM.from_pretrained(out2, dtype=torch.float64, device_map=DEVICE_MAP,
-                                                 offload_folder=str(tmp_path / "offload2"))
+    stock, _ = load_model(str(out2), "float64", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload2"))
     assert has_offloaded_weights(stock)
     expected = apply_plan(AutoModelForCausalLM.from_pretrained(folders / "dense", dtype=torch.float64).eval(), uniform)
     with torch.no_grad():

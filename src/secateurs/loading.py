@@ -79,9 +79,11 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
     kind, path = resolve_source(source)
     device_map = parse_device_map(device_map)
     if device_map is not None:
-        if kind == "gguf" or (kind == "dir" and hasattr(_peek_config(path), CONFIG_KEY)):
-            raise SecateursError("--device-map works with Hugging Face safetensors models (a folder or hub id), "
-                                 "not GGUF files or secateurs folders with per-layer shapes")
+        info = getattr(_peek_config(path), CONFIG_KEY, None) if kind == "dir" else None
+        if kind == "gguf" or (info is not None and not info.get("stock_loadable", False)):
+            raise SecateursError("--device-map works with models stock from_pretrained loads (a safetensors folder "
+                                 "or hub id): not GGUF files, nor pruned folders with per-layer shapes, extra "
+                                 "biases or HARP layers (load those with load_pruned, without a device map)")
         target = str(path) if path else source
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto", device_map=device_map,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.evaluation.zero_shot import STANDARD_TASKS
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub, add_model_args) -> None:
-    """Register eval, bench, report and sweep on the CLI's subparsers."""
+    """Register eval, bench, report, sweep and tasks on the CLI's subparsers."""
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model (and its dense baseline)")
     add_model_args(p)
     p.add_argument("--baseline", help="dense model evaluated the same way, shown beside MODEL")
@@ -67,6 +68,24 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--calib", help="calibration source for methods that need one (see `prune --calib`)")
     _add_eval_args(p)
     p.add_argument("--out", required=True, help="output folder for sweep.json/.md/.html and plots")
+
+
+    p = sub.add_parser("tasks", help="write lm-eval task YAMLs for local task files (for lm-eval's own runners, "
+                                     "e.g. accelerate launch -m lm_eval --include_path OUT)")
+    p.add_argument("--data-dir", required=True, help="folder with NAME.jsonl task files")
+    p.add_argument("--tasks", default=",".join(STANDARD_TASKS), help="comma list (default: the five standard tasks)")
+    p.add_argument("--prefix", default="secateurs_", help="task name prefix (default: secateurs_)")
+    p.add_argument("--out", required=True, help="folder for the YAML files")
+
+
+def cmd_tasks(args) -> int:
+    from secateurs.evaluation.zero_shot import export_task_configs
+
+    written = export_task_configs(args.data_dir, args.out, args.tasks, args.prefix)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    print(f"run with: lm_eval --include_path {args.out} --tasks {','.join(written)} ...")
+    return 0
 
 
 def _label(source: str, taken: set[str]) -> str:
@@ -196,4 +215,4 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep}
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "tasks": cmd_tasks}

@@ -120,6 +120,28 @@ def local_task_config(name: str, path: str | Path) -> dict:
     return cfg
 
 
+def export_task_configs(data_dir: str | Path, out_dir: str | Path, tasks=STANDARD_TASKS,
+                        prefix: str = "secateurs_") -> dict[str, Path]:
+    """Write one lm-eval task YAML per local task file, named PREFIX+NAME (no clash with lm-eval's
+    own hub tasks), so lm-eval itself (e.g. `accelerate launch -m lm_eval --include_path OUT`)
+    runs them offline. Returns {task name: yaml path}."""
+    import yaml
+
+    names = parse_tasks(tasks)
+    found = {n: find_task_file(n, data_dir) for n in names}
+    missing = [n for n, p in found.items() if p is None]
+    if missing:
+        raise SecateursError(f"no local file for {', '.join(missing)} in {data_dir}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, path in found.items():
+        cfg = local_task_config(prefix + name, path)
+        written[cfg["task"]] = out / f"{cfg['task']}.yaml"
+        written[cfg["task"]].write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return written
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str = "lm_eval", level: int = logging.ERROR):
     logger = logging.getLogger(logger_name)
