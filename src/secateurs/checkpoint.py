@@ -29,6 +29,7 @@ from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, write_config
 from secateurs.io import check_output_dir, config_dtype
+from secateurs.offload import mark_lazy
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
@@ -88,18 +89,25 @@ class CheckpointTensors:
         return_freed_memory()
 
 
-def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_outside_layers: bool = True):
+def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_outside_layers: bool = True,
+                  lazy_layers: bool = False, device: str | torch.device = "cpu"):
     """(model with decoder layers on meta, CheckpointTensors). With load_outside_layers, the
-    embeddings, final norm and LM head are loaded too; without, everything stays on meta and
-    streamed_statistics loads what it needs when it needs it."""
+    embeddings, final norm and LM head are loaded too (onto `device`); without, everything stays
+    on meta and streamed_statistics loads what it needs when it needs it. With lazy_layers, every
+    decoder layer reads its weights from the checkpoint inside `offload.materialized(layer)`, so
+    code written for offloaded models (criteria, HARP, depth scoring) runs on the skeleton."""
     folder = Path(folder)
     config = load_config(folder)
     tensors = CheckpointTensors(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
+    if lazy_layers:
+        adapter = get_adapter(model)
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            mark_lazy(layer, tensors, adapter.layer_prefix(index), device)
     if load_outside_layers:
-        tensors.materialize(model, "", "cpu", skip=LAYER_PARAMETER)
+        tensors.materialize(model, "", device, skip=LAYER_PARAMETER)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not LAYER_PARAMETER.match(n)]
         if missing:

@@ -205,60 +205,47 @@ def cmd_prune(args) -> int:
 
 
 def _prune_streamed(args, plan) -> int:
-    """Models larger than memory: meta skeleton, statistics streamed layer by layer from the
-    checkpoint (resumable with --scores-cache), surgery shard by shard."""
+    """Models larger than memory: meta skeleton whose decoder layers are read from the checkpoint
+    one at a time (statistics streamed layer by layer, resumable with --scores-cache; weight-based
+    criteria, HARP's search and depth scoring read each layer when they reach it), then surgery
+    shard by shard."""
     from secateurs.calibration import load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.loading import _tokenizer
-    from secateurs.methods import make_plan
+    from secateurs.methods import METHODS, make_plan
+    from secateurs.methods.depth import DEPTH_METHODS
     from secateurs.streaming import streamed_statistics
 
     if not Path(args.model).is_dir():
         raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
-    skeleton, tensors = load_skeleton(args.model, load_outside_layers=False)
     tokenizer = _tokenizer(args.model)
     if plan is None:
-        if args.method not in STREAMABLE_METHODS:
-            raise SecateursError(f"--streamed works with {', '.join(STREAMABLE_METHODS)} (their scores need "
-                                 "activations only, not the weights of every layer at once)")
+        if args.method == "harp" and args.flap_ratio:
+            raise SecateursError("--streamed runs HARP's search; --flap-ratio would need the transformed model in "
+                                 "memory (prune with HARP, then FLAP on the result)")
         options = _prune_options(args)
-        stats = None
-        if args.method != "random":
+        needs_head = args.method == "harp" or args.method in DEPTH_METHODS  # their scores use the LM head
+        skeleton, tensors = load_skeleton(args.model, load_outside_layers=needs_head, lazy_layers=True,
+                                          device=args.device)
+        depth = DEPTH_METHODS.get(args.method)
+        statistics = depth is None and METHODS[args.method].needs_statistics and args.method != "harp"
+        if (depth is None and METHODS[args.method].needs_statistics) or (depth is not None and depth.kind != "random"):
             if options["calibration"] in (None, "self"):
                 raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
                                      "with the whole model")
-            calib = load_calibration(options["calibration"], tokenizer, **options["calibration_options"])
-            stats = streamed_statistics(skeleton, calib, checkpoint=tensors, device=args.device,
+            options["calibration"] = load_calibration(options["calibration"], tokenizer,
+                                                      **options["calibration_options"])
+        if statistics:
+            stats = streamed_statistics(skeleton, options["calibration"], checkpoint=tensors, device=args.device,
                                         cache_dir=args.scores_cache)
-        options.update(statistics=stats, calibration=None)
+            options.update(statistics=stats, calibration=None)
+        elif args.scores_cache:
+            raise SecateursError(f"--scores-cache keeps streamed statistics; {args.method!r} does not use them")
         plan = make_plan(skeleton, args.method, args.ratio, tokenizer=tokenizer, **options)
     out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
     print(plan.summary())
     print(f"saved to {out}")
     return 0
-
-
-def _prune_device_mapped(args, plan) -> int:
-    """Plan on the model as accelerate dispatched it (GPUs, CPU, disk), then apply the plan to the
-    checkpoint shard by shard: offloaded weights cannot be sliced in place."""
-    from secateurs.checkpoint import prune_checkpoint
-    from secateurs.loading import load_model
-    from secateurs.methods import make_plan
-
-    if not Path(args.model).is_dir():
-        raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
-                             "the pruned model is written from its checkpoint shard by shard")
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
-    if plan is None:
-        plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))
-    del model
-    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
-    print(plan.summary())
-    print(f"saved to {out}")
-    return 0
-
-
-STREAMABLE_METHODS = ("amp", "amp-heads", "amp-mlp", "random")
 
 
 def cmd_plan_show(args) -> int:

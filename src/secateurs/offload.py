@@ -1,10 +1,12 @@
-"""Models dispatched by accelerate (`device_map=...`), possibly with layers offloaded to CPU or disk.
+"""Weights that live elsewhere: models dispatched by accelerate (`device_map=...`) with modules
+offloaded to CPU or disk, and secateurs skeletons whose decoder layers stay in the checkpoint
+(secateurs.checkpoint.load_skeleton(lazy_layers=True)).
 
-Such a model computes correctly through accelerate's hooks, so every activation-based criterion
-works on it unchanged. Weights of offloaded modules live on the meta device between forwards;
-code that reads weights outside a forward (weight-based criteria, head contributions in a hook)
-wraps the read in `materialized(module)`, which brings them in for the block and drops them after.
-Surgery cannot slice offloaded weights in place: a plan made on such a model is applied to its
+A dispatched model computes correctly through accelerate's hooks, so activation-based criteria
+work on it unchanged. Code that runs a skeleton's layer, or reads weights outside a forward
+(weight-based criteria, head contributions in a hook), wraps the work in `materialized(module)`,
+which brings the weights in for the block and drops them after: memory stays near one layer.
+Surgery cannot slice such weights in place: a plan made on such a model is applied to its
 checkpoint shard by shard (secateurs.checkpoint.prune_checkpoint).
 """
 
@@ -22,6 +24,7 @@ from torch import nn
 from secateurs.errors import SecateursError
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+LAZY_WEIGHTS = "_secateurs_lazy_weights"  # module attribute: (CheckpointTensors, prefix, device)
 
 
 def parse_device_map(text: str | dict | None) -> str | dict | None:
@@ -42,19 +45,30 @@ def parse_device_map(text: str | dict | None) -> str | dict | None:
     return value
 
 
+def mark_lazy(module: nn.Module, tensors, prefix: str, device) -> None:
+    """The module's weights are read from `tensors` (a CheckpointTensors) onto `device` when needed."""
+    setattr(module, LAZY_WEIGHTS, (tensors, prefix, device))
+
+
 def has_offloaded_weights(model: nn.Module) -> bool:
-    """True when some weights of the model live offloaded (CPU or disk) behind accelerate hooks."""
-    return any(has_offloaded_params(m) for m in model.modules())
+    """True when some weights of the model live elsewhere: offloaded (CPU or disk) behind
+    accelerate hooks, or in the checkpoint of a lazy skeleton."""
+    return any(has_offloaded_params(m) or hasattr(m, LAZY_WEIGHTS) for m in model.modules())
 
 
 @contextlib.contextmanager
 def materialized(module: nn.Module) -> Iterator[nn.Module]:
-    """The module's weights (and its submodules') on their execution device inside the block;
-    a no-op for modules that are not offloaded."""
+    """The module's weights (and its submodules') on their compute device inside the block;
+    a no-op for modules whose weights are already there."""
     with contextlib.ExitStack() as stack:
         for m in module.modules():
             if has_offloaded_params(m):
                 stack.enter_context(align_module_device(m))
+            lazy = getattr(m, LAZY_WEIGHTS, None)
+            if lazy is not None and any(p.device.type == "meta" for p in m.parameters()):
+                tensors, prefix, device = lazy
+                names = tensors.materialize(m, prefix, device)
+                stack.callback(tensors.release, m, names)
         yield module
 
 

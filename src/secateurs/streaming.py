@@ -17,6 +17,7 @@ soon as they are known; an interrupted run resumes after the last finished layer
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.adapters import get_adapter
-from secateurs.offload import has_offloaded_weights, input_device
+from secateurs.offload import has_offloaded_weights, input_device, materialized
 from secateurs.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 
 MODES = ("dense", "sequential")
@@ -81,7 +82,9 @@ def dense_layer_inputs(model, calibration, first: int, storage: str | torch.devi
         if index >= first:
             kept[index] = hidden
         if index + 1 < len(layers):
-            hidden = [_run(layers[index], h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
+            with materialized(layers[index]):
+                hidden = [_run(layers[index], h, kwargs[index][b], masks[b], device, storage)
+                          for b, h in enumerate(hidden)]
     return kept, kwargs
 
 
@@ -163,31 +166,22 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     masks = [b["attention_mask"] for b in calibration.batches]
     for index in tqdm(range(start, len(layers)), desc="streamed statistics", disable=not progress):
         layer = layers[index]
-        home = input_device(layer)
-        moved = checkpoint is None and not has_offloaded_weights(layer)  # accelerate's hooks move offloaded ones
-        if checkpoint is not None:
-            checkpoint.materialize(layer, adapter.layer_prefix(index), device)
-        elif moved:
-            layer.to(device)
-        state: dict = {}
-        a, m, handles = attach_layer_hooks(adapter, layer, state)
-        outputs = []
-        try:
-            for b, h in enumerate(hidden):
-                state["mask"] = masks[b]
-                outputs.append(_run(layer, h, kwargs[index][b], masks[b], device, storage))
-        finally:
-            for handle in handles:
-                handle.remove()
-        check_finite(index, a, m)
-        if on_layer is not None:
-            on_layer(index, layer, a, m)
-        if mode == "sequential":
-            outputs = [_run(layer, h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
-        if checkpoint is not None:
-            checkpoint.release(layer)
-        elif moved:
-            layer.to(home)
+        with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
+            state: dict = {}
+            a, m, handles = attach_layer_hooks(adapter, layer, state)
+            outputs = []
+            try:
+                for b, h in enumerate(hidden):
+                    state["mask"] = masks[b]
+                    outputs.append(_run(layer, h, kwargs[index][b], masks[b], device, storage))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            check_finite(index, a, m)
+            if on_layer is not None:
+                on_layer(index, layer, a, m)
+            if mode == "sequential":
+                outputs = [_run(layer, h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
         hidden = outputs
         attention.append(a)
         mlp.append(m)
@@ -196,6 +190,28 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     description = {"calibration": calibration.description, "calibration_hash": calibration.hash,
                    "driver": f"streamed ({mode})"}
     return Statistics(attention, mlp, description)
+
+
+@contextlib.contextmanager
+def _weights_on(layer, device, checkpoint, prefix: str):
+    """The layer's weights on the compute device for the block: read from `checkpoint`, brought in
+    by `materialized` (offloaded or lazy), or moved there and back."""
+    if checkpoint is not None:
+        checkpoint.materialize(layer, prefix, device)
+        try:
+            yield
+        finally:
+            checkpoint.release(layer)
+    elif has_offloaded_weights(layer):
+        with materialized(layer):
+            yield
+    else:
+        home = input_device(layer)
+        layer.to(device)
+        try:
+            yield
+        finally:
+            layer.to(home)
 
 
 def _run(layer, hidden, kwargs, mask, device, storage):

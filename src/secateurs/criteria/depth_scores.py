@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
+from secateurs.offload import materialized
 from secateurs.streaming import capture_layer_calls
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
@@ -106,13 +107,16 @@ def capture_traces(model, calibration, max_tokens: int | None = 2048, seed: int 
     return traces
 
 
-def _run(layers, h: torch.Tensor, trace: Trace, indices, on_input=None) -> torch.Tensor:
+def _step(layer, h: torch.Tensor, trace: Trace, index: int) -> torch.Tensor:
+    """Layer `index` on one traced batch, padding zeroed."""
     keep = trace.mask.to(h.device).unsqueeze(-1)
-    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    out = _layer_output(layer(h, **trace.kwargs[index]))
+    return torch.where(keep, out, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def _run(layers, h: torch.Tensor, trace: Trace, indices) -> torch.Tensor:
     for j in indices:
-        if on_input is not None:
-            on_input(j, h)
-        h = torch.where(keep, _layer_output(layers[j](h, **trace.kwargs[j])), zero)
+        h = _step(layers[j], h, trace, j)
     return h
 
 
@@ -148,12 +152,21 @@ def _logits(model, h: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def _nll_sum(model, h: torch.Tensor, targets: torch.Tensor) -> float:
+    lp = torch.log_softmax(_logits(model, h), -1)
+    return float(-lp.gather(-1, targets[:, None]).sum())
+
+
 @torch.inference_mode()
 def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, removed=(), span: int = 1,
                  progress: bool = True) -> DepthScores:
     """Score every candidate layer under `metrics` on the current model (the base model with
     `removed` layers skipped). `span` is the block length of 'block-angular' (candidate = the
-    first layer of the block; the block must lie inside the kept layers)."""
+    first layer of the block; the block must lie inside the kept layers).
+
+    Layer-streamed: the layers run one at a time over every stream (the reference, and one per
+    candidate that starts at the candidate's input and skips it), so each layer's weights are
+    needed once per call, also when they are read from disk or an offload (`materialized`)."""
     metrics = check_metrics(metrics)
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
@@ -166,62 +179,55 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     e2e = [m for m in metrics if m in END_TO_END_METRICS]
     want_local = any(m in LOCAL_METRICS for m in metrics)
     start = time.perf_counter()
+    sels = [t.chosen.to(t.hidden.device) for t in traces]
+    tokens = sum(int(sel.sum()) for sel in sels)
+    ref = [t.hidden for t in traces]
+    skipping: dict[int, list[torch.Tensor]] = {}  # candidate -> its stream per trace
+    local_inputs: dict[int, list[torch.Tensor]] = {}  # kept layer -> chosen rows of its input per trace
+    for j in tqdm(kept, desc="depth: scoring layers", disable=not progress):
+        if want_local:
+            local_inputs[j] = [h[sel] for h, sel in zip(ref, sels)]
+        with materialized(layers[j]):
+            for c, stream in skipping.items():
+                skipping[c] = [_step(layers[j], h, t, j) for h, t in zip(stream, traces)]
+            if e2e and j in candidates:
+                skipping[j] = ref  # skips j: what enters j goes on to the layers above
+            ref = [_step(layers[j], h, t, j) for h, t in zip(ref, traces)]
+    local_inputs[len(layers)] = [h[sel] for h, sel in zip(ref, sels)]  # "input" of the position after the top
     ref_parts, skip_parts = [], {c: [] for c in candidates}
     nll_sum = {c: 0.0 for c in candidates}
     nll_ref, nll_count = 0.0, 0
+    for b, (trace, sel) in enumerate(zip(traces, sels)):
+        final = norm(ref[b])[sel]
+        ref_parts.append(final.to(_store_dtype(final.dtype)).cpu())
+        targets = trace.next_ids.to(final.device)[sel]
+        has_next = targets >= 0
+        if "nll" in e2e:
+            nll_ref += _nll_sum(model, final[has_next], targets[has_next])
+            nll_count += int(has_next.sum())
+        for c, stream in skipping.items():
+            out = norm(stream[b])[sel]
+            skip_parts[c].append(out.to(_store_dtype(out.dtype)).cpu())
+            if "nll" in e2e:
+                nll_sum[c] += _nll_sum(model, out[has_next], targets[has_next])
     # local sums over chosen tokens: layer input vs output (bi), input of kept[p] vs kept[p + span]
     bi_sum = {c: 0.0 for c in candidates}
     ang_sum = {c: 0.0 for c in candidates}
-    tokens = 0
-    position = {j: p for p, j in enumerate(kept)}
-    total = len(traces) * (1 + (len(candidates) if e2e else 0))
-    bar = tqdm(total=total, desc="depth: scoring layers", disable=not progress)
-    for trace in traces:
-        sel = trace.chosen.to(trace.hidden.device)
-        inputs: dict[int, torch.Tensor] = {}
-        want_inputs = set(candidates) if e2e else set()
-        if want_local:
-            want_inputs = set(kept)
-
-        def keep_input(j, h):
-            if j in want_inputs:
-                inputs[j] = h
-
-        last = _run(layers, trace.hidden, trace, kept, keep_input)
-        inputs[len(layers)] = last  # "input" of the position after the top layer
-        ref = norm(last)[sel]
-        ref_parts.append(ref.to(_store_dtype(ref.dtype)).cpu())
-        tokens += int(sel.sum())
-        targets = trace.next_ids.to(ref.device)[sel]
-        has_next = targets >= 0
-        if "nll" in e2e:
-            lp = torch.log_softmax(_logits(model, ref[has_next]), -1)
-            nll_ref += float(-lp.gather(-1, targets[has_next][:, None]).sum())
-            nll_count += int(has_next.sum())
-        if want_local:
-            after = kept[1:] + [len(layers)]
-            for c in candidates:
-                h_in = inputs[c][sel]
+    if want_local:
+        position = {j: p for p, j in enumerate(kept)}
+        after = kept[1:] + [len(layers)]
+        for c in candidates:
+            for b in range(len(traces)):
+                h_in = local_inputs[c][b]
                 if "bi" in metrics:
-                    bi_sum[c] += float((1 - _cosines(h_in, inputs[after[position[c]]][sel])).sum())
+                    bi_sum[c] += float((1 - _cosines(h_in, local_inputs[after[position[c]]][b])).sum())
                 if "block-angular" in metrics:
                     p_end = position[c] + span
                     if p_end <= len(kept):
                         end = kept[p_end] if p_end < len(kept) else len(layers)
-                        ang_sum[c] += float((token_angles(h_in.double(), inputs[end][sel].double()) / math.pi).sum())
+                        ang_sum[c] += float((token_angles(h_in.double(), local_inputs[end][b].double()) / math.pi).sum())
                     else:
                         ang_sum[c] = math.inf
-        bar.update()
-        if e2e:
-            for c in candidates:
-                above = [j for j in kept if j > c]
-                out = norm(_run(layers, inputs[c], trace, above))[sel]
-                skip_parts[c].append(out.to(_store_dtype(ref.dtype)).cpu())
-                if "nll" in e2e:
-                    lp = torch.log_softmax(_logits(model, out[has_next]), -1)
-                    nll_sum[c] += float(-lp.gather(-1, targets[has_next][:, None]).sum())
-                bar.update()
-    bar.close()
     if tokens < 4:
         raise SecateursError(f"only {tokens} calibration tokens were scored; use more calibration data")
     scores: dict[str, dict[int, float]] = {}
