@@ -248,6 +248,26 @@ def _prune_streamed(args, plan) -> int:
     return 0
 
 
+def _prune_device_mapped(args, plan) -> int:
+    """Plan on the model as accelerate dispatched it (GPUs, CPU, disk), then apply the plan to the
+    checkpoint shard by shard: offloaded weights cannot be sliced in place."""
+    from secateurs.checkpoint import prune_checkpoint
+    from secateurs.loading import load_model
+    from secateurs.methods import make_plan
+
+    if not Path(args.model).is_dir():
+        raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
+                             "the pruned model is written from its checkpoint shard by shard")
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
+    if plan is None:
+        plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))
+    del model
+    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    print(plan.summary())
+    print(f"saved to {out}")
+    return 0
+
+
 def cmd_plan_show(args) -> int:
     from secateurs.plan import PruningPlan
 

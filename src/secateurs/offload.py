@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from copy import deepcopy
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import align_module_device, has_offloaded_params
 import torch
 from torch import nn
@@ -79,12 +81,24 @@ def each_materialized(layers: Iterable[nn.Module]) -> Iterator[nn.Module]:
             yield layer
 
 
+def detached_copy(module: nn.Module) -> nn.Module:
+    """A plain in-memory copy of a module whose weights may live elsewhere (no hooks, not lazy)."""
+    with materialized(module):
+        copy = deepcopy(module)
+    remove_hook_from_module(copy, recurse=True)
+    for m in copy.modules():
+        if hasattr(m, LAZY_WEIGHTS):
+            delattr(m, LAZY_WEIGHTS)
+    return copy
+
+
 def refuse_offloaded(model: nn.Module, what: str) -> None:
     if has_offloaded_weights(model):
         raise SecateursError(
-            f"{what} needs the weights in memory, and this model has layers offloaded by its device map. "
-            "Make the plan on the offloaded model and apply it to the checkpoint shard by shard: "
-            "secateurs.checkpoint.prune_checkpoint(folder, plan, out) (what `secateurs prune --device-map` does)")
+            f"{what} needs the weights in memory, and this model keeps some elsewhere (offloaded by a device map, "
+            "or a lazy skeleton). Make the plan on this model and apply it to the checkpoint shard by shard: "
+            "secateurs.checkpoint.prune_checkpoint(folder, plan, out) (what `secateurs prune --device-map` and "
+            "`--streamed` do)")
 
 
 def input_device(module: nn.Module) -> torch.device:

@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from accelerate.hooks import remove_hook_from_module
 from tqdm.auto import tqdm
 
 from secateurs import __version__
@@ -27,7 +26,7 @@ from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import dense_layer_inputs
 from secateurs.surgery import apply_plan, replace_attention
-from secateurs.offload import input_device, materialized
+from secateurs.offload import detached_copy, input_device
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -62,9 +61,7 @@ def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> floa
 def _harp_layer(adapter, dense_layer, alpha: float):
     """A copy of the dense layer with HARP attention at `alpha` (a plain module in memory, also
     when the dense layer is offloaded by a device map)."""
-    with materialized(dense_layer):
-        layer = copy.deepcopy(dense_layer)
-    remove_hook_from_module(layer, recurse=True)
+    layer = detached_copy(dense_layer)
     replace_attention(adapter, layer, "removed" if alpha == 0 else "value", alpha)
     return layer
 
