@@ -1,0 +1,73 @@
+"""Are `secateurs bench` figures stable? The same model benchmarked by separate `secateurs bench`
+runs (fresh processes): per configuration, how far apart are the run medians?
+
+Target (issue 4): repeated runs agree within 5% (median). Each run's own spread over its repeats
+is shown beside it.
+
+    python benchmarks/bench_stability.py [--model smollm2] [--runs 3] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from secateurs.evaluation.speed import machine_info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--prompt-lengths", default="128")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    args = ap.parse_args()
+    machine = machine_info()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            out = Path(tmp) / f"run{i}.json"
+            subprocess.run([sys.executable, "-m", "secateurs.cli", "bench", args.model, "--dtype", "float32",
+                            "--batch-sizes", args.batch_sizes, "--prompt-lengths", args.prompt_lengths,
+                            "--repeats", str(args.repeats), "--out", str(out)], check=True, capture_output=True)
+            runs.append(json.loads(out.read_text()))
+    rows = []
+    for j, first in enumerate(runs[0]["results"]):
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            medians = [run["results"][j][metric]["median"] for run in runs]
+            spreads = [run["results"][j][metric]["spread"] for run in runs]
+            mid = sorted(medians)[len(medians) // 2]
+            rows.append({"batch_size": first["batch"], "prompt_length": first["prompt_length"], "metric": metric,
+                         "medians": medians, "within_run_spreads": spreads,
+                         "max_deviation_from_median_of_runs": max(abs(m - mid) / mid for m in medians)})
+    worst = max(r["max_deviation_from_median_of_runs"] for r in rows)
+    result = {"benchmark": "bench_stability", "model": args.model, "runs": args.runs, "repeats": args.repeats,
+              "rows": rows, "worst_deviation": worst, "target": 0.05, "meets_target": worst <= 0.05,
+              "machine_at_start": machine, "machine_at_end": machine_info()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_stability.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# bench stability: {args.model}, {args.runs} separate `secateurs bench` runs x {args.repeats} repeats",
+             "", f"Machine: {machine['cpu']}, {machine['torch_threads']} threads, load average "
+             f"{machine.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end.", "",
+             "| batch | prompt | metric | run medians (tok/s) | spread within each run | max deviation |",
+             "| ---: | ---: | --- | --- | --- | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['prompt_length']} | {r['metric'].split('_')[0]} | "
+                     + ", ".join(f"{m:.1f}" for m in r["medians"]) + " | "
+                     + ", ".join(f"{100 * s:.1f}%" for s in r["within_run_spreads"])
+                     + f" | {100 * r['max_deviation_from_median_of_runs']:.1f}% |")
+    lines += ["", f"Worst deviation of a run's median from the median of runs: {100 * worst:.1f}% (target <= 5%).", ""]
+    (out / "bench_stability.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
