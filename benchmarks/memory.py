@@ -10,6 +10,9 @@ interpreter that has imported everything and run the same code once on a tiny mo
                    layer's weights from the checkpoint only while it runs
 * prune-full       from_pretrained, apply_plan, save_pruned
 * prune-streamed   prune_checkpoint (shard by shard)
+* consensus-full / consensus-streamed   consensus depth scoring (2 layers, 512 scoring tokens) on the
+                   model in memory, and on a lazy skeleton (layers read one at a time; the embeddings,
+                   final norm and LM head stay in memory, as the scores go through the LM head)
 
 Peaks are given in bytes, as multiples of one decoder layer's weights and of the whole model.
 This is CPU RAM: on a GPU the same streaming bounds accelerator memory, with the weights waiting
@@ -83,6 +86,12 @@ def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> No
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         plan = make_plan(model, "magnitude", 0.2)
         save_pruned(apply_plan(model, plan), plan, Path(workdir) / "pruned-full", force=True)
+    elif kind in ("consensus-full", "consensus-streamed"):
+        if kind == "consensus-full":
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        else:
+            model, _ = load_skeleton(folder, load_outside_layers=True, lazy_layers=True)
+        make_plan(model, "consensus", layers=2, calibration=calib, max_tokens=512, progress=False)
     elif kind == "prune-streamed":
         model, _ = load_skeleton(folder, load_outside_layers=False)
         plan = make_plan(model, "random", 0.2)  # magnitude needs the weights; the plan's origin does not matter here
@@ -102,6 +111,9 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/secateurs-memory")
     p.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--kinds", default="stats-full,stats-streamed,prune-full,prune-streamed,consensus-full,"
+                                      "consensus-streamed")
+    p.add_argument("--name", default="memory", help="results file stem (default: memory)")
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.workdir, args.samples, args.length)
@@ -127,7 +139,7 @@ def main() -> None:
     model_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     params = model_bytes // 4
     rows = []
-    for kind in ("stats-full", "stats-streamed", "prune-full", "prune-streamed"):
+    for kind in args.kinds.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), "--workdir", args.workdir,
                               "--samples", str(args.samples), "--length", str(args.length)],
                              capture_output=True, text=True, check=True)
@@ -142,11 +154,12 @@ def main() -> None:
                   "params": params, "weight_bytes": model_bytes, "layer_bytes": layer_bytes, "dtype": "float32"},
         "calibration": {"samples": args.samples, "length": args.length, "batch": 8},
         "rows": rows,
-        "stats_time_ratio_streamed_over_full": by["stats-streamed"]["seconds"] / by["stats-full"]["seconds"],
+        "stats_time_ratio_streamed_over_full": by["stats-streamed"]["seconds"] / by["stats-full"]["seconds"]
+        if {"stats-streamed", "stats-full"} <= set(by) else None,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "memory.json").write_text(json.dumps(result, indent=2))
+    (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Peak memory, full vs streamed ({result['date']})", "",
              f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {params:,} parameters "
              f"(float32, {model_bytes / 2**30:.2f} GiB; one layer {layer_bytes / 2**20:.0f} MiB). Calibration "
@@ -155,9 +168,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['kind']} | {r['peak_bytes'] / 2**20:,.0f} MiB | {r['x_layer']:.2f} | {r['x_model']:.3f} | "
                      f"{r['seconds']:.1f} |")
-    lines += ["", f"Streamed statistics take {result['stats_time_ratio_streamed_over_full']:.2f}x the time of the "
-              "full forward pass (they also read every layer from disk)."]
-    (Path(args.out) / "memory.md").write_text("\n".join(lines) + "\n")
+    if result["stats_time_ratio_streamed_over_full"] is not None:
+        lines += ["", f"Streamed statistics take {result['stats_time_ratio_streamed_over_full']:.2f}x the time of the "
+                  "full path (loading included: the streamed path reads every layer from disk as it goes)."]
+    (Path(args.out) / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
