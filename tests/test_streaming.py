@@ -151,3 +151,48 @@ def test_every_method_streams_from_the_checkpoint_like_in_memory(tmp_path, metho
         assert plans[0]["provenance"][key] == plans[1]["provenance"][key]
     assert (tmp_path / "full" / "model.safetensors").read_bytes() == \
         (tmp_path / "streamed" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method, options", [
+    ("consensus", {"layers": 2, "metrics": ["cka", "nll", "bi"]}), ("flap", {}), ("magnitude", {}),
+    ("harp", {"harp_layers": 2, "alpha_grid": [0.0, 1.0]}),
+])
+def test_lazy_skeleton_holds_one_decoder_layer_at_a_time(method, options, monkeypatch):
+    """On a lazy skeleton, every method reads decoder layers one at a time: never two at once."""
+    from secateurs.calibration import load_calibration
+    from secateurs.checkpoint import CheckpointTensors
+    from secateurs.loading import _tokenizer
+
+    from conftest import STORIES, TINYSTORIES_TEXT
+
+    live: set[str] = set()
+    most = [0]
+    materialize, release = CheckpointTensors.materialize, CheckpointTensors.release
+
+    def counting_materialize(self, module, prefix, device="cpu", skip=None):
+        names = materialize(self, module, prefix, device, skip)
+        if prefix.startswith("model.layers."):
+            live.add(prefix)
+            most[0] = max(most[0], len(live))
+        return names
+
+    def counting_release(self, module, names=None):
+        release(self, module, names)
+        live.difference_update(p for p in list(live) if module is _layer(p))
+
+    skeleton, tensors = load_skeleton(STORIES, load_outside_layers=True, lazy_layers=True)
+    layers = skeleton.model.layers
+
+    def _layer(prefix):
+        return layers[int(prefix.split(".")[2])]
+
+    monkeypatch.setattr(CheckpointTensors, "materialize", counting_materialize)
+    monkeypatch.setattr(CheckpointTensors, "release", counting_release)
+    calib = load_calibration(str(TINYSTORIES_TEXT), _tokenizer(STORIES), num_samples=8, max_length=64)
+    stats = None
+    if method == "flap":
+        stats = streamed_statistics(skeleton, calib, checkpoint=tensors, progress=False)
+    make_plan(skeleton, method, 0.2 if method in ("flap", "magnitude") else None, calibration=calib,
+              statistics=stats, progress=False, **options)
+    assert most[0] == 1 and not live
+    assert all(p.device.type == "meta" for layer in layers for p in layer.parameters())
