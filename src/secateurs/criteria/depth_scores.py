@@ -1,8 +1,10 @@
 """Scores for removing whole decoder layers, from cached layer inputs.
 
-One dense forward per calibration batch records what enters layer 0 and the keyword arguments
-every layer receives (rotary position embeddings, its own causal or sliding-window mask, position
-ids). Layers are then re-run by hand with those arguments:
+The streaming driver's capture (embeddings only) records what enters layer 0 and the keyword
+arguments every layer receives (rotary position embeddings, its own causal or sliding-window mask,
+position ids). Layers are then run by hand with those arguments, one layer at a time over every
+stream, so a layer's weights are needed once per scoring round (read from disk or an offload by
+`materialized` when the model is a lazy skeleton or dispatched by accelerate):
 
 * the reference F(X): final-normed hidden states of the current model (layers already removed in
   earlier iterative rounds are skipped);
