@@ -42,6 +42,32 @@ WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 TASKS = ASSETS / "commonsense" / "llm-foundry"
 
 
+def render(result: dict) -> str:
+    """The Markdown page for a result (also for one part only)."""
+    args, ev, bench = result["args"], result["eval"], result["bench"]
+    start, end = result["machine_at_start"], result["machine_at_end"]
+    machine = (f"Machine: {start['cpu']}, {start['torch_threads']} threads, load average {start.get('load_average')} "
+               f"at start, {end.get('load_average')} at end; torch {start['torch']}, transformers "
+               f"{start['transformers']}. Took {result['seconds']} s.")
+    lines = [f"# SmolLM2-135M dense vs {result['method']}: "
+             + ", ".join(x for x, on in (("perplexity, zero-shot", ev["models"]), ("speed", bench)) if on), ""]
+    if ev["models"]:
+        tokens = f"first {args['max_tokens']} tokens" if args["max_tokens"] else "all tokens"
+        items = f"limit {args['limit']} per task" if args["limit"] else "all items"
+        lines += [f"WikiText-2 test ({ev['text']['name']}, line endings normalised), {tokens}, protocols "
+                  f"{args['protocols']}; zero-shot: lm-eval {ev.get('zero_shot', {}).get('lm_eval_version')}, "
+                  f"local llm-foundry files, {items}. Pruned with {result['method']} calibrated on "
+                  f"{Path(args['calib']).name} ({args['calib_samples']} samples). {machine}", "",
+                  render_markdown(eval_tables(ev))]
+    else:
+        lines += [f"Pruned with {result['method']} calibrated on {Path(args['calib']).name} "
+                  f"({args['calib_samples']} samples). {machine}", ""]
+    if bench:
+        lines += ["## Speed (ratios vs dense; ideal in parentheses: prefill from FLOPs, decode from bytes read)", "",
+                  bench_markdown(bench)]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -59,7 +85,12 @@ def main() -> int:
     ap.add_argument("--bench-prompt-lengths", default="128,512")
     ap.add_argument("--bench-repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ap.add_argument("--render", metavar="JSON", help="only re-render the Markdown of a saved result")
     args = ap.parse_args()
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        return 0
 
     parts = set(args.parts.split(","))
     if not parts <= {"quality", "bench"}:
@@ -104,22 +135,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = "eval_smollm2" if parts == {"quality", "bench"} else f"eval_smollm2_{args.parts}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = "\n".join([
-        f"# SmolLM2-135M dense vs {args.method}: perplexity, zero-shot, speed",
-        "",
-        f"WikiText-2 test ({text_info['name']}, line endings normalised), "
-        f"{'first ' + str(args.max_tokens) + ' tokens' if args.max_tokens else 'all tokens'}, protocols "
-        f"{args.protocols}; zero-shot: lm-eval {ev.get('zero_shot', {}).get('lm_eval_version')}, local llm-foundry "
-        f"files, {'limit ' + str(args.limit) + ' per task' if args.limit else 'all items'}. "
-        f"Machine: {machine_start['cpu']}, {machine_start['torch_threads']} threads, load average "
-        f"{machine_start.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end; "
-        f"torch {machine_start['torch']}, transformers {machine_start['transformers']}. Took {result['seconds']} s.",
-        "",
-        render_markdown(eval_tables(ev)) if evals else "",
-        "## Speed (ratios vs dense; ideal in parentheses: prefill from FLOPs, decode from bytes read)" if bench else "",
-        "",
-        bench_markdown(bench) if bench else "",
-    ])
+    md = render(result)
     (out / f"{name}.md").write_text(md)
     print(md)
     return 0
