@@ -2,7 +2,8 @@
 runs (fresh processes): per configuration, how far apart are the run medians?
 
 Target (issue 4): repeated runs agree within 5% (median). Each run's own spread over its repeats
-is shown beside it.
+is shown beside it, and the same comparison for each run's best repeat (the fastest of N, the
+estimator `timeit` recommends when noise only ever slows a measurement down).
 
     python benchmarks/bench_stability.py [--model smollm2] [--runs 3] [--repeats 5]
 """
@@ -17,6 +18,12 @@ import tempfile
 from pathlib import Path
 
 from secateurs.evaluation.speed import machine_info
+
+
+def _deviation(values: list[float]) -> float:
+    """Largest relative distance of a value from the median of the values."""
+    mid = sorted(values)[len(values) // 2]
+    return max(abs(v - mid) / mid for v in values)
 
 
 def main() -> int:
@@ -41,14 +48,17 @@ def main() -> int:
     for j, first in enumerate(runs[0]["results"]):
         for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             medians = [run["results"][j][metric]["median"] for run in runs]
+            bests = [run["results"][j][metric]["max"] for run in runs]
             spreads = [run["results"][j][metric]["spread"] for run in runs]
-            mid = sorted(medians)[len(medians) // 2]
             rows.append({"batch_size": first["batch"], "prompt_length": first["prompt_length"], "metric": metric,
-                         "medians": medians, "within_run_spreads": spreads,
-                         "max_deviation_from_median_of_runs": max(abs(m - mid) / mid for m in medians)})
+                         "medians": medians, "bests": bests, "within_run_spreads": spreads,
+                         "max_deviation_from_median_of_runs": _deviation(medians),
+                         "best_max_deviation": _deviation(bests)})
     worst = max(r["max_deviation_from_median_of_runs"] for r in rows)
+    worst_best = max(r["best_max_deviation"] for r in rows)
     result = {"benchmark": "bench_stability", "model": args.model, "runs": args.runs, "repeats": args.repeats,
-              "rows": rows, "worst_deviation": worst, "target": 0.05, "meets_target": worst <= 0.05,
+              "rows": rows, "worst_deviation": worst, "worst_deviation_of_bests": worst_best, "target": 0.05,
+              "meets_target": worst <= 0.05,
               "machine_at_start": machine, "machine_at_end": machine_info()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,14 +66,17 @@ def main() -> int:
     lines = [f"# bench stability: {args.model}, {args.runs} separate `secateurs bench` runs x {args.repeats} repeats",
              "", f"Machine: {machine['cpu']}, {machine['torch_threads']} threads, load average "
              f"{machine.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end.", "",
-             "| batch | prompt | metric | run medians (tok/s) | spread within each run | max deviation |",
-             "| ---: | ---: | --- | --- | --- | ---: |"]
+             "| batch | prompt | metric | run medians (tok/s) | spread within each run | max deviation | "
+             "run bests (tok/s) | max deviation |",
+             "| ---: | ---: | --- | --- | --- | ---: | --- | ---: |"]
     for r in rows:
         lines.append(f"| {r['batch_size']} | {r['prompt_length']} | {r['metric'].split('_')[0]} | "
                      + ", ".join(f"{m:.1f}" for m in r["medians"]) + " | "
                      + ", ".join(f"{100 * s:.1f}%" for s in r["within_run_spreads"])
-                     + f" | {100 * r['max_deviation_from_median_of_runs']:.1f}% |")
-    lines += ["", f"Worst deviation of a run's median from the median of runs: {100 * worst:.1f}% (target <= 5%).", ""]
+                     + f" | {100 * r['max_deviation_from_median_of_runs']:.1f}% | "
+                     + ", ".join(f"{b:.1f}" for b in r["bests"]) + f" | {100 * r['best_max_deviation']:.1f}% |")
+    lines += ["", f"Worst deviation of a run's median from the median of runs: {100 * worst:.1f}% (target <= 5%); "
+              f"of a run's best repeat: {100 * worst_best:.1f}%.", ""]
     (out / "bench_stability.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
