@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompt-lengths", default="128")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for bench (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
     machine = machine_info()
@@ -42,7 +43,8 @@ def main() -> int:
             out = Path(tmp) / f"run{i}.json"
             subprocess.run([sys.executable, "-m", "secateurs.cli", "bench", args.model, "--dtype", "float32",
                             "--batch-sizes", args.batch_sizes, "--prompt-lengths", args.prompt_lengths,
-                            "--repeats", str(args.repeats), "--out", str(out)], check=True, capture_output=True)
+                            "--repeats", str(args.repeats), "--out", str(out),
+                            *(["--threads", str(args.threads)] if args.threads else [])], check=True, capture_output=True)
             runs.append(json.loads(out.read_text()))
     rows = []
     for j, first in enumerate(runs[0]["results"]):
@@ -57,14 +59,17 @@ def main() -> int:
     worst = max(r["max_deviation_from_median_of_runs"] for r in rows)
     worst_best = max(r["best_max_deviation"] for r in rows)
     result = {"benchmark": "bench_stability", "model": args.model, "runs": args.runs, "repeats": args.repeats,
+              "threads": args.threads or machine["torch_threads"],
               "rows": rows, "worst_deviation": worst, "worst_deviation_of_bests": worst_best, "target": 0.05,
               "meets_target": worst <= 0.05,
               "machine_at_start": machine, "machine_at_end": machine_info()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_stability.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "bench_stability" + (f"_{args.threads}thread" if args.threads else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    threads = args.threads or machine["torch_threads"]
     lines = [f"# bench stability: {args.model}, {args.runs} separate `secateurs bench` runs x {args.repeats} repeats",
-             "", f"Machine: {machine['cpu']}, {machine['torch_threads']} threads, load average "
+             "", f"Machine: {machine['cpu']}, bench with {threads} torch thread(s), load average "
              f"{machine.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end.", "",
              "| batch | prompt | metric | run medians (tok/s) | spread within each run | max deviation | "
              "run bests (tok/s) | max deviation |",
@@ -77,7 +82,7 @@ def main() -> int:
                      + ", ".join(f"{b:.1f}" for b in r["bests"]) + f" | {100 * r['best_max_deviation']:.1f}% |")
     lines += ["", f"Worst deviation of a run's median from the median of runs: {100 * worst:.1f}% (target <= 5%); "
               f"of a run's best repeat: {100 * worst_best:.1f}%.", ""]
-    (out / "bench_stability.md").write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -83,11 +83,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, help="use the first N tokens only (the full text is ~300k)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip-interleaved", action="store_true",
                     help="leave out the interleaved pass (only needed on a busy machine; halves the run)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype)
     text, text_info = load_text(args.text)
     t0 = time.perf_counter()
@@ -127,7 +129,8 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"perplexity_speed_{args.model}_seq{args.seq_len}" + (f"_{args.max_tokens}tok" if args.max_tokens else "")
+    stem = (f"perplexity_speed_{args.model}_seq{args.seq_len}" + (f"_{args.max_tokens}tok" if args.max_tokens else "")
+            + (f"_{args.threads}thread" if args.threads else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = "\n".join([
         f"# Perplexity speed: {args.model} ({args.dtype}), {text_info['name']}, seq {args.seq_len}, batch {args.batch_size}",
