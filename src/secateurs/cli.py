@@ -228,8 +228,9 @@ def _prune_streamed(args, plan) -> int:
         skeleton, tensors = load_skeleton(args.model, load_outside_layers=needs_head, lazy_layers=True,
                                           device=args.device)
         depth = DEPTH_METHODS.get(args.method)
-        statistics = depth is None and METHODS[args.method].needs_statistics and args.method != "harp"
-        if (depth is None and METHODS[args.method].needs_statistics) or (depth is not None and depth.kind != "random"):
+        needs_data = depth.kind != "random" if depth else METHODS[args.method].needs_statistics
+        statistics = needs_data and depth is None and args.method != "harp"  # the activation statistics
+        if needs_data:
             if options["calibration"] in (None, "self"):
                 raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
                                      "with the whole model")
