@@ -13,9 +13,9 @@ from torch import nn
 
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
 from secateurs.adapters.base import set_linear
+from secateurs.offload import refuse_offloaded
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
 from secateurs.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
-from secateurs.offload import refuse_offloaded
 
 
 def _row_index(units: list[int], width: int, device) -> torch.Tensor:

@@ -22,11 +22,11 @@ from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.methods.flap import flap_plan
+from secateurs.offload import detached_copy, input_device
 from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import dense_layer_inputs
 from secateurs.surgery import apply_plan, replace_attention
-from secateurs.offload import detached_copy, input_device
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
