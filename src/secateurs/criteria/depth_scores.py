@@ -183,6 +183,8 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     start = time.perf_counter()
     sels = [t.chosen.to(t.hidden.device) for t in traces]
     tokens = sum(int(sel.sum()) for sel in sels)
+    if tokens < 4:
+        raise SecateursError(f"only {tokens} calibration tokens would be scored; use more calibration data")
     ref = [t.hidden for t in traces]
     skipping: dict[int, list[torch.Tensor]] = {}  # candidate -> its stream per trace
     local_inputs: dict[int, list[torch.Tensor]] = {}  # kept layer -> chosen rows of its input per trace
@@ -230,8 +232,6 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
                         ang_sum[c] += float((token_angles(h_in.double(), local_inputs[end][b].double()) / math.pi).sum())
                     else:
                         ang_sum[c] = math.inf
-    if tokens < 4:
-        raise SecateursError(f"only {tokens} calibration tokens were scored; use more calibration data")
     scores: dict[str, dict[int, float]] = {}
     forward_seconds = time.perf_counter() - start
     distances = [m for m in e2e if m != "nll"]
