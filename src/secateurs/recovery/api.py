@@ -1,0 +1,256 @@
+"""secateurs.recover(student, teacher, data, tokens): bring a pruned model back with distillation or
+cross-entropy, through LoRA (merged) or full fine-tuning, and optionally save it as a pruned folder
+with its plan and a recovery.json.
+
+Everything a user can get wrong is checked before the first step: the budget and settings, the
+output folder, the teacher (same family, vocabulary and tokenizer), the data (enough for one
+training sequence plus the validation slice, not the evaluation text) and, on resume, that the
+checkpoint belongs to this very run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from secateurs import __version__
+from secateurs.accounting import model_stats
+from secateurs.errors import SecateursError
+from secateurs.io import check_output_dir, save_pruned
+from secateurs.plan import CONFIG_KEY, PruningPlan
+from secateurs.recovery.data import RecoveryData, load_recovery_data
+from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
+from secateurs.recovery.objectives import OBJECTIVES, Objective
+from secateurs.recovery.trainer import LoopSettings, RecoveryError, RecoveryLoop, settings_dict
+
+RECOVERY_FILENAME = "recovery.json"
+RECOVERY_FORMAT = "secateurs.recovery/1"
+METHODS = ("full", "lora")
+# The AMP paper's recovery (official fine_tune.py): LoRA r=8, alpha=16, dropout 0.05 on the seven
+# projections, lr 3e-4. Its data (Alpaca-cleaned, 2 epochs) is the caller's --data.
+PRESETS = {"amp-paper": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 3e-4}}
+DEFAULTS = {"method": "full", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+DEFAULT_LR = {"full": 1e-4, "lora": 3e-4}
+
+
+@dataclass
+class RecoveryResult:
+    model: torch.nn.Module  # the recovered student (LoRA merged), in eval mode
+    record: dict = field(default_factory=dict)  # what recovery.json holds
+    out: Path | None = None
+
+
+def _family(model) -> str:
+    """The architecture family, seeing through the llama -> mistral export of uneven head counts."""
+    info = getattr(model.config, CONFIG_KEY, None) or {}
+    return info.get("exported_from") or model.config.model_type
+
+
+def check_teacher(student, teacher, tokenizer=None, teacher_tokenizer=None) -> None:
+    """A teacher must speak the student's vocabulary: same family, vocabulary size and tokenizer."""
+    if _family(teacher) != _family(student):
+        raise SecateursError(f"the teacher is a {_family(teacher)} model and the student a {_family(student)} "
+                             "model; distil from the dense model the student was pruned from")
+    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    if vs != vt or student.get_input_embeddings().weight.shape[0] != teacher.get_input_embeddings().weight.shape[0]:
+        raise SecateursError(f"the teacher's vocabulary ({vt} tokens) differs from the student's ({vs}); "
+                             "distillation compares their next-token distributions token by token")
+    if tokenizer is not None and teacher_tokenizer is not None:
+        same = tokenizer.get_vocab() == teacher_tokenizer.get_vocab() and all(
+            getattr(tokenizer, a, None) == getattr(teacher_tokenizer, a, None) for a in ("bos_token_id", "eos_token_id"))
+        if not same:
+            raise SecateursError("the teacher's tokenizer differs from the student's (other tokens or special "
+                                 "tokens); distil from the model the student was pruned from")
+
+
+def _resolve(preset: str | None, **given) -> dict:
+    if preset is not None and preset not in PRESETS:
+        raise SecateursError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    values = {**DEFAULTS, **(PRESETS.get(preset) or {})}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if values.get("lr") is None:
+        values["lr"] = DEFAULT_LR.get(values["method"], 1e-4)
+    return values
+
+
+def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
+                    val_tokens, chunk_rows, teacher, student) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise SecateursError(f"tokens is the training budget in tokens and must be a positive integer, got {tokens!r}")
+    if objective not in OBJECTIVES:
+        raise SecateursError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if objective == "kd" and teacher is None:
+        raise SecateursError("objective 'kd' distils from a teacher: pass the dense model (--teacher), "
+                             "or use objective 'ce'")
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise SecateursError(f"kd_ratio weighs distillation against cross-entropy and must be in [0, 1], got {kd_ratio}")
+    if not temperature > 0:
+        raise SecateursError(f"temperature must be > 0, got {temperature}")
+    if method not in METHODS:
+        raise SecateursError(f"unknown method {method!r}; use 'lora' or 'full'")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise SecateursError(f"the learning rate must be a positive number, got {lr!r}")
+    for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
+                             ("chunk_rows", chunk_rows, 1), ("val_tokens", val_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SecateursError(f"{name} must be an integer >= {low}, got {value!r}")
+    context = getattr(student.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
+
+
+def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *, tokenizer=None,
+            teacher_tokenizer=None, plan: PruningPlan | None = None, out: str | os.PathLike | None = None,
+            force: bool = False, objective: str | None = None, kd_ratio: float = 1.0, temperature: float = 1.0,
+            method: str | None = None, preset: str | None = None, lr: float | None = None,
+            lora_r: int | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
+            seq_len: int = 256, batch_size: int = 2, grad_accum: int = 1, val_tokens: int = 4096,
+            eval_every: int | None = None, patience: int | None = 3, save_every: int | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
+            scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
+            max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
+            evaluation_files: list | None = None, progress: bool = True, on_validation=None,
+            on_step=None) -> RecoveryResult:
+    """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
+
+    objective: 'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by
+    kd_ratio) or 'ce' (default without one). method: 'full' (default) or 'lora' (merged at the
+    end); preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
+    explicit arguments override the preset. `data`: a text or .jsonl file (text or Alpaca
+    records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
+    model is saved as a pruned folder (with `plan`) plus recovery.json. Checkpoints every
+    `save_every` steps go to `checkpoint_dir` (default: OUT.checkpoints, removed after a
+    successful save); resume=True continues from there bit-identically. `evaluation_files`:
+    texts evaluated in the same run, refused as data.
+    """
+    wall_start = time.perf_counter()
+    v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    objective = objective or ("kd" if teacher is not None else "ce")
+    _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
+                    val_tokens, chunk_rows, teacher if objective == "kd" else object(), student)
+    out_path = check_output_dir(out, force, getattr(student.config, "_name_or_path", None)) if out else None
+    if teacher is not None:
+        check_teacher(student, teacher, tokenizer, teacher_tokenizer)
+    if checkpoint_dir is None and out_path is not None:
+        checkpoint_dir = out_path.with_name(out_path.name + ".checkpoints")
+        default_checkpoints = True
+    else:
+        default_checkpoints = False
+    if (save_every or resume) and checkpoint_dir is None:
+        raise SecateursError("checkpoints need a folder: pass checkpoint_dir (or out)")
+    if save_every is not None and save_every < 1:
+        raise SecateursError(f"save_every must be >= 1 step, got {save_every}")
+    if objective == "ce":
+        teacher_for_loss = None
+    else:
+        teacher_for_loss = teacher.eval()
+    recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
+                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files)
+    settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
+                            weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
+                            max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
+                            save_every=save_every, seed=seed)
+    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows)
+    lora = ({"r": int(v["lora_r"]), "alpha": v["lora_alpha"], "dropout": float(v["lora_dropout"])}
+            if v["method"] == "lora" else None)
+    fingerprint = {"data_hash": recovery_data.hash, "objective": obj.to_dict(), "loop": settings_dict(settings),
+                   "method": v["method"], "lora": lora, "seq_len": seq_len,
+                   "student": _shape_fingerprint(student), "teacher": _name(teacher) if teacher_for_loss else None,
+                   "gradient_checkpointing": gradient_checkpointing}
+    params_before = model_stats(student).total_params
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trained, peft_model = student, None
+        if lora is not None:
+            targets = lora_target_names(student)
+            peft_model = attach_lora(student, lora["r"], lora["alpha"], lora["dropout"])
+        else:
+            targets = None
+            student.requires_grad_(True)
+        if gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loop = RecoveryLoop(student, teacher_for_loss, recovery_data, obj, settings, checkpoint_dir, fingerprint,
+                            progress, on_validation, on_step)
+        if resume:
+            loop.check_resumable()
+        trainable = sum(p.numel() for p in loop.params.values())
+        try:
+            history = loop.run(resume=resume)
+        finally:
+            if gradient_checkpointing:
+                student.gradient_checkpointing_disable()
+        if peft_model is not None:
+            trained = merge_lora(peft_model)
+        trained.requires_grad_(False)
+        trained.eval()
+    bad = [n for n, p in trained.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RecoveryError(f"recovered weights are not finite ({bad[:3]}); nothing was saved. Lower the learning rate")
+
+    val = history["val"]
+    after = next((r for r in val if r["step"] == history["restored_best_step"]), val[-1]) if val else None
+    tokens_trained = history["steps_done"] * loop.tokens_per_step
+    record = {
+        "format": RECOVERY_FORMAT, "secateurs_version": __version__,
+        "student": {"name_or_path": _name(student), "params": params_before},
+        "teacher": ({"name_or_path": _name(teacher), "params": model_stats(teacher).total_params,
+                     "is_plan_base": _is_plan_base(teacher, plan)} if teacher is not None else None),
+        "data": {**recovery_data.description, "hash": recovery_data.hash},
+        "objective": obj.to_dict(),
+        "parametrisation": {"method": v["method"], "preset": preset, "trainable_params": trainable,
+                            **({"lora": {**lora, "target_modules": len(targets), "targets": targets, "merged": True}}
+                               if lora else {})},
+        "optimizer": {"name": "AdamW", "lr": settings.lr, "betas": list(settings.betas),
+                      "weight_decay": weight_decay, "scheduler": scheduler, "warmup_steps": loop.warmup_steps,
+                      "max_grad_norm": max_grad_norm},
+        "batch": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+                  "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": gradient_checkpointing},
+        "tokens": {"requested": tokens, "trained": tokens_trained,
+                   "epochs": round(loop.order.epochs(history["steps_done"] * grad_accum), 4)},
+        "steps": {"planned": history["total_steps"], "done": history["steps_done"],
+                  "stopped_early": history["stopped_early"], "best_step": history["best_step"],
+                  "restored_best_step": history["restored_best_step"], "resumed_at": history["resumed_at_steps"]},
+        "seed": seed,
+        "before": val[0] if val else None, "after": after,
+        "curves": {"train": history["train"], "val": val},
+        "training_seconds": round(history["seconds"], 3),
+        "training_tokens_per_second": round(tokens_trained / history["seconds"], 2) if history["seconds"] else None,
+        "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
+    }
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    result = RecoveryResult(trained, record)
+    if out_path is not None:
+        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force,
+                                 extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
+        if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _name(model) -> str | None:
+    return getattr(model.config, "_name_or_path", None) if model is not None else None
+
+
+def _shape_fingerprint(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def _is_plan_base(teacher, plan: PruningPlan | None) -> bool | None:
+    if plan is None:
+        return None
+    here = PruningPlan.base_info(teacher)
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "head_dim", "vocab_size", "layer_shapes")
+    return all(here[k] == plan.base.get(k) for k in keys)

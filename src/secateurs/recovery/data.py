@@ -1,0 +1,224 @@
+"""Recovery data: a source -> fixed-length packed sequences with labels, split into a training set
+and a held-out validation slice, with a description and a hash for recovery.json.
+
+Sources are the calibration sources (secateurs.calibration): a text file, a .jsonl file of
+``text`` records or of Alpaca records (instruction / input / output), ``hf:NAME[:CONFIG]:SPLIT``,
+``tinystories`` and ``self`` (text sampled from the teacher, the offline default). Documents are
+tokenised, joined with EOS and cut into sequences of exactly ``seq_len`` tokens (the ragged tail
+is dropped), so no token is padding. Alpaca records are rendered with the Stanford Alpaca
+template the AMP and LLM-Pruner fine-tuning scripts use, and only the response (+ EOS) is
+learned: prompt tokens carry the label -100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from secateurs.calibration import _hf_texts, _self_generated
+from secateurs.errors import SecateursError
+from secateurs.jsonl import iter_jsonl
+
+IGNORE_INDEX = -100
+# Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+class RecoveryDataError(SecateursError):
+    """Recovery data that cannot be used (missing, too short, overlapping the evaluation text)."""
+
+
+@dataclass
+class RecoveryData:
+    """Packed sequences: ``train`` and ``val`` are (n, seq_len) input ids with labels of the same
+    shape (IGNORE_INDEX where no loss is taken)."""
+
+    train_ids: torch.Tensor
+    train_labels: torch.Tensor
+    val_ids: torch.Tensor
+    val_labels: torch.Tensor
+    description: dict = field(default_factory=dict)
+    hash: str = ""
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train_ids.shape[1])
+
+
+def alpaca_prompt(record: dict) -> str:
+    template = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def _eos_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise RecoveryDataError("recovery data is packed with EOS between documents; the tokenizer has no EOS token")
+    return int(eos)
+
+
+def _encode(tokenizer, text: str, special: bool = True) -> list[int]:
+    return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+
+def _document_stream(docs: list[str], tokenizer) -> tuple[list[int], list[int]]:
+    """Documents tokenised and joined by EOS; every token is a target."""
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(_encode(tokenizer, doc))
+        ids.append(eos)
+    return ids, list(ids)
+
+
+def alpaca_stream(records: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Alpaca records as one token stream: prompt tokens labelled IGNORE_INDEX, response + EOS learned.
+    Prompt and response are tokenised apart so the boundary is exact."""
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for record in records:
+        prompt = _encode(tokenizer, alpaca_prompt(record))
+        response = _encode(tokenizer, str(record["output"]), special=False) + [eos]
+        ids += prompt + response
+        labels += [IGNORE_INDEX] * len(prompt) + response
+    return ids, labels
+
+
+def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: int, seed: int,
+                 batch_size: int) -> tuple[list[int], list[int], dict]:
+    """(ids, labels, description) of a whole source."""
+    description: dict = {"source": spec}
+    if spec == "self":
+        if teacher is None:
+            raise RecoveryDataError("'self' recovery data is text sampled from the teacher: pass a teacher, or "
+                                    "give a text or .jsonl file")
+        samples = _self_generated(teacher, tokenizer, self_samples, seq_len, seed, batch_size)
+        ids = [t for s in samples for t in s[:seq_len]]
+        description.update(kind="teacher-generated (ancestral sampling from BOS)", samples=len(samples))
+        return ids, list(ids), description
+    if spec == "tinystories":
+        text = resources.files("secateurs").joinpath("data", "tinystories_sample.txt").read_text(encoding="utf-8")
+        ids, labels = _document_stream([text], tokenizer)
+        description["kind"] = "bundled TinyStories sample"
+        return ids, labels, description
+    if spec.startswith("hf:"):
+        docs = _hf_texts(spec)
+        ids, labels = _document_stream([d for d in docs if d.strip()], tokenizer)
+        description.update(kind="Hugging Face dataset, documents joined by EOS", documents=len(docs))
+        return ids, labels, description
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise RecoveryDataError(f"recovery data not found: {spec} (a text or .jsonl file, hf:NAME:SPLIT, "
+                                "'tinystories' or 'self')")
+    description.update(path=str(path.resolve()), sha256=file_sha256(path))
+    if path.suffix != ".jsonl":
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        ids, labels = _document_stream([text] if text.strip() else [], tokenizer)
+        description["kind"] = "text file"
+        return ids, labels, description
+    records = [_check_record(r, f"{path}:{n}") for n, r in iter_jsonl(path)]
+    alpaca = [r for r in records if "instruction" in r]
+    if alpaca and len(alpaca) != len(records):
+        raise RecoveryDataError(f"{path} mixes Alpaca records and text records; use one kind per file")
+    if alpaca:
+        ids, labels = alpaca_stream(alpaca, tokenizer)
+        description.update(kind="Alpaca records, Stanford Alpaca template, loss on the response (+EOS) only",
+                           documents=len(alpaca))
+    else:
+        docs = [r["text"] for r in records if r["text"].strip()]
+        ids, labels = _document_stream(docs, tokenizer)
+        description.update(kind="jsonl text records joined by EOS", documents=len(docs))
+    return ids, labels, description
+
+
+def _check_record(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise RecoveryDataError(f"{where}: a recovery record must be a JSON object")
+    if "instruction" in record:
+        if "output" not in record:
+            raise RecoveryDataError(f"{where}: an Alpaca record needs an 'output' (the response to learn)")
+        return record
+    if not isinstance(record.get("text"), str):
+        raise RecoveryDataError(f"{where}: a recovery record needs a string 'text' field or Alpaca "
+                                "'instruction'/'input'/'output' fields")
+    return record
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | None) -> None:
+    """Training on the text a run then evaluates on would report memorisation as recovery: refuse
+    a data file that is an evaluation file (same path or same bytes)."""
+    path = Path(spec).expanduser()
+    if not evaluation_files or not path.is_file():
+        return
+    digest = None
+    for other in evaluation_files:
+        other = Path(other).expanduser()
+        if not other.is_file():
+            continue
+        if other.resolve() == path.resolve():
+            raise RecoveryDataError(f"recovery data {path} is the evaluation text of this run; recover on other "
+                                    "text (e.g. C4), never on what you then evaluate")
+        digest = digest or file_sha256(path)
+        if file_sha256(other) == digest:
+            raise RecoveryDataError(f"recovery data {path} has the same content as the evaluation text {other}; "
+                                    "recover on other text")
+
+
+def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_tokens: int, seed: int = 0,
+                       teacher=None, evaluation_files: list[str | Path] | None = None,
+                       generation_batch_size: int = 8) -> RecoveryData:
+    """Pack `spec` into sequences of seq_len tokens; hold out ceil(val_tokens / seq_len) of them
+    (a seeded random choice) for validation. 'self' samples just enough text from the teacher
+    for `tokens` training tokens plus the validation slice."""
+    if tokenizer is None:
+        raise RecoveryDataError("recovery data needs a tokenizer; the model folder has none")
+    if seq_len < 2:
+        raise RecoveryDataError(f"seq_len must be at least 2 tokens, got {seq_len}")
+    refuse_evaluation_overlap(spec, evaluation_files)
+    num_val = math.ceil(val_tokens / seq_len) if val_tokens > 0 else 0
+    self_samples = num_val + max(1, math.ceil(tokens / seq_len))
+    ids, labels, description = _read_source(spec, tokenizer, teacher=teacher, seq_len=seq_len,
+                                            self_samples=self_samples, seed=seed, batch_size=generation_batch_size)
+    count = len(ids) // seq_len
+    if count == 0:
+        raise RecoveryDataError(f"recovery data {spec} gives {len(ids)} tokens, fewer than one sequence of "
+                                f"{seq_len}; give more text or a shorter --seq-len")
+    if count < num_val + 1:
+        raise RecoveryDataError(f"recovery data {spec} gives {count} sequences of {seq_len} tokens: too few for "
+                                f"{num_val} validation sequences ({val_tokens} validation tokens) and at least one "
+                                "to train on; give more text, or fewer --val-tokens")
+    all_ids = torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+    all_labels = torch.tensor(labels[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:num_val].sort().values, order[num_val:].sort().values
+    data = RecoveryData(all_ids[train], all_labels[train], all_ids[val], all_labels[val])
+    if int((data.train_labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
+        raise RecoveryDataError(f"recovery data {spec} has no token to learn in its training sequences")
+    h = hashlib.sha256()
+    for t in (data.train_ids, data.train_labels, data.val_ids, data.val_labels):
+        h.update(t.numpy().tobytes())
+    data.hash = h.hexdigest()[:16]
+    description.update(seq_len=seq_len, tokens_read=len(ids), sequences=count, train_sequences=len(train),
+                       val_sequences=len(val), train_tokens_available=len(train) * seq_len,
+                       supervised_fraction=round(float((all_labels != IGNORE_INDEX).float().mean()), 4),
+                       split_seed=seed)
+    data.description = description
+    return data
