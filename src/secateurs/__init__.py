@@ -7,6 +7,7 @@ from secateurs.plan import LayerPlan, PruningPlan  # noqa: E402
 from secateurs.surgery import apply_plan  # noqa: E402
 from secateurs.io import load_pruned, save_pruned  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
+from secateurs.recovery import recover  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -17,4 +18,5 @@ __all__ = [
     "load_pruned",
     "save_pruned",
     "prune",
+    "recover",
 ]

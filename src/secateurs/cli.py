@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
     _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
+    _add_recover_parser(sub)
     return parser
 
 
@@ -345,6 +346,105 @@ COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo":
 from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
 
 COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
+
+
+# -- recover: distillation / LoRA after pruning (secateurs.recovery) --------------------------------
+def _add_recover_parser(sub) -> None:
+    p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
+                                       "LoRA (merged) or full fine-tuning")
+    p.add_argument("pruned", help="pruned model folder (or any model secateurs loads) to train")
+    p.add_argument("--teacher", help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
+    p.add_argument("--data", default="self", help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca "
+                                                  "learns the response only), hf:NAME:SPLIT, 'tinystories', or 'self' "
+                                                  "(text sampled from the teacher; default)")
+    p.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (default: 200000)")
+    p.add_argument("--out", required=True, help="output folder: a pruned folder with the plan and recovery.json")
+    p.add_argument("--objective", choices=("kd", "ce"),
+                   help="kd: forward KL from the teacher (default with --teacher); ce: cross-entropy (default without)")
+    p.add_argument("--kd-ratio", type=float, default=1.0,
+                   help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2; default: 1)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--lora", dest="method", action="store_const", const="lora",
+                      help="train LoRA adapters (merged into the weights before saving)")
+    what.add_argument("--full", dest="method", action="store_const", const="full",
+                      help="train every weight (default)")
+    p.add_argument("--preset", choices=("amp-paper",),
+                   help="amp-paper: LoRA r=8, alpha=16, dropout 0.05 on the seven projections, lr 3e-4")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default: 8)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 16)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.05)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence (default: 256)")
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per micro-batch (default: 2)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
+    p.add_argument("--val-tokens", type=int, default=4096, help="held-out validation tokens (default: 4096; 0: none)")
+    p.add_argument("--eval-every", type=int, help="steps between validations (default: a tenth of the run)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="stop after this many validations without improvement, keeping the best weights (0: never)")
+    p.add_argument("--save-every", type=int, help="write a checkpoint every N steps (to --checkpoint-dir)")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT.checkpoints, removed after success)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, bit-identically")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data split and order and LoRA init (default: 0)")
+    p.add_argument("--scheduler", default="cosine", help="transformers scheduler: cosine, linear, constant_with_warmup, ...")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps warming up (default: 0.05)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: 1.0; 0: off)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--ppl", metavar="TEXT", help="also report perplexity (seq 128) on this text before and after; "
+                                                 "refused as --data")
+    p.add_argument("--ppl-tokens", type=int, default=65536, help="first N tokens of --ppl (default: 65536)")
+    p.add_argument("--dtype", default="float32", help="dtype to train in (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def cmd_recover(args) -> int:
+    from secateurs.evaluation.perplexity import load_text, perplexity
+    from secateurs.io import check_output_dir
+    from secateurs.loading import load_model
+    from secateurs.plan import PLAN_FILENAME, PruningPlan
+    from secateurs.recovery import recover
+    from secateurs.recovery.data import refuse_evaluation_overlap
+
+    check_output_dir(args.out, args.force, args.pruned)  # fail before loading anything
+    if args.tokens <= 0:
+        raise SecateursError(f"--tokens is the training budget and must be positive, got {args.tokens}")
+    refuse_evaluation_overlap(args.data, [args.ppl] if args.ppl else None)
+    plan = PruningPlan.load(args.pruned) if (Path(args.pruned) / PLAN_FILENAME).is_file() else None
+    student, tokenizer = load_model(args.pruned, args.dtype, args.device)
+    teacher, teacher_tokenizer = load_model(args.teacher, args.dtype, args.device) if args.teacher else (None, None)
+    text = load_text(args.ppl)[0] if args.ppl else None
+
+    def ppl(model):
+        return perplexity(model, tokenizer, text, seq_len=128, max_tokens=args.ppl_tokens, progress=False)["perplexity"]
+
+    before = ppl(student) if text else None
+    result = recover(student, teacher, args.data, args.tokens, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                     plan=plan, out=args.out, force=args.force, objective=args.objective, kd_ratio=args.kd_ratio,
+                     temperature=args.temperature, method=args.method, preset=args.preset, lr=args.lr,
+                     lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience or None,
+                     save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                     seed=args.seed, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
+                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+                     gradient_checkpointing=args.gradient_checkpointing,
+                     evaluation_files=[args.ppl] if args.ppl else None)
+    r = result.record
+    print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "
+          f"{r['steps']['done']} steps, {r['training_tokens_per_second']} tok/s")
+    if r["before"] and r["after"]:
+        print(f"validation loss {r['before']['loss']:.4f} -> {r['after']['loss']:.4f}, perplexity "
+              f"{r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f}")
+    if text:
+        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {before:.2f} -> "
+              f"{ppl(result.model):.2f}")
+    print(f"saved to {result.out}")
+    return 0
+
+
+COMMANDS["recover"] = cmd_recover
 
 
 def main(argv: list[str] | None = None) -> int:

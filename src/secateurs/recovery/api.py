@@ -81,12 +81,12 @@ def _resolve(preset: str | None, **given) -> dict:
 
 
 def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, teacher, student) -> None:
+                    val_tokens, chunk_rows, has_teacher, student) -> None:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise SecateursError(f"tokens is the training budget in tokens and must be a positive integer, got {tokens!r}")
     if objective not in OBJECTIVES:
         raise SecateursError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if objective == "kd" and teacher is None:
+    if objective == "kd" and not has_teacher:
         raise SecateursError("objective 'kd' distils from a teacher: pass the dense model (--teacher), "
                              "or use objective 'ce'")
     if not 0.0 <= kd_ratio <= 1.0:
@@ -134,7 +134,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     objective = objective or ("kd" if teacher is not None else "ce")
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, teacher if objective == "kd" else object(), student)
+                    val_tokens, chunk_rows, teacher is not None, student)
     out_path = check_output_dir(out, force, getattr(student.config, "_name_or_path", None)) if out else None
     if teacher is not None:
         check_teacher(student, teacher, tokenizer, teacher_tokenizer)
@@ -222,7 +222,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         "before": val[0] if val else None, "after": after,
         "curves": {"train": history["train"], "val": val},
         "training_seconds": round(history["seconds"], 3),
-        "training_tokens_per_second": round(tokens_trained / history["seconds"], 2) if history["seconds"] else None,
+        "validation_seconds": round(history["validation_seconds"], 3),
+        "training_tokens_per_second": _rate(tokens_trained, history["seconds"] - history["validation_seconds"]),
         "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
     }
     record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
@@ -233,6 +234,11 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    """Training tokens per second of the steps alone (validation excluded)."""
+    return round(tokens / seconds, 2) if seconds > 0 else None
 
 
 def _name(model) -> str | None:

@@ -47,17 +47,21 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return decoder(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
 
 
+def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _chunk_terms(objective: Objective, z_s: torch.Tensor, z_t: torch.Tensor | None, targets: torch.Tensor,
                  with_metrics: bool) -> tuple[torch.Tensor, dict]:
     """Summed loss of one chunk (float32) and, for validation, summed NLL and KL at T = 1."""
-    z_s = z_s.float()
+    z_s = _at_least_float32(z_s)
     log_ps = F.log_softmax(z_s, dim=-1)
     nll = -log_ps.gather(-1, targets[:, None])[:, 0]
     metrics = {}
     if objective.kind == "ce" or z_t is None:
         loss = nll.sum()
     else:
-        z_t = z_t.float()
+        z_t = _at_least_float32(z_t)
         t = objective.temperature
         log_pt = F.log_softmax(z_t / t, dim=-1)
         log_ps_t = log_ps if t == 1.0 else F.log_softmax(z_s / t, dim=-1)

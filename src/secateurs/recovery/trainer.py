@@ -112,7 +112,8 @@ class RecoveryLoop:
                                        num_training_steps=self.total_steps)
         self.order = DataOrder(len(data.train_ids), settings.batch_size, settings.seed)
         self.step = 0
-        self.history: dict = {"train": [], "val": [], "seconds": 0.0, "resumed_at_steps": []}
+        self.history: dict = {"train": [], "val": [], "seconds": 0.0, "validation_seconds": 0.0,
+                              "resumed_at_steps": []}
         self.best: dict | None = None  # {"step", "loss"} of the best validation so far
         self.bad_validations = 0
 
@@ -123,6 +124,7 @@ class RecoveryLoop:
         ids, labels = self.data.val_ids, self.data.val_labels
         if len(ids) == 0:
             return {}
+        started = time.perf_counter()
         was_training = self.student.training
         self.student.eval()
         totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "tokens": 0}
@@ -138,6 +140,7 @@ class RecoveryLoop:
         if self.teacher is not None and self.objective.kind == "kd":
             out["kl"] = totals["kl"] / n
         _finite_or_raise(out["loss"], "the validation loss", self.step)
+        self.history["validation_seconds"] += time.perf_counter() - started
         return out
 
     @property
@@ -174,15 +177,15 @@ class RecoveryLoop:
     def run(self, resume: bool = False) -> dict:
         if resume:
             self._load_checkpoint()
-        else:
+        started = time.perf_counter()
+        seconds_before = self.history["seconds"]
+        if not resume:
             self._record_validation(self.validate())
         interval = self.s.validation_interval(self.data.seq_len)
         self.student.train()
         stopped_early = False
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                    unit="tok", unit_scale=True, desc="recover", disable=not self.progress, smoothing=0.1)
-        started = time.perf_counter()
-        seconds_before = self.history["seconds"]
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
@@ -215,8 +218,11 @@ class RecoveryLoop:
         if not val:
             return False
         self.history["val"].append(val)
-        if self.on_validation is not None:
+        if self.on_validation is not None:  # sees the model as validation does: eval mode, no dropout
+            was_training = self.student.training
+            self.student.eval()
             self.on_validation(val, self.student)
+            self.student.train(was_training)
         if self.best is None or val["loss"] < self.best["loss"]:
             self.best = {"step": val["step"], "loss": val["loss"]}
             self.bad_validations = 0

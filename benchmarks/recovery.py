@@ -1,0 +1,212 @@
+"""Recovery after pruning on SmolLM2-135M: WikiText-2 perplexity before and after recovery at fixed
+token budgets, distillation (kd) vs cross-entropy (ce), full fine-tuning vs LoRA, and the loop's
+training throughput against the plain operations it is made of.
+
+Pruning: AMP at each ratio, calibrated on 32 C4 samples (as eval_smollm2.py / amp_quality.py).
+Recovery data: the C4 sample (never WikiText: the WikiText file is passed as the run's evaluation
+text, which recover() refuses as data). Perplexity: WikiText-2 test, seq 128, first --eval-tokens
+tokens (secateurs.evaluation.perplexity). Results go to benchmarks/results/<name>.{json,md}, written
+again after every run, so an interrupted benchmark keeps what finished.
+
+    python benchmarks/recovery.py --runs kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k --threads 1
+
+A run is OBJECTIVE-METHOD-BUDGET[@RATIO]: kd|ce, full|lora (lora = the amp-paper preset),
+budget in tokens (50k, 200k, 1m), ratio of all parameters (default 0.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from secateurs.accounting import model_stats  # noqa: E402
+from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
+from secateurs.evaluation.speed import machine_info  # noqa: E402
+from secateurs.loading import load_model  # noqa: E402
+from secateurs.methods import prune  # noqa: E402
+from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
+from secateurs.recovery.trainer import LoopSettings, RecoveryLoop  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
+C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
+
+
+def parse_run(spec: str) -> dict:
+    name, _, ratio = spec.partition("@")
+    objective, method, budget = name.split("-")
+    scale = {"k": 1_000, "m": 1_000_000}.get(budget[-1].lower(), 1)
+    tokens = int(float(budget[:-1] if scale > 1 else budget) * scale)
+    if objective not in ("kd", "ce") or method not in ("full", "lora"):
+        raise SystemExit(f"bad run {spec!r}: OBJECTIVE-METHOD-BUDGET[@RATIO], kd|ce, full|lora")
+    return {"label": spec, "objective": objective, "method": method, "tokens": tokens, "ratio": float(ratio or 0.2)}
+
+
+def wiki_ppl(model, tok, text, ids, max_tokens) -> float:
+    return perplexity(model, tok, text, seq_len=128, max_tokens=max_tokens, ids=ids, progress=False)["perplexity"]
+
+
+def throughput(pruned, dense, tok, args, reps: int) -> dict:
+    """Median seconds of one loop step (kd, full fine-tuning) vs the plain operations on the same batch:
+    student forward + backward (HF loss) + teacher forward; interleaved, after a warm-up."""
+    student = copy.deepcopy(pruned).train().requires_grad_(True)
+    data = load_recovery_data(str(C4), tok, seq_len=args.seq_len, tokens=args.seq_len * args.batch_size * (reps + 2),
+                              val_tokens=0)
+    loop = RecoveryLoop(student, dense.eval(), data, Objective("kd"), LoopSettings(tokens=10**9, batch_size=args.batch_size),
+                        progress=False)
+    plain = copy.deepcopy(pruned).train().requires_grad_(True)
+    ids = data.train_ids[: args.batch_size]
+
+    def plain_step():
+        plain(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with torch.no_grad():
+            dense(input_ids=ids, use_cache=False)
+        plain.zero_grad(set_to_none=True)
+
+    def plain_optimizer_step(opt=torch.optim.AdamW(plain.parameters(), lr=1e-9)):
+        plain(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with torch.no_grad():
+            dense(input_ids=ids, use_cache=False)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    timings = {"loop": [], "plain": [], "plain_with_adamw": []}
+    fns = {"loop": loop.train_step, "plain": plain_step, "plain_with_adamw": plain_optimizer_step}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            timings[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    tokens = args.seq_len * args.batch_size
+    return {"reps": reps, "tokens_per_step": tokens, "median_seconds": {k: round(v, 4) for k, v in med.items()},
+            "tokens_per_second": {k: round(tokens / v, 2) for k, v in med.items()},
+            "loop_vs_plain": round(med["plain"] / med["loop"], 3),
+            "loop_vs_plain_with_adamw": round(med["plain_with_adamw"] / med["loop"], 3)}
+
+
+def render(result: dict) -> str:
+    m0, m1 = result["machine_at_start"], result.get("machine_at_end", {})
+    a = result["args"]
+    dense = result["dense"]["ppl"]
+    lines = [
+        "# Recovery after pruning: SmolLM2-135M", "",
+        f"AMP pruning calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
+        f"sequences of {a['seq_len']} tokens, batch {a['batch_size']}, validation {a['val_tokens']} held-out tokens; "
+        f"WikiText-2 test perplexity, seq 128, first {a['eval_tokens']:,} tokens. kd = forward KL from the dense "
+        "model (T = 1, kd_ratio 1), ce = cross-entropy; full = all weights, AdamW lr 1e-4; lora = amp-paper preset "
+        "(r 8, alpha 16, dropout 0.05, seven projections, lr 3e-4, merged); cosine decay, 5% warm-up, clip 1.0.", "",
+        f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
+        f"{m0.get('load_average')} at start, {m1.get('load_average')} at end (shared with another engineer's jobs); "
+        f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
+        f"Dense perplexity: {dense:.2f} ({result['dense']['source']}).", "",
+        "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense | val KL before -> after | "
+        "train tok/s | minutes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in result["runs"]:
+        kl = (f"{r['val_before'].get('kl', float('nan')):.3f} -> {r['val_after'].get('kl', float('nan')):.3f}"
+              if "kl" in r["val_before"] else "-")
+        lines.append(f"| AMP {int(r['ratio'] * 100)}% | {r['objective']} {r['method']} | {r['tokens_trained']:,} | "
+                     f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
+                     f"{kl} | {r['train_tokens_per_second']} | {r['minutes']:.1f} |")
+    if result.get("throughput"):
+        t = result["throughput"]
+        lines += ["", f"Throughput (AMP 20%, kd full, batch {a['batch_size']} x {a['seq_len']}, median of {t['reps']} "
+                  f"interleaved steps): loop {t['tokens_per_second']['loop']} tok/s; plain student forward+backward + "
+                  f"teacher forward {t['tokens_per_second']['plain']} tok/s (loop/plain = {t['loop_vs_plain']}); "
+                  f"plain + AdamW step {t['tokens_per_second']['plain_with_adamw']} tok/s "
+                  f"(loop/plain+AdamW = {t['loop_vs_plain_with_adamw']})."]
+    if result.get("not_run"):
+        lines += ["", "Not run: " + "; ".join(result["not_run"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--val-tokens", type=int, default=2048)
+    ap.add_argument("--throughput-reps", type=int, default=5, help="0 skips the throughput measurement")
+    ap.add_argument("--dense-ppl-from", metavar="JSON",
+                    help="reuse the dense perplexity of an eval_smollm2 result (same protocol) instead of measuring")
+    ap.add_argument("--name", default="recovery")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = [parse_run(s) for s in args.runs.split(",") if s]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "recovery", "args": vars(args), "machine_at_start": machine_info(), "runs": [],
+              "not_run": []}
+
+    def write():
+        result["machine_at_end"] = machine_info()
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / f"{args.name}.md").write_text(render(result))
+
+    dense, tok = load_model("smollm2", "float32")
+    text, text_info = load_text(WIKI)
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
+    if args.dense_ppl_from:
+        saved = json.loads(Path(args.dense_ppl_from).read_text())
+        dense_ppl = next(p["perplexity"] for p in saved["eval"]["models"]["dense"]["perplexity"]
+                         if p["seq_len"] == 128 and p.get("tokens") == (args.eval_tokens // 128) * 127)
+        result["dense"] = {"ppl": dense_ppl, "source": f"from {Path(args.dense_ppl_from).name}, same protocol"}
+    else:
+        result["dense"] = {"ppl": wiki_ppl(dense, tok, text, ids, args.eval_tokens), "source": "measured in this run"}
+    result["dense"]["params"] = model_stats(dense).total_params
+    print("dense", result["dense"], flush=True)
+    pruned = {}
+    for ratio in sorted({r["ratio"] for r in runs}):
+        model, plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=ratio, calibration=str(C4),
+                            calibration_options={"num_samples": 32}, progress=False)
+        pruned[ratio] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens))
+        result.setdefault("pruned", {})[str(ratio)] = {"ppl": pruned[ratio][2], "params": model_stats(model).total_params}
+        print("pruned", ratio, pruned[ratio][2], flush=True)
+        write()
+    if args.throughput_reps and 0.2 in pruned:
+        result["throughput"] = throughput(pruned[0.2][0], dense, tok, args, args.throughput_reps)
+        print("throughput", result["throughput"], flush=True)
+        write()
+    for run in runs:
+        model, plan, before = pruned[run["ratio"]]
+        t0 = time.perf_counter()
+        rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
+                      tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
+                      objective=run["objective"], preset="amp-paper" if run["method"] == "lora" else None,
+                      method=run["method"], seq_len=args.seq_len, batch_size=args.batch_size,
+                      val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True)
+        after = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
+        r = rec.record
+        result["runs"].append({**run, "tokens_trained": r["tokens"]["trained"], "steps": r["steps"]["done"],
+                               "ppl_before": before, "ppl_after": after, "val_before": r["before"],
+                               "val_after": r["after"], "train_tokens_per_second": r["training_tokens_per_second"],
+                               "minutes": (time.perf_counter() - t0) / 60, "recovery": {k: v for k, v in r.items()
+                                                                                      if k != "curves"},
+                               "val_curve": r["curves"]["val"]})
+        print(run["label"], before, "->", after, flush=True)
+        write()
+    write()
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

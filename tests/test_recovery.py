@@ -1,0 +1,395 @@
+"""Recovery after pruning (secateurs.recover): distillation and cross-entropy, LoRA (merged) and full
+fine-tuning, on the real stories260K model pruned in every form; data packing and Alpaca masking;
+bit-identical resume; refusals before any work."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import secateurs
+from secateurs.cli import main
+from secateurs.errors import OutputExistsError, SecateursError
+from secateurs.io import load_pruned, save_pruned
+from secateurs.loading import load_model
+from secateurs.methods import make_plan, prune
+from secateurs.plan import PLAN_FILENAME, PruningPlan
+from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
+from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
+from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
+from secateurs.recovery.objectives import Objective, chunked_loss
+from secateurs.surgery import apply_plan
+
+from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
+
+SEQ = 64
+QUICK = dict(seq_len=SEQ, batch_size=2, val_tokens=4 * SEQ, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load_model(str(STORIES), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def amp20(stories):
+    dense, tok = stories
+    return prune(copy.deepcopy(dense), tok, method="amp", ratio=0.2, calibration=str(TINYSTORIES_TEXT),
+                 calibration_options={"num_samples": 8, "max_length": 64}, progress=False)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids():
+    return input_ids(2, 24, vocab=512, seed=3)
+
+
+# -- the objectives ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma2", "phi", "phi3"])
+def test_chunked_loss_and_gradients_equal_the_full_logits_reference(family):
+    """Row chunks + two-stage backward give the loss and gradients of the plain full-logits formula."""
+    student, teacher = tiny_model(family, seed=0), tiny_model(family, seed=1)
+    ids = input_ids(2, 12)
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    sums = chunked_loss(student, teacher, ids, labels, Objective("kd", kd_ratio=0.7, temperature=2.0, chunk_rows=5),
+                        scale=1 / n)
+    chunked = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    zs, zt, y = student(ids).logits[:, :-1], teacher(ids).logits[:, :-1].detach(), labels[:, 1:]
+    mask = y != IGNORE_INDEX
+    zs, zt, y = zs[mask], zt[mask], y[mask]
+    kl = torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1), log_target=True,
+                                    reduction="none").sum(-1)
+    reference = (0.7 * 4 * kl + 0.3 * torch.nn.functional.cross_entropy(zs, y, reduction="none")).mean()
+    reference.backward()
+    assert sums["tokens"] == n
+    assert sums["loss"] / n == pytest.approx(reference.item(), rel=1e-12)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-10, atol=1e-12)
+
+
+# -- recovery lowers the loss -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_distillation_lowers_validation_kl_and_perplexity(stories, amp20, method):
+    dense, tok = stories
+    pruned, plan = amp20
+    lr = 2e-3 if method == "full" else 1e-2
+    result = recover(copy.deepcopy(pruned), dense, data=str(TINYSTORIES_TEXT), tokens=16 * 2 * SEQ, tokenizer=tok,
+                     teacher_tokenizer=tok, plan=plan, method=method, lr=lr, patience=None, **QUICK)
+    before, after = result.record["before"], result.record["after"]
+    assert after["kl"] < 0.8 * before["kl"]
+    assert after["perplexity"] < before["perplexity"]
+    assert result.record["steps"]["done"] == 16 and result.record["tokens"]["trained"] == 16 * 2 * SEQ
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert not any("lora" in n for n, _ in result.model.named_parameters())
+    if method == "lora":
+        lora = result.record["parametrisation"]["lora"]
+        assert lora["r"] == 8 and lora["alpha"] == 16 and lora["target_modules"] == 7 * 5  # seven projections x 5 layers
+
+
+def test_early_stop_keeps_the_best_validated_weights(stories, amp20):
+    dense, tok = stories
+    pruned, _ = amp20
+    result = recover(copy.deepcopy(pruned), dense, data=str(TINYSTORIES_TEXT), tokens=30 * 2 * SEQ, tokenizer=tok,
+                     lr=0.3, warmup_ratio=0.0, scheduler="constant", eval_every=1, patience=2, **QUICK)
+    steps, val = result.record["steps"], result.record["curves"]["val"]
+    assert steps["stopped_early"] and steps["done"] < steps["planned"]
+    best = min(val, key=lambda r: r["loss"])
+    assert result.record["after"] == best and steps["best_step"] == best["step"]
+    assert [r["loss"] > best["loss"] for r in val[-2:]] == [True, True]
+    if best["step"] != steps["done"]:
+        assert steps["restored_best_step"] == best["step"]
+
+
+def test_cross_entropy_without_teacher_lowers_perplexity(stories, amp20):
+    _, tok = stories
+    pruned, plan = amp20
+    result = recover(copy.deepcopy(pruned), None, data=str(TINYSTORIES_TEXT), tokens=12 * 2 * SEQ, tokenizer=tok,
+                     plan=plan, lr=2e-3, **QUICK)
+    assert result.record["objective"]["kind"] == "ce" and result.record["teacher"] is None
+    assert result.record["after"]["perplexity"] < 0.95 * result.record["before"]["perplexity"]
+
+
+def test_lora_merged_equals_unmerged_in_float64(stories, amp20):
+    """The logits of the trained, unmerged LoRA model (captured at the last validation) equal those
+    of the merged model recover() returns."""
+    dense, tok = stories
+    pruned, plan = amp20
+    student, teacher = copy.deepcopy(pruned).double(), copy.deepcopy(dense).double()
+    ids = _ids()
+    seen = {}
+
+    def capture(val, model):
+        seen[val["step"]] = _logits(model, ids)
+
+    result = recover(student, teacher, data=str(TINYSTORIES_TEXT), tokens=6 * 2 * SEQ, tokenizer=tok, method="lora",
+                     lr=1e-2, patience=None, on_validation=capture, **QUICK)
+    unmerged = seen[6]
+    merged = _logits(result.model, ids)
+    assert (unmerged - seen[0]).abs().max() > 1e-3  # the adapters did change the model
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-10)
+
+
+def test_lora_targets_come_from_the_adapters():
+    for family, expected in (("llama-gqa", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+                             ("phi", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
+                             ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})):
+        model = tiny_model(family)
+        names = lora_target_names(model)
+        assert {n.rsplit(".", 1)[1] for n in names} == expected
+        assert len(names) == len(expected) * model.config.num_hidden_layers
+
+
+# -- the recovered folder ----------------------------------------------------------
+
+
+def test_recovered_folder_reloads_like_its_pruned_twin(stories, amp20, tmp_path):
+    dense, tok = stories
+    pruned, plan = amp20
+    twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
+    result = recover(load_pruned(twin), dense, data=str(TINYSTORIES_TEXT), tokens=4 * 2 * SEQ, tokenizer=tok,
+                     teacher_tokenizer=tok, plan=PruningPlan.load(twin), out=tmp_path / "recovered", method="lora",
+                     **QUICK)
+    out = result.out
+    twin_info = json.loads((twin / "config.json").read_text())["secateurs"]
+    info = json.loads((out / "config.json").read_text())["secateurs"]
+    assert info == twin_info and info["stock_loadable"]
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids()
+    torch.testing.assert_close(_logits(stock, ids), _logits(result.model, ids), rtol=0, atol=0)
+    assert not torch.equal(_logits(stock, ids), _logits(pruned, ids))
+    assert (out / PLAN_FILENAME).read_text() == (twin / PLAN_FILENAME).read_text()
+    record = json.loads((out / RECOVERY_FILENAME).read_text())
+    assert record["data"]["sha256"] and record["data"]["hash"] == result.record["data"]["hash"]
+    assert record["teacher"]["is_plan_base"] is True
+    assert len(record["curves"]["train"]) == 4 and record["curves"]["val"][0]["step"] == 0
+    assert record["optimizer"]["name"] == "AdamW" and record["parametrisation"]["lora"]["merged"]
+    assert not (tmp_path / "recovered.checkpoints").exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def _forms(dense, tok):
+    """Every pruned form of stories260K (8 heads in 4 KV groups, 172 neurons, 5 layers)."""
+    plans = {}
+    plans["uniform"] = make_plan(dense, "amp", 0.2, tokenizer=tok, calibration=str(TINYSTORIES_TEXT),
+                                 calibration_options={"num_samples": 8, "max_length": 64}, progress=False)
+    het = PruningPlan.identity(dense)
+    het.layers[0].kv_heads = [0, 2, 3]
+    het.layers[1].neurons = list(range(0, 172, 2))
+    het.layers[3].heads = [0, 2, 4, 6]
+    plans["heterogeneous"] = het
+    plans["flap"] = make_plan(dense, "flap", 0.2, tokenizer=tok, calibration=str(TINYSTORIES_TEXT),
+                              calibration_options={"num_samples": 8, "max_length": 64}, progress=False)
+    harp = PruningPlan.identity(dense)
+    harp.layers[4].attention = {"mode": "value", "alpha": 0.5}
+    harp.layers[3].attention = {"mode": "removed"}
+    plans["harp"] = harp
+    depth = PruningPlan.identity(dense)
+    depth.layers[2].removed = True
+    plans["depth"] = depth
+    return plans
+
+
+@pytest.mark.parametrize("form", ["uniform", "heterogeneous", "flap", "harp", "depth"])
+def test_every_pruned_form_trains_saves_and_reloads(stories, form, tmp_path):
+    dense, tok = stories
+    plan = _forms(dense, tok)[form]
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
+    before = {n: p.detach().clone() for n, p in pruned.named_parameters()}
+    for method in ("lora", "full"):
+        student = load_pruned(twin)
+        result = recover(student, dense, data=str(TINYSTORIES_TEXT), tokens=3 * 2 * SEQ, tokenizer=tok,
+                         plan=plan, out=tmp_path / method, method=method, lr=1e-3 if method == "lora" else 5e-4,
+                         patience=None, **QUICK)
+        after = dict(result.model.named_parameters())
+        assert set(after) == set(before)  # same structure: no adapter left, nothing lost
+        assert any(not torch.equal(after[n], before[n]) for n in before)
+        assert result.record["after"]["kl"] < result.record["before"]["kl"]
+        reloaded = load_pruned(result.out)
+        torch.testing.assert_close(_logits(reloaded, _ids()), _logits(result.model, _ids()), rtol=0, atol=0)
+        info = json.loads((result.out / "config.json").read_text())["secateurs"]
+        assert info == json.loads((twin / "config.json").read_text())["secateurs"]
+    if form == "flap":
+        assert "extra_parameters" in info and not info["stock_loadable"]
+
+
+def test_harp_fused_matrix_is_a_lora_target(stories):
+    dense, _ = stories
+    harp = PruningPlan.identity(dense)
+    harp.layers[4].attention = {"mode": "value", "alpha": 0.5}
+    harp.layers[3].attention = {"mode": "removed"}
+    names = lora_target_names(apply_plan(copy.deepcopy(dense), harp))
+    assert "model.layers.4.self_attn.fused" in names
+    assert not any(n.startswith("model.layers.3.self_attn") for n in names)
+    assert len(names) == 7 * 3 + 1 + 3 + 3  # 3 full layers, layer 4: fused + MLP, layer 3: MLP only
+
+
+# -- resume ------------------------------------------------------------------------
+
+
+def test_resume_after_k_steps_equals_the_uninterrupted_run(stories, amp20, tmp_path):
+    dense, tok = stories
+    pruned, plan = amp20
+    run = dict(data=str(TINYSTORIES_TEXT), tokens=7 * 2 * SEQ, tokenizer=tok, method="lora", lr=5e-3,
+               lora_dropout=0.2, eval_every=2, **QUICK)
+    whole = recover(copy.deepcopy(pruned), dense, **run)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(record, loop):
+        if record["step"] == 4:
+            raise Crash
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, on_step=crash_at_4, **run)
+    with pytest.raises(RecoveryError, match="other settings"):
+        recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, resume=True, **{**run, "lr": 1e-3})
+    resumed = recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, resume=True, **run)
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in resumed.record["curves"]["train"]] == [r["loss"] for r in whole.record["curves"]["train"]]
+    assert resumed.record["curves"]["val"] == whole.record["curves"]["val"]
+    assert resumed.record["steps"]["resumed_at"] == [4]
+
+
+def test_same_seed_same_weights(stories, amp20):
+    dense, tok = stories
+    pruned, _ = amp20
+    run = dict(data=str(TINYSTORIES_TEXT), tokens=3 * 2 * SEQ, tokenizer=tok, method="lora", **QUICK)
+    a = recover(copy.deepcopy(pruned), dense, seed=1, **run).model
+    b = recover(copy.deepcopy(pruned), dense, seed=1, **run).model
+    c = recover(copy.deepcopy(pruned), dense, seed=2, **run).model
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+
+
+# -- data ----------------------------------------------------------------------------
+
+
+def test_alpaca_learns_the_response_only(stories, tmp_path):
+    _, tok = stories
+    record = {"instruction": "Tell a story", "input": "about a cat", "output": "The cat sat on the mat."}
+    ids, labels = alpaca_stream([record], tok)
+    prompt = tok(alpaca_prompt(record))["input_ids"]
+    response = tok(record["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids == prompt + response
+    assert labels == [IGNORE_INDEX] * len(prompt) + response
+    assert alpaca_prompt(record).endswith("### Input:\nabout a cat\n\n### Response:\n")
+    assert "### Input" not in alpaca_prompt({"instruction": "Say hi", "input": "", "output": "hi"})
+    # through the loader: packed sequences keep exactly the response tokens as targets
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(record) for _ in range(12)) + "\n")
+    data = load_recovery_data(str(path), tok, seq_len=len(ids), tokens=1000, val_tokens=len(ids))
+    assert data.train_ids.shape[1] == len(ids) and data.val_ids.shape[0] == 1
+    for row_ids, row_labels in zip(data.train_ids, data.train_labels):
+        assert row_labels.tolist() == labels and row_ids.tolist() == ids
+    assert "response" in data.description["kind"]
+
+
+def test_text_is_packed_into_full_sequences_with_a_held_out_slice(stories):
+    _, tok = stories
+    data = load_recovery_data(str(TINYSTORIES_TEXT), tok, seq_len=SEQ, tokens=10_000, val_tokens=3 * SEQ, seed=5)
+    assert data.val_ids.shape == (3, SEQ) and data.train_ids.shape[1] == SEQ
+    assert (data.train_labels == data.train_ids).all()
+    train_rows = {tuple(r.tolist()) for r in data.train_ids}
+    assert not any(tuple(r.tolist()) in train_rows for r in data.val_ids)
+    assert data.hash == load_recovery_data(str(TINYSTORIES_TEXT), tok, seq_len=SEQ, tokens=10_000,
+                                           val_tokens=3 * SEQ, seed=5).hash
+
+
+# -- refusals: a clear error, nothing written --------------------------------------
+
+
+def _refuses(tmp_path, match, **kwargs):
+    out = tmp_path / "out"
+    with pytest.raises(SecateursError, match=match):
+        recover(out=out, **kwargs)
+    assert not out.exists() and not (tmp_path / "out.checkpoints").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_bad_inputs_are_refused_before_any_work(stories, amp20, tmp_path):
+    dense, tok = stories
+    pruned, plan = amp20
+    base = dict(student=copy.deepcopy(pruned), teacher=dense, data=str(TINYSTORIES_TEXT), tokens=1024, tokenizer=tok,
+                teacher_tokenizer=tok, plan=plan, **QUICK)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time")
+    _refuses(tmp_path, "not found", **{**base, "data": str(tmp_path / "missing.txt")})
+    _refuses(tmp_path, "fewer than one sequence", **{**base, "data": str(empty)})
+    _refuses(tmp_path, "fewer than one sequence", **{**base, "data": str(short)})
+    _refuses(tmp_path, "too few", **{**base, "val_tokens": 100 * SEQ})
+    for tokens in (0, -5, 1.5):
+        _refuses(tmp_path, "positive integer", **{**base, "tokens": tokens})
+    _refuses(tmp_path, "distils from a teacher", **{**base, "teacher": None, "objective": "kd"})
+    other_vocab = AutoModelForCausalLM.from_config(copy.deepcopy(dense.config).__class__(
+        **{**dense.config.to_dict(), "vocab_size": 600}))
+    _refuses(tmp_path, "vocabulary", **{**base, "teacher": other_vocab})
+    other_family = tiny_model("phi", vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2).float()
+    _refuses(tmp_path, "phi model", **{**base, "teacher": other_family})
+    other_tok = copy.deepcopy(tok)
+    other_tok.add_tokens(["zzqqxx"])
+    _refuses(tmp_path, "tokenizer differs", **{**base, "teacher_tokenizer": other_tok})
+    _refuses(tmp_path, "evaluation text", **{**base, "evaluation_files": [str(TINYSTORIES_TEXT)]})
+    copy_of_eval = tmp_path / "copy.txt"
+    copy_of_eval.write_bytes(TINYSTORIES_TEXT.read_bytes())
+    _refuses(tmp_path, "same content", **{**base, "evaluation_files": [str(copy_of_eval)]})
+    _refuses(tmp_path, "learning rate", **{**base, "lr": -1.0})
+    _refuses(tmp_path, "no checkpoint", **{**base, "resume": True})
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        recover(out=existing, **base)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_non_finite_training_is_refused_and_nothing_is_saved(stories, amp20, tmp_path):
+    dense, tok = stories
+    pruned, plan = amp20
+    with pytest.raises(RecoveryError, match="nothing was saved"):
+        recover(copy.deepcopy(pruned), dense, data=str(TINYSTORIES_TEXT), tokens=6 * 2 * SEQ, tokenizer=tok,
+                plan=plan, out=tmp_path / "out", lr=1e30, max_grad_norm=None, warmup_ratio=0.0, **QUICK)
+    assert not (tmp_path / "out").exists()
+
+
+def test_package_root_exports_recover():
+    assert secateurs.recover is recover
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys):
+    dense, tok = stories
+    pruned, plan = amp20
+    twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
+    args = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT), "--tokens", str(3 * 2 * SEQ),
+            "--seq-len", str(SEQ), "--val-tokens", str(2 * SEQ), "--preset", "amp-paper", "--out", str(tmp_path / "rec")]
+    assert main(args) == 0
+    assert "saved to" in capsys.readouterr().out
+    record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
+    assert record["parametrisation"]["preset"] == "amp-paper" and record["optimizer"]["lr"] == 3e-4
+    AutoModelForCausalLM.from_pretrained(tmp_path / "rec")
+    assert main(args) == 2  # the output exists now
+    assert main([*args[:-1], str(tmp_path / "rec2"), "--ppl", str(TINYSTORIES_TEXT)]) == 2  # data = evaluation text
+    assert "evaluation text" in capsys.readouterr().err
+    assert not (tmp_path / "rec2").exists()
