@@ -105,7 +105,11 @@ class RecoveryLoop:
         decay = [p for n, p in self.params.items() if p.dim() >= 2]
         no_decay = [p for n, p in self.params.items() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=settings.betas)
+        # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop: on a 2-core
+        # CPU the default AdamW step took ~20% of a SmolLM2 full fine-tuning step.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in self.params.values())
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=settings.betas,
+                                           fused=fused)
         self.total_steps = settings.steps(data.seq_len)
         self.warmup_steps = int(round(settings.warmup_ratio * self.total_steps))
         self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=self.warmup_steps,
