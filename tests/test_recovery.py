@@ -279,7 +279,40 @@ def test_same_seed_same_weights(stories, amp20):
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
 
 
+def test_gradient_accumulation_and_checkpointing_do_not_change_the_result(stories, amp20):
+    """batch 2 = batch 1 x 2 micro-batches (the loss is averaged over the step's tokens), and
+    gradient checkpointing recomputes the same activations (and the same LoRA dropout masks)."""
+    dense, tok = stories
+    pruned, _ = amp20
+    student64, teacher64 = copy.deepcopy(pruned).double(), copy.deepcopy(dense).double()
+    run = dict(data=str(TINYSTORIES_TEXT), tokens=3 * 2 * SEQ, tokenizer=tok, seq_len=SEQ, val_tokens=2 * SEQ,
+               progress=False, lr=1e-3)
+    plain = recover(copy.deepcopy(student64), teacher64, batch_size=2, **run).model
+    accumulated = recover(copy.deepcopy(student64), teacher64, batch_size=1, grad_accum=2, **run).model
+    for a, b in zip(plain.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    lora = recover(copy.deepcopy(pruned), dense, method="lora", batch_size=2, **run).model
+    checkpointed = recover(copy.deepcopy(pruned), dense, method="lora", batch_size=2, gradient_checkpointing=True,
+                           **run).model
+    for a, b in zip(lora.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not checkpointed.is_activation_checkpointing
+
+
 # -- data ----------------------------------------------------------------------------
+
+
+def test_self_data_is_sampled_from_the_teacher(stories):
+    dense, tok = stories
+    data = load_recovery_data("self", tok, seq_len=SEQ, tokens=3 * SEQ, val_tokens=SEQ, teacher=dense)
+    assert data.train_ids.shape == (3, SEQ) and data.val_ids.shape == (1, SEQ)
+    assert (data.train_ids[:, 0] == tok.bos_token_id).all()
+    assert "teacher-generated" in data.description["kind"]
+    again = load_recovery_data("self", tok, seq_len=SEQ, tokens=3 * SEQ, val_tokens=SEQ, teacher=dense)
+    assert data.hash == again.hash
+    with pytest.raises(SecateursError, match="teacher"):
+        load_recovery_data("self", tok, seq_len=SEQ, tokens=3 * SEQ, val_tokens=SEQ)
+
 
 
 def test_alpaca_learns_the_response_only(stories, tmp_path):

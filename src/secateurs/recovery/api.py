@@ -176,7 +176,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             targets = None
             student.requires_grad_(True)
         if gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_activation_checkpointing(student, True)
         loop = RecoveryLoop(student, teacher_for_loss, recovery_data, obj, settings, checkpoint_dir, fingerprint,
                             progress, on_validation, on_step)
         if resume:
@@ -186,7 +186,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             history = loop.run(resume=resume)
         finally:
             if gradient_checkpointing:
-                student.gradient_checkpointing_disable()
+                _set_activation_checkpointing(student, False)
         if peft_model is not None:
             trained = merge_lora(peft_model)
         trained.requires_grad_(False)
@@ -234,6 +234,20 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def _set_activation_checkpointing(model, on: bool) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: works with frozen
+    base weights under LoRA). transformers 5.x renamed gradient_checkpointing_* to activation_*."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _rate(tokens: int, seconds: float) -> float | None:
