@@ -364,6 +364,9 @@ def _add_recover_parser(sub) -> None:
     p.add_argument("--kd-ratio", type=float, default=1.0,
                    help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2; default: 1)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="also match every student layer's output with the teacher layer it came from, with this "
+                        "weight (useful after depth pruning and HARP; default: 0, off)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--lora", dest="method", action="store_const", const="lora",
                       help="train LoRA adapters (merged into the weights before saving)")
@@ -422,7 +425,7 @@ def cmd_recover(args) -> int:
     before = ppl(student) if text else None
     result = recover(student, teacher, args.data, args.tokens, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
                      plan=plan, out=args.out, force=args.force, objective=args.objective, kd_ratio=args.kd_ratio,
-                     temperature=args.temperature, method=args.method, preset=args.preset, lr=args.lr,
+                     temperature=args.temperature, hidden_weight=args.hidden_weight, method=args.method, preset=args.preset, lr=args.lr,
                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                      seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience or None,

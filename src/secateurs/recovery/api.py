@@ -116,12 +116,14 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
             scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
+            hidden_weight: float = 0.0,
             evaluation_files: list | None = None, progress: bool = True, on_validation=None,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
 
     objective: 'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by
-    kd_ratio) or 'ce' (default without one). method: 'full' (default) or 'lora' (merged at the
+    kd_ratio; hidden_weight > 0 adds the matching of every student layer's output with the
+    teacher layer it came from) or 'ce' (default without a teacher). method: 'full' (default) or 'lora' (merged at the
     end); preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
     explicit arguments override the preset. `data`: a text or .jsonl file (text or Alpaca
     records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
@@ -138,6 +140,10 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     out_path = check_output_dir(out, force, getattr(student.config, "_name_or_path", None)) if out else None
     if teacher is not None:
         check_teacher(student, teacher, tokenizer, teacher_tokenizer)
+    if hidden_weight:
+        if hidden_weight < 0 or objective != "kd":
+            raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
+        _layer_map(student, teacher, plan)
     if checkpoint_dir is None and out_path is not None:
         checkpoint_dir = out_path.with_name(out_path.name + ".checkpoints")
         default_checkpoints = True
@@ -157,7 +163,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
                             weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
                             save_every=save_every, seed=seed)
-    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows)
+    layer_map = _layer_map(student, teacher, plan) if hidden_weight else None
+    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight), layer_map)
     lora = ({"r": int(v["lora_r"]), "alpha": v["lora_alpha"], "dropout": float(v["lora_dropout"])}
             if v["method"] == "lora" else None)
     fingerprint = {"data_hash": recovery_data.hash, "objective": obj.to_dict(), "loop": settings_dict(settings),
@@ -234,6 +241,27 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def _layer_map(student, teacher, plan: PruningPlan | None) -> tuple[int, ...]:
+    """Teacher layer index of every student layer: the plan's kept layers (depth pruning removes
+    some; width and HARP pruning keep them all), or the identity when the counts agree."""
+    from secateurs.adapters import get_adapter
+
+    n_s = len(get_adapter(student).decoder_layers(student))
+    n_t = len(get_adapter(teacher).decoder_layers(teacher))
+    if student.config.hidden_size != teacher.config.hidden_size:
+        raise SecateursError("hidden-state distillation needs the teacher's hidden size; this teacher's differs")
+    if plan is not None:
+        kept = tuple(plan.kept_layer_indices())
+        if len(kept) != n_s or max(kept) >= n_t:
+            raise SecateursError(f"the plan keeps {len(kept)} layers of {len(plan.layers)}, but the student has {n_s} "
+                                 f"and the teacher {n_t}: pass the plan this student was pruned with")
+        return kept
+    if n_s != n_t:
+        raise SecateursError(f"the student has {n_s} layers and the teacher {n_t}: hidden-state distillation needs "
+                             "the plan to know which teacher layer each student layer came from")
+    return tuple(range(n_s))
 
 
 def _set_activation_checkpointing(model, on: bool) -> None:

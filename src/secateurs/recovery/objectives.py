@@ -10,11 +10,16 @@ nothing is computed twice (unlike checkpointing the head).
 
 Objectives (per supervised token, averaged over the supervised tokens of an optimiser step):
   kd  kd_ratio * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - kd_ratio) * CE(z_s, y)
+      [+ hidden_weight * mean over student layers j of ||h_s,j - h_t,m(j)||^2 / ||h_t,m(j)||^2]
   ce  CE(z_s, y): plain causal-LM cross-entropy, no teacher
+The optional hidden-state term matches the output of student layer j with the output of the teacher
+layer m(j) it came from (the plan's kept layers: identity for width and HARP pruning, the kept
+indices after depth pruning), normalised by the teacher's norm so every layer weighs alike.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +38,39 @@ class Objective:
     kd_ratio: float = 1.0
     temperature: float = 1.0
     chunk_rows: int = 256
+    hidden_weight: float = 0.0
+    layer_map: tuple[int, ...] | None = None  # student decoder layer j -> teacher layer index
+
+    @property
+    def uses_hidden(self) -> bool:
+        return self.kind == "kd" and self.hidden_weight > 0
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "kd_ratio": self.kd_ratio if self.kind == "kd" else 0.0,
                 "temperature": self.temperature if self.kind == "kd" else None, "chunk_rows": self.chunk_rows,
+                "hidden_weight": self.hidden_weight if self.uses_hidden else 0.0,
+                "layer_map": list(self.layer_map) if self.uses_hidden and self.layer_map else None,
                 "formula": ("kd_ratio * T^2 * KL(teacher || student) + (1 - kd_ratio) * CE" if self.kind == "kd"
                             else "causal-LM cross-entropy")}
+
+
+@contextmanager
+def layer_outputs(model, indices):
+    """{index: output hidden states} of the chosen decoder layers during the forward inside the block."""
+    layers = get_adapter(model).decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(index):
+        def store(module, args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return store
+
+    handles = [layers[i].register_forward_hook(hook(i)) for i in indices]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
@@ -87,16 +119,31 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
     device = input_device(student)
     targets = labels[:, 1:].to(device)
     mask = targets != IGNORE_INDEX
-    with torch.set_grad_enabled(backward):
+    use_hidden = objective.uses_hidden and teacher is not None
+    student_layers = range(len(objective.layer_map)) if use_hidden else ()
+    with torch.set_grad_enabled(backward), layer_outputs(student, student_layers) as student_out:
         hidden = final_hidden(student, ids)[:, :-1][mask]
     teacher_rows = None
     if objective.kind == "kd" and teacher is not None:
-        with torch.no_grad():
+        with torch.no_grad(), layer_outputs(teacher, sorted(set(objective.layer_map or ())) if use_hidden else ()) \
+                as teacher_out:
             teacher_rows = final_hidden(teacher, ids)[:, :-1][mask.to(input_device(teacher))].to(device)
         adapter_t = get_adapter(teacher)
     targets = targets[mask]
     rows = hidden.detach().requires_grad_(backward)
-    sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "tokens": int(targets.numel())}
+    sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "hidden": 0.0, "tokens": int(targets.numel())}
+    hidden_loss = None
+    if use_hidden:
+        with torch.set_grad_enabled(backward):
+            terms = []
+            for j, source in enumerate(objective.layer_map):
+                h_s = student_out[j][:, :-1][mask]
+                h_t = teacher_out[source][:, :-1][mask.to(h_s.device)].to(h_s.device)
+                terms.append(((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12)))
+            per_token = torch.stack(terms).mean(0)
+            hidden_loss = objective.hidden_weight * per_token.sum()
+        sums["hidden"] = per_token.sum().item()
+        sums["loss"] += hidden_loss.item()
     for start in range(0, rows.shape[0], objective.chunk_rows):
         part = slice(start, start + objective.chunk_rows)
         z_t = None
@@ -111,6 +158,11 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
         sums["loss"] += loss.item()
         for k, v in metrics.items():
             sums[k] += v
-    if backward and rows.grad is not None:
-        hidden.backward(rows.grad)
+    if backward:
+        outputs, grads = ([hidden], [rows.grad]) if rows.grad is not None else ([], [])
+        if hidden_loss is not None:
+            outputs.append(hidden_loss * scale)
+            grads.append(None)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
     return sums

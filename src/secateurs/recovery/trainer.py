@@ -131,7 +131,7 @@ class RecoveryLoop:
         started = time.perf_counter()
         was_training = self.student.training
         self.student.eval()
-        totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "tokens": 0}
+        totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "hidden": 0.0, "tokens": 0}
         for start in range(0, len(ids), self.s.batch_size):
             part = slice(start, start + self.s.batch_size)
             sums = chunked_loss(self.student, self.teacher, ids[part], labels[part], self.objective, backward=False)
@@ -143,6 +143,8 @@ class RecoveryLoop:
                "nll": totals["nll"] / n, "perplexity": math.exp(min(totals["nll"] / n, 700.0))}
         if self.teacher is not None and self.objective.kind == "kd":
             out["kl"] = totals["kl"] / n
+            if self.objective.uses_hidden:
+                out["hidden"] = totals["hidden"] / n
         _finite_or_raise(out["loss"], "the validation loss", self.step)
         self.history["validation_seconds"] += time.perf_counter() - started
         return out
