@@ -147,8 +147,18 @@ def main() -> int:
     ap.add_argument("--dense-ppl-from", metavar="JSON",
                     help="reuse the dense perplexity of an eval_smollm2 result (same protocol) instead of measuring")
     ap.add_argument("--name", default="recovery")
+    ap.add_argument("--render", metavar="JSON", help="only re-render the Markdown of a saved result")
+    ap.add_argument("--not-run", action="append", default=[],
+                    help="with --render: record a run that did not run or finish, and why")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
+    if args.render:
+        path = Path(args.render)
+        saved = json.loads(path.read_text())
+        saved["not_run"] = saved.get("not_run", []) + args.not_run
+        path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        path.with_suffix(".md").write_text(render(saved))
+        return 0
     torch.set_num_threads(args.threads)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
     out = Path(args.out)
