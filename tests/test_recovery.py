@@ -355,6 +355,16 @@ def test_gradient_accumulation_and_checkpointing_do_not_change_the_result(storie
     assert not checkpointed.is_activation_checkpointing
 
 
+def test_bf16_autocast_trains_with_float32_weights_and_losses(stories, amp20):
+    dense, tok = stories
+    pruned, _ = amp20
+    result = recover(copy.deepcopy(pruned), dense, data=str(TINYSTORIES_TEXT), tokens=4 * 2 * SEQ, tokenizer=tok,
+                     bf16=True, lr=2e-3, patience=None, **QUICK)
+    assert result.record["objective"]["bf16_autocast"]
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert result.record["after"]["kl"] < result.record["before"]["kl"]
+
+
 # -- data ----------------------------------------------------------------------------
 
 

@@ -397,7 +397,9 @@ def _add_recover_parser(sub) -> None:
     p.add_argument("--ppl", metavar="TEXT", help="also report perplexity (seq 128) on this text before and after; "
                                                  "refused as --data")
     p.add_argument("--ppl-tokens", type=int, default=65536, help="first N tokens of --ppl (default: 65536)")
-    p.add_argument("--dtype", default="float32", help="dtype to train in (default: float32)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
+                                                       "weights, optimiser and losses stay in float32")
+    p.add_argument("--dtype", default="float32", help="dtype of the weights to train (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -432,7 +434,7 @@ def cmd_recover(args) -> int:
                      save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                      seed=args.seed, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
-                     gradient_checkpointing=args.gradient_checkpointing,
+                     gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
                      evaluation_files=[args.ppl] if args.ppl else None)
     r = result.record
     print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "

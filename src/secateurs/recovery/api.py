@@ -116,14 +116,15 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
             scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
-            hidden_weight: float = 0.0,
+            hidden_weight: float = 0.0, bf16: bool = False,
             evaluation_files: list | None = None, progress: bool = True, on_validation=None,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
 
     objective: 'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by
     kd_ratio; hidden_weight > 0 adds the matching of every student layer's output with the
-    teacher layer it came from) or 'ce' (default without a teacher). method: 'full' (default) or 'lora' (merged at the
+    teacher layer it came from) or 'ce' (default without a teacher); bf16=True runs the models
+    under bfloat16 autocast (for GPUs; weights and optimiser stay in their dtype). method: 'full' (default) or 'lora' (merged at the
     end); preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
     explicit arguments override the preset. `data`: a text or .jsonl file (text or Alpaca
     records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
@@ -164,7 +165,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
                             save_every=save_every, seed=seed)
     layer_map = _layer_map(student, teacher, plan) if hidden_weight else None
-    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight), layer_map)
+    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight), layer_map,
+                    bool(bf16))
     lora = ({"r": int(v["lora_r"]), "alpha": v["lora_alpha"], "dropout": float(v["lora_dropout"])}
             if v["method"] == "lora" else None)
     fingerprint = {"data_hash": recovery_data.hash, "objective": obj.to_dict(), "loop": settings_dict(settings),

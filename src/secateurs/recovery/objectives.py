@@ -40,6 +40,7 @@ class Objective:
     chunk_rows: int = 256
     hidden_weight: float = 0.0
     layer_map: tuple[int, ...] | None = None  # student decoder layer j -> teacher layer index
+    bf16: bool = False  # run the models under bfloat16 autocast (GPUs); losses stay in float32
 
     @property
     def uses_hidden(self) -> bool:
@@ -50,6 +51,7 @@ class Objective:
                 "temperature": self.temperature if self.kind == "kd" else None, "chunk_rows": self.chunk_rows,
                 "hidden_weight": self.hidden_weight if self.uses_hidden else 0.0,
                 "layer_map": list(self.layer_map) if self.uses_hidden and self.layer_map else None,
+                "bf16_autocast": self.bf16,
                 "formula": ("kd_ratio * T^2 * KL(teacher || student) + (1 - kd_ratio) * CE" if self.kind == "kd"
                             else "causal-LM cross-entropy")}
 
@@ -77,6 +79,10 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """Final-normed hidden states (batch, seq, hidden): the decoder without its LM head."""
     decoder = get_adapter(model).decoder(model)
     return decoder(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
+
+
+def _autocast(objective: Objective, device: torch.device):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=objective.bf16)
 
 
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
@@ -121,13 +127,15 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
     mask = targets != IGNORE_INDEX
     use_hidden = objective.uses_hidden and teacher is not None
     student_layers = range(len(objective.layer_map)) if use_hidden else ()
-    with torch.set_grad_enabled(backward), layer_outputs(student, student_layers) as student_out:
+    with torch.set_grad_enabled(backward), layer_outputs(student, student_layers) as student_out, \
+            _autocast(objective, device):
         hidden = final_hidden(student, ids)[:, :-1][mask]
     teacher_rows = None
     if objective.kind == "kd" and teacher is not None:
         with torch.no_grad(), layer_outputs(teacher, sorted(set(objective.layer_map or ())) if use_hidden else ()) \
                 as teacher_out:
-            teacher_rows = final_hidden(teacher, ids)[:, :-1][mask.to(input_device(teacher))].to(device)
+            with _autocast(objective, input_device(teacher)):
+                teacher_rows = final_hidden(teacher, ids)[:, :-1][mask.to(input_device(teacher))].to(device)
         adapter_t = get_adapter(teacher)
     targets = targets[mask]
     rows = hidden.detach().requires_grad_(backward)
@@ -139,6 +147,7 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
             for j, source in enumerate(objective.layer_map):
                 h_s = student_out[j][:, :-1][mask]
                 h_t = teacher_out[source][:, :-1][mask.to(h_s.device)].to(h_s.device)
+                h_s, h_t = _at_least_float32(h_s), _at_least_float32(h_t)
                 terms.append(((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12)))
             per_token = torch.stack(terms).mean(0)
             hidden_loss = objective.hidden_weight * per_token.sum()
@@ -148,11 +157,12 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
         part = slice(start, start + objective.chunk_rows)
         z_t = None
         if teacher_rows is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(objective, input_device(teacher)):
                 z_t = adapter_t.logits(teacher, teacher_rows[part].to(input_device(teacher))).to(device)
         with torch.set_grad_enabled(backward):
-            loss, metrics = _chunk_terms(objective, adapter_s.logits(student, rows[part]), z_t, targets[part],
-                                         with_metrics=not backward)
+            with _autocast(objective, device):
+                z_s = adapter_s.logits(student, rows[part])
+            loss, metrics = _chunk_terms(objective, z_s, z_t, targets[part], with_metrics=not backward)
             if backward:
                 (loss * scale).backward()
         sums["loss"] += loss.item()
