@@ -25,10 +25,10 @@ from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.io import check_output_dir, save_pruned
 from secateurs.plan import CONFIG_KEY, PruningPlan
-from secateurs.recovery.data import RecoveryData, load_recovery_data
+from secateurs.recovery.data import load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
 from secateurs.recovery.objectives import OBJECTIVES, Objective
-from secateurs.recovery.trainer import LoopSettings, RecoveryError, RecoveryLoop, settings_dict
+from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
 
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
@@ -121,11 +121,12 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
 
-    objective: 'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by
-    kd_ratio; hidden_weight > 0 adds the matching of every student layer's output with the
-    teacher layer it came from) or 'ce' (default without a teacher); bf16=True runs the models
-    under bfloat16 autocast (for GPUs; weights and optimiser stay in their dtype). method: 'full' (default) or 'lora' (merged at the
-    end); preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
+    The student is trained in place (LoRA: adapters injected, then merged back). objective:
+    'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by kd_ratio;
+    hidden_weight > 0 adds the matching of every student layer's output with the teacher layer
+    it came from) or 'ce' (default without a teacher). bf16=True runs the models under bfloat16
+    autocast (for GPUs; weights and optimiser keep their dtype). method: 'full' (default) or
+    'lora'; preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
     explicit arguments override the preset. `data`: a text or .jsonl file (text or Alpaca
     records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
     model is saved as a pruned folder (with `plan`) plus recovery.json. Checkpoints every
@@ -154,6 +155,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         raise SecateursError("checkpoints need a folder: pass checkpoint_dir (or out)")
     if save_every is not None and save_every < 1:
         raise SecateursError(f"save_every must be >= 1 step, got {save_every}")
+    if resume and not (Path(checkpoint_dir) / STATE_FILE).is_file():
+        raise RecoveryError(f"resume: no checkpoint in {checkpoint_dir}; run without resume (and with save_every)")
     if objective == "ce":
         teacher_for_loss = None
     else:
@@ -204,26 +207,43 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     if bad:
         raise RecoveryError(f"recovered weights are not finite ({bad[:3]}); nothing was saved. Lower the learning rate")
 
+    record = _record(student=student, teacher=teacher, plan=plan, trained=trained, history=history, loop=loop,
+                     data=recovery_data, objective=obj, method=v["method"], preset=preset, lora=lora, targets=targets,
+                     trainable=trainable, params_before=params_before, settings=settings, seed=seed,
+                     gradient_checkpointing=gradient_checkpointing)
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    result = RecoveryResult(trained, record)
+    if out_path is not None:
+        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force,
+                                 extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
+        if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _record(*, student, teacher, plan, trained, history, loop, data, objective, method, preset, lora, targets,
+            trainable, params_before, settings, seed, gradient_checkpointing) -> dict:
+    """What recovery.json holds: how the model was recovered and what it gained."""
     val = history["val"]
     after = next((r for r in val if r["step"] == history["restored_best_step"]), val[-1]) if val else None
     tokens_trained = history["steps_done"] * loop.tokens_per_step
-    record = {
+    return {
         "format": RECOVERY_FORMAT, "secateurs_version": __version__,
         "student": {"name_or_path": _name(student), "params": params_before},
         "teacher": ({"name_or_path": _name(teacher), "params": model_stats(teacher).total_params,
                      "is_plan_base": _is_plan_base(teacher, plan)} if teacher is not None else None),
-        "data": {**recovery_data.description, "hash": recovery_data.hash},
-        "objective": obj.to_dict(),
-        "parametrisation": {"method": v["method"], "preset": preset, "trainable_params": trainable,
+        "data": {**data.description, "hash": data.hash},
+        "objective": objective.to_dict(),
+        "parametrisation": {"method": method, "preset": preset, "trainable_params": trainable,
                             **({"lora": {**lora, "target_modules": len(targets), "targets": targets, "merged": True}}
                                if lora else {})},
         "optimizer": {"name": "AdamW", "lr": settings.lr, "betas": list(settings.betas),
-                      "weight_decay": weight_decay, "scheduler": scheduler, "warmup_steps": loop.warmup_steps,
-                      "max_grad_norm": max_grad_norm},
-        "batch": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+                      "weight_decay": settings.weight_decay, "scheduler": settings.scheduler, "warmup_steps": loop.warmup_steps,
+                      "max_grad_norm": settings.max_grad_norm},
+        "batch": {"seq_len": data.seq_len, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
                   "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": gradient_checkpointing},
-        "tokens": {"requested": tokens, "trained": tokens_trained,
-                   "epochs": round(loop.order.epochs(history["steps_done"] * grad_accum), 4)},
+        "tokens": {"requested": settings.tokens, "trained": tokens_trained,
+                   "epochs": round(loop.order.epochs(history["steps_done"] * settings.grad_accum), 4)},
         "steps": {"planned": history["total_steps"], "done": history["steps_done"],
                   "stopped_early": history["stopped_early"], "best_step": history["best_step"],
                   "restored_best_step": history["restored_best_step"], "resumed_at": history["resumed_at_steps"]},
@@ -235,14 +255,6 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         "training_tokens_per_second": _rate(tokens_trained, history["seconds"] - history["validation_seconds"]),
         "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
     }
-    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    result = RecoveryResult(trained, record)
-    if out_path is not None:
-        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force,
-                                 extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
-        if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return result
 
 
 def _layer_map(student, teacher, plan: PruningPlan | None) -> tuple[int, ...]:
