@@ -101,7 +101,9 @@ def test_padding_never_counts(family):
     assert padded.tokens == alone.tokens == 26
     for m in metrics:
         for c in (1, 2, 3):
-            assert padded.scores[m][c] == pytest.approx(alone.scores[m][c], rel=1e-8, abs=1e-10), (m, c)
+            # float32 matmuls over batches of different shapes round differently (seen: 2e-8 relative on
+            # gemma2 on one CPU); a padding leak moves a score by orders of magnitude more
+            assert padded.scores[m][c] == pytest.approx(alone.scores[m][c], rel=1e-6, abs=1e-9), (m, c)
 
 
 def test_token_subsample_is_seeded_and_only_real_tokens():

@@ -316,6 +316,8 @@ def test_resume_after_k_steps_equals_the_uninterrupted_run(stories, amp20, tmp_p
         recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, on_step=crash_at_4, **run)
     with pytest.raises(RecoveryError, match="other settings"):
         recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, resume=True, **{**run, "lr": 1e-3})
+    with pytest.raises(RecoveryError, match="earlier run"):  # a new run never clobbers a checkpoint
+        recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, **run)
     resumed = recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, resume=True, **run)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
@@ -489,6 +491,7 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     assert record["parametrisation"]["preset"] == "amp-paper" and record["optimizer"]["lr"] == 3e-4
     AutoModelForCausalLM.from_pretrained(tmp_path / "rec")
     assert main(args) == 2  # the output exists now
+    assert main([*args[:-1], str(tmp_path / "rec3"), "--tokens", "0"]) == 2  # checked when parsed
     assert main([*args[:-1], str(tmp_path / "rec2"), "--ppl", str(TINYSTORIES_TEXT)]) == 2  # data = evaluation text
     assert "evaluation text" in capsys.readouterr().err
     assert not (tmp_path / "rec2").exists()

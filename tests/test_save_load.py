@@ -99,9 +99,15 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
     model, plan = prune(tiny_model("llama-mha"), method="magnitude", ratio=0.25)
     with pytest.raises(OutputExistsError, match="--force"):
         save_pruned(model, plan, out)
+    with pytest.raises(OutputExistsError, match="not written by secateurs"):  # --force never takes a foreign folder
+        save_pruned(model, plan, out, force=True)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     save_pruned(model, plan, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
+    (out / "stale.txt").write_text("from the previous run")
+    save_pruned(model, plan, out, force=True)  # a folder secateurs wrote is replaced whole
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup left behind
 
 

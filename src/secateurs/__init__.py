@@ -1,22 +1,30 @@
-"""secateurs: exact structured pruning for Hugging Face causal language models."""
+"""secateurs: exact structured pruning for Hugging Face causal language models.
 
-__version__ = "0.1.0"
+The public names are imported on first use, so `import secateurs.cli` (and `secateurs --help`)
+does not pay for torch and transformers, and no module imports the package root.
+"""
 
-from secateurs.errors import SecateursError  # noqa: E402
-from secateurs.plan import LayerPlan, PruningPlan  # noqa: E402
-from secateurs.surgery import apply_plan  # noqa: E402
-from secateurs.io import load_pruned, save_pruned  # noqa: E402
-from secateurs.methods import prune  # noqa: E402
-from secateurs.recovery import recover  # noqa: E402
+from importlib import import_module
 
-__all__ = [
-    "__version__",
-    "SecateursError",
-    "LayerPlan",
-    "PruningPlan",
-    "apply_plan",
-    "load_pruned",
-    "save_pruned",
-    "prune",
-    "recover",
-]
+from secateurs.version import __version__
+
+_PUBLIC = {
+    "SecateursError": "secateurs.errors",
+    "LayerPlan": "secateurs.plan",
+    "PruningPlan": "secateurs.plan",
+    "apply_plan": "secateurs.surgery",
+    "load_pruned": "secateurs.io",
+    "save_pruned": "secateurs.io",
+    "prune": "secateurs.methods",
+    "recover": "secateurs.recovery",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'secateurs' has no attribute {name!r}")

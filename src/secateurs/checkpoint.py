@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +25,9 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, write_config
-from secateurs.io import check_output_dir, config_dtype
+from secateurs.io import config_dtype
 from secateurs.offload import mark_lazy
+from secateurs.output import check_finite, check_output_dir, write_folder
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
@@ -54,14 +52,23 @@ class CheckpointTensors:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.exists():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise SecateursError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {exc}") from exc
+            if not isinstance(weight_map, dict):
+                raise SecateursError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            self.weight_map = {str(k): shard_file_name(self.folder, v) for k, v in weight_map.items()}
         else:
             self.weight_map = {}
             for f in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(str(f), "pt") as handle:
-                    self.weight_map.update({k: f.name for k in handle.keys()})
+                self.weight_map.update({k: f.name for k in _tensor_names(f)})
         if not self.weight_map:
-            raise SecateursError(f"{self.folder}: no safetensors weights found")
+            raise SecateursError(f"{self.folder}: no safetensors weights found (model.safetensors or shards with "
+                                 f"{INDEX_FILE})")
+        for file in self.files:
+            if not (self.folder / file).is_file():
+                raise SecateursError(f"{self.folder}: shard {file} named by {INDEX_FILE} is missing")
 
     @property
     def files(self) -> list[str]:
@@ -87,6 +94,26 @@ class CheckpointTensors:
         for name in names if names is not None else [n for n, _ in module.named_parameters()]:
             set_module_tensor_to_device(module, name, "meta")
         return_freed_memory()
+
+
+def shard_file_name(folder: Path, name) -> str:
+    """A shard name from a model's index is untrusted: a plain *.safetensors file name that stays
+    inside its folder, or the run is refused (a crafted index must not read or write elsewhere)."""
+    if (not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name
+            or name.startswith(".") or "\\" in name or "\x00" in name):
+        raise SecateursError(f"{folder / INDEX_FILE}: shard name {name!r} is not a plain .safetensors file name "
+                             "in the model folder; refusing this checkpoint")
+    if (folder / name).resolve().parent != folder.resolve():
+        raise SecateursError(f"{folder / INDEX_FILE}: shard {name!r} resolves outside the model folder")
+    return name
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), "pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+        raise SecateursError(f"{file} is not a readable safetensors file ({exc}); re-download or re-save it") from exc
 
 
 def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_outside_layers: bool = True,
@@ -118,45 +145,14 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
 @torch.no_grad()
 def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path, tokenizer=None,
                      force: bool = False) -> Path:
-    """Apply `plan` to the checkpoint in `folder` without loading the whole model."""
-    out = check_output_dir(out_dir, force, str(folder))
+    """Apply `plan` to the checkpoint in `folder` without loading the whole model, writing through
+    the one writer (secateurs.output): every input shard becomes an output shard of the same name."""
+    check_output_dir(out_dir, force, [folder])
     model, tensors = load_skeleton(folder)
     adapter = get_adapter(model)
     plan.check_compatible(model)
-    resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
-    new_index = {old: new for new, old in enumerate(plan.kept_layer_indices())}
-    layers = adapter.decoder_layers(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    weight_map: dict[str, str] = {}
-    pending: dict[int, dict[str, torch.Tensor]] = {}  # pruned tensors of layers that straddle shards
-    try:
-        for file in tensors.files:
-            names = [n for n, f in tensors.weight_map.items() if f == file]
-            shard: dict[str, torch.Tensor] = {}
-            for index in sorted({int(m.group(1)) for n in names if (m := LAYER_PARAMETER.match(n))}):
-                if index not in resolved:
-                    continue
-                if index not in pending:
-                    layer = layers[index]
-                    tensors.materialize(layer, adapter.layer_prefix(index))
-                    apply_layer_plan(adapter, layer, *resolved[index])
-                    pending[index] = {k: v.contiguous() for k, v in layer.state_dict().items()}
-                    tensors.release(layer)
-                for name in list(pending[index]):
-                    # each tensor goes to the shard it came from (new ones, e.g. fused HARP weights,
-                    # to the shard being written)
-                    if tensors.weight_map.get(adapter.layer_prefix(index) + name, file) == file:
-                        shard[adapter.layer_prefix(new_index[index]) + name] = pending[index].pop(name)
-                if not pending[index]:
-                    del pending[index]
-            for name in names:
-                if not LAYER_PARAMETER.match(name):
-                    shard[name] = tensors.get(name)
-            save_file(shard, str(tmp / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-            del shard
-            return_freed_memory()
+    with write_folder(out_dir, force, [folder], kind="model") as tmp:
+        weight_map = _write_pruned_shards(model, adapter, tensors, plan, tmp)
         remove_layers(adapter, model, plan.kept_layer_indices())
         sync_config(model, plan)
         write_config(model, tmp)
@@ -168,10 +164,41 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILENAME)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()
+
+
+def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: PruningPlan, tmp: Path) -> dict[str, str]:
+    """Write one pruned output shard per input shard into tmp; returns the new weight map."""
+    resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
+    new_index = {old: new for new, old in enumerate(plan.kept_layer_indices())}
+    layers = adapter.decoder_layers(model)
+    weight_map: dict[str, str] = {}
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # pruned tensors of layers that straddle shards
+    for file in tensors.files:
+        names = [n for n, f in tensors.weight_map.items() if f == file]
+        shard: dict[str, torch.Tensor] = {}
+        for index in sorted({int(m.group(1)) for n in names if (m := LAYER_PARAMETER.match(n))}):
+            if index not in resolved:
+                continue
+            if index not in pending:
+                layer = layers[index]
+                tensors.materialize(layer, adapter.layer_prefix(index))
+                apply_layer_plan(adapter, layer, *resolved[index])
+                pending[index] = {k: v.contiguous() for k, v in layer.state_dict().items()}
+                tensors.release(layer)
+            for name in list(pending[index]):
+                # each tensor goes to the shard it came from (new ones, e.g. fused HARP weights,
+                # to the shard being written)
+                if tensors.weight_map.get(adapter.layer_prefix(index) + name, file) == file:
+                    shard[adapter.layer_prefix(new_index[index]) + name] = pending[index].pop(name)
+            if not pending[index]:
+                del pending[index]
+        for name in names:
+            if not LAYER_PARAMETER.match(name):
+                shard[name] = tensors.get(name)
+        check_finite(shard, f"output shard {file}")
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+        del shard
+        return_freed_memory()
+    return weight_map

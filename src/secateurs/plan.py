@@ -8,8 +8,9 @@ provenance (method, ratio, calibration, seed, library version).
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from secateurs.errors import PlanError
@@ -160,17 +161,28 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruningPlan":
-        if data.get("format") != PLAN_FORMAT:
-            raise PlanError(f"not a secateurs plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
-        layers = [LayerPlan(**{k: v for k, v in d.items()}) for d in data["layers"]]
-        return cls(base=data["base"], layers=layers, provenance=data.get("provenance", {}))
+        """A plan from its JSON form; every field's type and value is checked (plans are user files)."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise PlanError(f"not a secateurs plan (format {found!r}, expected {PLAN_FORMAT!r})")
+        base, rows, provenance = data.get("base"), data.get("layers"), data.get("provenance", {})
+        _check_base(base)
+        if not isinstance(rows, list) or not rows:
+            raise PlanError("plan 'layers' must be a non-empty list of layer entries")
+        if not isinstance(provenance, dict):
+            raise PlanError("plan 'provenance' must be an object")
+        layers = [_layer_from_dict(row, position) for position, row in enumerate(rows)]
+        return cls(base=base, layers=layers, provenance=provenance)
 
     def to_json(self) -> str:
         """Readable and diff-friendly: header indented, one line per layer; deterministic."""
         d = self.to_dict()
         layers = d.pop("layers")
-        head = json.dumps(d, indent=2)
-        rows = ",\n".join("    " + json.dumps(row) for row in layers)
+        try:
+            head = json.dumps(d, indent=2, allow_nan=False)
+            rows = ",\n".join("    " + json.dumps(row, allow_nan=False) for row in layers)
+        except ValueError as exc:
+            raise PlanError(f"the plan holds a NaN or infinite value ({exc}); it is not saved") from exc
         return head[:-2] + ',\n  "layers": [\n' + rows + "\n  ]\n}\n"
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -189,9 +201,11 @@ class PruningPlan:
             path = path / PLAN_FILENAME
         if not path.exists():
             raise PlanError(f"plan file not found: {path}")
+        if not path.is_file():
+            raise PlanError(f"plan file {path} is not a file")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
@@ -221,6 +235,72 @@ class PruningPlan:
         removed = sum(lp.removed for lp in self.layers)
         lines.append(f"layers removed: {removed} of {len(self.layers)}")
         return "\n".join(lines)
+
+
+_BASE_INTS = ("num_hidden_layers", "hidden_size", "head_dim", "vocab_size")
+
+
+def _check_base(base) -> None:
+    if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
+        raise PlanError("plan 'base' must be an object naming the model_type it was made for")
+    for key in _BASE_INTS:
+        if not _is_int(base.get(key)) or base[key] < 1:
+            raise PlanError(f"plan base.{key} must be a positive whole number, got {base.get(key)!r}")
+    shapes = base.get("layer_shapes")
+    if (not isinstance(shapes, list) or len(shapes) != base["num_hidden_layers"]
+            or not all(isinstance(s, list) and len(s) == 3 and all(_is_int(v) and v >= 1 for v in s) for s in shapes)):
+        raise PlanError("plan base.layer_shapes must list [heads, kv_heads, neurons] (positive whole numbers) for "
+                        "every layer")
+    if any(h % kv for h, kv, _ in shapes):
+        raise PlanError("plan base.layer_shapes: heads must be a multiple of kv_heads in every layer")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_LAYER_FIELDS = {f.name for f in fields(LayerPlan)}
+
+
+def _layer_from_dict(row, position: int) -> LayerPlan:
+    """Check one layer entry's fields and types (ranges are checked against the base by resolve_layer)."""
+    where = f"plan layer entry {position}"
+    if not isinstance(row, dict):
+        raise PlanError(f"{where} must be an object")
+    unknown = sorted(set(row) - _LAYER_FIELDS)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {unknown}; known: {sorted(_LAYER_FIELDS)}")
+    if not _is_int(row.get("index")):
+        raise PlanError(f"{where}: 'index' must be a whole number")
+    if not isinstance(row.get("removed", False), bool):
+        raise PlanError(f"{where}: 'removed' must be true or false")
+    for key in ("heads", "kv_heads", "neurons"):
+        value = row.get(key)
+        if value is not None and (not isinstance(value, list) or not all(_is_int(i) for i in value)):
+            raise PlanError(f"{where}: '{key}' must be a list of whole numbers (or absent: all kept)")
+    comp = row.get("compensation")
+    if comp is not None:
+        if not isinstance(comp, dict) or set(comp) - {"attention", "mlp"}:
+            raise PlanError(f"{where}: 'compensation' must be an object with 'attention' and/or 'mlp' lists")
+        for kind, values in comp.items():
+            if not isinstance(values, list) or not all(_is_finite_number(v) for v in values):
+                raise PlanError(f"{where}: compensation '{kind}' must be a list of finite numbers (no NaN or inf)")
+    attention = row.get("attention")
+    if attention is not None:
+        if not isinstance(attention, dict) or attention.get("mode") not in ("value", "removed"):
+            raise PlanError(f"{where}: 'attention' must be {{\"mode\": \"value\", \"alpha\": A}} or "
+                            "{\"mode\": \"removed\"}")
+        if attention["mode"] == "value" and not _is_finite_number(attention.get("alpha")):
+            raise PlanError(f"{where}: attention alpha must be a finite number, got {attention.get('alpha')!r}")
+    return LayerPlan(**row)
+
+
+def _refuse_constant(name: str):
+    raise PlanError(f"plan holds {name}; plans may hold finite numbers only")
 
 
 def _compact_layer(lp: LayerPlan) -> dict:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from secateurs import __version__
+from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.calibration import Calibration, load_calibration

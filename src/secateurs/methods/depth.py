@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from secateurs import __version__
+from secateurs.version import __version__
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria.consensus import consensus_ranking

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from secateurs import __version__
+from secateurs.version import __version__
 from secateurs.adapters import get_adapter
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration
@@ -118,6 +118,11 @@ def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_
     """A plan with HARP attention in the top `num_layers` layers (alphas searched unless given),
     plus FLAP MLP pruning of `flap_ratio` of all parameters when asked."""
     curves = {}
+    grid = tuple(grid)
+    if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
+        raise SecateursError(f"the HARP alpha grid must hold finite numbers, got {list(grid)}")
+    if alphas is not None and not all(isinstance(a, (int, float)) and math.isfinite(a) for a in alphas.values()):
+        raise SecateursError(f"HARP alphas must be finite numbers, got {alphas}")
     if alphas is None:
         alphas, curves = search_alphas(model, calibration, num_layers, grid, progress)
     plan = PruningPlan.identity(model)

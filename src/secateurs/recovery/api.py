@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from secateurs import __version__
+from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.io import check_output_dir, save_pruned
@@ -81,7 +81,7 @@ def _resolve(preset: str | None, **given) -> dict:
 
 
 def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, has_teacher, student) -> None:
+                    val_tokens, chunk_rows, has_teacher, student, warmup_ratio, weight_decay, lora) -> None:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise SecateursError(f"tokens is the training budget in tokens and must be a positive integer, got {tokens!r}")
     if objective not in OBJECTIVES:
@@ -101,6 +101,10 @@ def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_le
                              ("chunk_rows", chunk_rows, 1), ("val_tokens", val_tokens, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SecateursError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= warmup_ratio < 1.0 or weight_decay < 0:
+        raise SecateursError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0 (got {warmup_ratio}, {weight_decay})")
+    if lora is not None and (lora["r"] < 1 or lora["alpha"] <= 0 or not 0 <= lora["dropout"] < 1):
+        raise SecateursError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got {lora})")
     context = getattr(student.config, "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
@@ -137,9 +141,12 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     wall_start = time.perf_counter()
     v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     objective = objective or ("kd" if teacher is not None else "ce")
+    lora = ({"r": v["lora_r"], "alpha": v["lora_alpha"], "dropout": v["lora_dropout"]}
+            if v["method"] == "lora" else None)
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, teacher is not None, student)
-    out_path = check_output_dir(out, force, getattr(student.config, "_name_or_path", None)) if out else None
+                    val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora)
+    inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
+    out_path = check_output_dir(out, force, inputs) if out else None
     if teacher is not None:
         check_teacher(student, teacher, tokenizer, teacher_tokenizer)
     if hidden_weight:
@@ -157,6 +164,11 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         raise SecateursError(f"save_every must be >= 1 step, got {save_every}")
     if resume and not (Path(checkpoint_dir) / STATE_FILE).is_file():
         raise RecoveryError(f"resume: no checkpoint in {checkpoint_dir}; run without resume (and with save_every)")
+    if save_every and not resume:
+        check_output_dir(checkpoint_dir, True, inputs, what="checkpoint folder")
+        if (Path(checkpoint_dir) / STATE_FILE).is_file():
+            raise RecoveryError(f"{checkpoint_dir} holds a checkpoint of an earlier run: resume it (resume=True, "
+                                "--resume) or remove it")
     if objective == "ce":
         teacher_for_loss = None
     else:
@@ -170,8 +182,6 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     layer_map = _layer_map(student, teacher, plan) if hidden_weight else None
     obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight), layer_map,
                     bool(bf16))
-    lora = ({"r": int(v["lora_r"]), "alpha": v["lora_alpha"], "dropout": float(v["lora_dropout"])}
-            if v["method"] == "lora" else None)
     fingerprint = {"data_hash": recovery_data.hash, "objective": obj.to_dict(), "loop": settings_dict(settings),
                    "method": v["method"], "lora": lora, "seq_len": seq_len,
                    "student": _shape_fingerprint(student), "teacher": _name(teacher) if teacher_for_loss else None,
@@ -190,7 +200,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         if gradient_checkpointing:
             _set_activation_checkpointing(student, True)
         loop = RecoveryLoop(student, teacher_for_loss, recovery_data, obj, settings, checkpoint_dir, fingerprint,
-                            progress, on_validation, on_step)
+                            progress, on_validation, on_step, inputs=inputs)
         if resume:
             loop.check_resumable()
         trainable = sum(p.numel() for p in loop.params.values())
@@ -214,7 +224,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     result = RecoveryResult(trained, record)
     if out_path is not None:
-        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force,
+        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force, inputs=inputs,
                                  extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
         if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)

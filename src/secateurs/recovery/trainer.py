@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_folder
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import Objective, chunked_loss
 
@@ -94,11 +93,12 @@ class RecoveryLoop:
 
     def __init__(self, student, teacher, data: RecoveryData, objective: Objective, settings: LoopSettings,
                  checkpoint_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
-                 progress: bool = True, on_validation=None, on_step=None):
+                 progress: bool = True, on_validation=None, on_step=None, inputs=()):
         self.student, self.teacher, self.data, self.objective, self.s = student, teacher, data, objective, settings
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.progress, self.on_validation, self.on_step = progress, on_validation, on_step
+        self.inputs = list(inputs)  # files the checkpoint folder may not be, contain or lie in
         self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         if not self.params:
             raise RecoveryError("nothing to train: no parameter of the student requires grad")
@@ -256,26 +256,14 @@ class RecoveryLoop:
                 "bad_validations": self.bad_validations}
 
     def _save_checkpoint(self) -> None:
-        """Written to a temporary sibling folder, then renamed over the previous checkpoint."""
-        target = self.checkpoint_dir
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        """Through secateurs' one writer: built beside the folder, swapped in whole."""
+        with write_folder(self.checkpoint_dir, force=True, inputs=self.inputs, kind="recovery-checkpoint",
+                          what="checkpoint folder") as tmp:
             save_file({n: p.detach().contiguous() for n, p in self.params.items()}, tmp / WEIGHTS_FILE)
             if getattr(self, "_best_weights", None) is not None:
                 save_file({n: t.contiguous() for n, t in self._best_weights.items()}, tmp / BEST_FILE)
             torch.save(self._state(), tmp / STATE_FILE)
             (tmp / SETTINGS_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def check_resumable(self) -> None:
         """Refuse, before any work, a missing checkpoint or one written by a run with other settings."""

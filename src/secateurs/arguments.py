@@ -1,0 +1,97 @@
+"""Argument types for the command line: every number is checked when it is parsed, so a bad value
+is refused with a one-line message before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class CommandLineError(Exception):
+    """An argument argparse or a type below refused (the CLI prints it and exits with status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports through the CLI's one error path instead of exiting from inside."""
+
+    def error(self, message: str):
+        raise CommandLineError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A fraction of parameters to remove: [0, 1)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def finite_list(text: str) -> list[float]:
+    """Comma-separated finite numbers (e.g. HARP's alpha grid)."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, none empty")
+    return [finite_float(t) for t in items]
+
+
+def name_list(text: str) -> list[str]:
+    """Comma-separated names, none empty."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names, none empty")
+    return items
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value; give a path or name")
+    return text
