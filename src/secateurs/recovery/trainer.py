@@ -26,7 +26,7 @@ from transformers import get_scheduler
 from secateurs.errors import SecateursError
 from secateurs.output import write_folder
 from secateurs.recovery.data import RecoveryData
-from secateurs.recovery.objectives import Objective, chunked_loss
+from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -156,7 +156,7 @@ class RecoveryLoop:
     # -- one optimiser step ----------------------------------------------------------
     def train_step(self) -> dict:
         micro = [self.order.batch(self.step * self.s.grad_accum + a) for a in range(self.s.grad_accum)]
-        supervised = sum(int((self.data.train_labels[i, 1:] != -100).sum()) for i in micro)
+        supervised = sum(int((self.data.train_labels[i, 1:] != IGNORE_INDEX).sum()) for i in micro)
         scale = 1.0 / max(1, supervised)
         loss = 0.0
         for index in micro:
@@ -196,7 +196,6 @@ class RecoveryLoop:
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.history["train"].append(record)
-                self.history["seconds"] = seconds_before + time.perf_counter() - started
                 bar.update(self.tokens_per_step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 last = self.step == self.total_steps
@@ -204,6 +203,7 @@ class RecoveryLoop:
                     stopped_early = self._record_validation(self.validate())
                     if self.history["val"]:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{self.history['val'][-1]['loss']:.4f}")
+                self.history["seconds"] = seconds_before + time.perf_counter() - started
                 if self.s.save_every and self.checkpoint_dir and (self.step % self.s.save_every == 0) and not last:
                     self._save_checkpoint()
                 if self.on_step is not None:
