@@ -101,7 +101,7 @@ def throughput(pruned, dense, tok, args, reps: int) -> dict:
 def render(result: dict) -> str:
     m0, m1 = result["machine_at_start"], result.get("machine_at_end", {})
     a = result["args"]
-    dense = result["dense"]["ppl"]
+    dense = result["dense"]["ppl"] or float("nan")
     lines = [
         "# Recovery after pruning: SmolLM2-135M", "",
         f"AMP pruning calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
@@ -113,6 +113,7 @@ def render(result: dict) -> str:
         f"{m0.get('load_average')} at start, {m1.get('load_average')} at end (shared with another engineer's jobs); "
         f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
         f"Dense perplexity: {dense:.2f} ({result['dense']['source']}).", "",
+        *[f"Note: {n}\n" for n in result.get("notes", [])],
         "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense | val KL before -> after | "
         "train tok/s | minutes |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -150,12 +151,14 @@ def main() -> int:
     ap.add_argument("--render", metavar="JSON", help="only re-render the Markdown of a saved result")
     ap.add_argument("--not-run", action="append", default=[],
                     help="with --render: record a run that did not run or finish, and why")
+    ap.add_argument("--note", action="append", default=[], help="with --render: add a note to the result")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
     if args.render:
         path = Path(args.render)
         saved = json.loads(path.read_text())
         saved["not_run"] = saved.get("not_run", []) + args.not_run
+        saved["notes"] = saved.get("notes", []) + args.note
         path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
         path.with_suffix(".md").write_text(render(saved))
         return 0
@@ -174,7 +177,9 @@ def main() -> int:
     dense, tok = load_model("smollm2", "float32")
     text, text_info = load_text(WIKI)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
-    if args.dense_ppl_from:
+    if not runs:
+        result["dense"] = {"ppl": None, "source": "not measured (throughput only)"}
+    elif args.dense_ppl_from:
         saved = json.loads(Path(args.dense_ppl_from).read_text())
         dense_ppl = next(p["perplexity"] for p in saved["eval"]["models"]["dense"]["perplexity"]
                          if p["seq_len"] == 128 and p.get("tokens") == (args.eval_tokens // 128) * 127)
@@ -184,10 +189,10 @@ def main() -> int:
     result["dense"]["params"] = model_stats(dense).total_params
     print("dense", result["dense"], flush=True)
     pruned = {}
-    for ratio in sorted({r["ratio"] for r in runs}):
+    for ratio in sorted({r["ratio"] for r in runs} or {0.2}):  # no runs: the throughput measurement only
         model, plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=ratio, calibration=str(C4),
                             calibration_options={"num_samples": 32}, progress=False)
-        pruned[ratio] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens))
+        pruned[ratio] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
         result.setdefault("pruned", {})[str(ratio)] = {"ppl": pruned[ratio][2], "params": model_stats(model).total_params}
         print("pruned", ratio, pruned[ratio][2], flush=True)
         write()
