@@ -16,6 +16,7 @@ Sources (the `spec` string):
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.jsonl import iter_jsonl
+from secateurs.jsonl import iter_jsonl, read_text_file
 from secateurs.offload import input_device
+
+log = logging.getLogger("secateurs")
 
 ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse:"
 DEFAULT_SOURCE = "self"
@@ -79,8 +82,13 @@ def _hash(batches) -> str:
 
 
 def _text_windows(ids: list[int], num_samples: int, max_length: int, rng: random.Random) -> list[list[int]]:
-    if len(ids) <= max_length:
-        return [ids]
+    if len(ids) < max_length:
+        raise SecateursError(f"the calibration text has {len(ids)} tokens, fewer than one sample of {max_length} "
+                             "(--calib-length); give a longer text or a shorter --calib-length")
+    if len(ids) < num_samples * max_length:
+        log.warning("secateurs: WARNING: the calibration text has %d tokens, fewer than the %d x %d asked for; the "
+                    "%d random windows overlap (repeated tokens weigh more)", len(ids), num_samples, max_length,
+                    num_samples)
     starts = [rng.randrange(0, len(ids) - max_length + 1) for _ in range(num_samples)]
     return [ids[s : s + max_length] for s in starts]
 
@@ -130,6 +138,8 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
     spec = spec or DEFAULT_SOURCE
     if num_samples < 1 or max_length < 2 or batch_size < 1:
         raise SecateursError("calibration needs num_samples >= 1, max_length >= 2 and batch_size >= 1")
+    if model is not None:
+        check_calibration_length(model.config, max_length)
     if tokenizer is None:
         raise SecateursError("calibration needs a tokenizer; the model folder has none")
     rng = random.Random(seed)
@@ -152,12 +162,15 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
         if path.suffix == ".jsonl":
             texts = _read_jsonl(path)
         else:
-            text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+            text = read_text_file(path, "calibration file").replace("\r\n", "\n")
     if text is not None:
         samples = _text_windows(_tokenize(tokenizer, text), num_samples, max_length, rng)
         description["kind"] = "random token windows of a text"
     elif texts is not None:
         texts = [t for t in texts if t.strip()]
+        if len(texts) < num_samples:
+            log.warning("secateurs: WARNING: the calibration source has %d usable records, fewer than the %d "
+                        "samples asked for; using all %d", len(texts), num_samples, len(texts))
         chosen = rng.sample(texts, num_samples) if len(texts) > num_samples else texts
         samples = [_tokenize(tokenizer, t, max_length) for t in chosen]
         description["kind"] = "one sample per record (truncated)"
@@ -168,6 +181,15 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
     calibration = Calibration(batches, description, _hash(batches))
     description.update(samples=calibration.num_samples, tokens=calibration.num_tokens, batch_size=batch_size)
     return calibration
+
+
+def check_calibration_length(config, max_length: int | None) -> None:
+    """A calibration sample longer than the model's context is meaningless (and 'self' would
+    generate it for minutes): refuse it before any work."""
+    context = getattr(config, "max_position_embeddings", None)
+    if max_length and context and max_length > context:
+        raise SecateursError(f"--calib-length {max_length} exceeds the model's context of {context} tokens; use at "
+                             f"most {context}")
 
 
 def _hf_texts(spec: str) -> list[str]:

@@ -78,6 +78,11 @@ class CheckpointTensors:
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
             return handle.get_tensor(name)
 
+    def get_rows(self, name: str, rows: int) -> torch.Tensor:
+        """The first `rows` rows of a tensor, read without loading the rest."""
+        with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
+            return handle.get_slice(name)[:rows]
+
     def materialize(self, module: torch.nn.Module, prefix: str, device="cpu", skip: re.Pattern | None = None) -> list[str]:
         """Load the module's parameters (those not matching `skip`) from disk; returns their names."""
         names = []

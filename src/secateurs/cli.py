@@ -56,12 +56,13 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     p.add_argument("--calib", default=None, type=nonempty,
                    help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
                         "or 'self' (model-generated; default)")
-    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--calib-length", type=at_least(2), default=128, help="tokens per calibration sample (default: 128)")
+    p.add_argument("--calib-samples", type=positive_int, help="calibration samples (default: 32)")
+    p.add_argument("--calib-length", type=at_least(2), help="tokens per calibration sample (default: 128)")
     p.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling calibration data and random choices")
+    p.add_argument("--seed", type=nonnegative_int, help="seed for sampling calibration data and random choices "
+                                                         "(default: 0)")
     depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
     depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
@@ -108,10 +109,16 @@ def _prune_options(args) -> dict:
     return dict(**_depth_options(args), **_harp_options(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
         round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
-        calibration=args.calib, statistics=args.stats, seed=args.seed,
-        calibration_options=dict(num_samples=args.calib_samples, max_length=args.calib_length,
-                                 batch_size=args.calib_batch_size, seed=args.seed),
+        calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
+        calibration_options=_calibration_options(args),
     )
+
+
+def _calibration_options(args) -> dict:
+    """What the user asked for, defaults left to the library, so a reused --stats file is compared
+    with the settings given explicitly only."""
+    given = dict(num_samples=args.calib_samples, max_length=args.calib_length, seed=args.seed)
+    return {"batch_size": args.calib_batch_size, **{k: v for k, v in given.items() if v is not None}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +243,7 @@ def _prune_streamed(args, plan) -> int:
     one at a time (statistics streamed layer by layer, resumable with --scores-cache; weight-based
     criteria, HARP's search and depth scoring read each layer when they reach it), then surgery
     shard by shard."""
-    from secateurs.calibration import load_calibration
+    from secateurs.calibration import check_calibration_length, load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.loading import _tokenizer
     from secateurs.methods import METHODS, make_plan
@@ -245,6 +252,8 @@ def _prune_streamed(args, plan) -> int:
 
     if not Path(args.model).is_dir():
         raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
+    if args.stats:
+        raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
     tokenizer = _tokenizer(args.model)
     if plan is None:
         if args.method == "harp" and args.flap_ratio:
@@ -261,6 +270,7 @@ def _prune_streamed(args, plan) -> int:
             if options["calibration"] in (None, "self"):
                 raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
                                      "with the whole model")
+            check_calibration_length(skeleton.config, options["calibration_options"].get("max_length"))
             options["calibration"] = load_calibration(options["calibration"], tokenizer,
                                                       **options["calibration_options"])
         if statistics:

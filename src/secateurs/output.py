@@ -105,10 +105,24 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: It
 
 
 def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: tuple[str, ...] = (".json",),
-                      what: str = "output file") -> Path:
+                      what: str = "output file", siblings: tuple[str, ...] = ()) -> Path:
     """Validate an output file before any work: a file name with one of `suffixes`, not a folder,
-    not an input or inside one, in a writable folder. An existing file of that kind is replaced."""
+    not an input, in a writable folder. Inside an input folder only beside a model secateurs wrote
+    (eval.json / bench.json next to a pruned model), and never over one of that model's files.
+    `siblings`: suffixes of companion files written beside it (bench's .md), checked the same way."""
     out = _resolve(path, what)
+    for source in inputs:
+        src = Path(source).expanduser().resolve() if source and str(source).strip() else None
+        if src is None or not src.is_dir() or src not in out.parents:
+            continue
+        if not written_by_secateurs(src):
+            raise OutputExistsError(f"{what} {out} lies inside the input {src}, which secateurs did not write; the "
+                                    "input model and files are never written to: choose a path outside it")
+        for target in (out, *(out.with_suffix(x) for x in siblings)):
+            if target.exists() and not _is_result_file(out):
+                raise OutputExistsError(f"{what}: {target} is one of the input model's files, not a secateurs "
+                                        "result; choose another file name")
+        inputs = [i for i in inputs if i != source]
     _refuse_overlap(out, inputs, what)
     if suffixes and out.suffix.lower() not in suffixes:
         raise SecateursError(f"{what} {out} must end in {' or '.join(suffixes)}")
@@ -118,6 +132,15 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
         raise SecateursError(f"{what} {out} is a symbolic link; give a plain file name")
     _check_writable(out, what)
     return out
+
+
+def _is_result_file(path: Path) -> bool:
+    """A JSON result secateurs wrote (eval/bench): an object with 'models' and 'machine'."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "models" in data and "machine" in data
 
 
 def _pid_alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_file
 from secateurs.evaluation.zero_shot import STANDARD_TASKS
 
 
@@ -122,9 +123,10 @@ def cmd_eval(args) -> int:
     from secateurs.evaluation.suite import evaluate
     from secateurs.loading import load_model
 
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    out = _check_out(args, sources + [args.ppl, args.data_dir])
     spec, text_info = _spec(args)
     taken: set[str] = set()
-    sources = ([args.baseline] if args.baseline else []) + [args.model]
     models = {}
     for source in sources:
         label = _label(source, taken)
@@ -139,12 +141,20 @@ def cmd_eval(args) -> int:
         result["zero_shot"] = {k: first[k] for k in ("lm_eval_version", "limit", "num_fewshot")}
         result["zero_shot"]["data_dir"] = args.data_dir
     print(render_markdown(eval_tables(result)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    if out:
+        write_file(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return 0
+
+
+def _check_out(args, inputs, siblings: tuple[str, ...] = ()) -> Path | None:
+    """Device and --out FILE.json checked before anything is loaded or measured."""
+    from secateurs.loading import check_device
+    from secateurs.output import check_output_file
+
+    if args.device_map is None:
+        check_device(args.device)
+    return check_output_file(args.out, [i for i in inputs if i], siblings=siblings) if args.out else None
 
 
 def cmd_bench(args) -> int:
@@ -154,6 +164,8 @@ def cmd_bench(args) -> int:
     from secateurs.evaluation.sweep import parse_list
     from secateurs.loading import load_model
 
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    out = _check_out(args, sources, siblings=(".md",))
     if args.threads:
         torch.set_num_threads(args.threads)
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "batch sizes")),
@@ -161,7 +173,6 @@ def cmd_bench(args) -> int:
                          decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
     config.validate()
     taken: set[str] = set()
-    sources = ([args.baseline] if args.baseline else []) + [args.model]
     models, paths = {}, {}
     for source in sources:
         label = _label(source, taken)
@@ -173,11 +184,9 @@ def cmd_bench(args) -> int:
         result["models"][label]["disk_bytes"] = folder_bytes(source)
     text = bench_markdown(result)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text)
+    if out:
+        write_file(out, json.dumps(result, indent=2) + "\n")
+        write_file(out.with_suffix(".md"), text)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -194,22 +203,24 @@ def cmd_report(args) -> int:
 
 def cmd_sweep(args) -> int:
     from secateurs.evaluation.sweep import check_methods_ratios, parse_list, run_sweep
-    from secateurs.loading import load_model
+    from secateurs.loading import check_device, load_model
+    from secateurs.output import check_output_dir
 
     methods = parse_list(args.methods, str, "methods")
     ratios = parse_list(args.ratios, float, "ratios")
     check_methods_ratios(methods, ratios)
+    if args.device_map is None:
+        check_device(args.device)
+    inputs = [args.model, args.ppl, args.calib, args.data_dir]
+    check_output_dir(args.out, force=True, inputs=[i for i in inputs if i], what="sweep output folder")
     spec, text_info = _spec(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     options = {"seed": args.seed}
     if args.calib:
         options["calibration"] = args.calib
     summary = run_sweep(model, tokenizer, methods, ratios, spec, args.out, prune_options=options,
-                        model_name=args.model)
-    summary["text"] = text_info
-    (Path(args.out) / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "files"},
-                                                          indent=2, default=str) + "\n")
-    print((Path(args.out) / "sweep.md").read_text())
+                        model_name=args.model, describe={"text": text_info}, inputs=[i for i in inputs if i])
+    print(Path(summary["files"]["markdown"]).read_text())
     for kind, path in summary["files"].items():
         print(f"{kind}: {path}")
     return 0

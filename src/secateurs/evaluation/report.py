@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_file, write_folder
 
 SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
 
@@ -72,8 +73,8 @@ def render_html(blocks: list[tuple], title: str) -> str:
 
 def write_page(blocks: list[tuple], out_dir: Path, stem: str, title: str) -> dict[str, Path]:
     md, page = out_dir / f"{stem}.md", out_dir / f"{stem}.html"
-    md.write_text(render_markdown(blocks), encoding="utf-8")
-    page.write_text(render_html(blocks, title), encoding="utf-8")
+    write_file(md, render_markdown(blocks))
+    write_file(page, render_html(blocks, title))
     return {"markdown": md, "html": page}
 
 
@@ -327,8 +328,13 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     if not plan_path.exists():
         raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` or a plan file")
     plan = PruningPlan.load(plan_path)
-    out = Path(out_dir) if out_dir else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir).expanduser().resolve() if out_dir else run_dir.resolve() / "report"
+    with write_folder(final, force=True, kind="report", what="report folder") as tmp:
+        files = _write_report(plan, run_dir, tmp, eval_file, bench_file, scores)
+    return {kind: final / path.name for kind, path in files.items()}
+
+
+def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores) -> dict[str, Path]:
     eval_file = eval_file or (run_dir / "eval.json" if (run_dir / "eval.json").exists() else None)
     bench_file = bench_file or (run_dir / "bench.json" if (run_dir / "bench.json").exists() else None)
     ev, bench = _load_json(eval_file), _load_json(bench_file)
@@ -368,7 +374,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     files = write_page(blocks, out, "report", title)
     summary = {"plan": plan.to_dict()["provenance"], "eval": ev, "bench": bench,
                "plots": [kept_png.name, heat_png.name]}
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_file(out / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_file, write_folder
 from secateurs.evaluation.suite import EvalSpec, evaluate
 
 
@@ -54,22 +55,33 @@ def _point(method: str, ratio: float, params_removed: float, result: dict) -> di
 
 
 def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: EvalSpec, out_dir: str | Path, *,
-              prune_options: dict | None = None, model_name: str = "", progress: bool = True) -> dict:
-    """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir."""
+              prune_options: dict | None = None, model_name: str = "", progress: bool = True,
+              describe: dict | None = None, inputs=()) -> dict:
+    """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir
+    (through the one writer: a previous sweep there is replaced whole at the end; `describe` adds
+    entries to sweep.json)."""
+    final = Path(out_dir).expanduser().resolve()
+    with write_folder(final, force=True, inputs=inputs, kind="sweep", what="sweep output folder") as tmp:
+        summary = _sweep(model, tokenizer, methods, ratios, spec, tmp, prune_options, model_name, progress)
+        summary.update(describe or {})
+        files = write_sweep_report(summary, tmp)
+        write_file(tmp / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
+    summary["files"] = {k: str(final / Path(v).name) for k, v in files.items()}
+    return summary
+
+
+def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_options, model_name: str,
+           progress: bool) -> dict:
     from secateurs.accounting import model_stats
     from secateurs.evaluation.speed import machine_info
     from secateurs.methods import prune
 
     check_methods_ratios(methods, ratios)
     spec.check(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dense_params = model_stats(model).total_params
     options = dict(prune_options or {})
     if "statistics" not in options:  # one calibration pass serves every ratio and method of this sweep
-        stats_file = out / "calibration_statistics.safetensors"
-        stats_file.unlink(missing_ok=True)  # never reuse a previous sweep's (maybe another model's)
-        options["statistics"] = str(stats_file)
+        options["statistics"] = str(out / "calibration_statistics.safetensors")  # a fresh folder: never reused
     started = time.perf_counter()
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
@@ -87,13 +99,9 @@ def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: E
         points.append(_point(method, ratio, 1 - params / dense_params, result))
         del pruned
         gc.collect()
-    summary = {"model": model_name, "methods": methods, "ratios": ratios, "protocols": spec.protocols,
-               "tasks": spec.tasks, "limit": spec.limit, "points": points, "runs": runs,
-               "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
-    files = write_sweep_report(summary, out)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    summary["files"] = {k: str(v) for k, v in files.items()}
-    return summary
+    return {"model": model_name, "methods": methods, "ratios": ratios, "protocols": spec.protocols,
+            "tasks": spec.tasks, "limit": spec.limit, "points": points, "runs": runs,
+            "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
 
 
 def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
