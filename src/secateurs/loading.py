@@ -119,6 +119,10 @@ def _first_line(exc: BaseException) -> str:
 def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
     """load_model's body; errors from broken files are turned into one message by the caller."""
     device_map = parse_device_map(device_map)
+    if kind == "dir":
+        from secateurs.checkpoint import CheckpointTensors
+
+        CheckpointTensors(path)  # shard names from the index stay inside the folder, before any loader reads them
     if device_map is not None:
         info = getattr(_peek_config(path), CONFIG_KEY, None) if kind == "dir" else None
         if kind == "gguf" or (info is not None and not info.get("stock_loadable", False)):

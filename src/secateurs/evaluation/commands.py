@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from secateurs.arguments import at_least, nonempty, nonnegative_int, positive_float, positive_int
 from secateurs.errors import SecateursError
 from secateurs.output import write_file
 from secateurs.evaluation.zero_shot import STANDARD_TASKS
@@ -13,25 +14,25 @@ from secateurs.evaluation.zero_shot import STANDARD_TASKS
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perplexity")
-    g.add_argument("--ppl", metavar="SOURCE",
+    g.add_argument("--ppl", metavar="SOURCE", type=nonempty,
                    help="text file (e.g. wikitext-2-raw/wiki.test.raw) or C4-style .jsonl to measure perplexity on")
     g.add_argument("--protocol", default="seq128",
                    help="comma list of seq128 (LLM-Pruner/FLAP), seq2048 (Wanda/SliceGPT), seq4096, context, "
                         "or window lengths in tokens (default: seq128)")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    g.add_argument("--max-batch-tokens", type=int, default=8192,
+    g.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
+    g.add_argument("--max-batch-tokens", type=positive_int, default=8192,
                    help="cap on tokens per forward pass, bounds memory at long windows (default: 8192)")
-    g.add_argument("--max-windows", type=int, help="at most this many windows (quick runs)")
-    g.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text (quick runs)")
+    g.add_argument("--max-windows", type=positive_int, help="at most this many windows (quick runs)")
+    g.add_argument("--max-tokens", type=at_least(2), help="use only the first N tokens of the text (quick runs)")
     g.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
-    g.add_argument("--max-docs", type=int, help=".jsonl: use the first N documents (SparseGPT/Wanda C4: 1100)")
+    g.add_argument("--max-docs", type=positive_int, help=".jsonl: use the first N documents (SparseGPT/Wanda C4: 1100)")
     g = p.add_argument_group("zero-shot (lm-eval)")
     g.add_argument("--tasks", help="comma list, e.g. piqa,arc_easy,boolq,winogrande,openbookqa")
     g.add_argument("--data-dir", help="folder of local task files NAME.jsonl (llm-foundry or HF format); "
                                       "tasks not found there come from lm-eval's registry (needs the hub)")
-    g.add_argument("--limit", type=float, help="at most N items per task (a fraction if < 1)")
-    g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
-    g.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    g.add_argument("--limit", type=positive_float, help="at most N items per task (a fraction if < 1)")
+    g.add_argument("--num-fewshot", type=nonnegative_int, default=0, help="few-shot examples (default: 0)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
 
 
 def add_parsers(sub, add_model_args) -> None:
@@ -40,18 +41,18 @@ def add_parsers(sub, add_model_args) -> None:
     add_model_args(p)
     p.add_argument("--baseline", help="dense model evaluated the same way, shown beside MODEL")
     _add_eval_args(p)
-    p.add_argument("--out", help="write the results as JSON (for `secateurs report`)")
+    p.add_argument("--out", type=nonempty, help="write the results to this .json file (for `secateurs report`)")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
     add_model_args(p)
     p.add_argument("--baseline", help="dense model measured in the same run (ratios are model / baseline)")
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default: 1,8)")
     p.add_argument("--prompt-lengths", default="128,512", help="comma list of prompt tokens (default: 128,512)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (default: 32)")
-    p.add_argument("--repeats", type=int, default=5, help="measured repeats; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up rounds (default: 1)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="write JSON here (and Markdown beside it)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measured repeats; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="unmeasured warm-up rounds (default: 1)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=nonempty, help="write the results to this .json file (and Markdown beside it)")
 
     p = sub.add_parser("report", help="Markdown + HTML report with plots for a pruned model folder")
     p.add_argument("run", help="folder written by `secateurs prune` (or its pruning_plan.json)")
@@ -59,16 +60,18 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--bench", dest="bench_file", help="bench JSON (default: RUN/bench.json if present)")
     p.add_argument("--scores", help="heatmap data: a StructureScores safetensors, or the statistics file of "
                                      "`prune --stats FILE` (AMP scores are computed from it)")
-    p.add_argument("--out", help="output folder (default: RUN/report)")
+    p.add_argument("--out", type=nonempty, help="output folder (default: RUN/report; replaced if secateurs wrote it)")
 
     p = sub.add_parser("sweep", help="prune with several methods x ratios, evaluate, plot against ratio")
     add_model_args(p)
     p.add_argument("--methods", default="magnitude", help="comma list of pruning methods (default: magnitude)")
     p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma list of ratios (default: 0.1,0.2,0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed passed to every method (default: 0)")
-    p.add_argument("--calib", help="calibration source for methods that need one (see `prune --calib`)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed passed to every method (default: 0)")
+    p.add_argument("--calib", type=nonempty, help="calibration source for methods that need one (see `prune --calib`; "
+                                                   "default: 'self', text sampled from the model)")
     _add_eval_args(p)
-    p.add_argument("--out", required=True, help="output folder for sweep.json/.md/.html and plots")
+    p.add_argument("--out", required=True, type=nonempty,
+                   help="output folder for sweep.json/.md/.html and plots (replaced if secateurs wrote it)")
 
 
     p = sub.add_parser("tasks", help="write lm-eval task YAMLs for local task files (for lm-eval's own runners, "
