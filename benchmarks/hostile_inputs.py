@@ -253,8 +253,14 @@ def classify(case: dict, root: Path) -> dict:
     else:
         verdict = "other"
     return {"name": case["name"], "class": case["class"], "verdict": verdict, "exit": code, "escaped": escaped,
-            "message": (lines[-1][len("secateurs: error: "):] if lines else err.strip().splitlines()[-1:] or [""])[0][:240]
-            if not escaped else "", "changed": changed[:5], "seconds": round(time.perf_counter() - started, 2)}
+            "message": _last_message(lines, err), "changed": changed[:5], "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _last_message(lines: list[str], err: str) -> str:
+    if lines:
+        return lines[-1][len("secateurs: error: "):][:240]
+    tail = [ln for ln in err.strip().splitlines() if ln.strip()]
+    return tail[-1][:240] if tail else ""
 
 
 def main() -> int:

@@ -211,9 +211,9 @@ def _preflight(args) -> None:
     if getattr(args, "stats", None):
         check_output_file(args.stats, inputs, suffixes=(".safetensors",), what="--stats file")
     if getattr(args, "scores_cache", None):
-        from secateurs.output import _refuse_overlap, _resolve
+        from secateurs.output import refuse_overlap
 
-        _refuse_overlap(_resolve(args.scores_cache, "--scores-cache"), inputs + [args.out], "--scores-cache folder")
+        refuse_overlap(Path(args.scores_cache).expanduser().resolve(), inputs + [args.out], "--scores-cache folder")
 
 
 def cmd_prune(args) -> int:
@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     an unexpected failure (also one line; --debug prints the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -51,7 +51,7 @@ def _refuse_root_like(out: Path, what: str) -> None:
                              "parents); choose a dedicated folder")
 
 
-def _refuse_overlap(out: Path, inputs: Iterable, what: str) -> None:
+def refuse_overlap(out: Path, inputs: Iterable, what: str) -> None:
     """The output may not be an input, lie inside an input folder, or contain an input."""
     for source in inputs:
         if source is None or not str(source).strip() or not Path(source).expanduser().exists():
@@ -88,7 +88,7 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: It
     """Validate an output folder before any work (see the module docstring); returns it resolved."""
     out = _resolve(out_dir, what)
     _refuse_root_like(out, what)
-    _refuse_overlap(out, inputs, what)
+    refuse_overlap(out, inputs, what)
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise OutputExistsError(f"{what} {out} exists and is not a folder; secateurs replaces only folders "
@@ -123,7 +123,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
                 raise OutputExistsError(f"{what}: {target} is one of the input model's files, not a secateurs "
                                         "result; choose another file name")
         inputs = [i for i in inputs if i != source]
-    _refuse_overlap(out, inputs, what)
+    refuse_overlap(out, inputs, what)
     if suffixes and out.suffix.lower() not in suffixes:
         raise SecateursError(f"{what} {out} must end in {' or '.join(suffixes)}")
     if out.is_dir():
@@ -271,20 +271,9 @@ def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterab
 
 def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write one file atomically (temp file beside it, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(name, 0o666 & ~_umask())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+    with writing_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 @contextmanager
