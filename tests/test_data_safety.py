@@ -55,7 +55,7 @@ def _refused(argv, capsys, message=""):
 def test_output_location_rules(world, tmp_path, capsys, monkeypatch):
     model = world / "model"
     before = snapshot(tmp_path)
-    _refused(["prune", str(model), *PRUNE, "--out", str(world), "--force"], capsys, "contains the input")
+    _refused(["prune", str(model), *PRUNE, "--out", str(world), "--force"], capsys, "would destroy the input")
     _refused(["prune", str(model), *PRUNE, "--out", str(model), "--force"], capsys, "input")
     _refused(["prune", str(model), *PRUNE, "--out", str(model / "sub"), "--force"], capsys, "lies inside it")
     monkeypatch.chdir(tmp_path)
@@ -454,8 +454,9 @@ def test_fuzz_every_option_with_bad_values(world, tmp_path, capsys):
         "--dtype": ["float7", ""],
         "--device": ["cuda", "cuda:3", "tpu", "nonsense:0:1"],
         "--plan": [str(binary), str(folder), str(tmp_path / "missing.json")],
-        "--stats": [str(world / "model" / "model.safetensors"), str(folder)],
+        "--stats": [str(world / "model" / "model.safetensors"), str(folder), str(tmp_path / "out" / "s.safetensors")],
         "--out": ["", "/", str(world), model, str(world / "victim.txt")],
+        "--offload-folder": [model, str(world), str(tmp_path / "out" / "offload")],
     }
     before = snapshot(tmp_path)
     cases = 0
@@ -466,9 +467,11 @@ def test_fuzz_every_option_with_bad_values(world, tmp_path, capsys):
                 argv += ["--method", "consensus"]
             if option == "--stats":
                 argv += ["--method", "amp"]
+            if option == "--offload-folder":
+                argv += ["--device-map", '{"": "disk"}']
             _refused(argv, capsys)
             cases += 1
-    assert snapshot(tmp_path) == before and cases >= 68
+    assert snapshot(tmp_path) == before and cases >= 72
     # the other commands' options
     text = str(TINYSTORIES_TEXT)
     for argv in (["eval", model, "--ppl", str(binary)], ["eval", model, "--ppl", text, "--out", str(folder)],

@@ -203,17 +203,20 @@ def _inputs(args) -> list[str]:
 def _preflight(args) -> None:
     """What can be checked before the slow part: the device, the output location, the caches."""
     from secateurs.loading import check_device
-    from secateurs.output import check_output_dir, check_output_file
+    from secateurs.output import check_output_dir, check_output_file, refuse_overlap
 
     check_device(args.device)
     inputs = _inputs(args)
     check_output_dir(args.out, args.force, inputs)
+    # files written beside the output may not lie inside it either: the output is replaced whole
+    for option, what in (("stats", "--stats file"), ("scores_cache", "--scores-cache folder"),
+                         ("offload_folder", "--offload-folder")):
+        if getattr(args, option, None):
+            path = Path(getattr(args, option)).expanduser().resolve()
+            refuse_overlap(path, inputs, what)
+            refuse_overlap(path, [args.out], what, existing_only=False)
     if getattr(args, "stats", None):
         check_output_file(args.stats, inputs, suffixes=(".safetensors",), what="--stats file")
-    if getattr(args, "scores_cache", None):
-        from secateurs.output import refuse_overlap
-
-        refuse_overlap(Path(args.scores_cache).expanduser().resolve(), inputs + [args.out], "--scores-cache folder")
 
 
 def cmd_prune(args) -> int:

@@ -129,6 +129,10 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
             raise SecateursError("--device-map works with models stock from_pretrained loads (a safetensors folder "
                                  "or hub id): not GGUF files, nor pruned folders with per-layer shapes, extra "
                                  "biases or HARP layers (load those with load_pruned, without a device map)")
+        if offload_folder is not None:  # accelerate writes offloaded weights there: never into the input
+            from secateurs.output import refuse_overlap
+
+            refuse_overlap(Path(offload_folder).expanduser().resolve(), [path] if path else [], "--offload-folder")
         target = str(path) if path else source
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto", device_map=device_map,

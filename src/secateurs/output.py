@@ -51,18 +51,24 @@ def _refuse_root_like(out: Path, what: str) -> None:
                              "parents); choose a dedicated folder")
 
 
-def refuse_overlap(out: Path, inputs: Iterable, what: str) -> None:
-    """The output may not be an input, lie inside an input folder, or contain an input."""
+def refuse_overlap(out: Path, inputs: Iterable, what: str, existing_only: bool = True) -> None:
+    """The output may not be an input, lie inside an input folder, or contain an input (with
+    existing_only=False also paths that do not exist yet, e.g. another output of the same run)."""
     for source in inputs:
-        if source is None or not str(source).strip() or not Path(source).expanduser().exists():
+        if source is None or not str(source).strip():
+            continue
+        if existing_only and not Path(source).expanduser().exists():
             continue  # a hub id or a name that is not on disk
         src = Path(source).expanduser().resolve()
+        if existing_only:
+            inside = "the input model and files are never written to"
+            contains = "replacing it would destroy the input model or files"
+        else:
+            inside = contains = "the output folder is replaced whole when the run ends"
         if out == src or src in out.parents:
-            raise OutputExistsError(f"{what} {out} is the input {src} or lies inside it, and the input model and "
-                                    "files are never written to: choose an --out outside it")
+            raise OutputExistsError(f"{what} {out} is {src} or lies inside it, and {inside}: choose a path outside it")
         if out in src.parents:
-            raise OutputExistsError(f"{what} {out} contains the input {src}; replacing it would destroy the input "
-                                    "model or files: choose an --out that does not contain it")
+            raise OutputExistsError(f"{what} {out} contains {src}; {contains}: choose a path that does not contain it")
 
 
 def _check_writable(out: Path, what: str) -> None:
