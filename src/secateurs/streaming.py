@@ -159,9 +159,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     decoder = adapter.decoder(model)
     loaded = []
     if checkpoint is not None:  # embeddings (and norm) only for the capture, then they leave again
-        from secateurs.checkpoint import LAYER_PARAMETER
-
-        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=LAYER_PARAMETER)
+        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=adapter.layer_parameter())
     try:
         inputs, kwargs = capture_layer_calls(model, calibration)
     finally:

@@ -148,14 +148,8 @@ class DepthScores:
     timings: dict = field(default_factory=dict)
 
 
-def _logits(model, h: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(h).double()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _nll_sum(model, h: torch.Tensor, targets: torch.Tensor) -> float:
-    lp = torch.log_softmax(_logits(model, h), -1)
+    lp = torch.log_softmax(get_adapter(model).logits(model, h, torch.float64), -1)  # family quirks: the adapter
     return float(-lp.gather(-1, targets[:, None]).sum())
 
 
