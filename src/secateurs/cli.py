@@ -13,9 +13,11 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
+from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
+from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
 DEMO_TEXT = "tinystories_sample.txt"
@@ -31,11 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
-    from secateurs.budget import GQA_MODES, RATIO_OF, ROUNDINGS
-    from secateurs.methods import METHODS
-    from secateurs.selection import SELECTIONS
-
-    p.add_argument("--method", default=default_method, choices=sorted(METHODS),
+    p.add_argument("--method", default=default_method, choices=sorted(METHOD_NAMES),
                    help=f"pruning criterion (default: {default_method})")
     p.add_argument("--ratio", type=fraction, default=0.2,
                    help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
@@ -124,7 +122,7 @@ def _calibration_options(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
-    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
+    _add_global_args(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture and parameter summary of a model")
@@ -158,7 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
     _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
+    for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
+        _add_global_args(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, also print the Python traceback")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress bars or phase lines on stderr (results still go to stdout)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below `parser`, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield child
+                yield from _subparsers(child)
 
 
 def cmd_info(args) -> int:
@@ -388,6 +404,7 @@ def _demo_markdown(r: dict, plan_summary: str) -> str:
     ])
 
 
+LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
 
 from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
@@ -402,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        progress.set_quiet(args.quiet)
+        if args.command not in LIGHT_COMMANDS:
+            progress.heavy_imports()
         return COMMANDS[args.command](args)
     except (CommandLineError, SecateursError) as exc:
         if debug:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from secateurs.errors import SecateursError
 from secateurs.offload import parse_device_map
 from secateurs.plan import CONFIG_KEY
+from secateurs.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
     torch_dtype = parse_dtype(dtype)
     check_device(device if device_map is None else None)
     kind, path = resolve_source(source)
+    what = f"loading {source}" + (" (dequantising its GGUF weights to float32)" if kind == "gguf" else "")
     try:
-        return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
+        with phase(what):
+            return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
     except SecateursError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is about the files the user gave

@@ -9,7 +9,7 @@ from pathlib import Path
 from secateurs.arguments import at_least, nonempty, nonnegative_int, positive_float, positive_int
 from secateurs.errors import SecateursError
 from secateurs.output import write_file
-from secateurs.evaluation.zero_shot import STANDARD_TASKS
+from secateurs.names import STANDARD_TASKS
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
 from secateurs.output import write_file, write_folder
@@ -86,7 +86,7 @@ def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_o
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
     grid = [(m, r) for m in methods for r in ratios]
-    for method, ratio in tqdm(grid, desc="sweep", disable=not progress):
+    for method, ratio in bar(grid, desc="sweep", disable=not progress):
         pruned = copy.deepcopy(model)
         try:
             pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **options)

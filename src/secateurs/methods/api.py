@@ -27,6 +27,7 @@ from secateurs.methods.harp import DEFAULT_GRID, harp_layers_for_ratio, harp_pla
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
+from secateurs.progress import phase
 from secateurs.selection import apply_selection
 from secateurs.statistics import Statistics, collect_statistics
 from secateurs.surgery import apply_plan
@@ -156,8 +157,9 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     if spec.needs_statistics:
         stats = resolve_statistics(model, tokenizer, calibration, statistics, calibration_options, progress)
     if spec.score is not None:
-        scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
-        plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
+        with phase(f"scoring ({method}) and planning"):
+            scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
+            plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
         report = budget.report()
         warn_if_off_target(report)
     else:
@@ -188,7 +190,8 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     if plan is None:
         plan = make_plan(model, method, ratio, tokenizer=tokenizer, **options)
     before = model_stats(model).total_params
-    apply_plan(model, plan)
+    with phase("surgery"):
+        apply_plan(model, plan)
     after = model_stats(model).total_params
     plan.provenance.setdefault("params_before", before)
     plan.provenance.setdefault("params_after", after)
