@@ -52,3 +52,49 @@ def test_light_names_match_the_implementations():
 
     assert sorted(names.METHOD_NAMES) == sorted(METHODS)
     assert budget.GQA_MODES == names.GQA_MODES and selection.SELECTIONS == names.SELECTIONS
+
+
+def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch, caplog):
+    import json
+
+    import torch
+
+    from secateurs import calibration, calibration_cache
+    from secateurs.loading import load_model
+    from tests.conftest import STORIES
+
+    model, tok = load_model(str(STORIES), "float32")
+    first = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=2)
+    files = list(calibration_cache.folder().glob("self-*.json"))
+    assert len(files) == 1
+    key = json.loads(files[0].read_text())["key"]
+    assert key["num_samples"] == 5 and key["max_length"] == 12 and key["seed"] == 3
+
+    real_sample = calibration._sample
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached calibration should have been reused")
+
+    monkeypatch.setattr(calibration, "_sample", no_generation)
+    again = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=4)
+    ids = lambda c: [r[m == 1].tolist() for b in c.batches for r, m in zip(b["input_ids"], b["attention_mask"])]
+    assert ids(again) == ids(first) and all(len(s) == 12 for s in ids(first))
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    data = json.loads(files[0].read_text())
+    for corrupt in ("{not json", json.dumps({**data, "samples": [[vocab] * 12] * 5}),
+                    json.dumps({**data, "samples": [[1.0] * 12] * 5}), json.dumps({**data, "samples": data["samples"][:4]}),
+                    json.dumps({**data, "key": {**key, "model": "another"}})):
+        files[0].write_text(corrupt)
+        calls = []
+        monkeypatch.setattr(calibration, "_sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+        with caplog.at_level("WARNING", logger="secateurs"):
+            rebuilt = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3,
+                                                   batch_size=2)
+        assert calls and "ignoring the calibration cache" in caplog.text
+        assert rebuilt.hash == first.hash  # same seed, same samples
+        assert json.loads(files[0].read_text()) == data  # rewritten whole
+        caplog.clear()
+    other = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=4, batch_size=2)
+    assert other.hash != first.hash and len(list(calibration_cache.folder().glob("self-*.json"))) == 2
+    assert torch.is_tensor(other.batches[0]["input_ids"])
