@@ -34,8 +34,8 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys):
             progress.status("inner line")
         assert list(progress.bar(range(3), desc="loop")) == [0, 1, 2]
         err = capsys.readouterr().err
-        assert "secateurs: loading model ... done in 0.0 s\n" in err
-        assert "secateurs: outer ...\nsecateurs: inner line\nsecateurs: outer done in" in err
+        assert "secateurs: loading model ...\nsecateurs: loading model ... done in 0.0 s\n" in err
+        assert "secateurs: outer ...\nsecateurs: inner line\nsecateurs: outer ... done in" in err
         assert "loop" in err
         progress.set_quiet(True)
         with progress.phase("loading model"):
@@ -160,3 +160,50 @@ def test_old_spellings_still_parse():
     assert args.protocol == "64" and args.ppl == "t.txt"
     args = build_parser().parse_args(["eval", "m", "--protocol", "seq128", "--quiet"])
     assert args.protocol == "seq128" and args.quiet
+
+
+# -- the demo ----------------------------------------------------------------------------------
+def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_path, monkeypatch, capsys):
+    import json
+
+    from secateurs import calibration
+    from secateurs.cli import main
+    from tests.conftest import ASSETS, STORIES
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(STORIES), "--out", str(out), "--max-windows", "4", "--calib-samples", "4",
+            "--calib-length", "32", "--data-dir", str(ASSETS / "commonsense" / "llm-foundry"), "--tasks",
+            "piqa,arc_easy", "--limit", "4", "--bench-prompt-length", "16", "--bench-decode-tokens", "4",
+            "--bench-repeats", "1", "--seed", "5"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "secateurs: calibration: sampling 4 x 32 tokens" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["perplexity_pruned"]["windows"] == 4
+    pngs = {"kept_per_layer.png", "head_heatmap.png", "before_after.png"}
+    assert pngs <= {p.name for p in out.iterdir()} and set(report["plots"]) == pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "prefill tok/s (batch 1, 16 tokens), measured (ideal)" in markdown
+    assert "decode tok/s (batch 1, 4 steps), measured (ideal)" in markdown
+    assert "piqa acc %" in markdown and "arc_easy acc %" in markdown
+    assert "kept heads (no importance scores given)" not in markdown  # the heatmap shows this run's scores
+    assert (out / "report.html").read_text().count("<img") == 3
+    bench = json.loads((out / "model" / "bench.json").read_text())
+    assert {r["model"] for r in bench["results"]} == {"dense", "pruned"}
+    assert all(r["prefill_tokens_per_s"]["median"] > 0 and r["decode_tokens_per_s"]["median"] > 0
+               for r in bench["results"])
+    assert (out / "model" / "importance_scores.safetensors").exists()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the second run should reuse the cached calibration")
+
+    monkeypatch.setattr(calibration, "_sample", no_generation)
+    assert main(argv + ["--force", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no phase lines, no bars
+    again = json.loads((out / "report.json").read_text())
+    assert again["plan"]["calibration_hash"] == report["plan"]["calibration_hash"]
+    progress.set_quiet(False)

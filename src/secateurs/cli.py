@@ -10,7 +10,6 @@ import json
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 
 from secateurs import progress
@@ -21,7 +20,6 @@ from secateurs.options import add_calibration_args, add_eval_args, add_model_arg
 from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
-DEMO_TEXT = "tinystories_sample.txt"
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
@@ -181,14 +179,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prune_and_save(args, model, tokenizer, plan=None):
+def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
     from secateurs.accounting import compare_stats, model_stats
     from secateurs.io import save_pruned
     from secateurs.methods import prune
 
     before = model_stats(model)
     start = time.perf_counter()
-    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
+    extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
+    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
+                        **extra)
     seconds = time.perf_counter() - start
     after = model_stats(model)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
@@ -327,71 +327,9 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from secateurs.evaluation.perplexity import perplexity, read_text
-    from secateurs.io import load_pruned
-    from secateurs.loading import load_model
-    from secateurs.output import write_file, write_folder
+    from secateurs.demo import run_demo
 
-    _preflight(args)
-    if args.ppl:
-        text, text_name = read_text(args.ppl), str(args.ppl)
-    else:
-        text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
-        text_name = f"bundled {DEMO_TEXT}"
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    from secateurs.evaluation.perplexity import resolve_seq_len
-
-    ppl = dict(seq_len=resolve_seq_len(model, args.protocol)[1], max_windows=args.max_windows)
-    dense_ppl = perplexity(model, tokenizer, text, **ppl)
-    final = Path(args.out).expanduser().resolve()
-    with write_folder(final, args.force, _inputs(args), kind="demo") as tmp:
-        args.out = str(tmp / "model")
-        _, plan, before, after, cmp, seconds, saved = _prune_and_save(args, model, tokenizer)
-        reloaded = load_pruned(saved, device=args.device)
-        pruned_ppl = perplexity(reloaded, tokenizer, text, **ppl)
-        prompt = "Once upon a time"
-        sample = tokenizer.decode(
-            reloaded.generate(**tokenizer(prompt, return_tensors="pt").to(args.device), max_new_tokens=24,
-                              do_sample=False)[0], skip_special_tokens=True)
-        result = {
-            "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-            "eval_text": text_name, "prune_seconds": round(seconds, 4),
-            "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
-            "pruned_sample": sample, "saved_model": str(final / "model"),
-        }
-        write_file(tmp / "report.json", json.dumps(result, indent=2) + "\n")
-        report = _demo_markdown(result, plan.summary())
-        write_file(tmp / "report.md", report)
-    print(report)
-    return 0
-
-
-def _demo_markdown(r: dict, plan_summary: str) -> str:
-    d, p = r["perplexity_dense"], r["perplexity_pruned"]
-    return "\n".join([
-        f"# secateurs demo: {r['model']}, {r['method']} at ratio {r['ratio']}",
-        "",
-        "| | dense | pruned |",
-        "| --- | ---: | ---: |",
-        f"| parameters | {r['params_before']:,} | {r['params_after']:,} |",
-        f"| weights (MiB) | {r['weight_bytes_before'] / 2**20:,.1f} | {r['weight_bytes_after'] / 2**20:,.1f} |",
-        f"| perplexity ({r['eval_text']}, seq {d['seq_len']}, {d['windows']} windows) | {d['perplexity']:.3f} | {p['perplexity']:.3f} |",
-        "",
-        f"Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring and surgery took "
-        f"{r['prune_seconds']:.1f} s. "
-        f"Ideal speedups from the shapes: prefill x{r['ideal_prefill_speedup']:.2f} (FLOPs, "
-        f"{r['prefill_tokens']} tokens), decode x{r['ideal_decode_speedup']:.2f} (weight bytes).",
-        "",
-        f"Pruned model, greedy: {r['pruned_sample']!r}",
-        "",
-        f"Saved to `{r['saved_model']}` (loads with `secateurs.load_pruned`, and with stock "
-        "`AutoModelForCausalLM.from_pretrained` when its layers share one shape).",
-        "",
-        "```",
-        plan_summary,
-        "```",
-        "",
-    ])
+    return run_demo(args, _prune_and_save, _preflight, _inputs)
 
 
 LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front

@@ -15,58 +15,63 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-_state = {"quiet": os.environ.get("SECATEURS_QUIET", "") not in ("", "0"), "open": False, "depth": 0}
+_state = {"quiet": os.environ.get("SECATEURS_QUIET", "") not in ("", "0")}
 
 
 def set_quiet(quiet: bool = True) -> None:
+    """Quiet also silences the bars of the libraries underneath (transformers' weight loading and GGUF
+    dequantisation, lm-eval, datasets): all of them draw with tqdm, whose default becomes disable=True."""
     _state["quiet"] = bool(quiet)
+    os.environ["TQDM_DISABLE"] = "1" if quiet else ""  # for tqdm when it is imported later
+    if quiet:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "tqdm" in sys.modules:  # already imported: every bar disabled, even one that asks for disable=False
+        from tqdm import std
+
+        original = _state.setdefault("tqdm_init", std.tqdm.__init__)
+
+        def silent_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            original(self, *args, **kwargs)
+
+        std.tqdm.__init__ = silent_init if quiet else original
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if quiet else hf_logging.enable_progress_bar)()
 
 
 def is_quiet() -> bool:
     return _state["quiet"]
 
 
-def _close_line() -> None:
-    """A phase line left open ('... ') gets its newline before anything else is printed."""
-    if _state["open"]:
-        sys.stderr.write("\n")
-        _state["open"] = False
-
-
 def status(message: str) -> None:
     """One line on stderr (nothing when quiet)."""
     if _state["quiet"]:
         return
-    _close_line()
     sys.stderr.write(f"secateurs: {message}\n")
     sys.stderr.flush()
 
 
 @contextmanager
 def phase(what: str) -> Iterator[None]:
-    """`secateurs: loading model ... done in 3.2 s` on stderr; when bars or nested phases print in
-    between, the end gets its own line (`secateurs: loading model done in 3.2 s`)."""
+    """`secateurs: loading model ...` when it starts and `secateurs: loading model ... done in 3.2 s`
+    when it ends, each on its own line, so that bars drawn in between (ours or a library's) never
+    swallow the end."""
     if _state["quiet"]:
         yield
         return
-    _close_line()
-    sys.stderr.write(f"secateurs: {what} ...")
+    sys.stderr.write(f"secateurs: {what} ...\n")
     sys.stderr.flush()
-    _state["open"], _state["depth"] = True, _state["depth"] + 1
     start = time.perf_counter()
     ok = False
     try:
         yield
         ok = True
     finally:
-        _state["depth"] -= 1
         seconds = time.perf_counter() - start
         end = f"done in {seconds:.1f} s" if ok else f"stopped after {seconds:.1f} s"
-        if _state["open"]:
-            sys.stderr.write(f" {end}\n")
-            _state["open"] = False
-        else:
-            sys.stderr.write(f"secateurs: {what} {end}\n")
+        sys.stderr.write(f"secateurs: {what} ... {end}\n")
         sys.stderr.flush()
 
 
@@ -76,8 +81,6 @@ def bar(iterable: Iterable | None = None, *, desc: str = "", total: int | None =
     from tqdm.auto import tqdm
 
     disable = disable or _state["quiet"]
-    if not disable:
-        _close_line()
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, **kwargs)
 
 
@@ -88,3 +91,5 @@ def heavy_imports() -> None:
     with phase("importing torch and transformers"):
         import torch  # noqa: F401
         import transformers  # noqa: F401
+    if _state["quiet"]:
+        set_quiet(True)  # now that transformers (and tqdm) are here

@@ -124,11 +124,13 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
               averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
               layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
               progress: bool = True, harp_layers: int | None = None, alpha_grid=None, flap_ratio: float | None = None,
-              **depth_options) -> PruningPlan:
+              scores_out: dict | None = None, **depth_options) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
     ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
+    scores_out: a dict that receives the StructureScores under "scores" (width methods that score
+    heads and neurons), so a report can show the importance behind this very plan.
     """
     if method == "harp":
         calib = calibration if isinstance(calibration, Calibration) else load_calibration(
@@ -159,6 +161,9 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     if spec.score is not None:
         with phase(f"scoring ({method}) and planning"):
             scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
+            if scores_out is not None:
+                scores.description.setdefault("criterion", method)
+                scores_out["scores"] = scores
             plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
         report = budget.report()
         warn_if_off_target(report)
