@@ -207,3 +207,31 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     again = json.loads((out / "report.json").read_text())
     assert again["plan"]["calibration_hash"] == report["plan"]["calibration_hash"]
     progress.set_quiet(False)
+
+
+def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
+    import torch
+
+    from secateurs import loading
+    from secateurs.identity import model_identity
+    from tests.conftest import STORIES
+
+    model, tok = loading.load_model(str(STORIES), "float32")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    folder = loading.gguf_cache_folder(source)
+    loading.cache_gguf_model(model, tok, folder)
+    again, tok2 = loading.cached_gguf_model(folder, source, None)
+    assert model_identity(again) == model_identity(model) and again.config._name_or_path == str(source)
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # damaged weights (a sampled row changes), or ...
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="secateurs.loading"):
+        assert loading.cached_gguf_model(folder, source, None) is None
+    weights.write_bytes(b"not safetensors")  # ... an unreadable file: ignored, never trusted
+    assert loading.cached_gguf_model(folder, source, None) is None
+    assert "ignoring the model cache" in caplog.text

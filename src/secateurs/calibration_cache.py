@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from secateurs.output import write_file
@@ -25,9 +24,9 @@ VERSION = 1
 
 
 def folder() -> Path:
-    root = os.environ.get("SECATEURS_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "secateurs"
-    return base / "calibration"
+    from secateurs.cache import root
+
+    return root() / "calibration"
 
 
 def path(key: dict) -> Path:
