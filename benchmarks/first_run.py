@@ -73,7 +73,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# First run (measured {m['date']})", "",
              f"Machine: {m['cpu_count']} cores ({m['cpu']}), load average before {m['load_before']}, after "
-             f"{m['load_after']}; torch threads: default; cache: empty at the start (first run). Installs not timed "
+             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}; cache: empty at the start (first run). Installs not timed "
              "(offline machine, packages preinstalled).", ""]
     for name, r in result["runs"].items():
         lines += [f"## {name}: `secateurs {' '.join(r['argv'])}`", "",
@@ -93,8 +93,8 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="secateurs-first-run-"))
     env = {**os.environ, "SECATEURS_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
-    env.pop("OMP_NUM_THREADS", None)  # a user's default threads
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "load_before": load(),
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: one per core)"),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     runs = {"help": timed(["--help"], env),
             "demo (README command 1)": timed(["demo", "--model", args.model, "--out", str(work / "demo")], env),

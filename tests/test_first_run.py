@@ -37,6 +37,11 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys):
         assert "secateurs: loading model ...\nsecateurs: loading model ... done in 0.0 s\n" in err
         assert "secateurs: outer ...\nsecateurs: inner line\nsecateurs: outer ... done in" in err
         assert "loop" in err
+        import time
+
+        with progress.phase("parsing", heartbeat=0.05):
+            time.sleep(0.3)
+        assert capsys.readouterr().err.count("secateurs: parsing ... 0 s\n") >= 2  # a line every 0.05 s
         progress.set_quiet(True)
         with progress.phase("loading model"):
             progress.status("x")

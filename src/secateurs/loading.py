@@ -107,7 +107,7 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
         cached = (gguf_cache_folder(path) / GGUF_CACHE_RECORD).is_file()
         what += " (its dequantised copy in the cache)" if cached else " (parsing and dequantising its GGUF file)"
     try:
-        with phase(what):
+        with phase(what, heartbeat=5.0):
             return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
     except SecateursError:
         raise

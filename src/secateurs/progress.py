@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -54,7 +55,7 @@ def status(message: str) -> None:
 
 
 @contextmanager
-def phase(what: str) -> Iterator[None]:
+def phase(what: str, heartbeat: float | None = None) -> Iterator[None]:
     """`secateurs: loading model ...` when it starts and `secateurs: loading model ... done in 3.2 s`
     when it ends, each on its own line, so that bars drawn in between (ours or a library's) never
     swallow the end."""
@@ -64,11 +65,20 @@ def phase(what: str) -> Iterator[None]:
     sys.stderr.write(f"secateurs: {what} ...\n")
     sys.stderr.flush()
     start = time.perf_counter()
+    stop = threading.Event()
+    if heartbeat:  # work that prints nothing itself (a library parsing a file): say every few seconds it goes on
+        def beat():
+            while not stop.wait(heartbeat):
+                sys.stderr.write(f"secateurs: {what} ... {time.perf_counter() - start:.0f} s\n")
+                sys.stderr.flush()
+
+        threading.Thread(target=beat, daemon=True).start()
     ok = False
     try:
         yield
         ok = True
     finally:
+        stop.set()
         seconds = time.perf_counter() - start
         end = f"done in {seconds:.1f} s" if ok else f"stopped after {seconds:.1f} s"
         sys.stderr.write(f"secateurs: {what} ... {end}\n")
