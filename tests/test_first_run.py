@@ -59,7 +59,7 @@ def test_light_names_match_the_implementations():
     assert budget.GQA_MODES == names.GQA_MODES and selection.SELECTIONS == names.SELECTIONS
 
 
-def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch, caplog):
+def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch, caplog, tmp_path):
     import json
 
     import torch
@@ -68,6 +68,7 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
     from secateurs.loading import load_model
     from tests.conftest import STORIES
 
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))  # this test's own cache
     model, tok = load_model(str(STORIES), "float32")
     first = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=2)
     files = list(calibration_cache.folder().glob("self-*.json"))
@@ -175,6 +176,7 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     from secateurs.cli import main
     from tests.conftest import ASSETS, STORIES
 
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # this test's own cache
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(STORIES), "--out", str(out), "--max-windows", "4", "--calib-samples", "4",
             "--calib-length", "32", "--data-dir", str(ASSETS / "commonsense" / "llm-foundry"), "--tasks",
