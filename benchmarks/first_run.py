@@ -1,5 +1,6 @@
 """A new user's first run, timed: `secateurs --help`, README command 1 (`secateurs demo`) with an
-empty cache, then `secateurs prune smollm2 --method amp --ratio 0.2` as the next command.
+empty cache, then `secateurs prune smollm2 --method amp --ratio 0.2` as the next command (caches
+warm) and as the very first command (empty cache).
 
 Each command runs as a subprocess, as a user would run it; every chunk it writes to stderr is
 timestamped, so the report gives each phase's duration (from the `secateurs: X ... done in` lines)
@@ -73,7 +74,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# First run (measured {m['date']})", "",
              f"Machine: {m['cpu_count']} cores ({m['cpu']}), load average before {m['load_before']}, after "
-             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}; cache: empty at the start (first run). Installs not timed "
+             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}. Installs not timed "
              "(offline machine, packages preinstalled).", ""]
     for name, r in result["runs"].items():
         lines += [f"## {name}: `secateurs {' '.join(r['argv'])}`", "",
@@ -99,7 +100,10 @@ def main() -> int:
     runs = {"help": timed(["--help"], env),
             "demo (README command 1)": timed(["demo", "--model", args.model, "--out", str(work / "demo")], env),
             "prune (next command)": timed(["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out",
-                                           str(work / "smol-amp20")], env)}
+                                           str(work / "smol-amp20")], env),
+            "prune (as the first command, empty cache)": timed(
+                ["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out", str(work / "smol-amp20-cold")],
+                {**env, "SECATEURS_CACHE": str(work / "cold-cache")})}
     machine["load_after"] = load()
     result = {"machine": machine, "runs": runs}
     out = Path(args.out)

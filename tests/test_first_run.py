@@ -188,6 +188,7 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert report["perplexity_pruned"]["windows"] == 4
+    assert "tokens_per_second" not in report["perplexity_pruned"]  # speed comes from the measured bench only
     pngs = {"kept_per_layer.png", "head_heatmap.png", "before_after.png"}
     assert pngs <= {p.name for p in out.iterdir()} and set(report["plots"]) == pngs
     for name in pngs:

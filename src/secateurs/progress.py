@@ -23,9 +23,11 @@ def set_quiet(quiet: bool = True) -> None:
     """Quiet also silences the bars of the libraries underneath (transformers' weight loading and GGUF
     dequantisation, lm-eval, datasets): all of them draw with tqdm, whose default becomes disable=True."""
     _state["quiet"] = bool(quiet)
-    os.environ["TQDM_DISABLE"] = "1" if quiet else ""  # for tqdm when it is imported later
-    if quiet:
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # for libraries imported later
+        if quiet:
+            os.environ[name] = "1"
+        else:
+            os.environ.pop(name, None)
     if "tqdm" in sys.modules:  # already imported: every bar disabled, even one that asks for disable=False
         from tqdm import std
 
@@ -65,20 +67,23 @@ def phase(what: str, heartbeat: float | None = None) -> Iterator[None]:
     sys.stderr.write(f"secateurs: {what} ...\n")
     sys.stderr.flush()
     start = time.perf_counter()
-    stop = threading.Event()
+    stop, beater = threading.Event(), None
     if heartbeat:  # work that prints nothing itself (a library parsing a file): say every few seconds it goes on
         def beat():
             while not stop.wait(heartbeat):
                 sys.stderr.write(f"secateurs: {what} ... {time.perf_counter() - start:.0f} s\n")
                 sys.stderr.flush()
 
-        threading.Thread(target=beat, daemon=True).start()
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
     ok = False
     try:
         yield
         ok = True
     finally:
         stop.set()
+        if beater is not None:
+            beater.join(timeout=1.0)  # its last line before ours
         seconds = time.perf_counter() - start
         end = f"done in {seconds:.1f} s" if ok else f"stopped after {seconds:.1f} s"
         sys.stderr.write(f"secateurs: {what} ... {end}\n")
