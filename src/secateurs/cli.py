@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from secateurs import progress
-from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
+from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
 from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
