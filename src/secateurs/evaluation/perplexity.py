@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
 from secateurs.jsonl import iter_jsonl, read_text_file
@@ -159,7 +159,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
     device = input_device(model)
     nll = 0.0
     start_time = time.perf_counter()
-    for start in tqdm(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
+    for start in bar(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
         nll += _window_nll(model, chunks[start:start + batch_size].to(device))
     seconds = time.perf_counter() - start_time
     count = windows * (seq_len - 1)

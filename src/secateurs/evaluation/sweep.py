@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
 from secateurs.output import write_file, write_folder
@@ -49,8 +49,12 @@ def _point(method: str, ratio: float, params_removed: float, result: dict) -> di
     z = result.get("zero_shot")
     if z:
         p["mean_acc"] = z.get("mean_acc")
+        errors = [r.get("acc_stderr") for r in z["tasks"].values()]
+        if errors and all(e is not None for e in errors):  # standard error of the mean of independent tasks
+            p["mean_acc_stderr"] = sum(e * e for e in errors) ** 0.5 / len(errors)
         for task, r in z["tasks"].items():
             p[f"acc_{task}"] = r["acc"]
+            p[f"acc_{task}_stderr"] = r.get("acc_stderr")
     return p
 
 
@@ -86,7 +90,7 @@ def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_o
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
     grid = [(m, r) for m in methods for r in ratios]
-    for method, ratio in tqdm(grid, desc="sweep", disable=not progress):
+    for method, ratio in bar(grid, desc="sweep", disable=not progress):
         pruned = copy.deepcopy(model)
         try:
             pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **options)
@@ -104,6 +108,13 @@ def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_o
             "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
 
 
+def _pct(p: dict, key: str) -> str:
+    if p.get(key) is None:
+        return "n/a"
+    se = p.get(f"{key}_stderr")
+    return f"{100 * p[key]:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * p[key]:.1f}"
+
+
 def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
     from secateurs.evaluation.report import plot_sweep, write_page
 
@@ -113,8 +124,9 @@ def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
     for key in ppl_keys:
         files[key] = plot_sweep(points, key, out / f"sweep_{key}.png", f"perplexity ({key[4:]})", log=True)
     if points and points[0].get("mean_acc") is not None:
-        files["acc"] = plot_sweep(points, "mean_acc", out / "sweep_acc.png", "mean zero-shot accuracy")
-    acc_keys = [k for k in points[0] if k.startswith("acc_")] if points else []
+        files["acc"] = plot_sweep(points, "mean_acc", out / "sweep_acc.png",
+                                  "mean zero-shot accuracy (bars: ± 1 standard error)")
+    acc_keys = [k for k in points[0] if k.startswith("acc_") and not k.endswith("_stderr")] if points else []
     header = ["method", "ratio", "params removed"] + [k[4:] + " ppl" for k in ppl_keys] + \
         ([k[4:] for k in acc_keys] + ["mean acc"] if acc_keys else [])
     rows = []
@@ -122,7 +134,7 @@ def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
         row = [p["method"], f"{p['ratio']:.2f}", f"{100 * p['params_removed']:.1f}%"]
         row += [f"{p[k]:.3f}" for k in ppl_keys]
         if acc_keys:
-            row += [f"{100 * p[k]:.1f}" if p.get(k) is not None else "n/a" for k in acc_keys + ["mean_acc"]]
+            row += [_pct(p, k) for k in acc_keys + ["mean_acc"]]
         rows.append(row)
     title = f"Sweep: {summary.get('model') or 'model'}"
     blocks = [("h1", title),

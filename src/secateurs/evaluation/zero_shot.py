@@ -32,7 +32,8 @@ from secateurs.errors import SecateursError
 from secateurs.output import write_folder
 
 TASK_DIR = Path(__file__).with_name("tasks")
-STANDARD_TASKS = ("piqa", "arc_easy", "boolq", "winogrande", "openbookqa")
+from secateurs.names import STANDARD_TASKS
+from secateurs.progress import phase
 FILE_ALIASES = {"openbookqa": ("openbookqa", "openbook_qa"), "arc_easy": ("arc_easy", "arc-easy"),
                 "arc_challenge": ("arc_challenge", "arc-challenge")}
 # llm-foundry queries lack lm-eval's answer cue; these complete them to lm-eval's prompts.
@@ -188,7 +189,7 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = STANDARD_TASKS, *, data
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    with _quiet():
+    with phase(f"zero-shot {', '.join(names)} (lm-eval, limit {limit})"), _quiet():
         manager = TaskManager(include_defaults=bool(hub))
         if hub:
             missing = [n for n in hub if n not in manager.all_tasks]

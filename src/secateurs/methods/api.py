@@ -27,6 +27,7 @@ from secateurs.methods.harp import DEFAULT_GRID, harp_layers_for_ratio, harp_pla
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
+from secateurs.progress import phase
 from secateurs.selection import apply_selection
 from secateurs.statistics import Statistics, collect_statistics
 from secateurs.surgery import apply_plan
@@ -123,11 +124,13 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
               averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
               layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
               progress: bool = True, harp_layers: int | None = None, alpha_grid=None, flap_ratio: float | None = None,
-              **depth_options) -> PruningPlan:
+              scores_out: dict | None = None, **depth_options) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
     ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
+    scores_out: a dict that receives the StructureScores under "scores" (width methods that score
+    heads and neurons), so a report can show the importance behind this very plan.
     """
     if method == "harp":
         calib = calibration if isinstance(calibration, Calibration) else load_calibration(
@@ -156,8 +159,12 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     if spec.needs_statistics:
         stats = resolve_statistics(model, tokenizer, calibration, statistics, calibration_options, progress)
     if spec.score is not None:
-        scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
-        plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
+        with phase(f"scoring ({method}) and planning"):
+            scores = spec.score(model, stats, {"averaging": averaging, "seed": seed})
+            if scores_out is not None:
+                scores.description.setdefault("criterion", method)
+                scores_out["scores"] = scores
+            plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
         report = budget.report()
         warn_if_off_target(report)
     else:
@@ -188,7 +195,8 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     if plan is None:
         plan = make_plan(model, method, ratio, tokenizer=tokenizer, **options)
     before = model_stats(model).total_params
-    apply_plan(model, plan)
+    with phase("surgery"):
+        apply_plan(model, plan)
     after = model_stats(model).total_params
     plan.provenance.setdefault("params_before", before)
     plan.provenance.setdefault("params_after", after)
