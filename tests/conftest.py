@@ -100,3 +100,15 @@ def masked_reference(model, plan):
 
 def input_ids(batch: int = 2, length: int = 12, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/secateurs."""
+    old = os.environ.get("SECATEURS_CACHE")
+    os.environ["SECATEURS_CACHE"] = str(tmp_path_factory.mktemp("secateurs-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SECATEURS_CACHE", None)
+    else:
+        os.environ["SECATEURS_CACHE"] = old

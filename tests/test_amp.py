@@ -228,8 +228,12 @@ def test_bad_calibration_input(stories, tmp_path):
     model, tok = stories
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(SecateursError, match="no sample"):
+    with pytest.raises(SecateursError, match="fewer than one sample"):
         load_calibration(str(empty), tok)
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon")  # a 4-token file is not 4 x 128 tokens of calibration
+    with pytest.raises(SecateursError, match="fewer than one sample of 128"):
+        load_calibration(str(short), tok)
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": "  "}\n')
     with pytest.raises(SecateursError, match="no sample"):

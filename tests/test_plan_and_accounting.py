@@ -27,7 +27,9 @@ def test_plan_json_round_trip_and_summary(tmp_path):
     assert again.to_json() == plan.to_json()
     assert again.resolve_layer(again.layers[0]) == plan.resolve_layer(plan.layers[0])
     text = plan.summary()
-    assert "4/8" in text and "2/2" in text and "24/48" in text and "method=magnitude" in text
+    assert "4/8" in text and "2/2" in text and "24/48" in text and "  method: magnitude" in text
+    assert "..." not in text  # provenance in full
+    assert [line.split()[0] for line in text.splitlines() if "24/48" in line] == ["0-3"]  # identical layers: one row
 
 
 def test_plan_is_deterministic_and_reapplies():

@@ -43,7 +43,7 @@ def test_symmetric_and_positive_on_different_inputs(name):
 def test_rotation_and_isotropic_scale_leave_rotation_invariant_distances_at_zero(name):
     x, _ = _xy()
     y = 3.7 * x @ _rotation(x.shape[1]) + torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
-    assert abs(DISTANCES[name](x, y)) < 1e-9
+    assert abs(DISTANCES[name](x, y)) < 1e-7  # sqrt of a float64 rounding residue is ~1.5e-8
 
 
 @pytest.mark.parametrize("name", ["cosine", "angular", "permutation", "wasserstein"])

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from secateurs.adapters import LayerShape, ModelAdapter, get_adapter
 from secateurs.errors import SecateursError
 
-GQA_MODES = ("groups", "in-group")
-ROUNDINGS = ("balanced", "paper", "structures")
-RATIO_OF = ("all", "prunable")
+from secateurs.names import GQA_MODES, RATIO_OF, ROUNDINGS  # noqa: F401 - re-exported
 PARTS = ("both", "heads", "mlp")
 
 

@@ -32,7 +32,6 @@ from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
 INDEX_FILE = "model.safetensors.index.json"
-LAYER_PARAMETER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def return_freed_memory() -> None:
@@ -77,6 +76,11 @@ class CheckpointTensors:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
             return handle.get_tensor(name)
+
+    def get_rows(self, name: str, rows: int) -> torch.Tensor:
+        """The first `rows` rows of a tensor, read without loading the rest."""
+        with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
+            return handle.get_slice(name)[:rows]
 
     def materialize(self, module: torch.nn.Module, prefix: str, device="cpu", skip: re.Pattern | None = None) -> list[str]:
         """Load the module's parameters (those not matching `skip`) from disk; returns their names."""
@@ -129,14 +133,15 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
+    adapter = get_adapter(model)
+    layer_parameter = adapter.layer_parameter()
     if lazy_layers:
-        adapter = get_adapter(model)
         for index, layer in enumerate(adapter.decoder_layers(model)):
             mark_lazy(layer, tensors, adapter.layer_prefix(index), device)
     if load_outside_layers:
-        tensors.materialize(model, "", device, skip=LAYER_PARAMETER)
+        tensors.materialize(model, "", device, skip=layer_parameter)
         model.tie_weights()
-        missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not LAYER_PARAMETER.match(n)]
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not layer_parameter.match(n)]
         if missing:
             raise SecateursError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
     return model.eval(), tensors
@@ -172,12 +177,13 @@ def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: Pruni
     resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
     new_index = {old: new for new, old in enumerate(plan.kept_layer_indices())}
     layers = adapter.decoder_layers(model)
+    layer_parameter = adapter.layer_parameter()
     weight_map: dict[str, str] = {}
     pending: dict[int, dict[str, torch.Tensor]] = {}  # pruned tensors of layers that straddle shards
     for file in tensors.files:
         names = [n for n, f in tensors.weight_map.items() if f == file]
         shard: dict[str, torch.Tensor] = {}
-        for index in sorted({int(m.group(1)) for n in names if (m := LAYER_PARAMETER.match(n))}):
+        for index in sorted({int(m.group(1)) for n in names if (m := layer_parameter.match(n))}):
             if index not in resolved:
                 continue
             if index not in pending:
@@ -194,7 +200,7 @@ def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: Pruni
             if not pending[index]:
                 del pending[index]
         for name in names:
-            if not LAYER_PARAMETER.match(name):
+            if not layer_parameter.match(name):
                 shard[name] = tensors.get(name)
         check_finite(shard, f"output shard {file}")
         save_file(shard, str(tmp / file), metadata={"format": "pt"})

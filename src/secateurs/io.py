@@ -21,6 +21,7 @@ from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, save_model_files
 from secateurs.output import check_finite, check_output_dir, write_folder
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
+from secateurs.progress import phase
 from secateurs.surgery import replace_attention, resize_layer
 
 
@@ -32,7 +33,7 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     sources = [getattr(model.config, "_name_or_path", None), *inputs]
     check_output_dir(out_dir, force, sources)  # before the state dict is gathered
     check_finite(model.state_dict(), "the pruned model")
-    with write_folder(out_dir, force, sources, kind="model") as tmp:
+    with phase(f"saving to {out_dir}"), write_folder(out_dir, force, sources, kind="model") as tmp:
         save_model_files(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from secateurs.errors import SecateursError
 from secateurs.offload import parse_device_map
 from secateurs.plan import CONFIG_KEY
+from secateurs.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,13 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
     torch_dtype = parse_dtype(dtype)
     check_device(device if device_map is None else None)
     kind, path = resolve_source(source)
+    what = f"loading {source}"
+    if kind == "gguf":
+        cached = (gguf_cache_folder(path) / GGUF_CACHE_RECORD).is_file()
+        what += " (its dequantised copy in the cache)" if cached else " (parsing and dequantising its GGUF file)"
     try:
-        return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
+        with phase(what, heartbeat=5.0):
+            return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
     except SecateursError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is about the files the user gave
@@ -119,12 +125,20 @@ def _first_line(exc: BaseException) -> str:
 def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
     """load_model's body; errors from broken files are turned into one message by the caller."""
     device_map = parse_device_map(device_map)
+    if kind == "dir":
+        from secateurs.checkpoint import CheckpointTensors
+
+        CheckpointTensors(path)  # shard names from the index stay inside the folder, before any loader reads them
     if device_map is not None:
         info = getattr(_peek_config(path), CONFIG_KEY, None) if kind == "dir" else None
         if kind == "gguf" or (info is not None and not info.get("stock_loadable", False)):
             raise SecateursError("--device-map works with models stock from_pretrained loads (a safetensors folder "
                                  "or hub id): not GGUF files, nor pruned folders with per-layer shapes, extra "
                                  "biases or HARP layers (load those with load_pruned, without a device map)")
+        if offload_folder is not None:  # accelerate writes offloaded weights there: never into the input
+            from secateurs.output import refuse_overlap
+
+            refuse_overlap(Path(offload_folder).expanduser().resolve(), [path] if path else [], "--offload-folder")
         target = str(path) if path else source
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype or "auto", device_map=device_map,
@@ -133,10 +147,7 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
             raise SecateursError(f"could not load {source!r} with device map {device_map!r}: {exc}") from exc
         return model.eval(), _tokenizer(target)
     if kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32)
-        _drop_gguf_quantization(model)
-        model.config._name_or_path = str(path)
-        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+        model, tokenizer = _load_gguf(path, torch_dtype)
     elif kind == "dir" and hasattr(_peek_config(path), CONFIG_KEY):
         from secateurs.io import load_pruned
 
@@ -155,6 +166,99 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
             ) from exc
         tokenizer = _tokenizer(target)
     return model.to(device).eval(), tokenizer
+
+
+def _load_gguf(path: Path, torch_dtype):
+    """Parsing and dequantising a GGUF file costs tens of seconds (transformers reads it three times:
+    config, weights, tokenizer); the float32 result is kept as a safetensors folder in the cache
+    (secateurs.cache) and loaded from there (about a second) while the GGUF file is unchanged."""
+    folder = gguf_cache_folder(path)
+    model = cached_gguf_model(folder, path, torch_dtype)
+    if model is not None:
+        return model
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32)
+    _drop_gguf_quantization(model)
+    model.config._name_or_path = str(path)
+    tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    if torch_dtype in (None, torch.float32) and tokenizer is not None:
+        cache_gguf_model(model, tokenizer, folder)
+    return model, tokenizer
+
+
+GGUF_CACHE_RECORD = "secateurs-gguf-cache.json"
+
+
+def gguf_cache_folder(path: Path) -> Path:
+    import hashlib
+    import json
+
+    import transformers
+
+    from secateurs.cache import root
+
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__])
+    return root() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def cache_gguf_model(model, tokenizer, folder: Path) -> None:
+    """Store the dequantised model; a cache that cannot be written costs only the next run's time."""
+    import json
+
+    from secateurs.identity import model_identity
+    from secateurs.output import write_folder
+
+    try:
+        with phase("keeping the dequantised model in the cache for the next run"), \
+                write_folder(folder, force=True, kind="gguf-cache", what="model cache folder") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / GGUF_CACHE_RECORD).write_text(json.dumps({"identity": model_identity(model),
+                                                             "sha256": _weight_hashes(tmp)}))
+    except (OSError, SecateursError) as exc:
+        log.warning("secateurs: WARNING: could not cache the dequantised model in %s (%s); the next run "
+                    "dequantises again", folder, exc)
+
+
+def _weight_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every weight file: the cache is trusted only byte for byte (a second or two for 540 MB)."""
+    import hashlib
+
+    hashes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        hashes[file.name] = digest.hexdigest()
+    return hashes
+
+
+def cached_gguf_model(folder: Path, path: Path, torch_dtype):
+    """(model, tokenizer) from the cache, or None when missing or not trustworthy (unreadable, or its
+    weights do not have the identity recorded when it was written): then it is rebuilt."""
+    import json
+
+    from secateurs.identity import model_identity
+
+    record = folder / GGUF_CACHE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        recorded = json.loads(record.read_text())
+        expected = recorded["identity"]
+        if not recorded["sha256"] or _weight_hashes(folder) != recorded["sha256"]:
+            raise ValueError("its weight files changed since they were written")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if model_identity(model) != expected:
+            raise ValueError("its weights changed since it was written")
+    except Exception as exc:  # noqa: BLE001 - any damage means: rebuild from the GGUF file
+        log.warning("secateurs: WARNING: ignoring the model cache %s (%s: %s); dequantising %s again", folder,
+                    type(exc).__name__, _first_line(exc), path.name)
+        return None
+    model.config._name_or_path = str(path)
+    return model, tokenizer
 
 
 def _peek_config(path: Path):

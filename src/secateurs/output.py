@@ -51,18 +51,24 @@ def _refuse_root_like(out: Path, what: str) -> None:
                              "parents); choose a dedicated folder")
 
 
-def _refuse_overlap(out: Path, inputs: Iterable, what: str) -> None:
-    """The output may not be an input, lie inside an input folder, or contain an input."""
+def refuse_overlap(out: Path, inputs: Iterable, what: str, existing_only: bool = True) -> None:
+    """The output may not be an input, lie inside an input folder, or contain an input (with
+    existing_only=False also paths that do not exist yet, e.g. another output of the same run)."""
     for source in inputs:
-        if source is None or not str(source).strip() or not Path(source).expanduser().exists():
+        if source is None or not str(source).strip():
+            continue
+        if existing_only and not Path(source).expanduser().exists():
             continue  # a hub id or a name that is not on disk
         src = Path(source).expanduser().resolve()
+        if existing_only:
+            inside = "the input model and files are never written to"
+            contains = "replacing it would destroy the input model or files"
+        else:
+            inside = contains = "the output folder is replaced whole when the run ends"
         if out == src or src in out.parents:
-            raise OutputExistsError(f"{what} {out} is the input {src} or lies inside it, and the input model and "
-                                    "files are never written to: choose an --out outside it")
+            raise OutputExistsError(f"{what} {out} is {src} or lies inside it, and {inside}: choose a path outside it")
         if out in src.parents:
-            raise OutputExistsError(f"{what} {out} contains the input {src}; replacing it would destroy the input "
-                                    "model or files: choose an --out that does not contain it")
+            raise OutputExistsError(f"{what} {out} contains {src}; {contains}: choose a path that does not contain it")
 
 
 def _check_writable(out: Path, what: str) -> None:
@@ -88,7 +94,7 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: It
     """Validate an output folder before any work (see the module docstring); returns it resolved."""
     out = _resolve(out_dir, what)
     _refuse_root_like(out, what)
-    _refuse_overlap(out, inputs, what)
+    refuse_overlap(out, inputs, what)
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise OutputExistsError(f"{what} {out} exists and is not a folder; secateurs replaces only folders "
@@ -105,11 +111,25 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: It
 
 
 def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: tuple[str, ...] = (".json",),
-                      what: str = "output file") -> Path:
+                      what: str = "output file", siblings: tuple[str, ...] = ()) -> Path:
     """Validate an output file before any work: a file name with one of `suffixes`, not a folder,
-    not an input or inside one, in a writable folder. An existing file of that kind is replaced."""
+    not an input, in a writable folder. Inside an input folder only beside a model secateurs wrote
+    (eval.json / bench.json next to a pruned model), and never over one of that model's files.
+    `siblings`: suffixes of companion files written beside it (bench's .md), checked the same way."""
     out = _resolve(path, what)
-    _refuse_overlap(out, inputs, what)
+    for source in inputs:
+        src = Path(source).expanduser().resolve() if source and str(source).strip() else None
+        if src is None or not src.is_dir() or src not in out.parents:
+            continue
+        if not written_by_secateurs(src):
+            raise OutputExistsError(f"{what} {out} lies inside the input {src}, which secateurs did not write; the "
+                                    "input model and files are never written to: choose a path outside it")
+        for target in (out, *(out.with_suffix(x) for x in siblings)):
+            if target.exists() and not _is_result_file(out):
+                raise OutputExistsError(f"{what}: {target} is one of the input model's files, not a secateurs "
+                                        "result; choose another file name")
+        inputs = [i for i in inputs if i != source]
+    refuse_overlap(out, inputs, what)
     if suffixes and out.suffix.lower() not in suffixes:
         raise SecateursError(f"{what} {out} must end in {' or '.join(suffixes)}")
     if out.is_dir():
@@ -118,6 +138,15 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
         raise SecateursError(f"{what} {out} is a symbolic link; give a plain file name")
     _check_writable(out, what)
     return out
+
+
+def _is_result_file(path: Path) -> bool:
+    """A JSON result secateurs wrote (eval/bench): an object with 'models' and 'machine'."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "models" in data and "machine" in data
 
 
 def _pid_alive(pid: int) -> bool:
@@ -248,20 +277,9 @@ def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterab
 
 def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write one file atomically (temp file beside it, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(name, 0o666 & ~_umask())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+    with writing_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 @contextmanager

@@ -216,22 +216,29 @@ class PruningPlan:
             f"plan for {b.get('name_or_path')} ({b['model_type']}, {b['num_hidden_layers']} layers, "
             f"hidden {b['hidden_size']}, head_dim {b['head_dim']})",
         ]
-        if p:
-            lines.append("provenance: " + ", ".join(f"{k}={_short(v)}" for k, v in p.items() if k != "per_layer"))
-        lines.append(f"{'layer':>5}  {'heads':>9}  {'kv heads':>9}  {'neurons':>13}")
+        if p:  # in full, one field a line: a provenance cut short cannot be reproduced
+            lines.append("provenance:")
+            lines += [f"  {k}: {_short(v)}" for k, v in p.items() if k != "per_layer"]
+        lines.append(f"{'layers':>7}  {'heads':>9}  {'kv heads':>9}  {'neurons':>13}")
+        rows: list[list] = []  # [first, last, text]: runs of layers with the same shapes share one row
         for lp in self.layers:
             h, kv, inter = self.layer_shape(lp.index)
             if lp.removed:
-                lines.append(f"{lp.index:>5}  {'removed':>9}")
-                continue
-            heads, kvs, neurons = self.resolve_layer(lp)
-            harp = ""
-            if lp.attention:
-                harp = "  attention " + ("removed" if lp.attention["mode"] == "removed"
-                                         else f"-> value path, alpha {lp.attention.get('alpha')}")
-            lines.append(
-                f"{lp.index:>5}  {len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}{harp}"
-            )
+                text = f"{'removed':>9}"
+            else:
+                heads, kvs, neurons = self.resolve_layer(lp)
+                harp = ""
+                if lp.attention:
+                    harp = "  attention " + ("removed" if lp.attention["mode"] == "removed"
+                                             else f"-> value path, alpha {lp.attention.get('alpha')}")
+                text = f"{len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}{harp}"
+            if rows and rows[-1][2] == text and rows[-1][1] == lp.index - 1:
+                rows[-1][1] = lp.index
+            else:
+                rows.append([lp.index, lp.index, text])
+        for first, last, text in rows:
+            span = str(first) if first == last else f"{first}-{last}"
+            lines.append(f"{span:>7}  {text}".rstrip())
         removed = sum(lp.removed for lp in self.layers)
         lines.append(f"layers removed: {removed} of {len(self.layers)}")
         return "\n".join(lines)
@@ -324,5 +331,4 @@ def _source_name(config) -> str | None:
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
+    return json.dumps(value, sort_keys=True) if not isinstance(value, str) else value

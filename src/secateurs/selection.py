@@ -11,7 +11,7 @@ import torch
 from secateurs.criteria.scores import StructureScores
 from secateurs.errors import SecateursError
 
-SELECTIONS = ("standard", "reversed", "random")
+from secateurs.names import SELECTIONS
 
 
 def top_indices(scores: torch.Tensor, k: int) -> list[int]:

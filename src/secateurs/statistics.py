@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.offload import input_device, materialized
+from secateurs.output import check_finite as check_finite_tensors, writing_file
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
 CONTRIBUTION_CHUNK_ELEMENTS = 1 << 22  # 16 MiB in float32: small beside one layer of any LLM
@@ -126,15 +127,29 @@ class Statistics:
                 for name in ("unit_prompt_mean_sum", "unit_token_sum", "channel_sum", "channel_sumsq"):
                     tensors[f"{kind}.{i}.{name}"] = getattr(s, name).contiguous()
                 counts[f"{kind}.{i}"] = [s.prompts, s.tokens]
-        save_file(tensors, str(path), metadata={"description": json.dumps(self.description),
-                                                "counts": json.dumps(counts)})
+        check_finite_tensors(tensors, "statistics")
+        with writing_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"description": json.dumps(self.description),
+                                                   "counts": json.dumps(counts)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Statistics":
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            counts = json.loads(meta["counts"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                counts = json.loads(meta["counts"])
+                description = json.loads(meta["description"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return cls._from_tensors(tensors, counts, description)
+        except SecateursError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means the file is not our statistics
+            raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
+                                 "to recompute") from exc
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict, counts: dict, description: dict) -> "Statistics":
+        check_finite_tensors(tensors, "statistics file")
         out = {}
         for kind in ("attention", "mlp"):
             n = sum(1 for k in counts if k.startswith(kind + "."))
@@ -144,7 +159,7 @@ class Statistics:
                     *counts[f"{kind}.{i}"])
                 for i in range(n)
             ]
-        return cls(out["attention"], out["mlp"], json.loads(meta["description"]))
+        return cls(out["attention"], out["mlp"], description)
 
 
 def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp")) -> tuple[InputStats, InputStats, list]:
@@ -199,7 +214,7 @@ def collect_statistics(model, calibration, progress: bool = True, parts=("attent
     decoder = adapter.decoder(model)
     device = input_device(model)
     try:
-        for batch in tqdm(calibration.batches, desc="calibration statistics", disable=not progress):
+        for batch in bar(calibration.batches, desc="calibration statistics", disable=not progress):
             state["mask"] = batch["attention_mask"]
             decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     use_cache=False)

@@ -25,10 +25,13 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
+from secateurs.errors import SecateursError
+from secateurs.identity import model_identity
 from secateurs.offload import has_offloaded_weights, input_device, materialized
+from secateurs.output import write_file, writing_file
 from secateurs.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 
 MODES = ("dense", "sequential")
@@ -78,7 +81,7 @@ def dense_layer_inputs(model, calibration, first: int, storage: str | torch.devi
     hidden = [h.to(storage) for h in hidden]
     masks = [b["attention_mask"] for b in calibration.batches]
     kept = {}
-    for index in tqdm(range(len(layers)), desc="layer inputs", disable=not progress):
+    for index in bar(range(len(layers)), desc="layer inputs", disable=not progress):
         if index >= first:
             kept[index] = hidden
         if index + 1 < len(layers):
@@ -100,28 +103,40 @@ def _cache_paths(cache_dir: Path, index: int) -> tuple[Path, Path]:
     return cache_dir / f"layer_{index:04d}.stats.safetensors", cache_dir / "activations.safetensors"
 
 
-def _resume(cache_dir: Path, calibration_hash: str, num_layers: int):
-    """(next layer, its input activations, finished statistics) from a cache, or a fresh start."""
+def _resume(cache_dir: Path, calibration_hash: str, identity: str, num_layers: int):
+    """(next layer, its input activations, finished statistics) from a cache, or a fresh start.
+    A cache of another model or other calibration data is refused, never reused or overwritten."""
     meta = cache_dir / "progress.json"
     if not meta.exists():
+        if any(cache_dir.iterdir()):
+            raise SecateursError(f"scores cache {cache_dir} holds files but no progress.json: not a secateurs cache; "
+                                 "give an empty or new folder")
         return 0, None, []
-    info = json.loads(meta.read_text())
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        done = min(int(info["layers_done"]), num_layers)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SecateursError(f"{meta} is damaged ({exc}); delete the scores cache folder to start over") from exc
+    if info.get("model") != identity:
+        raise SecateursError(f"scores cache {cache_dir} was made on another model ({info.get('model') or 'unrecorded'} "
+                             f"vs {identity}); delete it or give another --scores-cache folder")
     if info.get("calibration_hash") != calibration_hash:
-        return 0, None, []
-    done = min(int(info["layers_done"]), num_layers)
+        raise SecateursError(f"scores cache {cache_dir} was made with other calibration data (hash "
+                             f"{info.get('calibration_hash')} vs {calibration_hash}); delete it, give another folder, "
+                             "or ask for the calibration it was made with")
     stats = [Statistics.load(_cache_paths(cache_dir, i)[0]) for i in range(done)]
     acts = load_file(_cache_paths(cache_dir, 0)[1])
     return done, [acts[f"batch.{b}"] for b in range(len(acts))], stats
 
 
 def _checkpoint_progress(cache_dir: Path, index: int, a: InputStats, m: InputStats, hidden: list[torch.Tensor],
-                         calibration_hash: str) -> None:
+                         calibration_hash: str, identity: str) -> None:
     stats_path, acts_path = _cache_paths(cache_dir, index)
     Statistics([a], [m]).save(stats_path)
-    tmp = acts_path.with_suffix(".tmp")
-    save_file({f"batch.{b}": h.contiguous() for b, h in enumerate(hidden)}, str(tmp))
-    tmp.replace(acts_path)
-    (cache_dir / "progress.json").write_text(json.dumps({"layers_done": index + 1, "calibration_hash": calibration_hash}))
+    with writing_file(acts_path) as tmp:
+        save_file({f"batch.{b}": h.contiguous() for b, h in enumerate(hidden)}, str(tmp))
+    write_file(cache_dir / "progress.json", json.dumps({"layers_done": index + 1, "calibration_hash": calibration_hash,
+                                                        "model": identity}))
 
 
 @torch.inference_mode()
@@ -144,9 +159,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     decoder = adapter.decoder(model)
     loaded = []
     if checkpoint is not None:  # embeddings (and norm) only for the capture, then they leave again
-        from secateurs.checkpoint import LAYER_PARAMETER
-
-        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=LAYER_PARAMETER)
+        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=adapter.layer_parameter())
     try:
         inputs, kwargs = capture_layer_calls(model, calibration)
     finally:
@@ -157,14 +170,15 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     start, finished = 0, []
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        start, resumed, finished = _resume(cache, calibration.hash, len(layers))
+        identity = model_identity(model, checkpoint)
+        start, resumed, finished = _resume(cache, calibration.hash, identity, len(layers))
         if resumed is not None:
             inputs = resumed
     hidden = [h.to(storage) for h in inputs]
     attention = [s.attention[0] for s in finished]
     mlp = [s.mlp[0] for s in finished]
     masks = [b["attention_mask"] for b in calibration.batches]
-    for index in tqdm(range(start, len(layers)), desc="streamed statistics", disable=not progress):
+    for index in bar(range(start, len(layers)), desc="streamed statistics", disable=not progress):
         layer = layers[index]
         with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
             state: dict = {}
@@ -186,7 +200,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
         attention.append(a)
         mlp.append(m)
         if cache is not None:
-            _checkpoint_progress(cache, index, a, m, hidden, calibration.hash)
+            _checkpoint_progress(cache, index, a, m, hidden, calibration.hash, identity)
     description = {"calibration": calibration.description, "calibration_hash": calibration.hash,
                    "driver": f"streamed ({mode})"}
     return Statistics(attention, mlp, description)

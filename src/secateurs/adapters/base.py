@@ -7,6 +7,7 @@ so fused matrices, biases and module names never leak into criteria or surgery.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,12 @@ class ModelAdapter:
         """State-dict prefix of decoder layer `index` (for reading it from a checkpoint)."""
         return f"model.layers.{index}."
 
+    def layer_parameter(self) -> re.Pattern:
+        """Matches the state-dict name of a decoder-layer parameter: (layer index, name inside it)."""
+        marker = "\x00"
+        before, after = self.layer_prefix(marker).split(marker)  # type: ignore[arg-type]
+        return re.compile("^" + re.escape(before) + r"(\d+)" + re.escape(after) + "(.+)$")
+
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
@@ -99,9 +106,11 @@ class ModelAdapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
 
-    def logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits from final-normed hidden states, as the model's own forward makes them."""
-        return model.lm_head(normed_hidden)
+    def logits(self, model: nn.Module, normed_hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """LM-head logits from final-normed hidden states, as the model's own forward makes them
+        (cast to `dtype` before any family-specific transform, for exact scoring)."""
+        logits = model.lm_head(normed_hidden)
+        return logits if dtype is None else logits.to(dtype)
 
     def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
         """The Linear whose input columns are the concatenated head outputs (AMP hooks it)."""

@@ -12,8 +12,8 @@ class Gemma2Adapter(ModelAdapter):
     model_types = ("gemma2",)
     attention_only_norms = ("input_layernorm", "post_attention_layernorm")
 
-    def logits(self, model, normed_hidden):
-        logits = model.lm_head(normed_hidden)
+    def logits(self, model, normed_hidden, dtype=None):
+        logits = super().logits(model, normed_hidden, dtype)
         cap = getattr(model.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 

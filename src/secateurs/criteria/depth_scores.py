@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
@@ -148,14 +148,8 @@ class DepthScores:
     timings: dict = field(default_factory=dict)
 
 
-def _logits(model, h: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(h).double()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _nll_sum(model, h: torch.Tensor, targets: torch.Tensor) -> float:
-    lp = torch.log_softmax(_logits(model, h), -1)
+    lp = torch.log_softmax(get_adapter(model).logits(model, h, torch.float64), -1)  # family quirks: the adapter
     return float(-lp.gather(-1, targets[:, None]).sum())
 
 
@@ -188,7 +182,7 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     ref = [t.hidden for t in traces]
     skipping: dict[int, list[torch.Tensor]] = {}  # candidate -> its stream per trace
     local_inputs: dict[int, list[torch.Tensor]] = {}  # kept layer -> chosen rows of its input per trace
-    for j in tqdm(kept, desc="depth: scoring layers", disable=not progress):
+    for j in bar(kept, desc="depth: scoring layers", disable=not progress):
         if want_local:
             local_inputs[j] = [h[sel] for h, sel in zip(ref, sels)]
         with materialized(layers[j]):
@@ -237,7 +231,7 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     distances = [m for m in e2e if m != "nll"]
     if distances:
         reference = torch.cat(ref_parts)
-        for c in tqdm(candidates, desc="depth: distances", disable=not progress):
+        for c in bar(candidates, desc="depth: distances", disable=not progress):
             perturbed = torch.cat(skip_parts[c])
             for m in distances:
                 scores.setdefault(m, {})[c] = DISTANCES[m](reference, perturbed)

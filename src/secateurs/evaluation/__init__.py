@@ -1,8 +1,17 @@
 """Evaluation: perplexity (both paper protocols), zero-shot accuracy through lm-eval (offline task
 configs for local jsonl), speed and memory against a baseline, and reports with plots.
 
-Heavy optional dependencies (lm-eval, matplotlib) are imported only when used."""
+Heavy dependencies (torch, lm-eval, matplotlib) are imported only when used: the CLI's parsers
+import secateurs.evaluation.commands, which must not pay for them."""
 
-from secateurs.evaluation.perplexity import PROTOCOLS, evaluate_perplexity, load_text, perplexity, read_text
+from importlib import import_module
 
 __all__ = ["PROTOCOLS", "evaluate_perplexity", "load_text", "perplexity", "read_text"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        value = getattr(import_module("secateurs.evaluation.perplexity"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'secateurs.evaluation' has no attribute {name!r}")

@@ -2,80 +2,56 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from secateurs.arguments import nonempty, nonnegative_int, positive_int
 from secateurs.errors import SecateursError
-from secateurs.evaluation.zero_shot import STANDARD_TASKS
+from secateurs.output import write_file
+from secateurs.names import STANDARD_TASKS
+from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg
 
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("perplexity")
-    g.add_argument("--ppl", metavar="SOURCE",
-                   help="text file (e.g. wikitext-2-raw/wiki.test.raw) or C4-style .jsonl to measure perplexity on")
-    g.add_argument("--protocol", default="seq128",
-                   help="comma list of seq128 (LLM-Pruner/FLAP), seq2048 (Wanda/SliceGPT), seq4096, context, "
-                        "or window lengths in tokens (default: seq128)")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    g.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="cap on tokens per forward pass, bounds memory at long windows (default: 8192)")
-    g.add_argument("--max-windows", type=int, help="at most this many windows (quick runs)")
-    g.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text (quick runs)")
-    g.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
-    g.add_argument("--max-docs", type=int, help=".jsonl: use the first N documents (SparseGPT/Wanda C4: 1100)")
-    g = p.add_argument_group("zero-shot (lm-eval)")
-    g.add_argument("--tasks", help="comma list, e.g. piqa,arc_easy,boolq,winogrande,openbookqa")
-    g.add_argument("--data-dir", help="folder of local task files NAME.jsonl (llm-foundry or HF format); "
-                                      "tasks not found there come from lm-eval's registry (needs the hub)")
-    g.add_argument("--limit", type=float, help="at most N items per task (a fraction if < 1)")
-    g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
-    g.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-
-
-def add_parsers(sub, add_model_args) -> None:
+def add_parsers(sub) -> None:
     """Register eval, bench, report, sweep and tasks on the CLI's subparsers."""
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model (and its dense baseline)")
     add_model_args(p)
-    p.add_argument("--baseline", help="dense model evaluated the same way, shown beside MODEL")
-    _add_eval_args(p)
-    p.add_argument("--out", help="write the results as JSON (for `secateurs report`)")
+    p.add_argument("--baseline", type=nonempty, help="dense model evaluated the same way, shown beside MODEL")
+    add_eval_args(p)
+    add_out_arg(p, help="write the results to this .json file (for `secateurs report`)")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
     add_model_args(p)
-    p.add_argument("--baseline", help="dense model measured in the same run (ratios are model / baseline)")
+    p.add_argument("--baseline", type=nonempty, help="dense model measured in the same run (ratios are model / baseline)")
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default: 1,8)")
     p.add_argument("--prompt-lengths", default="128,512", help="comma list of prompt tokens (default: 128,512)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (default: 32)")
-    p.add_argument("--repeats", type=int, default=5, help="measured repeats; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up rounds (default: 1)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="write JSON here (and Markdown beside it)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measured repeats; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="unmeasured warm-up rounds (default: 1)")
+    add_out_arg(p, help="write the results to this .json file (and Markdown beside it)")
 
     p = sub.add_parser("report", help="Markdown + HTML report with plots for a pruned model folder")
-    p.add_argument("run", help="folder written by `secateurs prune` (or its pruning_plan.json)")
-    p.add_argument("--eval", dest="eval_file", help="eval JSON (default: RUN/eval.json if present)")
-    p.add_argument("--bench", dest="bench_file", help="bench JSON (default: RUN/bench.json if present)")
-    p.add_argument("--scores", help="heatmap data: a StructureScores safetensors, or the statistics file of "
+    p.add_argument("run", type=nonempty, help="folder written by `secateurs prune` (or its pruning_plan.json)")
+    p.add_argument("--eval", dest="eval_file", type=nonempty, help="eval JSON (default: RUN/eval.json if present)")
+    p.add_argument("--bench", dest="bench_file", type=nonempty, help="bench JSON (default: RUN/bench.json if present)")
+    p.add_argument("--scores", type=nonempty, help="heatmap data: a StructureScores safetensors, or the statistics file of "
                                      "`prune --stats FILE` (AMP scores are computed from it)")
-    p.add_argument("--out", help="output folder (default: RUN/report)")
+    add_out_arg(p, help="output folder (default: RUN/report; replaced if secateurs wrote it)")
 
     p = sub.add_parser("sweep", help="prune with several methods x ratios, evaluate, plot against ratio")
     add_model_args(p)
     p.add_argument("--methods", default="magnitude", help="comma list of pruning methods (default: magnitude)")
     p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma list of ratios (default: 0.1,0.2,0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed passed to every method (default: 0)")
-    p.add_argument("--calib", help="calibration source for methods that need one (see `prune --calib`)")
-    _add_eval_args(p)
-    p.add_argument("--out", required=True, help="output folder for sweep.json/.md/.html and plots")
-
+    add_calibration_args(p)
+    add_eval_args(p)
+    add_out_arg(p, required=True, help="output folder for sweep.json/.md/.html and plots (replaced if secateurs wrote it)")
 
     p = sub.add_parser("tasks", help="write lm-eval task YAMLs for local task files (for lm-eval's own runners, "
                                      "e.g. accelerate launch -m lm_eval --include_path OUT)")
-    p.add_argument("--data-dir", required=True, help="folder with NAME.jsonl task files")
-    p.add_argument("--tasks", default=",".join(STANDARD_TASKS), help="comma list (default: the five standard tasks)")
-    p.add_argument("--prefix", default="secateurs_", help="task name prefix (default: secateurs_)")
-    p.add_argument("--out", required=True, help="folder for the YAML files")
+    p.add_argument("--data-dir", required=True, type=nonempty, help="folder with NAME.jsonl task files")
+    p.add_argument("--tasks", default=",".join(STANDARD_TASKS), type=nonempty, help="comma list (default: the five standard tasks)")
+    p.add_argument("--prefix", default="secateurs_", type=nonempty, help="task name prefix (default: secateurs_)")
+    add_out_arg(p, required=True, help="folder for the YAML files")
 
 
 def cmd_tasks(args) -> int:
@@ -122,9 +98,10 @@ def cmd_eval(args) -> int:
     from secateurs.evaluation.suite import evaluate
     from secateurs.loading import load_model
 
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    out = _check_out(args, sources + [args.ppl, args.data_dir])
     spec, text_info = _spec(args)
     taken: set[str] = set()
-    sources = ([args.baseline] if args.baseline else []) + [args.model]
     models = {}
     for source in sources:
         label = _label(source, taken)
@@ -139,29 +116,35 @@ def cmd_eval(args) -> int:
         result["zero_shot"] = {k: first[k] for k in ("lm_eval_version", "limit", "num_fewshot")}
         result["zero_shot"]["data_dir"] = args.data_dir
     print(render_markdown(eval_tables(result)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    if out:
+        write_file(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return 0
 
 
+def _check_out(args, inputs, siblings: tuple[str, ...] = ()) -> Path | None:
+    """Device and --out FILE.json checked before anything is loaded or measured."""
+    from secateurs.loading import check_device
+    from secateurs.output import check_output_file
+
+    if args.device_map is None:
+        check_device(args.device)
+    return check_output_file(args.out, [i for i in inputs if i], siblings=siblings) if args.out else None
+
+
 def cmd_bench(args) -> int:
-    import torch
 
     from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, folder_bytes
     from secateurs.evaluation.sweep import parse_list
     from secateurs.loading import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sources = ([args.baseline] if args.baseline else []) + [args.model]
+    out = _check_out(args, sources, siblings=(".md",))
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "batch sizes")),
                          prompt_lengths=tuple(parse_list(args.prompt_lengths, int, "prompt lengths")),
                          decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
     config.validate()
     taken: set[str] = set()
-    sources = ([args.baseline] if args.baseline else []) + [args.model]
     models, paths = {}, {}
     for source in sources:
         label = _label(source, taken)
@@ -173,11 +156,9 @@ def cmd_bench(args) -> int:
         result["models"][label]["disk_bytes"] = folder_bytes(source)
     text = bench_markdown(result)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text)
+    if out:
+        write_file(out, json.dumps(result, indent=2) + "\n")
+        write_file(out.with_suffix(".md"), text)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -194,22 +175,26 @@ def cmd_report(args) -> int:
 
 def cmd_sweep(args) -> int:
     from secateurs.evaluation.sweep import check_methods_ratios, parse_list, run_sweep
-    from secateurs.loading import load_model
+    from secateurs.loading import check_device, load_model
+    from secateurs.output import check_output_dir
 
     methods = parse_list(args.methods, str, "methods")
     ratios = parse_list(args.ratios, float, "ratios")
     check_methods_ratios(methods, ratios)
+    if args.device_map is None:
+        check_device(args.device)
+    inputs = [args.model, args.ppl, args.calib, args.data_dir]
+    check_output_dir(args.out, force=True, inputs=[i for i in inputs if i], what="sweep output folder")
     spec, text_info = _spec(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
-    options = {"seed": args.seed}
+    from secateurs.cli import _calibration_options
+
+    options = {"seed": args.seed or 0, "calibration_options": _calibration_options(args)}
     if args.calib:
         options["calibration"] = args.calib
     summary = run_sweep(model, tokenizer, methods, ratios, spec, args.out, prune_options=options,
-                        model_name=args.model)
-    summary["text"] = text_info
-    (Path(args.out) / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "files"},
-                                                          indent=2, default=str) + "\n")
-    print((Path(args.out) / "sweep.md").read_text())
+                        model_name=args.model, describe={"text": text_info}, inputs=[i for i in inputs if i])
+    print(Path(summary["files"]["markdown"]).read_text())
     for kind, path in summary["files"].items():
         print(f"{kind}: {path}")
     return 0

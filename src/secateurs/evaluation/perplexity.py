@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
-from secateurs.jsonl import iter_jsonl
+from secateurs.jsonl import iter_jsonl, read_text_file
 from secateurs.offload import input_device
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
@@ -42,10 +42,7 @@ def normalise_newlines(text: str) -> str:
 
 def read_text(path: str | Path, max_chars: int | None = None) -> str:
     """A text file with line endings normalised (WikiText's raw files ship with CRLF)."""
-    path = Path(path)
-    if not path.exists():
-        raise SecateursError(f"text file not found: {path}")
-    text = normalise_newlines(path.read_text(encoding="utf-8"))
+    text = normalise_newlines(read_text_file(path))
     return text[:max_chars] if max_chars else text
 
 
@@ -162,7 +159,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
     device = input_device(model)
     nll = 0.0
     start_time = time.perf_counter()
-    for start in tqdm(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
+    for start in bar(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
         nll += _window_nll(model, chunks[start:start + batch_size].to(device))
     seconds = time.perf_counter() - start_time
     count = windows * (seq_len - 1)

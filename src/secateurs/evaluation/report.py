@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_file, write_folder
 
 SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
 
@@ -72,8 +73,8 @@ def render_html(blocks: list[tuple], title: str) -> str:
 
 def write_page(blocks: list[tuple], out_dir: Path, stem: str, title: str) -> dict[str, Path]:
     md, page = out_dir / f"{stem}.md", out_dir / f"{stem}.html"
-    md.write_text(render_markdown(blocks), encoding="utf-8")
-    page.write_text(render_html(blocks, title), encoding="utf-8")
+    write_file(md, render_markdown(blocks))
+    write_file(page, render_html(blocks, title))
     return {"markdown": md, "html": page}
 
 
@@ -167,6 +168,34 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     return path
 
 
+def plot_before_after(rows: list[tuple[str, float | None, float | None, float | None]], path: Path,
+                      labels: tuple[str, str] = ("dense", "pruned")) -> Path:
+    """Grouped bars, each metric relative to the dense model (= 1): rows of (metric, dense, pruned,
+    ideal pruned/dense or None). Ideal ratios are drawn as black ticks over the pruned bar."""
+    plt = _plt()
+    rows = [r for r in rows if r[1] and r[2] is not None]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [1.0] * len(rows), width=0.4, color="#bbbbbb", label=labels[0])
+    ax.bar([x + 0.2 for x in xs], [r[2] / r[1] for r in rows], width=0.4, color="#2a7ab9", label=labels[1])
+    ideal = [(x + 0.2, r[3]) for x, r in zip(xs, rows) if r[3] is not None]
+    if ideal:
+        ax.scatter([x for x, _ in ideal], [v for _, v in ideal], marker="_", s=600, color="black", zorder=3,
+                   label="ideal (from the shapes)")
+    for x, r in zip(xs, rows):
+        ax.text(x + 0.2, r[2] / r[1], f"{r[2] / r[1]:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r[0] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.axhline(1.0, color="#666666", linewidth=0.8)
+    ax.set_ylabel(f"{labels[1]} / {labels[0]}")
+    ax.set_title("before / after (relative to the dense model)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(points: list[dict], metric: str, path: Path, ylabel: str, log: bool = False) -> Path:
     """One line per method: `metric` against the achieved fraction of parameters removed (the
     dense model is the point at 0 on every line)."""
@@ -178,7 +207,10 @@ def plot_sweep(points: list[dict], metric: str, path: Path, ylabel: str, log: bo
                      key=lambda p: p["params_removed"])
         pts = dense + pts
         if pts:
-            ax.plot([p["params_removed"] for p in pts], [p[metric] for p in pts], marker="o", label=method)
+            errors = [p.get(f"{metric}_stderr") for p in pts]
+            yerr = [e or 0.0 for e in errors] if any(e is not None for e in errors) else None
+            ax.errorbar([p["params_removed"] for p in pts], [p[metric] for p in pts], yerr=yerr, marker="o",
+                        capsize=3, label=method)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("fraction of parameters removed")
@@ -246,8 +278,7 @@ def eval_tables(ev: dict) -> list[tuple]:
 def bench_blocks(bench: dict) -> list[tuple]:
     from secateurs.evaluation.speed import bench_markdown
 
-    cfg = bench["config"]
-    header = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB",
+    header = ["model", "batch", "prompt", "prefill tok/s (± spread)", "decode tok/s (± spread)", "TTFT ms", "peak MiB",
               "prefill x (ideal)", "decode x (ideal)"]
     rows = []
     for r in bench["results"]:
@@ -260,8 +291,7 @@ def bench_blocks(bench: dict) -> list[tuple]:
                      f"{v['prefill_speedup']:.2f} ({v['ideal_prefill_speedup']:.2f})",
                      f"{v['decode_speedup']:.2f} ({v['ideal_decode_speedup_bytes']:.2f})"])
     intro = bench_markdown(bench).split("\n\n")[0]
-    return [("p", intro + f" Spread (±) is (max - min) / median over {cfg['repeats']} repeats."),
-            ("table", header, rows)]
+    return [("p", intro), ("table", header, rows)]
 
 
 # -- the run report ---------------------------------------------------------------------------
@@ -327,8 +357,17 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     if not plan_path.exists():
         raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` or a plan file")
     plan = PruningPlan.load(plan_path)
-    out = Path(out_dir) if out_dir else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir).expanduser().resolve() if out_dir else run_dir.resolve() / "report"
+    with write_folder(final, force=True, kind="report", what="report folder") as tmp:
+        files = _write_report(plan, run_dir, tmp, eval_file, bench_file, scores)
+    return {kind: final / path.name for kind, path in files.items()}
+
+
+def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores, *, title: str | None = None,
+                  intro: list[tuple] | None = None, extra_plots: dict[str, Path] | None = None,
+                  summary_extra: dict | None = None) -> dict[str, Path]:
+    """The run report; the demo passes its own title, intro blocks (the side-by-side table), plots
+    it drew and fields for report.json."""
     eval_file = eval_file or (run_dir / "eval.json" if (run_dir / "eval.json").exists() else None)
     bench_file = bench_file or (run_dir / "bench.json" if (run_dir / "bench.json").exists() else None)
     ev, bench = _load_json(eval_file), _load_json(bench_file)
@@ -338,8 +377,8 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     heat_png = plot_head_heatmap(plan, out / "head_heatmap.png", score_obj)
     prov = plan.provenance
     a = plan_arrays(plan)
-    title = f"Pruning report: {prov.get('base_model') or plan.base.get('name_or_path')}"
-    blocks: list[tuple] = [("h1", title)]
+    title = title or f"Pruning report: {prov.get('base_model') or plan.base.get('name_or_path')}"
+    blocks: list[tuple] = [("h1", title), *(intro or [])]
     facts = [["method", prov.get("method", "n/a")], ["requested ratio", prov.get("ratio", "n/a")],
              ["parameters before", _fmt(prov.get("params_before"))], ["parameters after", _fmt(prov.get("params_after"))]]
     if prov.get("params_before") and prov.get("params_after"):
@@ -359,6 +398,8 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
         blocks += [("h3", "Speed and memory")] + bench_blocks(bench)
     else:
         blocks.append(("p", f"No speed results (run `secateurs bench MODEL --baseline DENSE --out {run_dir}/bench.json`)."))
+    plots = dict(extra_plots or {})
+    blocks += [("img", p.name, kind.replace("_", " ")) for kind, p in plots.items()]
     blocks += [("h2", "Where the cuts fell"), ("img", kept_png.name, "kept heads and neurons per layer"),
                ("img", heat_png.name, "layer x head importance")]
     if score_obj is None:
@@ -366,10 +407,10 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
                             f"a StructureScores safetensors, or save one as {SCORE_FILES[0]} in the run folder)."))
     blocks += [("h2", "Plan"), ("pre", plan.summary())]
     files = write_page(blocks, out, "report", title)
-    summary = {"plan": plan.to_dict()["provenance"], "eval": ev, "bench": bench,
-               "plots": [kept_png.name, heat_png.name]}
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png}
+    summary = {**(summary_extra or {}), "plan": plan.to_dict()["provenance"], "eval": ev, "bench": bench,
+               "plots": [kept_png.name, heat_png.name, *(p.name for p in plots.values())]}
+    write_file(out / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png, **plots}
 
 
 def _eval_intro(ev: dict) -> str:

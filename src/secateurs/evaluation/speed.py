@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from secateurs.progress import bar as progress_bar
 
 from secateurs.errors import SecateursError
 
@@ -191,7 +191,7 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
     shapes = [(b, n) for b in config.batch_sizes for n in config.prompt_lengths]
     raw = {label: {shape: [] for shape in shapes} for label in labels}
     total = (config.warmup + config.repeats) * len(shapes) * len(labels)
-    bar = tqdm(total=total, desc="bench", disable=not progress)
+    bar = progress_bar(total=total, desc="bench", disable=not progress)
     for rep in range(config.warmup + config.repeats):
         for shape in shapes:
             for label in labels:

@@ -14,9 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_file, write_folder
 from secateurs.evaluation.suite import EvalSpec, evaluate
 
 
@@ -48,33 +49,48 @@ def _point(method: str, ratio: float, params_removed: float, result: dict) -> di
     z = result.get("zero_shot")
     if z:
         p["mean_acc"] = z.get("mean_acc")
+        errors = [r.get("acc_stderr") for r in z["tasks"].values()]
+        if errors and all(e is not None for e in errors):  # standard error of the mean of independent tasks
+            p["mean_acc_stderr"] = sum(e * e for e in errors) ** 0.5 / len(errors)
         for task, r in z["tasks"].items():
             p[f"acc_{task}"] = r["acc"]
+            p[f"acc_{task}_stderr"] = r.get("acc_stderr")
     return p
 
 
 def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: EvalSpec, out_dir: str | Path, *,
-              prune_options: dict | None = None, model_name: str = "", progress: bool = True) -> dict:
-    """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir."""
+              prune_options: dict | None = None, model_name: str = "", progress: bool = True,
+              describe: dict | None = None, inputs=()) -> dict:
+    """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir
+    (through the one writer: a previous sweep there is replaced whole at the end; `describe` adds
+    entries to sweep.json)."""
+    final = Path(out_dir).expanduser().resolve()
+    with write_folder(final, force=True, inputs=inputs, kind="sweep", what="sweep output folder") as tmp:
+        summary = _sweep(model, tokenizer, methods, ratios, spec, tmp, prune_options, model_name, progress)
+        summary.update(describe or {})
+        files = write_sweep_report(summary, tmp)
+        write_file(tmp / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
+    summary["files"] = {k: str(final / Path(v).name) for k, v in files.items()}
+    return summary
+
+
+def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_options, model_name: str,
+           progress: bool) -> dict:
     from secateurs.accounting import model_stats
     from secateurs.evaluation.speed import machine_info
     from secateurs.methods import prune
 
     check_methods_ratios(methods, ratios)
     spec.check(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dense_params = model_stats(model).total_params
     options = dict(prune_options or {})
     if "statistics" not in options:  # one calibration pass serves every ratio and method of this sweep
-        stats_file = out / "calibration_statistics.safetensors"
-        stats_file.unlink(missing_ok=True)  # never reuse a previous sweep's (maybe another model's)
-        options["statistics"] = str(stats_file)
+        options["statistics"] = str(out / "calibration_statistics.safetensors")  # a fresh folder: never reused
     started = time.perf_counter()
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
     grid = [(m, r) for m in methods for r in ratios]
-    for method, ratio in tqdm(grid, desc="sweep", disable=not progress):
+    for method, ratio in bar(grid, desc="sweep", disable=not progress):
         pruned = copy.deepcopy(model)
         try:
             pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **options)
@@ -87,13 +103,16 @@ def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: E
         points.append(_point(method, ratio, 1 - params / dense_params, result))
         del pruned
         gc.collect()
-    summary = {"model": model_name, "methods": methods, "ratios": ratios, "protocols": spec.protocols,
-               "tasks": spec.tasks, "limit": spec.limit, "points": points, "runs": runs,
-               "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
-    files = write_sweep_report(summary, out)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    summary["files"] = {k: str(v) for k, v in files.items()}
-    return summary
+    return {"model": model_name, "methods": methods, "ratios": ratios, "protocols": spec.protocols,
+            "tasks": spec.tasks, "limit": spec.limit, "points": points, "runs": runs,
+            "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()}
+
+
+def _pct(p: dict, key: str) -> str:
+    if p.get(key) is None:
+        return "n/a"
+    se = p.get(f"{key}_stderr")
+    return f"{100 * p[key]:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * p[key]:.1f}"
 
 
 def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
@@ -105,8 +124,9 @@ def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
     for key in ppl_keys:
         files[key] = plot_sweep(points, key, out / f"sweep_{key}.png", f"perplexity ({key[4:]})", log=True)
     if points and points[0].get("mean_acc") is not None:
-        files["acc"] = plot_sweep(points, "mean_acc", out / "sweep_acc.png", "mean zero-shot accuracy")
-    acc_keys = [k for k in points[0] if k.startswith("acc_")] if points else []
+        files["acc"] = plot_sweep(points, "mean_acc", out / "sweep_acc.png",
+                                  "mean zero-shot accuracy (bars: ± 1 standard error)")
+    acc_keys = [k for k in points[0] if k.startswith("acc_") and not k.endswith("_stderr")] if points else []
     header = ["method", "ratio", "params removed"] + [k[4:] + " ppl" for k in ppl_keys] + \
         ([k[4:] for k in acc_keys] + ["mean acc"] if acc_keys else [])
     rows = []
@@ -114,7 +134,7 @@ def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
         row = [p["method"], f"{p['ratio']:.2f}", f"{100 * p['params_removed']:.1f}%"]
         row += [f"{p[k]:.3f}" for k in ppl_keys]
         if acc_keys:
-            row += [f"{100 * p[k]:.1f}" if p.get(k) is not None else "n/a" for k in acc_keys + ["mean_acc"]]
+            row += [_pct(p, k) for k in acc_keys + ["mean_acc"]]
         rows.append(row)
     title = f"Sweep: {summary.get('model') or 'model'}"
     blocks = [("h1", title),

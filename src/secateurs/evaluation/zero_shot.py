@@ -29,9 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.output import write_folder
 
 TASK_DIR = Path(__file__).with_name("tasks")
-STANDARD_TASKS = ("piqa", "arc_easy", "boolq", "winogrande", "openbookqa")
+from secateurs.names import STANDARD_TASKS
+from secateurs.progress import phase
 FILE_ALIASES = {"openbookqa": ("openbookqa", "openbook_qa"), "arc_easy": ("arc_easy", "arc-easy"),
                 "arc_challenge": ("arc_challenge", "arc-challenge")}
 # llm-foundry queries lack lm-eval's answer cue; these complete them to lm-eval's prompts.
@@ -132,13 +134,15 @@ def export_task_configs(data_dir: str | Path, out_dir: str | Path, tasks=STANDAR
     missing = [n for n, p in found.items() if p is None]
     if missing:
         raise SecateursError(f"no local file for {', '.join(missing)} in {data_dir}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).expanduser().resolve()
     written = {}
-    for name, path in found.items():
-        cfg = local_task_config(prefix + name, path)
-        written[cfg["task"]] = out / f"{cfg['task']}.yaml"
-        written[cfg["task"]].write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    with write_folder(out, force=True, inputs=[data_dir], kind="tasks", what="tasks output folder") as tmp:
+        for name, path in found.items():
+            cfg = local_task_config(prefix + name, path)
+            if Path(cfg["task"]).name != cfg["task"]:
+                raise SecateursError(f"task name {cfg['task']!r} is not a plain file name")
+            (tmp / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            written[cfg["task"]] = out / f"{cfg['task']}.yaml"
     return written
 
 
@@ -185,7 +189,7 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = STANDARD_TASKS, *, data
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    with _quiet():
+    with phase(f"zero-shot {', '.join(names)} (lm-eval, limit {limit})"), _quiet():
         manager = TaskManager(include_defaults=bool(hub))
         if hub:
             missing = [n for n in hub if n not in manager.all_tasks]

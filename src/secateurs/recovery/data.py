@@ -94,15 +94,15 @@ def alpaca_stream(records: list[dict], tokenizer) -> tuple[list[int], list[int]]
     return ids, labels
 
 
-def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: int, seed: int,
-                 batch_size: int) -> tuple[list[int], list[int], dict]:
+def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: int,
+                 seed: int) -> tuple[list[int], list[int], dict]:
     """(ids, labels, description) of a whole source."""
     description: dict = {"source": spec}
     if spec == "self":
         if teacher is None:
             raise RecoveryDataError("'self' recovery data is text sampled from the teacher: pass a teacher, or "
                                     "give a text or .jsonl file")
-        samples = _self_generated(teacher, tokenizer, self_samples, seq_len, seed, batch_size)
+        samples = _self_generated(teacher, tokenizer, self_samples, seq_len, seed)
         ids = [t for s in samples for t in s[:seq_len]]
         description.update(kind="teacher-generated (ancestral sampling from BOS)", samples=len(samples))
         return ids, list(ids), description
@@ -183,8 +183,7 @@ def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | No
 
 
 def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_tokens: int, seed: int = 0,
-                       teacher=None, evaluation_files: list[str | Path] | None = None,
-                       generation_batch_size: int = 8) -> RecoveryData:
+                       teacher=None, evaluation_files: list[str | Path] | None = None) -> RecoveryData:
     """Pack `spec` into sequences of seq_len tokens; hold out ceil(val_tokens / seq_len) of them
     (a seeded random choice) for validation. 'self' samples just enough text from the teacher
     for `tokens` training tokens plus the validation slice."""
@@ -196,7 +195,7 @@ def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_t
     num_val = math.ceil(val_tokens / seq_len) if val_tokens > 0 else 0
     self_samples = num_val + max(1, math.ceil(tokens / seq_len))
     ids, labels, description = _read_source(spec, tokenizer, teacher=teacher, seq_len=seq_len,
-                                            self_samples=self_samples, seed=seed, batch_size=generation_batch_size)
+                                            self_samples=self_samples, seed=seed)
     count = len(ids) // seq_len
     if count == 0:
         raise RecoveryDataError(f"recovery data {spec} gives {len(ids)} tokens, fewer than one sequence of "

@@ -25,6 +25,7 @@ from transformers import get_scheduler
 
 from secateurs.errors import SecateursError
 from secateurs.output import write_folder
+from secateurs.progress import is_quiet
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 
@@ -191,7 +192,8 @@ class RecoveryLoop:
         self.student.train()
         stopped_early = False
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
-                   unit="tok", unit_scale=True, desc="recover", disable=not self.progress, smoothing=0.1)
+                   unit="tok", unit_scale=True, desc="recover", disable=not self.progress or is_quiet(),
+                   smoothing=0.1)
         try:
             while self.step < self.total_steps:
                 record = self.train_step()

@@ -1,0 +1,110 @@
+"""What the user sees while secateurs works: a status line with the elapsed time for every phase
+(loading, dequantising, generating calibration text, statistics, surgery, saving, evaluation) and
+tqdm bars for the loops, on stderr so that stdout stays the result. `set_quiet(True)` (the CLI's
+`--quiet`, or SECATEURS_QUIET=1) turns all of it off.
+
+The library calls `phase(...)` where the work is, so every entry point (CLI, Python API, benchmark
+scripts) reports the same way; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+_state = {"quiet": os.environ.get("SECATEURS_QUIET", "") not in ("", "0")}
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Quiet also silences the bars of the libraries underneath (transformers' weight loading and GGUF
+    dequantisation, lm-eval, datasets): all of them draw with tqdm, whose default becomes disable=True."""
+    _state["quiet"] = bool(quiet)
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # for libraries imported later
+        if quiet:
+            os.environ[name] = "1"
+        else:
+            os.environ.pop(name, None)
+    if "tqdm" in sys.modules:  # already imported: every bar disabled, even one that asks for disable=False
+        from tqdm import std
+
+        original = _state.setdefault("tqdm_init", std.tqdm.__init__)
+
+        def silent_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            original(self, *args, **kwargs)
+
+        std.tqdm.__init__ = silent_init if quiet else original
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if quiet else hf_logging.enable_progress_bar)()
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def status(message: str) -> None:
+    """One line on stderr (nothing when quiet)."""
+    if _state["quiet"]:
+        return
+    sys.stderr.write(f"secateurs: {message}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def phase(what: str, heartbeat: float | None = None) -> Iterator[None]:
+    """`secateurs: loading model ...` when it starts and `secateurs: loading model ... done in 3.2 s`
+    when it ends, each on its own line, so that bars drawn in between (ours or a library's) never
+    swallow the end."""
+    if _state["quiet"]:
+        yield
+        return
+    sys.stderr.write(f"secateurs: {what} ...\n")
+    sys.stderr.flush()
+    start = time.perf_counter()
+    stop, beater = threading.Event(), None
+    if heartbeat:  # work that prints nothing itself (a library parsing a file): say every few seconds it goes on
+        def beat():
+            while not stop.wait(heartbeat):
+                sys.stderr.write(f"secateurs: {what} ... {time.perf_counter() - start:.0f} s\n")
+                sys.stderr.flush()
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        if beater is not None:
+            beater.join(timeout=1.0)  # its last line before ours
+        seconds = time.perf_counter() - start
+        end = f"done in {seconds:.1f} s" if ok else f"stopped after {seconds:.1f} s"
+        sys.stderr.write(f"secateurs: {what} ... {end}\n")
+        sys.stderr.flush()
+
+
+def bar(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None, disable: bool = False,
+        **kwargs):
+    """A tqdm bar on stderr, off when quiet (or when the caller passes disable=True)."""
+    from tqdm.auto import tqdm
+
+    disable = disable or _state["quiet"]
+    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, **kwargs)
+
+
+def heavy_imports() -> None:
+    """torch and transformers take seconds to import on a loaded machine: say so while it happens."""
+    if "transformers" in sys.modules:
+        return
+    with phase("importing torch and transformers"):
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    if _state["quiet"]:
+        set_quiet(True)  # now that transformers (and tqdm) are here
