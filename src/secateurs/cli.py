@@ -404,7 +404,7 @@ def _add_recover_parser(sub) -> None:
 
 def cmd_recover(args) -> int:
     from secateurs.evaluation.perplexity import load_text, perplexity
-    from secateurs.io import check_output_dir
+    from secateurs.output import check_output_dir
     from secateurs.loading import load_model
     from secateurs.plan import PLAN_FILENAME, PruningPlan
     from secateurs.recovery import recover

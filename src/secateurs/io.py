@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, save_model_files
-from secateurs.output import check_finite, check_output_dir, write_folder
+from secateurs.output import check_finite, write_folder
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.progress import phase
-from secateurs.surgery import replace_attention, resize_layer
+from secateurs.surgery import replace_attention, replaced_attention_modes, resize_layer
 
 
 def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tokenizer=None,
@@ -31,9 +31,8 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     (secateurs.output): built beside it, swapped in whole; the model's own source and `inputs` are
     never written to; nothing non-finite is saved."""
     sources = [getattr(model.config, "_name_or_path", None), *inputs]
-    check_output_dir(out_dir, force, sources)  # before the state dict is gathered
-    check_finite(model.state_dict(), "the pruned model")
     with phase(f"saving to {out_dir}"), write_folder(out_dir, force, sources, kind="model") as tmp:
+        check_finite(model.state_dict(), "the pruned model")
         save_model_files(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -96,14 +95,10 @@ def check_pruned_config(path, config) -> None:
 
 def model_layout(model) -> tuple[list[tuple[int, int, int]], dict[int, str]]:
     """(per-layer (heads, kv heads, neurons), {layer: HARP mode}) read from the real weights."""
-    from secateurs.value_attention import RemovedAttention, is_replaced
-
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     shapes = [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in map(adapter.layer_shape, layers)]
-    replaced = {i: "removed" if isinstance(adapter.attention(layer), RemovedAttention) else "value"
-                for i, layer in enumerate(layers) if is_replaced(adapter.attention(layer))}
-    return shapes, replaced
+    return shapes, replaced_attention_modes(adapter, layers)
 
 
 def config_layout(config) -> tuple[list[tuple[int, int, int]], dict[int, str]]:

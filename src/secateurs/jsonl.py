@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ def read_text_file(path: str | Path, what: str = "text file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SecateursError(f"{what} {path} is not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (weights of hundreds of MB stay out of memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:

@@ -222,16 +222,9 @@ def cache_gguf_model(model, tokenizer, folder: Path) -> None:
 
 def _weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every weight file: the cache is trusted only byte for byte (a second or two for 540 MB)."""
-    import hashlib
+    from secateurs.jsonl import file_sha256
 
-    hashes = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        hashes[file.name] = digest.hexdigest()
-    return hashes
+    return {file.name: file_sha256(file) for file in sorted(folder.glob("*.safetensors"))}
 
 
 def cached_gguf_model(folder: Path, path: Path, torch_dtype):

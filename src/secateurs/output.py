@@ -117,10 +117,9 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
     (eval.json / bench.json next to a pruned model), and never over one of that model's files.
     `siblings`: suffixes of companion files written beside it (bench's .md), checked the same way."""
     out = _resolve(path, what)
-    for source in inputs:
-        src = Path(source).expanduser().resolve() if source and str(source).strip() else None
-        if src is None or not src.is_dir() or src not in out.parents:
-            continue
+    sources = [Path(s).expanduser().resolve() for s in inputs if s and str(s).strip()]
+    holding = [src for src in sources if src in out.parents and src.is_dir()]
+    for src in holding:  # a result beside a model secateurs wrote (runs/x/eval.json) is the normal case
         if not written_by_secateurs(src):
             raise OutputExistsError(f"{what} {out} lies inside the input {src}, which secateurs did not write; the "
                                     "input model and files are never written to: choose a path outside it")
@@ -128,8 +127,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
             if target.exists() and not _is_result_file(out):
                 raise OutputExistsError(f"{what}: {target} is one of the input model's files, not a secateurs "
                                         "result; choose another file name")
-        inputs = [i for i in inputs if i != source]
-    refuse_overlap(out, inputs, what)
+    refuse_overlap(out, [s for s in sources if s not in holding], what)
     if suffixes and out.suffix.lower() not in suffixes:
         raise SecateursError(f"{what} {out} must end in {' or '.join(suffixes)}")
     if out.is_dir():

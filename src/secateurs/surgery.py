@@ -107,6 +107,12 @@ def remove_layers(adapter: ModelAdapter, model: nn.Module, kept: list[int]) -> N
     adapter.update_config_for_kept_layers(model.config, kept)
 
 
+def replaced_attention_modes(adapter: ModelAdapter, layers) -> dict[int, str]:
+    """{layer index: 'value' | 'removed'} of the HARP layers, read from the modules themselves."""
+    return {i: "removed" if isinstance(adapter.attention(layer), RemovedAttention) else "value"
+            for i, layer in enumerate(layers) if is_replaced(adapter.attention(layer))}
+
+
 def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     """Rewrite width fields of the config from real weight shapes.
 
@@ -125,8 +131,7 @@ def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     config.intermediate_size = max(s.intermediate_size for s in shapes)
     heterogeneous = len(set(shapes)) > 1
     info = {"format": PLAN_FORMAT, "plan": PLAN_FILENAME, "heterogeneous": heterogeneous}
-    replaced = {str(i): "removed" if isinstance(adapter.attention(layer), RemovedAttention) else "value"
-                for i, layer in enumerate(layers) if is_replaced(adapter.attention(layer))}
+    replaced = {str(i): mode for i, mode in replaced_attention_modes(adapter, layers).items()}
     if replaced:
         info["replaced_attention"] = replaced
     if plan is not None:

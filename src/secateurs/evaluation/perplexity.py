@@ -13,7 +13,6 @@ one read of the logits, and memory is bounded by ``max_batch_tokens``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from secateurs.progress import bar
 
 from secateurs.errors import SecateursError
-from secateurs.jsonl import iter_jsonl, read_text_file
+from secateurs.jsonl import file_sha256, iter_jsonl, read_text_file
 from secateurs.offload import input_device
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
@@ -81,7 +80,7 @@ def load_text(source: str | Path, *, field: str = "text", max_docs: int | None =
     if max_chars:
         text = text[:max_chars]
         how += f", first {max_chars} characters"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return text, {"path": str(path), "name": path.name, "sha256": digest, "read_as": how, "chars": len(text)}
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
-from secateurs.calibration import Calibration, check_calibration_length, load_calibration
+from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria import StructureScores
 from secateurs.criteria.amp import amp_scores
 from secateurs.criteria.magnitude import magnitude_scores
@@ -79,7 +79,6 @@ def resolve_statistics(model, tokenizer, calibration=None, statistics=None, cali
         check_statistics_source(stats, statistics, model_identity(model), calibration, calibration_options)
         return stats
     if not isinstance(calibration, Calibration):
-        check_calibration_length(model.config, (calibration_options or {}).get("max_length"))
         calibration = load_calibration(calibration, tokenizer, model=model, **(calibration_options or {}))
     stats = collect_statistics(model, calibration, progress=progress)
     if statistics is not None:

@@ -23,7 +23,8 @@ import torch
 from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
-from secateurs.io import check_output_dir, save_pruned
+from secateurs.io import save_pruned
+from secateurs.output import check_output_dir
 from secateurs.plan import CONFIG_KEY, PruningPlan
 from secateurs.recovery.data import load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora

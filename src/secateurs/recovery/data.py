@@ -22,7 +22,7 @@ import torch
 
 from secateurs.calibration import _hf_texts, _self_generated
 from secateurs.errors import SecateursError
-from secateurs.jsonl import iter_jsonl
+from secateurs.jsonl import file_sha256, iter_jsonl
 
 IGNORE_INDEX = -100
 # Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).
@@ -152,14 +152,6 @@ def _check_record(record, where: str) -> dict:
         raise RecoveryDataError(f"{where}: a recovery record needs a string 'text' field or Alpaca "
                                 "'instruction'/'input'/'output' fields")
     return record
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | None) -> None:
