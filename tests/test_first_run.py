@@ -172,9 +172,15 @@ def test_old_spellings_still_parse():
 # -- the demo ----------------------------------------------------------------------------------
 def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_path, monkeypatch, capsys):
     import json
+    from importlib import resources
+
+    import pytest
+    from transformers import AutoTokenizer
 
     from secateurs import calibration
     from secateurs.cli import main
+    from secateurs.evaluation.perplexity import perplexity
+    from secateurs.io import load_pruned
     from tests.conftest import ASSETS, STORIES
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # this test's own cache
@@ -182,15 +188,17 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     argv = ["demo", "--model", str(STORIES), "--out", str(out), "--max-windows", "4", "--calib-samples", "4",
             "--calib-length", "32", "--data-dir", str(ASSETS / "commonsense" / "llm-foundry"), "--tasks",
             "piqa,arc_easy", "--limit", "4", "--bench-prompt-length", "16", "--bench-decode-tokens", "4",
-            "--bench-repeats", "1", "--seed", "5"]
+            "--bench-repeats", "1", "--seed", "5", "--recover-tokens", "256"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "secateurs: calibration: sampling 4 x 32 tokens" in captured.err
+    assert "calibration: reusing 4 x 32 tokens" in captured.err  # recovery trained on the samples pruning drew
+    assert f"saving to {out / 'model'} ..." in captured.err and ".tmp-" not in captured.err  # the final name
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert report["perplexity_pruned"]["windows"] == 4
     assert "tokens_per_second" not in report["perplexity_pruned"]  # speed comes from the measured bench only
-    pngs = {"kept_per_layer.png", "head_heatmap.png", "before_after.png"}
+    pngs = {"kept_per_layer.png", "head_heatmap.png", "before_after.png", "recovery_curve.png"}
     assert pngs <= {p.name for p in out.iterdir()} and set(report["plots"]) == pngs
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -199,7 +207,18 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     assert "decode tok/s (batch 1, 4 steps), measured (ideal)" in markdown
     assert "piqa acc %" in markdown and "arc_easy acc %" in markdown
     assert "kept heads (no importance scores given)" not in markdown  # the heatmap shows this run's scores
-    assert (out / "report.html").read_text().count("<img") == 3
+    assert (out / "report.html").read_text().count("<img") == 4
+    assert "| recovered | recovered / dense |" in markdown and "Recovered model, greedy:" in markdown
+    record = json.loads((out / "recovered" / "recovery.json").read_text())
+    assert record["tokens"]["trained"] == 256 and record["data"]["train_sequences"] == 3  # 4 samples, 1 held out
+    assert record["after"]["loss"] <= record["before"]["loss"]  # the best weights are the ones kept
+    recovered, pruned = load_pruned(out / "recovered"), load_pruned(out / "model")
+    assert [p.shape for p in recovered.parameters()] == [p.shape for p in pruned.parameters()]
+    text = resources.files("secateurs").joinpath("data", "tinystories_sample.txt").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out / "recovered")
+    for model, key in ((recovered, "perplexity_recovered"), (pruned, "perplexity_pruned")):  # what was saved is
+        again = perplexity(model, tokenizer, text, seq_len=128, max_windows=4, progress=False)  # what was reported
+        assert again["perplexity"] == pytest.approx(report[key]["perplexity"], rel=1e-5)
     bench = json.loads((out / "model" / "bench.json").read_text())
     assert {r["model"] for r in bench["results"]} == {"dense", "pruned"}
     assert all(r["prefill_tokens_per_s"]["median"] > 0 and r["decode_tokens_per_s"]["median"] > 0
@@ -210,6 +229,7 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
         raise AssertionError("the second run should reuse the cached calibration")
 
     monkeypatch.setattr(calibration, "_sample", no_generation)
+    capsys.readouterr()  # the checks above loaded models (with bars)
     assert main(argv + ["--force", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""  # --quiet: no phase lines, no bars

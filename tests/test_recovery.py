@@ -380,6 +380,10 @@ def test_self_data_is_sampled_from_the_teacher(stories):
     assert data.hash == again.hash
     with pytest.raises(SecateursError, match="teacher"):
         load_recovery_data("self", tok, seq_len=SEQ, tokens=3 * SEQ, val_tokens=SEQ)
+    fixed = load_recovery_data("self", tok, seq_len=SEQ, tokens=9 * SEQ, val_tokens=SEQ, teacher=dense, self_samples=4)
+    assert fixed.hash == data.hash  # the same 4 samples (cached), not 10: the budget goes over them 3 times
+    with pytest.raises(SecateursError, match="above the 1 validation"):
+        load_recovery_data("self", tok, seq_len=SEQ, tokens=3 * SEQ, val_tokens=SEQ, teacher=dense, self_samples=1)
 
 
 
@@ -490,6 +494,14 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
     assert record["parametrisation"]["preset"] == "amp-paper" and record["optimizer"]["lr"] == 3e-4
     AutoModelForCausalLM.from_pretrained(tmp_path / "rec")
+    assert main(["report", str(tmp_path / "rec"), "--out", str(tmp_path / "page")]) == 0  # the recovery shows in
+    page = (tmp_path / "page" / "report.md").read_text()  # the report: its table and its curve
+    assert "### Recovery" in page and "| tokens trained | 384 |" in page and "recovery_curve.png" in page
+    assert (tmp_path / "page" / "recovery_curve.png").read_bytes()[:4] == b"\x89PNG"
+    record["curves"]["val"][1]["loss"] = float("nan")  # a damaged record is refused, not plotted
+    (tmp_path / "rec" / RECOVERY_FILENAME).write_text(json.dumps(record))
+    assert main(["report", str(tmp_path / "rec"), "--out", str(tmp_path / "page2")]) == 2
+    assert "no finite tokens and loss" in capsys.readouterr().err and not (tmp_path / "page2").exists()
     assert main(args) == 2  # the output exists now
     assert main([*args[:-1], str(tmp_path / "rec3"), "--tokens", "0"]) == 2  # checked when parsed
     assert main([*args[:-1], str(tmp_path / "rec2"), "--ppl", str(TINYSTORIES_TEXT)]) == 2  # data = evaluation text

@@ -33,6 +33,7 @@ log = logging.getLogger("secateurs")
 
 ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse:"
 DEFAULT_SOURCE = "self"
+DEFAULT_SAMPLES, DEFAULT_LENGTH = 32, 128  # 4,096 tokens: enough for stable activation statistics
 
 
 @dataclass
@@ -173,7 +174,8 @@ def _sample(model, start: int, n: int, length: int, banned: list[int], steps) ->
     return torch.cat(out, dim=1).cpu().tolist()
 
 
-def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: int = 32, max_length: int = 128,
+def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: int = DEFAULT_SAMPLES,
+                     max_length: int = DEFAULT_LENGTH,
                      seed: int = 0, batch_size: int = 8) -> Calibration:
     """Build calibration batches from `spec` (see the module docstring)."""
     spec = spec or DEFAULT_SOURCE

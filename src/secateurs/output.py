@@ -37,6 +37,14 @@ LEGACY_MARKERS = ("pruning_plan.json",)  # folders written before the marker exi
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
+def final_path(path: str | os.PathLike) -> Path:
+    """Where `path` will be once the outputs being written around it are swapped in: a folder being
+    built inside a demo's temporary folder is shown to the user under its final name."""
+    parts = [m.group("name") if (m := _STALE.match(part)) and m.group("kind") == "tmp" else part
+             for part in Path(path).parts]
+    return Path(*parts)
+
+
 def _resolve(path: str | os.PathLike, what: str) -> Path:
     if path is None or not str(path).strip():
         raise SecateursError(f"{what} is empty; give a folder or file name")

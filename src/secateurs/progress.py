@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 _state = {"quiet": os.environ.get("SECATEURS_QUIET", "") not in ("", "0")}
+HEARTBEAT_SECONDS = 3.0  # work that prints nothing itself says it goes on this often (target: no silence > 5 s)
 
 
 def set_quiet(quiet: bool = True) -> None:

@@ -168,32 +168,93 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     return path
 
 
-def plot_before_after(rows: list[tuple[str, float | None, float | None, float | None]], path: Path,
-                      labels: tuple[str, str] = ("dense", "pruned")) -> Path:
+def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = ("dense", "pruned", "recovered")) -> Path:
     """Grouped bars, each metric relative to the dense model (= 1): rows of (metric, dense, pruned,
-    ideal pruned/dense or None). Ideal ratios are drawn as black ticks over the pruned bar."""
+    ideal pruned/dense or None[, recovered or None]). Ideal ratios are drawn as black ticks over the
+    pruned bar; a recovered bar is drawn when a row has one."""
     plt = _plt()
-    rows = [r for r in rows if r[1] and r[2] is not None]
+    rows = [tuple(r) + (None,) * (5 - len(r)) for r in rows if r[1] and r[2] is not None]
+    series = [(2, labels[1], "#2a7ab9")] + ([(4, labels[2], "#3a9a5b")] if any(r[4] is not None for r in rows) else [])
+    width = 0.8 / (1 + len(series))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [1.0] * len(rows), width=0.4, color="#bbbbbb", label=labels[0])
-    ax.bar([x + 0.2 for x in xs], [r[2] / r[1] for r in rows], width=0.4, color="#2a7ab9", label=labels[1])
-    ideal = [(x + 0.2, r[3]) for x, r in zip(xs, rows) if r[3] is not None]
+    ax.bar([x - 0.4 + width / 2 for x in xs], [1.0] * len(rows), width=width, color="#bbbbbb", label=labels[0])
+    for n, (column, label, color) in enumerate(series, start=1):
+        at = [(x - 0.4 + width * (n + 0.5), r[column] / r[1]) for x, r in zip(xs, rows) if r[column] is not None]
+        ax.bar([x for x, _ in at], [v for _, v in at], width=width, color=color, label=label)
+        for x, v in at:
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    pruned_x = [x - 0.4 + width * 1.5 for x in xs]
+    ideal = [(px, r[3]) for px, r in zip(pruned_x, rows) if r[3] is not None]
     if ideal:
-        ax.scatter([x for x, _ in ideal], [v for _, v in ideal], marker="_", s=600, color="black", zorder=3,
+        ax.scatter([x for x, _ in ideal], [v for _, v in ideal], marker="_", s=400, color="black", zorder=3,
                    label="ideal (from the shapes)")
-    for x, r in zip(xs, rows):
-        ax.text(x + 0.2, r[2] / r[1], f"{r[2] / r[1]:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r[0] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.axhline(1.0, color="#666666", linewidth=0.8)
-    ax.set_ylabel(f"{labels[1]} / {labels[0]}")
+    ax.set_ylabel(f"relative to {labels[0]}")
     ax.set_title("before / after (relative to the dense model)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _curve(points, what: str) -> tuple[list[float], list[float]]:
+    """(tokens, loss) of a recovery curve read from a recovery.json (a file a user may hand us)."""
+    import math
+
+    if not isinstance(points, list):
+        raise SecateursError(f"recovery.json: curves.{what} is not a list")
+    xs, ys = [], []
+    for p in points:
+        x, y = (p.get("tokens"), p.get("loss")) if isinstance(p, dict) else (None, None)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)):
+            raise SecateursError(f"recovery.json: a point of curves.{what} has no finite tokens and loss")
+        xs.append(float(x))
+        ys.append(float(y))
+    return xs, ys
+
+
+def plot_recovery_curve(record: dict, path: Path) -> Path:
+    """Training loss per step and validation loss against tokens trained: did recovery converge?"""
+    curves = record.get("curves") if isinstance(record.get("curves"), dict) else {}
+    train, val = _curve(curves.get("train", []), "train"), _curve(curves.get("val", []), "val")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*train, color="#bbbbbb", linewidth=1, label="training loss (each step)")
+    ax.plot(*val, marker="o", color="#2a7ab9", label="validation loss (held out)")
+    kind = (record.get("objective") or {}).get("kind", "")
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel(f"loss ({'KL to the dense model' if kind == 'kd' else 'cross-entropy'})")
+    ax.set_title("recovery")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def recovery_facts(record: dict) -> list[list]:
+    """The rows of the recovery table: objective, what trained, data, budget, validation before/after."""
+    g = lambda *keys: _dig(record, keys)  # noqa: E731
+    before, after = record.get("before") or {}, record.get("after") or {}
+    rows = [["objective", g("objective", "formula")], ["trained", g("parametrisation", "method")],
+            ["data", f"{g('data', 'kind') or g('data', 'source')} ({g('data', 'source')})"],
+            ["tokens trained", _fmt(g("tokens", "trained"))], ["steps", _fmt(g("steps", "done"))],
+            ["learning rate", g("optimizer", "lr")], ["training tok/s", _fmt(record.get("training_tokens_per_second"))],
+            ["wall seconds", _fmt(record.get("wall_seconds"))]]
+    for key in ("loss", "perplexity"):
+        if before.get(key) is not None and after.get(key) is not None:
+            rows.append([f"validation {key}", f"{_fmt(before[key])} -> {_fmt(after[key])}"])
+    return rows
+
+
+def _dig(record: dict, keys: tuple):
+    for k in keys:
+        record = record.get(k) if isinstance(record, dict) else None
+    return record if record is not None else "n/a"
 
 
 def plot_sweep(points: list[dict], metric: str, path: Path, ylabel: str, log: bool = False) -> Path:
@@ -399,6 +460,13 @@ def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores,
     else:
         blocks.append(("p", f"No speed results (run `secateurs bench MODEL --baseline DENSE --out {run_dir}/bench.json`)."))
     plots = dict(extra_plots or {})
+    recovery_file = run_dir / "recovery.json"
+    if "recovery_curve" not in plots and recovery_file.is_file():  # a recovered model: how it was brought back
+        record = _load_json(recovery_file)
+        if not isinstance(record, dict):
+            raise SecateursError(f"{recovery_file} is not a recovery record")
+        blocks += [("h3", "Recovery"), ("table", ["recovery", "value"], recovery_facts(record))]
+        plots["recovery_curve"] = plot_recovery_curve(record, out / "recovery_curve.png")
     blocks += [("img", p.name, kind.replace("_", " ")) for kind, p in plots.items()]
     blocks += [("h2", "Where the cuts fell"), ("img", kept_png.name, "kept heads and neurons per layer"),
                ("img", heat_png.name, "layer x head importance")]

@@ -121,7 +121,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
             scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
-            hidden_weight: float = 0.0, bf16: bool = False,
+            hidden_weight: float = 0.0, bf16: bool = False, self_samples: int | None = None,
             evaluation_files: list | None = None, progress: bool = True, on_validation=None,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
@@ -175,7 +175,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     else:
         teacher_for_loss = teacher.eval()
     recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
-                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files)
+                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files,
+                                       self_samples=self_samples)
     settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
                             weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,

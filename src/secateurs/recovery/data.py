@@ -175,17 +175,24 @@ def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | No
 
 
 def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_tokens: int, seed: int = 0,
-                       teacher=None, evaluation_files: list[str | Path] | None = None) -> RecoveryData:
+                       teacher=None, evaluation_files: list[str | Path] | None = None,
+                       self_samples: int | None = None) -> RecoveryData:
     """Pack `spec` into sequences of seq_len tokens; hold out ceil(val_tokens / seq_len) of them
     (a seeded random choice) for validation. 'self' samples just enough text from the teacher
-    for `tokens` training tokens plus the validation slice."""
+    for `tokens` training tokens plus the validation slice, or exactly `self_samples` sequences
+    (fewer than the budget needs: the run goes over them several times; the same count, length
+    and seed as a pruning run's 'self' calibration reuse its cached samples)."""
     if tokenizer is None:
         raise RecoveryDataError("recovery data needs a tokenizer; the model folder has none")
     if seq_len < 2:
         raise RecoveryDataError(f"seq_len must be at least 2 tokens, got {seq_len}")
     refuse_evaluation_overlap(spec, evaluation_files)
     num_val = math.ceil(val_tokens / seq_len) if val_tokens > 0 else 0
-    self_samples = num_val + max(1, math.ceil(tokens / seq_len))
+    if self_samples is None:
+        self_samples = num_val + max(1, math.ceil(tokens / seq_len))
+    elif isinstance(self_samples, bool) or not isinstance(self_samples, int) or self_samples < num_val + 1:
+        raise RecoveryDataError(f"self_samples must be an integer above the {num_val} validation sequences, "
+                                f"got {self_samples!r}")
     ids, labels, description = _read_source(spec, tokenizer, teacher=teacher, seq_len=seq_len,
                                             self_samples=self_samples, seed=seed)
     count = len(ids) // seq_len
