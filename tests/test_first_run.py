@@ -264,3 +264,23 @@ def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
     weights.write_bytes(b"not safetensors")  # ... an unreadable file: ignored, never trusted
     assert loading.cached_gguf_model(folder, source, None) is None
     assert "ignoring the model cache" in caplog.text
+
+
+def test_demo_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    """README command 1 once installed secateurs without the plots extra: the demo then failed after
+    minutes of work, at the report. A missing plotting library is said before anything loads."""
+    from secateurs.cli import main
+    from tests.conftest import STORIES
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(["demo", "--model", str(STORIES), "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "secateurs[plots]"' in err and "loading" not in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_readme_command_1_installs_what_the_demo_needs():
+    """The first command of the README installs the extras the demo imports (plots)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
+    assert "secateurs demo" in command and 'pip install -e ".[plots]"' in command

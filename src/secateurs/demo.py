@@ -66,7 +66,7 @@ def _spec(args, text: str):
 def run_demo(args, prune_and_save, preflight, inputs) -> int:
     """Prune, save, reload, evaluate and measure both models, and write the report (see the module
     docstring). The CLI passes its prune-and-save step, preflight check and input list."""
-    from secateurs.evaluation.report import _write_report, plot_before_after, plot_recovery_curve
+    from secateurs.evaluation.report import _plt, _write_report, plot_before_after, plot_recovery_curve
     from secateurs.evaluation.speed import BenchConfig, bench_models, folder_bytes, machine_info
     from secateurs.evaluation.suite import evaluate
     from secateurs.io import load_pruned
@@ -75,6 +75,7 @@ def run_demo(args, prune_and_save, preflight, inputs) -> int:
 
     started = time.perf_counter()
     preflight(args)
+    _plt()  # the report's plots need matplotlib: say so now, not after minutes of work
     text, text_info = _text(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     spec = _spec(args, text)
