@@ -26,6 +26,8 @@ def test_help_imports_no_heavy_library():
 
 
 def test_phase_prints_elapsed_time_and_quiet_silences(capsys):
+    import threading
+
     progress.set_quiet(False)
     try:
         with progress.phase("loading model"):
@@ -42,10 +44,20 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys):
         with progress.phase("parsing", heartbeat=0.05):
             time.sleep(0.3)
         assert capsys.readouterr().err.count("secateurs: parsing ... 0 s\n") >= 2  # a line every 0.05 s
+        slow = progress.bar(total=2, desc="slow step", tick=0.05)  # one step longer than the tick:
+        time.sleep(0.4)  # the bar is redrawn meanwhile, elapsed time moving
+        slow.update()
+        slow.close()
+        time.sleep(0.15)
+        assert capsys.readouterr().err.count("slow step") >= 4
+        assert not any(t.name == "secateurs-bar-tick" for t in threading.enumerate())  # stops once closed
         progress.set_quiet(True)
         with progress.phase("loading model"):
             progress.status("x")
         list(progress.bar(range(3), desc="loop"))
+        quiet_bar = progress.bar(total=1, desc="quiet", tick=0.01)
+        time.sleep(0.05)
+        quiet_bar.close()
         assert capsys.readouterr().err == ""
     finally:
         progress.set_quiet(False)

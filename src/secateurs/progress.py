@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -92,12 +93,49 @@ def phase(what: str, heartbeat: float | None = None) -> Iterator[None]:
 
 
 def bar(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None, disable: bool = False,
-        **kwargs):
-    """A tqdm bar on stderr, off when quiet (or when the caller passes disable=True)."""
+        tick: float | None = HEARTBEAT_SECONDS, **kwargs):
+    """A tqdm bar on stderr, off when quiet (or when the caller passes disable=True). It is redrawn
+    every `tick` seconds even while one step takes longer (a recovery step or a calibration batch on
+    a loaded machine), so elapsed time and ETA keep moving."""
+    disable = disable or _state["quiet"]
+    return _ticking_bar_class()(iterable, desc=desc, total=total, disable=disable, file=sys.stderr,
+                                tick=None if disable else tick, **kwargs)
+
+
+def _ticking_bar_class():
+    if "class" in _ticking:
+        return _ticking["class"]
     from tqdm.auto import tqdm
 
-    disable = disable or _state["quiet"]
-    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, **kwargs)
+    class TickingBar(tqdm):
+        """Redrawn from a daemon thread until closed; the thread holds the bar only weakly, so an
+        abandoned bar does not keep it alive."""
+
+        def __init__(self, *args, tick: float | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._tick_stop = threading.Event()
+            if tick:
+                threading.Thread(target=_tick, args=(weakref.ref(self), self._tick_stop, tick), daemon=True,
+                                 name="secateurs-bar-tick").start()
+
+        def close(self):
+            super().close()
+            self._tick_stop.set()
+
+    _ticking["class"] = TickingBar
+    return TickingBar
+
+
+def _tick(ref, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        current = ref()
+        if current is None or current.disable:
+            return
+        current.refresh()
+        del current
+
+
+_ticking: dict = {}
 
 
 def heavy_imports() -> None:

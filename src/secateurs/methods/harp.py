@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from secateurs.version import __version__
 from secateurs.adapters import get_adapter
@@ -24,6 +23,7 @@ from secateurs.errors import SecateursError
 from secateurs.methods.flap import flap_plan
 from secateurs.offload import detached_copy, input_device
 from secateurs.plan import PruningPlan
+from secateurs.progress import bar as progress_bar
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import dense_layer_inputs
 from secateurs.surgery import apply_plan, replace_attention
@@ -78,7 +78,7 @@ def search_alphas(model, calibration: Calibration, num_layers: int, grid=DEFAULT
     captured = capture_layer_inputs(model, calibration, first)
     layers = list(dense_layers)  # layers above the one being tuned are replaced as they are fixed
     alphas, curves = {}, {}
-    bar = tqdm(total=num_layers * len(grid), desc="HARP alpha search", disable=not progress)
+    bar = progress_bar(total=num_layers * len(grid), desc="HARP alpha search", disable=not progress)
     for index in range(total - 1, first - 1, -1):
         curve = []
         for alpha in grid:

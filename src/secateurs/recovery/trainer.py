@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from secateurs.errors import SecateursError
 from secateurs.output import write_folder
-from secateurs.progress import is_quiet
+from secateurs.progress import bar as progress_bar
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 
@@ -186,15 +185,14 @@ class RecoveryLoop:
             self._load_checkpoint()
         started = time.perf_counter()
         seconds_before = self.history["seconds"]
-        if not resume:
-            self._record_validation(self.validate())
+        bar = progress_bar(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
+                           unit="tok", unit_scale=True, desc="recover", disable=not self.progress, smoothing=0.1)
         interval = self.s.validation_interval(self.data.seq_len)
-        self.student.train()
         stopped_early = False
-        bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
-                   unit="tok", unit_scale=True, desc="recover", disable=not self.progress or is_quiet(),
-                   smoothing=0.1)
         try:
+            if not resume:  # under the bar, which ticks meanwhile
+                self._record_validation(self.validate())
+            self.student.train()
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.history["train"].append(record)
