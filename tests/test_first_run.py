@@ -122,10 +122,12 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
 SHARED = ("--dtype", "--device", "--threads", "--device-map", "--offload-folder", "--calib", "--calib-samples",
           "--calib-length", "--calib-batch-size", "--seed", "--protocol", "--ppl", "--batch-size",
           "--max-batch-tokens", "--max-windows", "--max-tokens", "--text-field", "--max-docs", "--tasks",
-          "--data-dir", "--limit", "--num-fewshot", "--eval-batch-size", "--out", "--quiet", "--debug")
+          "--data-dir", "--limit", "--num-fewshot", "--eval-batch-size", "--out", "--quiet", "--debug",
+          # recovery: `recover` and `prune --recover`
+          "--data", "--tokens", "--self-samples", "--objective", "--lora", "--full", "--lr", "--train-length",
+          "--train-batch-size", "--val-tokens", "--patience", "--resume", "--max-grad-norm")
 # defaults that differ on purpose: where the output goes, and the demo's caps that make it end in minutes
-PER_COMMAND_DEFAULTS = {"--out", "--max-windows", "--limit", "--tasks",  # tasks: all five by default
-                        "--batch-size"}  # recover: training sequences per micro-batch (2), eval: windows (8)
+PER_COMMAND_DEFAULTS = {"--out", "--max-windows", "--limit", "--tasks"}  # tasks: all five by default
 
 
 def _commands():

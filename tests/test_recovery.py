@@ -488,7 +488,7 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
     args = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT), "--tokens", str(3 * 2 * SEQ),
-            "--seq-len", str(SEQ), "--val-tokens", str(2 * SEQ), "--preset", "amp-paper", "--out", str(tmp_path / "rec")]
+            "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--preset", "amp-paper", "--out", str(tmp_path / "rec")]
     assert main(args) == 0
     assert "saved to" in capsys.readouterr().out
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
@@ -507,3 +507,29 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     assert main([*args[:-1], str(tmp_path / "rec2"), "--ppl", str(TINYSTORIES_TEXT)]) == 2  # data = evaluation text
     assert "evaluation text" in capsys.readouterr().err
     assert not (tmp_path / "rec2").exists()
+
+
+def test_prune_recover_is_prune_then_recover_in_one_command(tmp_path, capsys):
+    """`prune --recover` saves what `prune` then `recover` save: the same plan, the same recovered
+    weights (same seed, same data), so one command equals the two."""
+    calib = ["--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", str(SEQ)]
+    recovery = ["--data", str(TINYSTORIES_TEXT), "--tokens", str(3 * 2 * SEQ), "--train-length", str(SEQ),
+                "--val-tokens", str(2 * SEQ), "--lr", "5e-4"]
+    prune_args = ["prune", str(STORIES), "--method", "amp", "--ratio", "0.2", *calib]
+    assert main([*prune_args, "--recover", *recovery, "--out", str(tmp_path / "one")]) == 0
+    assert main([*prune_args, "--out", str(tmp_path / "pruned")]) == 0
+    assert main(["recover", str(tmp_path / "pruned"), "--teacher", str(STORIES), *recovery,
+                 "--out", str(tmp_path / "two")]) == 0
+    one, two = load_pruned(tmp_path / "one"), load_pruned(tmp_path / "two")
+    assert (tmp_path / "one" / PLAN_FILENAME).read_text() == (tmp_path / "two" / PLAN_FILENAME).read_text()
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.equal(a, b), name
+    pruned = load_pruned(tmp_path / "pruned")
+    assert not torch.equal(_logits(one, _ids()), _logits(pruned, _ids()))  # it did train
+    assert json.loads((tmp_path / "one" / RECOVERY_FILENAME).read_text())["tokens"]["trained"] == 3 * 2 * SEQ
+    capsys.readouterr()
+    assert main([*prune_args, *recovery, "--out", str(tmp_path / "three")]) == 2  # options without --recover
+    assert "apply with --recover" in capsys.readouterr().err
+    assert main([*prune_args, "--recover", "--streamed", "--out", str(tmp_path / "four")]) == 2
+    assert "in memory" in capsys.readouterr().err
+    assert not (tmp_path / "three").exists() and not (tmp_path / "four").exists()

@@ -16,7 +16,7 @@ from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
-from secateurs.options import DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
+from secateurs.options import DEMO_RECOVERY, add_calibration_args, add_recovery_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
 from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
 from secateurs.version import __version__
 
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for models larger than memory: one decoder layer in memory at a time (local folders)")
     p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
                    help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
+    p.add_argument("--recover", action="store_true",
+                   help="recover before saving: distil the dense model into the pruned one (the options below; "
+                        "as `secateurs recover`), and save the recovered model with its plan and recovery.json")
+    add_recovery_args(p, title="recovery (with --recover)")
 
     p = sub.add_parser("plan", help="inspect plans")
     plan_sub = p.add_subparsers(dest="plan_command", required=True)
@@ -232,10 +236,17 @@ def _preflight(args) -> None:
 
 def cmd_prune(args) -> int:
     from secateurs.loading import load_model
+    from secateurs.options import recovery_keywords
     from secateurs.plan import PruningPlan
 
     _preflight(args)  # fail before the slow part
     plan = PruningPlan.load(args.plan) if args.plan else None
+    recovery = recovery_keywords(args)
+    if recovery and not args.recover:
+        raise SecateursError("recovery options (--tokens, --data, --lora, ...) apply with --recover")
+    if args.recover and (args.streamed or args.device_map):
+        raise SecateursError("--recover trains the pruned model in memory, beside its dense teacher: prune with "
+                             "--streamed or --device-map first, then run `secateurs recover`")
     if args.streamed:
         if args.device_map:
             raise SecateursError("--streamed and --device-map are two ways to bound memory; use one")
@@ -243,12 +254,37 @@ def cmd_prune(args) -> int:
     if args.device_map:
         return _prune_device_mapped(args, plan)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if args.recover:
+        return _prune_and_recover(args, model, tokenizer, plan, recovery)
     _, plan, _, _, cmp, seconds, out = _prune_and_save(args, model, tokenizer, plan)
     print(plan.summary())
     print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
           f"({100 * cmp['params_removed_fraction']:.1f}% removed; pruning took {seconds:.2f} s); "
           f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
     print(f"saved to {out}")
+    return 0
+
+
+def _prune_and_recover(args, model, tokenizer, plan, recovery: dict) -> int:
+    """Dense in, recovered model out: prune in memory, then distil the dense model (a copy kept
+    before pruning) into the pruned one and save the result."""
+    import copy
+
+    from secateurs.accounting import compare_stats, model_stats
+    from secateurs.methods import prune
+    from secateurs.recovery import recover
+
+    dense = copy.deepcopy(model)
+    before = model_stats(model)
+    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
+    cmp = compare_stats(before, model_stats(model))
+    print(plan.summary())
+    print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
+          f"({100 * cmp['params_removed_fraction']:.1f}% removed)")
+    result = recover(model, dense, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan, out=args.out,
+                     force=args.force, seed=args.seed or 0, **recovery)
+    _print_recovery(result)
+    print(f"saved to {result.out}")
     return 0
 
 
@@ -352,61 +388,18 @@ COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
 # -- recover: distillation / LoRA after pruning (secateurs.recovery) --------------------------------
 def _add_recover_parser(sub) -> None:
-    from secateurs.arguments import finite_float, nonempty, nonnegative_int, positive_float, positive_int
-    from secateurs.options import add_runtime_args
+    from secateurs.options import add_recovery_args, add_runtime_args
 
     p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
                                        "LoRA (merged) or full fine-tuning")
     p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
     p.add_argument("--teacher", type=nonempty, help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
-    p.add_argument("--data", default="self", type=nonempty, help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca "
-                                                  "learns the response only), hf:NAME:SPLIT, 'tinystories', or 'self' "
-                                                  "(text sampled from the teacher; default)")
-    p.add_argument("--tokens", type=positive_int, default=200_000, help="training budget in tokens (default: 200000)")
-    p.add_argument("--self-samples", type=positive_int, metavar="N",
-                   help="with --data self: generate exactly N sequences of --seq-len tokens and go over them as many "
-                        "times as --tokens needs (default: just enough for --tokens)")
     p.add_argument("--out", required=True, type=nonempty, help="output folder: a pruned folder with the plan and recovery.json")
-    p.add_argument("--objective", choices=("kd", "ce"),
-                   help="kd: forward KL from the teacher (default with --teacher); ce: cross-entropy (default without)")
-    p.add_argument("--kd-ratio", type=finite_float, default=1.0,
-                   help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="distillation temperature T (loss scaled by T^2; default: 1)")
-    p.add_argument("--hidden-weight", type=finite_float, default=0.0,
-                   help="also match every student layer's output with the teacher layer it came from, with this "
-                        "weight (useful after depth pruning and HARP; default: 0, off)")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--lora", dest="method", action="store_const", const="lora",
-                      help="train LoRA adapters (merged into the weights before saving)")
-    what.add_argument("--full", dest="method", action="store_const", const="full",
-                      help="train every weight (default)")
-    p.add_argument("--preset", choices=("amp-paper",),
-                   help="amp-paper: LoRA r=8, alpha=16, dropout 0.05 on the seven projections, lr 3e-4")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
-    p.add_argument("--lora-r", type=positive_int, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: 16)")
-    p.add_argument("--lora-dropout", type=finite_float, help="LoRA dropout (default: 0.05)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per packed training sequence (default: 256)")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="sequences per micro-batch (default: 2)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step (default: 1)")
-    p.add_argument("--val-tokens", type=nonnegative_int, default=4096, help="held-out validation tokens (default: 4096; 0: none)")
-    p.add_argument("--eval-every", type=positive_int, help="steps between validations (default: a tenth of the run)")
-    p.add_argument("--patience", type=nonnegative_int, default=3,
-                   help="stop after this many validations without improvement, keeping the best weights (0: never)")
-    p.add_argument("--save-every", type=positive_int, help="write a checkpoint every N steps (to --checkpoint-dir)")
-    p.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT.checkpoints, removed after success)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, bit-identically")
+    add_recovery_args(p)
     p.add_argument("--seed", type=nonnegative_int, help="seed for the data split and order and LoRA init (default: 0)")
-    p.add_argument("--scheduler", default="cosine", help="transformers scheduler: cosine, linear, constant_with_warmup, ...")
-    p.add_argument("--warmup-ratio", type=finite_float, default=0.05, help="fraction of steps warming up (default: 0.05)")
-    p.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
-    p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="gradient clipping norm (default: 1.0; 0: off)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty, help="also report perplexity (seq 128) on this text before and after; "
                                                  "refused as --data")
     p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
-                                                       "weights and optimiser keep --dtype, losses are float32")
     add_runtime_args(p, device_map=False)  # --dtype, --device, --threads as every command has them
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -415,12 +408,15 @@ def cmd_recover(args) -> int:
     from secateurs.evaluation.perplexity import load_text, perplexity
     from secateurs.output import check_output_dir
     from secateurs.loading import load_model
+    from secateurs.options import recovery_keywords
     from secateurs.plan import PLAN_FILENAME, PruningPlan
     from secateurs.recovery import recover
     from secateurs.recovery.data import refuse_evaluation_overlap
 
-    check_output_dir(args.out, args.force, [args.pruned, args.teacher, args.data, args.ppl])  # before loading
-    refuse_evaluation_overlap(args.data, [args.ppl] if args.ppl else None)
+    options = recovery_keywords(args)
+    data = options.get("data", "self")
+    check_output_dir(args.out, args.force, [args.pruned, args.teacher, data, args.ppl])  # before loading
+    refuse_evaluation_overlap(data, [args.ppl] if args.ppl else None)
     plan = PruningPlan.load(args.pruned) if (Path(args.pruned) / PLAN_FILENAME).is_file() else None
     student, tokenizer = load_model(args.pruned, args.dtype, args.device)
     teacher, teacher_tokenizer = load_model(args.teacher, args.dtype, args.device) if args.teacher else (None, None)
@@ -430,29 +426,24 @@ def cmd_recover(args) -> int:
         return perplexity(model, tokenizer, text, seq_len=128, max_tokens=args.ppl_tokens, progress=False)["perplexity"]
 
     before = ppl(student) if text else None
-    result = recover(student, teacher, args.data, args.tokens, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
-                     plan=plan, out=args.out, force=args.force, objective=args.objective, kd_ratio=args.kd_ratio,
-                     temperature=args.temperature, hidden_weight=args.hidden_weight, method=args.method,
-                     preset=args.preset, lr=args.lr,
-                     lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                     seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience or None,
-                     save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                     seed=args.seed or 0, scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
-                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
-                     gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
-                     self_samples=args.self_samples, evaluation_files=[args.ppl] if args.ppl else None)
+    result = recover(student, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, plan=plan,
+                     out=args.out, force=args.force, seed=args.seed or 0,
+                     evaluation_files=[args.ppl] if args.ppl else None, **options)
+    _print_recovery(result)
+    if text:
+        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {before:.2f} -> "
+              f"{ppl(result.model):.2f}")
+    print(f"saved to {result.out}")
+    return 0
+
+
+def _print_recovery(result) -> None:
     r = result.record
     print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "
           f"{r['steps']['done']} steps, {r['training_tokens_per_second']} tok/s")
     if r["before"] and r["after"]:
         print(f"validation loss {r['before']['loss']:.4f} -> {r['after']['loss']:.4f}, perplexity "
               f"{r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f}")
-    if text:
-        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {before:.2f} -> "
-              f"{ppl(result.model):.2f}")
-    print(f"saved to {result.out}")
-    return 0
 
 
 COMMANDS["recover"] = cmd_recover

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.arguments import at_least, nonempty, nonnegative_int, positive_float, positive_int
+from secateurs.arguments import at_least, finite_float, nonempty, nonnegative_int, positive_float, positive_int
 from secateurs.names import DTYPE_NAMES
 
 TOKENS = at_least(2)  # one object, so every parser holds the same type
@@ -85,3 +85,85 @@ def add_eval_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 def add_out_arg(p: argparse.ArgumentParser, help: str, required: bool = False, default: str | None = None) -> None:
     p.add_argument("--out", required=required, default=default, type=nonempty, help=help)
 
+
+
+# Options of `secateurs recover` and `prune --recover` -> keyword of secateurs.recover. Only the
+# options given on the command line reach it (argparse.SUPPRESS): its signature holds the defaults
+# that the help states.
+RECOVERY_KEYWORDS = {"data": "data", "tokens": "tokens", "self_samples": "self_samples", "objective": "objective",
+                     "kd_ratio": "kd_ratio", "temperature": "temperature", "hidden_weight": "hidden_weight",
+                     "train_method": "method", "preset": "preset", "lr": "lr", "lora_r": "lora_r",
+                     "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "train_length": "seq_len",
+                     "train_batch_size": "batch_size", "grad_accum": "grad_accum", "val_tokens": "val_tokens",
+                     "eval_every": "eval_every", "patience": "patience", "save_every": "save_every",
+                     "checkpoint_dir": "checkpoint_dir", "resume": "resume", "scheduler": "scheduler",
+                     "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
+                     "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16"}
+
+
+def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> None:
+    """What trains, on what, for how long: the same options for `recover` and `prune --recover`."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group(title)
+    g.add_argument("--data", default=S, type=nonempty,
+                   help="recovery data: text file, .jsonl (text or Alpaca records; Alpaca learns the response only), "
+                        "hf:NAME:SPLIT, 'tinystories', or 'self' (text sampled from the teacher; default)")
+    g.add_argument("--tokens", default=S, type=positive_int, help="training budget in tokens (default: 200000)")
+    g.add_argument("--self-samples", default=S, type=positive_int, metavar="N",
+                   help="with --data self: generate exactly N sequences of --train-length tokens and go over them as "
+                        "many times as --tokens needs (default: just enough for --tokens)")
+    g.add_argument("--objective", default=S, choices=("kd", "ce"),
+                   help="kd: forward KL from the teacher (default with a teacher); ce: cross-entropy (default without)")
+    g.add_argument("--kd-ratio", default=S, type=finite_float,
+                   help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
+    g.add_argument("--temperature", default=S, type=positive_float,
+                   help="distillation temperature T (loss scaled by T^2; default: 1)")
+    g.add_argument("--hidden-weight", default=S, type=finite_float,
+                   help="also match every student layer's output with the teacher layer it came from, with this "
+                        "weight (useful after depth pruning and HARP; default: 0, off)")
+    what = g.add_mutually_exclusive_group()
+    what.add_argument("--lora", dest="train_method", default=S, action="store_const", const="lora",
+                      help="train LoRA adapters (merged into the weights before saving)")
+    what.add_argument("--full", dest="train_method", default=S, action="store_const", const="full",
+                      help="train every weight (default)")
+    g.add_argument("--preset", default=S, choices=("amp-paper",),
+                   help="amp-paper: LoRA r=8, alpha=16, dropout 0.05 on the seven projections, lr 3e-4")
+    g.add_argument("--lr", default=S, type=positive_float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
+    g.add_argument("--lora-r", default=S, type=positive_int, help="LoRA rank (default: 8)")
+    g.add_argument("--lora-alpha", default=S, type=positive_float, help="LoRA alpha (default: 16)")
+    g.add_argument("--lora-dropout", default=S, type=finite_float, help="LoRA dropout (default: 0.05)")
+    g.add_argument("--train-length", default=S, type=TOKENS, metavar="N",
+                   help="tokens per packed training sequence (default: 256)")
+    g.add_argument("--train-batch-size", default=S, type=positive_int, metavar="N",
+                   help="training sequences per micro-batch (default: 2)")
+    g.add_argument("--grad-accum", default=S, type=positive_int, help="micro-batches per optimiser step (default: 1)")
+    g.add_argument("--val-tokens", default=S, type=nonnegative_int,
+                   help="held-out validation tokens (default: 4096; 0: none)")
+    g.add_argument("--eval-every", default=S, type=positive_int, help="steps between validations (default: a tenth of the run)")
+    g.add_argument("--patience", default=S, type=nonnegative_int,
+                   help="stop after this many validations without improvement, keeping the best weights "
+                        "(default: 3; 0: never)")
+    g.add_argument("--save-every", default=S, type=positive_int, help="write a checkpoint every N steps (to --checkpoint-dir)")
+    g.add_argument("--checkpoint-dir", default=S, type=nonempty,
+                   help="checkpoint folder (default: OUT.checkpoints, removed after success)")
+    g.add_argument("--resume", default=S, action="store_true", help="continue from the checkpoint, bit-identically")
+    g.add_argument("--scheduler", default=S, type=nonempty,
+                   help="transformers scheduler: cosine, linear, constant_with_warmup, ... (default: cosine)")
+    g.add_argument("--warmup-ratio", default=S, type=finite_float, help="fraction of steps warming up (default: 0.05)")
+    g.add_argument("--weight-decay", default=S, type=finite_float, help="AdamW weight decay on matrices (default: 0)")
+    g.add_argument("--max-grad-norm", default=S, type=finite_float,
+                   help="gradient clipping norm (default: 1.0; 0: off)")
+    g.add_argument("--gradient-checkpointing", default=S, action="store_true",
+                   help="recompute activations in backward (less memory)")
+    g.add_argument("--bf16", default=S, action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
+                                                                "weights and optimiser keep --dtype, losses are float32")
+
+
+def recovery_keywords(args: argparse.Namespace) -> dict:
+    """The recovery options given, as secateurs.recover's keywords (0 means 'off' for patience and
+    gradient clipping)."""
+    given = {RECOVERY_KEYWORDS[k]: v for k, v in vars(args).items() if k in RECOVERY_KEYWORDS}
+    for off in ("patience", "max_grad_norm"):
+        if off in given and not given[off]:
+            given[off] = None
+    return given
