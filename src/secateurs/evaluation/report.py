@@ -90,6 +90,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plan_arrays(plan) -> dict:
     """Per layer of the base model: base and kept heads / KV heads / neurons, and a layer x head
     kept mask (removed layers keep nothing)."""
@@ -124,10 +131,7 @@ def plot_kept_per_layer(plan, path: Path) -> Path:
         ax.legend(loc="lower right", fontsize=8)
     axes[1].set_xlabel("layer (x = layer removed)")
     axes[0].set_title("kept structures per layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
@@ -162,10 +166,7 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = ("dense", "pruned", "recovered")) -> Path:
@@ -195,10 +196,7 @@ def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = (
     ax.set_ylabel(f"relative to {labels[0]}")
     ax.set_title("before / after (relative to the dense model)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _curve(points, what: str) -> tuple[list[float], list[float]]:
@@ -230,10 +228,7 @@ def plot_recovery_curve(record: dict, path: Path) -> Path:
     ax.set_ylabel(f"loss ({'KL to the dense model' if kind == 'kd' else 'cross-entropy'})")
     ax.set_title("recovery")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def recovery_facts(record: dict) -> list[list]:
@@ -278,10 +273,7 @@ def plot_sweep(points: list[dict], metric: str, path: Path, ylabel: str, log: bo
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # -- metric tables ----------------------------------------------------------------------------
