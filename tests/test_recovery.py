@@ -533,3 +533,33 @@ def test_prune_recover_is_prune_then_recover_in_one_command(tmp_path, capsys):
     assert main([*prune_args, "--recover", "--streamed", "--out", str(tmp_path / "four")]) == 2
     assert "in memory" in capsys.readouterr().err
     assert not (tmp_path / "three").exists() and not (tmp_path / "four").exists()
+
+
+def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tmp_path, capsys):
+    """Consensus's pipeline: remove a layer, recover, re-score on the recovered model. Round 2's
+    scores differ from plain iterative removal (which scores the dense model with layers skipped),
+    the plan names original layers, and recovery.json holds both rounds end to end."""
+    depth = ["prune", str(STORIES), "--method", "consensus", "--layers", "2", "--iterative", "--metrics",
+             "cosine,angular", "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", str(SEQ)]
+    recovery = ["--data", str(TINYSTORIES_TEXT), "--tokens", str(2 * 2 * 2 * SEQ), "--train-length", str(SEQ),
+                "--val-tokens", str(2 * SEQ), "--lr", "1e-3"]
+    assert main([*depth, "--recover", *recovery, "--out", str(tmp_path / "rec")]) == 0
+    assert main([*depth, "--out", str(tmp_path / "plain")]) == 0
+    plan = PruningPlan.load(tmp_path / "rec")
+    plain = PruningPlan.load(tmp_path / "plain")
+    removed = plan.provenance["layers_removed"]
+    assert len(removed) == 2 and [lp.index for lp in plan.layers if lp.removed] == removed
+    first, second = plan.provenance["rounds"]
+    assert first["table"] == plain.provenance["rounds"][0]["table"]  # round 1 scores the dense model: the same
+    assert first["removed"] == plain.provenance["rounds"][0]["removed"]
+    assert {row["layer"] for row in second["table"]} == {row["layer"] for row in first["table"]} - set(first["removed"])
+    plain_second = {row["layer"]: row["scores"] for row in plain.provenance["rounds"][1]["table"]}
+    assert any(row["scores"] != plain_second[row["layer"]] for row in second["table"])  # scored after recovery
+    record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
+    assert [r["tokens"]["trained"] for r in record["rounds"]] == [2 * 2 * SEQ, 2 * 2 * SEQ]
+    tokens = [p["tokens"] for p in record["curves"]["val"]]
+    assert tokens == sorted(tokens) and tokens[-1] == 2 * 2 * 2 * SEQ
+    model = load_pruned(tmp_path / "rec")
+    assert len(model.model.layers) == 3
+    capsys.readouterr()
+    assert main([*depth[:4], "amp", *depth[5:], "--recover", "--out", str(tmp_path / "x")]) == 2

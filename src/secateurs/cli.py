@@ -274,6 +274,8 @@ def _prune_and_recover(args, model, tokenizer, plan, recovery: dict) -> int:
     from secateurs.methods import prune
     from secateurs.recovery import recover
 
+    if args.iterative and plan is None:  # Consensus's pipeline: recover after every removed layer
+        return _prune_depth_recovering(args, model, tokenizer, recovery)
     dense = copy.deepcopy(model)
     before = model_stats(model)
     model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
@@ -283,8 +285,31 @@ def _prune_and_recover(args, model, tokenizer, plan, recovery: dict) -> int:
           f"({100 * cmp['params_removed_fraction']:.1f}% removed)")
     result = recover(model, dense, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan, out=args.out,
                      force=args.force, seed=args.seed or 0, **recovery)
-    _print_recovery(result)
+    _print_recovery(result.record)
     print(f"saved to {result.out}")
+    return 0
+
+
+def _prune_depth_recovering(args, model, tokenizer, recovery: dict) -> int:
+    from secateurs.io import save_pruned
+    from secateurs.recovery import RECOVERY_FILENAME
+    from secateurs.recovery.iterative import prune_depth_recovering
+
+    from secateurs.methods.depth import DEPTH_METHODS
+
+    if args.method not in DEPTH_METHODS:
+        raise SecateursError(f"--iterative applies to depth methods ({', '.join(DEPTH_METHODS)}), not {args.method!r}")
+    options = _prune_options(args)
+    depth = {k: options.pop(k) for k in ("layers", "metrics", "protect_first", "protect_last", "max_tokens")}
+    model, plan, record = prune_depth_recovering(
+        model, tokenizer, args.method, args.ratio, **depth, calibration=options["calibration"],
+        calibration_options=options["calibration_options"], recovery=recovery, ratio_of=args.ratio_of,
+        layers_equivalent=args.layers_equivalent, seed=args.seed or 0)
+    out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args),
+                      extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
+    print(plan.summary())
+    _print_recovery(record)
+    print(f"saved to {out}")
     return 0
 
 
@@ -429,7 +454,7 @@ def cmd_recover(args) -> int:
     result = recover(student, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, plan=plan,
                      out=args.out, force=args.force, seed=args.seed or 0,
                      evaluation_files=[args.ppl] if args.ppl else None, **options)
-    _print_recovery(result)
+    _print_recovery(result.record)
     if text:
         print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {before:.2f} -> "
               f"{ppl(result.model):.2f}")
@@ -437,8 +462,7 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def _print_recovery(result) -> None:
-    r = result.record
+def _print_recovery(r: dict) -> None:
     print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "
           f"{r['steps']['done']} steps, {r['training_tokens_per_second']} tok/s")
     if r["before"] and r["after"]:
