@@ -232,13 +232,25 @@ def test_kill_at_any_moment_never_leaves_a_partial_output(world, tmp_path):
     new = None
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     command = [sys.executable, "-c", SLOW_WRITER, "prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]
-    for delay in (0.1, 0.3, 0.6, 0.8, 1.1, 1.3):
+    def swapped() -> bool:  # the exchange put the new folder (another inode) at the output path
+        return os.stat(out).st_ino != inode
+
+    # kills at set moments after writing starts, then one that waits for the swap itself (the old
+    # output not yet deleted): on a loaded machine the moments drift, the last kill does not
+    for delay in (0.1, 0.3, 0.6, 0.8, 1.1, 1.3, "swap"):
+        inode = os.stat(out).st_ino
         child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(f".out.tmp-{child.pid}-*")) and child.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        time.sleep(delay)
+        if delay == "swap":
+            while not swapped() and child.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert child.poll() is None, "the run ended before the kill: the test did not cover the swap"
+        else:
+            time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
         state = snapshot(out)
