@@ -59,7 +59,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int) -> str:
         logging.getLogger("gguf").setLevel(logging.WARNING)
         try:
             if spec.get("type") == "BPE" and spec.get("byte_fallback"):
-                kind, (tokens, scores, types) = "llama", _sentencepiece_tokens(folder)
+                kind, (tokens, scores, types) = "llama", _sentencepiece_tokens(folder, spec)
                 writer.add_tokenizer_pre("default")
             elif spec.get("type") == "BPE":
                 kind, scores = "gpt2", None
@@ -88,12 +88,21 @@ def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int) -> str:
     return kind
 
 
-def _sentencepiece_tokens(folder: Path) -> tuple[list, list[float], list]:
+def _sentencepiece_tokens(folder: Path, spec: dict) -> tuple[list, list[float], list]:
+    """Tokens and types from gguf.LlamaHfVocab; scores from the BPE merges (gguf's helper writes a
+    placeholder -1000 for every token, and llama.cpp's SentencePiece tokenizer merges by score, so
+    it would split words differently from the Hugging Face tokenizer). A token made by the merge of
+    rank r scores -r: the earlier the merge, the higher the score, as in the SentencePiece model the
+    merges were made from."""
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(spec.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
     vocab = gguf.LlamaHfVocab(folder)
     tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
+    for text, _, kind in vocab.all_tokens():
         tokens.append(text)
-        scores.append(score)
+        scores.append(-float(rank[text.decode("utf-8")]) if text.decode("utf-8") in rank else 0.0)
         types.append(kind)
     return tokens, scores, types
 
