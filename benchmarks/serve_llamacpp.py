@@ -211,9 +211,10 @@ def main() -> None:
     result = {"machine_before": before, "machine_after": machine(), "threads": args.threads, "repeats": args.repeats,
               "prompt_tokens": PROMPT, "decode_tokens": DECODE, "ppl_tokens": int(ids.numel()), "ppl_seq_len": 128,
               "seconds": round(time.time() - started), "models": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_llamacpp.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "serve_llamacpp.md").write_text(markdown(result))
+    from secateurs.output import write_file
+
+    write_file(RESULTS / "serve_llamacpp.json", json.dumps(result, indent=1) + "\n")
+    write_file(RESULTS / "serve_llamacpp.md", markdown(result))
     print(markdown(result))
 
 

@@ -1,4 +1,4 @@
-"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep.
+"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover | export.
 
 Exit status: 0 success, 2 bad input (the message says what to do), 1 unexpected failure.
 """

@@ -129,6 +129,11 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
                                     "llama, mistral, qwen2, qwen3)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise SecateursError(f"hidden_act {config.hidden_act!r}: llama.cpp's llama-family graphs use SiLU")
+    if _rope_parameters(config)["rope_type"] not in ("default", "linear", "llama3"):
+        raise SecateursError(f"rope type {_rope_parameters(config)['rope_type']!r} is not exported (default, linear "
+                             "and llama3 are)")
+    if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise SecateursError("partial rotary embeddings are not exported")
     layers = [_layer_form(adapter, layer) for layer in adapter.decoder_layers(model)]
     own = adapter.gguf_architectures.get(model_type)
     uniform = len({(f.heads, f.kv_heads, f.ffn) for f in layers}) == 1 and not any(f.harp for f in layers)
@@ -231,10 +236,6 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
     rules = RULES[arch]
     head_dim = _head_dim(config)
     rope = _rope_parameters(config)
-    if rope["rope_type"] not in ("default", "linear", "llama3"):
-        raise SecateursError(f"rope type {rope['rope_type']!r} is not exported (default, linear and llama3 are)")
-    if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise SecateursError("partial rotary embeddings are not exported")
     context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False)):
