@@ -10,7 +10,7 @@ from secateurs import progress
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMANDS = ([], ["info"], ["prune"], ["plan"], ["plan", "show"], ["demo"], ["eval"], ["bench"], ["report"],
-            ["sweep"], ["tasks"])
+            ["sweep"], ["tasks"], ["export"])
 
 
 def test_help_imports_no_heavy_library():

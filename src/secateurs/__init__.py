@@ -17,6 +17,7 @@ _PUBLIC = {
     "save_pruned": "secateurs.io",
     "prune": "secateurs.methods",
     "recover": "secateurs.recovery",
+    "export_gguf": "secateurs.export",
 }
 
 __all__ = ["__version__", *_PUBLIC]

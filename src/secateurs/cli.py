@@ -1,4 +1,4 @@
-"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep.
+"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover | export.
 
 Exit status: 0 success, 2 bad input (the message says what to do), 1 unexpected failure.
 """
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     _add_recover_parser(sub)
+    _add_export_parser(sub)
     for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
         _add_global_args(command, default=argparse.SUPPRESS)
     return parser
@@ -471,6 +472,34 @@ def _print_recovery(r: dict) -> None:
 
 
 COMMANDS["recover"] = cmd_recover
+
+
+# -- export: one GGUF file for llama.cpp (secateurs.export) ------------------------------------------
+def _add_export_parser(sub) -> None:
+    from secateurs.names import GGUF_OUTTYPES
+    from secateurs.options import MODEL_HELP
+
+    p = sub.add_parser("export", help="write a model (uniform, per-layer widths, HARP layers) as one GGUF file "
+                                      "that llama.cpp serves")
+    p.add_argument("model", type=nonempty, help="pruned model folder, or any model secateurs loads: " + MODEL_HELP)
+    p.add_argument("--format", default="gguf", choices=("gguf",), help="file format (default: gguf, for llama.cpp)")
+    p.add_argument("--outtype", default="f32", choices=GGUF_OUTTYPES,
+                   help="weight encoding: f32 (exact), f16, bf16, q8_0 (8-bit blocks); norms and biases stay f32 "
+                        "(default: f32)")
+    add_out_arg(p, required=True, help="output .gguf file (written beside it, then renamed into place; never inside "
+                                       "the input unless secateurs wrote that folder)")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF file at --out")
+
+
+def cmd_export(args) -> int:
+    from secateurs.export import export_gguf
+
+    path = export_gguf(args.model, args.out, args.outtype, force=args.force)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
+    return 0
+
+
+COMMANDS["export"] = cmd_export
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,3 +11,4 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "float64")
 WIDTH_METHODS = ("amp", "amp-heads", "amp-mlp", "wanda-sp", "wanda-sp-heads", "flap", "magnitude", "random", "harp")
 DEPTH_METHOD_NAMES = ("consensus", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random")
 METHOD_NAMES = WIDTH_METHODS + DEPTH_METHOD_NAMES
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # secateurs.export.gguf_export.OUTTYPES

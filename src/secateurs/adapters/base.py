@@ -196,6 +196,13 @@ class ModelAdapter:
         config.num_hidden_layers = len(kept)
 
     # -- export ------------------------------------------------------------
+    # GGUF (secateurs.export.gguf): the llama.cpp architecture of a model whose layers all keep one
+    # shape, by model_type (none: the family is not exported), the model types whose per-layer forms
+    # (widths, HARP layers) go out as llama.cpp's `deci`, and the RMS norms before attention and MLP.
+    gguf_architectures: dict[str, str] = {}
+    gguf_per_layer_types: tuple[str, ...] = ()
+    gguf_norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+
     def stock_equivalent_config(self, config_dict: dict) -> dict | None:
         """A config dict of an identical stock architecture whose validation accepts these
         shapes, or None when the family has none (see secateurs.hfcompat)."""

@@ -11,6 +11,10 @@ from secateurs.adapters.base import ModelAdapter
 
 class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen3")
+    # Mistral is llama.cpp's llama (as its converter does); qwen3's per-head q/k norms have no place in
+    # `deci`, so only uniform qwen3 models are exported.
+    gguf_architectures = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3"}
+    gguf_per_layer_types = ("llama", "mistral")
 
     def stock_equivalent_config(self, config_dict: dict) -> dict | None:
         """Llama without biases is Mistral with sliding_window None: same modules, same weight
@@ -24,6 +28,8 @@ class LlamaAdapter(ModelAdapter):
 
 class Qwen2Adapter(ModelAdapter):
     model_types = ("qwen2",)
+    gguf_architectures = {"qwen2": "qwen2"}
+    gguf_per_layer_types = ("qwen2",)
 
     def update_config_for_kept_layers(self, config, kept: list[int]) -> None:
         # Layers with index >= max_window_layers use the sliding window: keep that split.

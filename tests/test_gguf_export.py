@@ -1,0 +1,260 @@
+"""GGUF export, checked in a real engine: every pruned form (dense, uniform widths, FLAP's per-layer
+widths and biases, removed layers, HARP layers with alpha > 0 and alpha = 0) is exported as f32,
+loaded by llama.cpp (llama-cpp-python) and must give transformers' next-token logits (load_pruned,
+float64) to 1e-3 relative on several prompts and the same 32 greedy tokens; HARP layers hold no KV
+cache; what llama.cpp cannot hold is refused with nothing written."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llama_cpp
+from secateurs.cli import main
+from secateurs.errors import SecateursError
+from secateurs.export import OUTTYPES, export_gguf, plan_export
+from secateurs.io import load_pruned, save_pruned
+from secateurs.methods import make_plan
+from secateurs.names import GGUF_OUTTYPES
+from secateurs.plan import PruningPlan
+from secateurs.statistics import collect_statistics
+from secateurs.surgery import apply_plan
+
+from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
+from test_amp import _padded_calibration
+
+
+
+LOG: list[str] = []
+
+
+@llama_cpp.llama_log_callback
+def _collect(level, text, data):  # module-level: llama.cpp keeps the pointer
+    LOG.append(text.decode("utf-8", "replace"))
+
+
+llama_cpp.llama_log_set(_collect, None)
+
+MODELS = {  # tiny configs share stories260K's 512-token tokenizer so every file carries a real one
+    "stories260K": None,
+    "llama-gqa": dict(vocab_size=512),
+    "llama-bias": dict(vocab_size=512),  # q/k/v/o and MLP biases
+    "mistral": dict(vocab_size=512, sliding_window=None),
+    "qwen2": dict(vocab_size=512, use_sliding_window=False, sliding_window=None),
+}
+FORMS = ("dense", "uniform", "in-group", "flap", "depth", "harp-value", "harp-removed")
+PROMPTS = ([1, 45, 300, 7, 99], list(range(3, 40, 2)), [1] + [(i * 37) % 509 + 3 for i in range(60)])
+
+
+def _base(name: str):
+    if name == "stories260K":
+        return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float64).eval()
+    return tiny_model(name, **MODELS[name])
+
+
+def _plan(model, form: str) -> PruningPlan:
+    n = model.config.num_hidden_layers
+    if form in ("dense", "depth", "harp-value", "harp-removed"):
+        plan = PruningPlan.identity(model)
+        if form == "depth":
+            plan.layers[1].removed = plan.layers[2].removed = True
+        if form == "harp-value":
+            plan.layers[n - 2].attention = {"mode": "value", "alpha": 0.6}
+            plan.layers[n - 1].attention = {"mode": "value", "alpha": 0.3}
+        if form == "harp-removed":
+            plan.layers[n - 2].attention = plan.layers[n - 1].attention = {"mode": "removed"}
+        return plan
+    if form in ("uniform", "in-group"):  # whole KV groups, or the same number of heads in every group
+        return make_plan(model, "magnitude", 0.3, gqa="groups" if form == "uniform" else "in-group")
+    return make_plan(model, "flap", 0.3, statistics=collect_statistics(model, _padded_calibration(), progress=False))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    """{(model, form): pruned folder written by save_pruned}, built once."""
+    root = tmp_path_factory.mktemp("gguf-models")
+    made = {}
+    for name in MODELS:
+        for form in FORMS:
+            model = _base(name)
+            plan = _plan(model, form)
+            apply_plan(model, plan)
+            made[name, form] = save_pruned(model, plan, root / f"{name}-{form}", tokenizer=tokenizer)
+    return made
+
+
+def _engine(path, n_ctx: int = 128, **options) -> llama_cpp.Llama:
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False, seed=0,
+                           **options)
+
+
+def _engine_logits(engine: llama_cpp.Llama, tokens: list[int]) -> np.ndarray:
+    engine.reset()
+    engine.eval(tokens)
+    return np.array(engine.scores[:len(tokens)], dtype=np.float64)
+
+
+def _engine_greedy(engine: llama_cpp.Llama, tokens: list[int], steps: int) -> list[int]:
+    engine.reset()
+    engine.eval(tokens)
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(engine.scores[engine.n_tokens - 1])))
+        engine.eval([out[-1]])
+    return out
+
+
+REFUSED = {("qwen2", "harp-value"), ("llama-bias", "harp-value")}  # a bias on HARP's fused path: see the refusals
+CASES = [(name, form) for name in MODELS for form in FORMS if (name, form) not in REFUSED]
+
+
+@pytest.mark.parametrize("name,form", CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_llamacpp_matches_transformers(folders, name, form, tmp_path):
+    folder = folders[name, form]
+    reference = load_pruned(folder).double()
+    gguf_file = export_gguf(folder, tmp_path / "model.gguf", "f32")
+    arch, _ = plan_export(reference)
+    expected_arch = {"dense": {"llama", "qwen2"}, "uniform": {"llama", "deci"}, "in-group": {"llama", "deci"},
+                     "depth": {"llama", "qwen2"}}
+    assert arch in expected_arch.get(form, {"deci"})
+    engine = _engine(gguf_file)
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            want = reference(torch.tensor([prompt])).logits[0].numpy()
+        got = _engine_logits(engine, prompt)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), (prompt, np.abs(got - want).max())
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        greedy = reference.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                    pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert _engine_greedy(engine, prompt, 32) == greedy
+
+
+def _kv_cache_mib(path) -> float:
+    """The KV cache size llama.cpp reports when it allocates a 4096-cell cache (flash attention
+    on, as llama-cli's default on CPU: every layer's cache has its own width)."""
+    LOG.clear()
+    _engine(path, n_ctx=4096, flash_attn=True)
+    line = next(t for t in LOG if "llama_kv_cache: size =" in t)
+    return float(line.split("size =")[1].split("MiB")[0])
+
+
+def test_harp_layers_hold_no_kv_cache(folders, tmp_path):
+    """2 HARP layers of 5 (alpha > 0, alpha = 0): the KV cache shrinks by exactly 2/5."""
+    dense = _kv_cache_mib(export_gguf(folders["stories260K", "dense"], tmp_path / "dense.gguf"))
+    assert dense == 5 * 4096 * 2 * 4 * 8 * 4 / 2**20  # layers x cells x (K, V) x KV heads x head dim x f32
+    for form in ("harp-value", "harp-removed"):
+        assert _kv_cache_mib(export_gguf(folders["stories260K", form], tmp_path / f"{form}.gguf")) == dense * 3 / 5
+
+
+def test_quantised_outputs_load_and_stay_close(folders, tmp_path):
+    folder = folders["stories260K", "flap"]
+    reference = _engine_logits(_engine(export_gguf(folder, tmp_path / "f32.gguf")), PROMPTS[2])
+    sizes = {}
+    for outtype, tolerance in (("f16", 5e-3), ("bf16", 3e-2), ("q8_0", 3e-2)):
+        path = export_gguf(folder, tmp_path / f"{outtype}.gguf", outtype)
+        sizes[outtype] = path.stat().st_size
+        got = _engine_logits(_engine(path), PROMPTS[2])
+        assert np.abs(got - reference).max() <= tolerance * np.abs(reference).max(), outtype
+        assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9, outtype
+    assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < (tmp_path / "f32.gguf").stat().st_size
+    assert set(OUTTYPES) == set(GGUF_OUTTYPES)
+
+
+def test_tokenizer_chat_and_special_tokens_travel_in_the_file(folders, tokenizer, tmp_path):
+    engine = _engine(export_gguf(folders["stories260K", "harp-removed"], tmp_path / "m.gguf"))
+    lines = [line for line in TINYSTORIES_TEXT.read_text().splitlines() if line.strip()][:40]
+    for text in lines + ["Lily and Tom went to the park!\nThey played.  Twice\t(tabs)"]:
+        assert engine.tokenize(text.encode()) == tokenizer(text)["input_ids"], text
+    assert engine.token_bos() == tokenizer.bos_token_id and engine.token_eos() == tokenizer.eos_token_id
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    path = export_gguf(load_pruned(folders["stories260K", "flap"]), tmp_path / "chat.gguf", tokenizer=chat)
+    assert _engine(path).metadata["tokenizer.chat_template"] == chat.chat_template
+    assert engine.detokenize(tokenizer(" The cat sat.")["input_ids"][1:]).decode().strip() == "The cat sat."
+
+
+def test_cli_export(folders, tmp_path, capsys):
+    out = tmp_path / "cli.gguf"
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--outtype", "q8_0", "--out", str(out), "--quiet"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and "wrote" in capsys.readouterr().out
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--out", str(out), "--quiet"]) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--out", str(out), "--force", "--quiet"]) == 0
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--out", str(tmp_path / "x.bin"), "--quiet"]) == 2
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--outtype", "q4_k", "--out", str(out)]) == 2
+    inside = folders["llama-gqa", "flap"] / "m.gguf"  # beside a model secateurs wrote: allowed, input untouched
+    assert main(["export", str(folders["llama-gqa", "flap"]), "--out", str(inside), "--quiet"]) == 0
+    inside.unlink()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _refused(model, out, match, tokenizer=None):
+    with pytest.raises(SecateursError, match=match):
+        export_gguf(model, out, tokenizer=tokenizer)
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_refusals_write_nothing(folders, tokenizer, tmp_path):
+    out = tmp_path / "refused.gguf"
+    # a HARP layer whose fused value/output path has a bias (qwen2's v bias): deci's linear attention has none
+    model = _base("qwen2")
+    apply_plan(model, _plan(model, "harp-value"))
+    _refused(model, out, "HARP layer .* bias", tokenizer)
+    # per-layer qwen3 (per-head q/k norms have no slot in deci); uniform qwen3 goes out as qwen3
+    model = tiny_model("qwen3", vocab_size=512)
+    assert plan_export(model)[0] == "qwen3"
+    apply_plan(model, _plan(model, "harp-removed"))
+    _refused(model, out, "qwen3", tokenizer)
+    # families without a llama.cpp mapping here
+    for family in ("gemma2", "phi", "phi3"):
+        _refused(tiny_model(family, vocab_size=512), out, "not implemented", tokenizer)
+    # no tokenizer: the file would not be self-contained
+    _refused(tiny_model("llama-gqa", vocab_size=512), out, "no tokenizer")
+    # a model whose layer 0 has no attention: llama.cpp takes the head size from layer 0
+    model = tiny_model("llama-gqa", vocab_size=512)
+    plan = PruningPlan.identity(model)
+    plan.layers[0].attention = {"mode": "removed"}
+    apply_plan(model, plan)
+    _refused(model, out, "layer 0", tokenizer)
+    # a non-finite weight
+    model = tiny_model("llama-gqa", vocab_size=512)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    _refused(model, out, "NaN", tokenizer)
+    # an existing non-GGUF file is never replaced, even with force
+    victim = tmp_path / "victim.gguf"
+    victim.write_text("not a model")
+    with pytest.raises(SecateursError, match="not a GGUF"):
+        export_gguf(folders["stories260K", "dense"], victim, force=True)
+    assert victim.read_text() == "not a model"
+
+
+def test_a_failure_while_writing_leaves_the_old_file(folders, tmp_path, monkeypatch):
+    from secateurs.export import gguf_export
+
+    out = export_gguf(folders["stories260K", "dense"], tmp_path / "m.gguf")
+    before = out.read_bytes()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = gguf_export._add
+    monkeypatch.setattr(gguf_export, "_add", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(folders["stories260K", "flap"], out, force=True)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
