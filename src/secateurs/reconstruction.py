@@ -96,7 +96,7 @@ def ridge_refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
         if b0 is not None:  # the target includes the original bias
             rhs += b0[:, None] * torch.cat([s[kept], corner[0]])[None, :]
     solution = torch.linalg.solve(system, rhs.t()).t()
-    new_weight = solution[:, : len(kept)].to(weight.dtype).to(weight.device)
+    new_weight = solution[:, : len(kept)].to(weight.dtype).to(weight.device).contiguous()
     new_bias = solution[:, len(kept)] if fit_bias else b0
     if new_bias is not None:
         new_bias = new_bias.to(weight.dtype).to(weight.device)
@@ -137,7 +137,8 @@ def apply_refit(adapter, layer, fitted: dict) -> None:
         if weight.shape[1] != linear.in_features:
             raise SecateursError(f"re-fitted {kind} output projection has {weight.shape[1]} inputs, the sliced layer "
                                  f"{linear.in_features}")
-        set_linear(linear, weight.to(linear.weight.dtype), None if bias is None else bias.to(linear.weight.dtype))
+        set_linear(linear, weight.to(linear.weight.dtype).contiguous(),
+                   None if bias is None else bias.to(linear.weight.dtype).contiguous())
 
 
 def prune_and_refit_layer(adapter, layer, plan: PruningPlan, lp, attention: InputStats, mlp: InputStats,

@@ -133,7 +133,7 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
               averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
               layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
               progress: bool = True, harp_layers: int | None = None, alpha_grid=None, flap_ratio: float | None = None,
-              scores_out: dict | None = None, allocation: str = "uniform", split: str | float = "balanced",
+              scores_out: dict | None = None, allocation: str | None = None, split: str | float | None = None,
               split_samples: int = SPLIT_SAMPLES, **depth_options) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
@@ -145,7 +145,11 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     standardised scores; layers differ); split: the attention share of the removed parameters,
     'balanced' (the same fraction of head units as of neurons), 'search' (the candidate with the
     lowest calibration KL, secateurs.split) or a number in [0, 1]. See secateurs.allocation.
+    None: the method's default (WIDTH_DEFAULTS; uniform and balanced outside balanced rounding).
     """
+    if (method == "harp" or method in DEPTH_METHODS) and (allocation, split) != (None, None):
+        raise SecateursError(f"allocation and split apply to width methods that score heads and neurons, not to "
+                             f"{method!r}")
     if method == "harp":
         calib = calibration if isinstance(calibration, Calibration) else load_calibration(
             calibration, tokenizer, model=model, **(calibration_options or {}))
@@ -158,6 +162,7 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
                           layers_equivalent=layers_equivalent, seed=seed, progress=progress, **depth_options)
     if depth_options:
         raise SecateursError(f"options {sorted(depth_options)} only apply to depth methods ({', '.join(DEPTH_METHODS)})")
+    allocation, split = width_knobs(method, allocation, split, rounding, round_to)
     if method not in METHODS:
         raise SecateursError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
@@ -212,6 +217,37 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     return plan
 
 
+# What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
+# paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
+WIDTH_DEFAULTS: dict[str, dict] = {}
+
+
+def width_knobs(method: str, allocation, split, rounding: str, round_to: int) -> tuple[str, str | float]:
+    """(allocation, split) with the method's defaults filled in."""
+    defaults = WIDTH_DEFAULTS.get(method, {}) if rounding == "balanced" and round_to == 1 else {}
+    return (allocation if allocation is not None else defaults.get("allocation", "uniform"),
+            split if split is not None else defaults.get("split", "balanced"))
+
+
+def reconstruction_for(method: str, given_plan: PruningPlan | None = None, reconstruct: str | None = None,
+                       damping: float | None = None, reconstruct_bias: bool = False, rounding: str = "balanced",
+                       round_to: int = 1, **_) -> Reconstruction | None:
+    """The re-fitting to apply: as asked ('none' = off), else as a given plan records, else the
+    method's default (none for re-applied plans that record none, and outside balanced rounding)."""
+    if reconstruct == "none":
+        return None
+    if reconstruct is None:
+        recorded = given_plan.provenance.get("reconstruction") if given_plan is not None else None
+        if recorded:
+            return Reconstruction.from_dict(recorded)
+        if given_plan is not None or rounding != "balanced" or round_to != 1:
+            return None
+        reconstruct = WIDTH_DEFAULTS.get(method, {}).get("reconstruct")
+        if reconstruct is None:
+            return None
+    return Reconstruction(reconstruct, DEFAULT_DAMPING if damping is None else damping, reconstruct_bias)
+
+
 def check_allocation(spec: WidthMethod, method: str, allocation: str, split, rounding: str, round_to: int) -> None:
     """What the allocation module can do: score-based width methods, balanced rounding."""
     _choice(allocation, ALLOCATIONS, "allocation")
@@ -261,19 +297,19 @@ def allocated_plan(model, scores: StructureScores, ratio, ratio_of, layers_equiv
 
 
 def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2, *, plan: PruningPlan | None = None,
-          reconstruct: str | None = None, damping: float = DEFAULT_DAMPING, reconstruct_bias: bool = False,
+          reconstruct: str | None = None, damping: float | None = None, reconstruct_bias: bool = False,
           **options):
     """Prune `model` in place and return (model, plan). With `plan` given, it is re-applied as is
     (re-fitted as its provenance records, on the calibration data given).
 
-    reconstruct: None (off), 'sequential' or 'dense' least-squares re-fitting of the output
-    projections (secateurs.reconstruction), with ridge `damping` toward the original weights;
-    reconstruct_bias: also fit a bias where the family has none.
-    The plan's provenance gains the parameter counts before and after surgery.
+    reconstruct: 'sequential' or 'dense' least-squares re-fitting of the output projections
+    (secateurs.reconstruction), 'none', or None for the method's default (reconstruction_for);
+    damping: ridge toward the original weights (default 0.1); reconstruct_bias: also fit a bias
+    where the family has none. The plan's provenance gains the parameter counts before and after
+    surgery.
     """
-    settings = Reconstruction(reconstruct, damping, reconstruct_bias) if reconstruct else None
-    if plan is not None and settings is None and plan.provenance.get("reconstruction"):
-        settings = Reconstruction.from_dict(plan.provenance["reconstruction"])
+    settings = reconstruction_for(method, plan, reconstruct, damping, reconstruct_bias,
+                                  options.get("rounding", "balanced"), options.get("round_to", 1))
     calibration, statistics = options.get("calibration"), options.get("statistics")
     if settings is not None:
         if settings.mode == "sequential" and not isinstance(calibration, Calibration):
