@@ -127,8 +127,9 @@ def test_sequential_reconstruction_fits_each_layer_on_the_pruned_layers_below():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "phi", "phi3", "gemma2"])
-@pytest.mark.parametrize("method", ["amp", "wanda-sp", "flap", "magnitude"])
+@pytest.mark.parametrize("name, method", [("llama-gqa", "amp"), ("phi", "amp"), ("phi3", "wanda-sp"),
+                                          ("gemma2", "amp"), ("qwen2", "flap"), ("llama-bias", "magnitude"),
+                                          ("mistral", "random"), ("qwen3", "amp-mlp")])
 def test_every_width_method_reconstructs_and_round_trips(tmp_path, name, method):
     model, calibration = tiny_model(name), _calibration()
     plain, _ = prune(copy.deepcopy(model), method=method, ratio=0.3, calibration=calibration, progress=False)

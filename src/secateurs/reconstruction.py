@@ -95,7 +95,8 @@ def ridge_refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
         rhs = torch.cat([rhs, (w @ s)[:, None]], 1)
         if b0 is not None:  # the target includes the original bias
             rhs += b0[:, None] * torch.cat([s[kept], corner[0]])[None, :]
-    solution = torch.linalg.solve(system, rhs.t()).t()
+    factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite: lam > 0, tokens > 0
+    solution = (torch.cholesky_solve(rhs.t(), factor) if int(info) == 0 else torch.linalg.solve(system, rhs.t())).t()
     new_weight = solution[:, : len(kept)].to(weight.dtype).to(weight.device).contiguous()
     new_bias = solution[:, len(kept)] if fit_bias else b0
     if new_bias is not None:
