@@ -54,7 +54,7 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                             "calibration data: sequential (default when given: each layer on the pruned layers' "
                             "outputs below) or dense (all layers from one pass); none: off")
     width.add_argument("--damping", type=positive_float, default=None, metavar="D",
-                       help="ridge toward the original weights, D x mean(diag Gram) (default: 0.1)")
+                       help="ridge toward the original weights, D x mean(diag Gram) (default: 0.3)")
     width.add_argument("--reconstruct-bias", action="store_true",
                        help="also fit an output bias where the family has none (the model then loads with load_pruned)")
     add_calibration_args(p)
@@ -362,7 +362,7 @@ def _prune_streamed_reconstructed(args, plan, settings, tokenizer):
     skeleton, tensors = load_skeleton(args.model, load_outside_layers=False, lazy_layers=True, device=args.device)
     check_calibration_length(skeleton.config, _calibration_options(args).get("max_length"))
     calibration = load_calibration(args.calib, tokenizer, **_calibration_options(args))
-    plan.provenance["reconstruction"] = settings.to_dict()
+    plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": calibration.hash}
     with tempfile.TemporaryDirectory(prefix="secateurs-refit-") as folder:
         store = RefitStore(folder)
         apply_plan_sequential(skeleton, plan, calibration, settings, checkpoint=tensors, device=args.device,

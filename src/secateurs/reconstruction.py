@@ -41,7 +41,7 @@ from secateurs.plan import PruningPlan
 from secateurs.statistics import InputStats, Statistics
 from secateurs.surgery import _row_index, apply_layer_plan, remove_layers, sync_config
 
-DEFAULT_DAMPING = 0.1
+DEFAULT_DAMPING = 0.3
 KINDS = ("attention", "mlp")
 
 
@@ -65,9 +65,10 @@ class Reconstruction:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Reconstruction":
-        if not isinstance(data, dict) or set(data) - {"mode", "damping", "bias"}:
+        """From a plan's provenance (which also records the calibration hash of the fit)."""
+        if not isinstance(data, dict) or set(data) - {"mode", "damping", "bias", "calibration_hash"}:
             raise SecateursError(f"plan provenance 'reconstruction' must hold mode, damping and bias, got {data!r}")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k != "calibration_hash"})
 
 
 @torch.no_grad()

@@ -219,7 +219,7 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
 
 # What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
 # paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
-WIDTH_DEFAULTS: dict[str, dict] = {}
+WIDTH_DEFAULTS: dict[str, dict] = {"amp": {"allocation": "global", "split": "search", "reconstruct": "sequential"}}
 
 
 def width_knobs(method: str, allocation, split, rounding: str, round_to: int) -> tuple[str, str | float]:
@@ -322,7 +322,15 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     if plan is None:
         plan = make_plan(model, method, ratio, tokenizer=tokenizer, **options)
         if settings is not None:
-            plan.provenance["reconstruction"] = settings.to_dict()
+            fit_on = calibration.hash if settings.mode == "sequential" else statistics.description.get(
+                "calibration_hash")
+            plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": fit_on}
+    elif settings is not None:
+        recorded = (plan.provenance.get("reconstruction") or {}).get("calibration_hash")
+        used = calibration.hash if settings.mode == "sequential" else statistics.description.get("calibration_hash")
+        if recorded is not None and recorded != used:
+            log.warning("secateurs: WARNING: the plan was re-fitted on other calibration data (%s) than given now (%s); "
+                        "the weights will differ from the recorded run", recorded, used)
     before = model_stats(model).total_params
     with phase("surgery" if settings is None else f"surgery with {settings.mode} reconstruction"):
         if settings is None:
