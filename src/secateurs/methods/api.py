@@ -219,7 +219,7 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
 
 # What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
 # paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
-WIDTH_DEFAULTS: dict[str, dict] = {"amp": {"allocation": "global", "split": "search", "reconstruct": "sequential"}}
+WIDTH_DEFAULTS: dict[str, dict] = {}
 
 
 def width_knobs(method: str, allocation, split, rounding: str, round_to: int) -> tuple[str, str | float]:
