@@ -251,3 +251,30 @@ def test_streamed_reconstruction_equals_in_memory(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     ids = torch.randint(1, 500, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(full, ids), _logits(streamed, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):
+    """A default combination for a method (WIDTH_DEFAULTS) never reaches paper rounding, whose plan
+    stays byte-identical."""
+    from secateurs.methods import api
+
+    model, calibration = tiny_model("llama-gqa"), _calibration()
+    paper = make_plan(model, "amp", 0.3, calibration=calibration, rounding="paper", progress=False).to_json()
+    monkeypatch.setitem(api.WIDTH_DEFAULTS, "amp", {"allocation": "global", "split": 0.0, "reconstruct": "dense"})
+    assert make_plan(model, "amp", 0.3, calibration=calibration, rounding="paper", progress=False).to_json() == paper
+    assert api.reconstruction_for("amp", rounding="paper") is None
+    assert api.reconstruction_for("amp").mode == "dense"
+    plan = make_plan(model, "amp", 0.3, calibration=calibration, progress=False)
+    assert plan.provenance["allocation"] == "global" and plan.provenance["split"]["attention_share"] == 0.0
+
+
+def test_cli_split_values():
+    from secateurs.arguments import CommandLineError
+    from secateurs.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["prune", "m", "--out", "o", "--split", "search"]).split == "search"
+    assert parse(["prune", "m", "--out", "o", "--split", "0.25", "--reconstruct"]).split == 0.25
+    assert parse(["prune", "m", "--out", "o", "--reconstruct"]).reconstruct == "sequential"
+    with pytest.raises(CommandLineError, match="split"):
+        parse(["prune", "m", "--out", "o", "--split", "1.5"])

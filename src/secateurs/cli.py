@@ -88,7 +88,7 @@ def _split(text: str):
     except ValueError:
         value = -1.0
     if not 0.0 <= value <= 1.0:
-        raise CommandLineError(f"--split takes {', '.join(SPLITS)} or a share in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes {', '.join(SPLITS)} or a share in [0, 1], got {text!r}")
     return value
 
 
