@@ -29,6 +29,7 @@ from secateurs.io import config_dtype
 from secateurs.offload import mark_lazy
 from secateurs.output import check_finite, check_output_dir, write_folder
 from secateurs.plan import PLAN_FILENAME, PruningPlan
+from secateurs.reconstruction import apply_refit
 from secateurs.surgery import apply_layer_plan, remove_layers, sync_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,15 +150,17 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
 
 @torch.no_grad()
 def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path, tokenizer=None,
-                     force: bool = False) -> Path:
+                     force: bool = False, refits=None) -> Path:
     """Apply `plan` to the checkpoint in `folder` without loading the whole model, writing through
-    the one writer (secateurs.output): every input shard becomes an output shard of the same name."""
+    the one writer (secateurs.output): every input shard becomes an output shard of the same name.
+    refits: a secateurs.reconstruction.RefitStore whose re-fitted output projections replace the
+    sliced ones, layer by layer."""
     check_output_dir(out_dir, force, [folder])
     model, tensors = load_skeleton(folder)
     adapter = get_adapter(model)
     plan.check_compatible(model)
     with write_folder(out_dir, force, [folder], kind="model") as tmp:
-        weight_map = _write_pruned_shards(model, adapter, tensors, plan, tmp)
+        weight_map = _write_pruned_shards(model, adapter, tensors, plan, tmp, refits)
         remove_layers(adapter, model, plan.kept_layer_indices())
         sync_config(model, plan)
         write_config(model, tmp)
@@ -172,7 +175,8 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
     return Path(out_dir).expanduser().resolve()
 
 
-def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: PruningPlan, tmp: Path) -> dict[str, str]:
+def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: PruningPlan, tmp: Path,
+                         refits=None) -> dict[str, str]:
     """Write one pruned output shard per input shard into tmp; returns the new weight map."""
     resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
     new_index = {old: new for new, old in enumerate(plan.kept_layer_indices())}
@@ -190,6 +194,8 @@ def _write_pruned_shards(model, adapter, tensors: CheckpointTensors, plan: Pruni
                 layer = layers[index]
                 tensors.materialize(layer, adapter.layer_prefix(index))
                 apply_layer_plan(adapter, layer, *resolved[index])
+                if refits is not None:
+                    apply_refit(adapter, layer, refits.load(index))
                 pending[index] = {k: v.contiguous() for k, v in layer.state_dict().items()}
                 tensors.release(layer)
             for name in list(pending[index]):

@@ -16,8 +16,10 @@ from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
-from secateurs.options import DEMO_RECOVERY, add_calibration_args, add_recovery_args, add_eval_args, add_model_args, add_out_arg, add_runtime_args
-from secateurs.names import GQA_MODES, METHOD_NAMES, RATIO_OF, ROUNDINGS, SELECTIONS
+from secateurs.options import (DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args, add_out_arg,
+                               add_recovery_args, add_runtime_args)
+from secateurs.names import (ALLOCATIONS, GQA_MODES, METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES, ROUNDINGS, SELECTIONS,
+                             SPLITS)
 from secateurs.version import __version__
 
 
@@ -41,6 +43,21 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
     p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
+    width = p.add_argument_group("width quality (score-based width methods; see README 'Beyond the paper')")
+    width.add_argument("--allocation", choices=ALLOCATIONS,
+                       help="uniform: every layer the same widths (stock from_pretrained loads it); global: one "
+                            "threshold on per-layer standardised scores, layers differ (loads with load_pruned)")
+    width.add_argument("--split", type=_split,
+                       help="attention's share of the removed parameters: balanced (same fraction of head units as "
+                            "of neurons), search (the candidate with the lowest calibration KL) or a number in [0, 1]")
+    width.add_argument("--reconstruct", nargs="?", const="sequential", choices=(*RECONSTRUCT_MODES, "none"),
+                       help="re-fit o_proj / down_proj by least squares to reproduce the dense layer outputs on the "
+                            "calibration data: sequential (default when given: each layer on the pruned layers' "
+                            "outputs below) or dense (all layers from one pass); none: off")
+    width.add_argument("--damping", type=positive_float, default=None, metavar="D",
+                       help="ridge toward the original weights, D x mean(diag Gram) (default: 0.3)")
+    width.add_argument("--reconstruct-bias", action="store_true",
+                       help="also fit an output bias where the family has none (the model then loads with load_pruned)")
     add_calibration_args(p)
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
@@ -62,6 +79,35 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                      + (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
+
+
+def _split(text: str):
+    if text in SPLITS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"takes {', '.join(SPLITS)} or a share in [0, 1], got {text!r}")
+    return value
+
+
+def _width_options(args) -> dict:
+    """--allocation / --split for make_plan, only where given (each method keeps its own defaults)."""
+    return {k: v for k, v in (("allocation", args.allocation), ("split", args.split)) if v is not None}
+
+
+def _reconstruct_options(args) -> dict:
+    """--reconstruct / --damping / --reconstruct-bias for prune, only where given."""
+    out = {}
+    if args.reconstruct is not None:
+        out["reconstruct"] = None if args.reconstruct == "none" else args.reconstruct
+    if args.damping is not None:
+        out["damping"] = args.damping
+    if args.reconstruct_bias:
+        out["reconstruct_bias"] = True
+    return out
 
 
 def _depth_options(args) -> dict:
@@ -88,7 +134,7 @@ def _harp_options(args) -> dict:
 
 
 def _prune_options(args) -> dict:
-    return dict(**_depth_options(args), **_harp_options(args),
+    return dict(**_depth_options(args), **_harp_options(args), **_width_options(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
         round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
         calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
@@ -200,7 +246,7 @@ def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None =
     start = time.perf_counter()
     extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
     model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
-                        **extra)
+                        **_reconstruct_options(args), **extra)
     seconds = time.perf_counter() - start
     after = model_stats(model)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
@@ -322,7 +368,7 @@ def _prune_streamed(args, plan) -> int:
     from secateurs.calibration import check_calibration_length, load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.loading import _tokenizer
-    from secateurs.methods import METHODS, make_plan
+    from secateurs.methods import METHODS, make_plan, reconstruction_for
     from secateurs.methods.depth import DEPTH_METHODS
     from secateurs.streaming import streamed_statistics
 
@@ -331,6 +377,7 @@ def _prune_streamed(args, plan) -> int:
     if args.stats:
         raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
     tokenizer = _tokenizer(args.model)
+    given = plan
     if plan is None:
         if args.method == "harp" and args.flap_ratio:
             raise SecateursError("--streamed runs HARP's search; --flap-ratio would need the transformed model in "
@@ -356,10 +403,40 @@ def _prune_streamed(args, plan) -> int:
         elif args.scores_cache:
             raise SecateursError(f"--scores-cache keeps streamed statistics; {args.method!r} does not use them")
         plan = make_plan(skeleton, args.method, args.ratio, tokenizer=tokenizer, **options)
-    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    settings = reconstruction_for(args.method, given, **_reconstruct_options(args), rounding=args.rounding,
+                                  round_to=args.round_to)
+    if settings is None:
+        out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
+    else:
+        out = _prune_streamed_reconstructed(args, plan, settings, tokenizer)
     print(plan.summary())
     print(f"saved to {out}")
     return 0
+
+
+def _prune_streamed_reconstructed(args, plan, settings, tokenizer):
+    """Sequential re-fitting layer by layer from the checkpoint (one layer in memory), the fits
+    kept on disk beside the run until prune_checkpoint writes them into the output shards."""
+    import tempfile
+
+    from secateurs.calibration import check_calibration_length, load_calibration
+    from secateurs.checkpoint import load_skeleton, prune_checkpoint
+    from secateurs.reconstruction import RefitStore, apply_plan_sequential
+
+    if settings.mode != "sequential":
+        raise SecateursError("--streamed reconstructs sequentially (one layer's Gram matrices in memory); "
+                             "use --reconstruct sequential")
+    if args.calib in (None, "self"):
+        raise SecateursError("--streamed --reconstruct needs a calibration file (--calib)")
+    skeleton, tensors = load_skeleton(args.model, load_outside_layers=False, lazy_layers=True, device=args.device)
+    check_calibration_length(skeleton.config, _calibration_options(args).get("max_length"))
+    calibration = load_calibration(args.calib, tokenizer, **_calibration_options(args))
+    plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": calibration.hash}
+    with tempfile.TemporaryDirectory(prefix="secateurs-refit-") as folder:
+        store = RefitStore(folder)
+        apply_plan_sequential(skeleton, plan, calibration, settings, checkpoint=tensors, device=args.device,
+                              store=store)
+        return prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force, refits=store)
 
 
 def _prune_device_mapped(args, plan) -> int:
@@ -372,6 +449,9 @@ def _prune_device_mapped(args, plan) -> int:
     if not Path(args.model).is_dir():
         raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
                              "the pruned model is written from its checkpoint shard by shard")
+    if _reconstruct_options(args).get("reconstruct"):
+        raise SecateursError("--reconstruct re-fits weights in place, which offloaded weights cannot take; with "
+                             "--device-map prune without it, or use --streamed")
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     if plan is None:
         plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))

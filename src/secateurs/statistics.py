@@ -7,7 +7,9 @@ projection (down_proj / fc2: the neuron activations). For each we keep
 * unit scores for AMP: per head, the L1 norm over the hidden dimension of the head's contribution
   x_{t,h} W_O[:, h]^T; per neuron, |a_{t,j}|; accumulated both as a mean of per-prompt means
   (the paper's averaging) and as a token-weighted sum;
-* per-channel first and second moments (sum x, sum x^2), which wanda-sp and FLAP need.
+* per-channel first and second moments (sum x, sum x^2), which wanda-sp and FLAP need;
+* on request (gram=True), the Gram matrix sum_t x_t x_t^T in float64, which least-squares
+  reconstruction needs (secateurs.reconstruction): channels^2 values per Linear, so off by default.
 
 Whatever the criterion, the data runs through the model once.
 """
@@ -74,11 +76,13 @@ class InputStats:
     channel_sumsq: torch.Tensor
     prompts: int = 0
     tokens: int = 0
+    gram: torch.Tensor | None = None  # (channels, channels) sum of x x^T over real tokens, float64
 
     @classmethod
-    def zeros(cls, units: int, channels: int) -> "InputStats":
+    def zeros(cls, units: int, channels: int, gram: bool = False) -> "InputStats":
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        return cls(z(units), z(units), z(channels), z(channels))
+        return cls(z(units), z(units), z(channels), z(channels),
+                   gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None)
 
     def add(self, unit_scores: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
         """unit_scores: (B, T, units); x: (B, T, channels); mask: (B, T) with 1 for real tokens."""
@@ -92,6 +96,9 @@ class InputStats:
         xf = torch.where(keep, x.float(), 0.0)
         self.channel_sum += xf.sum((0, 1)).double().cpu()
         self.channel_sumsq += (xf * xf).sum((0, 1)).double().cpu()
+        if self.gram is not None:  # float64 models keep float64 products (exactness tests)
+            flat = (xf if x.dtype != torch.float64 else torch.where(keep, x, 0.0)).reshape(-1, x.shape[-1])
+            self.gram += (flat.t() @ flat).double().cpu()
         self.prompts += int(real.sum())
         self.tokens += int(counts.sum())
 
@@ -126,6 +133,8 @@ class Statistics:
             for i, s in enumerate(stats):
                 for name in ("unit_prompt_mean_sum", "unit_token_sum", "channel_sum", "channel_sumsq"):
                     tensors[f"{kind}.{i}.{name}"] = getattr(s, name).contiguous()
+                if s.gram is not None:
+                    tensors[f"{kind}.{i}.gram"] = s.gram.contiguous()
                 counts[f"{kind}.{i}"] = [s.prompts, s.tokens]
         check_finite_tensors(tensors, "statistics")
         with writing_file(path) as tmp:
@@ -156,19 +165,22 @@ class Statistics:
             out[kind] = [
                 InputStats(*(tensors[f"{kind}.{i}.{name}"] for name in (
                     "unit_prompt_mean_sum", "unit_token_sum", "channel_sum", "channel_sumsq")),
-                    *counts[f"{kind}.{i}"])
+                    *counts[f"{kind}.{i}"], gram=tensors.get(f"{kind}.{i}.gram"))
                 for i in range(n)
             ]
         return cls(out["attention"], out["mlp"], description)
 
 
-def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp")) -> tuple[InputStats, InputStats, list]:
-    """Statistics of one layer and the hooks that fill them (state["mask"] holds the batch's mask)."""
+def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp"),
+                       gram: bool = False) -> tuple[InputStats, InputStats, list]:
+    """Statistics of one layer and the hooks that fill them (state["mask"] holds the batch's mask);
+    gram=True also accumulates the Gram matrices of both output projections' inputs."""
     shape = adapter.layer_shape(layer)
     o_proj = adapter.attention_output_linear(layer) if "attention" in parts else None
     down = adapter.mlp_output_linear(layer)
-    a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features if o_proj is not None else 0)
-    m_stats = InputStats.zeros(shape.intermediate_size, down.in_features)
+    a_stats = InputStats.zeros(shape.num_heads, o_proj.in_features if o_proj is not None else 0,
+                               gram and o_proj is not None)
+    m_stats = InputStats.zeros(shape.intermediate_size, down.in_features, gram)
 
     def on_o_proj(module, args):
         x = args[0]
@@ -196,17 +208,19 @@ def check_finite(index: int, a: InputStats, m: InputStats) -> None:
 
 
 @torch.inference_mode()
-def collect_statistics(model, calibration, progress: bool = True, parts=("attention", "mlp")) -> Statistics:
+def collect_statistics(model, calibration, progress: bool = True, parts=("attention", "mlp"),
+                       gram: bool = False) -> Statistics:
     """Run the calibration batches through the decoder once (no LM head) with hooks on every
     layer's attention-output and MLP-output projections (or only those of `parts`; the others
     keep empty statistics, e.g. for HARP layers whose attention has no o_proj any more).
-    For models that do not fit the device, secateurs.streaming runs the same hooks layer by layer."""
+    For models that do not fit the device, secateurs.streaming runs the same hooks layer by layer.
+    gram=True adds the Gram matrices reconstruction needs (secateurs.reconstruction)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     attention, mlp, handles = [], [], []
     state: dict[str, torch.Tensor] = {}
     for layer in layers:
-        a_stats, m_stats, layer_handles = attach_layer_hooks(adapter, layer, state, parts)
+        a_stats, m_stats, layer_handles = attach_layer_hooks(adapter, layer, state, parts, gram)
         attention.append(a_stats)
         mlp.append(m_stats)
         handles += layer_handles

@@ -142,14 +142,15 @@ def _checkpoint_progress(cache_dir: Path, index: int, a: InputStats, m: InputSta
 @torch.inference_mode()
 def streamed_statistics(model, calibration, *, device: str | torch.device | None = None, checkpoint=None,
                         mode: str = "dense", on_layer: Callable | None = None, cache_dir: str | Path | None = None,
-                        storage: str | torch.device = "cpu", progress: bool = True) -> Statistics:
+                        storage: str | torch.device = "cpu", progress: bool = True, gram: bool = False) -> Statistics:
     """Statistics like collect_statistics, one layer in memory at a time (see the module docstring).
 
     device: where each layer computes (default: where the model is). checkpoint: a
     secateurs.checkpoint.CheckpointTensors to fetch layer weights from disk (model on meta).
     on_layer(index, layer, attention_stats, mlp_stats): called after a layer's statistics are
     known; in sequential mode it may prune the layer, whose outputs are then recomputed.
-    storage: where activations wait between layers.
+    storage: where activations wait between layers. gram: also accumulate the Gram matrices
+    (secateurs.reconstruction); a layer's matrices can be dropped by on_layer once used.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -182,7 +183,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
         layer = layers[index]
         with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
             state: dict = {}
-            a, m, handles = attach_layer_hooks(adapter, layer, state)
+            a, m, handles = attach_layer_hooks(adapter, layer, state, gram=gram)
             outputs = []
             try:
                 for b, h in enumerate(hidden):

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from secateurs.version import __version__
+from secateurs.names import ALLOCATIONS, SPLITS
 from secateurs.accounting import model_stats
+from secateurs.allocation import balanced_attention_share, global_counts, uniform_counts
 from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria import StructureScores
@@ -28,7 +30,9 @@ from secateurs.methods.depth import DEPTH_METHODS, depth_plan
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.plan import PruningPlan
 from secateurs.progress import phase
+from secateurs.reconstruction import DEFAULT_DAMPING, Reconstruction, apply_plan_dense, apply_plan_sequential
 from secateurs.selection import apply_selection
+from secateurs.split import CANDIDATE_FRACTIONS, SPLIT_SAMPLES, choose_attention_share
 from secateurs.statistics import Statistics, collect_statistics
 from secateurs.surgery import apply_plan
 
@@ -68,19 +72,25 @@ METHODS.update(DEPTH_METHODS)  # whole-layer methods (secateurs.methods.depth); 
 
 
 def resolve_statistics(model, tokenizer, calibration=None, statistics=None, calibration_options: dict | None = None,
-                       progress: bool = True) -> Statistics:
+                       progress: bool = True, gram: bool = False) -> Statistics:
     """Statistics from (in order): a Statistics object, a saved statistics file that exists, or a
     calibration pass (a Calibration, or a source spec loaded with calibration_options). A path
-    given as `statistics` that does not exist yet is written after the pass, for reuse."""
+    given as `statistics` that does not exist yet is written after the pass, for reuse.
+    gram=True: the statistics must hold Gram matrices (dense reconstruction)."""
+    stats = None
     if isinstance(statistics, Statistics):
-        return statistics
-    if statistics is not None and os.path.exists(statistics):
+        stats = statistics
+    elif statistics is not None and os.path.exists(statistics):
         stats = Statistics.load(statistics)
         check_statistics_source(stats, statistics, model_identity(model), calibration, calibration_options)
+    if stats is not None:
+        if gram and any(s.gram is None for s in stats.mlp):
+            raise SecateursError("dense reconstruction needs statistics with Gram matrices; these have none (collect "
+                                 "them with gram=True, or use sequential reconstruction)")
         return stats
     if not isinstance(calibration, Calibration):
         calibration = load_calibration(calibration, tokenizer, model=model, **(calibration_options or {}))
-    stats = collect_statistics(model, calibration, progress=progress)
+    stats = collect_statistics(model, calibration, progress=progress, gram=gram)
     if statistics is not None:
         stats.description["model"] = model_identity(model)
         stats.save(statistics)
@@ -123,14 +133,23 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
               averaging: str = "prompt", gqa: str = "groups", rounding: str = "balanced", ratio_of: str = "all",
               layers_equivalent: float | None = None, round_to: int = 1, seed: int = 0,
               progress: bool = True, harp_layers: int | None = None, alpha_grid=None, flap_ratio: float | None = None,
-              scores_out: dict | None = None, **depth_options) -> PruningPlan:
+              scores_out: dict | None = None, allocation: str | None = None, split: str | float | None = None,
+              split_samples: int = SPLIT_SAMPLES, **depth_options) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
     ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
     scores_out: a dict that receives the StructureScores under "scores" (width methods that score
     heads and neurons), so a report can show the importance behind this very plan.
+    allocation: 'uniform' (every layer the same widths) or 'global' (one threshold on per-layer
+    standardised scores; layers differ); split: the attention share of the removed parameters,
+    'balanced' (the same fraction of head units as of neurons), 'search' (the candidate with the
+    lowest calibration KL, secateurs.split) or a number in [0, 1]. See secateurs.allocation.
+    None: the method's default (WIDTH_DEFAULTS; uniform and balanced outside balanced rounding).
     """
+    if (method == "harp" or method in DEPTH_METHODS) and (allocation, split) != (None, None):
+        raise SecateursError(f"allocation and split apply to width methods that score heads and neurons, not to "
+                             f"{method!r}")
     if method == "harp":
         calib = calibration if isinstance(calibration, Calibration) else load_calibration(
             calibration, tokenizer, model=model, **(calibration_options or {}))
@@ -143,14 +162,22 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
                           layers_equivalent=layers_equivalent, seed=seed, progress=progress, **depth_options)
     if depth_options:
         raise SecateursError(f"options {sorted(depth_options)} only apply to depth methods ({', '.join(DEPTH_METHODS)})")
+    allocation, split = width_knobs(method, allocation, split, rounding, round_to)
     if method not in METHODS:
         raise SecateursError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
     if layers_equivalent is not None:
         ratio = None
-    if spec.score is not None:
+    allocated = allocation != "uniform" or split != "balanced"  # the allocation module, not the stock budget
+    if allocated:
+        check_allocation(spec, method, allocation, split, rounding, round_to)
+        if split == "search" and spec.parts == "both" and not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration, tokenizer, model=model, **(calibration_options or {}))
+    if spec.score is not None and not allocated:
         budget = plan_budget(model, ratio, ratio_of=ratio_of, layers_equivalent=layers_equivalent, rounding=rounding,
                              gqa=gqa, parts=spec.parts, round_to=round_to)
+    elif spec.score is not None:
+        budget = None
     else:
         geo = Geometry.of(model)
         target, settings = target_params(geo, ratio, ratio_of, layers_equivalent)
@@ -163,8 +190,13 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
             if scores_out is not None:
                 scores.description.setdefault("criterion", method)
                 scores_out["scores"] = scores
-            plan = uniform_width_plan(model, apply_selection(scores, selection, seed), budget.counts)
-        report = budget.report()
+            selected = apply_selection(scores, selection, seed)
+            if budget is not None:
+                plan = uniform_width_plan(model, selected, budget.counts)
+                report = budget.report()
+            else:
+                plan, report = allocated_plan(model, selected, ratio, ratio_of, layers_equivalent, gqa, spec.parts,
+                                              allocation, split, calibration, split_samples, progress)
         warn_if_off_target(report)
     else:
         plan = flap_plan(model, stats, target, gqa)
@@ -185,17 +217,128 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, tokenize
     return plan
 
 
-def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2, *, plan: PruningPlan | None = None,
-          **options):
-    """Prune `model` in place and return (model, plan). With `plan` given, it is re-applied as is.
+# What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
+# paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
+WIDTH_DEFAULTS: dict[str, dict] = {}
 
-    The plan's provenance gains the parameter counts before and after surgery.
+
+def width_knobs(method: str, allocation, split, rounding: str, round_to: int) -> tuple[str, str | float]:
+    """(allocation, split) with the method's defaults filled in."""
+    defaults = WIDTH_DEFAULTS.get(method, {}) if rounding == "balanced" and round_to == 1 else {}
+    return (allocation if allocation is not None else defaults.get("allocation", "uniform"),
+            split if split is not None else defaults.get("split", "balanced"))
+
+
+def reconstruction_for(method: str, given_plan: PruningPlan | None = None, reconstruct: str | None = None,
+                       damping: float | None = None, reconstruct_bias: bool = False, rounding: str = "balanced",
+                       round_to: int = 1, **_) -> Reconstruction | None:
+    """The re-fitting to apply: as asked ('none' = off), else as a given plan records, else the
+    method's default (none for re-applied plans that record none, and outside balanced rounding)."""
+    if reconstruct == "none":
+        return None
+    if reconstruct is None:
+        recorded = given_plan.provenance.get("reconstruction") if given_plan is not None else None
+        if recorded:
+            return Reconstruction.from_dict(recorded)
+        if given_plan is not None or rounding != "balanced" or round_to != 1:
+            return None
+        reconstruct = WIDTH_DEFAULTS.get(method, {}).get("reconstruct")
+        if reconstruct is None:
+            return None
+    return Reconstruction(reconstruct, DEFAULT_DAMPING if damping is None else damping, reconstruct_bias)
+
+
+def check_allocation(spec: WidthMethod, method: str, allocation: str, split, rounding: str, round_to: int) -> None:
+    """What the allocation module can do: score-based width methods, balanced rounding."""
+    _choice(allocation, ALLOCATIONS, "allocation")
+    if not (split in SPLITS or (isinstance(split, (int, float)) and not isinstance(split, bool) and 0 <= split <= 1)):
+        raise SecateursError(f"split must be one of {', '.join(SPLITS)} or an attention share in [0, 1]; got {split!r}")
+    if spec.score is None or spec.parts == "heads":
+        raise SecateursError(f"allocation and split apply to width methods that score heads and neurons, not to "
+                             f"{method!r} (FLAP and HARP choose their own allocation)")
+    if rounding != "balanced" or round_to != 1:
+        raise SecateursError("allocation 'global' and the attention split work with rounding 'balanced' and round-to 1 "
+                             "(paper mode reproduces the official uniform shapes)")
+
+
+def _choice(value, choices, what):
+    if value not in choices:
+        raise SecateursError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def allocated_plan(model, scores: StructureScores, ratio, ratio_of, layers_equivalent, gqa: str, parts: str,
+                   allocation: str, split, calibration, split_samples: int, progress: bool):
+    """(plan, budget report) for a chosen attention share and allocation (secateurs.allocation)."""
+    geo = Geometry.of(model)
+    target, settings = target_params(geo, ratio, ratio_of, layers_equivalent)
+
+    def counts_for(share: float) -> list[KeepCounts]:
+        if allocation == "global":
+            return global_counts(geo, scores, target, share, gqa)
+        return uniform_counts(geo, target, share, gqa)
+
+    balanced = balanced_attention_share(geo, gqa)
+    if parts == "mlp":
+        share, evidence = 0.0, {"rule": "mlp only"}
+    elif split == "balanced":
+        share, evidence = balanced, {"rule": "balanced (the same fraction of head units as of neurons)"}
+    elif split == "search":
+        with phase("choosing the attention share"):
+            share, evidence = choose_attention_share(
+                model, calibration, [f * balanced for f in CANDIDATE_FRACTIONS],
+                lambda s: uniform_width_plan(model, scores, counts_for(s)), split_samples, progress)
+    else:
+        share, evidence = float(split), {"rule": "given"}
+    counts = counts_for(share)
+    plan = uniform_width_plan(model, scores, counts)
+    settings = {**settings, "rounding": "balanced", "gqa": gqa, "parts": parts, "allocation": allocation,
+                "split": {**evidence, "attention_share": share, "balanced_share": balanced}}
+    return plan, Budget(counts, geo.total_params, target, geo.removed_params(counts), settings).report()
+
+
+def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2, *, plan: PruningPlan | None = None,
+          reconstruct: str | None = None, damping: float | None = None, reconstruct_bias: bool = False,
+          **options):
+    """Prune `model` in place and return (model, plan). With `plan` given, it is re-applied as is
+    (re-fitted as its provenance records, on the calibration data given).
+
+    reconstruct: 'sequential' or 'dense' least-squares re-fitting of the output projections
+    (secateurs.reconstruction), 'none', or None for the method's default (reconstruction_for);
+    damping: ridge toward the original weights (default 0.1); reconstruct_bias: also fit a bias
+    where the family has none. The plan's provenance gains the parameter counts before and after
+    surgery.
     """
+    settings = reconstruction_for(method, plan, reconstruct, damping, reconstruct_bias,
+                                  options.get("rounding", "balanced"), options.get("round_to", 1))
+    calibration, statistics = options.get("calibration"), options.get("statistics")
+    if settings is not None:
+        if settings.mode == "sequential" and not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration, tokenizer, model=model,
+                                           **(options.get("calibration_options") or {}))
+        if settings.mode == "dense":
+            statistics = resolve_statistics(model, tokenizer, calibration, statistics,
+                                            options.get("calibration_options"), options.get("progress", True), gram=True)
+        options = {**options, "calibration": calibration, "statistics": statistics}
     if plan is None:
         plan = make_plan(model, method, ratio, tokenizer=tokenizer, **options)
+        if settings is not None:
+            fit_on = calibration.hash if settings.mode == "sequential" else statistics.description.get(
+                "calibration_hash")
+            plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": fit_on}
+    elif settings is not None:
+        recorded = (plan.provenance.get("reconstruction") or {}).get("calibration_hash")
+        used = calibration.hash if settings.mode == "sequential" else statistics.description.get("calibration_hash")
+        if recorded is not None and recorded != used:
+            log.warning("secateurs: WARNING: the plan was re-fitted on other calibration data (%s) than given now (%s); "
+                        "the weights will differ from the recorded run", recorded, used)
     before = model_stats(model).total_params
-    with phase("surgery"):
-        apply_plan(model, plan)
+    with phase("surgery" if settings is None else f"surgery with {settings.mode} reconstruction"):
+        if settings is None:
+            apply_plan(model, plan)
+        elif settings.mode == "dense":
+            apply_plan_dense(model, plan, statistics, settings)
+        else:
+            apply_plan_sequential(model, plan, calibration, settings, progress=options.get("progress", True))
     after = model_stats(model).total_params
     plan.provenance.setdefault("params_before", before)
     plan.provenance.setdefault("params_after", after)
