@@ -251,6 +251,13 @@ def test_streamed_reconstruction_equals_in_memory(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     ids = torch.randint(1, 500, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(full, ids), _logits(streamed, ids), rtol=1e-4, atol=1e-4)
+    # a plan that records reconstruction cannot be applied to offloaded weights: refused, not
+    # silently written without its fits; --reconstruct none applies its shapes only
+    plan = str(tmp_path / "full" / "pruning_plan.json")
+    mapped = ["prune", str(STORIES), "--plan", plan, "--device-map", '{"": "cpu"}']
+    assert main([*mapped, "--out", str(tmp_path / "mapped")]) == 2 and not (tmp_path / "mapped").exists()
+    assert main([*mapped, "--reconstruct", "none", "--out", str(tmp_path / "shapes")]) == 0
+    assert "reconstruction" in json.loads((tmp_path / "shapes" / "pruning_plan.json").read_text())["provenance"]
 
 
 def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):

@@ -449,9 +449,11 @@ def _prune_device_mapped(args, plan) -> int:
     if not Path(args.model).is_dir():
         raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
                              "the pruned model is written from its checkpoint shard by shard")
-    if _reconstruct_options(args).get("reconstruct"):
-        raise SecateursError("--reconstruct re-fits weights in place, which offloaded weights cannot take; with "
-                             "--device-map prune without it, or use --streamed")
+    asked = args.reconstruct  # None: not given; "none": shapes only
+    if (asked and asked != "none") or (asked is None and plan is not None and plan.provenance.get("reconstruction")):
+        raise SecateursError("reconstruction re-fits weights in place, which offloaded weights cannot take (this plan "
+                             "records one, or --reconstruct asks for it); with --device-map use --streamed, or "
+                             "--reconstruct none to apply the plan's shapes only")
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     if plan is None:
         plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))
