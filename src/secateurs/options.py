@@ -18,7 +18,7 @@ DEMO_QUICK = {"max_windows": 64, "limit": 50}  # the demo's caps, so that it end
 # The demo's recovery: a taste of `secateurs recover`, sized to keep the demo within minutes on
 # 2 cores. It trains on the calibration text (for 'self', the samples pruning already drew and
 # cached, so nothing is generated twice), several passes over it.
-DEMO_RECOVERY = {"tokens": 4096, "lr": 3e-4, "batch_size": 4, "val_sequences": 4, "validations": 2}
+DEMO_RECOVERY = {"tokens": 2048, "lr": 3e-4, "batch_size": 4, "val_sequences": 4, "validations": 2}
 
 
 def add_runtime_args(p: argparse.ArgumentParser, device_map: bool = True) -> None:
