@@ -533,6 +533,9 @@ def test_prune_recover_is_prune_then_recover_in_one_command(tmp_path, capsys):
     assert main([*prune_args, "--recover", "--streamed", "--out", str(tmp_path / "four")]) == 2
     assert "in memory" in capsys.readouterr().err
     assert not (tmp_path / "three").exists() and not (tmp_path / "four").exists()
+    # prune's own options reach the pruning step too (--reconstruct was once dropped on this path)
+    assert main([*prune_args, "--reconstruct", "--recover", *recovery, "--out", str(tmp_path / "five")]) == 0
+    assert PruningPlan.load(tmp_path / "five").provenance["reconstruction"]
 
 
 def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tmp_path, capsys):

@@ -237,9 +237,10 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
-    from secateurs.accounting import compare_stats, model_stats
-    from secateurs.io import save_pruned
+def _prune_in_memory(args, model, tokenizer, plan=None, scores_out: dict | None = None):
+    """Prune `model` in place with every option the command line gives: (model, plan, stats before,
+    stats after, seconds). Shared by plain pruning and `prune --recover`."""
+    from secateurs.accounting import model_stats
     from secateurs.methods import prune
 
     before = model_stats(model)
@@ -247,8 +248,14 @@ def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None =
     extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
     model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
                         **_reconstruct_options(args), **extra)
-    seconds = time.perf_counter() - start
-    after = model_stats(model)
+    return model, plan, before, model_stats(model), time.perf_counter() - start
+
+
+def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
+    from secateurs.accounting import compare_stats
+    from secateurs.io import save_pruned
+
+    model, plan, before, after, seconds = _prune_in_memory(args, model, tokenizer, plan, scores_out)
     out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
     return model, plan, before, after, compare_stats(before, after), seconds, out
 
@@ -317,16 +324,14 @@ def _prune_and_recover(args, model, tokenizer, plan, recovery: dict) -> int:
     before pruning) into the pruned one and save the result."""
     import copy
 
-    from secateurs.accounting import compare_stats, model_stats
-    from secateurs.methods import prune
+    from secateurs.accounting import compare_stats
     from secateurs.recovery import recover
 
     if args.iterative and plan is None:  # Consensus's pipeline: recover after every removed layer
         return _prune_depth_recovering(args, model, tokenizer, recovery)
     dense = copy.deepcopy(model)
-    before = model_stats(model)
-    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args))
-    cmp = compare_stats(before, model_stats(model))
+    model, plan, before, after, _ = _prune_in_memory(args, model, tokenizer, plan)
+    cmp = compare_stats(before, after)
     print(plan.summary())
     print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
           f"({100 * cmp['params_removed_fraction']:.1f}% removed)")

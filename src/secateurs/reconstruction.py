@@ -145,11 +145,15 @@ def apply_refit(adapter, layer, fitted: dict) -> None:
 
 def prune_and_refit_layer(adapter, layer, plan: PruningPlan, lp, attention: InputStats, mlp: InputStats,
                           settings: Reconstruction) -> dict:
-    """Slice one layer as the plan says and re-fit its output projections; returns the fit."""
+    """Slice one layer as the plan says and re-fit its output projections; returns the fit. The
+    sequential pass runs in inference mode; the layer's new weights are made outside it, so the
+    pruned model stays trainable (recovery after reconstruction)."""
     heads, kv_heads, neurons = plan.resolve_layer(lp)
     fitted = refit_layer(adapter, layer, lp, heads, neurons, attention, mlp, settings)
-    apply_layer_plan(adapter, layer, lp, heads, kv_heads, neurons)
-    apply_refit(adapter, layer, fitted)
+    with torch.inference_mode(False):  # clones of inference tensors made here are ordinary tensors
+        fitted = {kind: tuple(None if t is None else t.clone() for t in fit) for kind, fit in fitted.items()}
+        apply_layer_plan(adapter, layer, lp, heads, kv_heads, neurons)
+        apply_refit(adapter, layer, fitted)
     return fitted
 
 
