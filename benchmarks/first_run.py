@@ -44,10 +44,10 @@ def readme_install() -> str:
     return line.split("&& secateurs demo")[0].strip()
 
 
-def timed_install(venv: Path) -> dict:
+def timed_install(venv: Path, env: dict) -> dict:
     command = readme_install().replace(".venv", str(venv))
     start = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, env=env)
     return {"command": readme_install(), "exit_status": proc.returncode,
             "wall_s": round(time.perf_counter() - start, 1), "stderr_tail": proc.stderr[-1500:]}
 
@@ -93,7 +93,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# First run (measured {m['date']})", "",
              f"Machine: {m['cpu_count']} cores ({m['cpu']}), load average before {m['load_before']}, after "
-             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}.", ""]
+             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}; Python writes the bytecode it compiles "
+             "(PYTHONDONTWRITEBYTECODE unset, its default; every command runs with the venv command 1 made).", ""]
     install = result.get("install")
     if install:
         total = install["wall_s"] + result["runs"]["demo (README command 1)"]["wall_s"]
@@ -119,19 +120,20 @@ def main() -> int:
     parser.add_argument("--with-install", action="store_true", help="time command 1's installs in a new venv first")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="secateurs-first-run-"))
-    install = timed_install(work / "venv") if args.with_install else None
-    python = str(work / "venv" / "bin" / "python") if install and install["exit_status"] == 0 else sys.executable
     env = {**os.environ, "SECATEURS_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a newcomer's Python keeps the bytecode it compiles (its default)
+    install = timed_install(work / "venv", env) if args.with_install else None
+    python = str(work / "venv" / "bin" / "python") if install and install["exit_status"] == 0 else sys.executable
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "load_before": load(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: one per core)"),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    runs = {"help": timed(["--help"], env),
+    runs = {"help": timed(["--help"], env, python),
             "demo (README command 1)": timed(["demo", "--model", args.model, "--out", str(work / "demo")], env, python),
             "prune (next command)": timed(["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out",
-                                           str(work / "smol-amp20")], env),
+                                           str(work / "smol-amp20")], env, python),
             "prune (as the first command, empty cache)": timed(
                 ["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out", str(work / "smol-amp20-cold")],
-                {**env, "SECATEURS_CACHE": str(work / "cold-cache")})}
+                {**env, "SECATEURS_CACHE": str(work / "cold-cache")}, python)}
     machine["load_after"] = load()
     result = {"machine": machine, "install": install, "runs": runs}
     out = Path(args.out)

@@ -139,10 +139,11 @@ _ticking: dict = {}
 
 
 def heavy_imports() -> None:
-    """torch and transformers take seconds to import on a loaded machine: say so while it happens."""
+    """torch and transformers take seconds to import on a loaded machine, and longer the first time
+    after an install with --no-compile (their bytecode is compiled then): say so while it happens."""
     if "transformers" in sys.modules:
         return
-    with phase("importing torch and transformers"):
+    with phase("importing torch and transformers", heartbeat=HEARTBEAT_SECONDS):
         import torch  # noqa: F401
         import transformers  # noqa: F401
     if _state["quiet"]:
