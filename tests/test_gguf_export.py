@@ -45,23 +45,41 @@ MODELS = {  # tiny configs share stories260K's 512-token tokenizer so every file
     "llama-bias": dict(vocab_size=512),  # q/k/v/o and MLP biases
     "mistral": dict(vocab_size=512, sliding_window=None),
     "qwen2": dict(vocab_size=512, use_sliding_window=False, sliding_window=None),
+    "phi3": dict(vocab_size=512),
+    "phi3-partial": dict(family="phi3", vocab_size=512, partial_rotary_factor=0.5),
+    "gemma2": dict(vocab_size=512),  # soft-capping, sliding window 6 (the prompts run to 61 tokens)
+    "phi": dict(vocab_size=512),  # partial rotary, parallel block, LayerNorm, biases everywhere
 }
 FORMS = ("dense", "uniform", "in-group", "flap", "depth", "harp-value", "harp-removed")
+# Families with their own llama.cpp architecture: each form run and the architecture it goes out as.
+# "mlp": uniform MLP-only pruning (square attention stays square); "depth-1": layer 1 removed, so
+# gemma2's sliding layers no longer alternate.
+ARCHS = {
+    "phi3": {"dense": "phi3", "mlp": "phi3", "depth": "phi3", "uniform": "deci", "flap": "deci",
+             "harp-value": "deci", "harp-removed": "deci"},
+    "phi3-partial": {"dense": "phi3", "mlp": "phi3"},
+    "gemma2": {"dense": "gemma2", "uniform": "gemma2", "mlp": "gemma2", "depth-1": "gemma2"},
+    "phi": {"dense": "phi2", "mlp": "phi2", "depth": "phi2"},
+}
+BUILT = [(name, form) for name in MODELS for form in ARCHS.get(name, FORMS)]
 PROMPTS = ([1, 45, 300, 7, 99], list(range(3, 40, 2)), [1] + [(i * 37) % 509 + 3 for i in range(60)])
 
 
 def _base(name: str):
     if name == "stories260K":
         return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float64).eval()
-    return tiny_model(name, **MODELS[name])
+    overrides = dict(MODELS[name])
+    return tiny_model(overrides.pop("family", name), **overrides)
 
 
 def _plan(model, form: str) -> PruningPlan:
     n = model.config.num_hidden_layers
-    if form in ("dense", "depth", "harp-value", "harp-removed"):
+    if form == "mlp":
+        return make_plan(model, "magnitude", 0.1, split=0.0, progress=False)
+    if form in ("dense", "depth", "depth-1", "harp-value", "harp-removed"):
         plan = PruningPlan.identity(model)
-        if form == "depth":
-            plan.layers[1].removed = plan.layers[2].removed = True
+        plan.layers[1].removed = form.startswith("depth")
+        plan.layers[2].removed = form == "depth"
         if form == "harp-value":
             plan.layers[n - 2].attention = {"mode": "value", "alpha": 0.6}
             plan.layers[n - 1].attention = {"mode": "value", "alpha": 0.3}
@@ -83,12 +101,11 @@ def folders(tmp_path_factory, tokenizer):
     """{(model, form): pruned folder written by save_pruned}, built once."""
     root = tmp_path_factory.mktemp("gguf-models")
     made = {}
-    for name in MODELS:
-        for form in FORMS:
-            model = _base(name)
-            plan = _plan(model, form)
-            apply_plan(model, plan)
-            made[name, form] = save_pruned(model, plan, root / f"{name}-{form}", tokenizer=tokenizer)
+    for name, form in BUILT:
+        model = _base(name)
+        plan = _plan(model, form)
+        apply_plan(model, plan)
+        made[name, form] = save_pruned(model, plan, root / f"{name}-{form}", tokenizer=tokenizer)
     return made
 
 
@@ -115,7 +132,7 @@ def _engine_greedy(engine: llama_cpp.Llama, tokens: list[int], steps: int) -> li
 
 
 REFUSED = {("qwen2", "harp-value"), ("llama-bias", "harp-value")}  # a bias on HARP's fused path: see the refusals
-CASES = [(name, form) for name in MODELS for form in FORMS if (name, form) not in REFUSED]
+CASES = [case for case in BUILT if case not in REFUSED]
 
 
 @pytest.mark.parametrize("name,form", CASES, ids=[f"{n}-{f}" for n, f in CASES])
@@ -126,7 +143,7 @@ def test_llamacpp_matches_transformers(folders, name, form, tmp_path):
     arch, _ = plan_export(reference)
     expected_arch = {"dense": {"llama", "qwen2"}, "uniform": {"llama", "deci"}, "in-group": {"llama", "deci"},
                      "depth": {"llama", "qwen2"}}
-    assert arch in expected_arch.get(form, {"deci"})
+    assert arch in ({ARCHS[name][form]} if name in ARCHS else expected_arch.get(form, {"deci"}))
     engine = _engine(gguf_file)
     for prompt in PROMPTS:
         with torch.no_grad():
@@ -216,9 +233,27 @@ def test_refusals_write_nothing(folders, tokenizer, tmp_path):
     assert plan_export(model)[0] == "qwen3"
     apply_plan(model, _plan(model, "harp-removed"))
     _refused(model, out, "qwen3", tokenizer)
-    # families without a llama.cpp mapping here
-    for family in ("gemma2", "phi", "phi3"):
-        _refused(tiny_model(family, vocab_size=512), out, "not implemented", tokenizer)
+    # per-layer gemma2 and phi: their own architectures read one width for all layers, deci is llama's layer
+    for name, form in (("gemma2", "flap"), ("gemma2", "harp-removed"), ("phi", "flap"), ("phi", "harp-value")):
+        model = _base(name)
+        apply_plan(model, _plan(model, form))
+        _refused(model, out, "sizes every layer from layer 0", tokenizer)
+    # uniform phi with fewer heads: phi2's attention is square; per-layer partial rotary: deci rotates whole heads
+    for name, match in (("phi", "phi2: layer 0: .* heads x 8 != hidden size 32"), ("phi3-partial", "partial rotary")):
+        model = _base(name)
+        apply_plan(model, _plan(model, "uniform"))
+        _refused(model, out, match, tokenizer)
+    # what the architectures cannot compute
+    longrope = dict(rope_type="longrope", short_factor=[1.0] * 2, long_factor=[2.0] * 2,
+                    original_max_position_embeddings=64)
+    for name, overrides, match in (
+            ("phi3", dict(rope_scaling=longrope), "longrope.* once per context size"),
+            ("gemma2", dict(tie_word_embeddings=False), "not tied to the embeddings"),
+            ("gemma2", dict(final_logit_softcapping=None), "always applies both"),
+            ("gemma2", dict(hidden_activation="gelu"), "hidden activation 'gelu'"),
+            ("phi", dict(qk_layernorm=True), "per-head q/k norms"),
+            ("llama-gqa", dict(attn_logit_softcapping=30.0), "soft-capping, which its graph does not apply")):
+        _refused(tiny_model(name, vocab_size=512, **overrides), out, match, tokenizer)
     # no tokenizer: the file would not be self-contained
     _refused(tiny_model("llama-gqa", vocab_size=512), out, "no tokenizer")
     # a model whose layer 0 has no attention: llama.cpp takes the head size from layer 0

@@ -196,12 +196,16 @@ class ModelAdapter:
         config.num_hidden_layers = len(kept)
 
     # -- export ------------------------------------------------------------
-    # GGUF (secateurs.export.gguf): the llama.cpp architecture of a model whose layers all keep one
-    # shape, by model_type (none: the family is not exported), the model types whose per-layer forms
-    # (widths, HARP layers) go out as llama.cpp's `deci`, and the RMS norms before attention and MLP.
+    # GGUF (secateurs.export.gguf_export): the llama.cpp architecture of a model whose layers all keep
+    # one shape, by model_type (none: the family is not exported), the model types whose per-layer
+    # forms (widths, HARP layers) go out as llama.cpp's `deci` (else why not), a layer's norms by
+    # llama.cpp tensor (attn_norm, ffn_norm, attn_post_norm, ffn_post_norm) and what the family's
+    # norms add to their weights (llama.cpp multiplies by the weight as stored).
     gguf_architectures: dict[str, str] = {}
     gguf_per_layer_types: tuple[str, ...] = ()
-    gguf_norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+    gguf_not_deci: str = ""
+    gguf_norms: dict[str, str] = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    gguf_norm_offset: float = 0.0
 
     def stock_equivalent_config(self, config_dict: dict) -> dict | None:
         """A config dict of an identical stock architecture whose validation accepts these

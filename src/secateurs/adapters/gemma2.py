@@ -11,6 +11,12 @@ from secateurs.adapters.base import ModelAdapter
 class Gemma2Adapter(ModelAdapter):
     model_types = ("gemma2",)
     attention_only_norms = ("input_layernorm", "post_attention_layernorm")
+    gguf_architectures = {"gemma2": "gemma2"}
+    gguf_not_deci = ("deci is llama's layer (no soft-capping, post-norms or GELU), and llama.cpp's gemma2 sizes "
+                     "every layer from layer 0's head count and FFN width")
+    gguf_norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                  "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
+    gguf_norm_offset = 1.0  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w (its converter adds 1)
 
     def logits(self, model, normed_hidden, dtype=None):
         logits = super().logits(model, normed_hidden, dtype)

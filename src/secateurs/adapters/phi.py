@@ -12,6 +12,10 @@ class PhiAdapter(ModelAdapter):
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
     attention_only_norms = ()  # parallel block: the MLP reads the same input_layernorm
+    gguf_architectures = {"phi": "phi2"}
+    gguf_not_deci = ("deci is llama's layer (sequential, RMSNorm, SiLU), and llama.cpp's phi2 sizes every layer "
+                     "from layer 0's head count and FFN width")
+    gguf_norms = {"attn_norm": "input_layernorm"}
 
     def final_norm(self, model):
         return model.model.final_layernorm

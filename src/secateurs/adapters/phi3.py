@@ -12,6 +12,10 @@ from secateurs.adapters.base import AttentionWeights, MLPWeights, ModelAdapter, 
 
 class Phi3Adapter(ModelAdapter):
     model_types = ("phi3",)
+    # llama.cpp's phi3 holds square attention (dense or MLP-only pruning); other shapes split the fused
+    # matrices into deci's q/k/v and gate/up (Phi-3's layer is llama's).
+    gguf_architectures = {"phi3": "phi3"}
+    gguf_per_layer_types = ("phi3",)
 
     def attention_weights(self, layer) -> AttentionWeights:
         attn = self.attention(layer)

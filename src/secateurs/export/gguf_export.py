@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -34,6 +33,8 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import OutputExistsError, SecateursError, UnsupportedModelError
+from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
+                                        rotary_dims, soft_caps, unsupported)
 from secateurs.export.gguf_vocab import add_tokenizer
 from secateurs.output import check_finite, check_output_file, writing_file
 from secateurs.progress import phase
@@ -43,38 +44,6 @@ OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_
             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 _MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                  "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-T = gguf.MODEL_TENSOR
-
-
-@dataclass(frozen=True)
-class ArchitectureRules:
-    """What one llama.cpp architecture's loader and graph accept."""
-
-    rope_pairs_interleaved: bool            # LLAMA_ROPE_TYPE_NORM: Q/K rows need the converter's permutation
-    biases: frozenset[T]                   # tensors whose optional .bias the loader reads
-    per_layer: bool = False                 # reads head counts and FFN widths per layer
-    full_width_attention: bool = False      # wq/wo are hidden x hidden: heads * head_dim must equal hidden
-    qk_norm: bool = False                   # per-head q/k RMS norms (qwen3)
-
-
-_LLAMA_BIASES = frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN})
-RULES = {
-    "llama": ArchitectureRules(True, _LLAMA_BIASES),
-    "deci": ArchitectureRules(True, _LLAMA_BIASES, per_layer=True),
-    "qwen2": ArchitectureRules(False, frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}), full_width_attention=True),
-    "qwen3": ArchitectureRules(False, frozenset(), qk_norm=True),
-}
-
-
-@dataclass
-class LayerForm:
-    """One decoder layer as llama.cpp sees it: widths and tensors keyed (kind, 'weight'|'bias')."""
-
-    heads: int
-    kv_heads: int
-    ffn: int
-    harp: str | None = None  # 'value' | 'removed'
-    tensors: dict[tuple[T, str], torch.Tensor] = field(default_factory=dict)
 
 
 def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer=None, force: bool = False,
@@ -122,107 +91,65 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
     """(llama.cpp architecture, per-layer forms) for this model, or a SecateursError saying why
     llama.cpp cannot hold it. Nothing is written here."""
     adapter = get_adapter(model)
-    config = model.config
-    model_type = config.model_type
+    model_type = model.config.model_type
     if not adapter.gguf_architectures:
         raise UnsupportedModelError(f"GGUF export of {model_type!r} is not implemented (exported: "
-                                    "llama, mistral, qwen2, qwen3)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise SecateursError(f"hidden_act {config.hidden_act!r}: llama.cpp's llama-family graphs use SiLU")
-    if _rope_parameters(config)["rope_type"] not in ("default", "linear", "llama3"):
-        raise SecateursError(f"rope type {_rope_parameters(config)['rope_type']!r} is not exported (default, linear "
-                             "and llama3 are)")
-    if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise SecateursError("partial rotary embeddings are not exported")
+                                    "llama, mistral, qwen2, qwen3, phi3, gemma2, phi)")
     layers = [_layer_form(adapter, layer) for layer in adapter.decoder_layers(model)]
     own = adapter.gguf_architectures.get(model_type)
     uniform = len({(f.heads, f.kv_heads, f.ffn) for f in layers}) == 1 and not any(f.harp for f in layers)
     reasons = []
     if own and uniform:
-        problem = _unsupported(RULES[own], layers, config)
+        problem = unsupported(RULES[own], model, layers)
         if problem is None:
             return own, layers
         reasons.append(f"{own}: {problem}")
     elif own:
-        reasons.append(f"{own}: its layers differ (widths or HARP layers) and {own} holds one shape")
+        reasons.append(f"{own}: its layers differ (widths or HARP layers), and {own} reads one shape for all layers")
     if model_type in adapter.gguf_per_layer_types:
-        problem = _unsupported(RULES["deci"], layers, config)
+        problem = unsupported(RULES["deci"], model, layers)
         if problem is None:
             return "deci", layers
         reasons.append(f"deci: {problem}")
     else:
-        reasons.append(f"deci: {model_type} layers cannot be written as deci")
+        reasons.append(f"deci: {adapter.gguf_not_deci or f'{model_type} layers cannot be written as deci'}")
     raise SecateursError("llama.cpp cannot hold this model, so no GGUF file is written (" + "; ".join(reasons) + ")")
-
-
-def _unsupported(rules: ArchitectureRules, layers: list[LayerForm], config) -> str | None:
-    """Why `rules`' architecture cannot hold these layers, or None."""
-    hidden = config.hidden_size
-    head_dim = _head_dim(config)
-    if layers[0].heads == 0:
-        return "layer 0 has no attention, and llama.cpp takes the head size from layer 0"
-    for i, form in enumerate(layers):
-        if form.harp == "value" and (T.ATTN_OUT, "bias") in form.tensors:
-            return (f"layer {i} is a HARP layer whose fused value/output path has a bias (from v/o biases), and "
-                    "deci's linear attention has none")
-        extra = sorted(gguf.TENSOR_NAMES[kind] for kind, part in form.tensors if part == "bias" and kind not in rules.biases)
-        if extra:
-            return f"layer {i} has biases on {', '.join(extra)}, which it does not load"
-        if rules.full_width_attention and form.heads * head_dim != hidden:
-            return f"layer {i}: {form.heads} heads x {head_dim} != hidden size {hidden}, and its attention is hidden x hidden"
-        if form.ffn == 0:
-            return f"layer {i} has no MLP neurons (llama.cpp's FFN-free layers skip the layer's residual update)"
-        if any(kind in (T.ATTN_Q_NORM, T.ATTN_K_NORM) for kind, _ in form.tensors) and not rules.qk_norm:
-            return f"layer {i} has per-head q/k norms, which only qwen3 itself holds"
-    return None
-
-
-def _head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def _layer_form(adapter, layer) -> LayerForm:
     """Widths and tensors of one layer, in Hugging Face layout (row = output feature)."""
     attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
-    attn_norm, ffn_norm = (getattr(layer, name) for name in adapter.gguf_norms)
     if isinstance(attn, RemovedAttention):
         form = LayerForm(0, 0, shape.intermediate_size, harp="removed")
     elif isinstance(attn, ValueOnlyAttention):
         form = LayerForm(shape.num_heads, 0, shape.intermediate_size, harp="value")
-        form.tensors.update({(T.ATTN_NORM, "weight"): attn_norm.weight, (T.ATTN_OUT, "weight"): attn.fused.weight})
-        if attn.fused.bias is not None:
-            form.tensors[(T.ATTN_OUT, "bias")] = attn.fused.bias
+        _put(form, T.ATTN_OUT, attn.fused.weight, attn.fused.bias)
     else:
         w = adapter.attention_weights(layer)
         form = LayerForm(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
-        form.tensors[(T.ATTN_NORM, "weight")] = attn_norm.weight
         for kind, weight, bias in ((T.ATTN_Q, w.q, w.q_bias), (T.ATTN_K, w.k, w.k_bias), (T.ATTN_V, w.v, w.v_bias),
                                    (T.ATTN_OUT, w.o, w.o_bias)):
-            form.tensors[(kind, "weight")] = weight
-            if bias is not None:
-                form.tensors[(kind, "bias")] = bias
-        for kind, name in ((T.ATTN_Q_NORM, "q_norm"), (T.ATTN_K_NORM, "k_norm")):
-            norm = getattr(attn, name, None)
-            if norm is not None and getattr(norm, "weight", None) is not None:
-                form.tensors[(kind, "weight")] = norm.weight
+            _put(form, kind, weight, bias)
+        for kind, names in ((T.ATTN_Q_NORM, ("q_norm", "q_layernorm")), (T.ATTN_K_NORM, ("k_norm", "k_layernorm"))):
+            norm = next((getattr(attn, n) for n in names if getattr(attn, n, None) is not None), None)
+            if getattr(norm, "weight", None) is not None:
+                _put(form, kind, norm.weight, getattr(norm, "bias", None))
+    for key, name in adapter.gguf_norms.items():  # a norm HARP dropped with its attention is an Identity
+        norm = getattr(layer, name)
+        if getattr(norm, "weight", None) is not None:
+            _put(form, T[key.upper()], norm.weight, getattr(norm, "bias", None))
     mlp = adapter.mlp_weights(layer)
-    (gate, gate_bias), (up, up_bias) = mlp.inputs
-    form.tensors[(T.FFN_NORM, "weight")] = ffn_norm.weight
-    for kind, weight, bias in ((T.FFN_GATE, gate, gate_bias), (T.FFN_UP, up, up_bias), (T.FFN_DOWN, mlp.out, mlp.out_bias)):
-        form.tensors[(kind, "weight")] = weight
-        if bias is not None:
-            form.tensors[(kind, "bias")] = bias
+    for kind, (weight, bias) in zip((T.FFN_GATE, T.FFN_UP) if len(mlp.inputs) == 2 else (T.FFN_UP,), mlp.inputs):
+        _put(form, kind, weight, bias)
+    _put(form, T.FFN_DOWN, mlp.out, mlp.out_bias)
     return form
 
 
-def _rope_parameters(config) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if not params:  # transformers 4.x spelling
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
+def _put(form: LayerForm, kind: T, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    form.tensors[(kind, "weight")] = weight
+    if bias is not None:
+        form.tensors[(kind, "bias")] = bias
 
 
 def _interleave_rope_pairs(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -232,58 +159,96 @@ def _interleave_rope_pairs(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, target: Path) -> None:
-    config = model.config
-    rules = RULES[arch]
-    head_dim = _head_dim(config)
-    rope = _rope_parameters(config)
-    context = int(config.max_position_embeddings)
-    window = getattr(config, "sliding_window", None)
-    if window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False)):
-        context = min(context, int(window))  # llama.cpp attends fully: exact up to the window
-
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with writing_file(target) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name[:200] or "model")
-        writer.add_context_length(context)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(len(layers))
-        per_layer = rules.per_layer
-        writer.add_feed_forward_length([f.ffn for f in layers] if per_layer else layers[0].ffn)
-        writer.add_head_count([f.heads for f in layers] if per_layer else layers[0].heads)
-        writer.add_head_count_kv([f.kv_heads for f in layers] if per_layer else layers[0].kv_heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        if rope["rope_type"] == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(OUTTYPES[outtype])
-        if outtype == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, config.vocab_size)
-
-        adapter = get_adapter(model)
-        embed = model.get_input_embeddings().weight
-        head = model.get_output_embeddings().weight
-        _add(writer, _name(T.TOKEN_EMBD), embed, outtype)
-        _add(writer, _name(T.OUTPUT_NORM), adapter.final_norm(model).weight, outtype)
-        if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reuses token_embd
-            _add(writer, _name(T.OUTPUT), head, outtype)
-        if rope["rope_type"] == "llama3":
-            _add(writer, _name(T.ROPE_FREQS), _llama3_rope_factors(rope, head_dim), "f32")
-        for i, form in enumerate(layers):
-            for (kind, part), tensor in form.tensors.items():
-                if rules.rope_pairs_interleaved and kind in (T.ATTN_Q, T.ATTN_K) and form.harp is None:
-                    tensor = _interleave_rope_pairs(tensor, form.heads if kind == T.ATTN_Q else form.kv_heads)
-                _add(writer, _name(kind, i, part), tensor, outtype)
+        _add_metadata(writer, model.config, RULES[arch], layers, outtype)
+        name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name[:200] or "model"
+        add_tokenizer(writer, tokenizer, model.config.vocab_size, name)
+        _add_tensors(writer, model, RULES[arch], layers, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config, rules: ArchitectureRules, layers: list[LayerForm],
+                  outtype: str) -> None:
+    """Hyperparameters: widths (per layer for deci), rope, norms, soft-capping, sliding windows."""
+    rope = rope_parameters(config)
+    window = getattr(config, "sliding_window", None)
+    context = int(config.max_position_embeddings)
+    if window and not rules.sliding_window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False)):
+        context = min(context, int(window))  # llama.cpp attends fully: exact up to the window
+    writer.add_context_length(context)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(layers))
+    writer.add_feed_forward_length([f.ffn for f in layers] if rules.per_layer else layers[0].ffn)
+    writer.add_head_count([f.heads for f in layers] if rules.per_layer else layers[0].heads)
+    writer.add_head_count_kv([f.kv_heads for f in layers] if rules.per_layer else layers[0].kv_heads)
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
+    writer.add_rope_dimension_count(rotary_dims(config))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rules.layer_norm:
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if rules.soft_capping:
+        writer.add_attn_logit_softcapping(float(soft_caps(config)[0]))
+        writer.add_final_logit_softcapping(float(soft_caps(config)[1]))
+    if rules.sliding_window:  # one flag per layer; without a window no layer slides (gemma2's default slides)
+        if window:
+            writer.add_sliding_window(int(window))
+        types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
+        writer.add_sliding_window_pattern([bool(window) and t == "sliding_attention" for t in types])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(OUTTYPES[outtype])
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layers: list[LayerForm],
+                 outtype: str) -> None:
+    """Embeddings, final norm, LM head, rope factors, then every layer's tensors."""
+    adapter = get_adapter(model)
+    config = model.config
+    offset = adapter.gguf_norm_offset
+    embed, head, norm = model.get_input_embeddings(), model.get_output_embeddings(), adapter.final_norm(model)
+    _add(writer, _name(T.TOKEN_EMBD), embed.weight, outtype)
+    _add(writer, _name(T.OUTPUT_NORM), norm.weight + offset, outtype)
+    if getattr(norm, "bias", None) is not None:
+        _add(writer, _name(T.OUTPUT_NORM, part="bias"), norm.bias, outtype)
+    if rules.output == "always" or (rules.output == "untied" and head.weight.data_ptr() != embed.weight.data_ptr()):
+        _add(writer, _name(T.OUTPUT), head.weight, outtype)  # tied: llama.cpp reuses token_embd
+    if getattr(head, "bias", None) is not None:
+        _add(writer, _name(T.OUTPUT, part="bias"), head.bias, outtype)
+    if rope_parameters(config)["rope_type"] == "llama3":
+        _add(writer, _name(T.ROPE_FREQS), _llama3_rope_factors(rope_parameters(config), head_dim(config)), "f32")
+    q_scale = rules.query_scale(config, len(layers), layers[0].heads) if rules.query_scale else 1.0
+    for i, form in enumerate(layers):
+        for (kind, part), tensor in _layer_tensors(rules, form, q_scale, offset):
+            _add(writer, _name(kind, i, part), tensor, outtype)
+
+
+def _layer_tensors(rules: ArchitectureRules, form: LayerForm, q_scale: float, norm_offset: float):
+    """(kind, part) and tensor of one layer as the architecture reads them: [gate; up] fused where
+    it reads them fused, norm weights offset (Gemma's 1 + w), Q scaled, Q/K rows permuted for
+    interleaved rope."""
+    tensors = dict(form.tensors)
+    if rules.fused_gate_up:
+        tensors[(T.FFN_UP, "weight")] = torch.cat([tensors.pop((T.FFN_GATE, "weight")), tensors[(T.FFN_UP, "weight")]])
+    for (kind, part), tensor in tensors.items():
+        if kind in LAYER_NORMS and part == "weight":
+            tensor = tensor + norm_offset
+        if form.harp is None and kind == T.ATTN_Q and q_scale != 1.0:
+            tensor = tensor * q_scale
+        if form.harp is None and rules.rope_pairs_interleaved and kind in (T.ATTN_Q, T.ATTN_K):
+            tensor = _interleave_rope_pairs(tensor, form.heads if kind == T.ATTN_Q else form.kv_heads)
+        yield (kind, part), tensor
 
 
 def _name(kind: T, block: int | None = None, part: str = "weight") -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from hashlib import sha256
@@ -30,11 +31,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int) -> str:
-    """Write the tokenizer into `writer`, padded to the model's `vocab_size`; returns the tokenizer
-    model name written ("llama" or "gpt2"). `source`: a folder holding tokenizer.json (its files are
-    read as saved: transformers may rebuild a tokenizer by the folder's model_type on load) or a
-    loaded fast tokenizer."""
+# llama.cpp's vocab loader (llama-vocab.cpp, "set attributes by model/tokenizer/architecture name")
+# looks these tokens up, unguarded, when general.name contains "phi-3" or "phi3": loading fails
+# without them.
+_PHI3_NAMES = re.compile("phi-?3", re.IGNORECASE)
+_PHI3_NAME_TOKENS = {"</s>", "<unk>", "<s>", "<|endoftext|>"}
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int, name: str = "model") -> str:
+    """Write the tokenizer and the model's `name` into `writer`, padded to the model's `vocab_size`;
+    returns the tokenizer model name written ("llama" or "gpt2"). `source`: a folder holding
+    tokenizer.json (its files are read as saved: transformers may rebuild a tokenizer by the folder's
+    model_type on load) or a loaded fast tokenizer."""
     with tempfile.TemporaryDirectory(prefix="secateurs-gguf-vocab-") as scratch:
         folder = Path(scratch)
         if isinstance(source, (str, os.PathLike)):
@@ -76,6 +84,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int) -> str:
                 types.append(gguf.TokenType.UNUSED)
                 if scores is not None:
                     scores.append(-1000.0)
+            texts = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+            writer.add_name(name if _PHI3_NAME_TOKENS <= texts else _PHI3_NAMES.sub("phi 3", name))
             writer.add_tokenizer_model(kind)
             writer.add_token_list(tokens)
             if scores is not None:
