@@ -1,8 +1,9 @@
 """GGUF export, checked in a real engine: every pruned form (dense, uniform widths, FLAP's per-layer
-widths and biases, removed layers, HARP layers with alpha > 0 and alpha = 0) is exported as f32,
-loaded by llama.cpp (llama-cpp-python) and must give transformers' next-token logits (load_pruned,
-float64) to 1e-3 relative on several prompts and the same 32 greedy tokens; HARP layers hold no KV
-cache; what llama.cpp cannot hold is refused with nothing written."""
+widths and biases, removed layers, HARP layers with alpha > 0 and alpha = 0) of the llama family, and
+the forms phi3, gemma2 and phi go out in, is exported as f32, loaded by llama.cpp (llama-cpp-python)
+and must give transformers' next-token logits (load_pruned, float64) to 1e-3 relative on several
+prompts and the same 32 greedy tokens; HARP layers hold no KV cache; what llama.cpp cannot hold is
+refused with nothing written."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ MODELS = {  # tiny configs share stories260K's 512-token tokenizer so every file
     "qwen2": dict(vocab_size=512, use_sliding_window=False, sliding_window=None),
     "phi3": dict(vocab_size=512),
     "phi3-partial": dict(family="phi3", vocab_size=512, partial_rotary_factor=0.5),
-    "gemma2": dict(vocab_size=512),  # soft-capping, sliding window 6 (the prompts run to 61 tokens)
+    # soft-capping, sliding window 6 (the prompts run to 61 tokens), query_pre_attn_scalar != head_dim (as in 27B)
+    "gemma2": dict(vocab_size=512, query_pre_attn_scalar=24),
     "phi": dict(vocab_size=512),  # partial rotary, parallel block, LayerNorm, biases everywhere
 }
 FORMS = ("dense", "uniform", "in-group", "flap", "depth", "harp-value", "harp-removed")

@@ -1,23 +1,42 @@
 """Export a (pruned) model as one self-contained GGUF file that llama.cpp serves.
 
 Which llama.cpp architecture carries which form (read from llama.cpp's loader and graphs, in the
-llama.cpp that llama-cpp-python 0.3.36 vendors: src/models/{llama,deci,qwen2,qwen3}.cpp):
+llama.cpp that llama-cpp-python 0.3.36 vendors: src/models/<arch>.cpp; the rules are in
+secateurs.export.gguf_arch):
 
-* every layer of one shape, no HARP layer: the family's own architecture (llama for llama and
-  mistral, qwen2, qwen3), scalar head counts and FFN width;
+* every layer of one shape, no HARP layer: the family's own architecture, scalar head counts and
+  FFN width: llama (llama, mistral), qwen2 and phi3 (when heads x head_dim = hidden: their
+  attention is square), qwen3, gemma2, phi2 (phi; square attention);
 * anything per-layer (different widths, HARP layers, FLAP's biases where the family's own
-  architecture has no slot for them): `deci`, with per-layer arrays `head_count`, `head_count_kv`,
-  `feed_forward_length`. A HARP layer is deci's "linear attention" (head_count > 0,
-  head_count_kv = 0: only attn_norm and a hidden x hidden attn_output, alpha folded in); HARP
-  with alpha = 0 is an attention-free layer (head_count 0). Neither holds KV cache.
+  architecture has no slot for them, a uniform qwen2 / phi3 whose attention is no longer square):
+  `deci`, with per-layer arrays `head_count`, `head_count_kv`, `feed_forward_length`. A HARP layer
+  is deci's "linear attention" (head_count > 0, head_count_kv = 0: only attn_norm and a hidden x
+  hidden attn_output, alpha folded in); HARP with alpha = 0 is an attention-free layer (head_count
+  0). Neither holds KV cache.
 
-What llama.cpp cannot hold is refused before anything is written: deci's linear attention has no
-bias (a HARP layer of a model with v/o biases), llama.cpp derives the head size from layer 0 (a
-HARP-removed layer 0), qwen3's per-head q/k norms exist only in its own architecture (per-layer
-qwen3), and families without a llama.cpp mapping here (gemma2, phi, phi3).
+Phi-3 is llama's layer with fused qkv_proj and gate_up_proj (rotate-half rope over the whole head,
+RMSNorm, SiLU gate, 1/sqrt(head_dim)). Square uniform phi3 goes out as llama.cpp's phi3 (fused
+[gate; up] as its ffn_up; its NEOX rope also rotates part of a head, partial_rotary_factor < 1,
+where llama's and deci's loaders reject n_rot != head size); phi3's loader sizes wq and wo
+hidden x hidden and loads no biases, so every other shape splits the fused matrices into deci's
+q/k/v and gate/up (the same layer, tested to 1e-7).
+Gemma 2 goes out as gemma2 (norm weights + 1 as its converter writes them, soft-capping, post-norms,
+one sliding-window flag per layer from config.layer_types, query_pre_attn_scalar folded into Q);
+phi as phi2 (LayerNorm, parallel block, partial rotary, biases, LM head bias).
+
+What llama.cpp cannot hold is refused before anything is written, with the reason: deci's linear
+attention has no bias (a HARP layer of a model with v/o biases), llama.cpp derives the head size
+from layer 0 (a HARP-removed layer 0), qwen3's per-head q/k norms exist only in its own
+architecture (per-layer qwen3), per-layer gemma2 and phi (their own architectures size every layer
+from layer 0's head count and FFN width, and deci is llama's layer: no soft-capping, post-norms,
+LayerNorm or parallel block), per-layer partial rotary (deci rotates whole heads), longrope (llama.cpp
+picks long or short factors once per context size, transformers per sequence length), an untied
+gemma2 LM head (gemma2 reads only token_embd), and activations a graph does not compute.
 
 llama and deci apply rotary to interleaved pairs, Hugging Face to halves: Q and K rows (and
-biases) are permuted per head as llama.cpp's converter does (`LlamaModel.permute`).
+biases) are permuted per head as llama.cpp's converter does (`LlamaModel.permute`). gemma2 and phi2
+compute GELU on CPU through a float16 table (ggml-cpu/vec.h, GGML_GELU_FP16), so their f32 files
+match transformers to about 5e-4 of the largest logit rather than 1e-7.
 """
 
 from __future__ import annotations
