@@ -117,9 +117,12 @@ def unsupported(rules: ArchitectureRules, model, layers: list[LayerForm]) -> str
     """Why `rules`' architecture cannot hold this model, or None."""
     if layers[0].heads == 0:
         return "layer 0 has no attention, and llama.cpp takes the head size from layer 0"
-    return _model_problem(rules, model) or next(
-        (f"layer {i}: {problem}" for i, form in enumerate(layers) if (problem := _layer_problem(rules, form, model.config))),
-        None)
+    if problem := _model_problem(rules, model):
+        return problem
+    for i, form in enumerate(layers):
+        if problem := _layer_problem(rules, form, model.config):
+            return f"layer {i}: {problem}"
+    return None
 
 
 def _model_problem(rules: ArchitectureRules, model) -> str | None:
@@ -164,7 +167,8 @@ def _layer_problem(rules: ArchitectureRules, form: LayerForm, config) -> str | N
     if extra:
         return f"biases on {_names(extra)}, which it does not load"
     if rules.full_width_attention and form.heads * head_dim(config) != config.hidden_size:
-        return f"{form.heads} heads x {head_dim(config)} != hidden size {config.hidden_size}, and its attention is square"
+        return (f"{form.heads} heads x {head_dim(config)} != hidden size {config.hidden_size}, and its attention "
+                "is square")
     if form.ffn == 0:
         return "no MLP neurons (llama.cpp's FFN-free layers skip the layer's residual update)"
     if (T.FFN_GATE in kinds) != rules.gated_ffn:

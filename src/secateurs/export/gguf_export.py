@@ -197,7 +197,8 @@ def _add_metadata(writer: gguf.GGUFWriter, config, rules: ArchitectureRules, lay
     rope = rope_parameters(config)
     window = getattr(config, "sliding_window", None)
     context = int(config.max_position_embeddings)
-    if window and not rules.sliding_window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False)):
+    slides = window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
+    if slides and not rules.sliding_window:
         context = min(context, int(window))  # llama.cpp attends fully: exact up to the window
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
