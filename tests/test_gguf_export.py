@@ -159,6 +159,31 @@ def test_llamacpp_matches_transformers(folders, name, form, tmp_path):
     assert _engine_greedy(engine, prompt, 32) == greedy
 
 
+class _GgmlCpuGelu(torch.nn.Module):
+    """GELU (tanh) as llama.cpp computes it on CPU: the input rounded to float16 and looked up in a
+    float16 table (ggml-cpu/vec.h, GGML_GELU_FP16), identity from 10 and zero below -10."""
+
+    def forward(self, x):
+        table = torch.nn.functional.gelu(x.half().double(), approximate="tanh").half().to(x.dtype)
+        return torch.where(x >= 10, x, torch.where(x <= -10, torch.zeros_like(x), table))
+
+
+def test_gemma2_with_46_layers_scales_queries_as_27b(tokenizer, tmp_path):
+    """llama.cpp's gemma2 takes a 46-layer model for Gemma 2 27B and scales Q by 1/sqrt(hidden // heads)
+    instead of 1/sqrt(head size); the export folds query_pre_attn_scalar against that (unfolded:
+    6e-2 to 7e-2 off). 46 layers of float16 GELU drift 1.3e-3 from transformers, so the reference computes
+    GELU as llama.cpp does."""
+    model = tiny_model("gemma2", vocab_size=512, num_hidden_layers=46, query_pre_attn_scalar=24)
+    engine = _engine(export_gguf(model, tmp_path / "g46.gguf", tokenizer=tokenizer))
+    for layer in model.model.layers:
+        layer.mlp.act_fn = _GgmlCpuGelu()
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0].numpy()
+        got = _engine_logits(engine, prompt)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), (prompt, np.abs(got - want).max())
+
+
 def _kv_cache_mib(path) -> float:
     """The KV cache size llama.cpp reports when it allocates a 4096-cell cache (flash attention
     on, as llama-cli's default on CPU: every layer's cache has its own width)."""
