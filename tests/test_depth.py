@@ -202,7 +202,7 @@ def test_bad_input_is_refused_with_a_message():
         make_plan(model, "depth-random", layers=0)
     with pytest.raises(SecateursError, match="less than half a decoder layer"):
         make_plan(model, "depth-random", 0.001)
-    with pytest.raises(SecateursError, match="only apply to depth methods"):
+    with pytest.raises(SecateursError, match="layers applies to consensus, depth-bi"):
         make_plan(model, "magnitude", 0.2, layers=2)
     assert set(DEPTH_METHODS) <= set(METHODS)  # listed beside the width methods (CLI choices, sweeps)
 
@@ -254,7 +254,7 @@ def test_cli_consensus_gives_a_stock_loadable_faster_model_that_generates_with_c
     assert model.generate(ids[:, :3], max_new_tokens=5, do_sample=False).shape == (1, 8)
     # depth options on a width method are refused
     assert main(["prune", str(STORIES), "--method", "magnitude", "--layers", "2", "--out", str(tmp_path / "x")]) == 2
-    assert "apply to depth methods" in capsys.readouterr().err
+    assert "--layers applies to consensus, depth-bi" in capsys.readouterr().err
 
 
 def test_prune_api_removes_layers(stories):

@@ -50,7 +50,7 @@ def _offloaded(folders):
 
 @pytest.mark.parametrize("method, options", [
     ("amp", {}), ("flap", {}), ("magnitude", {}), ("wanda-sp", {}),
-    ("consensus", {"layers": 1, "metrics": ["cka", "cosine", "bi"]}), ("harp", {"harp_layers": 2}),
+    ("consensus", {"layers": 1, "metrics": ["cka", "cosine", "bi"]}), ("harp", {"top_layers": 2}),
 ])
 def test_offloaded_model_plans_like_the_model_in_memory(folders, method, options):
     offloaded = _offloaded(folders)

@@ -155,7 +155,7 @@ def test_every_method_streams_from_the_checkpoint_like_in_memory(tmp_path, metho
 
 @pytest.mark.parametrize("method, options", [
     ("consensus", {"layers": 2, "metrics": ["cka", "nll", "bi"]}), ("flap", {}), ("magnitude", {}),
-    ("harp", {"harp_layers": 2, "alpha_grid": [0.0, 1.0]}),
+    ("harp", {"top_layers": 2, "alpha_grid": [0.0, 1.0]}),
 ])
 def test_lazy_skeleton_holds_one_decoder_layer_at_a_time(method, options, monkeypatch):
     """On a lazy skeleton, every method reads decoder layers one at a time: never two at once."""

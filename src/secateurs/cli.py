@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -33,15 +32,15 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
     p.add_argument("--layers-equivalent", type=positive_float, metavar="K",
                    help="remove K decoder layers' worth of parameters instead of --ratio (official AMP 'iterations')")
-    p.add_argument("--rounding", default="balanced", choices=ROUNDINGS,
+    p.add_argument("--rounding", default=PRUNE_DEFAULTS["rounding"], choices=ROUNDINGS,
                    help="balanced: closest to the target; paper: official AMP shapes; "
                         "structures: --ratio is a fraction of heads and of neurons")
-    p.add_argument("--round-to", type=positive_int, default=1, metavar="M", help="keep neuron counts a multiple of M")
-    p.add_argument("--gqa", default="groups", choices=GQA_MODES,
+    p.add_argument("--round-to", type=positive_int, default=PRUNE_DEFAULTS["round_to"], metavar="M", help="keep neuron counts a multiple of M")
+    p.add_argument("--gqa", default=PRUNE_DEFAULTS["gqa"], choices=GQA_MODES,
                    help="grouped-query attention: remove whole KV groups, or the same number of heads in each group")
-    p.add_argument("--selection", default="standard", choices=SELECTIONS,
+    p.add_argument("--selection", default=PRUNE_DEFAULTS["selection"], choices=SELECTIONS,
                    help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
-    p.add_argument("--averaging", default="prompt", choices=("prompt", "token"),
+    p.add_argument("--averaging", default=PRUNE_DEFAULTS["averaging"], choices=("prompt", "token"),
                    help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
     width = p.add_argument_group("width quality (score-based width methods; see README 'Beyond the paper')")
     width.add_argument("--allocation", choices=ALLOCATIONS,
@@ -66,11 +65,14 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
                                          "procrustes,permutation; also cka-unbiased, nll, bi)")
     depth.add_argument("--iterative", action="store_true", help="remove one layer at a time, re-scoring the rest")
-    depth.add_argument("--protect-first", type=nonnegative_int, default=1, metavar="N", help="never remove the first N layers (default: 1)")
-    depth.add_argument("--protect-last", type=nonnegative_int, default=1, metavar="N", help="never remove the last N layers (default: 1)")
-    depth.add_argument("--depth-tokens", type=positive_int, default=2048, metavar="N",
+    depth.add_argument("--protect-first", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_first"], metavar="N", help="never remove the first N layers (default: 1)")
+    depth.add_argument("--protect-last", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_last"], metavar="N", help="never remove the last N layers (default: 1)")
+    depth.add_argument("--depth-tokens", type=positive_int, default=PRUNE_DEFAULTS["depth_tokens"], metavar="N",
                        help="score layers on a seeded subsample of N calibration tokens (default: 2048)")
-    harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --layers layers")
+    harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --top-layers layers")
+    harp.add_argument("--top-layers", type=positive_int, metavar="N",
+                      help="the top N layers (default: the fewest that reach --ratio; --layers N is read as this "
+                           "for HARP, as before)")
     harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
     harp.add_argument("--flap-ratio", type=fraction, metavar="R",
                       help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
@@ -93,16 +95,11 @@ def _split(text: str):
     return value
 
 
-def _width_options(args) -> dict:
-    """--allocation / --split for make_plan, only where given (each method keeps its own defaults)."""
-    return {k: v for k, v in (("allocation", args.allocation), ("split", args.split)) if v is not None}
-
-
 def _reconstruct_options(args) -> dict:
     """--reconstruct / --damping / --reconstruct-bias for prune, only where given."""
     out = {}
     if args.reconstruct is not None:
-        out["reconstruct"] = None if args.reconstruct == "none" else args.reconstruct
+        out["reconstruct"] = args.reconstruct  # 'none': shapes only, also for a plan that records a re-fit
     if args.damping is not None:
         out["damping"] = args.damping
     if args.reconstruct_bias:
@@ -110,36 +107,44 @@ def _reconstruct_options(args) -> dict:
     return out
 
 
-def _depth_options(args) -> dict:
-    from secateurs.methods.depth import DEPTH_METHODS
-
-    if args.method == "harp":
-        return {}
-    if args.method not in DEPTH_METHODS:
-        if args.layers is not None or args.metrics or args.iterative:
-            raise SecateursError(f"--layers, --metrics and --iterative apply to depth methods "
-                                 f"({', '.join(DEPTH_METHODS)}), not to {args.method!r}")
-        return {}
-    return dict(layers=args.layers, iterative=args.iterative, protect_first=args.protect_first,
-                protect_last=args.protect_last, max_tokens=args.depth_tokens,
-                metrics=args.metrics)
+# Method options: (args attribute, flag) for each field of the methods' options dataclasses
+# (secateurs.methods.*Options), and the parser's default of each, to tell a given flag from its default.
+METHOD_FLAGS = {"selection": "selection", "gqa": "gqa", "rounding": "rounding", "round_to": "round_to",
+                "allocation": "allocation", "split": "split", "averaging": "averaging", "layers": "layers",
+                "top_layers": "top_layers", "metrics": "metrics", "iterative": "iterative",
+                "protect_first": "protect_first", "protect_last": "protect_last", "max_tokens": "depth_tokens",
+                "alpha_grid": "alpha_grid", "flap_ratio": "flap_ratio"}
+PRUNE_DEFAULTS = {"selection": "standard", "gqa": "groups", "rounding": "balanced", "round_to": 1,
+                  "averaging": "prompt", "protect_first": 1, "protect_last": 1, "depth_tokens": 2048}
 
 
-def _harp_options(args) -> dict:
-    if args.method != "harp":
-        if args.alpha_grid or args.flap_ratio:
-            raise SecateursError(f"--alpha-grid and --flap-ratio apply to --method harp, not to {args.method!r}")
-        return {}
-    return dict(harp_layers=args.layers, alpha_grid=args.alpha_grid, flap_ratio=args.flap_ratio)
+def _method_options(args) -> dict:
+    """The chosen method's options from the command line; a flag given for an option the method
+    does not take is refused (with the methods that take it)."""
+    import dataclasses
+
+    from secateurs.methods.registry import get_method, methods_taking
+
+    if args.method == "harp" and args.layers is not None and args.top_layers is None:
+        progress.status("note: for HARP, --layers is spelled --top-layers (the top N layers); "
+                        "--layers means 'remove K layers' for depth methods")
+        args.top_layers, args.layers = args.layers, None
+    fields = {f.name for f in dataclasses.fields(get_method(args.method).options)}
+    options = {}
+    for name, dest in METHOD_FLAGS.items():
+        value = getattr(args, dest)
+        if name in fields:
+            options[name] = value
+        elif value not in (None, False) and value != PRUNE_DEFAULTS.get(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise SecateursError(f"{flag} applies to {', '.join(methods_taking(name))}, not to {args.method!r}")
+    return options
 
 
 def _prune_options(args) -> dict:
-    return dict(**_depth_options(args), **_harp_options(args), **_width_options(args),
-        ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, rounding=args.rounding,
-        round_to=args.round_to, gqa=args.gqa, selection=args.selection, averaging=args.averaging,
-        calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
-        calibration_options=_calibration_options(args),
-    )
+    return dict(**_method_options(args), ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent,
+                calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
+                calibration_options=_calibration_options(args))
 
 
 def _calibration_options(args) -> dict:
@@ -237,27 +242,30 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prune_in_memory(args, model, tokenizer, plan=None, scores_out: dict | None = None):
-    """Prune `model` in place with every option the command line gives: (model, plan, stats before,
-    stats after, seconds). Shared by plain pruning and `prune --recover`."""
-    from secateurs.accounting import model_stats
-    from secateurs.methods import prune
+def prune_job(args):
+    """The command line's prune options as a PruneJob (secateurs.pipeline runs it)."""
+    from secateurs.options import recovery_keywords
+    from secateurs.pipeline import PruneJob
+    from secateurs.plan import PruningPlan
 
-    before = model_stats(model)
-    start = time.perf_counter()
-    extra = {"scores_out": scores_out} if scores_out is not None and plan is None else {}
-    model, plan = prune(model, tokenizer, method=args.method, ratio=args.ratio, plan=plan, **_prune_options(args),
-                        **_reconstruct_options(args), **extra)
-    return model, plan, before, model_stats(model), time.perf_counter() - start
-
-
-def _prune_and_save(args, model, tokenizer, plan=None, scores_out: dict | None = None):
-    from secateurs.accounting import compare_stats
-    from secateurs.io import save_pruned
-
-    model, plan, before, after, seconds = _prune_in_memory(args, model, tokenizer, plan, scores_out)
-    out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args))
-    return model, plan, before, after, compare_stats(before, after), seconds, out
+    recovery = recovery_keywords(args)
+    if recovery and not getattr(args, "recover", False):
+        raise SecateursError("recovery options (--tokens, --data, --lora, ...) apply with --recover")
+    if getattr(args, "streamed", False) and getattr(args, "device_map", None):
+        raise SecateursError("--streamed and --device-map are two ways to bound memory; use one")
+    memory = "streamed" if getattr(args, "streamed", False) else "device-map" if getattr(args, "device_map", None) \
+        else "in-memory"
+    plan_file = getattr(args, "plan", None)
+    recover = getattr(args, "recover", False)
+    return PruneJob(
+        source=args.model, out=args.out, method=args.method, ratio=args.ratio, options=_method_options(args),
+        ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, calibration=args.calib,
+        calibration_options=_calibration_options(args), statistics=args.stats, seed=args.seed or 0,
+        reconstruction=_reconstruct_options(args), plan=PruningPlan.load(plan_file) if plan_file else None,
+        memory=memory, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None),
+        offload_folder=getattr(args, "offload_folder", None), scores_cache=getattr(args, "scores_cache", None),
+        force=args.force, recovery=recovery if recover else None, iterative_recovery=recover and args.iterative,
+        inputs=_inputs(args))
 
 
 def _inputs(args) -> list[str]:
@@ -269,203 +277,22 @@ def _inputs(args) -> list[str]:
                                                           getattr(args, "ppl", None)) if p)]
 
 
-def _preflight(args) -> None:
-    """What can be checked before the slow part: the device, the output location, the caches."""
-    from secateurs.loading import check_device
-    from secateurs.output import check_output_dir, check_output_file, refuse_overlap
-
-    check_device(args.device)
-    inputs = _inputs(args)
-    check_output_dir(args.out, args.force, inputs)
-    # files written beside the output may not lie inside it either: the output is replaced whole
-    for option, what in (("stats", "--stats file"), ("scores_cache", "--scores-cache folder"),
-                         ("offload_folder", "--offload-folder")):
-        if getattr(args, option, None):
-            path = Path(getattr(args, option)).expanduser().resolve()
-            refuse_overlap(path, inputs, what)
-            refuse_overlap(path, [args.out], what, existing_only=False)
-    if getattr(args, "stats", None):
-        check_output_file(args.stats, inputs, suffixes=(".safetensors",), what="--stats file")
-
-
 def cmd_prune(args) -> int:
-    from secateurs.loading import load_model
-    from secateurs.options import recovery_keywords
-    from secateurs.plan import PruningPlan
+    from secateurs.pipeline import run
 
-    _preflight(args)  # fail before the slow part
-    plan = PruningPlan.load(args.plan) if args.plan else None
-    recovery = recovery_keywords(args)
-    if recovery and not args.recover:
-        raise SecateursError("recovery options (--tokens, --data, --lora, ...) apply with --recover")
-    if args.recover and (args.streamed or args.device_map):
-        raise SecateursError("--recover trains the pruned model in memory, beside its dense teacher: prune with "
-                             "--streamed or --device-map first, then run `secateurs recover`")
-    if args.streamed:
-        if args.device_map:
-            raise SecateursError("--streamed and --device-map are two ways to bound memory; use one")
-        return _prune_streamed(args, plan)
-    if args.device_map:
-        return _prune_device_mapped(args, plan)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    if args.recover:
-        return _prune_and_recover(args, model, tokenizer, plan, recovery)
-    _, plan, _, _, cmp, seconds, out = _prune_and_save(args, model, tokenizer, plan)
-    print(plan.summary())
-    print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
-          f"({100 * cmp['params_removed_fraction']:.1f}% removed; pruning took {seconds:.2f} s); "
-          f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
-    print(f"saved to {out}")
-    return 0
-
-
-def _prune_and_recover(args, model, tokenizer, plan, recovery: dict) -> int:
-    """Dense in, recovered model out: prune in memory, then distil the dense model (a copy kept
-    before pruning) into the pruned one and save the result."""
-    import copy
-
-    from secateurs.accounting import compare_stats
-    from secateurs.recovery import recover
-
-    if args.iterative and plan is None:  # Consensus's pipeline: recover after every removed layer
-        return _prune_depth_recovering(args, model, tokenizer, recovery)
-    dense = copy.deepcopy(model)
-    model, plan, before, after, _ = _prune_in_memory(args, model, tokenizer, plan)
-    cmp = compare_stats(before, after)
-    print(plan.summary())
-    print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
-          f"({100 * cmp['params_removed_fraction']:.1f}% removed)")
-    result = recover(model, dense, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan, out=args.out,
-                     force=args.force, seed=args.seed or 0, **recovery)
-    _print_recovery(result.record)
+    result = run(prune_job(args))  # checks the output and the options before loading anything
+    print(result.plan.summary())
+    cmp = result.comparison
+    if cmp is not None and result.recovery is None:
+        print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
+              f"({100 * cmp['params_removed_fraction']:.1f}% removed; pruning took {result.seconds:.2f} s); "
+              f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
+    elif cmp is not None:
+        print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
+              f"({100 * cmp['params_removed_fraction']:.1f}% removed)")
+    if result.recovery is not None:
+        _print_recovery(result.recovery)
     print(f"saved to {result.out}")
-    return 0
-
-
-def _prune_depth_recovering(args, model, tokenizer, recovery: dict) -> int:
-    from secateurs.io import save_pruned
-    from secateurs.recovery import RECOVERY_FILENAME
-    from secateurs.recovery.iterative import prune_depth_recovering
-
-    from secateurs.methods.depth import DEPTH_METHODS
-
-    if args.method not in DEPTH_METHODS:
-        raise SecateursError(f"--iterative applies to depth methods ({', '.join(DEPTH_METHODS)}), not {args.method!r}")
-    options = _prune_options(args)
-    depth = {k: options.pop(k) for k in ("layers", "metrics", "protect_first", "protect_last", "max_tokens")}
-    model, plan, record = prune_depth_recovering(
-        model, tokenizer, args.method, args.ratio, **depth, calibration=options["calibration"],
-        calibration_options=options["calibration_options"], recovery=recovery, ratio_of=args.ratio_of,
-        layers_equivalent=args.layers_equivalent, seed=args.seed or 0)
-    out = save_pruned(model, plan, args.out, tokenizer=tokenizer, force=args.force, inputs=_inputs(args),
-                      extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
-    print(plan.summary())
-    _print_recovery(record)
-    print(f"saved to {out}")
-    return 0
-
-
-def _prune_streamed(args, plan) -> int:
-    """Models larger than memory: meta skeleton whose decoder layers are read from the checkpoint
-    one at a time (statistics streamed layer by layer, resumable with --scores-cache; weight-based
-    criteria, HARP's search and depth scoring read each layer when they reach it), then surgery
-    shard by shard."""
-    from secateurs.calibration import check_calibration_length, load_calibration
-    from secateurs.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.loading import _tokenizer
-    from secateurs.methods import METHODS, make_plan, reconstruction_for
-    from secateurs.methods.depth import DEPTH_METHODS
-    from secateurs.streaming import streamed_statistics
-
-    if not Path(args.model).is_dir():
-        raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
-    if args.stats:
-        raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
-    tokenizer = _tokenizer(args.model)
-    given = plan
-    if plan is None:
-        if args.method == "harp" and args.flap_ratio:
-            raise SecateursError("--streamed runs HARP's search; --flap-ratio would need the transformed model in "
-                                 "memory (prune with HARP, then FLAP on the result)")
-        options = _prune_options(args)
-        needs_head = args.method == "harp" or args.method in DEPTH_METHODS  # their scores use the LM head
-        skeleton, tensors = load_skeleton(args.model, load_outside_layers=needs_head, lazy_layers=True,
-                                          device=args.device)
-        depth = DEPTH_METHODS.get(args.method)
-        needs_data = depth.kind != "random" if depth else METHODS[args.method].needs_statistics
-        statistics = needs_data and depth is None and args.method != "harp"  # the activation statistics
-        if needs_data:
-            if options["calibration"] in (None, "self"):
-                raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
-                                     "with the whole model")
-            check_calibration_length(skeleton.config, options["calibration_options"].get("max_length"))
-            options["calibration"] = load_calibration(options["calibration"], tokenizer,
-                                                      **options["calibration_options"])
-        if statistics:
-            stats = streamed_statistics(skeleton, options["calibration"], checkpoint=tensors, device=args.device,
-                                        cache_dir=args.scores_cache)
-            options.update(statistics=stats, calibration=None)
-        elif args.scores_cache:
-            raise SecateursError(f"--scores-cache keeps streamed statistics; {args.method!r} does not use them")
-        plan = make_plan(skeleton, args.method, args.ratio, tokenizer=tokenizer, **options)
-    settings = reconstruction_for(args.method, given, **_reconstruct_options(args), rounding=args.rounding,
-                                  round_to=args.round_to)
-    if settings is None:
-        out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
-    else:
-        out = _prune_streamed_reconstructed(args, plan, settings, tokenizer)
-    print(plan.summary())
-    print(f"saved to {out}")
-    return 0
-
-
-def _prune_streamed_reconstructed(args, plan, settings, tokenizer):
-    """Sequential re-fitting layer by layer from the checkpoint (one layer in memory), the fits
-    kept on disk beside the run until prune_checkpoint writes them into the output shards."""
-    import tempfile
-
-    from secateurs.calibration import check_calibration_length, load_calibration
-    from secateurs.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.reconstruction import RefitStore, apply_plan_sequential
-
-    if settings.mode != "sequential":
-        raise SecateursError("--streamed reconstructs sequentially (one layer's Gram matrices in memory); "
-                             "use --reconstruct sequential")
-    if args.calib in (None, "self"):
-        raise SecateursError("--streamed --reconstruct needs a calibration file (--calib)")
-    skeleton, tensors = load_skeleton(args.model, load_outside_layers=False, lazy_layers=True, device=args.device)
-    check_calibration_length(skeleton.config, _calibration_options(args).get("max_length"))
-    calibration = load_calibration(args.calib, tokenizer, **_calibration_options(args))
-    plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": calibration.hash}
-    with tempfile.TemporaryDirectory(prefix="secateurs-refit-") as folder:
-        store = RefitStore(folder)
-        apply_plan_sequential(skeleton, plan, calibration, settings, checkpoint=tensors, device=args.device,
-                              store=store)
-        return prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force, refits=store)
-
-
-def _prune_device_mapped(args, plan) -> int:
-    """Plan on the model as accelerate dispatched it (GPUs, CPU, disk), then apply the plan to the
-    checkpoint shard by shard: offloaded weights cannot be sliced in place."""
-    from secateurs.checkpoint import prune_checkpoint
-    from secateurs.loading import load_model
-    from secateurs.methods import make_plan
-
-    if not Path(args.model).is_dir():
-        raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
-                             "the pruned model is written from its checkpoint shard by shard")
-    asked = args.reconstruct  # None: not given; "none": shapes only
-    if (asked and asked != "none") or (asked is None and plan is not None and plan.provenance.get("reconstruction")):
-        raise SecateursError("reconstruction re-fits weights in place, which offloaded weights cannot take (this plan "
-                             "records one, or --reconstruct asks for it); with --device-map use --streamed, or "
-                             "--reconstruct none to apply the plan's shapes only")
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
-    if plan is None:
-        plan = make_plan(model, args.method, args.ratio, tokenizer=tokenizer, **_prune_options(args))
-    del model
-    out = prune_checkpoint(args.model, plan, args.out, tokenizer=tokenizer, force=args.force)
-    print(plan.summary())
-    print(f"saved to {out}")
     return 0
 
 
@@ -488,7 +315,7 @@ def cmd_plan_show(args) -> int:
 def cmd_demo(args) -> int:
     from secateurs.demo import run_demo
 
-    return run_demo(args, _prune_and_save, _preflight, _inputs)
+    return run_demo(args, prune_job(args))
 
 
 LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front

@@ -13,6 +13,7 @@ shapes, with recovery.json).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from importlib import resources
@@ -63,9 +64,10 @@ def _spec(args, text: str):
                     eval_batch_size=args.eval_batch_size)
 
 
-def run_demo(args, prune_and_save, preflight, inputs) -> int:
+def run_demo(args, job) -> int:
     """Prune, save, reload, evaluate and measure both models, and write the report (see the module
-    docstring). The CLI passes its prune-and-save step, preflight check and input list."""
+    docstring). `job` is the pruning the command line asked for (secateurs.pipeline.PruneJob);
+    the demo runs its in-memory prune-and-save step inside the demo's own output folder."""
     from secateurs.evaluation.report import _plt, _write_report, plot_before_after, plot_recovery_curve
     from secateurs.evaluation.speed import BenchConfig, bench_models, folder_bytes, machine_info
     from secateurs.evaluation.suite import evaluate
@@ -73,8 +75,10 @@ def run_demo(args, prune_and_save, preflight, inputs) -> int:
     from secateurs.loading import load_model
     from secateurs.output import write_file, write_folder
 
+    from secateurs.pipeline import preflight, prune_and_save
+
     started = time.perf_counter()
-    preflight(args)
+    preflight(job)
     _plt()  # the report's plots need matplotlib: say so now, not after minutes of work
     text, text_info = _text(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -90,10 +94,10 @@ def run_demo(args, prune_and_save, preflight, inputs) -> int:
         dense_eval = evaluate(model, tokenizer, spec)
     dense = copy.deepcopy(model)  # pruning works in place; the speed comparison needs both
     final = Path(args.out).expanduser().resolve()
-    with write_folder(final, args.force, inputs(args), kind="demo") as tmp:
-        args.out = str(tmp / "model")
+    with write_folder(final, args.force, job.inputs, kind="demo") as tmp:
         scores: dict = {}
-        _, plan, before, after, cmp, seconds, saved = prune_and_save(args, model, tokenizer, scores_out=scores)
+        pruning = prune_and_save(dataclasses.replace(job, out=str(tmp / "model")), model, tokenizer, scores_out=scores)
+        plan, cmp, seconds, saved = pruning.plan, pruning.comparison, pruning.seconds, pruning.out
         del model
         with phase("reloading the saved model"):
             reloaded = load_pruned(saved, device=args.device)

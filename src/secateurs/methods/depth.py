@@ -26,40 +26,86 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
-from secateurs.version import __version__
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
 from secateurs.errors import SecateursError
+from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
 from secateurs.plan import PruningPlan
 
 CONSENSUS_METRICS = ("cka", "cosine", "angular", "wasserstein", "procrustes", "permutation")
 
 
 @dataclass(frozen=True)
-class DepthMethod:
-    """A registry entry beside the width methods: `kind` is 'rank' (rank-sum of metrics),
-    'block' (Gromov's contiguous block) or 'random'."""
+class DepthOptions(MethodOptions):
+    """layers: remove k layers (None: the ratio rounded to whole layers); metrics: consensus's
+    distances; iterative: remove one, re-score, repeat; protect_first / protect_last: never remove
+    those; max_tokens: score on a seeded subsample of that many calibration tokens."""
 
-    kind: str
-    metrics: tuple[str, ...]
-    summary: str = ""
-    parts: str = "layers"
-    custom_metrics: bool = False
+    layers: int | None = None
+    metrics: tuple | list | None = None
+    iterative: bool = False
+    protect_first: int = 1
+    protect_last: int = 1
+    max_tokens: int | None = 2048
 
 
-DEPTH_METHODS: dict[str, DepthMethod] = {
-    "consensus": DepthMethod("rank", CONSENSUS_METRICS,
-                             "Consensus: rank sum of representation distances, layer skipped vs kept", custom_metrics=True),
-    "depth-bi": DepthMethod("rank", ("bi",), "ShortGPT block influence 1 - cos(layer in, layer out)"),
-    "depth-angular": DepthMethod("block", ("block-angular",),
-                                 "Gromov et al.: contiguous block with the smallest angular in/out distance"),
-    "depth-cka": DepthMethod("rank", ("cka",), "1 - linear CKA of the output with the layer skipped"),
-    "depth-ppl": DepthMethod("rank", ("nll",), "Shortened-LLaMA: calibration NLL with the layer skipped"),
-    "depth-random": DepthMethod("random", (), "seeded random layers (the floor)"),
-}
+class DepthMethod(Method):
+    """Whole-layer removal: `choice` is 'rank' (rank-sum of metrics), 'block' (Gromov's contiguous
+    block) or 'random'."""
+
+    choice: ClassVar[str] = "rank"
+    metrics: ClassVar[tuple[str, ...]] = ()
+    custom_metrics: ClassVar[bool] = False
+    options = DepthOptions
+    kind = "depth"
+    parts = "layers"
+
+    @property
+    def needs(self) -> Needs:
+        scored = self.choice != "random"
+        return Needs(calibration=scored, lm_head=scored)
+
+    def make_plan(self, context: PlanContext, options: DepthOptions) -> PruningPlan:
+        return depth_plan(context.model, self.name, context.ratio, layers=options.layers, metrics=options.metrics,
+                          iterative=options.iterative, protect_first=options.protect_first,
+                          protect_last=options.protect_last, max_tokens=options.max_tokens,
+                          tokenizer=context.tokenizer, calibration=context.calibration,
+                          calibration_options=context.calibration_options, ratio_of=context.ratio_of,
+                          layers_equivalent=context.layers_equivalent, seed=context.seed, progress=context.progress)
+
+
+class Consensus(DepthMethod):
+    name, metrics, custom_metrics = "consensus", CONSENSUS_METRICS, True
+    summary = "Consensus: rank sum of representation distances, layer skipped vs kept"
+
+
+class DepthBi(DepthMethod):
+    name, metrics, summary = "depth-bi", ("bi",), "ShortGPT block influence 1 - cos(layer in, layer out)"
+
+
+class DepthAngular(DepthMethod):
+    name, choice, metrics = "depth-angular", "block", ("block-angular",)
+    summary = "Gromov et al.: contiguous block with the smallest angular in/out distance"
+
+
+class DepthCka(DepthMethod):
+    name, metrics, summary = "depth-cka", ("cka",), "1 - linear CKA of the output with the layer skipped"
+
+
+class DepthPpl(DepthMethod):
+    name, metrics, summary = "depth-ppl", ("nll",), "Shortened-LLaMA: calibration NLL with the layer skipped"
+
+
+class DepthRandom(DepthMethod):
+    name, choice, summary = "depth-random", "random", "seeded random layers (the floor)"
+
+
+DEPTH_METHODS: dict[str, DepthMethod] = {m.name: m() for m in (Consensus, DepthBi, DepthAngular, DepthCka, DepthPpl,
+                                                                  DepthRandom)}
 
 
 def layers_for_target(model, ratio: float | None, ratio_of: str = "all",
@@ -106,12 +152,12 @@ def choose_layers(model, method: str, k: int, *, calibration: Calibration | None
                              f"(first {protect_first} and last {protect_last} protected); keep at least one")
     if metrics is not None and not spec.custom_metrics:
         raise SecateursError(f"method {method!r} uses the metric {list(spec.metrics)}; metrics= is for 'consensus'")
-    metrics = check_metrics(metrics if metrics is not None else spec.metrics) if spec.kind != "random" else ()
-    if spec.kind == "rank" and "block-angular" in metrics:
+    metrics = check_metrics(metrics if metrics is not None else spec.metrics) if spec.choice != "random" else ()
+    if spec.choice == "rank" and "block-angular" in metrics:
         raise SecateursError("'block-angular' scores blocks, not single layers; use method 'depth-angular'")
     details = {"metrics": list(metrics), "iterative": iterative, "protect_first": protect_first,
                "protect_last": protect_last, "candidates": candidates}
-    if spec.kind == "random":
+    if spec.choice == "random":
         if iterative:
             raise SecateursError("depth-random has nothing to re-score; drop iterative")
         return sorted(random.Random(seed).sample(candidates, k)), details
@@ -121,7 +167,7 @@ def choose_layers(model, method: str, k: int, *, calibration: Calibration | None
     details["scoring_tokens"] = int(sum(int(t.chosen.sum()) for t in traces))
     details["max_tokens"] = max_tokens
     rounds, removed = [], []
-    if spec.kind == "block":
+    if spec.choice == "block":
         if iterative:
             raise SecateursError("depth-angular removes one contiguous block, chosen at once; drop iterative")
         starts = [c for c in candidates if c + k - 1 <= candidates[-1]]
@@ -163,7 +209,7 @@ def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, 
         layers, target = layers_for_target(model, None if layers_equivalent is not None else ratio, ratio_of,
                                            layers_equivalent)
     calib = None
-    if DEPTH_METHODS[method].kind != "random":
+    if DEPTH_METHODS[method].choice != "random":
         calib = calibration if isinstance(calibration, Calibration) else load_calibration(
             calibration, tokenizer, model=model, **(calibration_options or {}))
     removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
@@ -172,17 +218,9 @@ def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, 
     plan = PruningPlan.identity(model)
     for i in removed:
         plan.layers[i].removed = True
-    plan.provenance = {
-        "method": method,
-        "layers": layers,
-        **target,
-        "layers_removed": removed,
-        **{k: v for k, v in details.items() if k != "rounds"},
-        "seed": seed,
-        "calibration": calib.description if calib is not None else None,
-        "calibration_hash": calib.hash if calib is not None else None,
-        "base_model": plan.base.get("name_or_path"),
-        "secateurs_version": __version__,
-        "rounds": details.get("rounds", []),
-    }
+    chosen = {"layers": layers, **target, "layers_removed": removed,
+              **{k: v for k, v in details.items() if k != "rounds"}}
+    plan.provenance = provenance(method, plan, seed, calib.description if calib is not None else None,
+                                 calib.hash if calib is not None else None, chosen,
+                                 {"rounds": details.get("rounds", [])})
     return plan

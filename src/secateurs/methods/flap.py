@@ -6,11 +6,41 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 
 from __future__ import annotations
 
-from secateurs.budget import Geometry
+from dataclasses import dataclass
+
+from secateurs.budget import Budget, Geometry, KeepCounts, target_params
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
+from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
 from secateurs.plan import PruningPlan
 from secateurs.statistics import Statistics
+
+
+@dataclass(frozen=True)
+class FlapOptions(MethodOptions):
+    """gqa: FLAP removes whole KV groups ('groups'; the only mode it takes)."""
+
+    gqa: str = "groups"
+
+
+class Flap(Method):
+    name = "flap"
+    summary = "FLAP: standardised fluctuation, one global threshold, bias compensation (non-uniform)"
+    options = FlapOptions
+    needs = Needs(calibration=True, statistics=True)
+
+    def make_plan(self, context: PlanContext, options: FlapOptions) -> PruningPlan:
+        geo = Geometry.of(context.model)
+        ratio = None if context.layers_equivalent is not None else context.ratio
+        target, settings = target_params(geo, ratio, context.ratio_of, context.layers_equivalent)
+        stats = context.activation_statistics()
+        plan = flap_plan(context.model, stats, target, options.gqa)
+        counts = [KeepCounts(*s) for s in plan.pruned_shapes()]
+        report = Budget(counts, geo.total_params, target, geo.removed_params(counts),
+                        {**settings, "gqa": options.gqa}).report()
+        plan.provenance = provenance(self.name, plan, context.seed, stats.description.get("calibration"),
+                                     stats.description.get("calibration_hash"), report)
+        return plan
 
 
 def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compensate: bool = True,

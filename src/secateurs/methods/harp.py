@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from secateurs.version import __version__
 from secateurs.adapters import get_adapter
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration
 from secateurs.errors import SecateursError
+from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
 from secateurs.methods.flap import flap_plan
 from secateurs.offload import detached_copy, input_device
 from secateurs.plan import PruningPlan
@@ -113,8 +114,39 @@ def harp_layers_for_ratio(model, ratio: float | None) -> int:
                          "or add flap_ratio for the MLPs")
 
 
+@dataclass(frozen=True)
+class HarpOptions(MethodOptions):
+    """top_layers: HARP the top N layers (None: the fewest that reach the ratio); alpha_grid: the
+    values searched; flap_ratio: then FLAP-prune that fraction of all parameters from the MLPs."""
+
+    top_layers: int | None = None
+    alpha_grid: tuple | list | None = None
+    flap_ratio: float | None = None
+
+
+class Harp(Method):
+    name = "harp"
+    summary = "HARP: identity-matrix attention with searched alpha in the top layers"
+    options = HarpOptions
+    needs = Needs(calibration=True, lm_head=True)
+    kind = "attention"
+
+    def make_plan(self, context: PlanContext, options: HarpOptions) -> PruningPlan:
+        calibration = context.calibration_data()
+        num_layers = options.top_layers
+        if num_layers is None:
+            num_layers = harp_layers_for_ratio(context.model, context.ratio)
+        return harp_plan(context.model, calibration, num_layers, grid=tuple(options.alpha_grid or DEFAULT_GRID),
+                         flap_ratio=options.flap_ratio, progress=context.progress, seed=context.seed)
+
+    def check_streamed(self, options: HarpOptions) -> None:
+        if options.flap_ratio:
+            raise SecateursError("--streamed runs HARP's search; --flap-ratio would need the transformed model in "
+                                 "memory (prune with HARP, then FLAP on the result)")
+
+
 def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_GRID, alphas: dict | None = None,
-              flap_ratio: float | None = None, progress: bool = True) -> PruningPlan:
+              flap_ratio: float | None = None, progress: bool = True, seed: int = 0) -> PruningPlan:
     """A plan with HARP attention in the top `num_layers` layers (alphas searched unless given),
     plus FLAP MLP pruning of `flap_ratio` of all parameters when asked."""
     curves = {}
@@ -128,11 +160,7 @@ def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_
     plan = PruningPlan.identity(model)
     for index, alpha in alphas.items():
         plan.layers[index].attention = {"mode": "removed"} if alpha == 0 else {"mode": "value", "alpha": alpha}
-    provenance = {"method": "harp", "harp_layers": num_layers, "grid": list(grid),
-                  "alphas": {str(k): v for k, v in sorted(alphas.items(), reverse=True)},
-                  "search_curves": {str(k): v for k, v in sorted(curves.items(), reverse=True)},
-                  "calibration": calibration.description, "calibration_hash": calibration.hash,
-                  "base_model": plan.base.get("name_or_path"), "secateurs_version": __version__}
+    flap = {}
     if flap_ratio:
         transformed = apply_plan(copy.deepcopy(model), plan)
         stats = collect_statistics(transformed, calibration, progress=progress, parts=("mlp",))
@@ -140,6 +168,9 @@ def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_
         mlp = flap_plan(model, stats, target, parts="mlp")
         for lp, m in zip(plan.layers, mlp.layers):
             lp.neurons, lp.compensation = m.neurons, m.compensation
-        provenance.update(flap_ratio=flap_ratio, flap_target_params=target)
-    plan.provenance = provenance
+        flap = {"flap_ratio": flap_ratio, "flap_target_params": target}
+    chosen = {"harp_layers": num_layers, "grid": list(grid),
+              "alphas": {str(k): v for k, v in sorted(alphas.items(), reverse=True)},
+              "search_curves": {str(k): v for k, v in sorted(curves.items(), reverse=True)}}
+    plan.provenance = provenance("harp", plan, seed, calibration.description, calibration.hash, chosen, flap)
     return plan

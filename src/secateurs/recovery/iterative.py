@@ -33,8 +33,8 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     """Remove `layers` (or the layers of `ratio`) one at a time from `model` (in place), recovering
     after each removal by distillation from the dense model (`recovery`: secateurs.recover's
     keywords; 'tokens' is the whole budget). Returns (model, plan, recovery record)."""
-    if method not in DEPTH_METHODS or DEPTH_METHODS[method].kind != "rank":
-        ranked = [m for m, spec in DEPTH_METHODS.items() if spec.kind == "rank"]
+    if method not in DEPTH_METHODS or DEPTH_METHODS[method].choice != "rank":
+        ranked = [m for m, spec in DEPTH_METHODS.items() if spec.choice == "rank"]
         raise SecateursError(f"recovering between removals needs a method that re-scores layers one by one "
                              f"({', '.join(ranked)}), not {method!r}")
     recovery = dict(recovery or {})

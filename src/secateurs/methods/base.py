@@ -1,0 +1,102 @@
+"""What a pruning method is: a name, a typed options dataclass, a declaration of what it needs, and
+`make_plan(context, options) -> PruningPlan`. Everything a run decides from the method (load the LM
+head when streaming? generate calibration data? collect activation statistics?) reads `needs`, so
+that no caller branches on method names.
+
+The size asked for (ratio / ratio_of / layers_equivalent), the data (calibration, statistics) and
+the seed are the same for every method and travel in the PlanContext; what only some methods
+understand is in their options, and an option a method does not have is refused with a message
+that says which methods take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from secateurs.errors import SecateursError
+from secateurs.plan import PruningPlan
+from secateurs.version import __version__
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What making a plan reads besides the weights of the decoder layers."""
+
+    calibration: bool = False  # calibration data at all
+    statistics: bool = False   # per-channel activation statistics from a calibration pass (secateurs.statistics)
+    lm_head: bool = False      # embeddings, final norm and LM head (scores through the model's output)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options: `from_keywords` refuses what the method does not take."""
+
+    @classmethod
+    def from_keywords(cls, method: str, keywords: dict[str, Any]) -> "MethodOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in keywords if k not in names)
+        if unknown:
+            from secateurs.methods.registry import methods_taking
+
+            detail = "; ".join(f"{k} applies to {', '.join(methods_taking(k)) or 'no method'}" for k in unknown)
+            raise SecateursError(f"method {method!r} does not take {', '.join(unknown)} ({detail}); its options are: "
+                                 f"{', '.join(sorted(names)) or 'none'}")
+        return cls(**keywords)
+
+
+@dataclass
+class PlanContext:
+    """The model and what every method may read: the target size, the data, the seed."""
+
+    model: Any
+    tokenizer: Any = None
+    ratio: float | None = None
+    ratio_of: str = "all"
+    layers_equivalent: float | None = None
+    calibration: Any = None  # a Calibration, or a source spec loaded on first use
+    calibration_options: dict = field(default_factory=dict)
+    statistics: Any = None   # a Statistics, a statistics file path, or None
+    seed: int = 0
+    progress: bool = True
+    scores_out: dict | None = None  # receives the StructureScores behind the plan (reports)
+
+    def calibration_data(self):
+        """The calibration set, loaded from its spec once (the one place a spec becomes data)."""
+        from secateurs.calibration import Calibration, load_calibration
+
+        if not isinstance(self.calibration, Calibration):
+            self.calibration = load_calibration(self.calibration, self.tokenizer, model=self.model,
+                                                **(self.calibration_options or {}))
+        return self.calibration
+
+    def activation_statistics(self, gram: bool = False):
+        from secateurs.methods.api import resolve_statistics
+
+        return resolve_statistics(self.model, self.tokenizer, self.calibration, self.statistics,
+                                  self.calibration_options, self.progress, gram=gram)
+
+
+class Method:
+    """One pruning method. Subclasses set the class attributes and implement make_plan."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options: ClassVar[type[MethodOptions]] = MethodOptions
+    needs: ClassVar[Needs] = Needs()
+    kind: ClassVar[str] = "width"  # 'width' (heads, neurons), 'attention' (HARP) or 'depth' (whole layers)
+
+    def make_plan(self, context: PlanContext, options: MethodOptions) -> PruningPlan:
+        raise NotImplementedError
+
+    def check_streamed(self, options: MethodOptions) -> None:
+        """Refuse options that need the whole model in memory (streamed runs hold one layer)."""
+
+
+def provenance(method: str, plan: PruningPlan, seed: int, calibration: dict | None, calibration_hash: str | None,
+               head: dict, tail: dict | None = None) -> dict:
+    """The plan's record of how it was made, in one order for every method: the method, what it
+    chose (head), the seed, the calibration data, the base model, the version, then long details."""
+    return {"method": method, **head, "seed": seed, "calibration": calibration, "calibration_hash": calibration_hash,
+            "base_model": plan.base.get("name_or_path"), "secateurs_version": __version__, **(tail or {})}
