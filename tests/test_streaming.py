@@ -129,30 +129,6 @@ def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
     assert main(["prune", str(STORIES), "--streamed", "--method", "amp", "--out", str(tmp_path / "no")]) == 2  # no --calib
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("flap", ["--ratio", "0.2"]), ("wanda-sp", ["--ratio", "0.2"]), ("magnitude", ["--ratio", "0.2"]),
-    ("consensus", ["--layers", "2", "--metrics", "cka,angular,nll,bi", "--iterative"]), ("depth-angular", ["--layers", "2"]),
-    ("harp", ["--layers", "2", "--alpha-grid", "0,0.5,1"]),
-])
-def test_every_method_streams_from_the_checkpoint_like_in_memory(tmp_path, method, extra):
-    """--streamed: the skeleton's layers are read from disk one at a time by every kind of method
-    (statistics, weight-based scores, HARP's search, depth scoring) and give the in-memory result."""
-    from secateurs.cli import main
-
-    from conftest import STORIES, TINYSTORIES_TEXT
-
-    common = ["--method", method, *extra, "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8"]
-    assert main(["prune", str(STORIES), *common, "--out", str(tmp_path / "full")]) == 0
-    assert main(["prune", str(STORIES), *common, "--streamed", "--out", str(tmp_path / "streamed")]) == 0
-    plans = [json.loads((tmp_path / d / "pruning_plan.json").read_text()) for d in ("full", "streamed")]
-    assert plans[0]["layers"] == plans[1]["layers"]
-    if method in ("consensus", "harp"):
-        key = "rounds" if method == "consensus" else "alphas"
-        assert plans[0]["provenance"][key] == plans[1]["provenance"][key]
-    assert (tmp_path / "full" / "model.safetensors").read_bytes() == \
-        (tmp_path / "streamed" / "model.safetensors").read_bytes()
-
-
 @pytest.mark.parametrize("method, options", [
     ("consensus", {"layers": 2, "metrics": ["cka", "nll", "bi"]}), ("flap", {}), ("magnitude", {}),
     ("harp", {"top_layers": 2, "alpha_grid": [0.0, 1.0]}),
