@@ -181,9 +181,9 @@ def cases(w: dict, root: Path) -> list[dict]:
                   '{"index": "4"}', '{"index": 4, "bogus": 1}', '{"index": 4, "attention": {"mode": "fast"}}'):
         add(f"plan layer {layer}", "4 non-finite / 8 bad plan", ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
             lambda r, w, l=layer: _setup_plan(r, w, l))
-    add("--alpha-grid 5,nan", "4 non-finite", ["prune", m, "--method", "harp", "--layers", "2", "--alpha-grid", "5,nan", "--out", out])
+    add("--alpha-grid 5,nan", "4 non-finite", ["prune", m, "--method", "harp", "--top-layers", "2", "--alpha-grid", "5,nan", "--out", out])
     add("--ratio nan", "4 non-finite", ["prune", m, "--ratio", "nan", "--out", out])
-    add("--flap-ratio nan", "4 non-finite", ["prune", m, "--method", "harp", "--layers", "2", "--flap-ratio", "nan", "--out", out])
+    add("--flap-ratio nan", "4 non-finite", ["prune", m, "--method", "harp", "--top-layers", "2", "--flap-ratio", "nan", "--out", out])
     add("--stats from another model", "5 foreign cache", ["prune", str(root / "other"), "--method", "amp", "--stats",
                                                            str(root / "stats.safetensors"), "--out", out], _setup_other_stats)
     add("--stats with other calibration settings", "5 foreign cache",

@@ -43,7 +43,7 @@ VARIANTS = {  # name -> `secateurs prune smollm2` arguments (None: the dense mod
     "dense": None,
     "AMP 20%": ["--method", "amp", "--ratio", "0.2"],
     "FLAP 20%": ["--method", "flap", "--ratio", "0.2"],
-    "HARP N=8": ["--method", "harp", "--layers", "8"],
+    "HARP N=8": ["--method", "harp", "--top-layers", "8"],
     "consensus k=6": ["--method", "consensus", "--layers", "6"],
 }
 OUTTYPES = ("f32", "q8_0")
