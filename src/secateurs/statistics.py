@@ -27,6 +27,7 @@ from secateurs.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
+from secateurs.runner import zero_padding
 from secateurs.offload import input_device, materialized
 from secateurs.output import check_finite as check_finite_tensors, writing_file
 
@@ -53,15 +54,10 @@ def head_contribution_l1(x: torch.Tensor, weight: torch.Tensor, num_heads: int) 
 
 
 def zero_padding_hooks(layers, state: dict) -> list:
-    """Forward hooks that zero padded positions (state["mask"] == 0) after every layer.
-
-    Padded rows whose attention window holds only padding come out NaN in some families (gemma2
-    with sliding windows), and NaN values then leak into real tokens through zero attention
-    weights. Padding is never read, so zeroing it changes nothing else. Remove the handles after.
-    """
+    """Forward hooks that zero padded positions (state["mask"] == 0) after every layer
+    (secateurs.runner says why). Remove the handles after."""
     def hook(module, args, output):
-        keep = state["mask"].to(output.device).bool().unsqueeze(-1)
-        return torch.where(keep, output, torch.zeros((), dtype=output.dtype, device=output.device))
+        return zero_padding(output, state["mask"])
 
     return [layer.register_forward_hook(hook) for layer in layers]
 

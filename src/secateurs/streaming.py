@@ -32,6 +32,7 @@ from secateurs.errors import SecateursError
 from secateurs.identity import model_identity
 from secateurs.offload import has_offloaded_weights, input_device, materialized
 from secateurs.output import write_file, writing_file
+from secateurs.runner import run_layer
 from secateurs.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 
 MODES = ("dense", "sequential")
@@ -230,6 +231,4 @@ def _weights_on(layer, device, checkpoint, prefix: str):
 
 
 def _run(layer, hidden, kwargs, mask, device, storage):
-    out = layer(hidden.to(device), **{k: _to(v, device) for k, v in kwargs.items()})
-    keep = mask.to(out.device).bool().unsqueeze(-1)
-    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device)).to(storage)
+    return run_layer(layer, hidden.to(device), {k: _to(v, device) for k, v in kwargs.items()}, mask).to(storage)

@@ -31,6 +31,7 @@ from secateurs.progress import bar
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
+from secateurs.runner import run_layer
 from secateurs.offload import materialized
 from secateurs.streaming import capture_layer_calls
 
@@ -65,10 +66,6 @@ class Trace:
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """Representations are kept on the CPU in at least float32 (bf16 models), float64 stays float64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _layer_output(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def choose_tokens(masks: list[torch.Tensor], max_tokens: int | None, seed: int) -> list[torch.Tensor]:
@@ -111,9 +108,7 @@ def capture_traces(model, calibration, max_tokens: int | None = 2048, seed: int 
 
 def _step(layer, h: torch.Tensor, trace: Trace, index: int) -> torch.Tensor:
     """Layer `index` on one traced batch, padding zeroed."""
-    keep = trace.mask.to(h.device).unsqueeze(-1)
-    out = _layer_output(layer(h, **trace.kwargs[index]))
-    return torch.where(keep, out, torch.zeros((), dtype=h.dtype, device=h.device))
+    return run_layer(layer, h, trace.kwargs[index], trace.mask)
 
 
 def _run(layers, h: torch.Tensor, trace: Trace, indices) -> torch.Tensor:

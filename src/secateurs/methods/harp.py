@@ -24,6 +24,7 @@ from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, pr
 from secateurs.methods.flap import flap_plan
 from secateurs.offload import detached_copy, input_device
 from secateurs.plan import PruningPlan
+from secateurs.runner import run_layer
 from secateurs.progress import bar as progress_bar
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import dense_layer_inputs
@@ -46,10 +47,9 @@ def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> floa
     total, count = 0.0, 0
     for per_layer, batch in zip(captured, calibration.batches):
         hidden, _ = per_layer[start - first]
-        keep = batch["attention_mask"].to(hidden.device).bool().unsqueeze(-1)
         for offset, layer in enumerate(layers[start:]):
             _, kwargs = per_layer[start - first + offset]
-            hidden = torch.where(keep, layer(hidden, **kwargs), 0)
+            hidden = run_layer(layer, hidden, kwargs, batch["attention_mask"])
         logits = adapter.logits(model, adapter.final_norm(model)(hidden))[:, :-1].float()
         target = batch["input_ids"][:, 1:].to(logits.device)
         mask = batch["attention_mask"][:, 1:].to(logits.device).bool()
