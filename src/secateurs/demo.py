@@ -64,16 +64,33 @@ def _spec(args, text: str):
                     eval_batch_size=args.eval_batch_size)
 
 
+@dataclasses.dataclass
+class _Measured:
+    """What the demo measured after pruning, beside the dense model's evaluation: what the eval
+    files, the summary and the report pages are written from."""
+
+    dense_eval: dict
+    pruned_eval: dict
+    bench: dict
+    sample: str
+    recovery: dict | None
+
+    def speed_row(self, model: str) -> dict:
+        return next(r for r in self.bench["results"] if r["model"] == model)
+
+    @property
+    def recovered_eval(self) -> dict | None:
+        return self.recovery["eval"] if self.recovery else None
+
+
 def run_demo(args, job) -> int:
     """Prune, save, reload, evaluate and measure both models, and write the report (see the module
     docstring). `job` is the pruning the command line asked for (secateurs.pipeline.PruneJob);
     the demo runs its in-memory prune-and-save step inside the demo's own output folder."""
-    from secateurs.evaluation.report import _plt, _write_report, plot_before_after, plot_recovery_curve
-    from secateurs.evaluation.speed import BenchConfig, bench_models, folder_bytes, machine_info
+    from secateurs.evaluation.report import _plt, _write_report
     from secateurs.evaluation.suite import evaluate
-    from secateurs.io import load_pruned
     from secateurs.loading import load_model
-    from secateurs.output import write_file, write_folder
+    from secateurs.output import write_folder
 
     from secateurs.pipeline import preflight, prune_and_save
 
@@ -84,12 +101,7 @@ def run_demo(args, job) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     spec = _spec(args, text)
     spec.check(model)
-    bench_config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
-                               decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1)
-    bench_config.validate()
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and args.bench_prompt_length + args.bench_decode_tokens > context:
-        raise SecateursError(f"--bench-prompt-length + --bench-decode-tokens exceed the model's context of {context}")
+    bench_config = _bench_config(args, model)
     with phase("evaluating the dense model"):
         dense_eval = evaluate(model, tokenizer, spec)
     dense = copy.deepcopy(model)  # pruning works in place; the speed comparison needs both
@@ -99,58 +111,10 @@ def run_demo(args, job) -> int:
         pruning = prune_and_save(dataclasses.replace(job, out=str(tmp / "model")), model, tokenizer, scores_out=scores)
         plan, cmp, seconds, saved = pruning.plan, pruning.comparison, pruning.seconds, pruning.out
         del model
-        with phase("reloading the saved model"):
-            reloaded = load_pruned(saved, device=args.device)
-        with phase("evaluating the pruned model"):
-            pruned_eval = evaluate(reloaded, tokenizer, spec)
-        with phase("measuring prefill and decode speed, dense vs pruned"):
-            bench = bench_models({"dense": dense, "pruned": reloaded}, bench_config)
-        bench["models"]["pruned"]["disk_bytes"] = folder_bytes(saved)
-        with phase("sampling from the pruned model"):
-            sample = _greedy(reloaded, tokenizer, args.device)
-        recovery = _recover(args, reloaded, dense, tokenizer, plan, spec, tmp / "recovered") \
-            if args.recover_tokens else None
-        ev = {"text": text_info, "protocols": spec.protocols, "baseline": "dense",
-              "models": {"dense": {"source": args.model, **dense_eval}, "pruned": {"source": str(final / "model"),
-                                                                               **pruned_eval}},
-              "machine": machine_info(args.device)}
-        if spec.tasks:
-            z = dense_eval["zero_shot"]
-            ev["zero_shot"] = {"lm_eval_version": z["lm_eval_version"], "limit": z["limit"],
-                               "num_fewshot": z["num_fewshot"], "data_dir": args.data_dir}
-        write_file(saved / "eval.json", json.dumps(ev, indent=2) + "\n")
-        write_file(saved / "bench.json", json.dumps(bench, indent=2) + "\n")
-        if "scores" in scores:
-            scores["scores"].save(saved / "importance_scores.safetensors")
-        speed = bench["results"]
-        dense_row = next(r for r in speed if r["model"] == "dense")
-        pruned_row = next(r for r in speed if r["model"] == "pruned")
-        result = {
-            "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
-            "eval_text": text_info["name"], "prune_seconds": round(seconds, 4),
-            "perplexity_dense": _quality(dense_eval), "perplexity_pruned": _quality(pruned_eval),
-            **cmp, "measured_prefill_speedup": pruned_row["vs_baseline"]["prefill_speedup"],
-            "measured_decode_speedup": pruned_row["vs_baseline"]["decode_speedup"],
-            "pruned_sample": sample, "saved_model": str(final / "model"),
-        }
-        recovered_eval = recovery["eval"] if recovery else None
-        if recovery:
-            result.update(perplexity_recovered=_quality(recovered_eval), recovered_sample=recovery["sample"],
-                          saved_recovered=str(final / "recovered"), recovery=_recovery_summary(recovery["record"]))
-        rows = _side_by_side(result, dense_eval, pruned_eval, dense_row, pruned_row, bench, recovered_eval)
-        plots = {"before_after": plot_before_after(
-            _bar_rows(result, dense_eval, pruned_eval, dense_row, pruned_row, recovered_eval), tmp / "before_after.png")}
-        title = f"secateurs demo: {args.model}, {args.method} at ratio {args.ratio}"
-        header = ["", "dense", "pruned", "pruned / dense"] + (["recovered", "recovered / dense"] if recovery else [])
-        intro = [("table", header, rows), ("p", _speed_note(result, bench)),
-                 ("p", f"Pruned model, greedy: {sample!r}")]
-        if recovery:
-            plots["recovery_curve"] = plot_recovery_curve(recovery["record"], tmp / "recovery_curve.png")
-            intro += [("p", f"Recovered model, greedy: {recovery['sample']!r}"), ("p", _recovery_note(recovery["record"]))]
-        intro.append(("p", f"Saved to `{result['saved_model']}`" + (f" and `{result['saved_recovered']}`" if recovery else "")
-                      + " (load with `secateurs.load_pruned`, and with stock `AutoModelForCausalLM.from_pretrained` "
-                        f"when the layers share one shape); `secateurs report {result['saved_model']}` rebuilds "
-                        "the pruned model's page."))
+        measured = _measure_pruned(args, saved, dense, dense_eval, tokenizer, spec, bench_config, plan, tmp)
+        _write_model_files(args, measured, saved, final, text_info, spec, scores)
+        result = _summary(args, measured, text_info, cmp, seconds, final)
+        title, intro, plots = _report_parts(args, measured, result, tmp)
         result["demo_seconds"] = round(time.perf_counter() - started, 1)
         with phase("writing the report and its plots"):
             files = _write_report(plan, saved, tmp, None, None, None, title=title, intro=intro,
@@ -159,6 +123,107 @@ def run_demo(args, job) -> int:
     print("plots: " + ", ".join(str(final / Path(p).name) for k, p in files.items() if str(p).endswith(".png")))
     print(f"report: {final / 'report.md'} and {final / 'report.html'}")
     return 0
+
+
+def _bench_config(args, model):
+    """The speed measurement's settings (batch 1, one prompt length), refused now, before any work,
+    when they do not fit the model's context."""
+    from secateurs.evaluation.speed import BenchConfig
+
+    bench_config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
+                               decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1)
+    bench_config.validate()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and args.bench_prompt_length + args.bench_decode_tokens > context:
+        raise SecateursError(f"--bench-prompt-length + --bench-decode-tokens exceed the model's context of {context}")
+    return bench_config
+
+
+def _measure_pruned(args, saved: Path, dense, dense_eval: dict, tokenizer, spec, bench_config, plan,
+                    tmp: Path) -> _Measured:
+    """Reload the saved pruned model (what a user gets), evaluate it, measure its speed against the
+    dense model, sample from it and, when asked, recover it into tmp/recovered."""
+    from secateurs.evaluation.speed import bench_models, folder_bytes
+    from secateurs.evaluation.suite import evaluate
+    from secateurs.io import load_pruned
+
+    with phase("reloading the saved model"):
+        reloaded = load_pruned(saved, device=args.device)
+    with phase("evaluating the pruned model"):
+        pruned_eval = evaluate(reloaded, tokenizer, spec)
+    with phase("measuring prefill and decode speed, dense vs pruned"):
+        bench = bench_models({"dense": dense, "pruned": reloaded}, bench_config)
+    bench["models"]["pruned"]["disk_bytes"] = folder_bytes(saved)
+    with phase("sampling from the pruned model"):
+        sample = _greedy(reloaded, tokenizer, args.device)
+    recovery = _recover(args, reloaded, dense, tokenizer, plan, spec, tmp / "recovered") \
+        if args.recover_tokens else None
+    return _Measured(dense_eval, pruned_eval, bench, sample, recovery)
+
+
+def _write_model_files(args, m: _Measured, saved: Path, final: Path, text_info: dict, spec, scores: dict) -> None:
+    """eval.json, bench.json and the importance scores beside the pruned model, so that
+    `secateurs report DEMO/model` rebuilds its page."""
+    from secateurs.evaluation.speed import machine_info
+    from secateurs.output import write_file
+
+    ev = {"text": text_info, "protocols": spec.protocols, "baseline": "dense",
+          "models": {"dense": {"source": args.model, **m.dense_eval}, "pruned": {"source": str(final / "model"),
+                                                                             **m.pruned_eval}},
+          "machine": machine_info(args.device)}
+    if spec.tasks:
+        z = m.dense_eval["zero_shot"]
+        ev["zero_shot"] = {"lm_eval_version": z["lm_eval_version"], "limit": z["limit"],
+                           "num_fewshot": z["num_fewshot"], "data_dir": args.data_dir}
+    write_file(saved / "eval.json", json.dumps(ev, indent=2) + "\n")
+    write_file(saved / "bench.json", json.dumps(m.bench, indent=2) + "\n")
+    if "scores" in scores:
+        scores["scores"].save(saved / "importance_scores.safetensors")
+
+
+def _summary(args, m: _Measured, text_info: dict, cmp: dict, seconds: float, final: Path) -> dict:
+    """The run's summary (report.json and the report's summary table): settings, sizes, quality,
+    measured speedups, samples and where the models were saved."""
+    pruned_row = m.speed_row("pruned")
+    result = {
+        "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
+        "eval_text": text_info["name"], "prune_seconds": round(seconds, 4),
+        "perplexity_dense": _quality(m.dense_eval), "perplexity_pruned": _quality(m.pruned_eval),
+        **cmp, "measured_prefill_speedup": pruned_row["vs_baseline"]["prefill_speedup"],
+        "measured_decode_speedup": pruned_row["vs_baseline"]["decode_speedup"],
+        "pruned_sample": m.sample, "saved_model": str(final / "model"),
+    }
+    if m.recovery:
+        result.update(perplexity_recovered=_quality(m.recovered_eval), recovered_sample=m.recovery["sample"],
+                      saved_recovered=str(final / "recovered"), recovery=_recovery_summary(m.recovery["record"]))
+    return result
+
+
+def _report_parts(args, m: _Measured, result: dict, tmp: Path) -> tuple[str, list, dict]:
+    """(title, intro blocks, demo plots) of the report: the side-by-side table, the speed note, the
+    samples and where the models were saved; the before/after bars and the recovery curve."""
+    from secateurs.evaluation.report import plot_before_after, plot_recovery_curve
+
+    recovery, sample, bench = m.recovery, m.sample, m.bench
+    dense_row, pruned_row = m.speed_row("dense"), m.speed_row("pruned")
+    rows = _side_by_side(result, m.dense_eval, m.pruned_eval, dense_row, pruned_row, bench, m.recovered_eval)
+    plots = {"before_after": plot_before_after(
+        _bar_rows(result, m.dense_eval, m.pruned_eval, dense_row, pruned_row, m.recovered_eval),
+        tmp / "before_after.png")}
+    title = f"secateurs demo: {args.model}, {args.method} at ratio {args.ratio}"
+    header = ["", "dense", "pruned", "pruned / dense"] + (["recovered", "recovered / dense"] if recovery else [])
+    intro = [("table", header, rows), ("p", _speed_note(result, bench)),
+             ("p", f"Pruned model, greedy: {sample!r}")]
+    if recovery:
+        plots["recovery_curve"] = plot_recovery_curve(recovery["record"], tmp / "recovery_curve.png")
+        intro += [("p", f"Recovered model, greedy: {recovery['sample']!r}"),
+                  ("p", _recovery_note(recovery["record"]))]
+    saved_as = f"`{result['saved_model']}`" + (f" and `{result['saved_recovered']}`" if recovery else "")
+    intro.append(("p", f"Saved to {saved_as}"
+                  + " (load with `secateurs.load_pruned`, and with stock `AutoModelForCausalLM.from_pretrained` "
+                    f"when the layers share one shape); `secateurs report {result['saved_model']}` rebuilds "
+                    "the pruned model's page."))
+    return title, intro, plots
 
 
 def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:

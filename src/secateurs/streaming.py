@@ -158,16 +158,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     device = torch.device(device) if device is not None else input_device(model)
-    decoder = adapter.decoder(model)
-    loaded = []
-    if checkpoint is not None:  # embeddings (and norm) only for the capture, then they leave again
-        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=adapter.layer_parameter())
-    try:
-        inputs, kwargs = capture_layer_calls(model, calibration)
-    finally:
-        if loaded:
-            checkpoint.release(decoder, loaded)
-            model.tie_weights()  # releasing gave the embeddings a new (meta) parameter
+    inputs, kwargs = _capture_from(model, calibration, adapter, device, checkpoint)
     cache = Path(cache_dir) if cache_dir is not None else None
     start, finished = 0, []
     if cache is not None:
@@ -183,22 +174,8 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     for index in bar(range(start, len(layers)), desc="streamed statistics", disable=not progress):
         layer = layers[index]
         with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
-            state: dict = {}
-            a, m, handles = attach_layer_hooks(adapter, layer, state, gram=gram)
-            outputs = []
-            try:
-                for b, h in enumerate(hidden):
-                    state["mask"] = masks[b]
-                    outputs.append(_run(layer, h, kwargs[index][b], masks[b], device, storage))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            check_finite(index, a, m)
-            if on_layer is not None:
-                on_layer(index, layer, a, m)
-            if mode == "sequential":
-                outputs = [_run(layer, h, kwargs[index][b], masks[b], device, storage) for b, h in enumerate(hidden)]
-        hidden = outputs
+            a, m, hidden = _layer_statistics(adapter, layer, index, hidden, kwargs[index], masks, device, storage,
+                                             gram=gram, on_layer=on_layer, mode=mode)
         attention.append(a)
         mlp.append(m)
         if cache is not None:
@@ -206,6 +183,45 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     description = {"calibration": calibration.description, "calibration_hash": calibration.hash,
                    "driver": f"streamed ({mode})"}
     return Statistics(attention, mlp, description)
+
+
+def _capture_from(model, calibration, adapter, device, checkpoint) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """capture_layer_calls on a model that may be a skeleton on the meta device: the embeddings (and
+    norm) are read from `checkpoint` for the capture only, then they leave again."""
+    decoder = adapter.decoder(model)
+    loaded = []
+    if checkpoint is not None:
+        loaded = checkpoint.materialize(decoder, adapter.decoder_prefix(), device, skip=adapter.layer_parameter())
+    try:
+        return capture_layer_calls(model, calibration)
+    finally:
+        if loaded:
+            checkpoint.release(decoder, loaded)
+            model.tie_weights()  # releasing gave the embeddings a new (meta) parameter
+
+
+def _layer_statistics(adapter, layer, index: int, hidden: list[torch.Tensor], kwargs: list[dict],
+                      masks: list[torch.Tensor], device, storage, *, gram: bool, on_layer: Callable | None,
+                      mode: str) -> tuple[InputStats, InputStats, list[torch.Tensor]]:
+    """(attention stats, MLP stats, outputs) of one layer whose weights are on the device: every batch
+    runs through it under the statistics hooks, then on_layer sees the statistics; in sequential mode
+    the outputs are recomputed, as on_layer may have pruned the layer."""
+    state: dict = {}
+    a, m, handles = attach_layer_hooks(adapter, layer, state, gram=gram)
+    outputs = []
+    try:
+        for b, h in enumerate(hidden):
+            state["mask"] = masks[b]
+            outputs.append(_run(layer, h, kwargs[b], masks[b], device, storage))
+    finally:
+        for handle in handles:
+            handle.remove()
+    check_finite(index, a, m)
+    if on_layer is not None:
+        on_layer(index, layer, a, m)
+    if mode == "sequential":
+        outputs = [_run(layer, h, kwargs[b], masks[b], device, storage) for b, h in enumerate(hidden)]
+    return a, m, outputs
 
 
 @contextlib.contextmanager

@@ -148,6 +148,18 @@ def _nll_sum(model, h: torch.Tensor, targets: torch.Tensor) -> float:
     return float(-lp.gather(-1, targets[:, None]).sum())
 
 
+@dataclass
+class _Finals:
+    """The final-normed chosen rows of the reference and of every candidate's skipping stream (on the
+    CPU, for the distances) and the next-token log-likelihood sums (for nll)."""
+
+    ref_parts: list[torch.Tensor]
+    skip_parts: dict[int, list[torch.Tensor]]
+    nll_sum: dict[int, float]
+    nll_ref: float = 0.0
+    nll_count: int = 0
+
+
 @torch.inference_mode()
 def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, removed=(), span: int = 1,
                  progress: bool = True) -> DepthScores:
@@ -174,6 +186,37 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
     tokens = sum(int(sel.sum()) for sel in sels)
     if tokens < 4:
         raise SecateursError(f"only {tokens} calibration tokens would be scored; use more calibration data")
+    ref, skipping, local_inputs = _stream_layers(layers, traces, sels, kept, candidates, bool(e2e), want_local,
+                                                 progress)
+    finals = _final_outputs(model, norm, traces, sels, ref, skipping, candidates, "nll" in e2e)
+    bi_sum, ang_sum = _local_sums(metrics, candidates, kept, len(layers), len(traces), local_inputs, span,
+                                  want_local)
+    forward_seconds = time.perf_counter() - start
+    scores = _distance_scores(e2e, candidates, finals, progress)
+    extra = {}
+    if "nll" in e2e:
+        if finals.nll_count == 0:
+            raise SecateursError("no scored token has a next token; use longer calibration samples")
+        scores["nll"] = {c: finals.nll_sum[c] / finals.nll_count for c in candidates}
+        extra["reference_nll"] = finals.nll_ref / finals.nll_count
+    if "bi" in metrics:
+        scores["bi"] = {c: bi_sum[c] / tokens for c in candidates}
+    if "block-angular" in metrics:
+        scores["block-angular"] = {c: ang_sum[c] / tokens for c in candidates}
+        extra["span"] = span
+    for m in metrics:  # keep the requested order
+        scores[m] = scores.pop(m)
+    seconds = time.perf_counter() - start
+    timings = {"forwards": forward_seconds, "distances": seconds - forward_seconds}
+    return DepthScores(scores, tokens, seconds, extra, timings)
+
+
+def _stream_layers(layers, traces: list[Trace], sels: list[torch.Tensor], kept: list[int], candidates: list[int],
+                   e2e: bool, want_local: bool, progress: bool):
+    """(reference stream, {candidate: its skipping stream}, {kept layer: chosen rows of its input}):
+    the kept layers run one at a time over every stream, so each one's weights come in once. A
+    candidate's stream forks off the reference at the candidate's input; the top of the stack counts
+    as the input of the position after the last layer."""
     ref = [t.hidden for t in traces]
     skipping: dict[int, list[torch.Tensor]] = {}  # candidate -> its stream per trace
     local_inputs: dict[int, list[torch.Tensor]] = {}  # kept layer -> chosen rows of its input per trace
@@ -187,61 +230,65 @@ def score_layers(model, traces: list[Trace], candidates: list[int], metrics, *, 
                 skipping[j] = ref  # skips j: what enters j goes on to the layers above
             ref = [_step(layers[j], h, t, j) for h, t in zip(ref, traces)]
     local_inputs[len(layers)] = [h[sel] for h, sel in zip(ref, sels)]  # "input" of the position after the top
-    ref_parts, skip_parts = [], {c: [] for c in candidates}
-    nll_sum = {c: 0.0 for c in candidates}
-    nll_ref, nll_count = 0.0, 0
+    return ref, skipping, local_inputs
+
+
+def _final_outputs(model, norm, traces: list[Trace], sels: list[torch.Tensor], ref: list[torch.Tensor],
+                   skipping: dict[int, list[torch.Tensor]], candidates: list[int], want_nll: bool) -> _Finals:
+    """The final norm over the chosen tokens of every stream, batch by batch, kept at the storage
+    dtype on the CPU; with nll, the summed next-token log-likelihoods while the rows are at hand."""
+    finals = _Finals([], {c: [] for c in candidates}, {c: 0.0 for c in candidates})
     for b, (trace, sel) in enumerate(zip(traces, sels)):
         final = norm(ref[b])[sel]
-        ref_parts.append(final.to(_store_dtype(final.dtype)).cpu())
+        finals.ref_parts.append(final.to(_store_dtype(final.dtype)).cpu())
         targets = trace.next_ids.to(final.device)[sel]
         has_next = targets >= 0
-        if "nll" in e2e:
-            nll_ref += _nll_sum(model, final[has_next], targets[has_next])
-            nll_count += int(has_next.sum())
+        if want_nll:
+            finals.nll_ref += _nll_sum(model, final[has_next], targets[has_next])
+            finals.nll_count += int(has_next.sum())
         for c, stream in skipping.items():
             out = norm(stream[b])[sel]
-            skip_parts[c].append(out.to(_store_dtype(out.dtype)).cpu())
-            if "nll" in e2e:
-                nll_sum[c] += _nll_sum(model, out[has_next], targets[has_next])
-    # local sums over chosen tokens: layer input vs output (bi), input of kept[p] vs kept[p + span]
+            finals.skip_parts[c].append(out.to(_store_dtype(out.dtype)).cpu())
+            if want_nll:
+                finals.nll_sum[c] += _nll_sum(model, out[has_next], targets[has_next])
+    return finals
+
+
+def _local_sums(metrics, candidates: list[int], kept: list[int], num_layers: int, num_traces: int,
+                local_inputs: dict[int, list[torch.Tensor]], span: int, want_local: bool):
+    """({candidate: bi sum}, {candidate: block-angular sum}) over the chosen tokens: a layer's input
+    against its output (bi), the input of kept[p] against that of kept[p + span] (block-angular,
+    infinite when the block runs past the top)."""
     bi_sum = {c: 0.0 for c in candidates}
     ang_sum = {c: 0.0 for c in candidates}
     if want_local:
         position = {j: p for p, j in enumerate(kept)}
-        after = kept[1:] + [len(layers)]
+        after = kept[1:] + [num_layers]
         for c in candidates:
-            for b in range(len(traces)):
+            for b in range(num_traces):
                 h_in = local_inputs[c][b]
                 if "bi" in metrics:
                     bi_sum[c] += float((1 - _cosines(h_in, local_inputs[after[position[c]]][b])).sum())
                 if "block-angular" in metrics:
                     p_end = position[c] + span
                     if p_end <= len(kept):
-                        end = kept[p_end] if p_end < len(kept) else len(layers)
-                        ang_sum[c] += float((token_angles(h_in.double(), local_inputs[end][b].double()) / math.pi).sum())
+                        end = kept[p_end] if p_end < len(kept) else num_layers
+                        angles = token_angles(h_in.double(), local_inputs[end][b].double()) / math.pi
+                        ang_sum[c] += float(angles.sum())
                     else:
                         ang_sum[c] = math.inf
+    return bi_sum, ang_sum
+
+
+def _distance_scores(e2e: list[str], candidates: list[int], finals: _Finals, progress: bool) -> dict:
+    """{distance metric: {candidate: distance}} between the reference and each skipping stream's final
+    outputs, one candidate at a time (only one perturbed copy is concatenated at once)."""
     scores: dict[str, dict[int, float]] = {}
-    forward_seconds = time.perf_counter() - start
     distances = [m for m in e2e if m != "nll"]
     if distances:
-        reference = torch.cat(ref_parts)
+        reference = torch.cat(finals.ref_parts)
         for c in bar(candidates, desc="depth: distances", disable=not progress):
-            perturbed = torch.cat(skip_parts[c])
+            perturbed = torch.cat(finals.skip_parts[c])
             for m in distances:
                 scores.setdefault(m, {})[c] = DISTANCES[m](reference, perturbed)
-    extra = {}
-    if "nll" in e2e:
-        if nll_count == 0:
-            raise SecateursError("no scored token has a next token; use longer calibration samples")
-        scores["nll"] = {c: nll_sum[c] / nll_count for c in candidates}
-        extra["reference_nll"] = nll_ref / nll_count
-    if "bi" in metrics:
-        scores["bi"] = {c: bi_sum[c] / tokens for c in candidates}
-    if "block-angular" in metrics:
-        scores["block-angular"] = {c: ang_sum[c] / tokens for c in candidates}
-        extra["span"] = span
-    for m in metrics:  # keep the requested order
-        scores[m] = scores.pop(m)
-    seconds = time.perf_counter() - start
-    return DepthScores(scores, tokens, seconds, extra, {"forwards": forward_seconds, "distances": seconds - forward_seconds})
+    return scores

@@ -201,21 +201,41 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
                 bar.update()
     bar.close()
 
+    rows = _result_rows(raw, shapes, labels, stats, config.decode_tokens)
+    base = labels[0]
+    _add_baseline_ratios(rows, base)
+    return {
+        "config": asdict(config), "device": str(device), "baseline": base, "machine": machine_info(device),
+        "models": {label: {"params": stats[label].total_params, "weight_bytes": stats[label].weight_bytes,
+                           "dtype": str(next(models[label].parameters()).dtype).replace("torch.", ""),
+                           "num_layers": len(stats[label].layers)} for label in labels},
+        "results": rows,
+    }
+
+
+def _result_rows(raw: dict, shapes: list[tuple[int, int]], labels: list[str], stats: dict,
+                 decode_tokens: int) -> list[dict]:
+    """One row per (shape, model): the measured rates summarised over the repeats, the peak memory,
+    and the ideal costs the ratios are judged against."""
     rows = []
     for b, n in shapes:
         for label in labels:
             runs = raw[label][(b, n)]
             prefill = summarise([b * n / r["prefill_s"] for r in runs])
-            decode = summarise([b * config.decode_tokens / r["decode_s"] for r in runs])
+            decode = summarise([b * decode_tokens / r["decode_s"] for r in runs])
             ttft = summarise([r["ttft_s"] for r in runs])
             extras = [r["peak_extra_bytes"] for r in runs if r["peak_extra_bytes"] is not None]
             extra = max(extras) if extras else None
-            rows.append({"model": label, "batch": b, "prompt_length": n, "decode_tokens": config.decode_tokens,
+            rows.append({"model": label, "batch": b, "prompt_length": n, "decode_tokens": decode_tokens,
                          "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "ttft_s": ttft,
                          "peak_extra_bytes": extra,
                          "peak_memory_bytes": stats[label].weight_bytes + extra if extra is not None else None,
-                         "ideal": ideal_costs(stats[label], b, n, config.decode_tokens)})
-    base = labels[0]
+                         "ideal": ideal_costs(stats[label], b, n, decode_tokens)})
+    return rows
+
+
+def _add_baseline_ratios(rows: list[dict], base: str) -> None:
+    """Give every row its measured and ideal speedups over the baseline model's row of the same shape."""
     by_key = {(r["model"], r["batch"], r["prompt_length"]): r for r in rows}
     for r in rows:
         ref = by_key[(base, r["batch"], r["prompt_length"])]
@@ -226,13 +246,6 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
             "ideal_decode_speedup_bytes": ref["ideal"]["decode_bytes_per_step"] / r["ideal"]["decode_bytes_per_step"],
             "ideal_decode_speedup_flops": ref["ideal"]["decode_flops_per_step"] / r["ideal"]["decode_flops_per_step"],
         }
-    return {
-        "config": asdict(config), "device": str(device), "baseline": base, "machine": machine_info(device),
-        "models": {label: {"params": stats[label].total_params, "weight_bytes": stats[label].weight_bytes,
-                           "dtype": str(next(models[label].parameters()).dtype).replace("torch.", ""),
-                           "num_layers": len(stats[label].layers)} for label in labels},
-        "results": rows,
-    }
 
 
 def folder_bytes(path: str | Path) -> int | None:

@@ -206,6 +206,19 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = STANDARD_TASKS, *, data
         except (ConnectionError, OSError) as exc:
             raise SecateursError(f"lm-eval could not load task data ({exc}); offline, pass --data-dir with local "
                                  "jsonl files") from exc
+    results = _task_results(out, names, local, configs)
+    summary = {"tasks": results, "lm_eval_version": lm_eval.__version__, "limit": limit,
+               "num_fewshot": num_fewshot, "batch_size": batch_size}
+    accs = [r["acc"] for r in results.values() if r["acc"] is not None]
+    if accs:
+        summary["mean_acc"] = sum(accs) / len(accs)
+    if log_samples:
+        summary["samples"] = out.get("samples", {})
+    return summary
+
+
+def _task_results(out: dict, names: list[str], local: dict, configs: dict) -> dict:
+    """{task: accuracies, sample counts and where its data came from}, read from lm-eval's output."""
     results = {}
     for n in names:
         r = out["results"][n]
@@ -217,11 +230,4 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = STANDARD_TASKS, *, data
             "source": str(local[n]) if n in local else "lm-eval registry",
             "format": configs[n]["metadata"]["secateurs_format"] if n in configs else "lm-eval",
         }
-    summary = {"tasks": results, "lm_eval_version": lm_eval.__version__, "limit": limit,
-               "num_fewshot": num_fewshot, "batch_size": batch_size}
-    accs = [r["acc"] for r in results.values() if r["acc"] is not None]
-    if accs:
-        summary["mean_acc"] = sum(accs) / len(accs)
-    if log_samples:
-        summary["samples"] = out.get("samples", {})
-    return summary
+    return results

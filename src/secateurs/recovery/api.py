@@ -26,7 +26,7 @@ from secateurs.errors import SecateursError
 from secateurs.io import save_pruned
 from secateurs.output import check_output_dir
 from secateurs.plan import CONFIG_KEY, PruningPlan
-from secateurs.recovery.data import load_recovery_data
+from secateurs.recovery.data import RecoveryData, load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
 from secateurs.recovery.objectives import OBJECTIVES, Objective
 from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
@@ -111,6 +111,29 @@ def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_le
         raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
 
 
+@dataclass
+class _Run:
+    """One recovery run as decided and checked before its first step: what the helpers that
+    train, record and save it read."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None  # as given (recorded even when the objective is 'ce')
+    teacher_for_loss: torch.nn.Module | None  # None for 'ce'
+    plan: PruningPlan | None
+    data: RecoveryData
+    objective: Objective
+    settings: LoopSettings
+    method: str
+    preset: str | None
+    lora: dict | None
+    seq_len: int
+    inputs: list
+    checkpoint_dir: str | os.PathLike | None
+    default_checkpoints: bool  # OUT.checkpoints, removed after a successful save
+    gradient_checkpointing: bool
+    seed: int
+
+
 def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *, tokenizer=None,
             teacher_tokenizer=None, plan: PruningPlan | None = None, out: str | os.PathLike | None = None,
             force: bool = False, objective: str | None = None, kd_ratio: float = 1.0, temperature: float = 1.0,
@@ -142,18 +165,58 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     wall_start = time.perf_counter()
     v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     objective = objective or ("kd" if teacher is not None else "ce")
-    lora = ({"r": v["lora_r"], "alpha": v["lora_alpha"], "dropout": v["lora_dropout"]}
-            if v["method"] == "lora" else None)
+    lora = _lora_settings(v)
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
                     val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora)
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
+    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight)
+    checkpoint_dir, default_checkpoints = _checkpoint_folder(checkpoint_dir, out_path, save_every, resume, inputs)
+    teacher_for_loss = None if objective == "ce" else teacher.eval()
+    recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
+                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files,
+                                       self_samples=self_samples)
+    settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
+                            weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
+                            max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
+                            save_every=save_every, seed=seed)
+    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight),
+                    _layer_map(student, teacher, plan) if hidden_weight else None, bool(bf16))
+    run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, settings, v["method"], preset, lora,
+               seq_len, inputs, checkpoint_dir, default_checkpoints, gradient_checkpointing, seed)
+    params_before = model_stats(student).total_params
+    trained, loop, history, targets, trainable = _train(run, resume, progress, on_validation, on_step)
+    record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
+                     params_before=params_before)
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    result = RecoveryResult(trained, record)
+    if out_path is not None:
+        _save(result, run, out_path, tokenizer, force)
+    return result
+
+
+def _lora_settings(v: dict) -> dict | None:
+    """The LoRA adapter's r, alpha and dropout when the resolved method is 'lora', else None."""
+    return ({"r": v["lora_r"], "alpha": v["lora_alpha"], "dropout": v["lora_dropout"]}
+            if v["method"] == "lora" else None)
+
+
+def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective: str,
+                       hidden_weight: float) -> None:
+    """Refuse, before any work, a teacher that does not fit the student, and hidden-state distillation
+    that cannot map every student layer to a teacher layer."""
     if teacher is not None:
         check_teacher(student, teacher, tokenizer, teacher_tokenizer)
     if hidden_weight:
         if hidden_weight < 0 or objective != "kd":
             raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
         _layer_map(student, teacher, plan)
+
+
+def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | None, resume: bool,
+                       inputs: list) -> tuple[str | os.PathLike | None, bool]:
+    """(checkpoint folder, whether it is the default OUT.checkpoints), checked before any work: resume
+    needs a checkpoint there, a fresh run that saves checkpoints a folder without one."""
     if checkpoint_dir is None and out_path is not None:
         checkpoint_dir = out_path.with_name(out_path.name + ".checkpoints")
         default_checkpoints = True
@@ -170,28 +233,26 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         if (Path(checkpoint_dir) / STATE_FILE).is_file():
             raise RecoveryError(f"{checkpoint_dir} holds a checkpoint of an earlier run: resume it (resume=True, "
                                 "--resume) or remove it")
-    if objective == "ce":
-        teacher_for_loss = None
-    else:
-        teacher_for_loss = teacher.eval()
-    recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
-                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files,
-                                       self_samples=self_samples)
-    settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
-                            weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
-                            max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
-                            save_every=save_every, seed=seed)
-    layer_map = _layer_map(student, teacher, plan) if hidden_weight else None
-    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight), layer_map,
-                    bool(bf16))
-    fingerprint = {"data_hash": recovery_data.hash, "objective": obj.to_dict(), "loop": settings_dict(settings),
-                   "method": v["method"], "lora": lora, "seq_len": seq_len,
-                   "student": _shape_fingerprint(student), "teacher": _name(teacher) if teacher_for_loss else None,
-                   "gradient_checkpointing": gradient_checkpointing}
-    params_before = model_stats(student).total_params
+    return checkpoint_dir, default_checkpoints
 
+
+def _fingerprint(run: _Run) -> dict:
+    """What a checkpoint must have been written by to be resumed: this data, objective, loop, method,
+    student shapes and teacher."""
+    return {"data_hash": run.data.hash, "objective": run.objective.to_dict(), "loop": settings_dict(run.settings),
+            "method": run.method, "lora": run.lora, "seq_len": run.seq_len,
+            "student": _shape_fingerprint(run.student), "teacher": _name(run.teacher) if run.teacher_for_loss else None,
+            "gradient_checkpointing": run.gradient_checkpointing}
+
+
+def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
+    """(trained model, loop, history, LoRA targets, trainable parameter count): the training loop
+    under a forked RNG seeded with `seed` (the caller's random state is untouched), through LoRA
+    adapters merged afterwards or with every weight trainable. Non-finite results are refused."""
+    student, lora = run.student, run.lora
+    fingerprint = _fingerprint(run)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         trained, peft_model = student, None
         if lora is not None:
             targets = lora_target_names(student)
@@ -199,17 +260,17 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
         else:
             targets = None
             student.requires_grad_(True)
-        if gradient_checkpointing:
+        if run.gradient_checkpointing:
             _set_activation_checkpointing(student, True)
-        loop = RecoveryLoop(student, teacher_for_loss, recovery_data, obj, settings, checkpoint_dir, fingerprint,
-                            progress, on_validation, on_step, inputs=inputs)
+        loop = RecoveryLoop(student, run.teacher_for_loss, run.data, run.objective, run.settings, run.checkpoint_dir,
+                            fingerprint, progress, on_validation, on_step, inputs=run.inputs)
         if resume:
             loop.check_resumable()
         trainable = sum(p.numel() for p in loop.params.values())
         try:
             history = loop.run(resume=resume)
         finally:
-            if gradient_checkpointing:
+            if run.gradient_checkpointing:
                 _set_activation_checkpointing(student, False)
         if peft_model is not None:
             trained = merge_lora(peft_model)
@@ -218,24 +279,22 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     bad = [n for n, p in trained.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RecoveryError(f"recovered weights are not finite ({bad[:3]}); nothing was saved. Lower the learning rate")
-
-    record = _record(student=student, teacher=teacher, plan=plan, trained=trained, history=history, loop=loop,
-                     data=recovery_data, objective=obj, method=v["method"], preset=preset, lora=lora, targets=targets,
-                     trainable=trainable, params_before=params_before, settings=settings, seed=seed,
-                     gradient_checkpointing=gradient_checkpointing)
-    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    result = RecoveryResult(trained, record)
-    if out_path is not None:
-        result.out = save_pruned(trained, plan, out_path, tokenizer=tokenizer, force=force, inputs=inputs,
-                                 extra_files={RECOVERY_FILENAME: json.dumps(record, indent=2) + "\n"})
-        if default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return result
+    return trained, loop, history, targets, trainable
 
 
-def _record(*, student, teacher, plan, trained, history, loop, data, objective, method, preset, lora, targets,
-            trainable, params_before, settings, seed, gradient_checkpointing) -> dict:
+def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: bool) -> None:
+    """Save the recovered model as a pruned folder with its plan and recovery.json; the default
+    checkpoint folder goes once the model is safely saved."""
+    result.out = save_pruned(result.model, run.plan, out_path, tokenizer=tokenizer, force=force, inputs=run.inputs,
+                             extra_files={RECOVERY_FILENAME: json.dumps(result.record, indent=2) + "\n"})
+    checkpoint_dir = run.checkpoint_dir
+    if run.default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def _record(run: _Run, *, trained, history, loop, targets, trainable, params_before) -> dict:
     """What recovery.json holds: how the model was recovered and what it gained."""
+    student, teacher, plan, data, settings, lora = run.student, run.teacher, run.plan, run.data, run.settings, run.lora
     val = history["val"]
     after = next((r for r in val if r["step"] == history["restored_best_step"]), val[-1]) if val else None
     tokens_trained = history["steps_done"] * loop.tokens_per_step
@@ -245,21 +304,21 @@ def _record(*, student, teacher, plan, trained, history, loop, data, objective, 
         "teacher": ({"name_or_path": _name(teacher), "params": model_stats(teacher).total_params,
                      "is_plan_base": _is_plan_base(teacher, plan)} if teacher is not None else None),
         "data": {**data.description, "hash": data.hash},
-        "objective": objective.to_dict(),
-        "parametrisation": {"method": method, "preset": preset, "trainable_params": trainable,
+        "objective": run.objective.to_dict(),
+        "parametrisation": {"method": run.method, "preset": run.preset, "trainable_params": trainable,
                             **({"lora": {**lora, "target_modules": len(targets), "targets": targets, "merged": True}}
                                if lora else {})},
         "optimizer": {"name": "AdamW", "lr": settings.lr, "betas": list(settings.betas),
-                      "weight_decay": settings.weight_decay, "scheduler": settings.scheduler, "warmup_steps": loop.warmup_steps,
-                      "max_grad_norm": settings.max_grad_norm},
+                      "weight_decay": settings.weight_decay, "scheduler": settings.scheduler,
+                      "warmup_steps": loop.warmup_steps, "max_grad_norm": settings.max_grad_norm},
         "batch": {"seq_len": data.seq_len, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
-                  "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": gradient_checkpointing},
+                  "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": run.gradient_checkpointing},
         "tokens": {"requested": settings.tokens, "trained": tokens_trained,
                    "epochs": round(loop.order.epochs(history["steps_done"] * settings.grad_accum), 4)},
         "steps": {"planned": history["total_steps"], "done": history["steps_done"],
                   "stopped_early": history["stopped_early"], "best_step": history["best_step"],
                   "restored_best_step": history["restored_best_step"], "resumed_at": history["resumed_at_steps"]},
-        "seed": seed,
+        "seed": run.seed,
         "before": val[0] if val else None, "after": after,
         "curves": {"train": history["train"], "val": val},
         "training_seconds": round(history["seconds"], 3),
