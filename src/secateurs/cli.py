@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-lr", type=positive_float, default=DEMO_RECOVERY["lr"],
                    help=f"peak learning rate of the brief full fine-tuning (default: {DEMO_RECOVERY['lr']:g})")
 
-    from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
+    from secateurs.cli_evaluation import add_parsers as _add_evaluation_parsers
 
     _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     _add_recover_parser(sub)
@@ -321,7 +321,7 @@ def cmd_demo(args) -> int:
 LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
 
-from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
+from secateurs.cli_evaluation import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
 
 COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
