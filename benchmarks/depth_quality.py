@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import secateurs
+from secateurs.adapters.plans import identity_plan
 from secateurs.calibration import load_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
@@ -42,7 +43,6 @@ from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, 
 from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.methods.depth import CONSENSUS_METRICS
-from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics
 from secateurs.surgery import apply_plan
 
@@ -53,7 +53,7 @@ LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-c
 
 
 def without_layers(model, layers):
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for i in layers:
         plan.layers[i].removed = True
     return apply_plan(copy.deepcopy(model), plan)
