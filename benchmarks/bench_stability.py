@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.evaluation.speed import machine_info
 
 
@@ -66,7 +67,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_stability" + (f"_{args.threads}thread" if args.threads else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_file(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     threads = args.threads or machine["torch_threads"]
     lines = [f"# bench stability: {args.model}, {args.runs} separate `secateurs bench` runs x {args.repeats} repeats",
              "", f"Machine: {machine['cpu']}, bench with {threads} torch thread(s), load average "
@@ -82,7 +83,7 @@ def main() -> int:
                      + ", ".join(f"{b:.1f}" for b in r["bests"]) + f" | {100 * r['best_max_deviation']:.1f}% |")
     lines += ["", f"Worst deviation of a run's median from the median of runs: {100 * worst:.1f}% (target <= 5%); "
               f"of a run's best repeat: {100 * worst_best:.1f}%.", ""]
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    write_file(out / f"{stem}.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 import secateurs
+from secateurs.output import write_file  # noqa: E402
+from secateurs.adapters.plans import identity_plan
 from secateurs.calibration import load_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
@@ -42,7 +44,6 @@ from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, 
 from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.methods.depth import CONSENSUS_METRICS
-from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics
 from secateurs.surgery import apply_plan
 
@@ -53,7 +54,7 @@ LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-c
 
 
 def without_layers(model, layers):
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for i in layers:
         plan.layers[i].removed = True
     return apply_plan(copy.deepcopy(model), plan)
@@ -338,15 +339,15 @@ def main() -> None:
         """Write what is done so far (a long run on a shared CPU leaves usable results if cut)."""
         meta["machine"] = machine_info()
         done = results + ([partial] if partial is not None else [])
-        (out / "depth_quality.json").write_text(json.dumps({"meta": meta, "results": done}, indent=2,
+        write_file(out / "depth_quality.json", json.dumps({"meta": meta, "results": done}, indent=2,
                                                            default=str) + "\n")
         text = markdown(done, meta)
-        (out / "depth_quality.md").write_text(text)
+        write_file(out / "depth_quality.md", text)
         return text
 
     if args.iterative_only:
         extra = [iterative_only(name, [1, 2] if name == "stories260K" else ks, args) for name in args.models.split(",")]
-        (out / "depth_quality_iterative.json").write_text(json.dumps(extra, indent=2) + "\n")
+        write_file(out / "depth_quality_iterative.json", json.dumps(extra, indent=2) + "\n")
         return
     if args.merge:  # the main results + a separate --iterative-only run
         saved = json.loads((out / "depth_quality.json").read_text())
@@ -355,9 +356,9 @@ def main() -> None:
         for extra in json.loads((out / "depth_quality_iterative.json").read_text()):
             merge_iterative(next(r for r in results if r["model"] == extra["model"]), extra)
         meta["machine"] = saved["meta"]["machine"]
-        (out / "depth_quality.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2,
+        write_file(out / "depth_quality.json", json.dumps({"meta": meta, "results": results}, indent=2,
                                                            default=str) + "\n")
-        (out / "depth_quality.md").write_text(markdown(results, meta))
+        write_file(out / "depth_quality.md", markdown(results, meta))
         print(markdown(results, meta))
         return
     for name in args.models.split(","):

@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
 from secateurs.evaluation.report import eval_tables, render_markdown  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.render:
         path = Path(args.render)
-        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        write_file(path.with_suffix(".md"), render(json.loads(path.read_text())))
         return 0
 
     parts = set(args.parts.split(","))
@@ -134,9 +135,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "eval_smollm2" if parts == {"quality", "bench"} else f"eval_smollm2_{args.parts}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_file(out / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
     md = render(result)
-    (out / f"{name}.md").write_text(md)
+    write_file(out / f"{name}.md", md)
     print(md)
     return 0
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats
 from secateurs.budget import Geometry
 from secateurs.calibration import load_calibration
@@ -110,8 +111,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "harp_quality.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "harp_quality.md").write_text(markdown(result))
+    write_file(out / "harp_quality.json", json.dumps(result, indent=2, default=str))
+    write_file(out / "harp_quality.md", markdown(result))
     print(markdown(result))
 
 

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from secateurs.output import write_file
+
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 STORIES = ASSETS / "models" / "stories260K-hf"
 TEXT = ASSETS / "text" / "tinystories" / "tinystories_sample.txt"
@@ -295,12 +297,12 @@ def main() -> int:
         load = os.getloadavg()
         payload = {"label": args.label, "secateurs": getattr(secateurs, "__file__", ""), "counts": counts,
                    "cases": results, "machine": {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load]}}
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        write_file(Path(args.out), json.dumps(payload, indent=2) + "\n")
         md = [f"# Hostile inputs: {args.label}", "", f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()), "",
               "| class | case | verdict | exit | message |", "| --- | --- | --- | --- | --- |"]
         md += [f"| {r['class']} | {r['name']} | {r['verdict']} | {r['exit']} | {r['message'].replace('|', '/')[:120] or r['escaped'] or ''} |"
                for r in results]
-        Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+        write_file(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
     return 0
 
 

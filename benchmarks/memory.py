@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from secateurs.output import write_file
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -159,7 +161,7 @@ def main() -> None:
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    write_file(Path(args.out) / f"{args.name}.json", json.dumps(result, indent=2))
     lines = [f"# Peak memory, full vs streamed ({result['date']})", "",
              f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {params:,} parameters "
              f"(float32, {model_bytes / 2**30:.2f} GiB; one layer {layer_bytes / 2**20:.0f} MiB). Calibration "
@@ -171,7 +173,7 @@ def main() -> None:
     if result["stats_time_ratio_streamed_over_full"] is not None:
         lines += ["", f"Streamed statistics take {result['stats_time_ratio_streamed_over_full']:.2f}x the time of the "
                   "full path (loading included: the streamed path reads every layer from disk as it goes)."]
-    (Path(args.out) / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_file(Path(args.out) / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

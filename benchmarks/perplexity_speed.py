@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.evaluation.perplexity import _window_nll, load_text, perplexity
 from secateurs.evaluation.speed import machine_info
 from secateurs.loading import load_model
@@ -131,7 +132,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"perplexity_speed_{args.model}_seq{args.seq_len}" + (f"_{args.max_tokens}tok" if args.max_tokens else "")
             + (f"_{args.threads}thread" if args.threads else ""))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_file(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     md = "\n".join([
         f"# Perplexity speed: {args.model} ({args.dtype}), {text_info['name']}, seq {args.seq_len}, batch {args.batch_size}",
         "",
@@ -151,7 +152,7 @@ def main() -> int:
         f"{digits:.1f} significant digits agree (target >= 4).",
         "",
     ])
-    (out / f"{stem}.md").write_text(md)
+    write_file(out / f"{stem}.md", md)
     print(md)
     return 0 if result["meets_agreement_target"] else 1
 

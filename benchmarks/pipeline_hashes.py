@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from secateurs.output import write_file
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("SECATEURS_ASSETS", ROOT.parent / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K-hf"
@@ -92,7 +94,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         results = run_all(Path(work))
-    Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_file(Path(args.out), json.dumps(results, indent=1, sort_keys=True) + "\n")
     if not args.compare:
         return 0
     before = json.loads(Path(args.compare).read_text())

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
@@ -159,8 +160,8 @@ def main() -> int:
         saved = json.loads(path.read_text())
         saved["not_run"] = saved.get("not_run", []) + args.not_run
         saved["notes"] = saved.get("notes", []) + args.note
-        path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
-        path.with_suffix(".md").write_text(render(saved))
+        write_file(path, json.dumps(saved, indent=2, default=str) + "\n")
+        write_file(path.with_suffix(".md"), render(saved))
         return 0
     torch.set_num_threads(args.threads)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
@@ -171,8 +172,8 @@ def main() -> int:
 
     def write():
         result["machine_at_end"] = machine_info()
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / f"{args.name}.md").write_text(render(result))
+        write_file(out / f"{args.name}.json", json.dumps(result, indent=2, default=str) + "\n")
+        write_file(out / f"{args.name}.md", render(result))
 
     dense, tok = load_model("smollm2", "float32")
     text, text_info = load_text(WIKI)

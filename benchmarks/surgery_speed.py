@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import compare_stats, model_stats
 from secateurs.loading import load_model
 from secateurs.methods import make_plan
@@ -213,8 +214,8 @@ def main() -> None:
                    "speedup": speedups(dec["dense"], dec["pruned"], acc["ideal_decode_speedup"])},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "surgery_speed.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "surgery_speed.md").write_text(report(result))
+    write_file(args.out / "surgery_speed.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_file(args.out / "surgery_speed.md", report(result))
     print(report(result))
 
 

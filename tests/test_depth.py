@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import secateurs
+from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.cli import main
@@ -42,7 +43,7 @@ def _rows(lengths, seed=0, vocab=64):
 
 
 def _removed(model, layers):
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for i in layers:
         plan.layers[i].removed = True
     return apply_plan(copy.deepcopy(model), plan)

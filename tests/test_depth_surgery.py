@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.io import save_pruned
-from secateurs.plan import PruningPlan
 from secateurs.surgery import apply_plan
 
 from conftest import input_ids, masked_reference, tiny_model
@@ -21,7 +21,7 @@ REMOVALS = [(0,), (1, 2), (0, 3, 5)]
 
 
 def _plan(model, removed):
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for i in removed:
         plan.layers[i].removed = True
     return plan

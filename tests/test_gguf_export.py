@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llama_cpp
+from secateurs.adapters.plans import identity_plan
 from secateurs.cli import main
 from secateurs.errors import SecateursError
 from secateurs.export import OUTTYPES, export_gguf, plan_export
@@ -79,7 +80,7 @@ def _plan(model, form: str) -> PruningPlan:
     if form == "mlp":
         return make_plan(model, "magnitude", 0.1, split=0.0, progress=False)
     if form in ("dense", "depth", "depth-1", "harp-value", "harp-removed"):
-        plan = PruningPlan.identity(model)
+        plan = identity_plan(model)
         plan.layers[1].removed = form.startswith("depth")
         plan.layers[2].removed = form == "depth"
         if form == "harp-value":
@@ -285,7 +286,7 @@ def test_refusals_write_nothing(folders, tokenizer, tmp_path):
     _refused(tiny_model("llama-gqa", vocab_size=512), out, "no tokenizer")
     # a model whose layer 0 has no attention: llama.cpp takes the head size from layer 0
     model = tiny_model("llama-gqa", vocab_size=512)
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     plan.layers[0].attention = {"mode": "removed"}
     apply_plan(model, plan)
     _refused(model, out, "layer 0", tokenizer)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.calibration import load_calibration
 from secateurs.io import load_pruned, save_pruned
 from secateurs.loading import load_model
 from secateurs.methods.harp import _tail_nll, capture_layer_inputs, harp_plan
-from secateurs.plan import PruningPlan
 from secateurs.surgery import apply_plan, replace_attention
 
 from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
@@ -53,7 +53,7 @@ def _reference(model, alphas: dict[int, float]):
 
 
 def _harp(model, alphas):
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for index, alpha in alphas.items():
         plan.layers[index].attention = {"mode": "removed"} if alpha == 0 else {"mode": "value", "alpha": alpha}
     return plan

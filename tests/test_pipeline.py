@@ -91,3 +91,18 @@ def test_cli_refuses_a_flag_the_method_does_not_take_and_reads_harp_layers_as_to
                  str(TINYSTORIES_TEXT), "--calib-samples", "4", "--calib-length", "32", "--out", str(tmp_path / "h")]) == 0
     assert "--top-layers" in capsys.readouterr().err
     assert json.loads((tmp_path / "h" / "pruning_plan.json").read_text())["provenance"]["harp_layers"] == 1
+
+
+def test_evaluation_never_imports_methods_or_runs_pruning():
+    """Layering: evaluation reads models; pruning recipes (methods, the pipeline, sweeps) sit above it."""
+    import ast
+    from pathlib import Path
+
+    import secateurs.evaluation
+
+    above = ("secateurs.methods", "secateurs.pipeline", "secateurs.sweep", "secateurs.cli")
+    for path in Path(secateurs.evaluation.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith(above) for n in names), (path.name, names)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.accounting import compare_stats, model_stats
 from secateurs.adapters import LayerShape, get_adapter
 from secateurs.budget import KeepCounts, uniform_keep_counts
@@ -55,7 +56,7 @@ def test_plan_is_deterministic_and_reapplies():
 def test_unrepresentable_gqa_plans_are_refused_before_any_change(heads, kv, message):
     model = tiny_model("llama-gqa")  # 8 query heads, 2 KV heads, G = 4
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     plan.layers[0].neurons = [0, 1, 2]  # a valid change that must not happen either
     plan.layers[3].heads, plan.layers[3].kv_heads = heads, kv
     with pytest.raises(PlanError, match=message):
@@ -74,12 +75,12 @@ def test_plan_for_another_model_is_refused():
 
 def test_plan_removing_every_layer_or_all_neurons_is_refused():
     model = tiny_model("phi")
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for lp in plan.layers:
         lp.removed = True
     with pytest.raises(PlanError, match="every decoder layer"):
         apply_plan(model, plan)
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     plan.layers[1].neurons = []
     with pytest.raises(PlanError, match="no MLP neurons"):
         apply_plan(model, plan)
@@ -141,7 +142,7 @@ def test_llama2_7b_parameter_accounting_on_meta():
     model = _llama2_7b_on_meta()
     before = model_stats(model)
     assert before.total_params == 6_738_415_616
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for lp in plan.layers:
         lp.heads = list(range(22))
         lp.neurons = list(range(11008 - 3440))

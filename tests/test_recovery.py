@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import secateurs
+from secateurs.adapters.plans import identity_plan
 from secateurs.cli import main
 from secateurs.errors import OutputExistsError, SecateursError
 from secateurs.io import load_pruned, save_pruned
@@ -84,7 +85,7 @@ def test_hidden_state_term_matches_each_student_layer_with_its_source_layer(fami
     """After depth pruning, student layer j is matched with the teacher layer the plan kept as j;
     loss and gradients equal a direct computation with hooks on both models."""
     teacher = tiny_model(family, seed=1)
-    plan = PruningPlan.identity(teacher)
+    plan = identity_plan(teacher)
     plan.layers[1].removed = True
     student = apply_plan(copy.deepcopy(teacher), plan)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_hidden_state_term_matches_each_student_layer_with_its_source_layer(fami
 
 def test_hidden_state_distillation_of_a_depth_pruned_model(stories):
     dense, tok = stories
-    plan = PruningPlan.identity(dense)
+    plan = identity_plan(dense)
     plan.layers[2].removed = True
     pruned = apply_plan(copy.deepcopy(dense), plan)
     result = recover(pruned, dense, data=str(TINYSTORIES_TEXT), tokens=8 * 2 * SEQ, tokenizer=tok, plan=plan,
@@ -242,18 +243,18 @@ def _forms(dense, tok):
     plans = {}
     plans["uniform"] = make_plan(dense, "amp", 0.2, tokenizer=tok, calibration=str(TINYSTORIES_TEXT),
                                  calibration_options={"num_samples": 8, "max_length": 64}, progress=False)
-    het = PruningPlan.identity(dense)
+    het = identity_plan(dense)
     het.layers[0].kv_heads = [0, 2, 3]
     het.layers[1].neurons = list(range(0, 172, 2))
     het.layers[3].heads = [0, 2, 4, 6]
     plans["heterogeneous"] = het
     plans["flap"] = make_plan(dense, "flap", 0.2, tokenizer=tok, calibration=str(TINYSTORIES_TEXT),
                               calibration_options={"num_samples": 8, "max_length": 64}, progress=False)
-    harp = PruningPlan.identity(dense)
+    harp = identity_plan(dense)
     harp.layers[4].attention = {"mode": "value", "alpha": 0.5}
     harp.layers[3].attention = {"mode": "removed"}
     plans["harp"] = harp
-    depth = PruningPlan.identity(dense)
+    depth = identity_plan(dense)
     depth.layers[2].removed = True
     plans["depth"] = depth
     return plans
@@ -285,7 +286,7 @@ def test_every_pruned_form_trains_saves_and_reloads(stories, form, tmp_path):
 
 def test_harp_fused_matrix_is_a_lora_target(stories):
     dense, _ = stories
-    harp = PruningPlan.identity(dense)
+    harp = identity_plan(dense)
     harp.layers[4].attention = {"mode": "value", "alpha": 0.5}
     harp.layers[3].attention = {"mode": "removed"}
     names = lora_target_names(apply_plan(copy.deepcopy(dense), harp))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.errors import OutputExistsError
 from secateurs.io import load_pruned, save_pruned
 from secateurs.methods import prune
@@ -25,7 +26,7 @@ def _logits(model, ids):
 
 
 def _heterogeneous_plan(model) -> PruningPlan:
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     h, kv, inter = plan.layer_shape(0)
     g = h // kv
     plan.layers[0].heads = [k * g + j for k in range(kv) for j in range(max(1, g // 2))] if g > 1 else list(range(h - 1))
@@ -53,7 +54,7 @@ def test_uniform_plan_loads_with_stock_from_pretrained(family, tmp_path):
 
 def test_llama_with_uneven_heads_exports_as_mistral(tmp_path):
     model = tiny_model("llama-gqa")  # hidden 32, 8 heads of 8: keeping 6 heads breaks 32 % heads
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for lp in plan.layers:
         lp.heads = [0, 1, 2, 4, 5, 6]
     apply_plan(model, plan)

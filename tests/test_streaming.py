@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.checkpoint import load_skeleton, prune_checkpoint
 from secateurs.io import load_pruned
 from secateurs.methods import make_plan
-from secateurs.plan import PruningPlan
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import streamed_statistics
 from secateurs.surgery import apply_plan
@@ -57,7 +57,7 @@ def test_sequential_mode_measures_each_layer_after_the_ones_below_are_pruned():
     sequential = streamed_statistics(work, calib, mode="sequential", on_layer=prune_layer, progress=False)
     # layer 2 was measured with layers 0 and 1 pruned (and itself still dense)
     reference = copy.deepcopy(model)
-    partial = PruningPlan.identity(reference)
+    partial = identity_plan(reference)
     for i in (0, 1):
         partial.layers[i] = copy.deepcopy(plan.layers[i])
     full = collect_statistics(apply_plan(reference, partial), calib, progress=False)

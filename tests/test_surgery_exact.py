@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.plan import PruningPlan
 from secateurs.surgery import apply_plan
@@ -16,7 +17,7 @@ from conftest import FAMILIES, input_ids, masked_reference, tiny_model
 
 
 def _plan(model, kind: str) -> PruningPlan:
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     adapter = get_adapter(model)
     gen = torch.Generator().manual_seed(3)
     for lp in plan.layers:
@@ -105,7 +106,7 @@ def test_config_follows_real_shapes(family):
 
 def test_layer_removal_reindexes_and_slices_config(family):
     dense = tiny_model(family)
-    plan = PruningPlan.identity(dense)
+    plan = identity_plan(dense)
     plan.layers[1].removed = True
     layer_types = getattr(dense.config, "layer_types", None)
     pruned = apply_plan(copy.deepcopy(dense), plan)

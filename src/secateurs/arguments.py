@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from secateurs.errors import SecateursError
+
 
 class CommandLineError(Exception):
     """An argument argparse or a type below refused (the CLI prints it and exits with status 2)."""
@@ -95,3 +97,13 @@ def nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty value; give a path or name")
     return text
+
+
+def parse_list(text: str, kind=str, what: str = "values") -> list:
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise SecateursError(f"could not parse {what} {text!r}: {exc}") from exc
+    if not items:
+        raise SecateursError(f"no {what} given")
+    return items

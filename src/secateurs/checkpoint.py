@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from secateurs.adapters.plans import plan_base
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.hfcompat import load_config, write_config
@@ -158,7 +159,7 @@ def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path,
     check_output_dir(out_dir, force, [folder])
     model, tensors = load_skeleton(folder)
     adapter = get_adapter(model)
-    plan.check_compatible(model)
+    plan.check_compatible(plan_base(model))
     with write_folder(out_dir, force, [folder], kind="model") as tmp:
         weight_map = _write_pruned_shards(model, adapter, tensors, plan, tmp, refits)
         remove_layers(adapter, model, plan.kept_layer_indices())

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recover-lr", type=positive_float, default=DEMO_RECOVERY["lr"],
                    help=f"peak learning rate of the brief full fine-tuning (default: {DEMO_RECOVERY['lr']:g})")
 
-    from secateurs.evaluation.commands import add_parsers as _add_evaluation_parsers
+    from secateurs.cli_evaluation import add_parsers as _add_evaluation_parsers
 
     _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     _add_recover_parser(sub)
@@ -321,7 +321,7 @@ def cmd_demo(args) -> int:
 LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
 COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
 
-from secateurs.evaluation.commands import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
+from secateurs.cli_evaluation import COMMANDS as _EVALUATION_COMMANDS  # noqa: E402
 
 COMMANDS.update(_EVALUATION_COMMANDS)  # eval, bench, report, sweep
 
@@ -345,34 +345,16 @@ def _add_recover_parser(sub) -> None:
 
 
 def cmd_recover(args) -> int:
-    from secateurs.evaluation.perplexity import load_text, perplexity
-    from secateurs.output import check_output_dir
-    from secateurs.loading import load_model
     from secateurs.options import recovery_keywords
-    from secateurs.plan import PLAN_FILENAME, PruningPlan
-    from secateurs.recovery import recover
-    from secateurs.recovery.data import refuse_evaluation_overlap
+    from secateurs.recovery.folders import recover_folder
 
-    options = recovery_keywords(args)
-    data = options.get("data", "self")
-    check_output_dir(args.out, args.force, [args.pruned, args.teacher, data, args.ppl])  # before loading
-    refuse_evaluation_overlap(data, [args.ppl] if args.ppl else None)
-    plan = PruningPlan.load(args.pruned) if (Path(args.pruned) / PLAN_FILENAME).is_file() else None
-    student, tokenizer = load_model(args.pruned, args.dtype, args.device)
-    teacher, teacher_tokenizer = load_model(args.teacher, args.dtype, args.device) if args.teacher else (None, None)
-    text = load_text(args.ppl)[0] if args.ppl else None
-
-    def ppl(model):
-        return perplexity(model, tokenizer, text, seq_len=128, max_tokens=args.ppl_tokens, progress=False)["perplexity"]
-
-    before = ppl(student) if text else None
-    result = recover(student, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, plan=plan,
-                     out=args.out, force=args.force, seed=args.seed or 0,
-                     evaluation_files=[args.ppl] if args.ppl else None, **options)
+    result, ppl = recover_folder(args.pruned, args.out, teacher=args.teacher, force=args.force, dtype=args.dtype,
+                                 device=args.device, seed=args.seed or 0, ppl=args.ppl, ppl_tokens=args.ppl_tokens,
+                                 **recovery_keywords(args))
     _print_recovery(result.record)
-    if text:
-        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {before:.2f} -> "
-              f"{ppl(result.model):.2f}")
+    if ppl:
+        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {ppl['before']:.2f} -> "
+              f"{ppl['after']:.2f}")
     print(f"saved to {result.out}")
     return 0
 

@@ -55,7 +55,7 @@ def _tasks(args) -> list[str] | None:
 
 def _spec(args, text: str):
     from secateurs.evaluation.suite import EvalSpec
-    from secateurs.evaluation.sweep import parse_list
+    from secateurs.arguments import parse_list
 
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     return EvalSpec(text=text, protocols=parse_list(args.protocol, str, "protocols"), batch_size=args.batch_size,

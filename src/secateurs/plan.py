@@ -40,33 +40,6 @@ class PruningPlan:
     layers: list[LayerPlan]
     provenance: dict = field(default_factory=dict)
 
-    # -- construction ------------------------------------------------------
-    @staticmethod
-    def base_info(model) -> dict:
-        """The geometry a plan is bound to: applying it elsewhere is refused."""
-        from secateurs.adapters import get_adapter
-
-        adapter = get_adapter(model)
-        config = model.config
-        layers = adapter.decoder_layers(model)
-        shapes = [adapter.layer_shape(layer) for layer in layers]
-        return {
-            "model_type": config.model_type,
-            "name_or_path": _source_name(config),
-            "num_hidden_layers": len(layers),
-            "hidden_size": config.hidden_size,
-            "head_dim": adapter.head_dim(layers[0]),
-            "vocab_size": config.vocab_size,
-            "layer_shapes": [[s.num_heads, s.num_kv_heads, s.intermediate_size] for s in shapes],
-        }
-
-    @classmethod
-    def identity(cls, model, provenance: dict | None = None) -> "PruningPlan":
-        """A plan that keeps everything (a starting point for building one)."""
-        base = cls.base_info(model)
-        layers = [LayerPlan(index=i) for i in range(base["num_hidden_layers"])]
-        return cls(base=base, layers=layers, provenance=dict(provenance or {}))
-
     # -- queries -----------------------------------------------------------
     def kept_layer_indices(self) -> list[int]:
         return [lp.index for lp in self.layers if not lp.removed]
@@ -75,9 +48,9 @@ class PruningPlan:
         """(num_heads, num_kv_heads, intermediate_size) of a layer of the base model."""
         return tuple(self.base["layer_shapes"][index])
 
-    def check_compatible(self, model) -> None:
-        """Refuse a plan made for a model of another geometry."""
-        here = self.base_info(model)
+    def check_compatible(self, here: dict) -> None:
+        """Refuse a plan made for a model of another geometry (`here`: the model's
+        secateurs.adapters.plans.plan_base)."""
         keys = ("model_type", "num_hidden_layers", "hidden_size", "head_dim", "vocab_size", "layer_shapes")
         diffs = [k for k in keys if here[k] != self.base.get(k)]
         if diffs:
@@ -324,10 +297,6 @@ def _check_indices(indices, size: int, what: str) -> list[int]:
     if idx and (idx[0] < 0 or idx[-1] >= size):
         raise PlanError(f"{what}: indices must lie in [0, {size}), got {idx[0]}..{idx[-1]}")
     return idx
-
-
-def _source_name(config) -> str | None:
-    return getattr(config, "_name_or_path", None) or None
 
 
 def _short(value) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from secateurs.adapters.plans import plan_base
 from secateurs.adapters import get_adapter
 from secateurs.adapters.base import set_linear
 from secateurs.errors import SecateursError
@@ -169,7 +170,7 @@ def check_reconstructable(plan: PruningPlan) -> None:
 def apply_plan_dense(model, plan: PruningPlan, stats: Statistics, settings: Reconstruction):
     """Apply a width plan, every layer re-fitted from the dense model's Gram matrices."""
     check_reconstructable(plan)
-    plan.check_compatible(model)
+    plan.check_compatible(plan_base(model))
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     for lp in plan.layers:
@@ -189,7 +190,7 @@ def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Recon
     from secateurs.streaming import streamed_statistics
 
     check_reconstructable(plan)
-    plan.check_compatible(model)
+    plan.check_compatible(plan_base(model))
     for lp in plan.layers:
         plan.resolve_layer(lp)
     adapter = get_adapter(model)

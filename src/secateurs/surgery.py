@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from secateurs.adapters.plans import plan_base
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
 from secateurs.adapters.base import set_linear
 from secateurs.offload import refuse_offloaded
@@ -187,7 +188,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """
     refuse_offloaded(model, "in-place surgery")
     adapter = get_adapter(model)
-    plan.check_compatible(model)
+    plan.check_compatible(plan_base(model))
     resolved = {lp.index: (lp, *plan.resolve_layer(lp)) for lp in plan.layers if not lp.removed}
     layers = adapter.decoder_layers(model)
     for index, (lp, heads, kv_heads, neurons) in resolved.items():

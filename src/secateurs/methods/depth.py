@@ -28,6 +28,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.criteria.consensus import consensus_ranking
@@ -215,7 +216,7 @@ def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, 
     removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
                                      protect_first=protect_first, protect_last=protect_last, max_tokens=max_tokens,
                                      seed=seed, progress=progress)
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for i in removed:
         plan.layers[i].removed = True
     chosen = {"layers": layers, **target, "layers_removed": removed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.budget import Budget, Geometry, KeepCounts, target_params
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
@@ -75,7 +76,7 @@ def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compen
     gone: dict[tuple[int, int], set[int]] = {}
     for _, i, kind, index, _ in chosen[: best[1]]:
         gone.setdefault((i, kind), set()).add(index)
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for lp, shape, a, m in zip(plan.layers, geo.shapes, stats.attention, stats.mlp):
         g = shape.group_size
         units = gone.get((lp.index, 0), set())

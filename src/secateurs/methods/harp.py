@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration
@@ -157,7 +158,7 @@ def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_
         raise SecateursError(f"HARP alphas must be finite numbers, got {alphas}")
     if alphas is None:
         alphas, curves = search_alphas(model, calibration, num_layers, grid, progress)
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for index, alpha in alphas.items():
         plan.layers[index].attention = {"mode": "removed"} if alpha == 0 else {"mode": "value", "alpha": alpha}
     flap = {}

@@ -3,6 +3,7 @@ best-scored ones."""
 
 from __future__ import annotations
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import LayerShape
 from secateurs.budget import KeepCounts
 from secateurs.criteria import StructureScores
@@ -11,7 +12,7 @@ from secateurs.selection import select_heads, top_indices
 
 
 def uniform_width_plan(model, scores: StructureScores, counts: list[KeepCounts]) -> PruningPlan:
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     for lp, keep, head_scores, neuron_scores in zip(plan.layers, counts, scores.heads, scores.neurons):
         shape = LayerShape(*plan.layer_shape(lp.index))
         if keep.num_heads < shape.num_heads:

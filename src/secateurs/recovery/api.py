@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from secateurs.adapters.plans import plan_base
 from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
@@ -384,6 +385,6 @@ def _shape_fingerprint(model) -> str:
 def _is_plan_base(teacher, plan: PruningPlan | None) -> bool | None:
     if plan is None:
         return None
-    here = PruningPlan.base_info(teacher)
+    here = plan_base(teacher)
     keys = ("model_type", "num_hidden_layers", "hidden_size", "head_dim", "vocab_size", "layer_shapes")
     return all(here[k] == plan.base.get(k) for k in keys)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 
+from secateurs.adapters.plans import identity_plan
 from secateurs.calibration import Calibration, load_calibration
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
-from secateurs.plan import PruningPlan
 from secateurs.progress import status
 from secateurs.recovery.api import recover
 from secateurs.surgery import apply_plan
@@ -50,7 +50,7 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
         calibration, tokenizer, model=model, **(calibration_options or {}))  # once, from the dense model
     dense = copy.deepcopy(model)
     params_before = model_stats(model).total_params
-    plan = PruningPlan.identity(model)
+    plan = identity_plan(model)
     kept = list(range(len(plan.layers)))  # original index of each layer still in the model
     rounds, records = [], []
     for r in range(layers):

@@ -1,5 +1,6 @@
 """Sweep: prune one model with several methods at several ratios, evaluate each, and plot
-perplexity and zero-shot accuracy against the fraction of parameters removed.
+perplexity and zero-shot accuracy against the fraction of parameters removed. (A run of pruning
+recipes, so it lives beside the pipeline, not in secateurs.evaluation, which never imports methods.)
 
 The dense model is loaded once; every point prunes a deep copy (so points are independent and
 the order does not matter) and frees it after evaluation. A point that cannot be made (for
@@ -19,16 +20,6 @@ from secateurs.progress import bar
 from secateurs.errors import SecateursError
 from secateurs.output import write_file, write_folder
 from secateurs.evaluation.suite import EvalSpec, evaluate
-
-
-def parse_list(text: str, kind=str, what: str = "values") -> list:
-    try:
-        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise SecateursError(f"could not parse {what} {text!r}: {exc}") from exc
-    if not items:
-        raise SecateursError(f"no {what} given")
-    return items
 
 
 def check_methods_ratios(methods: list[str], ratios: list[float]) -> None:

@@ -75,7 +75,7 @@ def _label(source: str, taken: set[str]) -> str:
 def _spec(args):
     from secateurs.evaluation.perplexity import load_text
     from secateurs.evaluation.suite import EvalSpec
-    from secateurs.evaluation.sweep import parse_list
+    from secateurs.arguments import parse_list
     from secateurs.evaluation.zero_shot import parse_tasks
 
     text, text_info = (None, None)
@@ -135,7 +135,7 @@ def _check_out(args, inputs, siblings: tuple[str, ...] = ()) -> Path | None:
 def cmd_bench(args) -> int:
 
     from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, folder_bytes
-    from secateurs.evaluation.sweep import parse_list
+    from secateurs.arguments import parse_list
     from secateurs.loading import load_model
 
     sources = ([args.baseline] if args.baseline else []) + [args.model]
@@ -174,7 +174,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from secateurs.evaluation.sweep import check_methods_ratios, parse_list, run_sweep
+    from secateurs.arguments import parse_list
+    from secateurs.sweep import check_methods_ratios, run_sweep
     from secateurs.loading import check_device, load_model
     from secateurs.output import check_output_dir
 

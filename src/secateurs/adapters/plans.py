@@ -1,0 +1,31 @@
+"""The geometry a plan is bound to, read from a model through its adapter: secateurs.plan stays pure
+data (JSON, validation, queries) and never looks at a model."""
+
+from __future__ import annotations
+
+from secateurs.adapters import get_adapter
+from secateurs.plan import LayerPlan, PruningPlan
+
+
+def plan_base(model) -> dict:
+    """The geometry a plan is bound to: applying it elsewhere is refused."""
+    adapter = get_adapter(model)
+    config = model.config
+    layers = adapter.decoder_layers(model)
+    shapes = [adapter.layer_shape(layer) for layer in layers]
+    return {
+        "model_type": config.model_type,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "num_hidden_layers": len(layers),
+        "hidden_size": config.hidden_size,
+        "head_dim": adapter.head_dim(layers[0]),
+        "vocab_size": config.vocab_size,
+        "layer_shapes": [[s.num_heads, s.num_kv_heads, s.intermediate_size] for s in shapes],
+    }
+
+
+def identity_plan(model, provenance: dict | None = None) -> PruningPlan:
+    """A plan that keeps everything (a starting point for building one)."""
+    base = plan_base(model)
+    layers = [LayerPlan(index=i) for i in range(base["num_hidden_layers"])]
+    return PruningPlan(base=base, layers=layers, provenance=dict(provenance or {}))

@@ -1,0 +1,37 @@
+"""Recover a saved model into a new folder: the library side of `secateurs recover` (the command
+line only parses its arguments into these keywords)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from secateurs.recovery.api import RecoveryResult, recover
+
+
+def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: bool = False, dtype=None,
+                   device: str = "cpu", seed: int = 0, ppl: str | None = None, ppl_tokens: int = 65536,
+                   **options) -> tuple[RecoveryResult, dict | None]:
+    """Load `pruned` (and its dense `teacher`), recover it with secateurs.recover's `options`, save
+    to `out`. With `ppl` (a text source, refused as training data) the perplexity (seq 128, first
+    `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}."""
+    from secateurs.evaluation.perplexity import load_text, perplexity
+    from secateurs.loading import load_model
+    from secateurs.output import check_output_dir
+    from secateurs.plan import PLAN_FILENAME, PruningPlan
+    from secateurs.recovery.data import refuse_evaluation_overlap
+
+    data = options.get("data", "self")
+    check_output_dir(out, force, [pruned, teacher, data, ppl])  # before loading anything
+    refuse_evaluation_overlap(data, [ppl] if ppl else None)
+    plan = PruningPlan.load(pruned) if (Path(pruned) / PLAN_FILENAME).is_file() else None
+    student, tokenizer = load_model(pruned, dtype, device)
+    dense, dense_tokenizer = load_model(teacher, dtype, device) if teacher else (None, None)
+    text = load_text(ppl)[0] if ppl else None
+
+    def measure(model):
+        return perplexity(model, tokenizer, text, seq_len=128, max_tokens=ppl_tokens, progress=False)["perplexity"]
+
+    before = measure(student) if text else None
+    result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
+                     force=force, seed=seed, evaluation_files=[ppl] if ppl else None, **options)
+    return result, ({"before": before, "after": measure(result.model)} if text else None)
