@@ -107,8 +107,8 @@ def _reconstruct_options(args) -> dict:
     return out
 
 
-# Method options: (args attribute, flag) for each field of the methods' options dataclasses
-# (secateurs.methods.*Options), and the parser's default of each, to tell a given flag from its default.
+# Method options: the argparse destination of each field of the methods' options dataclasses
+# (secateurs.methods.*Options), and the parser's defaults, to tell a flag given from its default.
 METHOD_FLAGS = {"selection": "selection", "gqa": "gqa", "rounding": "rounding", "round_to": "round_to",
                 "allocation": "allocation", "split": "split", "averaging": "averaging", "layers": "layers",
                 "top_layers": "top_layers", "metrics": "metrics", "iterative": "iterative",
@@ -139,12 +139,6 @@ def _method_options(args) -> dict:
             flag = "--" + dest.replace("_", "-")
             raise SecateursError(f"{flag} applies to {', '.join(methods_taking(name))}, not to {args.method!r}")
     return options
-
-
-def _prune_options(args) -> dict:
-    return dict(**_method_options(args), ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent,
-                calibration=args.calib, statistics=args.stats, seed=args.seed or 0,
-                calibration_options=_calibration_options(args))
 
 
 def _calibration_options(args) -> dict:
