@@ -106,3 +106,16 @@ def test_evaluation_never_imports_methods_or_runs_pruning():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith(above) for n in names), (path.name, names)
+
+
+def test_a_library_job_never_writes_into_what_it_reads(tmp_path):
+    """Without `inputs`, a job still protects its model folder and calibration file."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(STORIES, model)
+    job = PruneJob(str(model), str(model / "pruned"), method="magnitude", ratio=0.2)
+    assert job.inputs == [str(model.resolve())]
+    with pytest.raises(SecateursError, match="lies inside it, and the input model and files are never written"):
+        run(job)
+    assert not (model / "pruned").exists()

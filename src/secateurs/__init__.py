@@ -18,6 +18,8 @@ _PUBLIC = {
     "prune": "secateurs.methods",
     "recover": "secateurs.recovery",
     "export_gguf": "secateurs.export",
+    "PruneJob": "secateurs.pipeline",
+    "run": "secateurs.pipeline",
 }
 
 __all__ = ["__version__", *_PUBLIC]

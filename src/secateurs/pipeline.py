@@ -61,6 +61,14 @@ class PruneJob:
     iterative_recovery: bool = False  # depth methods: recover after every removed layer (Consensus's pipeline)
     inputs: list = field(default_factory=list)  # every file the run reads: never written or replaced
 
+    def __post_init__(self):
+        if not self.inputs:  # a library caller: the model and a calibration file are what it reads
+            from secateurs.loading import resolve_source
+
+            _, path = resolve_source(self.source)
+            given = [self.calibration] if isinstance(self.calibration, str) and Path(self.calibration).exists() else []
+            self.inputs = [str(path) if path else self.source, *given]
+
     def plan_keywords(self) -> dict:
         """make_plan / prune keywords: the method's options and what every method reads."""
         return dict(**self.options, ratio_of=self.ratio_of, layers_equivalent=self.layers_equivalent,
