@@ -35,7 +35,8 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     p.add_argument("--rounding", default=PRUNE_DEFAULTS["rounding"], choices=ROUNDINGS,
                    help="balanced: closest to the target; paper: official AMP shapes; "
                         "structures: --ratio is a fraction of heads and of neurons")
-    p.add_argument("--round-to", type=positive_int, default=PRUNE_DEFAULTS["round_to"], metavar="M", help="keep neuron counts a multiple of M")
+    p.add_argument("--round-to", type=positive_int, default=PRUNE_DEFAULTS["round_to"], metavar="M",
+                   help="keep neuron counts a multiple of M")
     p.add_argument("--gqa", default=PRUNE_DEFAULTS["gqa"], choices=GQA_MODES,
                    help="grouped-query attention: remove whole KV groups, or the same number of heads in each group")
     p.add_argument("--selection", default=PRUNE_DEFAULTS["selection"], choices=SELECTIONS,
@@ -65,8 +66,10 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
                                          "procrustes,permutation; also cka-unbiased, nll, bi)")
     depth.add_argument("--iterative", action="store_true", help="remove one layer at a time, re-scoring the rest")
-    depth.add_argument("--protect-first", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_first"], metavar="N", help="never remove the first N layers (default: 1)")
-    depth.add_argument("--protect-last", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_last"], metavar="N", help="never remove the last N layers (default: 1)")
+    depth.add_argument("--protect-first", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_first"], metavar="N",
+                       help="never remove the first N layers (default: 1)")
+    depth.add_argument("--protect-last", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_last"], metavar="N",
+                       help="never remove the last N layers (default: 1)")
     depth.add_argument("--depth-tokens", type=positive_int, default=PRUNE_DEFAULTS["depth_tokens"], metavar="N",
                        help="score layers on a seeded subsample of N calibration tokens (default: 2048)")
     harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --top-layers layers")

@@ -98,7 +98,8 @@ def harp_layers_for_ratio(model, ratio: float | None) -> int:
     """Fewest top layers whose attention, turned into the fused value path, saves at least
     `ratio` of all parameters (alpha = 0 would save a little more)."""
     if ratio is None:
-        raise SecateursError("HARP needs top_layers=N (--top-layers; or a ratio of parameters to remove through attention)")
+        raise SecateursError("HARP needs top_layers=N (--top-layers), or a ratio of parameters to remove through "
+                             "attention")
     geo = Geometry.of(model)
     adapter = get_adapter(model)
     target, _ = target_params(geo, ratio)
