@@ -37,6 +37,7 @@ from secateurs.evaluation.speed import plain_forward_seconds
 from secateurs.loading import load_model
 from secateurs.evaluation.zero_shot import zero_shot
 from secateurs.methods import make_plan, prune
+from secateurs.methods.registry import methods_taking
 from secateurs.output import write_file
 from secateurs.statistics import collect_statistics
 
@@ -82,9 +83,10 @@ def machine() -> dict:
 
 def timed_prune(model, tok, variant: str, ratio: float, **options):
     method, selection, extra = VARIANTS[variant]
+    if method in methods_taking("selection"):  # FLAP chooses by its own global threshold
+        extra = {"selection": selection, **extra}
     start = time.perf_counter()
-    model, plan = prune(model, tok, method=method, ratio=ratio, selection=selection, progress=False,
-                        **{**options, **extra})
+    model, plan = prune(model, tok, method=method, ratio=ratio, progress=False, **{**options, **extra})
     return model, plan, time.perf_counter() - start
 
 
