@@ -226,6 +226,14 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
     return calibration
 
 
+def as_calibration(calibration, tokenizer, *, model=None, options: dict | None = None) -> Calibration:
+    """`calibration` itself when it is already a Calibration, else its source spec loaded with
+    `options` (load_calibration's keywords): the one place a spec becomes data."""
+    if isinstance(calibration, Calibration):
+        return calibration
+    return load_calibration(calibration, tokenizer, model=model, **(options or {}))
+
+
 def check_calibration_length(config, max_length: int | None) -> None:
     """A calibration sample longer than the model's context is meaningless (and 'self' would
     generate it for minutes): refuse it before any work."""

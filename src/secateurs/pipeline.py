@@ -209,7 +209,6 @@ def _streamed(job: PruneJob) -> PruneResult:
 def _streamed_plan(job: PruneJob, tokenizer) -> PruningPlan:
     """Statistics streamed layer by layer (resumable with scores_cache); weight-based criteria,
     HARP's search and depth scoring read each layer when they reach it."""
-    from secateurs.calibration import check_calibration_length, load_calibration
     from secateurs.checkpoint import load_skeleton
     from secateurs.methods import make_plan
     from secateurs.methods.registry import get_method
@@ -221,11 +220,8 @@ def _streamed_plan(job: PruneJob, tokenizer) -> PruningPlan:
     skeleton, tensors = load_skeleton(job.source, load_outside_layers=method.needs.lm_head, lazy_layers=True,
                                       device=job.device)
     if method.needs.calibration:
-        if keywords["calibration"] in (None, "self"):
-            raise SecateursError("--streamed needs a calibration file (--calib): 'self' would generate text "
-                                 "with the whole model")
-        check_calibration_length(skeleton.config, job.calibration_options.get("max_length"))
-        keywords["calibration"] = load_calibration(keywords["calibration"], tokenizer, **job.calibration_options)
+        keywords["calibration"] = _file_calibration(job, tokenizer, skeleton.config, "--streamed needs a calibration "
+                                                    "file (--calib): 'self' would generate text with the whole model")
     if method.needs.statistics:
         stats = streamed_statistics(skeleton, keywords["calibration"], checkpoint=tensors, device=job.device,
                                     cache_dir=job.scores_cache)
@@ -235,21 +231,29 @@ def _streamed_plan(job: PruneJob, tokenizer) -> PruningPlan:
     return make_plan(skeleton, job.method, job.ratio, tokenizer=tokenizer, **keywords)
 
 
+def _file_calibration(job: PruneJob, tokenizer, config, refusal: str):
+    """A streamed run's calibration data: from a file (never 'self', which would need the whole
+    model to generate it), no longer than the model's context."""
+    from secateurs.calibration import check_calibration_length, load_calibration
+
+    if job.calibration in (None, "self"):
+        raise SecateursError(refusal)
+    check_calibration_length(config, job.calibration_options.get("max_length"))
+    return load_calibration(job.calibration, tokenizer, **job.calibration_options)
+
+
 def _streamed_reconstructed(job: PruneJob, plan: PruningPlan, settings, tokenizer) -> Path:
     """Sequential re-fitting layer by layer from the checkpoint (one layer in memory), the fits
     kept on disk beside the run until prune_checkpoint writes them into the output shards."""
-    from secateurs.calibration import check_calibration_length, load_calibration
     from secateurs.checkpoint import load_skeleton, prune_checkpoint
     from secateurs.reconstruction import RefitStore, apply_plan_sequential
 
     if settings.mode != "sequential":
         raise SecateursError("--streamed reconstructs sequentially (one layer's Gram matrices in memory); "
                              "use --reconstruct sequential")
-    if job.calibration in (None, "self"):
-        raise SecateursError("--streamed --reconstruct needs a calibration file (--calib)")
     skeleton, tensors = load_skeleton(job.source, load_outside_layers=False, lazy_layers=True, device=job.device)
-    check_calibration_length(skeleton.config, job.calibration_options.get("max_length"))
-    calibration = load_calibration(job.calibration, tokenizer, **job.calibration_options)
+    calibration = _file_calibration(job, tokenizer, skeleton.config, "--streamed --reconstruct needs a calibration "
+                                                                     "file (--calib)")
     plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": calibration.hash}
     with tempfile.TemporaryDirectory(prefix="secateurs-refit-") as folder:
         store = RefitStore(folder)

@@ -8,7 +8,7 @@ import logging
 import os
 
 from secateurs.accounting import model_stats
-from secateurs.calibration import Calibration, load_calibration
+from secateurs.calibration import Calibration, as_calibration
 from secateurs.errors import SecateursError
 from secateurs.identity import model_identity
 from secateurs.methods.base import PlanContext
@@ -40,8 +40,7 @@ def resolve_statistics(model, tokenizer, calibration=None, statistics=None, cali
             raise SecateursError("dense reconstruction needs statistics with Gram matrices; these have none (collect "
                                  "them with gram=True, or use sequential reconstruction)")
         return stats
-    if not isinstance(calibration, Calibration):
-        calibration = load_calibration(calibration, tokenizer, model=model, **(calibration_options or {}))
+    calibration = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
     stats = collect_statistics(model, calibration, progress=progress, gram=gram)
     if statistics is not None:
         stats.description["model"] = model_identity(model)
@@ -125,9 +124,9 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
                                   options.get("rounding", "balanced"), options.get("round_to", 1))
     calibration, statistics = options.get("calibration"), options.get("statistics")
     if settings is not None:
-        if settings.mode == "sequential" and not isinstance(calibration, Calibration):
-            calibration = load_calibration(calibration, tokenizer, model=model,
-                                           **(options.get("calibration_options") or {}))
+        if settings.mode == "sequential":
+            calibration = as_calibration(calibration, tokenizer, model=model,
+                                         options=options.get("calibration_options"))
         if settings.mode == "dense":
             statistics = resolve_statistics(model, tokenizer, calibration, statistics,
                                             options.get("calibration_options"), options.get("progress", True), gram=True)

@@ -63,12 +63,11 @@ class PlanContext:
     scores_out: dict | None = None  # receives the StructureScores behind the plan (reports)
 
     def calibration_data(self):
-        """The calibration set, loaded from its spec once (the one place a spec becomes data)."""
-        from secateurs.calibration import Calibration, load_calibration
+        """The calibration set, loaded from its spec once and kept for the rest of the plan."""
+        from secateurs.calibration import as_calibration
 
-        if not isinstance(self.calibration, Calibration):
-            self.calibration = load_calibration(self.calibration, self.tokenizer, model=self.model,
-                                                **(self.calibration_options or {}))
+        self.calibration = as_calibration(self.calibration, self.tokenizer, model=self.model,
+                                          options=self.calibration_options)
         return self.calibration
 
     def activation_statistics(self, gram: bool = False):

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.budget import Geometry, target_params
-from secateurs.calibration import Calibration, load_calibration
+from secateurs.calibration import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
 from secateurs.errors import SecateursError
@@ -211,8 +211,7 @@ def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, 
                                            layers_equivalent)
     calib = None
     if DEPTH_METHODS[method].choice != "random":
-        calib = calibration if isinstance(calibration, Calibration) else load_calibration(
-            calibration, tokenizer, model=model, **(calibration_options or {}))
+        calib = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
     removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
                                      protect_first=protect_first, protect_last=protect_last, max_tokens=max_tokens,
                                      seed=seed, progress=progress)

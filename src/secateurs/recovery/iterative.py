@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.calibration import Calibration, load_calibration
+from secateurs.calibration import as_calibration
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
@@ -46,8 +46,8 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     budget = recovery.pop("tokens", DEFAULT_TOKENS)
     if layers < 1 or budget < layers:
         raise SecateursError(f"{budget} recovery tokens cannot be split over {layers} removals")
-    calib = calibration if isinstance(calibration, Calibration) else load_calibration(
-        calibration, tokenizer, model=model, **(calibration_options or {}))  # once, from the dense model
+    # once, from the dense model
+    calib = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
     dense = copy.deepcopy(model)
     params_before = model_stats(model).total_params
     plan = identity_plan(model)
