@@ -43,7 +43,7 @@ from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
 from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
-from secateurs.methods.depth import CONSENSUS_METRICS
+from secateurs.methods.options import CONSENSUS_METRICS
 from secateurs.statistics import collect_statistics
 from secateurs.surgery import apply_plan
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -204,63 +203,65 @@ def test_stale_folders_of_killed_runs_are_cleaned_or_restored(world, tmp_path, c
     assert snapshot(out) == old
 
 
-SLOW_WRITER = """
-import sys, time, types
+PHASED_WRITER = """
+import os, sys, time
 import secateurs.hfcompat, secateurs.io, secateurs.output as out
 from secateurs.cli import main
 
-def slow(f, before=0.0, after=0.0):
+def announced(f, phase, done=False):
+    # says on stdout that a phase of the writer begins (or, done, has ended); in the phase the test
+    # kills in (HOLD_PHASE), holds there so that the kill lands inside it
     def run(*a, **k):
-        time.sleep(before)
+        if not done:
+            print(phase, flush=True)
         r = f(*a, **k)
-        time.sleep(after)
+        if done:
+            print(phase, flush=True)
+        if phase == os.environ["HOLD_PHASE"]:
+            time.sleep(60)
         return r
     return run
 
-# a slow disk: each phase of the writer takes a moment, so a kill can land inside it
-secateurs.io.save_model_files = slow(secateurs.hfcompat.save_model_files, after=0.5)   # weights written
-out._finish_tree = slow(out._finish_tree, before=0.5)                                  # permissions, fsync
-out.shutil = types.SimpleNamespace(rmtree=slow(out.shutil.rmtree, before=0.5))        # old output deleted
+secateurs.io.save_model_files = announced(secateurs.hfcompat.save_model_files, "weights")  # written, not synced
+out._finish_tree = announced(out._finish_tree, "sync")                               # permissions, fsync
+out._exchange = announced(out._exchange, "swapped", done=True)                       # old output not yet removed
 sys.exit(main(sys.argv[1:]))
 """
 
 
+def _kill_in_phase(command: list[str], env: dict, phase: str) -> None:
+    """Run the phased writer and SIGKILL it once it announces `phase` (it then holds there)."""
+    child = subprocess.Popen(command, env={**env, "HOLD_PHASE": phase}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in child.stdout:
+            if line.strip() == phase:
+                child.send_signal(signal.SIGKILL)
+                break
+        else:
+            pytest.fail(f"the run ended (status {child.wait()}) without reaching the {phase!r} phase")
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
 def test_kill_at_any_moment_never_leaves_a_partial_output(world, tmp_path):
     """SIGKILL while the weights are written, while they are synced, and between the swap and the
-    removal of the old output: the output path always holds one complete model, old or new."""
+    removal of the old output: the output path always holds one complete model, the old one until
+    the swap and the new one after it."""
     out, old = _previous_output(tmp_path, world)
-    new = None
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    command = [sys.executable, "-c", SLOW_WRITER, "prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]
-    def swapped() -> bool:  # the exchange put the new folder (another inode) at the output path
-        return os.stat(out).st_ino != inode
-
-    # kills at set moments after writing starts, then one that waits for the swap itself (the old
-    # output not yet deleted): on a loaded machine the moments drift, the last kill does not
-    for delay in (0.1, 0.3, 0.6, 0.8, 1.1, 1.3, "swap"):
-        inode = os.stat(out).st_ino
-        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(f".out.tmp-{child.pid}-*")) and child.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        if delay == "swap":
-            while not swapped() and child.poll() is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-            assert child.poll() is None, "the run ended before the kill: the test did not cover the swap"
-        else:
-            time.sleep(delay)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        state = snapshot(out)
-        assert (out / MARKER).exists(), f"killed {delay} s into writing: no complete output"
-        if state != old:
-            new = new or state
-            assert state == new, f"killed {delay} s into writing: a mixed output"
-    assert new is not None, "no kill landed after the swap: the test did not cover it"
+    command = [sys.executable, "-c", PHASED_WRITER, "prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]
+    for phase in ("weights", "sync"):
+        _kill_in_phase(command, env, phase)
+        assert snapshot(out) == old, f"killed while {phase}: the old output changed"
     assert list(tmp_path.glob(".out.tmp-*")), "no kill left a temp folder: the test did not cover writing"
+    _kill_in_phase(command, env, "swapped")
+    new = snapshot(out)
+    assert (out / MARKER).exists() and new != old, "killed after the swap: the new output is not in place"
     assert main(["prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]) == 0
+    weights = [name for name in new if name.endswith(".safetensors")]
+    assert weights and all(snapshot(out)[name] == new[name] for name in weights)  # the kill's output was whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M", "out"]  # stale temps of the killed runs are gone
 
 

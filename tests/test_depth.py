@@ -23,7 +23,8 @@ from secateurs.criteria.similarity import DISTANCES
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.methods import METHODS, make_plan
-from secateurs.methods.depth import CONSENSUS_METRICS, DEPTH_METHODS, layers_for_target
+from secateurs.methods.depth import DEPTH_METHODS, layers_for_target
+from secateurs.methods.options import CONSENSUS_METRICS
 from secateurs.plan import PruningPlan
 from secateurs.surgery import apply_plan
 

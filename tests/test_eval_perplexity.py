@@ -118,3 +118,28 @@ def test_sources_wikitext_crlf_and_c4_jsonl(tmp_path):
 def test_real_c4_sample_reads():
     text, info = load_text(ASSETS / "text" / "c4" / "c4_sample_1000.jsonl", max_docs=3)
     assert text.startswith("Beginners BBQ Class Taking Place in Missoula!")
+
+
+def test_one_next_token_nll_on_adapter_logits_equals_the_models_own_loss(family):
+    """runner.summed_next_token_nll (used by perplexity, depth scoring and HARP's search) on final-normed
+    hidden states through the adapter's logits equals cross-entropy of the model's own forward: family
+    quirks (gemma2's soft-capping) come from the adapter, ignored targets are skipped, and rows beyond
+    one chunk are scored."""
+    from secateurs.adapters import get_adapter
+    from secateurs.runner import NLL_CHUNK_ROWS, summed_next_token_nll
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 64, (3, NLL_CHUNK_ROWS // 2 + 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, use_cache=False)
+        targets = ids[:, 1:].clone()
+        targets[0, :5] = -1
+        expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 64), targets.reshape(-1),
+                                                     ignore_index=-1, reduction="sum")
+        normed = out.hidden_states[-1][:, :-1]
+        got, count = summed_next_token_nll(normed, targets, lambda rows: adapter.logits(model, rows))
+        from_logits, _ = summed_next_token_nll(out.logits[:, :-1], targets)
+    assert count == targets.numel() - 5 and count > NLL_CHUNK_ROWS
+    assert got == pytest.approx(expected.item(), rel=1e-12)
+    assert from_logits == pytest.approx(expected.item(), rel=1e-12)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS, get_method, make_plan
-from secateurs.methods.registry import methods_taking
+from secateurs.methods.options import methods_taking
 from secateurs.pipeline import PruneJob, run
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
@@ -68,6 +68,31 @@ def test_options_a_method_does_not_take_are_refused_with_who_takes_them():
     with pytest.raises(SecateursError, match="unknown method 'nope'"):
         get_method("nope")
     assert methods_taking("top_layers") == ["harp"] and "flap" in methods_taking("gqa")
+
+
+def test_command_line_flags_and_help_come_from_the_options_dataclasses(capsys):
+    """The options dataclasses are the one declaration: the registry's methods hold the classes the
+    command line reads (without torch), every option field with a flag is in `prune --help` with the
+    methods that take it, and a flag reaches the method as its field."""
+    from secateurs.cli import _method_options, build_parser
+    from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of
+
+    assert {name: type(m).options for name, m in METHODS.items()} == OPTIONS_BY_METHOD
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "--help"])
+    text = capsys.readouterr().out
+    for name, cls in OPTIONS_BY_METHOD.items():
+        flags = [flag_of(f) for f in dataclasses.fields(cls) if flag_of(f)]
+        line = next(x for x in text.splitlines() if x.startswith("  ") and name in x.split(":")[0].strip().split(", "))
+        assert line.split(": ", 1)[1].split() == (flags or ["(none)"])
+        assert all(f"  {flag}" in text for flag in flags)
+    args = parser.parse_args(["prune", "m", "--out", "o", "--method", "consensus", "--depth-tokens", "64",
+                              "--protect-last", "2"])
+    assert _method_options(args) == {"max_tokens": 64, "protect_last": 2}  # given flags only: defaults are the method's
+    args = parser.parse_args(["prune", "m", "--out", "o", "--method", "flap", "--rounding", "balanced"])
+    with pytest.raises(SecateursError, match="--rounding applies to amp, .*not to 'flap'"):
+        _method_options(args)
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

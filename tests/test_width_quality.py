@@ -280,8 +280,8 @@ def test_cli_split_values():
     from secateurs.cli import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["prune", "m", "--out", "o", "--split", "search"]).split == "search"
-    assert parse(["prune", "m", "--out", "o", "--split", "0.25", "--reconstruct"]).split == 0.25
+    assert parse(["prune", "m", "--out", "o", "--split", "search"]).method_split == "search"
+    assert parse(["prune", "m", "--out", "o", "--split", "0.25", "--reconstruct"]).method_split == 0.25
     assert parse(["prune", "m", "--out", "o", "--reconstruct"]).reconstruct == "sequential"
     with pytest.raises(CommandLineError, match="split"):
         parse(["prune", "m", "--out", "o", "--split", "1.5"])

@@ -6,19 +6,20 @@ Exit status: 0 success, 2 bad input (the message says what to do), 1 unexpected 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import traceback
 from pathlib import Path
 
 from secateurs import progress
-from secateurs.arguments import (CommandLineError, Parser, finite_list, fraction, name_list, nonempty,
+from secateurs.arguments import (CommandLineError, Parser, fraction, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
 from secateurs.options import (DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args, add_out_arg,
                                add_recovery_args, add_runtime_args)
-from secateurs.names import (ALLOCATIONS, GQA_MODES, METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES, ROUNDINGS, SELECTIONS,
-                             SPLITS)
+from secateurs.methods.options import OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
+from secateurs.names import METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES
 from secateurs.version import __version__
 
 
@@ -32,24 +33,8 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
                    help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
     p.add_argument("--layers-equivalent", type=positive_float, metavar="K",
                    help="remove K decoder layers' worth of parameters instead of --ratio (official AMP 'iterations')")
-    p.add_argument("--rounding", default=PRUNE_DEFAULTS["rounding"], choices=ROUNDINGS,
-                   help="balanced: closest to the target; paper: official AMP shapes; "
-                        "structures: --ratio is a fraction of heads and of neurons")
-    p.add_argument("--round-to", type=positive_int, default=PRUNE_DEFAULTS["round_to"], metavar="M",
-                   help="keep neuron counts a multiple of M")
-    p.add_argument("--gqa", default=PRUNE_DEFAULTS["gqa"], choices=GQA_MODES,
-                   help="grouped-query attention: remove whole KV groups, or the same number of heads in each group")
-    p.add_argument("--selection", default=PRUNE_DEFAULTS["selection"], choices=SELECTIONS,
-                   help="standard: drop the lowest scores; reversed: drop the highest (sanity check); random")
-    p.add_argument("--averaging", default=PRUNE_DEFAULTS["averaging"], choices=("prompt", "token"),
-                   help="AMP score averaging: per prompt then over prompts (paper), or over all tokens")
-    width = p.add_argument_group("width quality (score-based width methods; see README 'Beyond the paper')")
-    width.add_argument("--allocation", choices=ALLOCATIONS,
-                       help="uniform: every layer the same widths (stock from_pretrained loads it); global: one "
-                            "threshold on per-layer standardised scores, layers differ (loads with load_pruned)")
-    width.add_argument("--split", type=_split,
-                       help="attention's share of the removed parameters: balanced (same fraction of head units as "
-                            "of neurons), search (the candidate with the lowest calibration KL) or a number in [0, 1]")
+    _add_method_args(p)
+    width = p.add_argument_group("reconstruction (width methods): least-squares re-fit after surgery")
     width.add_argument("--reconstruct", nargs="?", const="sequential", choices=(*RECONSTRUCT_MODES, "none"),
                        help="re-fit o_proj / down_proj by least squares to reproduce the dense layer outputs on the "
                             "calibration data: sequential (default when given: each layer on the pruned layers' "
@@ -61,41 +46,11 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     add_calibration_args(p)
     p.add_argument("--stats", metavar="FILE", type=nonempty,
                    help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
-    depth = p.add_argument_group("depth methods (consensus, depth-*): remove whole decoder layers")
-    depth.add_argument("--layers", type=positive_int, metavar="K", help="remove K decoder layers (default: --ratio rounded to layers)")
-    depth.add_argument("--metrics", type=name_list, help="comma-separated consensus metrics (default: cka,cosine,angular,wasserstein,"
-                                         "procrustes,permutation; also cka-unbiased, nll, bi)")
-    depth.add_argument("--iterative", action="store_true", help="remove one layer at a time, re-scoring the rest")
-    depth.add_argument("--protect-first", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_first"], metavar="N",
-                       help="never remove the first N layers (default: 1)")
-    depth.add_argument("--protect-last", type=nonnegative_int, default=PRUNE_DEFAULTS["protect_last"], metavar="N",
-                       help="never remove the last N layers (default: 1)")
-    depth.add_argument("--depth-tokens", type=positive_int, default=PRUNE_DEFAULTS["depth_tokens"], metavar="N",
-                       help="score layers on a seeded subsample of N calibration tokens (default: 2048)")
-    harp = p.add_argument_group("HARP (--method harp): identity-matrix attention in the top --top-layers layers")
-    harp.add_argument("--top-layers", type=positive_int, metavar="N",
-                      help="the top N layers (default: the fewest that reach --ratio; --layers N is read as this "
-                           "for HARP, as before)")
-    harp.add_argument("--alpha-grid", metavar="A,B,...", type=finite_list, help="alpha values to search (default: 0.0,0.1,...,1.0)")
-    harp.add_argument("--flap-ratio", type=fraction, metavar="R",
-                      help="then prune R of all parameters from the MLPs with FLAP (as the paper pairs them)")
     add_out_arg(p, required=default_out is None, default=default_out,
                 help="output folder (must not exist, nor be, contain or lie inside the input)"
                      + (f" (default: {default_out})" if default_out else ""))
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
-
-
-def _split(text: str):
-    if text in SPLITS:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"takes {', '.join(SPLITS)} or a share in [0, 1], got {text!r}")
-    return value
 
 
 def _reconstruct_options(args) -> dict:
@@ -110,38 +65,53 @@ def _reconstruct_options(args) -> dict:
     return out
 
 
-# Method options: the argparse destination of each field of the methods' options dataclasses
-# (secateurs.methods.*Options), and the parser's defaults, to tell a flag given from its default.
-METHOD_FLAGS = {"selection": "selection", "gqa": "gqa", "rounding": "rounding", "round_to": "round_to",
-                "allocation": "allocation", "split": "split", "averaging": "averaging", "layers": "layers",
-                "top_layers": "top_layers", "metrics": "metrics", "iterative": "iterative",
-                "protect_first": "protect_first", "protect_last": "protect_last", "max_tokens": "depth_tokens",
-                "alpha_grid": "alpha_grid", "flap_ratio": "flap_ratio"}
-PRUNE_DEFAULTS = {"selection": "standard", "gqa": "groups", "rounding": "balanced", "round_to": 1,
-                  "averaging": "prompt", "protect_first": 1, "protect_last": 1, "depth_tokens": 2048}
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """Every method option's flag, built from the options dataclasses (secateurs.methods.options): one
+    group per class, each flag once. Only flags given reach the namespace (SUPPRESS), so a method's
+    own defaults apply and a flag given to a method that does not take it can be refused."""
+    seen = set()
+    for cls in OPTION_CLASSES:
+        group = p.add_argument_group(cls.title)
+        for f in dataclasses.fields(cls):
+            flag = flag_of(f)
+            if flag is None or flag in seen:
+                continue
+            seen.add(flag)
+            default = "" if f.metadata["argparse"].get("action") or f.default is None else f" (default: {f.default})"
+            group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=f.metadata["help"] + default,
+                               **f.metadata["argparse"])
+
+
+def _dest(flag: str) -> str:
+    return "method_" + flag[2:].replace("-", "_")  # its own namespace: eval's --max-tokens is another option
+
+
+def _methods_epilog() -> str:
+    """prune --help's list of methods with the flags each one takes, from the same dataclasses."""
+    by_class: dict = {}
+    for name, cls in OPTIONS_BY_METHOD.items():
+        by_class.setdefault(cls, []).append(name)
+    lines = ["each method and the options it takes:"]
+    for cls, names in by_class.items():
+        flags = [flag_of(f) for f in dataclasses.fields(cls) if flag_of(f)]
+        lines.append(f"  {', '.join(names)}: {' '.join(flags) or '(none)'}")
+    return "\n".join(lines)
 
 
 def _method_options(args) -> dict:
-    """The chosen method's options from the command line; a flag given for an option the method
-    does not take is refused (with the methods that take it)."""
-    import dataclasses
-
-    from secateurs.methods.registry import get_method, methods_taking
-
-    if args.method == "harp" and args.layers is not None and args.top_layers is None:
+    """The chosen method's options from the flags given; a flag for an option the method does not
+    take is refused (with the methods that take it)."""
+    given = {f.name: (flag_of(f), getattr(args, _dest(flag_of(f)))) for cls in OPTION_CLASSES
+             for f in dataclasses.fields(cls) if flag_of(f) and hasattr(args, _dest(flag_of(f)))}
+    if args.method == "harp" and "layers" in given and "top_layers" not in given:
         progress.status("note: for HARP, --layers is spelled --top-layers (the top N layers); "
                         "--layers means 'remove K layers' for depth methods")
-        args.top_layers, args.layers = args.layers, None
-    fields = {f.name for f in dataclasses.fields(get_method(args.method).options)}
-    options = {}
-    for name, dest in METHOD_FLAGS.items():
-        value = getattr(args, dest)
-        if name in fields:
-            options[name] = value
-        elif value not in (None, False) and value != PRUNE_DEFAULTS.get(dest):
-            flag = "--" + dest.replace("_", "-")
+        given["top_layers"] = ("--top-layers", given.pop("layers")[1])
+    fields = {f.name for f in dataclasses.fields(OPTIONS_BY_METHOD[args.method])}
+    for name, (flag, _) in given.items():
+        if name not in fields:
             raise SecateursError(f"{flag} applies to {', '.join(methods_taking(name))}, not to {args.method!r}")
-    return options
+    return {name: value for name, (_, value) in given.items()}
 
 
 def _calibration_options(args) -> dict:
@@ -161,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    p = sub.add_parser("prune", help="prune a model and save it with its plan")
+    p = sub.add_parser("prune", help="prune a model and save it with its plan", epilog=_methods_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     _add_prune_args(p, default_out=None)
     p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (method/ratio are ignored)")
@@ -261,7 +232,7 @@ def prune_job(args):
         reconstruction=_reconstruct_options(args), plan=PruningPlan.load(plan_file) if plan_file else None,
         memory=memory, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None),
         offload_folder=getattr(args, "offload_folder", None), scores_cache=getattr(args, "scores_cache", None),
-        force=args.force, recovery=recovery if recover else None, iterative_recovery=recover and args.iterative,
+        force=args.force, recovery=recovery if recover else None, iterative_recovery=recover and getattr(args, "method_iterative", False),
         inputs=_inputs(args))
 
 

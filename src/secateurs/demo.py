@@ -186,7 +186,7 @@ def _summary(args, m: _Measured, text_info: dict, cmp: dict, seconds: float, fin
     measured speedups, samples and where the models were saved."""
     pruned_row = m.speed_row("pruned")
     result = {
-        "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": args.gqa,
+        "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": getattr(args, "method_gqa", "groups"),
         "eval_text": text_info["name"], "prune_seconds": round(seconds, 4),
         "perplexity_dense": _quality(m.dense_eval), "perplexity_pruned": _quality(m.pruned_eval),
         **cmp, "measured_prefill_speedup": pruned_row["vs_baseline"]["prefill_speedup"],

@@ -168,9 +168,11 @@ def _depth_recovering(job: PruneJob, model, tokenizer) -> PruneResult:
     from secateurs.recovery import RECOVERY_FILENAME
     from secateurs.recovery.iterative import prune_depth_recovering
 
-    if get_method(job.method).kind != "depth":
+    method = get_method(job.method)
+    if method.kind != "depth":
         raise SecateursError(f"--iterative applies to depth methods, not {job.method!r}")
-    depth = {k: job.options[k] for k in ("layers", "metrics", "protect_first", "protect_last", "max_tokens")}
+    options = method.options.from_keywords(job.method, job.options)  # the method's defaults where not given
+    depth = {k: getattr(options, k) for k in ("layers", "metrics", "protect_first", "protect_last", "max_tokens")}
     model, plan, record = prune_depth_recovering(
         model, tokenizer, job.method, job.ratio, **depth, calibration=job.calibration,
         calibration_options=job.calibration_options, recovery=job.recovery, ratio_of=job.ratio_of,

@@ -17,7 +17,6 @@ from secateurs.progress import bar
 
 # Candidate shares as fractions of the balanced share (attention's part of the prunable parameters).
 CANDIDATE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SPLIT_SAMPLES = 8  # calibration samples the candidates are scored on
 
 
 @contextlib.contextmanager
@@ -58,7 +57,7 @@ def _kl(dense_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) ->
 
 @torch.inference_mode()
 def choose_attention_share(model, calibration, shares: list[float], plan_for: Callable[[float], PruningPlan],
-                           samples: int = SPLIT_SAMPLES, progress: bool = True) -> tuple[float, dict]:
+                           samples: int, progress: bool = True) -> tuple[float, dict]:
     """(the share with the lowest calibration KL, evidence for the plan's provenance)."""
     refuse_offloaded(model, "choosing the attention share by masking")
     plans = {share: plan_for(share) for share in dict.fromkeys(shares)}

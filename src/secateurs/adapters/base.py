@@ -207,6 +207,19 @@ class ModelAdapter:
     gguf_norms: dict[str, str] = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     gguf_norm_offset: float = 0.0
 
+    def sliding_window(self, config) -> int | None:
+        """The attention window the family's forward applies to some layers, or None when none slides."""
+        return getattr(config, "sliding_window", None) or None
+
+    def attention_score_scale(self, config) -> float:
+        """What the family's attention multiplies Q.K by."""
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return float(head) ** -0.5
+
+    def soft_caps(self, config) -> tuple[float | None, float | None]:
+        """(attention, final logit) soft-capping the family's forward applies; None where it does not."""
+        return None, None
+
     def stock_equivalent_config(self, config_dict: dict) -> dict | None:
         """A config dict of an identical stock architecture whose validation accepts these
         shapes, or None when the family has none (see secateurs.hfcompat)."""

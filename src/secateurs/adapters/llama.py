@@ -31,6 +31,10 @@ class Qwen2Adapter(ModelAdapter):
     gguf_architectures = {"qwen2": "qwen2"}
     gguf_per_layer_types = ("qwen2",)
 
+    def sliding_window(self, config) -> int | None:
+        """Qwen2 slides only with use_sliding_window (its configs carry a window either way)."""
+        return super().sliding_window(config) if getattr(config, "use_sliding_window", False) else None
+
     def update_config_for_kept_layers(self, config, kept: list[int]) -> None:
         # Layers with index >= max_window_layers use the sliding window: keep that split.
         limit = getattr(config, "max_window_layers", None)

@@ -31,7 +31,7 @@ from secateurs.progress import bar
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
-from secateurs.runner import run_layer
+from secateurs.runner import run_layer, summed_next_token_nll
 from secateurs.offload import materialized
 from secateurs.streaming import capture_layer_calls
 
@@ -144,8 +144,8 @@ class DepthScores:
 
 
 def _nll_sum(model, h: torch.Tensor, targets: torch.Tensor) -> float:
-    lp = torch.log_softmax(get_adapter(model).logits(model, h, torch.float64), -1)  # family quirks: the adapter
-    return float(-lp.gather(-1, targets[:, None]).sum())
+    adapter = get_adapter(model)  # family quirks (soft-capping) live in the adapter's logits
+    return summed_next_token_nll(h, targets, lambda rows: adapter.logits(model, rows, torch.float64))[0]
 
 
 @dataclass

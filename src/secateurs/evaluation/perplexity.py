@@ -23,6 +23,7 @@ from secateurs.progress import bar
 from secateurs.errors import SecateursError
 from secateurs.jsonl import file_sha256, iter_jsonl, read_text_file
 from secateurs.offload import input_device
+from secateurs.runner import summed_next_token_nll
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
 PROTOCOL_NOTES = {
@@ -32,7 +33,6 @@ PROTOCOL_NOTES = {
     "context": "windows of the model's full context (max_position_embeddings)",
 }
 DEFAULT_MAX_BATCH_TOKENS = 8192
-_CE_CHUNK_ROWS = 256  # rows of logits turned into losses at a time: keeps the temporary small
 
 
 def normalise_newlines(text: str) -> str:
@@ -116,17 +116,8 @@ def _window_nll(model, batch: torch.Tensor) -> float:
     """Summed next-token NLL of a batch of windows, in float32 at least, without materialising a second
     copy of the logits (logsumexp - target logit, row chunk by row chunk)."""
     logits = model(batch, use_cache=False).logits
-    total = torch.zeros((), dtype=torch.float64)
-    for b in range(logits.shape[0]):
-        rows, targets = logits[b, :-1], batch[b, 1:]
-        for s in range(0, rows.shape[0], _CE_CHUNK_ROWS):
-            chunk = rows[s:s + _CE_CHUNK_ROWS]
-            if chunk.dtype in (torch.float16, torch.bfloat16):
-                chunk = chunk.float()
-            tgt = targets[s:s + _CE_CHUNK_ROWS]
-            nll = torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, tgt[:, None])[:, 0]
-            total += nll.double().sum().cpu()
-    return total.item()
+    # window by window: logits[:, :-1] of the whole batch would be copied to be flattened
+    return sum(summed_next_token_nll(logits[b, :-1], batch[b, 1:])[0] for b in range(logits.shape[0]))
 
 
 @torch.inference_mode()

@@ -39,12 +39,12 @@ class LayerForm:
     tensors: dict[tuple[T, str], torch.Tensor] = field(default_factory=dict)
 
 
-def _gemma2_query_scale(config, n_layer: int, n_head: int) -> float:
-    """Hugging Face's Gemma 2 scales attention scores by query_pre_attn_scalar^-1/2; llama.cpp's
-    gemma2 scales Q by 1/sqrt(head size), or by 1/sqrt(hidden // heads) when the model has 46 layers
-    (it takes that for Gemma 2 27B: `load_arch_hparams`). The ratio goes into Q's rows."""
+def _gemma2_query_scale(config, n_layer: int, n_head: int, scale: float) -> float:
+    """llama.cpp's gemma2 scales Q by 1/sqrt(head size), or by 1/sqrt(hidden // heads) when the model
+    has 46 layers (it takes that for Gemma 2 27B: `load_arch_hparams`); the model's own score scale
+    (`scale`, from the adapter) over that goes into Q's rows."""
     built_in = (config.hidden_size // n_head) if n_layer == 46 else head_dim(config)
-    return (built_in / float(config.query_pre_attn_scalar)) ** 0.5
+    return scale * built_in ** 0.5
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ArchitectureRules:
     rope_freqs: bool = False                # reads rope_freqs (llama3 rope scaling)
     soft_capping: bool = False              # attention and final logit soft-capping, always applied
     sliding_window: bool = False            # per-layer sliding window attention
-    query_scale: Callable | None = None     # (config, n_layer, n_head) -> factor folded into Q
+    query_scale: Callable | None = None     # (config, n_layer, n_head, model's score scale) -> factor folded into Q
 
 
 _LLAMA_BIASES = frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN})
@@ -109,10 +109,6 @@ def activation(config) -> str:
     return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
 
 
-def soft_caps(config) -> tuple[float | None, float | None]:
-    return getattr(config, "attn_logit_softcapping", None), getattr(config, "final_logit_softcapping", None)
-
-
 def unsupported(rules: ArchitectureRules, model, layers: list[LayerForm]) -> str | None:
     """Why `rules`' architecture cannot hold this model, or None."""
     if layers[0].heads == 0:
@@ -130,7 +126,7 @@ def _model_problem(rules: ArchitectureRules, model) -> str | None:
     config = model.config
     rope_types = ("default", "linear", "llama3") if rules.rope_freqs else ("default", "linear")
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    caps = soft_caps(config)
+    caps = get_adapter(model).soft_caps(config)
     if activation(config) not in rules.activations:
         return f"hidden activation {activation(config)!r}, and its graph computes {' / '.join(rules.activations)}"
     rope_type = rope_parameters(config)["rope_type"]

@@ -53,7 +53,7 @@ import torch
 from secateurs.adapters import get_adapter
 from secateurs.errors import OutputExistsError, SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
-                                        rotary_dims, soft_caps, unsupported)
+                                        rotary_dims, unsupported)
 from secateurs.export.gguf_vocab import add_tokenizer
 from secateurs.output import check_finite, check_output_file, writing_file
 from secateurs.progress import phase
@@ -181,7 +181,7 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with writing_file(target) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _add_metadata(writer, model.config, RULES[arch], layers, outtype)
+        _add_metadata(writer, model, RULES[arch], layers, outtype)
         name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name[:200] or "model"
         add_tokenizer(writer, tokenizer, model.config.vocab_size, name)
         _add_tensors(writer, model, RULES[arch], layers, outtype)
@@ -191,14 +191,14 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
         writer.close()
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config, rules: ArchitectureRules, layers: list[LayerForm],
+def _add_metadata(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layers: list[LayerForm],
                   outtype: str) -> None:
     """Hyperparameters: widths (per layer for deci), rope, norms, soft-capping, sliding windows."""
+    config = model.config
     rope = rope_parameters(config)
-    window = getattr(config, "sliding_window", None)
+    window = get_adapter(model).sliding_window(config)
     context = int(config.max_position_embeddings)
-    slides = window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
-    if slides and not rules.sliding_window:
+    if window and not rules.sliding_window:
         context = min(context, int(window))  # llama.cpp attends fully: exact up to the window
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
@@ -218,8 +218,9 @@ def _add_metadata(writer: gguf.GGUFWriter, config, rules: ArchitectureRules, lay
     else:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if rules.soft_capping:
-        writer.add_attn_logit_softcapping(float(soft_caps(config)[0]))
-        writer.add_final_logit_softcapping(float(soft_caps(config)[1]))
+        attention_cap, final_cap = get_adapter(model).soft_caps(config)
+        writer.add_attn_logit_softcapping(float(attention_cap))
+        writer.add_final_logit_softcapping(float(final_cap))
     if rules.sliding_window:  # one flag per layer; without a window no layer slides (gemma2's default slides)
         if window:
             writer.add_sliding_window(int(window))
@@ -248,7 +249,8 @@ def _add_tensors(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layer
         _add(writer, _name(T.OUTPUT, part="bias"), head.bias, outtype)
     if rope_parameters(config)["rope_type"] == "llama3":
         _add(writer, _name(T.ROPE_FREQS), _llama3_rope_factors(rope_parameters(config), head_dim(config)), "f32")
-    q_scale = rules.query_scale(config, len(layers), layers[0].heads) if rules.query_scale else 1.0
+    q_scale = (rules.query_scale(config, len(layers), layers[0].heads, adapter.attention_score_scale(config))
+               if rules.query_scale else 1.0)
     for i, form in enumerate(layers):
         for (kind, part), tensor in _layer_tensors(rules, form, q_scale, offset):
             _add(writer, _name(kind, i, part), tensor, outtype)

@@ -1,8 +1,20 @@
 """Pruning methods: each turns a model (+ data) into a PruningPlan; `prune` applies it. One file per
 method (amp, wanda_sp, magnitude, random, flap, harp; depth.py holds consensus and the depth
-baselines), the shared parts in base.py (the protocol) and width.py, all of them in registry.py."""
+baselines), the shared parts in base.py (the protocol) and width.py, every method's options in
+options.py (without torch, for the command line), all of them in registry.py.
 
-from secateurs.methods.api import make_plan, prune, reconstruction_for
-from secateurs.methods.registry import METHODS, get_method
+The names below are imported on first use, so that `secateurs.methods.options` loads without torch."""
 
-__all__ = ["METHODS", "get_method", "make_plan", "prune", "reconstruction_for"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"make_plan": "api", "prune": "api", "reconstruction_for": "api", "METHODS": "registry",
+            "get_method": "registry"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'secateurs.methods' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"secateurs.methods.{_EXPORTS[name]}"), name)

@@ -4,18 +4,10 @@ mean |activation| of the neuron, both from one calibration pass; the lowest go. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from secateurs.criteria.amp import amp_scores
 from secateurs.methods.base import Needs
-from secateurs.methods.width import ScoredWidthMethod, WidthOptions
-
-
-@dataclass(frozen=True)
-class AmpOptions(WidthOptions):
-    """averaging: per prompt then over prompts (the paper), or over all tokens."""
-
-    averaging: str = "prompt"
+from secateurs.methods.options import AmpOptions
+from secateurs.methods.width import ScoredWidthMethod
 
 
 class Amp(ScoredWidthMethod):

@@ -11,11 +11,10 @@ that says which methods take it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from secateurs.errors import SecateursError
+from secateurs.methods.options import MethodOptions
 from secateurs.plan import PruningPlan
 from secateurs.version import __version__
 
@@ -27,23 +26,6 @@ class Needs:
     calibration: bool = False  # calibration data at all
     statistics: bool = False   # per-channel activation statistics from a calibration pass (secateurs.statistics)
     lm_head: bool = False      # embeddings, final norm and LM head (scores through the model's output)
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Base of every method's options: `from_keywords` refuses what the method does not take."""
-
-    @classmethod
-    def from_keywords(cls, method: str, keywords: dict[str, Any]) -> "MethodOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in keywords if k not in names)
-        if unknown:
-            from secateurs.methods.registry import methods_taking
-
-            detail = "; ".join(f"{k} applies to {', '.join(methods_taking(k)) or 'no method'}" for k in unknown)
-            raise SecateursError(f"method {method!r} does not take {', '.join(unknown)} ({detail}); its options are: "
-                                 f"{', '.join(sorted(names)) or 'none'}")
-        return cls(**keywords)
 
 
 @dataclass

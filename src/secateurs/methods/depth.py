@@ -25,7 +25,6 @@ provenance holds every round's scores and ranks, so a user can see why a layer w
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import ClassVar
 
 from secateurs.adapters.plans import identity_plan
@@ -34,25 +33,9 @@ from secateurs.calibration import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
 from secateurs.errors import SecateursError
-from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
+from secateurs.methods.base import Method, Needs, PlanContext, provenance
+from secateurs.methods.options import CONSENSUS_METRICS, DepthOptions
 from secateurs.plan import PruningPlan
-
-CONSENSUS_METRICS = ("cka", "cosine", "angular", "wasserstein", "procrustes", "permutation")
-
-
-@dataclass(frozen=True)
-class DepthOptions(MethodOptions):
-    """layers: remove k layers (None: the ratio rounded to whole layers); metrics: consensus's
-    distances; iterative: remove one, re-score, repeat; protect_first / protect_last: never remove
-    those; max_tokens: score on a seeded subsample of that many calibration tokens."""
-
-    layers: int | None = None
-    metrics: tuple | list | None = None
-    iterative: bool = False
-    protect_first: int = 1
-    protect_last: int = 1
-    max_tokens: int | None = 2048
-
 
 class DepthMethod(Method):
     """Whole-layer removal: `choice` is 'rank' (rank-sum of metrics), 'block' (Gromov's contiguous

@@ -6,22 +6,15 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.budget import Budget, Geometry, KeepCounts, target_params
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
-from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
+from secateurs.methods.base import Method, Needs, PlanContext, provenance
+from secateurs.methods.options import FlapOptions
 from secateurs.plan import PruningPlan
 from secateurs.statistics import Statistics
-
-
-@dataclass(frozen=True)
-class FlapOptions(MethodOptions):
-    """gqa: FLAP removes whole KV groups ('groups'; the only mode it takes)."""
-
-    gqa: str = "groups"
 
 
 class Flap(Method):

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration
 from secateurs.errors import SecateursError
-from secateurs.methods.base import Method, MethodOptions, Needs, PlanContext, provenance
+from secateurs.methods.base import Method, Needs, PlanContext, provenance
+from secateurs.methods.options import HarpOptions
 from secateurs.methods.flap import flap_plan
 from secateurs.offload import detached_copy, input_device
 from secateurs.plan import PruningPlan
-from secateurs.runner import run_layer
+from secateurs.runner import run_layer, summed_next_token_nll
 from secateurs.progress import bar as progress_bar
 from secateurs.statistics import collect_statistics
 from secateurs.streaming import dense_layer_inputs
@@ -51,12 +50,10 @@ def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> floa
         for offset, layer in enumerate(layers[start:]):
             _, kwargs = per_layer[start - first + offset]
             hidden = run_layer(layer, hidden, kwargs, batch["attention_mask"])
-        logits = adapter.logits(model, adapter.final_norm(model)(hidden))[:, :-1].float()
-        target = batch["input_ids"][:, 1:].to(logits.device)
-        mask = batch["attention_mask"][:, 1:].to(logits.device).bool()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-        total += nll[mask.reshape(-1)].sum().item()
-        count += int(mask.sum())
+        normed = adapter.final_norm(model)(hidden)[:, :-1]
+        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -1)
+        nll, scored = summed_next_token_nll(normed, target, lambda rows: adapter.logits(model, rows))
+        total, count = total + nll, count + scored
     return total / max(count, 1)
 
 
@@ -114,16 +111,6 @@ def harp_layers_for_ratio(model, ratio: float | None) -> int:
             return n
     raise SecateursError(f"HARP on all but one layer cannot remove {ratio:.0%} of the parameters; lower the ratio "
                          "or add flap_ratio for the MLPs")
-
-
-@dataclass(frozen=True)
-class HarpOptions(MethodOptions):
-    """top_layers: HARP the top N layers (None: the fewest that reach the ratio); alpha_grid: the
-    values searched; flap_ratio: then FLAP-prune that fraction of all parameters from the MLPs."""
-
-    top_layers: int | None = None
-    alpha_grid: tuple | list | None = None
-    flap_ratio: float | None = None
 
 
 class Harp(Method):

@@ -4,8 +4,6 @@ here and its name to secateurs.names (the CLI's choices, kept without torch)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from secateurs.errors import SecateursError
 from secateurs.methods.amp import Amp, AmpHeads, AmpMlp
 from secateurs.methods.base import Method
@@ -25,8 +23,3 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise SecateursError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def methods_taking(option: str) -> list[str]:
-    """The methods whose options include `option` (for the message refusing it elsewhere)."""
-    return [name for name, m in METHODS.items() if option in {f.name for f in dataclasses.fields(m.options)}]

@@ -5,7 +5,6 @@ for a global threshold and a chosen attention share) -> a plan keeping the best-
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import ClassVar
 
 from secateurs.allocation import balanced_attention_share, global_counts, uniform_counts
@@ -13,33 +12,19 @@ from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_p
 from secateurs.criteria import StructureScores
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, MethodOptions, PlanContext, provenance
+from secateurs.methods.options import WidthOptions
 from secateurs.methods.uniform import uniform_width_plan
 from secateurs.names import ALLOCATIONS, SPLITS
 from secateurs.plan import PruningPlan
 from secateurs.progress import phase
 from secateurs.selection import apply_selection
-from secateurs.split import CANDIDATE_FRACTIONS, SPLIT_SAMPLES, choose_attention_share
+from secateurs.split import CANDIDATE_FRACTIONS, choose_attention_share
 
 log = logging.getLogger("secateurs")
 
 # What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
 # paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
 WIDTH_DEFAULTS: dict[str, dict] = {}
-
-
-@dataclass(frozen=True)
-class WidthOptions(MethodOptions):
-    """selection: drop the lowest scores (standard), the highest (reversed) or random ones;
-    gqa: remove whole KV groups or the same number of heads in each group; rounding / round_to:
-    see secateurs.budget; allocation / split: see secateurs.allocation (None: the method's default)."""
-
-    selection: str = "standard"
-    gqa: str = "groups"
-    rounding: str = "balanced"
-    round_to: int = 1
-    allocation: str | None = None
-    split: str | float | None = None
-    split_samples: int = SPLIT_SAMPLES
 
 
 class ScoredWidthMethod(Method):
