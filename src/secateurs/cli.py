@@ -10,7 +10,6 @@ import dataclasses
 import json
 import sys
 import traceback
-from pathlib import Path
 
 from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, fraction, nonempty,
@@ -265,18 +264,9 @@ def cmd_prune(args) -> int:
 
 
 def cmd_plan_show(args) -> int:
-    from secateurs.plan import PruningPlan
+    from secateurs.io import read_plan
 
-    plan = PruningPlan.load(args.file)
-    folder = Path(args.file)
-    if folder.is_dir() and (folder / "config.json").is_file():  # a pruned model: the plan must describe it
-        from secateurs.hfcompat import load_config
-        from secateurs.io import check_plan_matches, check_pruned_config, config_layout
-
-        config = load_config(folder)
-        check_pruned_config(folder, config)
-        check_plan_matches(plan, *config_layout(config), where=str(folder))
-    print(plan.summary())
+    print(read_plan(args.file).summary())
     return 0
 
 

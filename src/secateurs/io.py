@@ -127,6 +127,18 @@ def check_plan_matches(plan: PruningPlan, shapes, replaced: dict[int, str], wher
                              "was edited or mixed up: re-create it with `secateurs prune`")
 
 
+def read_plan(path: str | os.PathLike) -> PruningPlan:
+    """A plan file, or the plan of a pruned model folder checked against that folder's config (a
+    plan that does not describe the weights beside it is refused)."""
+    plan = PruningPlan.load(path)
+    folder = Path(path)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        config = load_config(folder)
+        check_pruned_config(folder, config)
+        check_plan_matches(plan, *config_layout(config), where=str(folder))
+    return plan
+
+
 def _load_skeleton(path: Path, config):
     """Meta-device skeleton -> resize every layer to its saved widths, add the extra parameters
     (compensation biases) -> assign weights from disk.
