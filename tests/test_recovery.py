@@ -510,6 +510,43 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     assert not (tmp_path / "rec2").exists()
 
 
+def test_recover_places_teacher_and_student_with_accelerate(stories, amp20, tmp_path, capsys, monkeypatch):
+    """--device-map places the teacher (here half its layers offloaded to disk), --student-device-map
+    the student (a CPU map): the recovered weights equal those of the run without maps (same seed,
+    same data). A student map that offloads is refused before training, nothing written."""
+    from safetensors.torch import load_file
+
+    dense, tok = stories
+    pruned, plan = amp20
+    twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
+    base = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT), "--tokens", str(2 * 2 * SEQ),
+            "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--dtype", "float32"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    layers = {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(5)}
+    offloading = json.dumps({"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu",
+                             "lm_head": "cpu"})
+    on_cpu = json.dumps({"model": "cpu", "lm_head": "cpu"})
+    placed = ["--device-map", offloading, "--offload-folder", str(tmp_path / "offload"), "--student-device-map", on_cpu]
+    import secateurs.loading
+    from secateurs.offload import has_offloaded_weights
+
+    loaded, real_load = [], secateurs.loading.load_model
+    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    assert main([*base, *placed, "--out", str(tmp_path / "placed")]) == 0
+    (student, _), (teacher, _) = loaded
+    assert set(getattr(student, "hf_device_map", {"": "cpu"}).values()) == {"cpu"} and not has_offloaded_weights(student)
+    assert "disk" in teacher.hf_device_map.values() and has_offloaded_weights(teacher)
+    monkeypatch.undo()
+    plain, mapped = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "placed" / "model.safetensors")
+    assert plain.keys() == mapped.keys() and all(torch.equal(plain[k], mapped[k]) for k in plain)
+    assert not torch.equal(plain["model.layers.0.mlp.down_proj.weight"], pruned.model.layers[0].mlp.down_proj.weight)
+    capsys.readouterr()
+    refused = [*base, "--student-device-map", offloading, "--offload-folder", str(tmp_path / "offload2"),
+               "--out", str(tmp_path / "refused")]
+    assert main(refused) == 2
+    assert "offloads some of its weights" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_prune_recover_is_prune_then_recover_in_one_command(tmp_path, capsys):
     """`prune --recover` saves what `prune` then `recover` save: the same plan, the same recovered
     weights (same seed, same data), so one command equals the two."""

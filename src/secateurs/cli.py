@@ -289,7 +289,10 @@ def _add_recover_parser(sub) -> None:
     from secateurs.options import add_recovery_args, add_runtime_args
 
     p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
-                                       "LoRA (merged) or full fine-tuning")
+                                       "LoRA (merged) or full fine-tuning",
+                       description="Placement by accelerate, one map per model: --device-map places the teacher "
+                                   "(forward only: CPU and disk offload allowed), --student-device-map the student "
+                                   "(it trains, so none of it may be offloaded).")
     p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
     p.add_argument("--teacher", type=nonempty, help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
     p.add_argument("--out", required=True, type=nonempty, help="output folder: a pruned folder with the plan and recovery.json")
@@ -298,7 +301,10 @@ def _add_recover_parser(sub) -> None:
     p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty, help="also report perplexity (seq 128) on this text before and after; "
                                                  "refused as --data")
     p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
-    add_runtime_args(p, device_map=False)  # --dtype, --device, --threads as every command has them
+    add_runtime_args(p)  # --dtype, --device, --threads, --device-map, --offload-folder as every command has them
+    p.add_argument("--student-device-map", metavar="MAP",
+                   help="place the student with accelerate (same forms as --device-map; no CPU or disk offload: it "
+                        "trains; stock-loadable folders only) (default: --device)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -307,7 +313,9 @@ def cmd_recover(args) -> int:
     from secateurs.recovery.folders import recover_folder
 
     result, ppl = recover_folder(args.pruned, args.out, teacher=args.teacher, force=args.force, dtype=args.dtype,
-                                 device=args.device, seed=args.seed or 0, ppl=args.ppl, ppl_tokens=args.ppl_tokens,
+                                 device=args.device, device_map=args.device_map, offload_folder=args.offload_folder,
+                                 student_device_map=args.student_device_map,
+                                 seed=args.seed or 0, ppl=args.ppl, ppl_tokens=args.ppl_tokens,
                                  **recovery_keywords(args))
     _print_recovery(result.record)
     if ppl:

@@ -93,7 +93,8 @@ def run(job: PruneJob) -> PruneResult:
     preflight(job)
     if job.recovery is not None and job.memory != "in-memory":
         raise SecateursError("--recover trains the pruned model in memory, beside its dense teacher: prune with "
-                             "--streamed or --device-map first, then run `secateurs recover`")
+                             "--streamed or --device-map first, then run `secateurs recover` (its --device-map places the "
+                             "teacher with offloading)")
     if job.memory == "streamed":
         return _streamed(job)
     if job.memory == "device-map":

@@ -9,11 +9,18 @@ from secateurs.recovery.api import RecoveryResult, recover
 
 
 def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: bool = False, dtype=None,
-                   device: str = "cpu", seed: int = 0, ppl: str | None = None, ppl_tokens: int = 65536,
-                   **options) -> tuple[RecoveryResult, dict | None]:
+                   device: str = "cpu", device_map=None, offload_folder: str | None = None,
+                   student_device_map=None, seed: int = 0,
+                   ppl: str | None = None, ppl_tokens: int = 65536, **options) -> tuple[RecoveryResult, dict | None]:
     """Load `pruned` (and its dense `teacher`), recover it with secateurs.recover's `options`, save
     to `out`. With `ppl` (a text source, refused as training data) the perplexity (seq 128, first
-    `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}."""
+    `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}.
+
+    Placement by accelerate ('auto', 'balanced', 'sequential' or {module: device}), one map per model
+    because they differ: `device_map` places the teacher, which only runs forward, offloading to CPU
+    or disk (`offload_folder`) what does not fit; `student_device_map` places the student, which
+    trains, and is refused if it would offload any of its weights (an optimiser steps weights on
+    their device). Without a map a model goes to `device`."""
     from secateurs.evaluation.perplexity import load_text, perplexity
     from secateurs.loading import load_model
     from secateurs.output import check_output_dir
@@ -24,8 +31,8 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     check_output_dir(out, force, [pruned, teacher, data, ppl])  # before loading anything
     refuse_evaluation_overlap(data, [ppl] if ppl else None)
     plan = PruningPlan.load(pruned) if (Path(pruned) / PLAN_FILENAME).is_file() else None
-    student, tokenizer = load_model(pruned, dtype, device)
-    dense, dense_tokenizer = load_model(teacher, dtype, device) if teacher else (None, None)
+    student, tokenizer = _load_student(pruned, dtype, device, student_device_map)
+    dense, dense_tokenizer = load_model(teacher, dtype, device, device_map, offload_folder) if teacher else (None, None)
     text = load_text(ppl)[0] if ppl else None
 
     def measure(model):
@@ -35,3 +42,17 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
                      force=force, seed=seed, evaluation_files=[ppl] if ppl else None, **options)
     return result, ({"before": before, "after": measure(result.model)} if text else None)
+
+
+def _load_student(pruned: str, dtype, device: str, device_map):
+    """The student on `device`, or placed by `device_map` (never offloaded: it trains)."""
+    from secateurs.errors import SecateursError
+    from secateurs.loading import load_model
+    from secateurs.offload import has_offloaded_weights
+
+    student, tokenizer = load_model(pruned, dtype, device, device_map)
+    if device_map is not None and has_offloaded_weights(student):
+        raise SecateursError("the student device map offloads some of its weights to CPU or disk, and training steps "
+                             "weights on their device: keep the student on GPUs, or all of it on the CPU (offloading "
+                             "is for the teacher's --device-map)")
+    return student, tokenizer
