@@ -10,8 +10,14 @@ again after every run, so an interrupted benchmark keeps what finished.
 
     python benchmarks/recovery.py --runs kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k --threads 1
 
-A run is OBJECTIVE-METHOD-BUDGET[@RATIO]: kd|ce, full|lora (lora = the amp-paper preset),
-budget in tokens (50k, 200k, 1m), ratio of all parameters (default 0.2).
+A run is OBJECTIVE-METHOD-BUDGET[@PRUNED]: kd|ce, full|lora (lora = the amp-paper preset),
+budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (default 0.2) or
+METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2.
+With --tasks, zero-shot accuracy (lm-eval, local task files, --limit items per task) of the dense,
+pruned and recovered models; with --save-models DIR, each recovered model is saved there.
+
+    python benchmarks/recovery.py --runs kd-full-200k,kd-full-200k@0.3,kd-full-200k@consensus:6 \
+        --tasks piqa,arc_easy,winogrande,openbookqa --limit 200 --threads 2
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
+from secateurs.evaluation.zero_shot import zero_shot  # noqa: E402
+from secateurs.io import save_pruned  # noqa: E402
 from secateurs.loading import load_model  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
 from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
@@ -45,13 +53,41 @@ C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
 
 
 def parse_run(spec: str) -> dict:
-    name, _, ratio = spec.partition("@")
+    name, _, pruned = spec.partition("@")
     objective, method, budget = name.split("-")
     scale = {"k": 1_000, "m": 1_000_000}.get(budget[-1].lower(), 1)
     tokens = int(float(budget[:-1] if scale > 1 else budget) * scale)
     if objective not in ("kd", "ce") or method not in ("full", "lora"):
-        raise SystemExit(f"bad run {spec!r}: OBJECTIVE-METHOD-BUDGET[@RATIO], kd|ce, full|lora")
-    return {"label": spec, "objective": objective, "method": method, "tokens": tokens, "ratio": float(ratio or 0.2)}
+        raise SystemExit(f"bad run {spec!r}: OBJECTIVE-METHOD-BUDGET[@PRUNED], kd|ce, full|lora")
+    return {"label": spec, "objective": objective, "method": method, "tokens": tokens, "pruned": pruned or "0.2"}
+
+
+def prune_spec(pruned: str) -> tuple[str, dict]:
+    """'0.3' -> AMP at 30%; 'consensus:6' -> six layers; 'harp:8' -> the top eight layers; 'M:R' -> M at ratio R."""
+    method, _, size = pruned.rpartition(":")
+    method = method or "amp"
+    if method == "harp":
+        return method, {"top_layers": int(size), "ratio": None}
+    if method in ("consensus", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random"):
+        return method, {"layers": int(size), "ratio": None}
+    return method, {"ratio": float(size)}
+
+
+def pruned_label(pruned: str) -> str:
+    method, options = prune_spec(pruned)
+    size = {"ratio": lambda v: f"{int(round(v * 100))}%", "layers": lambda v: f"k={v}",
+            "top_layers": lambda v: f"N={v}"}
+    key, value = next((k, v) for k, v in options.items() if v is not None)
+    return f"{'AMP' if method == 'amp' else method} {size[key](value)}"
+
+
+def accuracy(model, tok, args) -> dict | None:
+    """Mean zero-shot accuracy over --tasks (local task files, --limit items each), or None."""
+    if not args.tasks:
+        return None
+    out = zero_shot(model, tok, args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=16)
+    tasks = {name: v["acc"] for name, v in out["tasks"].items()}
+    return {"mean_acc": sum(tasks.values()) / len(tasks), "tasks": tasks, "limit": args.limit}
 
 
 def wiki_ppl(model, tok, text, ids, max_tokens) -> float:
@@ -99,13 +135,23 @@ def throughput(pruned, dense, tok, args, reps: int) -> dict:
             "loop_vs_plain_with_adamw": round(med["plain_with_adamw"] / med["loop"], 3)}
 
 
+def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None) -> str:
+    before = ((result.get("pruned") or {}).get(spec) or {}).get("zero_shot") or {}
+    after = run.get("zero_shot_after") or {}
+    if not dense_acc or "mean_acc" not in after:
+        return "-"
+    return (f"{before.get('mean_acc', float('nan')):.4f} -> {after['mean_acc']:.4f} "
+            f"({after['mean_acc'] / dense_acc:.3f}x)")
+
+
 def render(result: dict) -> str:
     m0, m1 = result["machine_at_start"], result.get("machine_at_end", {})
     a = result["args"]
     dense = result["dense"]["ppl"] or float("nan")
+    dense_acc = (result["dense"].get("zero_shot") or {}).get("mean_acc")
     lines = [
         "# Recovery after pruning: SmolLM2-135M", "",
-        f"AMP pruning calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
+        f"Pruning (AMP unless named) calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
         f"sequences of {a['seq_len']} tokens, batch {a['batch_size']}, validation {a['val_tokens']} held-out tokens; "
         f"WikiText-2 test perplexity, seq 128, first {a['eval_tokens']:,} tokens. kd = forward KL from the dense "
         "model (T = 1, kd_ratio 1), ce = cross-entropy; full = all weights, AdamW lr 1e-4; lora = amp-paper preset "
@@ -113,18 +159,22 @@ def render(result: dict) -> str:
         f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
         f"{m0.get('load_average')} at start, {m1.get('load_average')} at end (shared with another engineer's jobs); "
         f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
-        f"Dense perplexity: {dense:.2f} ({result['dense']['source']}).", "",
+        f"Dense perplexity: {dense:.2f} ({result['dense']['source']})."
+        + (f" Dense zero-shot mean accuracy: {dense_acc:.4f} ({', '.join(result['dense']['zero_shot']['tasks'])}, "
+           f"first {result['dense']['zero_shot']['limit']} items each, local task files)." if dense_acc else ""), "",
         *[f"Note: {n}\n" for n in result.get("notes", [])],
         "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense | val KL before -> after | "
-        "train tok/s | minutes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "zero-shot before -> after (x dense) | train tok/s | minutes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     for r in result["runs"]:
         kl = (f"{r['val_before'].get('kl', float('nan')):.3f} -> {r['val_after'].get('kl', float('nan')):.3f}"
               if "kl" in r["val_before"] else "-")
-        lines.append(f"| AMP {int(r['ratio'] * 100)}% | {r['objective']} {r['method']} | {r['tokens_trained']:,} | "
+        spec = r.get("pruned", str(r.get("ratio", 0.2)))
+        lines.append(f"| {pruned_label(spec)} | {r['objective']} {r['method']} | {r['tokens_trained']:,} | "
                      f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
-                     f"{kl} | {r['train_tokens_per_second']} | {r['minutes']:.1f} |")
+                     f"{kl} | {_accuracy_change(result, spec, r, dense_acc)} | {r['train_tokens_per_second']} | "
+                     f"{r['minutes']:.1f} |")
     if result.get("throughput"):
         t = result["throughput"]
         lines += ["", f"Throughput (AMP 20%, kd full, batch {a['batch_size']} x {a['seq_len']}, median of {t['reps']} "
@@ -153,6 +203,10 @@ def main() -> int:
     ap.add_argument("--not-run", action="append", default=[],
                     help="with --render: record a run that did not run or finish, and why")
     ap.add_argument("--note", action="append", default=[], help="with --render: add a note to the result")
+    ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy,winogrande,openbookqa (empty: none)")
+    ap.add_argument("--data-dir", default=str(ASSETS / "commonsense" / "llm-foundry"))
+    ap.add_argument("--limit", type=int, default=200, help="zero-shot items per task")
+    ap.add_argument("--save-models", metavar="DIR", help="save each recovered model in DIR/<run label>")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
     if args.render:
@@ -188,21 +242,24 @@ def main() -> int:
     else:
         result["dense"] = {"ppl": wiki_ppl(dense, tok, text, ids, args.eval_tokens), "source": "measured in this run"}
     result["dense"]["params"] = model_stats(dense).total_params
+    result["dense"]["zero_shot"] = accuracy(dense, tok, args)
     print("dense", result["dense"], flush=True)
     pruned = {}
-    for ratio in sorted({r["ratio"] for r in runs} or {0.2}):  # no runs: the throughput measurement only
-        model, plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=ratio, calibration=str(C4),
-                            calibration_options={"num_samples": 32}, progress=False)
-        pruned[ratio] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
-        result.setdefault("pruned", {})[str(ratio)] = {"ppl": pruned[ratio][2], "params": model_stats(model).total_params}
-        print("pruned", ratio, pruned[ratio][2], flush=True)
+    for spec in dict.fromkeys([r["pruned"] for r in runs] or ["0.2"]):  # no runs: the throughput measurement only
+        method, options = prune_spec(spec)
+        model, plan = prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
+                            calibration_options={"num_samples": 32}, progress=False, **options)
+        pruned[spec] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
+        result.setdefault("pruned", {})[spec] = {"ppl": pruned[spec][2], "params": model_stats(model).total_params,
+                                                 "zero_shot": accuracy(model, tok, args) if runs else None}
+        print("pruned", spec, result["pruned"][spec], flush=True)
         write()
-    if args.throughput_reps and 0.2 in pruned:
-        result["throughput"] = throughput(pruned[0.2][0], dense, tok, args, args.throughput_reps)
+    if args.throughput_reps and "0.2" in pruned:
+        result["throughput"] = throughput(pruned["0.2"][0], dense, tok, args, args.throughput_reps)
         print("throughput", result["throughput"], flush=True)
         write()
     for run in runs:
-        model, plan, before = pruned[run["ratio"]]
+        model, plan, before = pruned[run["pruned"]]
         t0 = time.perf_counter()
         rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
                       tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
@@ -210,9 +267,14 @@ def main() -> int:
                       method=run["method"], seq_len=args.seq_len, batch_size=args.batch_size,
                       val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True)
         after = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
+        zero_shot_after = accuracy(rec.model, tok, args)
+        if args.save_models:
+            save_pruned(rec.model, plan, Path(args.save_models) / run["label"].replace("@", "_at_").replace(":", "-"),
+                        tokenizer=tok, force=True)
         r = rec.record
         result["runs"].append({**run, "tokens_trained": r["tokens"]["trained"], "steps": r["steps"]["done"],
-                               "ppl_before": before, "ppl_after": after, "val_before": r["before"],
+                               "ppl_before": before, "ppl_after": after, "zero_shot_after": zero_shot_after,
+                               "val_before": r["before"],
                                "val_after": r["after"], "train_tokens_per_second": r["training_tokens_per_second"],
                                "minutes": (time.perf_counter() - t0) / 60, "recovery": {k: v for k, v in r.items()
                                                                                       if k != "curves"},
