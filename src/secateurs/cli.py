@@ -231,7 +231,8 @@ def prune_job(args):
         reconstruction=_reconstruct_options(args), plan=PruningPlan.load(plan_file) if plan_file else None,
         memory=memory, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None),
         offload_folder=getattr(args, "offload_folder", None), scores_cache=getattr(args, "scores_cache", None),
-        force=args.force, recovery=recovery if recover else None, iterative_recovery=recover and getattr(args, "method_iterative", False),
+        force=args.force, recovery=recovery if recover else None,
+        iterative_recovery=recover and getattr(args, "method_iterative", False),
         inputs=_inputs(args))
 
 
@@ -294,12 +295,14 @@ def _add_recover_parser(sub) -> None:
                                    "(forward only: CPU and disk offload allowed), --student-device-map the student "
                                    "(it trains, so none of it may be offloaded).")
     p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
-    p.add_argument("--teacher", type=nonempty, help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
-    p.add_argument("--out", required=True, type=nonempty, help="output folder: a pruned folder with the plan and recovery.json")
+    p.add_argument("--teacher", type=nonempty,
+                   help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
+    p.add_argument("--out", required=True, type=nonempty,
+                   help="output folder: a pruned folder with the plan and recovery.json")
     add_recovery_args(p)
     p.add_argument("--seed", type=nonnegative_int, help="seed for the data split and order and LoRA init (default: 0)")
-    p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty, help="also report perplexity (seq 128) on this text before and after; "
-                                                 "refused as --data")
+    p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty,
+                   help="also report perplexity (seq 128) on this text before and after; refused as --data")
     p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
     add_runtime_args(p)  # --dtype, --device, --threads, --device-map, --offload-folder as every command has them
     p.add_argument("--student-device-map", metavar="MAP",

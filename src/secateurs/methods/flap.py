@@ -6,7 +6,6 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 
 from __future__ import annotations
 
-
 from secateurs.adapters.plans import identity_plan
 from secateurs.budget import Budget, Geometry, KeepCounts, target_params
 from secateurs.criteria.flap import flap_scores, standardize
