@@ -135,6 +135,9 @@ def throughput(pruned, dense, tok, args, reps: int) -> dict:
             "loop_vs_plain_with_adamw": round(med["plain_with_adamw"] / med["loop"], 3)}
 
 
+SHARING = "shared with another engineer's jobs"  # what ran beside the earlier runs; a result may say otherwise
+
+
 def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None) -> str:
     before = ((result.get("pruned") or {}).get(spec) or {}).get("zero_shot") or {}
     after = run.get("zero_shot_after") or {}
@@ -157,7 +160,7 @@ def render(result: dict) -> str:
         "model (T = 1, kd_ratio 1), ce = cross-entropy; full = all weights, AdamW lr 1e-4; lora = amp-paper preset "
         "(r 8, alpha 16, dropout 0.05, seven projections, lr 3e-4, merged); cosine decay, 5% warm-up, clip 1.0.", "",
         f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
-        f"{m0.get('load_average')} at start, {m1.get('load_average')} at end (shared with another engineer's jobs); "
+        f"{m0.get('load_average')} at start, {m1.get('load_average')} at end ({result.get('sharing', SHARING)}); "
         f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
         f"Dense perplexity: {dense:.2f} ({result['dense']['source']})."
         + (f" Dense zero-shot mean accuracy: {dense_acc:.4f} ({', '.join(result['dense']['zero_shot']['tasks'])}, "
