@@ -68,17 +68,25 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     """Every method option's flag, built from the options dataclasses (secateurs.methods.options): one
     group per class, each flag once. Only flags given reach the namespace (SUPPRESS), so a method's
     own defaults apply and a flag given to a method that does not take it can be refused."""
+    groups = {}
+    for cls, f, flag in _method_flags():
+        if cls not in groups:
+            groups[cls] = p.add_argument_group(cls.title)
+        default = "" if f.metadata["argparse"].get("action") or f.default is None else f" (default: {f.default})"
+        groups[cls].add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=f.metadata["help"] + default,
+                                 **f.metadata["argparse"])
+
+
+def _method_flags():
+    """(options class, field, flag) of every method option that is a flag, each flag once, in the
+    order of OPTION_CLASSES (an inherited field belongs to the first class that has it)."""
     seen = set()
     for cls in OPTION_CLASSES:
-        group = p.add_argument_group(cls.title)
         for f in dataclasses.fields(cls):
             flag = flag_of(f)
-            if flag is None or flag in seen:
-                continue
-            seen.add(flag)
-            default = "" if f.metadata["argparse"].get("action") or f.default is None else f" (default: {f.default})"
-            group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=f.metadata["help"] + default,
-                               **f.metadata["argparse"])
+            if flag is not None and flag not in seen:
+                seen.add(flag)
+                yield cls, f, flag
 
 
 def _dest(flag: str) -> str:
@@ -100,8 +108,7 @@ def _methods_epilog() -> str:
 def _method_options(args) -> dict:
     """The chosen method's options from the flags given; a flag for an option the method does not
     take is refused (with the methods that take it)."""
-    given = {f.name: (flag_of(f), getattr(args, _dest(flag_of(f)))) for cls in OPTION_CLASSES
-             for f in dataclasses.fields(cls) if flag_of(f) and hasattr(args, _dest(flag_of(f)))}
+    given = {f.name: (flag, getattr(args, _dest(flag))) for _, f, flag in _method_flags() if hasattr(args, _dest(flag))}
     if args.method == "harp" and "layers" in given and "top_layers" not in given:
         progress.status("note: for HARP, --layers is spelled --top-layers (the top N layers); "
                         "--layers means 'remove K layers' for depth methods")

@@ -211,10 +211,10 @@ class ModelAdapter:
         """The attention window the family's forward applies to some layers, or None when none slides."""
         return getattr(config, "sliding_window", None) or None
 
-    def attention_score_scale(self, config) -> float:
-        """What the family's attention multiplies Q.K by."""
-        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return float(head) ** -0.5
+    def attention_score_scale(self, layer: nn.Module) -> float:
+        """What the layer's attention multiplies Q.K by (the module's own `scaling`, which its forward
+        uses: head_dim^-1/2 in most families, query_pre_attn_scalar^-1/2 in Gemma 2)."""
+        return float(self.attention(layer).scaling)
 
     def soft_caps(self, config) -> tuple[float | None, float | None]:
         """(attention, final logit) soft-capping the family's forward applies; None where it does not."""

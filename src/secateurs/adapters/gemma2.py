@@ -18,15 +18,12 @@ class Gemma2Adapter(ModelAdapter):
                   "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
     gguf_norm_offset = 1.0  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w (its converter adds 1)
 
-    def attention_score_scale(self, config) -> float:
-        return float(config.query_pre_attn_scalar) ** -0.5
-
     def soft_caps(self, config) -> tuple[float | None, float | None]:
         return getattr(config, "attn_logit_softcapping", None), getattr(config, "final_logit_softcapping", None)
 
     def logits(self, model, normed_hidden, dtype=None):
         logits = super().logits(model, normed_hidden, dtype)
-        cap = getattr(model.config, "final_logit_softcapping", None)
+        cap = self.soft_caps(model.config)[1]
         return logits if not cap else torch.tanh(logits / cap) * cap
 
     def fold_attention_scale(self, layer, alpha: float) -> bool:

@@ -125,8 +125,8 @@ def _model_problem(rules: ArchitectureRules, model) -> str | None:
     """Model-wide reasons: activation, rope, soft-capping, LM head and final norm."""
     config = model.config
     rope_types = ("default", "linear", "llama3") if rules.rope_freqs else ("default", "linear")
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    caps = get_adapter(model).soft_caps(config)
+    head, embed, adapter = model.get_output_embeddings(), model.get_input_embeddings(), get_adapter(model)
+    caps = adapter.soft_caps(config)
     if activation(config) not in rules.activations:
         return f"hidden activation {activation(config)!r}, and its graph computes {' / '.join(rules.activations)}"
     rope_type = rope_parameters(config)["rope_type"]
@@ -143,7 +143,7 @@ def _model_problem(rules: ArchitectureRules, model) -> str | None:
         return "an LM head not tied to the embeddings, and it reads only token_embd"
     if getattr(head, "bias", None) is not None and T.OUTPUT not in rules.biases:
         return "an LM head bias, which it does not load"
-    if getattr(get_adapter(model).final_norm(model), "bias", None) is not None and T.OUTPUT_NORM not in rules.biases:
+    if getattr(adapter.final_norm(model), "bias", None) is not None and T.OUTPUT_NORM not in rules.biases:
         return "a final norm bias, which it does not load"
     return None
 

@@ -194,9 +194,9 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
 def _add_metadata(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layers: list[LayerForm],
                   outtype: str) -> None:
     """Hyperparameters: widths (per layer for deci), rope, norms, soft-capping, sliding windows."""
-    config = model.config
+    config, adapter = model.config, get_adapter(model)
     rope = rope_parameters(config)
-    window = get_adapter(model).sliding_window(config)
+    window = adapter.sliding_window(config)
     context = int(config.max_position_embeddings)
     if window and not rules.sliding_window:
         context = min(context, int(window))  # llama.cpp attends fully: exact up to the window
@@ -218,7 +218,7 @@ def _add_metadata(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, laye
     else:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if rules.soft_capping:
-        attention_cap, final_cap = get_adapter(model).soft_caps(config)
+        attention_cap, final_cap = adapter.soft_caps(config)
         writer.add_attn_logit_softcapping(float(attention_cap))
         writer.add_final_logit_softcapping(float(final_cap))
     if rules.sliding_window:  # one flag per layer; without a window no layer slides (gemma2's default slides)
@@ -249,8 +249,8 @@ def _add_tensors(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layer
         _add(writer, _name(T.OUTPUT, part="bias"), head.bias, outtype)
     if rope_parameters(config)["rope_type"] == "llama3":
         _add(writer, _name(T.ROPE_FREQS), _llama3_rope_factors(rope_parameters(config), head_dim(config)), "f32")
-    q_scale = (rules.query_scale(config, len(layers), layers[0].heads, adapter.attention_score_scale(config))
-               if rules.query_scale else 1.0)
+    scale = adapter.attention_score_scale(adapter.decoder_layers(model)[0]) if rules.query_scale else None
+    q_scale = rules.query_scale(config, len(layers), layers[0].heads, scale) if rules.query_scale else 1.0
     for i, form in enumerate(layers):
         for (kind, part), tensor in _layer_tensors(rules, form, q_scale, offset):
             _add(writer, _name(kind, i, part), tensor, outtype)
