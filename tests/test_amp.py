@@ -271,15 +271,21 @@ def test_amp_on_stories260k_beats_random_and_reversed(stories, tmp_path):
     stats = collect_statistics(_fresh(), calib, progress=False)
 
     def ppl(**options):
+        options = {"reconstruct": "none", "split": "balanced", **options}  # the scores alone: the paper's check
         model, plan = prune(_fresh(), tok, method=options.pop("method", "amp"), ratio=0.2, statistics=stats, **options)
         return perplexity(model, tok, text, seq_len=256, progress=False)["perplexity"], model, plan
 
     amp, model, plan = ppl()
     random_mean = sum(ppl(selection="random", seed=s)[0] for s in range(3)) / 3
     reversed_, _, _ = ppl(selection="reversed")
-    print(f"stories260K 20%: amp {amp:.2f}, random {random_mean:.2f}, reversed {reversed_:.2f}")
+    # today's default: searched split and sequential re-fit, on the data the statistics were made on
+    default, _, default_plan = ppl(reconstruct=None, split=None)
+    print(f"stories260K 20%: amp {amp:.2f}, random {random_mean:.2f}, reversed {reversed_:.2f}, default {default:.2f}")
     assert amp < random_mean and 2 * amp < reversed_
+    assert default < amp
     assert plan.provenance["calibration_hash"] == calib.hash
+    assert default_plan.provenance["reconstruction"]["calibration_hash"] == calib.hash
+    assert default_plan.provenance["split"]["rule"] == "search"
     out = save_pruned(model, plan, tmp_path / "amp20", tokenizer=tok)
     assert PruningPlan.load(out).to_json() == plan.to_json()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

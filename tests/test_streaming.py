@@ -36,8 +36,8 @@ def test_streamed_equals_full_forward(name):
     full = collect_statistics(model, calib, progress=False)
     streamed = streamed_statistics(model, calib, progress=False)
     _close(streamed, full)
-    assert make_plan(model, "amp", 0.3, statistics=streamed).to_json() == \
-        make_plan(model, "amp", 0.3, statistics=full).to_json()
+    assert make_plan(model, "amp", 0.3, statistics=streamed, split="balanced").to_json() == \
+        make_plan(model, "amp", 0.3, statistics=full, split="balanced").to_json()
 
 
 def test_sequential_mode_measures_each_layer_after_the_ones_below_are_pruned():
@@ -85,8 +85,8 @@ def test_interrupted_run_resumes_to_the_identical_plan(tmp_path):
     assert seen == [2, 3]  # only the unfinished layers ran
     fresh = streamed_statistics(model, calib, progress=False)
     _close(resumed, fresh)
-    assert make_plan(model, "amp", 0.25, statistics=resumed).to_json() == \
-        make_plan(model, "amp", 0.25, statistics=fresh).to_json()
+    assert make_plan(model, "amp", 0.25, statistics=resumed, split="balanced").to_json() == \
+        make_plan(model, "amp", 0.25, statistics=fresh, split="balanced").to_json()
 
 
 def test_checkpoint_streaming_and_shard_by_shard_pruning(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -132,7 +133,8 @@ def test_sequential_reconstruction_fits_each_layer_on_the_pruned_layers_below():
                                           ("mistral", "random"), ("qwen3", "amp-mlp")])
 def test_every_width_method_reconstructs_and_round_trips(tmp_path, name, method):
     model, calibration = tiny_model(name), _calibration()
-    plain, _ = prune(copy.deepcopy(model), method=method, ratio=0.3, calibration=calibration, progress=False)
+    plain, _ = prune(copy.deepcopy(model), method=method, ratio=0.3, calibration=calibration, reconstruct="none",
+                     progress=False)
     fitted, plan = prune(copy.deepcopy(model), method=method, ratio=0.3, reconstruct="sequential", progress=False,
                          calibration=calibration)
     adapter = get_adapter(fitted)
@@ -207,6 +209,39 @@ def test_split_search_on_uniform_layers_stays_stock_loadable(tmp_path):
     assert len(set(plan.pruned_shapes())) == 1
     out = save_pruned(pruned, plan, tmp_path / "out")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out).eval()), _logits(pruned))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_amp_default_searches_the_split_and_refits_on_the_same_data(name):
+    """amp's default (README "Beyond the paper"): the searched split (finite KL on right-padded
+    calibration, where a whole-model forward of gemma2's eager attention turns real tokens NaN) and
+    the sequential re-fit, both on the calibration data of the scores."""
+    model, calibration = tiny_model(name), _calibration()
+    pruned, plan = prune(copy.deepcopy(model), method="amp", ratio=0.3, calibration=calibration, progress=False)
+    split = plan.provenance["split"]
+    assert split["rule"] == "search" and all(math.isfinite(c["kl"]) for c in split["candidates"])
+    assert plan.provenance["reconstruction"] == {"mode": "sequential", "damping": 0.3, "bias": False,
+                                                 "calibration_hash": calibration.hash}
+    shapes, _ = prune(copy.deepcopy(model), plan=plan, reconstruct="none", progress=False)
+    assert not torch.equal(_logits(shapes), _logits(pruned))  # the re-fit changed weights
+
+
+def test_split_search_needs_the_weights_in_memory(tmp_path):
+    """A device-mapped model gets the balanced split by default; a search asked for is refused
+    before any calibration work."""
+    from secateurs.loading import load_model
+
+    tiny_model("llama-gqa").save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(4)}}
+    mapped, _ = load_model(str(tmp_path / "dense"), "float64", device_map=device_map,
+                           offload_folder=str(tmp_path / "offload"))
+    plan = make_plan(mapped, "amp", 0.3, calibration=_calibration(), progress=False)
+    in_memory = make_plan(tiny_model("llama-gqa"), "amp", 0.3, calibration=_calibration(), split="balanced",
+                          progress=False)
+    assert plan.to_dict()["layers"] == in_memory.to_dict()["layers"]
+    with pytest.raises(SecateursError, match="needs the model in memory"):
+        make_plan(mapped, "amp", 0.3, calibration="self", split="search", progress=False)
 
 
 def test_paper_rounding_and_non_scoring_methods_refuse_the_knobs():

@@ -58,6 +58,11 @@ def has_offloaded_weights(model: nn.Module) -> bool:
     return any(has_offloaded_params(m) or hasattr(m, LAZY_WEIGHTS) for m in model.modules())
 
 
+def weights_in_memory(model: nn.Module) -> bool:
+    """True when every weight is a real tensor here: not offloaded, not lazy, not on the meta device."""
+    return not has_offloaded_weights(model) and not any(p.device.type == "meta" for p in model.parameters())
+
+
 @contextlib.contextmanager
 def materialized(module: nn.Module) -> Iterator[nn.Module]:
     """The module's weights (and its submodules') on their compute device inside the block;

@@ -28,6 +28,7 @@ from typing import Any
 
 from secateurs.errors import SecateursError
 from secateurs.plan import PruningPlan
+from secateurs.progress import status
 
 MEMORY_MODES = ("in-memory", "streamed", "device-map")
 
@@ -281,6 +282,9 @@ def _device_mapped(job: PruneJob) -> PruneResult:
         raise SecateursError("reconstruction re-fits weights in place, which offloaded weights cannot take (this plan "
                              "records one, or --reconstruct asks for it); with --device-map use --streamed, or "
                              "--reconstruct none to apply the plan's shapes only")
+    if asked == "not given" and not recorded and _reconstruction_settings(job) is not None:
+        status("the default re-fit needs the weights in memory; a device-mapped run applies the plan's "
+                 "shapes only (prune --streamed re-fits one layer at a time)")
     model, tokenizer = load_model(job.source, job.dtype, job.device, job.device_map, job.offload_folder)
     plan = job.plan
     if plan is None:

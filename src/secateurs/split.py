@@ -46,13 +46,22 @@ def masked(model, plan: PruningPlan):
                 weight[:, gone] = values
 
 
-def _kl(dense_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """(sum over real tokens of KL(dense || pruned), number of real tokens)."""
+def unpadded_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The rows of a right-padded batch without their padding, rows of one length together: a whole
+    model's forward over padding can turn real tokens NaN (eager attention multiplies the zero
+    weight of a padded key by the NaN its fully masked row produced), and unpadded rows need no mask."""
+    lengths = attention_mask.sum(1)
+    for length in sorted(set(lengths.tolist())):
+        if length > 0:
+            yield input_ids[lengths == length, :length]
+
+
+def _kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """(sum over tokens of KL(dense || pruned), number of tokens)."""
     p = torch.log_softmax(dense_logits.float(), -1)
     q = torch.log_softmax(logits.float(), -1)
     kl = (p.exp() * (p - q)).sum(-1)
-    real = mask.bool()
-    return float(kl[real].sum()), int(real.sum())
+    return float(kl.sum()), kl.numel()
 
 
 @torch.inference_mode()
@@ -67,15 +76,16 @@ def choose_attention_share(model, calibration, shares: list[float], plan_for: Ca
     for batch in bar(calibration.batches, desc="attention share", disable=not progress):
         if used >= samples:
             break
-        ids = batch["input_ids"][: samples - used].to(device)
-        mask = batch["attention_mask"][: samples - used].to(device)
-        used += ids.shape[0]
-        dense = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for share, plan in plans.items():
-            with masked(model, plan):
-                kl, tokens = _kl(dense, model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask)
-            totals[share][0] += kl
-            totals[share][1] += tokens
+        rows = batch["attention_mask"][: samples - used]
+        used += rows.shape[0]
+        for ids in unpadded_groups(batch["input_ids"][: rows.shape[0]], rows):
+            ids = ids.to(device)
+            dense = model(input_ids=ids, use_cache=False).logits
+            for share, plan in plans.items():
+                with masked(model, plan):
+                    kl, tokens = _kl(dense, model(input_ids=ids, use_cache=False).logits)
+                totals[share][0] += kl
+                totals[share][1] += tokens
     table = [{"attention_share": share, "kl": total / max(tokens, 1)} for share, (total, tokens) in totals.items()]
     best = min(table, key=lambda row: (row["kl"], row["attention_share"]))
     evidence = {"rule": "search", "metric": "mean KL(dense || pruned) per next token, by masking",

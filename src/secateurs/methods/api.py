@@ -8,7 +8,7 @@ import logging
 import os
 
 from secateurs.accounting import model_stats
-from secateurs.calibration import Calibration, as_calibration
+from secateurs.calibration import Calibration, as_calibration, load_calibration
 from secateurs.errors import SecateursError
 from secateurs.identity import model_identity
 from secateurs.methods.base import PlanContext
@@ -56,18 +56,51 @@ def check_statistics_source(stats: Statistics, path, identity: str, calibration,
         raise SecateursError(f"statistics file {path} was made on another model ({made_on} vs this model's "
                              f"{identity}); delete it or give another --stats path")
     recorded = stats.description.get("calibration") or {}
+    settings = ("num_samples", "max_length", "seed")
     if isinstance(calibration, Calibration):
-        if stats.description.get("calibration_hash") != calibration.hash:
-            raise SecateursError(f"statistics file {path} was made on other calibration data than the one given")
-        return
-    options = calibration_options or {}  # only what the caller asked for explicitly is compared
-    asked = {**({"source": calibration} if calibration is not None else {}),
-             **{k: options[k] for k in ("num_samples", "max_length", "seed") if options.get(k) is not None}}
+        asked = {k: calibration.description.get(k) for k in ("source", *settings)}
+    else:
+        options = calibration_options or {}  # only what the caller asked for explicitly is compared
+        asked = {**({"source": calibration} if calibration is not None else {}),
+                 **{k: options[k] for k in settings if options.get(k) is not None}}
     differs = {k: (recorded.get(k), v) for k, v in asked.items() if recorded.get(k) != v}
     if differs:
         detail = ", ".join(f"{k}: file {a!r} vs asked {b!r}" for k, (a, b) in differs.items())
         raise SecateursError(f"statistics file {path} was made with other calibration settings ({detail}); delete it, "
                              "give another --stats path, or ask for the settings it was made with")
+    if isinstance(calibration, Calibration) and stats.description.get("calibration_hash") != calibration.hash:
+        raise SecateursError(f"statistics file {path} was made on other calibration data than the one given")
+
+
+def run_calibration(model, tokenizer, calibration=None, statistics=None, options: dict | None = None) -> Calibration:
+    """The calibration data of a run: as given; else, when statistics (an object, or a file that
+    exists) were made earlier, the very data they were made on, so that a split search and a
+    re-fit see what the scores saw (not silently the default source); else the default source."""
+    if calibration is None and statistics is not None:
+        stats = statistics if isinstance(statistics, Statistics) else (
+            Statistics.load(statistics) if os.path.exists(statistics) else None)
+        if stats is not None:
+            return _recorded_calibration(stats, statistics, tokenizer, model, options or {})
+    return as_calibration(calibration, tokenizer, model=model, options=options)
+
+
+def _recorded_calibration(stats: Statistics, where, tokenizer, model, options: dict) -> Calibration:
+    recorded = stats.description.get("calibration") or {}
+    name = where if isinstance(where, str) else "the statistics given"
+    if tokenizer is None:
+        raise SecateursError(f"this run needs the calibration data behind {name} again (split search, re-fit), and "
+                             "no tokenizer was given to read it: pass the tokenizer, or split='balanced' and "
+                             "reconstruct='none'")
+    if not recorded.get("source"):
+        raise SecateursError(f"{name} records no calibration source, and this run needs the calibration data again "
+                             "(split search, re-fit): give it with --calib")
+    settings = {k: recorded[k] for k in ("num_samples", "max_length", "seed", "batch_size") if k in recorded}
+    calibration = load_calibration(recorded["source"], tokenizer, model=model, **{**settings, **options})
+    if stats.description.get("calibration_hash") not in (None, calibration.hash):
+        raise SecateursError(f"{name} was made on calibration data from {recorded['source']} that no longer reads the "
+                             "same (the file changed?); give the calibration data with --calib, or delete the "
+                             "statistics file")
+    return calibration
 
 
 PLAN_CONTEXT_KEYS = ("tokenizer", "calibration", "statistics", "calibration_options", "ratio_of",
@@ -125,8 +158,7 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     calibration, statistics = options.get("calibration"), options.get("statistics")
     if settings is not None:
         if settings.mode == "sequential":
-            calibration = as_calibration(calibration, tokenizer, model=model,
-                                         options=options.get("calibration_options"))
+            calibration = run_calibration(model, tokenizer, calibration, statistics, options.get("calibration_options"))
         if settings.mode == "dense":
             statistics = resolve_statistics(model, tokenizer, calibration, statistics,
                                             options.get("calibration_options"), options.get("progress", True), gram=True)

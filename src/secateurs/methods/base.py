@@ -45,11 +45,12 @@ class PlanContext:
     scores_out: dict | None = None  # receives the StructureScores behind the plan (reports)
 
     def calibration_data(self):
-        """The calibration set, loaded from its spec once and kept for the rest of the plan."""
-        from secateurs.calibration import as_calibration
+        """The calibration set, loaded once (from its spec, or as the statistics given were made) and
+        kept for the rest of the plan."""
+        from secateurs.methods.api import run_calibration
 
-        self.calibration = as_calibration(self.calibration, self.tokenizer, model=self.model,
-                                          options=self.calibration_options)
+        self.calibration = run_calibration(self.model, self.tokenizer, self.calibration, self.statistics,
+                                           self.calibration_options)
         return self.calibration
 
     def activation_statistics(self, gram: bool = False):

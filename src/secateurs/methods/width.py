@@ -14,9 +14,10 @@ from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, MethodOptions, PlanContext, provenance
 from secateurs.methods.options import WidthOptions
 from secateurs.methods.uniform import uniform_width_plan
+from secateurs.offload import weights_in_memory
 from secateurs.names import ALLOCATIONS, SPLITS
 from secateurs.plan import PruningPlan
-from secateurs.progress import phase
+from secateurs.progress import phase, status
 from secateurs.selection import apply_selection
 from secateurs.split import CANDIDATE_FRACTIONS, choose_attention_share
 
@@ -24,7 +25,7 @@ log = logging.getLogger("secateurs")
 
 # What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
 # paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
-WIDTH_DEFAULTS: dict[str, dict] = {}
+WIDTH_DEFAULTS: dict[str, dict] = {"amp": {"split": "search", "reconstruct": "sequential"}}
 
 
 class ScoredWidthMethod(Method):
@@ -40,8 +41,9 @@ class ScoredWidthMethod(Method):
         return {"selection": options.selection}
 
     def make_plan(self, context: PlanContext, options: WidthOptions) -> PruningPlan:
+        in_memory = weights_in_memory(context.model)
         allocation, split = width_knobs(self.name, options.allocation, options.split, options.rounding,
-                                        options.round_to)
+                                        options.round_to, in_memory)
         allocated = allocation != "uniform" or split != "balanced"  # the allocation module, not the stock budget
         ratio = None if context.layers_equivalent is not None else context.ratio
         budget = None
@@ -72,11 +74,22 @@ class ScoredWidthMethod(Method):
         return plan
 
 
-def width_knobs(method: str, allocation, split, rounding: str, round_to: int) -> tuple[str, str | float]:
-    """(allocation, split) with the method's defaults filled in."""
+def width_knobs(method: str, allocation, split, rounding: str, round_to: int,
+                in_memory: bool = True) -> tuple[str, str | float]:
+    """(allocation, split) with the method's defaults filled in. The split search masks weights in
+    place: a model whose weights live elsewhere (device map, streamed skeleton) gets the balanced
+    split by default, and a search asked for is refused before any calibration work."""
     defaults = WIDTH_DEFAULTS.get(method, {}) if rounding == "balanced" and round_to == 1 else {}
-    return (allocation if allocation is not None else defaults.get("allocation", "uniform"),
-            split if split is not None else defaults.get("split", "balanced"))
+    if split is None:
+        split = defaults.get("split", "balanced")
+        if split == "search" and not in_memory:
+            status("the attention share search needs the model in memory; using the balanced split "
+                     "(give --split S with a share found in memory to choose it)")
+            split = "balanced"
+    elif split == "search" and not in_memory:
+        raise SecateursError("--split search masks weights in place and needs the model in memory (not --streamed or "
+                             "--device-map); run it in memory once, or give the share it finds as a number (--split S)")
+    return (allocation if allocation is not None else defaults.get("allocation", "uniform"), split)
 
 
 def check_allocation(method: ScoredWidthMethod, allocation: str, split, rounding: str, round_to: int) -> None:
