@@ -342,6 +342,25 @@ def test_foreign_statistics_file_is_refused(world, tmp_path, capsys):
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
 
 
+def test_statistics_file_alone_brings_its_own_calibration_data(world, tmp_path, capsys):
+    """amp's default re-fits and searches on calibration data again: with only --stats, the data the
+    file was made on (its recorded source, checked against its hash), never the default 'self'."""
+    stats, text = tmp_path / "stats.safetensors", tmp_path / "calib.txt"
+    text.write_text(TINYSTORIES_TEXT.read_text()[:20000])
+    calib = ["--calib", str(text), "--calib-samples", "4", "--calib-length", "32"]
+    assert main(["prune", str(world / "model"), "--method", "amp", *calib, "--stats", str(stats),
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["prune", str(world / "model"), "--method", "amp", "--stats", str(stats),
+                 "--out", str(tmp_path / "b")]) == 0
+    plans = [json.loads((tmp_path / d / "pruning_plan.json").read_text())["provenance"] for d in ("a", "b")]
+    assert plans[0]["reconstruction"] == plans[1]["reconstruction"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    text.write_text(text.read_text()[::-1])  # the source the file records now reads differently
+    _refused(["prune", str(world / "model"), "--method", "amp", "--stats", str(stats), "--out", str(tmp_path / "c")],
+             capsys, "no longer reads the same")
+    assert not (tmp_path / "c").exists()
+
+
 def test_foreign_scores_cache_is_refused(world, tmp_path, capsys):
     cache = tmp_path / "cache"
     calib = ["--calib", str(TINYSTORIES_TEXT), "--calib-samples", "4", "--calib-length", "32"]

@@ -37,7 +37,8 @@ def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default
     width.add_argument("--reconstruct", nargs="?", const="sequential", choices=(*RECONSTRUCT_MODES, "none"),
                        help="re-fit o_proj / down_proj by least squares to reproduce the dense layer outputs on the "
                             "calibration data: sequential (default when given: each layer on the pruned layers' "
-                            "outputs below) or dense (all layers from one pass); none: off")
+                            "outputs below) or dense (all layers from one pass); none: off (default: sequential for amp "
+                            "with balanced rounding, outside --device-map; none for the other methods)")
     width.add_argument("--damping", type=positive_float, default=None, metavar="D",
                        help="ridge toward the original weights, D x mean(diag Gram) (default: 0.3)")
     width.add_argument("--reconstruct-bias", action="store_true",

@@ -82,11 +82,12 @@ class WidthOptions(MethodOptions):
     round_to: int = option(1, "keep neuron counts a multiple of M", type=positive_int, metavar="M")
     allocation: str | None = option(None, "uniform: every layer the same widths (stock from_pretrained loads it); "
                                           "global: one threshold on per-layer standardised scores, layers differ "
-                                          "(loads with load_pruned) (default: the method's measured default)",
+                                          "(loads with load_pruned) (default: uniform)",
                                     choices=ALLOCATIONS)
     split: str | float | None = option(None, "attention's share of the removed parameters: balanced (same fraction "
                                              "of head units as of neurons), search (the candidate with the lowest "
-                                             "calibration KL) or a number in [0, 1] (default: the method's)",
+                                             "calibration KL) or a number in [0, 1] (default: search for amp in memory, "
+                                             "else balanced)",
                                        type=attention_split, metavar="SPLIT")
     split_samples: int = option(SPLIT_SAMPLES, "calibration samples the split candidates are scored on", flag=None)
 
