@@ -284,7 +284,7 @@ def _device_mapped(job: PruneJob) -> PruneResult:
                              "--reconstruct none to apply the plan's shapes only")
     if asked == "not given" and not recorded and _reconstruction_settings(job) is not None:
         status("the default re-fit needs the weights in memory; a device-mapped run applies the plan's "
-                 "shapes only (prune --streamed re-fits one layer at a time)")
+               "shapes only (prune --streamed re-fits one layer at a time)")
     model, tokenizer = load_model(job.source, job.dtype, job.device, job.device_map, job.offload_folder)
     plan = job.plan
     if plan is None:

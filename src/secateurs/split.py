@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from secateurs.adapters import get_adapter
+from secateurs.errors import SecateursError
 from secateurs.offload import input_device, refuse_offloaded
 from secateurs.plan import PruningPlan
 from secateurs.progress import bar
@@ -51,6 +52,8 @@ def unpadded_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     model's forward over padding can turn real tokens NaN (eager attention multiplies the zero
     weight of a padded key by the NaN its fully masked row produced), and unpadded rows need no mask."""
     lengths = attention_mask.sum(1)
+    if not all(bool(attention_mask[i, :n].all()) for i, n in enumerate(lengths.tolist())):
+        raise SecateursError("the attention share search needs right-padded calibration batches (real tokens first)")
     for length in sorted(set(lengths.tolist())):
         if length > 0:
             yield input_ids[lengths == length, :length]

@@ -152,6 +152,17 @@ class Statistics:
             raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
                                  "to recompute") from exc
 
+    @staticmethod
+    def read_description(path: str | os.PathLike) -> dict:
+        """The description of a saved statistics file (model, calibration and its hash), from the
+        header alone: a file with Gram matrices can be tens of GB."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                return json.loads((f.metadata() or {})["description"])
+        except Exception as exc:  # noqa: BLE001 - any failure means the file is not our statistics
+            raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
+                                 "to recompute") from exc
+
     @classmethod
     def _from_tensors(cls, tensors: dict, counts: dict, description: dict) -> "Statistics":
         check_finite_tensors(tensors, "statistics file")

@@ -77,15 +77,15 @@ def run_calibration(model, tokenizer, calibration=None, statistics=None, options
     exists) were made earlier, the very data they were made on, so that a split search and a
     re-fit see what the scores saw (not silently the default source); else the default source."""
     if calibration is None and statistics is not None:
-        stats = statistics if isinstance(statistics, Statistics) else (
-            Statistics.load(statistics) if os.path.exists(statistics) else None)
-        if stats is not None:
-            return _recorded_calibration(stats, statistics, tokenizer, model, options or {})
+        description = statistics.description if isinstance(statistics, Statistics) else (
+            Statistics.read_description(statistics) if os.path.exists(statistics) else None)
+        if description is not None:
+            return _recorded_calibration(description, statistics, tokenizer, model, options or {})
     return as_calibration(calibration, tokenizer, model=model, options=options)
 
 
-def _recorded_calibration(stats: Statistics, where, tokenizer, model, options: dict) -> Calibration:
-    recorded = stats.description.get("calibration") or {}
+def _recorded_calibration(description: dict, where, tokenizer, model, options: dict) -> Calibration:
+    recorded = description.get("calibration") or {}
     name = where if isinstance(where, str) else "the statistics given"
     if tokenizer is None:
         raise SecateursError(f"this run needs the calibration data behind {name} again (split search, re-fit), and "
@@ -96,7 +96,7 @@ def _recorded_calibration(stats: Statistics, where, tokenizer, model, options: d
                              "(split search, re-fit): give it with --calib")
     settings = {k: recorded[k] for k in ("num_samples", "max_length", "seed", "batch_size") if k in recorded}
     calibration = load_calibration(recorded["source"], tokenizer, model=model, **{**settings, **options})
-    if stats.description.get("calibration_hash") not in (None, calibration.hash):
+    if description.get("calibration_hash") not in (None, calibration.hash):
         raise SecateursError(f"{name} was made on calibration data from {recorded['source']} that no longer reads the "
                              "same (the file changed?); give the calibration data with --calib, or delete the "
                              "statistics file")

@@ -84,7 +84,7 @@ def width_knobs(method: str, allocation, split, rounding: str, round_to: int,
         split = defaults.get("split", "balanced")
         if split == "search" and not in_memory:
             status("the attention share search needs the model in memory; using the balanced split "
-                     "(give --split S with a share found in memory to choose it)")
+                   "(give --split S with a share found in memory to choose it)")
             split = "balanced"
     elif split == "search" and not in_memory:
         raise SecateursError("--split search masks weights in place and needs the model in memory (not --streamed or "
