@@ -10,6 +10,9 @@ again after every run, so an interrupted benchmark keeps what finished.
 
     python benchmarks/recovery.py --runs kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k --threads 1
 
+With --checkpoints DIR, each run checkpoints every --save-every steps and a rerun of the same
+command continues an interrupted run bit-identically (minutes and tok/s then cover the last part).
+
 A run is OBJECTIVE-METHOD-BUDGET[@PRUNED]: kd|ce, full|lora (lora = the amp-paper preset),
 budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (default 0.2) or
 METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2.
@@ -60,6 +63,10 @@ def parse_run(spec: str) -> dict:
     if objective not in ("kd", "ce") or method not in ("full", "lora"):
         raise SystemExit(f"bad run {spec!r}: OBJECTIVE-METHOD-BUDGET[@PRUNED], kd|ce, full|lora")
     return {"label": spec, "objective": objective, "method": method, "tokens": tokens, "pruned": pruned or "0.2"}
+
+
+def _folder_name(label: str) -> str:
+    return label.replace("@", "_at_").replace(":", "-")
 
 
 def prune_spec(pruned: str) -> tuple[str, dict]:
@@ -210,6 +217,10 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(ASSETS / "commonsense" / "llm-foundry"))
     ap.add_argument("--limit", type=int, default=200, help="zero-shot items per task")
     ap.add_argument("--save-models", metavar="DIR", help="save each recovered model in DIR/<run label>")
+    ap.add_argument("--checkpoints", metavar="DIR",
+                    help="keep each run's training checkpoints in DIR/<run label> and resume a run from there when "
+                         "they exist (a 1M-token run is longer than a session on 2 cores)")
+    ap.add_argument("--save-every", type=int, default=25, help="with --checkpoints: steps between checkpoints")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
     if args.render:
@@ -264,15 +275,18 @@ def main() -> int:
     for run in runs:
         model, plan, before = pruned[run["pruned"]]
         t0 = time.perf_counter()
+        checkpoints = Path(args.checkpoints) / _folder_name(run["label"]) if args.checkpoints else None
+        resume = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
         rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
                       tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
                       objective=run["objective"], preset="amp-paper" if run["method"] == "lora" else None,
                       method=run["method"], seq_len=args.seq_len, batch_size=args.batch_size,
-                      val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True)
+                      val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True,
+                      save_every=args.save_every if checkpoints else None, checkpoint_dir=checkpoints, resume=resume)
         after = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         zero_shot_after = accuracy(rec.model, tok, args)
         if args.save_models:
-            save_pruned(rec.model, plan, Path(args.save_models) / run["label"].replace("@", "_at_").replace(":", "-"),
+            save_pruned(rec.model, plan, Path(args.save_models) / _folder_name(run["label"]),
                         tokenizer=tok, force=True)
         r = rec.record
         result["runs"].append({**run, "tokens_trained": r["tokens"]["trained"], "steps": r["steps"]["done"],
@@ -281,7 +295,8 @@ def main() -> int:
                                "val_after": r["after"], "train_tokens_per_second": r["training_tokens_per_second"],
                                "minutes": (time.perf_counter() - t0) / 60, "recovery": {k: v for k, v in r.items()
                                                                                       if k != "curves"},
-                               "val_curve": r["curves"]["val"]})
+                               "val_curve": r["curves"]["val"],
+                               "resumed_at_steps": r["steps"].get("resumed_at", [])})
         print(run["label"], before, "->", after, flush=True)
         write()
     write()
