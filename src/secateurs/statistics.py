@@ -16,6 +16,7 @@ Whatever the criterion, the data runs through the model once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -60,6 +61,20 @@ def zero_padding_hooks(layers, state: dict) -> list:
         return zero_padding(output, state["mask"])
 
     return [layer.register_forward_hook(hook) for layer in layers]
+
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike):
+    """A saved statistics file opened for reading; any failure inside (a missing key, a bad header,
+    not safetensors at all) means the file is not our statistics, and says so."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except SecateursError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not our statistics
+        raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
+                             "to recompute") from exc
 
 
 @dataclass
@@ -139,29 +154,19 @@ class Statistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Statistics":
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                counts = json.loads(meta["counts"])
-                description = json.loads(meta["description"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        with _opened(path) as f:
+            meta = f.metadata() or {}
+            counts = json.loads(meta["counts"])
+            description = json.loads(meta["description"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
             return cls._from_tensors(tensors, counts, description)
-        except SecateursError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is not our statistics
-            raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
-                                 "to recompute") from exc
 
     @staticmethod
     def read_description(path: str | os.PathLike) -> dict:
         """The description of a saved statistics file (model, calibration and its hash), from the
         header alone: a file with Gram matrices can be tens of GB."""
-        try:
-            with safe_open(str(path), "pt") as f:
-                return json.loads((f.metadata() or {})["description"])
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is not our statistics
-            raise SecateursError(f"{path} is not a secateurs statistics file ({type(exc).__name__}: {exc}); delete it "
-                                 "to recompute") from exc
+        with _opened(path) as f:
+            return json.loads((f.metadata() or {})["description"])
 
     @classmethod
     def _from_tensors(cls, tensors: dict, counts: dict, description: dict) -> "Statistics":

@@ -249,8 +249,9 @@ def _add_tensors(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layer
         _add(writer, _name(T.OUTPUT, part="bias"), head.bias, outtype)
     if rope_parameters(config)["rope_type"] == "llama3":
         _add(writer, _name(T.ROPE_FREQS), _llama3_rope_factors(rope_parameters(config), head_dim(config)), "f32")
-    scale = adapter.attention_score_scale(adapter.decoder_layers(model)[0]) if rules.query_scale else None
-    q_scale = rules.query_scale(config, len(layers), layers[0].heads, scale) if rules.query_scale else 1.0
+    q_scale = (rules.query_scale(config, len(layers), layers[0].heads,
+                                 adapter.attention_score_scale(adapter.decoder_layers(model)[0]))
+               if rules.query_scale else 1.0)
     for i, form in enumerate(layers):
         for (kind, part), tensor in _layer_tensors(rules, form, q_scale, offset):
             _add(writer, _name(kind, i, part), tensor, outtype)
