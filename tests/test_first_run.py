@@ -118,6 +118,27 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
     assert torch.is_tensor(other.batches[0]["input_ids"])
 
 
+def test_self_calibration_draws_tokens_in_proportion_and_never_a_suppressed_one():
+    """The inverse-CDF sampler that replaced torch.multinomial: frequencies match the softmax
+    (chi-square well inside its 99.9% bound), and a token of probability zero is never drawn, even
+    where it is the last of the vocabulary (the top of the CDF, where rounding could reach it)."""
+    import torch
+
+    from secateurs.calibration import _draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    logits = probs.log().expand(20_000, -1).contiguous()  # log 0 = -inf, as suppressed EOS
+    counts = torch.bincount(_draw(logits).reshape(-1), minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    expected = probs.double() * 20_000
+    live = expected > 0
+    chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+    assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
+    top_heavy = torch.tensor([[0.0, 0.0, 30.0, -float("inf")]]).expand(1000, -1)
+    assert set(_draw(top_heavy).reshape(-1).tolist()) <= {0, 1, 2}
+
+
 # -- one vocabulary of options --------------------------------------------------------------------
 SHARED = ("--dtype", "--device", "--threads", "--device-map", "--offload-folder", "--calib", "--calib-samples",
           "--calib-length", "--calib-batch-size", "--seed", "--protocol", "--ppl", "--batch-size",

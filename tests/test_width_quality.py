@@ -200,6 +200,27 @@ def test_chosen_split_is_recorded_and_reapplying_the_plan_reproduces_the_model(t
     assert torch.equal(_logits(load_pruned(out)), _logits(pruned))
 
 
+def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatch):
+    """On a GQA model several shares round to the same whole KV groups; the search masks each
+    distinct plan once and gives the shares that share it the same KL."""
+    from secateurs import split
+
+    model, calibration = tiny_model("llama-gqa"), _calibration()
+    few = make_plan(model, "amp", 0.1, calibration=calibration, split="balanced", progress=False)
+    many = make_plan(model, "amp", 0.3, calibration=calibration, split="balanced", progress=False)
+    twin = PruningPlan.from_dict(few.to_dict())  # another object, the same structures
+    masked_plans = []
+    real_masked = split.masked
+    monkeypatch.setattr(split, "masked", lambda m, p: masked_plans.append(p) or real_masked(m, p))
+    plans = {0.0: few, 0.5: twin, 1.0: many}
+    share, evidence = split.choose_attention_share(model, calibration, list(plans), plans.__getitem__, samples=4,
+                                                   progress=False)
+    assert {id(p) for p in masked_plans} == {id(few), id(many)}
+    kl = {c["attention_share"]: c["kl"] for c in evidence["candidates"]}
+    assert set(kl) == {0.0, 0.5, 1.0} and kl[0.0] == kl[0.5] != kl[1.0]
+    assert share == min(kl, key=lambda s: (kl[s], s))
+
+
 def test_split_search_on_uniform_layers_stays_stock_loadable(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -129,7 +129,8 @@ def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: i
     from secateurs.identity import model_identity
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    key = dict(model=model_identity(model), seed=seed, num_samples=num_samples, max_length=max_length, start=int(start))
+    key = dict(model=model_identity(model), seed=seed, num_samples=num_samples, max_length=max_length, start=int(start),
+               sampler=SAMPLER)
     cached = calibration_cache.read(key, vocab)
     if cached is not None:
         status(f"calibration: reusing {num_samples} x {max_length} tokens sampled from this model earlier "
@@ -155,6 +156,21 @@ def _token_ids(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+SAMPLER = "inverse-cdf"  # in the cache key: samples drawn another way are other samples
+
+
+def _draw(logits: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverse-CDF sampling: torch.multinomial took 59 ms
+    for 32 rows of a 49,152-token vocabulary on 2 cores, this 10 ms (a sixth of a SmolLM2 decode
+    step). A token of probability zero (suppressed EOS) is never drawn."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    impossible = probs.gather(1, tokens) == 0  # float rounding at the top of the CDF
+    return torch.where(impossible, probs.argmax(-1, keepdim=True), tokens)
+
+
 @torch.inference_mode()
 def _sample(model, start: int, n: int, length: int, banned: list[int], steps) -> list[list[int]]:
     """A plain decode loop with the KV cache: `generate`'s machinery cost 2.7x the forward passes
@@ -168,7 +184,7 @@ def _sample(model, start: int, n: int, length: int, banned: list[int], steps) ->
         logits = result.logits[:, -1].float()
         if banned:
             logits[:, banned] = float("-inf")
-        tokens = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        tokens = _draw(logits)
         out.append(tokens)
         steps.update()
     return torch.cat(out, dim=1).cpu().tolist()

@@ -3,7 +3,7 @@ default calibration, and for one model, seed and size it is always the same, so 
 once and read back afterwards.
 
 Files live in $SECATEURS_CACHE/calibration (default ~/.cache/secateurs/calibration), one JSON file
-per (model identity, seed, num_samples, max_length, start token), written atomically through
+per (model identity, seed, num_samples, max_length, start token, sampler), written atomically through
 secateurs.output. A file is trusted only when every recorded field matches the request and the
 samples are exactly num_samples lists of max_length integer token ids in [0, vocab); anything else
 (corrupt, truncated, another model's, hand-edited) is ignored with a warning and rewritten.

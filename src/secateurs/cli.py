@@ -15,8 +15,8 @@ from secateurs import progress
 from secateurs.arguments import (CommandLineError, Parser, fraction, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
-from secateurs.options import (DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args, add_out_arg,
-                               add_recovery_args, add_runtime_args)
+from secateurs.options import (DEMO_QUICK, DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args,
+                               add_out_arg, add_recovery_args, add_runtime_args)
 from secateurs.methods.options import OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
 from secateurs.names import METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES
 from secateurs.version import __version__
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("speed (measured dense vs pruned, as `secateurs bench`)")
     g.add_argument("--bench-prompt-length", type=positive_int, default=128,
                    help="prompt tokens of the measured prefill (default: 128)")
-    g.add_argument("--bench-decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
+    g.add_argument("--bench-decode-tokens", type=positive_int, default=DEMO_QUICK["decode_tokens"],
+                   help=f"greedy decode steps (default: {DEMO_QUICK['decode_tokens']})")
     g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
     g = p.add_argument_group("recovery (a brief distillation from the dense model, as `secateurs recover`)")
     g.add_argument("--recover-tokens", type=nonnegative_int, default=DEMO_RECOVERY["tokens"],

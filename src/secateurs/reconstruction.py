@@ -202,7 +202,7 @@ def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Recon
             store.save(index, fitted)
 
     streamed_statistics(model, calibration, device=device, checkpoint=checkpoint, mode="sequential",
-                        on_layer=on_layer, progress=progress, gram=True)
+                        on_layer=on_layer, progress=progress, gram=True, scores=False)
     if checkpoint is None:
         remove_layers(adapter, model, plan.kept_layer_indices())
         sync_config(model, plan)

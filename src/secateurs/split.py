@@ -67,14 +67,27 @@ def _kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
     return float(kl.sum()), kl.numel()
 
 
+def _kept(plan: PruningPlan) -> tuple:
+    return tuple(tuple(map(tuple, plan.resolve_layer(lp))) for lp in plan.layers)
+
+
+def _scored_as(plans: dict) -> dict:
+    """share -> the first share whose plan keeps the same structures: on a GQA model several shares
+    round to the same whole KV groups (e.g. none removed), and each distinct plan is scored once."""
+    first: dict = {}
+    return {share: first.setdefault(_kept(plan), share) for share, plan in plans.items()}
+
+
 @torch.inference_mode()
 def choose_attention_share(model, calibration, shares: list[float], plan_for: Callable[[float], PruningPlan],
                            samples: int, progress: bool = True) -> tuple[float, dict]:
     """(the share with the lowest calibration KL, evidence for the plan's provenance)."""
     refuse_offloaded(model, "choosing the attention share by masking")
     plans = {share: plan_for(share) for share in dict.fromkeys(shares)}
+    scored_as = _scored_as(plans)
+    tried = {share: plans[share] for share in dict.fromkeys(scored_as.values())}
     device = input_device(model)
-    totals = {share: [0.0, 0] for share in plans}
+    totals = {share: [0.0, 0] for share in tried}
     used = 0
     for batch in bar(calibration.batches, desc="attention share", disable=not progress):
         if used >= samples:
@@ -84,12 +97,13 @@ def choose_attention_share(model, calibration, shares: list[float], plan_for: Ca
         for ids in unpadded_groups(batch["input_ids"][: rows.shape[0]], rows):
             ids = ids.to(device)
             dense = model(input_ids=ids, use_cache=False).logits
-            for share, plan in plans.items():
+            for share, plan in tried.items():
                 with masked(model, plan):
                     kl, tokens = _kl(dense, model(input_ids=ids, use_cache=False).logits)
                 totals[share][0] += kl
                 totals[share][1] += tokens
-    table = [{"attention_share": share, "kl": total / max(tokens, 1)} for share, (total, tokens) in totals.items()]
+    kl = {share: total / max(tokens, 1) for share, (total, tokens) in totals.items()}
+    table = [{"attention_share": share, "kl": kl[scored_as[share]]} for share in plans]
     best = min(table, key=lambda row: (row["kl"], row["attention_share"]))
     evidence = {"rule": "search", "metric": "mean KL(dense || pruned) per next token, by masking",
                 "samples": used, "tokens": next(iter(totals.values()))[1], "candidates": table,

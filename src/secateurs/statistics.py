@@ -95,15 +95,17 @@ class InputStats:
         return cls(z(units), z(units), z(channels), z(channels),
                    gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None)
 
-    def add(self, unit_scores: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """unit_scores: (B, T, units); x: (B, T, channels); mask: (B, T) with 1 for real tokens."""
+    def add(self, unit_scores: torch.Tensor | None, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """unit_scores: (B, T, units), or None where only the channel statistics and the Gram matrix
+        are wanted (the re-fit pass); x: (B, T, channels); mask: (B, T) with 1 for real tokens."""
         keep = mask.bool().unsqueeze(-1)
-        # where(), not a product: padded positions may hold NaN (fully masked attention rows)
-        per_prompt = torch.where(keep, unit_scores, 0.0).sum(1)  # (B, units)
-        counts = keep.sum(1).to(per_prompt.dtype)  # (B, 1)
+        counts = keep.sum(1).to(torch.float32)  # (B, 1)
         real = counts.squeeze(-1) > 0
-        self.unit_prompt_mean_sum += (per_prompt[real] / counts[real]).sum(0).double().cpu()
-        self.unit_token_sum += per_prompt.sum(0).double().cpu()
+        if unit_scores is not None:
+            # where(), not a product: padded positions may hold NaN (fully masked attention rows)
+            per_prompt = torch.where(keep, unit_scores, 0.0).sum(1)  # (B, units)
+            self.unit_prompt_mean_sum += (per_prompt[real] / counts[real]).sum(0).double().cpu()
+            self.unit_token_sum += per_prompt.sum(0).double().cpu()
         xf = torch.where(keep, x.float(), 0.0)
         self.channel_sum += xf.sum((0, 1)).double().cpu()
         self.channel_sumsq += (xf * xf).sum((0, 1)).double().cpu()
@@ -184,9 +186,10 @@ class Statistics:
 
 
 def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp"),
-                       gram: bool = False) -> tuple[InputStats, InputStats, list]:
+                       gram: bool = False, scores: bool = True) -> tuple[InputStats, InputStats, list]:
     """Statistics of one layer and the hooks that fill them (state["mask"] holds the batch's mask);
-    gram=True also accumulates the Gram matrices of both output projections' inputs."""
+    gram=True also accumulates the Gram matrices of both output projections' inputs; scores=False
+    skips the importance scores (the head contributions cost a product as large as o_proj's)."""
     shape = adapter.layer_shape(layer)
     o_proj = adapter.attention_output_linear(layer) if "attention" in parts else None
     down = adapter.mlp_output_linear(layer)
@@ -197,13 +200,16 @@ def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp"),
     def on_o_proj(module, args):
         x = args[0]
         b, t, _ = x.shape
-        with materialized(module):  # offloaded by a device map: the weight is on meta between forwards
-            scores = head_contribution_l1(x.reshape(b * t, -1), module.weight, shape.num_heads)
-        a_stats.add(scores.reshape(b, t, shape.num_heads), x, state["mask"].to(x.device))
+        contributions = None
+        if scores:
+            with materialized(module):  # offloaded by a device map: the weight is on meta between forwards
+                contributions = head_contribution_l1(x.reshape(b * t, -1), module.weight,
+                                                     shape.num_heads).reshape(b, t, shape.num_heads)
+        a_stats.add(contributions, x, state["mask"].to(x.device))
 
     def on_down(module, args):
         x = args[0]
-        m_stats.add(x.float().abs(), x, state["mask"].to(x.device))
+        m_stats.add(x.float().abs() if scores else None, x, state["mask"].to(x.device))
 
     handles = []
     if o_proj is not None:
@@ -214,7 +220,8 @@ def attach_layer_hooks(adapter, layer, state: dict, parts=("attention", "mlp"),
 
 
 def check_finite(index: int, a: InputStats, m: InputStats) -> None:
-    if not (torch.isfinite(a.unit_token_sum).all() and torch.isfinite(m.unit_token_sum).all()):
+    sums = (a.unit_token_sum, m.unit_token_sum, a.channel_sum, m.channel_sum)  # the scores may not be collected
+    if not all(bool(torch.isfinite(t).all()) for t in sums):
         raise SecateursError(f"non-finite activations at real tokens in layer {index}; try float32 or another "
                              "calibration source")
 

@@ -143,7 +143,8 @@ def _checkpoint_progress(cache_dir: Path, index: int, a: InputStats, m: InputSta
 @torch.inference_mode()
 def streamed_statistics(model, calibration, *, device: str | torch.device | None = None, checkpoint=None,
                         mode: str = "dense", on_layer: Callable | None = None, cache_dir: str | Path | None = None,
-                        storage: str | torch.device = "cpu", progress: bool = True, gram: bool = False) -> Statistics:
+                        storage: str | torch.device = "cpu", progress: bool = True, gram: bool = False,
+                        scores: bool = True) -> Statistics:
     """Statistics like collect_statistics, one layer in memory at a time (see the module docstring).
 
     device: where each layer computes (default: where the model is). checkpoint: a
@@ -152,6 +153,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
     known; in sequential mode it may prune the layer, whose outputs are then recomputed.
     storage: where activations wait between layers. gram: also accumulate the Gram matrices
     (secateurs.reconstruction); a layer's matrices can be dropped by on_layer once used.
+    scores=False: no importance scores (the re-fit pass needs only the Gram matrices and channel sums).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -175,7 +177,7 @@ def streamed_statistics(model, calibration, *, device: str | torch.device | None
         layer = layers[index]
         with _weights_on(layer, device, checkpoint, adapter.layer_prefix(index)):
             a, m, hidden = _layer_statistics(adapter, layer, index, hidden, kwargs[index], masks, device, storage,
-                                             gram=gram, on_layer=on_layer, mode=mode)
+                                             gram=gram, scores=scores, on_layer=on_layer, mode=mode)
         attention.append(a)
         mlp.append(m)
         if cache is not None:
@@ -201,13 +203,13 @@ def _capture_from(model, calibration, adapter, device, checkpoint) -> tuple[list
 
 
 def _layer_statistics(adapter, layer, index: int, hidden: list[torch.Tensor], kwargs: list[dict],
-                      masks: list[torch.Tensor], device, storage, *, gram: bool, on_layer: Callable | None,
-                      mode: str) -> tuple[InputStats, InputStats, list[torch.Tensor]]:
+                      masks: list[torch.Tensor], device, storage, *, gram: bool, scores: bool,
+                      on_layer: Callable | None, mode: str) -> tuple[InputStats, InputStats, list[torch.Tensor]]:
     """(attention stats, MLP stats, outputs) of one layer whose weights are on the device: every batch
     runs through it under the statistics hooks, then on_layer sees the statistics; in sequential mode
     the outputs are recomputed, as on_layer may have pruned the layer."""
     state: dict = {}
-    a, m, handles = attach_layer_hooks(adapter, layer, state, gram=gram)
+    a, m, handles = attach_layer_hooks(adapter, layer, state, gram=gram, scores=scores)
     outputs = []
     try:
         for b, h in enumerate(hidden):
