@@ -221,6 +221,23 @@ def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatc
     assert share == min(kl, key=lambda s: (kl[s], s))
 
 
+def test_refit_pass_without_scores_still_refuses_non_finite_activations():
+    """The re-fit pass collects no importance scores; a NaN at a real token must still stop it
+    (the check reads the channel sums too), while NaN at padding is ignored."""
+    from secateurs.statistics import InputStats, check_finite
+
+    x = torch.ones(1, 3, 4)
+    x[0, 2, 1] = float("nan")
+    padded = InputStats.zeros(2, 4, gram=True)
+    padded.add(None, x, torch.tensor([[1, 1, 0]]))
+    check_finite(0, InputStats.zeros(2, 0), padded)
+    assert padded.tokens == 2 and torch.equal(padded.unit_token_sum, torch.zeros(2, dtype=torch.float64))
+    real = InputStats.zeros(2, 4, gram=True)
+    real.add(None, x, torch.ones(1, 3))
+    with pytest.raises(SecateursError, match="non-finite activations"):
+        check_finite(5, InputStats.zeros(2, 0), real)
+
+
 def test_split_search_on_uniform_layers_stays_stock_loadable(tmp_path):
     from transformers import AutoModelForCausalLM
 
