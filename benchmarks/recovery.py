@@ -165,7 +165,8 @@ def render(result: dict) -> str:
         f"sequences of {a['seq_len']} tokens, batch {a['batch_size']}, validation {a['val_tokens']} held-out tokens; "
         f"WikiText-2 test perplexity, seq 128, first {a['eval_tokens']:,} tokens. kd = forward KL from the dense "
         "model (T = 1, kd_ratio 1), ce = cross-entropy; full = all weights, AdamW lr 1e-4; lora = amp-paper preset "
-        "(r 8, alpha 16, dropout 0.05, seven projections, lr 3e-4, merged); cosine decay, 5% warm-up, clip 1.0.", "",
+        "(r 8, alpha 16, dropout 0.05, seven projections, lr 3e-4, merged), unless a run names its lr; cosine decay, "
+        "5% warm-up, clip 1.0.", "",
         f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
         f"{m0.get('load_average')} at start, {m1.get('load_average')} at end ({result.get('sharing', SHARING)}); "
         f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
@@ -181,7 +182,8 @@ def render(result: dict) -> str:
         kl = (f"{r['val_before'].get('kl', float('nan')):.3f} -> {r['val_after'].get('kl', float('nan')):.3f}"
               if "kl" in r["val_before"] else "-")
         spec = r.get("pruned", str(r.get("ratio", 0.2)))
-        lines.append(f"| {pruned_label(spec)} | {r['objective']} {r['method']} | {r['tokens_trained']:,} | "
+        lr = f" lr {r['lr']:g}" if r.get("lr") else ""
+        lines.append(f"| {pruned_label(spec)} | {r['objective']} {r['method']}{lr} | {r['tokens_trained']:,} | "
                      f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
                      f"{kl} | {_accuracy_change(result, spec, r, dense_acc)} | {r['train_tokens_per_second']} | "
                      f"{r['minutes']:.1f} |")
@@ -204,6 +206,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate of every run (default: recover's, 1e-4 full, 3e-4 lora)")
     ap.add_argument("--val-tokens", type=int, default=2048)
     ap.add_argument("--throughput-reps", type=int, default=5, help="0 skips the throughput measurement")
     ap.add_argument("--dense-ppl-from", metavar="JSON",
@@ -233,6 +237,8 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
+    if args.lr:  # the label (hence the checkpoint folder) names the learning rate, so runs at another lr never mix
+        runs = [{**r, "lr": args.lr, "label": f"{r['label']}-lr{args.lr:g}"} for r in runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "recovery", "args": vars(args), "machine_at_start": machine_info(), "runs": [],
@@ -280,7 +286,7 @@ def main() -> int:
         rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
                       tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
                       objective=run["objective"], preset="amp-paper" if run["method"] == "lora" else None,
-                      method=run["method"], seq_len=args.seq_len, batch_size=args.batch_size,
+                      method=run["method"], lr=run.get("lr"), seq_len=args.seq_len, batch_size=args.batch_size,
                       val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True,
                       save_every=args.save_every if checkpoints else None, checkpoint_dir=checkpoints, resume=resume)
         after = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
