@@ -11,7 +11,10 @@ again after every run, so an interrupted benchmark keeps what finished.
     python benchmarks/recovery.py --runs kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k --threads 1
 
 With --checkpoints DIR, each run checkpoints every --save-every steps and a rerun of the same
-command continues an interrupted run bit-identically (minutes and tok/s then cover the last part).
+command continues an interrupted run bit-identically (minutes and tok/s then cover the last part);
+the rerun takes the dense and pruned models' perplexity and zero-shot accuracy from the result file
+the interrupted command wrote, when it measured them under the same protocol (the pruning is
+deterministic), instead of measuring them again (~5 minutes of 2 cores a resume).
 
 A run is OBJECTIVE-METHOD-BUDGET[@PRUNED]: kd|ce, full|lora (lora = the amp-paper preset),
 budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (default 0.2) or
@@ -142,6 +145,20 @@ def throughput(pruned, dense, tok, args, reps: int) -> dict:
             "loop_vs_plain_with_adamw": round(med["plain_with_adamw"] / med["loop"], 3)}
 
 
+MEASURED_WITH = ("eval_tokens", "dense_ppl_from", "tasks", "data_dir", "limit")  # what the before-numbers depend on
+
+
+def earlier_measurements(path: Path, args) -> dict:
+    """{'dense': ..., 'pruned': {...}} of an interrupted command's result file when it measured them under
+    this protocol; else {} (measure again)."""
+    if not args.checkpoints or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if any(saved.get("args", {}).get(k) != getattr(args, k) for k in MEASURED_WITH) or "dense" not in saved:
+        return {}
+    return {"dense": saved["dense"], "pruned": saved.get("pruned", {})}
+
+
 SHARING = "shared with another engineer's jobs"  # what ran beside the earlier runs; a result may say otherwise
 
 
@@ -173,6 +190,7 @@ def render(result: dict) -> str:
         f"Dense perplexity: {dense:.2f} ({result['dense']['source']})."
         + (f" Dense zero-shot mean accuracy: {dense_acc:.4f} ({', '.join(result['dense']['zero_shot']['tasks'])}, "
            f"first {result['dense']['zero_shot']['limit']} items each, local task files)." if dense_acc else ""), "",
+        *([f"Before-recovery numbers: {result['reused']}.", ""] if result.get("reused") else []),
         *[f"Note: {n}\n" for n in result.get("notes", [])],
         "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense | val KL before -> after | "
         "zero-shot before -> after (x dense) | train tok/s | minutes |",
@@ -252,7 +270,11 @@ def main() -> int:
     dense, tok = load_model("smollm2", "float32")
     text, text_info = load_text(WIKI)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
-    if not runs:
+    earlier = earlier_measurements(out / f"{args.name}.json", args)
+    if earlier:
+        result["dense"] = earlier["dense"]
+        result["reused"] = f"dense and pruned measurements from the interrupted command's {args.name}.json"
+    elif not runs:
         result["dense"] = {"ppl": None, "source": "not measured (throughput only)"}
     elif args.dense_ppl_from:
         saved = json.loads(Path(args.dense_ppl_from).read_text())
@@ -261,17 +283,23 @@ def main() -> int:
         result["dense"] = {"ppl": dense_ppl, "source": f"from {Path(args.dense_ppl_from).name}, same protocol"}
     else:
         result["dense"] = {"ppl": wiki_ppl(dense, tok, text, ids, args.eval_tokens), "source": "measured in this run"}
-    result["dense"]["params"] = model_stats(dense).total_params
-    result["dense"]["zero_shot"] = accuracy(dense, tok, args)
+    if not earlier:
+        result["dense"]["params"] = model_stats(dense).total_params
+        result["dense"]["zero_shot"] = accuracy(dense, tok, args)
     print("dense", result["dense"], flush=True)
     pruned = {}
     for spec in dict.fromkeys([r["pruned"] for r in runs] or ["0.2"]):  # no runs: the throughput measurement only
         method, options = prune_spec(spec)
         model, plan = prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
                             calibration_options={"num_samples": 32}, progress=False, **options)
-        pruned[spec] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
-        result.setdefault("pruned", {})[spec] = {"ppl": pruned[spec][2], "params": model_stats(model).total_params,
-                                                 "zero_shot": accuracy(model, tok, args) if runs else None}
+        if spec in earlier.get("pruned", {}):
+            result.setdefault("pruned", {})[spec] = earlier["pruned"][spec]
+            pruned[spec] = (model, plan, earlier["pruned"][spec]["ppl"])
+        else:
+            pruned[spec] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
+            result.setdefault("pruned", {})[spec] = {"ppl": pruned[spec][2],
+                                                     "params": model_stats(model).total_params,
+                                                     "zero_shot": accuracy(model, tok, args) if runs else None}
         print("pruned", spec, result["pruned"][spec], flush=True)
         write()
     if args.throughput_reps and "0.2" in pruned:
