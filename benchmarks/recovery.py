@@ -11,7 +11,8 @@ again after every run, so an interrupted benchmark keeps what finished.
     python benchmarks/recovery.py --runs kd-full-50k,kd-lora-50k,ce-full-50k,kd-full-200k --threads 1
 
 With --checkpoints DIR, each run checkpoints every --save-every steps and a rerun of the same
-command continues an interrupted run bit-identically (minutes and tok/s then cover the last part);
+command continues an interrupted run bit-identically with the same --threads (the order of CPU float
+sums depends on it; minutes and tok/s then cover the last part);
 the rerun takes the dense and pruned models' perplexity and zero-shot accuracy from the result file
 the interrupted command wrote, when it measured them under the same protocol (the pruning is
 deterministic), instead of measuring them again (~5 minutes of 2 cores a resume).
