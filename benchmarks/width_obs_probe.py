@@ -57,6 +57,15 @@ def obs_greedy(weight: torch.Tensor, gram: torch.Tensor, removed: int, damping: 
     return score
 
 
+def reselect(lp, weight: torch.Tensor, gram: torch.Tensor, select, damping: float) -> None:
+    """Give plan layer `lp` the neurons `select` ranks best from down_proj's weight and input Gram
+    (the same kept count)."""
+    weight, kept = weight.detach().double(), len(lp.neurons)
+    if kept < weight.shape[1]:
+        scores = select(weight, gram.double(), weight.shape[1] - kept, damping)
+        lp.neurons = sorted(torch.topk(scores, kept).indices.tolist())
+
+
 def sequential_with_selection(model, plan, calibration, select, damping):
     """The sequential re-fit, each layer's neurons chosen by `select` from the Gram of the inputs the
     pruned layers below produce (the same kept count as the plan)."""
@@ -65,11 +74,7 @@ def sequential_with_selection(model, plan, calibration, select, damping):
 
     def on_layer(index, layer, attention, mlp):
         lp = plan.layers[index]
-        weight = adapter.mlp_output_linear(layer).weight.detach().double()
-        kept = len(lp.neurons)
-        if kept < weight.shape[1]:
-            scores = select(weight, mlp.gram.double(), weight.shape[1] - kept, damping)
-            lp.neurons = sorted(torch.topk(scores, kept).indices.tolist())
+        reselect(lp, adapter.mlp_output_linear(layer).weight, mlp.gram, select, damping)
         prune_and_refit_layer(adapter, layer, plan, lp, attention, mlp, settings)
         attention.gram = mlp.gram = None
 
@@ -95,7 +100,8 @@ def main() -> None:
     model, tok = load_model("smollm2", "float32")
     calibration = load_calibration(str(ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"), tok, num_samples=32,
                                    max_length=128, batch_size=8)
-    stats = collect_statistics(model, calibration, progress=False, gram=True)
+    # AMP's scores for the plan; the Gram matrices only for the dense re-fit (the sequential one collects its own)
+    stats = collect_statistics(model, calibration, progress=False, gram=args.refit == "dense")
     text = read_text(ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw")
     plan = make_plan(model, "amp-mlp", 0.2, tokenizer=tok, calibration=calibration, statistics=stats,
                      allocation="uniform", progress=False)
@@ -108,23 +114,21 @@ def main() -> None:
             selections[f"obs-greedy d{d:g}"] = (obs_greedy, d)
     for name, (select, damping) in selections.items():
         variant, start = copy.deepcopy(plan), time.perf_counter()
-        if args.refit == "sequential":
-            pruned = (apply_plan_sequential(copy.deepcopy(model), variant, calibration, Reconstruction("sequential",
-                                                                                                      DAMPING),
-                                            progress=False) if select is None else
-                      sequential_with_selection(copy.deepcopy(model), variant, calibration, select, damping))
-        else:
+        if args.refit == "dense":
             if select is not None:
                 for lp, mlp in zip(variant.layers, stats.mlp):
-                    weight = adapter.mlp_output_linear(layers[lp.index]).weight.detach().double()
-                    kept = len(lp.neurons)
-                    scores = select(weight, mlp.gram.double(), weight.shape[1] - kept, damping)
-                    lp.neurons = sorted(torch.topk(scores, kept).indices.tolist())
+                    reselect(lp, adapter.mlp_output_linear(layers[lp.index]).weight, mlp.gram, select, damping)
             pruned = apply_plan_dense(copy.deepcopy(model), variant, stats, Reconstruction("dense", DAMPING))
+        elif select is None:
+            pruned = apply_plan_sequential(copy.deepcopy(model), variant, calibration,
+                                           Reconstruction("sequential", DAMPING), progress=False)
+        else:
+            pruned = sequential_with_selection(copy.deepcopy(model), variant, calibration, select, damping)
         seconds = time.perf_counter() - start
         ppl = perplexity(pruned, tok, text, 128, max_tokens=args.eval_tokens, progress=False)["perplexity"]
         print(f"{name} + {args.refit} re-fit: WikiText-2 ppl (seq 128, first {args.eval_tokens:,} tokens) {ppl:.2f}; "
               f"selection and re-fit {seconds:.1f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()
