@@ -155,9 +155,25 @@ def earlier_measurements(path: Path, args) -> dict:
     if not args.checkpoints or not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    if any(saved.get("args", {}).get(k) != getattr(args, k) for k in MEASURED_WITH) or "dense" not in saved:
+    if any(saved.get("args", {}).get(k) != getattr(args, k) for k in MEASURED_WITH):
         return {}
-    return {"dense": saved["dense"], "pruned": saved.get("pruned", {})}
+    measured = {spec: m for spec, m in saved.get("pruned", {}).items() if m.get("ppl") is not None}
+    dense = saved.get("dense") or {}
+    return {"dense": dense, "pruned": measured} if dense.get("ppl") is not None else {}  # a throughput-only file: none
+
+
+def measured_dense(dense, tok, text, ids, args, with_runs: bool) -> dict:
+    """The dense model's WikiText perplexity (or the same protocol's saved one), size and zero-shot accuracy."""
+    if not with_runs:
+        out = {"ppl": None, "source": "not measured (throughput only)"}
+    elif args.dense_ppl_from:
+        saved = json.loads(Path(args.dense_ppl_from).read_text())
+        dense_ppl = next(p["perplexity"] for p in saved["eval"]["models"]["dense"]["perplexity"]
+                         if p["seq_len"] == 128 and p.get("tokens") == (args.eval_tokens // 128) * 127)
+        out = {"ppl": dense_ppl, "source": f"from {Path(args.dense_ppl_from).name}, same protocol"}
+    else:
+        out = {"ppl": wiki_ppl(dense, tok, text, ids, args.eval_tokens), "source": "measured in this run"}
+    return {**out, "params": model_stats(dense).total_params, "zero_shot": accuracy(dense, tok, args)}
 
 
 SHARING = "shared with another engineer's jobs"  # what ran beside the earlier runs; a result may say otherwise
@@ -273,34 +289,19 @@ def main() -> int:
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
     earlier = earlier_measurements(out / f"{args.name}.json", args)
     if earlier:
-        result["dense"] = earlier["dense"]
         result["reused"] = f"dense and pruned measurements from the interrupted command's {args.name}.json"
-    elif not runs:
-        result["dense"] = {"ppl": None, "source": "not measured (throughput only)"}
-    elif args.dense_ppl_from:
-        saved = json.loads(Path(args.dense_ppl_from).read_text())
-        dense_ppl = next(p["perplexity"] for p in saved["eval"]["models"]["dense"]["perplexity"]
-                         if p["seq_len"] == 128 and p.get("tokens") == (args.eval_tokens // 128) * 127)
-        result["dense"] = {"ppl": dense_ppl, "source": f"from {Path(args.dense_ppl_from).name}, same protocol"}
-    else:
-        result["dense"] = {"ppl": wiki_ppl(dense, tok, text, ids, args.eval_tokens), "source": "measured in this run"}
-    if not earlier:
-        result["dense"]["params"] = model_stats(dense).total_params
-        result["dense"]["zero_shot"] = accuracy(dense, tok, args)
+    result["dense"] = earlier.get("dense") or measured_dense(dense, tok, text, ids, args, bool(runs))
     print("dense", result["dense"], flush=True)
     pruned = {}
     for spec in dict.fromkeys([r["pruned"] for r in runs] or ["0.2"]):  # no runs: the throughput measurement only
         method, options = prune_spec(spec)
         model, plan = prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
                             calibration_options={"num_samples": 32}, progress=False, **options)
-        if spec in earlier.get("pruned", {}):
-            result.setdefault("pruned", {})[spec] = earlier["pruned"][spec]
-            pruned[spec] = (model, plan, earlier["pruned"][spec]["ppl"])
-        else:
-            pruned[spec] = (model, plan, wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None)
-            result.setdefault("pruned", {})[spec] = {"ppl": pruned[spec][2],
-                                                     "params": model_stats(model).total_params,
-                                                     "zero_shot": accuracy(model, tok, args) if runs else None}
+        measured = earlier.get("pruned", {}).get(spec) or {
+            "ppl": wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None,
+            "params": model_stats(model).total_params, "zero_shot": accuracy(model, tok, args) if runs else None}
+        result.setdefault("pruned", {})[spec] = measured
+        pruned[spec] = (model, plan, measured["ppl"])
         print("pruned", spec, result["pruned"][spec], flush=True)
         write()
     if args.throughput_reps and "0.2" in pruned:
