@@ -1,0 +1,78 @@
+"""Probe: which training setting moves AMP 30% furthest on a short budget (learning rate, batch size)?
+
+Prunes SmolLM2-135M with amp's default at --ratio once (saved to --pruned-dir and reloaded on later
+calls, the pruning being deterministic), then recovers it with kd (full fine-tuning, the C4 sample,
+cosine decay over the budget) once per setting and prints the held-out KL curve and WikiText-2
+perplexity (seq 128, first --eval-tokens tokens). A probe to choose the setting of the one long run
+the CPU allows; its numbers are appended to --log, not a benchmark result.
+
+    python benchmarks/recovery_settings_probe.py --settings 3e-4:2,3e-4:1,1e-3:2 --tokens 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
+from secateurs.io import load_pruned, read_plan, save_pruned  # noqa: E402
+from secateurs.loading import load_model  # noqa: E402
+from secateurs.methods import prune  # noqa: E402
+from secateurs.recovery import recover  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
+C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--settings", default="3e-4:2,3e-4:1,1e-3:2", help="LR:BATCH,...")
+    ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--eval-tokens", type=int, default=16_384)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pruned-dir", required=True)
+    ap.add_argument("--log", default=str(Path(__file__).with_name("results") / "recovery_settings_probe.txt"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dense, tok = load_model("smollm2", "float32")
+    pruned_dir = Path(args.pruned_dir)
+    if not (pruned_dir / "config.json").is_file():
+        model, plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=args.ratio, calibration=str(C4),
+                            calibration_options={"num_samples": 32}, progress=False)
+        save_pruned(model, plan, pruned_dir, tokenizer=tok)
+    text, _ = load_text(WIKI)
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
+    for setting in args.settings.split(","):
+        lr, batch = float(setting.split(":")[0]), int(setting.split(":")[1])
+        student = load_pruned(pruned_dir, dtype=torch.float32)
+        t0 = time.perf_counter()
+        rec = recover(student, dense, data=str(C4), tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
+                      plan=read_plan(pruned_dir), lr=lr, batch_size=batch, val_tokens=2048,
+                      evaluation_files=[str(WIKI)], progress=False)
+        ppl = perplexity(rec.model, tok, text, seq_len=128, max_tokens=args.eval_tokens, ids=ids,
+                         progress=False)["perplexity"]
+        curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
+        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "tokens": rec.record["tokens"]["trained"],
+                "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
+                "eval_tokens": args.eval_tokens, "threads": args.threads,
+                "minutes": round((time.perf_counter() - t0) / 60, 1), "load": os.getloadavg()}
+        print(json.dumps(line), flush=True)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
