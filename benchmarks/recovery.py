@@ -84,6 +84,14 @@ def prune_spec(pruned: str) -> tuple[str, dict]:
     return method, {"ratio": float(size)}
 
 
+def prune_for_run(dense, tok, pruned: str):
+    """(model, plan) of PRUNED (prune_spec) under this benchmark's protocol: 32 C4 calibration samples;
+    the dense model is left intact."""
+    method, options = prune_spec(pruned)
+    return prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
+                 calibration_options={"num_samples": 32}, progress=False, **options)
+
+
 def pruned_label(pruned: str) -> str:
     method, options = prune_spec(pruned)
     size = {"ratio": lambda v: f"{int(round(v * 100))}%", "layers": lambda v: f"k={v}",
@@ -294,9 +302,7 @@ def main() -> int:
     print("dense", result["dense"], flush=True)
     pruned = {}
     for spec in dict.fromkeys([r["pruned"] for r in runs] or ["0.2"]):  # no runs: the throughput measurement only
-        method, options = prune_spec(spec)
-        model, plan = prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
-                            calibration_options={"num_samples": 32}, progress=False, **options)
+        model, plan = prune_for_run(dense, tok, spec)
         measured = earlier.get("pruned", {}).get(spec) or {
             "ppl": wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None,
             "params": model_stats(model).total_params, "zero_shot": accuracy(model, tok, args) if runs else None}

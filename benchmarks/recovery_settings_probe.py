@@ -12,7 +12,6 @@ the CPU allows; its numbers are appended to --log, not a benchmark result.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -24,15 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
+from recovery import C4, WIKI, prune_for_run, wiki_ppl  # noqa: E402  (the benchmark's protocol, its sibling)
+from secateurs.evaluation.perplexity import load_text  # noqa: E402
 from secateurs.io import load_pruned, read_plan, save_pruned  # noqa: E402
 from secateurs.loading import load_model  # noqa: E402
-from secateurs.methods import prune  # noqa: E402
 from secateurs.recovery import recover  # noqa: E402
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
-C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
 
 
 def main() -> int:
@@ -49,20 +44,20 @@ def main() -> int:
     dense, tok = load_model("smollm2", "float32")
     pruned_dir = Path(args.pruned_dir)
     if not (pruned_dir / "config.json").is_file():
-        model, plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=args.ratio, calibration=str(C4),
-                            calibration_options={"num_samples": 32}, progress=False)
+        model, plan = prune_for_run(dense, tok, str(args.ratio))
         save_pruned(model, plan, pruned_dir, tokenizer=tok)
     text, _ = load_text(WIKI)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
+    plan = read_plan(pruned_dir)
     for setting in args.settings.split(","):
-        lr, batch = float(setting.split(":")[0]), int(setting.split(":")[1])
+        lr_text, batch_text = setting.split(":")
+        lr, batch = float(lr_text), int(batch_text)
         student = load_pruned(pruned_dir, dtype=torch.float32)
         t0 = time.perf_counter()
         rec = recover(student, dense, data=str(C4), tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
-                      plan=read_plan(pruned_dir), lr=lr, batch_size=batch, val_tokens=2048,
+                      plan=plan, lr=lr, batch_size=batch, val_tokens=2048,
                       evaluation_files=[str(WIKI)], progress=False)
-        ppl = perplexity(rec.model, tok, text, seq_len=128, max_tokens=args.eval_tokens, ids=ids,
-                         progress=False)["perplexity"]
+        ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
         line = {"ratio": args.ratio, "lr": lr, "batch": batch, "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
