@@ -20,7 +20,9 @@ deterministic), instead of measuring them again (~5 minutes of 2 cores a resume)
 A run is OBJECTIVE-METHOD-BUDGET[@PRUNED]: kd|ce, full|lora (lora = the amp-paper preset),
 budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (default 0.2) or
 METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2.
---lr and --kd-ratio (kd runs: KL weight, the rest cross-entropy) apply to every run and are named in its label.
+--lr, --kd-ratio (kd runs: KL weight, the rest cross-entropy) and --hidden-weight (kd runs: hidden-state
+distillation, each student layer against the teacher layer the plan kept) apply to every run and are named
+in its label.
 With --tasks, zero-shot accuracy (lm-eval, local task files, --limit items per task) of the dense,
 pruned and recovered models; with --save-models DIR, each recovered model is saved there.
 
@@ -207,7 +209,8 @@ def render(result: dict) -> str:
         f"Pruning (AMP unless named) calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
         f"sequences of {a['seq_len']} tokens, batch {a['batch_size']}, validation {a['val_tokens']} held-out tokens; "
         f"WikiText-2 test perplexity, seq 128, first {a['eval_tokens']:,} tokens. kd = forward KL from the dense "
-        "model (T = 1, kd_ratio 1 unless a run names it), ce = cross-entropy; full = all weights, AdamW lr 1e-4; "
+        "model (T = 1, kd_ratio 1 and no hidden-state term unless a run names them), ce = cross-entropy; "
+        "full = all weights, AdamW lr 1e-4; "
         "lora = amp-paper preset (r 8, alpha 16, dropout 0.05, seven projections, lr 3e-4, merged), unless a run "
         "names its lr; cosine decay, 5% warm-up, clip 1.0.", "",
         f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
@@ -227,7 +230,9 @@ def render(result: dict) -> str:
               if "kl" in r["val_before"] else "-")
         spec = r.get("pruned", str(r.get("ratio", 0.2)))
         lr = f" lr {r['lr']:g}" if r.get("lr") else ""
-        mix = f" (kd_ratio {r['kd_ratio']:g})" if r.get("kd_ratio", 1.0) != 1.0 else ""
+        settings = [f"{k} {r[k]:g}" for k, default in (("kd_ratio", 1.0), ("hidden_weight", 0.0))
+                    if r.get(k, default) != default]
+        mix = f" ({', '.join(settings)})" if settings else ""
         lines.append(f"| {pruned_label(spec)} | {r['objective']}{mix} {r['method']}{lr} | {r['tokens_trained']:,} | "
                      f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
                      f"{kl} | {_accuracy_change(result, spec, r, dense_acc)} | {r['train_tokens_per_second']} | "
@@ -255,6 +260,8 @@ def main() -> int:
                     help="peak learning rate of every run (default: recover's, 1e-4 full, 3e-4 lora)")
     ap.add_argument("--kd-ratio", type=float, default=None,
                     help="kd runs: weight of the KL term, the rest cross-entropy (default 1: pure distillation)")
+    ap.add_argument("--hidden-weight", type=float, default=None,
+                    help="kd runs: weight of hidden-state distillation (default 0: logits only)")
     ap.add_argument("--val-tokens", type=int, default=2048)
     ap.add_argument("--throughput-reps", type=int, default=5, help="0 skips the throughput measurement")
     ap.add_argument("--dense-ppl-from", metavar="JSON",
@@ -286,9 +293,11 @@ def main() -> int:
     runs = [parse_run(s) for s in args.runs.split(",") if s]
     if args.lr:  # the label (hence the checkpoint folder) names the learning rate, so runs at another lr never mix
         runs = [{**r, "lr": args.lr, "label": f"{r['label']}-lr{args.lr:g}"} for r in runs]
-    if args.kd_ratio is not None:  # the same for the mixing weight of kd runs
-        runs = [{**r, "kd_ratio": args.kd_ratio, "label": f"{r['label']}-kd{args.kd_ratio:g}"} if r["objective"] == "kd"
-                else r for r in runs]
+    for key, tag in (("kd_ratio", "kd"), ("hidden_weight", "hw")):  # the same for the kd runs' loss weights
+        value = getattr(args, key)
+        if value is not None:
+            runs = [{**r, key: value, "label": f"{r['label']}-{tag}{value:g}"} if r["objective"] == "kd" else r
+                    for r in runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "recovery", "args": vars(args), "machine_at_start": machine_info(), "runs": [],
@@ -329,6 +338,7 @@ def main() -> int:
         rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
                       tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
                       objective=run["objective"], kd_ratio=run.get("kd_ratio", 1.0),
+                      hidden_weight=run.get("hidden_weight", 0.0),
                       preset="amp-paper" if run["method"] == "lora" else None,
                       method=run["method"], lr=run.get("lr"), seq_len=args.seq_len, batch_size=args.batch_size,
                       val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True,
