@@ -19,7 +19,10 @@ deterministic), instead of measuring them again (~5 minutes of 2 cores a resume)
 
 A run is OBJECTIVE-METHOD-BUDGET[@PRUNED]: kd|ce, full|lora (lora = the amp-paper preset),
 budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (default 0.2) or
-METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2.
+METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2;
+consensus-iter:6 is Consensus's own pipeline (remove one layer, recover on BUDGET / 6 tokens, re-score,
+repeat): its before-recovery numbers are those of the dense model without the six layers it chose, and it
+cannot checkpoint (the library refuses checkpoints between removals).
 --lr, --kd-ratio (kd runs: KL weight, the rest cross-entropy) and --hidden-weight (kd runs: hidden-state
 distillation, each student layer against the teacher layer the plan kept) apply to every run and are named
 in its label.
@@ -55,7 +58,9 @@ from secateurs.io import save_pruned  # noqa: E402
 from secateurs.loading import load_model  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
 from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
+from secateurs.recovery.iterative import prune_depth_recovering  # noqa: E402
 from secateurs.recovery.trainer import LoopSettings, RecoveryLoop  # noqa: E402
+from secateurs.surgery import apply_plan  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
@@ -82,17 +87,40 @@ def prune_spec(pruned: str) -> tuple[str, dict]:
     method = method or "amp"
     if method == "harp":
         return method, {"top_layers": int(size), "ratio": None}
-    if method in ("consensus", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random"):
+    if method in ("consensus", "consensus-iter", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random"):
         return method, {"layers": int(size), "ratio": None}
     return method, {"ratio": float(size)}
+
+
+CALIBRATION = {"calibration": str(C4), "calibration_options": {"num_samples": 32}}
+
+
+def iterative(pruned: str) -> bool:
+    """Whether PRUNED is chosen during recovery (Consensus's pipeline), so has no model before the run."""
+    return prune_spec(pruned)[0] == "consensus-iter"
 
 
 def prune_for_run(dense, tok, pruned: str):
     """(model, plan) of PRUNED (prune_spec) under this benchmark's protocol: 32 C4 calibration samples;
     the dense model is left intact."""
     method, options = prune_spec(pruned)
-    return prune(copy.deepcopy(dense), tok, method=method, calibration=str(C4),
-                 calibration_options={"num_samples": 32}, progress=False, **options)
+    return prune(copy.deepcopy(dense), tok, method=method, progress=False, **CALIBRATION, **options)
+
+
+def prune_recovering(dense, tok, pruned: str, recovery: dict):
+    """Consensus's pipeline on a copy of `dense`: (recovered model, plan, recovery record)."""
+    return prune_depth_recovering(copy.deepcopy(dense), tok, "consensus", layers=prune_spec(pruned)[1]["layers"],
+                                  recovery=recovery, **CALIBRATION)
+
+
+def validation_before(model, dense, tok, args, run) -> dict:
+    """Held-out objective, NLL and KL of `model` on the validation slice the recovery run used."""
+    data = load_recovery_data(str(C4), tok, seq_len=args.seq_len, tokens=run["tokens"], val_tokens=args.val_tokens)
+    loop = RecoveryLoop(copy.deepcopy(model).requires_grad_(True), dense, data,
+                        Objective("kd", run.get("kd_ratio", 1.0)), LoopSettings(tokens=run["tokens"],
+                                                                               batch_size=args.batch_size),
+                        progress=False)
+    return loop.validate()
 
 
 def pruned_label(pruned: str) -> str:
@@ -233,7 +261,8 @@ def render(result: dict) -> str:
         settings = [f"{k} {r[k]:g}" for k, default in (("kd_ratio", 1.0), ("hidden_weight", 0.0))
                     if r.get(k, default) != default]
         mix = f" ({', '.join(settings)})" if settings else ""
-        lines.append(f"| {pruned_label(spec)} | {r['objective']}{mix} {r['method']}{lr} | {r['tokens_trained']:,} | "
+        label = pruned_label(spec).replace("consensus-iter", "consensus iterative")
+        lines.append(f"| {label} | {r['objective']}{mix} {r['method']}{lr} | {r['tokens_trained']:,} | "
                      f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
                      f"{kl} | {_accuracy_change(result, spec, r, dense_acc)} | {r['train_tokens_per_second']} | "
                      f"{r['minutes']:.1f} |")
@@ -318,6 +347,8 @@ def main() -> int:
     print("dense", result["dense"], flush=True)
     pruned = {}
     for spec in dict.fromkeys([r["pruned"] for r in runs] or ["0.2"]):  # no runs: the throughput measurement only
+        if iterative(spec):
+            continue  # its layers are chosen while it recovers: measured after the run
         model, plan = prune_for_run(dense, tok, spec)
         measured = earlier.get("pruned", {}).get(spec) or {
             "ppl": wiki_ppl(model, tok, text, ids, args.eval_tokens) if runs else None,
@@ -331,24 +362,40 @@ def main() -> int:
         print("throughput", result["throughput"], flush=True)
         write()
     for run in runs:
-        model, plan, before = pruned[run["pruned"]]
         t0 = time.perf_counter()
-        checkpoints = Path(args.checkpoints) / _folder_name(run["label"]) if args.checkpoints else None
-        resume = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
-        rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, data=str(C4),
-                      tokens=run["tokens"], tokenizer=tok, teacher_tokenizer=tok, plan=plan,
-                      objective=run["objective"], kd_ratio=run.get("kd_ratio", 1.0),
-                      hidden_weight=run.get("hidden_weight", 0.0),
-                      preset="amp-paper" if run["method"] == "lora" else None,
-                      method=run["method"], lr=run.get("lr"), seq_len=args.seq_len, batch_size=args.batch_size,
-                      val_tokens=args.val_tokens, evaluation_files=[str(WIKI)], progress=True,
-                      save_every=args.save_every if checkpoints else None, checkpoint_dir=checkpoints, resume=resume)
-        after = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
-        zero_shot_after = accuracy(rec.model, tok, args)
+        settings = dict(data=str(C4), tokens=run["tokens"], objective=run["objective"],
+                        kd_ratio=run.get("kd_ratio", 1.0), hidden_weight=run.get("hidden_weight", 0.0),
+                        preset="amp-paper" if run["method"] == "lora" else None, method=run["method"],
+                        lr=run.get("lr"), seq_len=args.seq_len, batch_size=args.batch_size,
+                        val_tokens=args.val_tokens, evaluation_files=[str(WIKI)])
+        extra = {}
+        if iterative(run["pruned"]):
+            if run["objective"] != "kd":
+                raise SystemExit(f"{run['label']}: Consensus's pipeline recovers by distillation (kd)")
+            recovered, plan, r = prune_recovering(dense, tok, run["pruned"], settings)
+            measuring = time.perf_counter()  # the before-measurement is not part of the run's minutes
+            one_shot = apply_plan(copy.deepcopy(dense), plan)  # the same layers removed, nothing recovered
+            before = wiki_ppl(one_shot, tok, text, ids, args.eval_tokens)
+            result.setdefault("pruned", {})[run["pruned"]] = {
+                "ppl": before, "params": model_stats(one_shot).total_params,
+                "zero_shot": accuracy(one_shot, tok, args), "layers_removed": plan.provenance["layers_removed"]}
+            r = {**r, "before": validation_before(one_shot, dense, tok, args, run), "first_round_before": r["before"]}
+            t0 += time.perf_counter() - measuring
+            extra = {"layers_removed": plan.provenance["layers_removed"],
+                     "rounds": [{"removed": x["removed"], "recovery": x["recovery"]} for x in plan.provenance["rounds"]]}
+        else:
+            model, plan, before = pruned[run["pruned"]]
+            checkpoints = Path(args.checkpoints) / _folder_name(run["label"]) if args.checkpoints else None
+            resume = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
+            rec = recover(copy.deepcopy(model), dense if run["objective"] == "kd" else None, tokenizer=tok,
+                          teacher_tokenizer=tok, plan=plan, save_every=args.save_every if checkpoints else None,
+                          checkpoint_dir=checkpoints, resume=resume, progress=True, **settings)
+            recovered, r = rec.model, rec.record
+        after = wiki_ppl(recovered, tok, text, ids, args.eval_tokens)
+        zero_shot_after = accuracy(recovered, tok, args)
         if args.save_models:
-            save_pruned(rec.model, plan, Path(args.save_models) / _folder_name(run["label"]),
+            save_pruned(recovered, plan, Path(args.save_models) / _folder_name(run["label"]),
                         tokenizer=tok, force=True)
-        r = rec.record
         result["runs"].append({**run, "tokens_trained": r["tokens"]["trained"], "steps": r["steps"]["done"],
                                "ppl_before": before, "ppl_after": after, "zero_shot_after": zero_shot_after,
                                "val_before": r["before"],
@@ -356,7 +403,7 @@ def main() -> int:
                                "minutes": (time.perf_counter() - t0) / 60, "recovery": {k: v for k, v in r.items()
                                                                                       if k != "curves"},
                                "val_curve": r["curves"]["val"],
-                               "resumed_at_steps": r["steps"].get("resumed_at", [])})
+                               "resumed_at_steps": r["steps"].get("resumed_at", []), **extra})
         print(run["label"], before, "->", after, flush=True)
         write()
     write()

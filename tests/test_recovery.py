@@ -21,8 +21,9 @@ from secateurs.methods import make_plan, prune
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
 from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
-from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
+from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
+from secateurs.recovery.trainer import DataOrder
 from secateurs.surgery import apply_plan
 
 from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
@@ -339,6 +340,16 @@ def test_same_seed_same_weights(stories, amp20):
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
 
 
+def test_data_offset_continues_the_seeded_order():
+    """A run with data_offset k trains on the sequences that follow the first k of the same seeded
+    order (across the epoch boundary), so Consensus's rounds see new text rather than the same start."""
+    whole = DataOrder(7, 2, seed=3)
+    later = DataOrder(7, 2, seed=3, offset=4)
+    sequence = torch.cat([whole.batch(m) for m in range(6)])  # 12 positions: one epoch and 5 of the next
+    assert torch.equal(torch.cat([later.batch(m) for m in range(4)]), sequence[4:12])
+    assert sorted(sequence[:7].tolist()) == list(range(7))
+
+
 def test_gradient_accumulation_and_checkpointing_do_not_change_the_result(stories, amp20):
     """batch 2 = batch 1 x 2 micro-batches (the loss is averaged over the step's tokens), and
     gradient checkpointing recomputes the same activations (and the same LoRA dropout masks)."""
@@ -599,6 +610,7 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tm
     assert any(row["scores"] != plain_second[row["layer"]] for row in second["table"])  # scored after recovery
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
     assert [r["tokens"]["trained"] for r in record["rounds"]] == [2 * 2 * SEQ, 2 * 2 * SEQ]
+    assert [r["tokens"]["data_offset"] for r in record["rounds"]] == [0, 2 * 2]  # round 2 trains on new text
     tokens = [p["tokens"] for p in record["curves"]["val"]]
     assert tokens == sorted(tokens) and tokens[-1] == 2 * 2 * 2 * SEQ
     model = load_pruned(tmp_path / "rec")

@@ -83,7 +83,8 @@ def _resolve(preset: str | None, **given) -> dict:
 
 
 def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, has_teacher, student, warmup_ratio, weight_decay, lora) -> None:
+                    val_tokens, chunk_rows, has_teacher, student, warmup_ratio, weight_decay, lora,
+                    data_offset=0) -> None:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise SecateursError(f"tokens is the training budget in tokens and must be a positive integer, got {tokens!r}")
     if objective not in OBJECTIVES:
@@ -100,7 +101,8 @@ def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_le
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise SecateursError(f"the learning rate must be a positive number, got {lr!r}")
     for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
-                             ("chunk_rows", chunk_rows, 1), ("val_tokens", val_tokens, 0)):
+                             ("chunk_rows", chunk_rows, 1), ("val_tokens", val_tokens, 0),
+                             ("data_offset", data_offset, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SecateursError(f"{name} must be an integer >= {low}, got {value!r}")
     if not 0.0 <= warmup_ratio < 1.0 or weight_decay < 0:
@@ -145,7 +147,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
             scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
-            hidden_weight: float = 0.0, bf16: bool = False, self_samples: int | None = None,
+            hidden_weight: float = 0.0, bf16: bool = False, self_samples: int | None = None, data_offset: int = 0,
             evaluation_files: list | None = None, progress: bool = True, on_validation=None,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
@@ -161,14 +163,16 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     model is saved as a pruned folder (with `plan`) plus recovery.json. Checkpoints every
     `save_every` steps go to `checkpoint_dir` (default: OUT.checkpoints, removed after a
     successful save); resume=True continues from there bit-identically. `evaluation_files`:
-    texts evaluated in the same run, refused as data.
+    texts evaluated in the same run, refused as data. `data_offset`: training sequences of the
+    seeded order to skip, so a run continuing an earlier one's budget on the same data sees new text.
     """
     wall_start = time.perf_counter()
     v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     objective = objective or ("kd" if teacher is not None else "ce")
     lora = _lora_settings(v)
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora)
+                    val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
+                    data_offset)
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
     _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight)
@@ -180,7 +184,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
                             weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
-                            save_every=save_every, seed=seed)
+                            save_every=save_every, seed=seed, data_offset=data_offset)
     obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight),
                     _layer_map(student, teacher, plan) if hidden_weight else None, bool(bf16))
     run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, settings, v["method"], preset, lora,
@@ -314,7 +318,7 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
                       "warmup_steps": loop.warmup_steps, "max_grad_norm": settings.max_grad_norm},
         "batch": {"seq_len": data.seq_len, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
                   "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": run.gradient_checkpointing},
-        "tokens": {"requested": settings.tokens, "trained": tokens_trained,
+        "tokens": {"requested": settings.tokens, "trained": tokens_trained, "data_offset": settings.data_offset,
                    "epochs": round(loop.order.epochs(history["steps_done"] * settings.grad_accum), 4)},
         "steps": {"planned": history["total_steps"], "done": history["steps_done"],
                   "stopped_early": history["stopped_early"], "best_step": history["best_step"],

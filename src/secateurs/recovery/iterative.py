@@ -3,7 +3,8 @@ repeat. Each round's scores see the model as the previous rounds left it (fine-t
 one-shot and plain iterative removal (scores on the dense model with layers skipped) cannot.
 
 The token budget is split evenly over the rounds, so `tokens` means the same with and without
-iteration. The plan records the original indices of the removed layers and, for each round, the
+iteration; each round continues the seeded data order where the previous one stopped, so the rounds
+train on different text, as one run of the whole budget would. The plan records the original indices of the removed layers and, for each round, the
 scoring table (in original indices) and what recovery gained; recovery.json concatenates the
 rounds' curves (validation loss jumps at each removal and falls as the round trains).
 """
@@ -52,7 +53,7 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     params_before = model_stats(model).total_params
     plan = identity_plan(model)
     kept = list(range(len(plan.layers)))  # original index of each layer still in the model
-    rounds, records = [], []
+    rounds, records, offset = [], [], 0
     for r in range(layers):
         status(f"round {r + 1} of {layers}: scoring the {len(kept)} layers left")
         step = depth_plan(model, method, layers=1, metrics=metrics, protect_first=protect_first,
@@ -63,8 +64,9 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
         apply_plan(model, step)
         tokens = budget // layers + (1 if r < budget % layers else 0)
         result = recover(model, dense, tokens=tokens, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan,
-                         seed=seed, progress=progress, **recovery)
+                         seed=seed, progress=progress, data_offset=offset, **recovery)
         records.append(result.record)
+        offset += result.record["tokens"]["trained"] // result.record["batch"]["seq_len"]
         rounds.append({"removed": [removed], "table": _in_original_indices(step.provenance["rounds"][0]["table"],
                                                                           kept, removed),
                        "recovery": {k: result.record[k] for k in ("before", "after", "tokens")}})

@@ -53,6 +53,7 @@ class LoopSettings:
     patience: int | None = 3  # validations without improvement before stopping; None: never stop early
     save_every: int | None = None  # steps between checkpoints; None: no checkpoints
     seed: int = 0
+    data_offset: int = 0  # training sequences of the seeded order that earlier runs used: start after them
 
     def steps(self, seq_len: int) -> int:
         return max(1, math.ceil(self.tokens / (self.batch_size * self.grad_accum * seq_len)))
@@ -63,10 +64,11 @@ class LoopSettings:
 
 class DataOrder:
     """Training sequence indices for micro-batch m: a seeded permutation per epoch, so the order
-    depends on nothing but the seed and the position (what resume needs)."""
+    depends on nothing but the seed and the position (what resume needs). `offset` sequences of the
+    order are skipped: a run that continues an earlier one's data (Consensus's rounds) sees new text."""
 
-    def __init__(self, num_sequences: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = num_sequences, batch_size, seed
+    def __init__(self, num_sequences: int, batch_size: int, seed: int, offset: int = 0):
+        self.n, self.batch_size, self.seed, self.offset = num_sequences, batch_size, seed, offset
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -75,7 +77,8 @@ class DataOrder:
         return self._perms[epoch]
 
     def batch(self, micro_batch: int) -> torch.Tensor:
-        positions = range(micro_batch * self.batch_size, (micro_batch + 1) * self.batch_size)
+        start = self.offset + micro_batch * self.batch_size
+        positions = range(start, start + self.batch_size)
         return torch.stack([self._perm(p // self.n)[p % self.n] for p in positions])
 
     def epochs(self, micro_batches: int) -> float:
@@ -114,7 +117,7 @@ class RecoveryLoop:
         self.warmup_steps = int(round(settings.warmup_ratio * self.total_steps))
         self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=self.warmup_steps,
                                        num_training_steps=self.total_steps)
-        self.order = DataOrder(len(data.train_ids), settings.batch_size, settings.seed)
+        self.order = DataOrder(len(data.train_ids), settings.batch_size, settings.seed, settings.data_offset)
         self.step = 0
         self.history: dict = {"train": [], "val": [], "seconds": 0.0, "validation_seconds": 0.0,
                               "resumed_at_steps": []}
