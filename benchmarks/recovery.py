@@ -22,7 +22,8 @@ budget in tokens (50k, 200k, 1m); PRUNED is an AMP ratio of all parameters (defa
 METHOD:SIZE, e.g. consensus:6 (remove 6 layers), harp:8 (HARP on the top 8 layers), amp-mlp:0.2;
 consensus-iter:6 is Consensus's own pipeline (remove one layer, recover on BUDGET / 6 tokens, re-score,
 repeat): its before-recovery numbers are those of the dense model without the six layers it chose, and it
-cannot checkpoint (the library refuses checkpoints between removals).
+cannot checkpoint (the library refuses checkpoints between removals). layers:12+13 removes the layers
+named (original indices), nothing scored: one-shot recovery of the layers an iterative run chose.
 --lr, --kd-ratio (kd runs: KL weight, the rest cross-entropy) and --hidden-weight (kd runs: hidden-state
 distillation, each student layer against the teacher layer the plan kept) apply to every run and are named
 in its label.
@@ -49,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from secateurs.adapters.plans import identity_plan  # noqa: E402
 from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
@@ -87,6 +89,8 @@ def prune_spec(pruned: str) -> tuple[str, dict]:
     method = method or "amp"
     if method == "harp":
         return method, {"top_layers": int(size), "ratio": None}
+    if method == "layers":
+        return method, {"removed": [int(i) for i in size.split("+")], "ratio": None}
     if method in ("consensus", "consensus-iter", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random"):
         return method, {"layers": int(size), "ratio": None}
     return method, {"ratio": float(size)}
@@ -104,6 +108,11 @@ def prune_for_run(dense, tok, pruned: str):
     """(model, plan) of PRUNED (prune_spec) under this benchmark's protocol: 32 C4 calibration samples;
     the dense model is left intact."""
     method, options = prune_spec(pruned)
+    if method == "layers":
+        plan = identity_plan(dense)
+        for index in options["removed"]:
+            plan.layers[index].removed = True
+        return apply_plan(copy.deepcopy(dense), plan), plan
     return prune(copy.deepcopy(dense), tok, method=method, progress=False, **CALIBRATION, **options)
 
 
@@ -126,7 +135,7 @@ def validation_before(model, dense, tok, args, run) -> dict:
 def pruned_label(pruned: str) -> str:
     method, options = prune_spec(pruned)
     size = {"ratio": lambda v: f"{int(round(v * 100))}%", "layers": lambda v: f"k={v}",
-            "top_layers": lambda v: f"N={v}"}
+            "top_layers": lambda v: f"N={v}", "removed": lambda v: "+".join(map(str, v))}
     key, value = next((k, v) for k, v in options.items() if v is not None)
     return f"{'AMP' if method == 'amp' else method} {size[key](value)}"
 
