@@ -471,6 +471,7 @@ def test_bad_inputs_are_refused_before_any_work(stories, amp20, tmp_path):
     copy_of_eval.write_bytes(TINYSTORIES_TEXT.read_bytes())
     _refuses(tmp_path, "same content", **{**base, "evaluation_files": [str(copy_of_eval)]})
     _refuses(tmp_path, "learning rate", **{**base, "lr": -1.0})
+    _refuses(tmp_path, "data_offset must be an integer", **{**base, "data_offset": -1})
     _refuses(tmp_path, "no checkpoint", **{**base, "resume": True})
     existing = tmp_path / "existing"
     existing.mkdir()

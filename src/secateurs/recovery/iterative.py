@@ -4,9 +4,10 @@ one-shot and plain iterative removal (scores on the dense model with layers skip
 
 The token budget is split evenly over the rounds, so `tokens` means the same with and without
 iteration; each round continues the seeded data order where the previous one stopped, so the rounds
-train on different text, as one run of the whole budget would. The plan records the original indices of the removed layers and, for each round, the
-scoring table (in original indices) and what recovery gained; recovery.json concatenates the
-rounds' curves (validation loss jumps at each removal and falls as the round trains).
+train on different text, as one run of the whole budget would. The plan records the original
+indices of the removed layers and, for each round, the scoring table (in original indices) and what
+recovery gained; recovery.json concatenates the rounds' curves (validation loss jumps at each
+removal and falls as the round trains).
 """
 
 from __future__ import annotations
