@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from secateurs.adapters.plans import identity_plan  # noqa: E402
+from secateurs.adapters.plans import layer_removal_plan  # noqa: E402
 from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
@@ -109,9 +109,7 @@ def prune_for_run(dense, tok, pruned: str):
     the dense model is left intact."""
     method, options = prune_spec(pruned)
     if method == "layers":
-        plan = identity_plan(dense)
-        for index in options["removed"]:
-            plan.layers[index].removed = True
+        plan = layer_removal_plan(dense, options["removed"])
         return apply_plan(copy.deepcopy(dense), plan), plan
     return prune(copy.deepcopy(dense), tok, method=method, progress=False, **CALIBRATION, **options)
 
@@ -137,7 +135,8 @@ def pruned_label(pruned: str) -> str:
     size = {"ratio": lambda v: f"{int(round(v * 100))}%", "layers": lambda v: f"k={v}",
             "top_layers": lambda v: f"N={v}", "removed": lambda v: "+".join(map(str, v))}
     key, value = next((k, v) for k, v in options.items() if v is not None)
-    return f"{'AMP' if method == 'amp' else method} {size[key](value)}"
+    name = {"amp": "AMP", "consensus-iter": "consensus iterative"}.get(method, method)
+    return f"{name} {size[key](value)}"
 
 
 def accuracy(model, tok, args) -> dict | None:
@@ -270,8 +269,7 @@ def render(result: dict) -> str:
         settings = [f"{k} {r[k]:g}" for k, default in (("kd_ratio", 1.0), ("hidden_weight", 0.0))
                     if r.get(k, default) != default]
         mix = f" ({', '.join(settings)})" if settings else ""
-        label = pruned_label(spec).replace("consensus-iter", "consensus iterative")
-        lines.append(f"| {label} | {r['objective']}{mix} {r['method']}{lr} | {r['tokens_trained']:,} | "
+        lines.append(f"| {pruned_label(spec)} | {r['objective']}{mix} {r['method']}{lr} | {r['tokens_trained']:,} | "
                      f"{r['steps']} | {r['ppl_before']:.1f} | {r['ppl_after']:.1f} | {r['ppl_after'] / dense:.2f}x | "
                      f"{kl} | {_accuracy_change(result, spec, r, dense_acc)} | {r['train_tokens_per_second']} | "
                      f"{r['minutes']:.1f} |")

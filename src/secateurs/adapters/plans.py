@@ -29,3 +29,11 @@ def identity_plan(model, provenance: dict | None = None) -> PruningPlan:
     base = plan_base(model)
     layers = [LayerPlan(index=i) for i in range(base["num_hidden_layers"])]
     return PruningPlan(base=base, layers=layers, provenance=dict(provenance or {}))
+
+
+def layer_removal_plan(model, removed, provenance: dict | None = None) -> PruningPlan:
+    """A plan that removes the decoder layers `removed` (indices) and keeps everything else."""
+    plan = identity_plan(model, provenance)
+    for i in removed:
+        plan.layers[i].removed = True
+    return plan

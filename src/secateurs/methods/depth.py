@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from typing import ClassVar
 
-from secateurs.adapters.plans import identity_plan
+from secateurs.adapters.plans import layer_removal_plan
 from secateurs.budget import Geometry, target_params
 from secateurs.calibration import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
@@ -198,9 +198,7 @@ def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, 
     removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
                                      protect_first=protect_first, protect_last=protect_last, max_tokens=max_tokens,
                                      seed=seed, progress=progress)
-    plan = identity_plan(model)
-    for i in removed:
-        plan.layers[i].removed = True
+    plan = layer_removal_plan(model, removed)
     chosen = {"layers": layers, **target, "layers_removed": removed,
               **{k: v for k, v in details.items() if k != "rounds"}}
     plan.provenance = provenance(method, plan, seed, calib.description if calib is not None else None,
