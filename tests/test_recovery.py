@@ -616,5 +616,19 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tm
     assert tokens == sorted(tokens) and tokens[-1] == 2 * 2 * 2 * SEQ
     model = load_pruned(tmp_path / "rec")
     assert len(model.model.layers) == 3
+    # the chosen layers re-apply to the dense model (README's two-step recipe): `--plan` of the recovered
+    # folder removes the same layers from the dense weights, not the recovered ones, and recovers once
+    assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--out", str(tmp_path / "again")]) == 0
+    dense, _ = load_model(str(STORIES), dtype="float32")
+    expected = apply_plan(copy.deepcopy(dense), plan).state_dict()
+    again = load_pruned(tmp_path / "again").state_dict()
+    assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in expected)
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(again[weight], model.state_dict()[weight])  # the recovered run's weights stay there
+    assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--recover", *recovery, "--out",
+                 str(tmp_path / "again-recovered")]) == 0
+    once = json.loads((tmp_path / "again-recovered" / RECOVERY_FILENAME).read_text())
+    assert once["tokens"]["trained"] == 2 * 2 * 2 * SEQ and "rounds" not in once  # the whole budget, one run
+    assert [lp.index for lp in PruningPlan.load(tmp_path / "again-recovered").layers if lp.removed] == removed
     capsys.readouterr()
     assert main([*depth[:4], "amp", *depth[5:], "--recover", "--out", str(tmp_path / "x")]) == 2
