@@ -20,6 +20,7 @@ from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
+from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
 from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
@@ -632,3 +633,22 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tm
     assert [lp.index for lp in PruningPlan.load(tmp_path / "again-recovered").layers if lp.removed] == removed
     capsys.readouterr()
     assert main([*depth[:4], "amp", *depth[5:], "--recover", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_consensus_rounds_validate_as_often_as_one_run_of_the_budget(stories):
+    """k rounds of B/k tokens validate at one run's interval over B (about ten times in all, plus each
+    round's before and after), not ten times per round; an explicit eval_every still rules."""
+    model, tok = stories
+    steps = 40  # the whole budget: 40 steps of 2 x SEQ tokens, so one run would validate every 4 steps
+
+    def validations(**recovery):
+        _, _, record = prune_depth_recovering(
+            copy.deepcopy(model), tok, "consensus", layers=2, metrics=["cosine", "angular"],
+            calibration=str(TINYSTORIES_TEXT), calibration_options={"num_samples": 8, "max_length": SEQ},
+            recovery={"data": str(TINYSTORIES_TEXT), "tokens": steps * 2 * SEQ, "seq_len": SEQ, "batch_size": 2,
+                      "val_tokens": 2 * SEQ, "patience": None, **recovery}, progress=False)
+        return [p["step"] for p in record["curves"]["val"]]
+
+    assert whole_budget_interval(steps * 2 * SEQ, {"seq_len": SEQ, "batch_size": 2}) == 4
+    assert validations() == [0, 4, 8, 12, 16, 20] * 2  # each round: before, then every 4 of its 20 steps
+    assert validations(eval_every=10) == [0, 10, 20] * 2

@@ -7,12 +7,15 @@ iteration; each round continues the seeded data order where the previous one sto
 train on different text, as one run of the whole budget would. The plan records the original
 indices of the removed layers and, for each round, the scoring table (in original indices) and what
 recovery gained; recovery.json concatenates the rounds' curves (validation loss jumps at each
-removal and falls as the round trains).
+removal and falls as the round trains). Validation runs as often as in one run of the whole budget
+(about ten times in all, plus each round's before and after), not ten times per round: on SmolLM2
+with six rounds, validating took a quarter of the training time otherwise.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.calibration import as_calibration
@@ -21,6 +24,7 @@ from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
 from secateurs.progress import status
 from secateurs.recovery.api import recover
+from secateurs.recovery.trainer import LoopSettings
 from secateurs.surgery import apply_plan
 from secateurs.version import __version__
 
@@ -48,6 +52,8 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     budget = recovery.pop("tokens", DEFAULT_TOKENS)
     if layers < 1 or budget < layers:
         raise SecateursError(f"{budget} recovery tokens cannot be split over {layers} removals")
+    if recovery.get("eval_every") is None:
+        recovery["eval_every"] = whole_budget_interval(budget, recovery)
     # once, from the dense model
     calib = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
     dense = copy.deepcopy(model)
@@ -80,6 +86,14 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
                        "base_model": plan.base.get("name_or_path"), "secateurs_version": __version__,
                        "rounds": rounds}
     return model, plan, combined_record(records)
+
+
+def whole_budget_interval(budget: int, recovery: dict) -> int:
+    """The validation interval (steps) of one recovery run over the whole budget with these settings."""
+    defaults = inspect.signature(recover).parameters
+    setting = lambda name: recovery.get(name, defaults[name].default)  # noqa: E731
+    run = LoopSettings(tokens=budget, batch_size=setting("batch_size"), grad_accum=setting("grad_accum"))
+    return run.validation_interval(setting("seq_len"))
 
 
 def _in_original_indices(table: list[dict], kept_after: list[int], removed: int) -> list[dict]:
