@@ -20,8 +20,8 @@ from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
-from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
+from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
 from secateurs.recovery.trainer import DataOrder
