@@ -590,7 +590,7 @@ def test_prune_recover_is_prune_then_recover_in_one_command(tmp_path, capsys):
     assert PruningPlan.load(tmp_path / "five").provenance["reconstruction"]
 
 
-def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tmp_path, capsys):
+def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(stories, tmp_path, capsys):
     """Consensus's pipeline: remove a layer, recover, re-score on the recovered model. Round 2's
     scores differ from plain iterative removal (which scores the dense model with layers skipped),
     the plan names original layers, and recovery.json holds both rounds end to end."""
@@ -620,8 +620,7 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(tm
     # the chosen layers re-apply to the dense model (README's two-step recipe): `--plan` of the recovered
     # folder removes the same layers from the dense weights, not the recovered ones, and recovers once
     assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--out", str(tmp_path / "again")]) == 0
-    dense, _ = load_model(str(STORIES), dtype="float32")
-    expected = apply_plan(copy.deepcopy(dense), plan).state_dict()
+    expected = apply_plan(copy.deepcopy(stories[0]), plan).state_dict()
     again = load_pruned(tmp_path / "again").state_dict()
     assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in expected)
     weight = "model.layers.0.mlp.up_proj.weight"
