@@ -1,12 +1,17 @@
 """Probe: which training setting moves AMP 30% furthest on a short budget (learning rate, batch size)?
+And does going over the same text twice cost anything (--distinct-tokens)?
 
 Prunes SmolLM2-135M with amp's default at --ratio once (saved to --pruned-dir and reloaded on later
 calls, the pruning being deterministic), then recovers it with kd (full fine-tuning, the C4 sample,
-cosine decay over the budget) once per setting and prints the held-out KL curve and WikiText-2
+cosine decay over the budget; --kd-ratio mixes in cross-entropy) once per setting and prints the held-out KL curve and WikiText-2
 perplexity (seq 128, first --eval-tokens tokens). A probe to choose the setting of the one long run
 the CPU allows; its numbers are appended to --log, not a benchmark result.
 
     python benchmarks/recovery_settings_probe.py --settings 3e-4:2,3e-4:1,1e-3:2 --tokens 50000
+
+--distinct-tokens N trains on the first C4 records that give N tokens plus the validation slice
+(written beside --pruned-dir), so a budget of 2N goes over the same text twice, as the 1M-token run
+goes over the 497k-token sample twice; compare with the same budget on the whole sample.
 """
 
 from __future__ import annotations
@@ -30,11 +35,32 @@ from secateurs.loading import load_model  # noqa: E402
 from secateurs.recovery import recover  # noqa: E402
 
 
+VAL_TOKENS = 2048
+
+
+def c4_prefix(tok, tokens: int, folder: Path) -> Path:
+    """The first records of the C4 sample that give at least `tokens` tokens, as a jsonl file in `folder`."""
+    out = folder / f"c4_first_{tokens}_tokens.jsonl"
+    if not out.is_file():
+        lines, count = [], 0
+        with open(C4, encoding="utf-8") as f:
+            for line in f:
+                if count >= tokens:
+                    break
+                lines.append(line)
+                count += len(tok(json.loads(line)["text"], verbose=False).input_ids) + 1  # + the EOS joining them
+        out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--settings", default="3e-4:2,3e-4:1,1e-3:2", help="LR:BATCH,...")
     ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--kd-ratio", type=float, default=1.0)
+    ap.add_argument("--distinct-tokens", type=int, default=None,
+                    help="train on only the first C4 records giving this many tokens (default: the whole sample)")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pruned-dir", required=True)
@@ -49,17 +75,21 @@ def main() -> int:
     text, _ = load_text(WIKI)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
     plan = read_plan(pruned_dir)
+    data = str(C4) if args.distinct_tokens is None else str(c4_prefix(tok, args.distinct_tokens + VAL_TOKENS,
+                                                                     pruned_dir.parent))
     for setting in args.settings.split(","):
         lr_text, batch_text = setting.split(":")
         lr, batch = float(lr_text), int(batch_text)
         student = load_pruned(pruned_dir, dtype=torch.float32)
         t0 = time.perf_counter()
-        rec = recover(student, dense, data=str(C4), tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
-                      plan=plan, lr=lr, batch_size=batch, val_tokens=2048,
+        rec = recover(student, dense, data=data, tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
+                      plan=plan, lr=lr, batch_size=batch, val_tokens=VAL_TOKENS, kd_ratio=args.kd_ratio,
                       evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
-        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "tokens": rec.record["tokens"]["trained"],
+        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio,
+                "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
+                "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
                 "eval_tokens": args.eval_tokens, "threads": args.threads,
                 "minutes": round((time.perf_counter() - t0) / 60, 1), "load": os.getloadavg()}

@@ -24,7 +24,7 @@ from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, 
 from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
-from secateurs.recovery.trainer import DataOrder
+from secateurs.recovery.trainer import DataOrder, LoopSettings, RecoveryLoop
 from secateurs.surgery import apply_plan
 
 from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
@@ -172,6 +172,29 @@ def test_early_stop_keeps_the_best_validated_weights(stories, amp20):
     assert [r["loss"] > best["loss"] for r in val[-2:]] == [True, True]
     if best["step"] != steps["done"]:
         assert steps["restored_best_step"] == best["step"]
+
+
+def test_patience_counts_trained_validations_and_the_start_still_wins_when_nothing_beats_it(stories, amp20):
+    """An already recovered model first rises above its start at the peak learning rate; that
+    must not end the run. A run that only gets worse must still end at the start's weights."""
+    dense, tok = stories
+    data = load_recovery_data(str(TINYSTORIES_TEXT), tok, seq_len=SEQ, tokens=8 * SEQ, val_tokens=2 * SEQ)
+
+    def stops(losses):
+        student = copy.deepcopy(amp20[0]).requires_grad_(True)
+        loop = RecoveryLoop(student, dense, data, Objective("kd"), LoopSettings(tokens=8 * SEQ, patience=3),
+                            progress=False)
+        for step, loss in enumerate(losses):
+            with torch.no_grad():
+                next(iter(loop.params.values())).fill_(step)  # weights that say which validation they are
+            if loop._record_validation({"step": step, "loss": loss}):
+                loop._restore_best()
+                return step, next(iter(loop.params.values())).flatten()[0].item()
+        return None, loop.best["step"]
+
+    assert stops([0.90, 0.99, 0.95, 0.93, 0.89, 0.88]) == (None, 5)  # rises, then falls below the start
+    assert stops([0.90, 0.99, 1.00, 1.10, 1.20]) == (4, 0.0)  # only worse: stops, back to the start's weights
+    assert stops([0.90, 0.80, 0.85, 0.86, 0.87]) == (4, 1.0)  # the usual case: back to the best trained step
 
 
 def test_cross_entropy_without_teacher_lowers_perplexity(stories, amp20):
