@@ -20,6 +20,7 @@ from secateurs.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
+from secateurs.recovery import data as recovery_data
 from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
 from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.lora import lora_target_names
@@ -657,10 +658,18 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(st
     assert main([*depth[:4], "amp", *depth[5:], "--recover", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_consensus_rounds_validate_as_often_as_one_run_of_the_budget(stories):
+def test_consensus_rounds_validate_as_often_as_one_run_of_the_budget(stories, monkeypatch):
     """k rounds of B/k tokens validate at one run's interval over B (about ten times in all, plus each
-    round's before and after), not ten times per round; an explicit eval_every still rules."""
+    round's before and after), not ten times per round; an explicit eval_every still rules. The data
+    file is tokenised once for all rounds."""
     model, tok = stories
+    reads, read = [], recovery_data._read_source
+
+    def counted_read(spec, *args, **kwargs):
+        reads.append(spec)
+        return read(spec, *args, **kwargs)
+
+    monkeypatch.setattr(recovery_data, "_read_source", counted_read)
     steps = 40  # the whole budget: 40 steps of 2 x SEQ tokens, so one run would validate every 4 steps
 
     def validations(**recovery):
@@ -673,4 +682,5 @@ def test_consensus_rounds_validate_as_often_as_one_run_of_the_budget(stories):
 
     assert whole_budget_interval(steps * 2 * SEQ, {"seq_len": SEQ, "batch_size": 2}) == 4
     assert validations() == [0, 4, 8, 12, 16, 20] * 2  # each round: before, then every 4 of its 20 steps
+    assert reads == [str(TINYSTORIES_TEXT)]
     assert validations(eval_every=10) == [0, 10, 20] * 2

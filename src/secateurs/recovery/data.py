@@ -12,6 +12,8 @@ learned: prompt tokens carry the label -100.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -174,6 +176,33 @@ def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | No
                                     "recover on other text")
 
 
+_SOURCES_READ: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recovery_sources_read", default=None)
+
+
+@contextlib.contextmanager
+def sources_read_once():
+    """Within this block a source is read and tokenised once however many runs use it: Consensus's
+    rounds each recover on the same file, and re-tokenising a large corpus every round costs minutes."""
+    reset = _SOURCES_READ.set({})
+    try:
+        yield
+    finally:
+        _SOURCES_READ.reset(reset)
+
+
+def _read_source_once(spec: str, tokenizer, **how) -> tuple[list[int], list[int], dict]:
+    read = _SOURCES_READ.get()
+    if read is None:
+        return _read_source(spec, tokenizer, **how)
+    sampled = spec == "self"  # only sampled text depends on the teacher, the sample count and the seed
+    key = (spec, id(tokenizer), how["seq_len"], *((id(how["teacher"]), how["self_samples"], how["seed"]) if sampled
+                                                  else ()))
+    if key not in read:
+        read[key] = _read_source(spec, tokenizer, **how)
+    ids, labels, description = read[key]
+    return ids, labels, dict(description)
+
+
 def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_tokens: int, seed: int = 0,
                        teacher=None, evaluation_files: list[str | Path] | None = None,
                        self_samples: int | None = None) -> RecoveryData:
@@ -193,8 +222,8 @@ def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_t
     elif isinstance(self_samples, bool) or not isinstance(self_samples, int) or self_samples < num_val + 1:
         raise RecoveryDataError(f"self_samples must be an integer above the {num_val} validation sequences, "
                                 f"got {self_samples!r}")
-    ids, labels, description = _read_source(spec, tokenizer, teacher=teacher, seq_len=seq_len,
-                                            self_samples=self_samples, seed=seed)
+    ids, labels, description = _read_source_once(spec, tokenizer, teacher=teacher, seq_len=seq_len,
+                                                 self_samples=self_samples, seed=seed)
     count = len(ids) // seq_len
     if count == 0:
         raise RecoveryDataError(f"recovery data {spec} gives {len(ids)} tokens, fewer than one sequence of "

@@ -25,6 +25,7 @@ from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
 from secateurs.progress import status
 from secateurs.recovery.api import recover
+from secateurs.recovery.data import sources_read_once
 from secateurs.recovery.trainer import LoopSettings
 from secateurs.surgery import apply_plan
 from secateurs.version import __version__
@@ -62,22 +63,23 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     plan = identity_plan(model)
     kept = list(range(len(plan.layers)))  # original index of each layer still in the model
     rounds, records, offset = [], [], 0
-    for r in range(layers):
-        status(f"round {r + 1} of {layers}: scoring the {len(kept)} layers left")
-        step = depth_plan(model, method, layers=1, metrics=metrics, protect_first=protect_first,
-                          protect_last=protect_last, max_tokens=max_tokens, calibration=calib, seed=seed,
-                          progress=progress)
-        removed = kept.pop(step.provenance["layers_removed"][0])
-        plan.layers[removed].removed = True
-        apply_plan(model, step)
-        tokens = budget // layers + (1 if r < budget % layers else 0)
-        result = recover(model, dense, tokens=tokens, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan,
-                         seed=seed, progress=progress, data_offset=offset, **recovery)
-        records.append(result.record)
-        offset += result.record["tokens"]["trained"] // result.record["batch"]["seq_len"]
-        rounds.append({"removed": [removed], "table": _in_original_indices(step.provenance["rounds"][0]["table"],
-                                                                          kept, removed),
-                       "recovery": {k: result.record[k] for k in ("before", "after", "tokens")}})
+    with sources_read_once():  # the same data file every round
+        for r in range(layers):
+            status(f"round {r + 1} of {layers}: scoring the {len(kept)} layers left")
+            step = depth_plan(model, method, layers=1, metrics=metrics, protect_first=protect_first,
+                              protect_last=protect_last, max_tokens=max_tokens, calibration=calib, seed=seed,
+                              progress=progress)
+            removed = kept.pop(step.provenance["layers_removed"][0])
+            plan.layers[removed].removed = True
+            apply_plan(model, step)
+            tokens = budget // layers + (1 if r < budget % layers else 0)
+            result = recover(model, dense, tokens=tokens, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan,
+                             seed=seed, progress=progress, data_offset=offset, **recovery)
+            records.append(result.record)
+            offset += result.record["tokens"]["trained"] // result.record["batch"]["seq_len"]
+            rounds.append({"removed": [removed], "table": _in_original_indices(step.provenance["rounds"][0]["table"],
+                                                                              kept, removed),
+                           "recovery": {k: result.record[k] for k in ("before", "after", "tokens")}})
     plan.provenance = {"method": method, "layers": layers, "layers_removed": [lp.index for lp in plan.layers
                                                                               if lp.removed],
                        "iterative": True, "recovered_between_removals": True, "metrics": step.provenance["metrics"],
