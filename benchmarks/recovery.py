@@ -389,7 +389,8 @@ def main() -> int:
             r = {**r, "before": validation_before(one_shot, dense, tok, args, run), "first_round_before": r["before"]}
             t0 += time.perf_counter() - measuring
             extra = {"layers_removed": plan.provenance["layers_removed"],
-                     "rounds": [{"removed": x["removed"], "recovery": x["recovery"]} for x in plan.provenance["rounds"]]}
+                     # with each round's scoring table: how close the runners-up came when a layer was chosen
+                     "rounds": [{k: x[k] for k in ("removed", "table", "recovery")} for x in plan.provenance["rounds"]]}
         else:
             model, plan, before = pruned[run["pruned"]]
             checkpoints = Path(args.checkpoints) / _folder_name(run["label"]) if args.checkpoints else None
