@@ -1,14 +1,15 @@
-"""Probe: which training setting moves AMP 30% furthest on a short budget (learning rate, batch size)?
-And does going over the same text twice cost anything (--distinct-tokens)?
+"""Probe: which training setting moves AMP 30% furthest on a short budget (learning rate, batch size,
+data)? Does going over the same text twice cost anything (--distinct-tokens)?
 
 Prunes SmolLM2-135M with amp's default at --ratio once (saved to --pruned-dir and reloaded on later
 calls, the pruning being deterministic), then recovers it with kd (full fine-tuning, the C4 sample,
-cosine decay over the budget; --kd-ratio mixes in cross-entropy) once per setting and prints the held-out KL curve and WikiText-2
-perplexity (seq 128, first --eval-tokens tokens). A probe to choose the setting of the one long run
+cosine decay over the budget; --kd-ratio mixes in cross-entropy) once per setting and prints the
+held-out KL curve and WikiText-2 perplexity (seq 128, first --eval-tokens tokens). A probe to choose the setting of the one long run
 the CPU allows; its numbers are appended to --log, not a benchmark result.
 
     python benchmarks/recovery_settings_probe.py --settings 3e-4:2,3e-4:1,1e-3:2 --tokens 50000
 
+--data self distils on text sampled from the dense model (the CLI's offline default) instead of C4.
 --distinct-tokens N trains on the first C4 records that give N tokens plus the validation slice
 (written beside --pruned-dir), so a budget of 2N goes over the same text twice, as the 1M-token run
 goes over the 497k-token sample twice; compare with the same budget on the whole sample.
@@ -59,6 +60,8 @@ def main() -> int:
     ap.add_argument("--settings", default="3e-4:2,3e-4:1,1e-3:2", help="LR:BATCH,...")
     ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--kd-ratio", type=float, default=1.0)
+    ap.add_argument("--data", choices=("c4", "self"), default="c4",
+                    help="the C4 sample, or 'self': text sampled from the dense model (the CLI's offline default)")
     ap.add_argument("--distinct-tokens", type=int, default=None,
                     help="train on only the first C4 records giving this many tokens (default: the whole sample)")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
@@ -75,8 +78,14 @@ def main() -> int:
     text, _ = load_text(WIKI)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
     plan = read_plan(pruned_dir)
-    data = str(C4) if args.distinct_tokens is None else str(c4_prefix(tok, args.distinct_tokens + VAL_TOKENS,
-                                                                     pruned_dir.parent))
+    if args.data == "self":
+        if args.distinct_tokens is not None:
+            raise SystemExit("--distinct-tokens takes the first records of the C4 sample; drop it with --data self")
+        data = "self"
+    elif args.distinct_tokens is None:
+        data = str(C4)
+    else:
+        data = str(c4_prefix(tok, args.distinct_tokens + VAL_TOKENS, pruned_dir.parent))
     for setting in args.settings.split(","):
         lr_text, batch_text = setting.split(":")
         lr, batch = float(lr_text), int(batch_text)
@@ -87,7 +96,7 @@ def main() -> int:
                       evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
-        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio,
+        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": args.data,
                 "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
                 "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
