@@ -36,7 +36,7 @@ from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import plain_forward_seconds
 from secateurs.loading import load_model
 from secateurs.evaluation.zero_shot import zero_shot
-from secateurs.methods import make_plan, prune
+from secateurs.methods import prune
 from secateurs.methods.options import methods_taking
 from secateurs.output import write_file
 from secateurs.statistics import collect_statistics
