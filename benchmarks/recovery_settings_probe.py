@@ -54,6 +54,18 @@ def c4_prefix(tok, tokens: int, folder: Path) -> Path:
     return out
 
 
+def with_sampled_text(c4_records: Path, dense, tok, tokens: int, seq_len: int = 256) -> Path:
+    """C4_RECORDS plus `tokens` of text sampled from the dense model ('self' data: the cached samples of
+    a --data self run of 80k tokens, 321 x 256), decoded into text records, as one jsonl file."""
+    from secateurs.calibration import _self_generated
+
+    samples = _self_generated(dense, tok, 321, seq_len, 0)[: -(-tokens // seq_len)]
+    out = c4_records.with_name(f"{c4_records.stem}_plus_{len(samples)}_sampled.jsonl")
+    texts = [json.dumps({"text": tok.decode(s, skip_special_tokens=True)}) + "\n" for s in samples]
+    out.write_text(c4_records.read_text(encoding="utf-8") + "".join(texts), encoding="utf-8")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratio", type=float, default=0.3)
@@ -64,6 +76,9 @@ def main() -> int:
                     help="the C4 sample, or 'self': text sampled from the dense model (the CLI's offline default)")
     ap.add_argument("--distinct-tokens", type=int, default=None,
                     help="train on only the first C4 records giving this many tokens (default: the whole sample)")
+    ap.add_argument("--top-up-self", type=int, default=None,
+                    help="with --distinct-tokens: add this many tokens of text sampled from the dense model "
+                         "(decoded into text records) to the C4 records")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pruned-dir", required=True)
@@ -86,6 +101,8 @@ def main() -> int:
         data = str(C4)
     else:
         data = str(c4_prefix(tok, args.distinct_tokens + VAL_TOKENS, pruned_dir.parent))
+        if args.top_up_self:
+            data = str(with_sampled_text(Path(data), dense, tok, args.top_up_self))
     for setting in args.settings.split(","):
         lr_text, batch_text = setting.split(":")
         lr, batch = float(lr_text), int(batch_text)
@@ -96,7 +113,7 @@ def main() -> int:
                       evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
-        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": args.data,
+        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": args.data if not args.top_up_self else f"c4 + {args.top_up_self} self",
                 "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
                 "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
