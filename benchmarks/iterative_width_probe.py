@@ -27,6 +27,7 @@ import copy  # noqa: E402
 import torch  # noqa: E402
 
 from recovery import C4, CALIBRATION, WIKI, wiki_ppl  # noqa: E402  (the benchmark's protocol, its sibling)
+from recovery_settings_probe import append_result  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
 from secateurs.loading import load_model  # noqa: E402
@@ -73,9 +74,7 @@ def main() -> int:
             "kd_ratio": args.kd_ratio, "patience": args.patience, "tokens": args.tokens, "per_round": rounds,
             "wikitext_ppl": rounds[-1]["recovered_ppl"], "eval_tokens": args.eval_tokens, "threads": args.threads,
             "minutes": round((time.perf_counter() - t0) / 60, 1), "load": os.getloadavg()}
-    print(json.dumps(line), flush=True)
-    with open(args.log, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_result(line, args.log)
     return 0
 
 

@@ -113,16 +113,22 @@ def main() -> int:
                       evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
-        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": args.data if not args.top_up_self else f"c4 + {args.top_up_self} self",
+        source = args.data if not args.top_up_self else f"c4 + {args.top_up_self} self"
+        line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": source,
                 "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
                 "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
                 "eval_tokens": args.eval_tokens, "threads": args.threads,
                 "minutes": round((time.perf_counter() - t0) / 60, 1), "load": os.getloadavg()}
-        print(json.dumps(line), flush=True)
-        with open(args.log, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_result(line, args.log)
     return 0
+
+
+def append_result(line: dict, log: str) -> None:
+    """Print one probe's result and append it to the log, one JSON object a line."""
+    print(json.dumps(line), flush=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
