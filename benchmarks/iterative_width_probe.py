@@ -62,12 +62,13 @@ def main() -> int:
         pruned_ppl = wiki_ppl(model, tok, text, ids, args.eval_tokens)
         tokens = args.tokens // args.rounds
         rec = recover(model, dense, data=str(C4), tokens=tokens, tokenizer=tok, teacher_tokenizer=tok, plan=plan,
-                      lr=args.lr, kd_ratio=args.kd_ratio, val_tokens=2048, data_offset=offset, patience=args.patience,
-                      evaluation_files=[str(WIKI)], progress=False)
+                      lr=args.lr, kd_ratio=args.kd_ratio, val_tokens=2048, data_offset=offset,
+                      patience=args.patience, evaluation_files=[str(WIKI)], progress=False)
         offset += rec.record["tokens"]["trained"] // rec.record["batch"]["seq_len"]
         rounds.append({"ratio_of_dense": round(1 - model_stats(model).total_params / dense_params, 4),
                        "ratio_of_model": round(ratio_now, 4), "split": plan.provenance.get("split"),
-                       "pruned_ppl": round(pruned_ppl, 2), "kl": [round(v["kl"], 4) for v in rec.record["curves"]["val"]],
+                       "pruned_ppl": round(pruned_ppl, 2),
+                       "kl": [round(v["kl"], 4) for v in rec.record["curves"]["val"]],
                        "recovered_ppl": round(wiki_ppl(model, tok, text, ids, args.eval_tokens), 2)})
         print(json.dumps(rounds[-1]), flush=True)
     line = {"probe": "iterative amp", "ratio": args.ratio, "rounds": args.rounds, "lr": args.lr,

@@ -4,8 +4,9 @@ data)? Does going over the same text twice cost anything (--distinct-tokens)?
 Prunes SmolLM2-135M with amp's default at --ratio once (saved to --pruned-dir and reloaded on later
 calls, the pruning being deterministic), then recovers it with kd (full fine-tuning, the C4 sample,
 cosine decay over the budget; --kd-ratio mixes in cross-entropy) once per setting and prints the
-held-out KL curve and WikiText-2 perplexity (seq 128, first --eval-tokens tokens). A probe to choose the setting of the one long run
-the CPU allows; its numbers are appended to --log, not a benchmark result.
+held-out KL curve and WikiText-2 perplexity (seq 128, first --eval-tokens tokens). A probe to
+choose the setting of the one long run the CPU allows; its numbers are appended to --log, not a
+benchmark result.
 
     python benchmarks/recovery_settings_probe.py --settings 3e-4:2,3e-4:1,1e-3:2 --tokens 50000
 
