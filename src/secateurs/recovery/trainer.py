@@ -122,7 +122,6 @@ class RecoveryLoop:
         self.history: dict = {"train": [], "val": [], "seconds": 0.0, "validation_seconds": 0.0,
                               "resumed_at_steps": []}
         self.best: dict | None = None  # {"step", "loss"} of the best validation so far (the start included)
-        self.best_trained_loss: float | None = None  # what patience measures against: trained validations only
         self.bad_validations = 0
 
     # -- validation ------------------------------------------------------------
@@ -245,8 +244,8 @@ class RecoveryLoop:
             self._best_weights = {n: p.detach().clone() for n, p in self.params.items()} if self.s.patience else None
         if val["step"] == 0:
             return False
-        if self.best_trained_loss is None or val["loss"] < self.best_trained_loss:
-            self.best_trained_loss = val["loss"]
+        trained_before = [v["loss"] for v in self.history["val"][:-1] if v["step"] > 0]
+        if not trained_before or val["loss"] < min(trained_before):
             self.bad_validations = 0
             return False
         self.bad_validations += 1
@@ -268,7 +267,7 @@ class RecoveryLoop:
     def _state(self) -> dict:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "history": json.dumps(self.history), "best": json.dumps(self.best),
-                "best_trained_loss": json.dumps(self.best_trained_loss), "bad_validations": self.bad_validations}
+                "bad_validations": self.bad_validations}
 
     def _save_checkpoint(self) -> None:
         """Through secateurs' one writer: built beside the folder, swapped in whole."""
@@ -310,7 +309,6 @@ class RecoveryLoop:
         self.history = json.loads(state["history"])
         self.history["resumed_at_steps"].append(self.step)
         self.best = json.loads(state["best"])
-        self.best_trained_loss = json.loads(state.get("best_trained_loss", "null"))
         self.bad_validations = int(state["bad_validations"])
 
 
