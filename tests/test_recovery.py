@@ -647,6 +647,9 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(st
     expected = apply_plan(copy.deepcopy(stories[0]), plan).state_dict()
     again = load_pruned(tmp_path / "again").state_dict()
     assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in expected)
+    assert plan.provenance["recovered_between_removals"] is True
+    reapplied = PruningPlan.load(tmp_path / "again").provenance  # its weights were not recovered between removals
+    assert reapplied["recovered_between_removals"] is False and reapplied["chosen_recovering_between_removals"]
     weight = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(again[weight], model.state_dict()[weight])  # the recovered run's weights stay there
     assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--recover", *recovery, "--out",
