@@ -14,6 +14,8 @@ benchmark result.
 --distinct-tokens N trains on the first C4 records that give N tokens plus the validation slice
 (written beside --pruned-dir), so a budget of 2N goes over the same text twice, as the 1M-token run
 goes over the 497k-token sample twice; compare with the same budget on the whole sample.
+--temperature, --seq-len, --freeze-embeddings (full fine-tuning without the tied token embeddings)
+and --beta2 (AdamW's second-moment decay) probe the remaining training levers for AMP 30%.
 """
 
 from __future__ import annotations
@@ -80,12 +82,19 @@ def main() -> int:
     ap.add_argument("--top-up-self", type=int, default=None,
                     help="with --distinct-tokens: add this many tokens of text sampled from the dense model "
                          "(decoded into text records) to the C4 records")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--freeze-embeddings", action="store_true",
+                    help="full fine-tuning of everything but the (tied) token embeddings")
+    ap.add_argument("--beta2", type=float, default=None, help="AdamW's second-moment decay (the loop's: 0.999)")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pruned-dir", required=True)
     ap.add_argument("--log", default=str(Path(__file__).with_name("results") / "recovery_settings_probe.txt"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.beta2 is not None:
+        use_beta2(args.beta2)
     dense, tok = load_model("smollm2", "float32")
     pruned_dir = Path(args.pruned_dir)
     if not (pruned_dir / "config.json").is_file():
@@ -108,14 +117,18 @@ def main() -> int:
         lr_text, batch_text = setting.split(":")
         lr, batch = float(lr_text), int(batch_text)
         student = load_pruned(pruned_dir, dtype=torch.float32)
+        if args.freeze_embeddings:
+            freeze_embeddings_when_training(student)
         t0 = time.perf_counter()
         rec = recover(student, dense, data=data, tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
                       plan=plan, lr=lr, batch_size=batch, val_tokens=VAL_TOKENS, kd_ratio=args.kd_ratio,
-                      evaluation_files=[str(WIKI)], progress=False)
+                      temperature=args.temperature, seq_len=args.seq_len, evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
         source = args.data if not args.top_up_self else f"c4 + {args.top_up_self} self"
         line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": source,
+                "temperature": args.temperature, "seq_len": args.seq_len,
+                "frozen_embeddings": args.freeze_embeddings, "beta2": args.beta2,
                 "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
                 "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
@@ -123,6 +136,33 @@ def main() -> int:
                 "minutes": round((time.perf_counter() - t0) / 60, 1), "load": os.getloadavg()}
         append_result(line, args.log)
     return 0
+
+
+def freeze_embeddings_when_training(student) -> None:
+    """Make recover()'s full fine-tuning leave the token embeddings (tied to the LM head) alone: its
+    student.requires_grad_(True) is followed by switching them off again."""
+    embeddings = student.get_input_embeddings()
+    switch_on = student.requires_grad_
+
+    def requires_grad_(flag=True):
+        switch_on(flag)
+        embeddings.requires_grad_(False)
+        return student
+
+    student.requires_grad_ = requires_grad_
+
+
+def use_beta2(beta2: float) -> None:
+    """Give every recovery loop's AdamW this second-moment decay (recover() does not take betas)."""
+    from secateurs.recovery import api
+
+    class Loop(api.RecoveryLoop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for group in self.optimizer.param_groups:
+                group["betas"] = (group["betas"][0], beta2)
+
+    api.RecoveryLoop = Loop
 
 
 def append_result(line: dict, log: str) -> None:
