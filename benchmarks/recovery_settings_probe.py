@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--freeze-embeddings", action="store_true",
                     help="full fine-tuning of everything but the (tied) token embeddings")
     ap.add_argument("--beta2", type=float, default=None, help="AdamW's second-moment decay (the loop's: 0.999)")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm; 0: none")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pruned-dir", required=True)
@@ -122,13 +123,14 @@ def main() -> int:
         t0 = time.perf_counter()
         rec = recover(student, dense, data=data, tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
                       plan=plan, lr=lr, batch_size=batch, val_tokens=VAL_TOKENS, kd_ratio=args.kd_ratio,
-                      temperature=args.temperature, seq_len=args.seq_len, evaluation_files=[str(WIKI)], progress=False)
+                      temperature=args.temperature, max_grad_norm=args.clip or None, seq_len=args.seq_len, evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
         source = args.data if not args.top_up_self else f"c4 + {args.top_up_self} self"
         line = {"ratio": args.ratio, "lr": lr, "batch": batch, "kd_ratio": args.kd_ratio, "data": source,
                 "temperature": args.temperature, "seq_len": args.seq_len,
-                "frozen_embeddings": args.freeze_embeddings, "beta2": args.beta2,
+                "frozen_embeddings": args.freeze_embeddings, "beta2": args.beta2, "clip": args.clip,
+                "grad_norm_quartiles": grad_norm_quartiles(rec.record["curves"]["train"]),
                 "data_tokens": rec.record["data"]["train_tokens_available"], "epochs": rec.record["tokens"]["epochs"],
                 "tokens": rec.record["tokens"]["trained"],
                 "steps": rec.record["steps"]["done"], "val_kl_curve": curve, "wikitext_ppl": round(ppl, 2),
@@ -163,6 +165,12 @@ def use_beta2(beta2: float) -> None:
                 group["betas"] = (group["betas"][0], beta2)
 
     api.RecoveryLoop = Loop
+
+
+def grad_norm_quartiles(train_curve: list[dict]) -> list[float] | None:
+    """The 25th, 50th and 75th percentiles of the steps' gradient norms (before clipping)."""
+    norms = sorted(p["grad_norm"] for p in train_curve if p.get("grad_norm") is not None)
+    return [round(norms[int(q * (len(norms) - 1))], 3) for q in (0.25, 0.5, 0.75)] if norms else None
 
 
 def append_result(line: dict, log: str) -> None:
