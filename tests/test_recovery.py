@@ -650,6 +650,10 @@ def test_consensus_recovers_between_removals_and_rescores_the_recovered_model(st
     assert plan.provenance["recovered_between_removals"] is True
     reapplied = PruningPlan.load(tmp_path / "again").provenance  # its weights were not recovered between removals
     assert reapplied["recovered_between_removals"] is False and reapplied["chosen_recovering_between_removals"]
+    assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--streamed", "--out",
+                 str(tmp_path / "again-streamed")]) == 0  # the streamed path re-applies it the same way
+    streamed = PruningPlan.load(tmp_path / "again-streamed").provenance
+    assert streamed["recovered_between_removals"] is False and streamed["chosen_recovering_between_removals"]
     weight = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(again[weight], model.state_dict()[weight])  # the recovered run's weights stay there
     assert main(["prune", str(STORIES), "--plan", str(tmp_path / "rec"), "--recover", *recovery, "--out",

@@ -201,7 +201,7 @@ def _streamed(job: PruneJob) -> PruneResult:
     if job.statistics:
         raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
     tokenizer = _tokenizer(job.source)
-    plan = job.plan if job.plan is not None else _streamed_plan(job, tokenizer)
+    plan = job.plan.mark_reapplied() if job.plan is not None else _streamed_plan(job, tokenizer)
     settings = _reconstruction_settings(job)
     if settings is None:
         out = prune_checkpoint(job.source, plan, job.out, tokenizer=tokenizer, force=job.force)

@@ -123,6 +123,16 @@ class PruningPlan:
                 out.append((len(heads), len(kv), len(neurons)))
         return out
 
+    # -- provenance --------------------------------------------------------
+    def mark_reapplied(self) -> "PruningPlan":
+        """Record that this plan is being applied to fresh weights: layers chosen by a run that recovered
+        between removals are now removed at once, so the new folder's weights were not recovered between
+        removals (the choosing run's fact is kept as chosen_recovering_between_removals)."""
+        if self.provenance.get("recovered_between_removals"):
+            self.provenance = {**self.provenance, "recovered_between_removals": False,
+                               "chosen_recovering_between_removals": True}
+        return self
+
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:
         return {

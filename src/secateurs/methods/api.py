@@ -156,7 +156,6 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     settings = reconstruction_for(method, plan, reconstruct, damping, reconstruct_bias,
                                   options.get("rounding", "balanced"), options.get("round_to", 1))
     calibration, statistics = options.get("calibration"), options.get("statistics")
-    reapplied = plan is not None
     if settings is not None:
         if settings.mode == "sequential":
             calibration = run_calibration(model, tokenizer, calibration, statistics, options.get("calibration_options"))
@@ -170,16 +169,15 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
             fit_on = calibration.hash if settings.mode == "sequential" else statistics.description.get(
                 "calibration_hash")
             plan.provenance["reconstruction"] = {**settings.to_dict(), "calibration_hash": fit_on}
-    elif settings is not None:
-        recorded = (plan.provenance.get("reconstruction") or {}).get("calibration_hash")
-        used = calibration.hash if settings.mode == "sequential" else statistics.description.get("calibration_hash")
-        if recorded is not None and recorded != used:
-            log.warning("secateurs: WARNING: the plan was re-fitted on other calibration data (%s) than given now (%s); "
-                        "the weights will differ from the recorded run", recorded, used)
-    if plan.provenance.get("recovered_between_removals") and reapplied:
-        # the layers were chosen by a run that recovered between removals; these weights lose them at once
-        plan.provenance = {**plan.provenance, "recovered_between_removals": False,
-                           "chosen_recovering_between_removals": True}
+    else:
+        plan.mark_reapplied()
+        if settings is not None:
+            recorded = (plan.provenance.get("reconstruction") or {}).get("calibration_hash")
+            used = calibration.hash if settings.mode == "sequential" else statistics.description.get(
+                "calibration_hash")
+            if recorded is not None and recorded != used:
+                log.warning("secateurs: WARNING: the plan was re-fitted on other calibration data (%s) than given "
+                            "now (%s); the weights will differ from the recorded run", recorded, used)
     before = model_stats(model).total_params
     with phase("surgery" if settings is None else f"surgery with {settings.mode} reconstruction"):
         if settings is None:
