@@ -123,7 +123,8 @@ def main() -> int:
         t0 = time.perf_counter()
         rec = recover(student, dense, data=data, tokens=args.tokens, tokenizer=tok, teacher_tokenizer=tok,
                       plan=plan, lr=lr, batch_size=batch, val_tokens=VAL_TOKENS, kd_ratio=args.kd_ratio,
-                      temperature=args.temperature, max_grad_norm=args.clip or None, seq_len=args.seq_len, evaluation_files=[str(WIKI)], progress=False)
+                      temperature=args.temperature, max_grad_norm=args.clip or None, seq_len=args.seq_len,
+                      evaluation_files=[str(WIKI)], progress=False)
         ppl = wiki_ppl(rec.model, tok, text, ids, args.eval_tokens)
         curve = [(v.get("tokens"), round(v["kl"], 4)) for v in rec.record["curves"]["val"]]
         source = args.data if not args.top_up_self else f"c4 + {args.top_up_self} self"
