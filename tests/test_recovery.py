@@ -548,6 +548,31 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     assert not (tmp_path / "rec2").exists()
 
 
+def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stories, amp20, tmp_path, capsys):
+    """`recover --ppl TEXT` prints the perplexity of the pruned model and of the saved recovered
+    model on TEXT, the numbers `perplexity` gives each of them on its own, and says on stderr what it
+    measures while it does (on a real model each measurement takes minutes)."""
+    from secateurs.evaluation.perplexity import perplexity
+
+    dense, tok = stories
+    pruned, plan = amp20
+    twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
+    wikitext = TINYSTORIES_TEXT.parents[1] / "wikitext-2-raw" / "wiki.test.raw"
+    assert main(["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT),
+                 "--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ),
+                 "--ppl", str(wikitext), "--ppl-tokens", "1024", "--out", str(tmp_path / "rec")]) == 0
+    captured = capsys.readouterr()
+    line = next(x for x in captured.out.splitlines() if x.startswith("perplexity on"))
+    before, after = (float(x) for x in line.rsplit(": ", 1)[1].split(" -> "))
+    ids = tok(wikitext.read_text(), return_tensors="pt").input_ids[0][:1024]
+    for folder, printed in (("pruned", before), ("rec", after)):
+        measured = perplexity(load_pruned(tmp_path / folder), tok, "", seq_len=128, ids=ids, progress=False)
+        assert measured["perplexity"] == pytest.approx(printed, abs=0.006), folder
+    assert before != after
+    for when in ("before", "after"):
+        assert f"perplexity on wiki.test.raw {when} recovery (seq 128, first 1,024 tokens) ... done in" in captured.err
+
+
 def test_recover_places_teacher_and_student_with_accelerate(stories, amp20, tmp_path, capsys, monkeypatch):
     """--device-map places the teacher (here half its layers offloaded to disk), --student-device-map
     the student (a CPU map): the recovered weights equal those of the run without maps (same seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from secateurs.progress import phase
 from secateurs.recovery.api import RecoveryResult, recover
 
 
@@ -31,17 +32,21 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     check_output_dir(out, force, [pruned, teacher, data, ppl])  # before loading anything
     refuse_evaluation_overlap(data, [ppl] if ppl else None)
     plan = PruningPlan.load(pruned) if (Path(pruned) / PLAN_FILENAME).is_file() else None
+    text = load_text(ppl)[0] if ppl else None  # a missing or unreadable file fails before the models load
     student, tokenizer = _load_student(pruned, dtype, device, student_device_map)
     dense, dense_tokenizer = load_model(teacher, dtype, device, device_map, offload_folder) if teacher else (None, None)
-    text = load_text(ppl)[0] if ppl else None
+    if ppl:
+        with phase(f"tokenising {Path(ppl).name}"):  # once for both measurements
+            ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][:ppl_tokens]
 
-    def measure(model):
-        return perplexity(model, tokenizer, text, seq_len=128, max_tokens=ppl_tokens, progress=False)["perplexity"]
+    def measure(model, when: str) -> float:  # minutes on a real model: a phase line and a bar, never silence
+        with phase(f"perplexity on {Path(ppl).name} {when} recovery (seq 128, first {ids.numel():,} tokens)"):
+            return perplexity(model, tokenizer, "", seq_len=128, ids=ids)["perplexity"]
 
-    before = measure(student) if text else None
+    before = measure(student, "before") if ppl else None
     result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
                      force=force, seed=seed, evaluation_files=[ppl] if ppl else None, **options)
-    return result, ({"before": before, "after": measure(result.model)} if text else None)
+    return result, ({"before": before, "after": measure(result.model, "after")} if ppl else None)
 
 
 def _load_student(pruned: str, dtype, device: str, device_map):
