@@ -495,6 +495,14 @@ def test_bad_inputs_are_refused_before_any_work(stories, amp20, tmp_path):
     copy_of_eval = tmp_path / "copy.txt"
     copy_of_eval.write_bytes(TINYSTORIES_TEXT.read_bytes())
     _refuses(tmp_path, "same content", **{**base, "evaluation_files": [str(copy_of_eval)]})
+    story = TINYSTORIES_TEXT.read_text()
+    excerpt = tmp_path / "excerpt.txt"  # an evaluation text the data holds part of
+    excerpt.write_text(story[len(story) // 3: 2 * len(story) // 3])
+    _refuses(tmp_path, "contains the evaluation text", **{**base, "evaluation_files": [str(excerpt)]})
+    as_jsonl = tmp_path / "stories.jsonl"  # the evaluation text under another name and format
+    as_jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for p in story.split("\n\n") if p.strip()))
+    _refuses(tmp_path, "contains the evaluation text", **{**base, "data": str(as_jsonl),
+                                                          "evaluation_files": [str(TINYSTORIES_TEXT)]})
     _refuses(tmp_path, "learning rate", **{**base, "lr": -1.0})
     _refuses(tmp_path, "data_offset must be an integer", **{**base, "data_offset": -1})
     _refuses(tmp_path, "no checkpoint", **{**base, "resume": True})
@@ -569,6 +577,8 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
         measured = perplexity(load_pruned(tmp_path / folder), tok, "", seq_len=128, ids=ids, progress=False)
         assert measured["perplexity"] == pytest.approx(printed, abs=0.006), folder
     assert before != after
+    record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
+    assert record["data"]["evaluation_overlap"] == [{"file": "wiki.test.raw", "ngram": 13, "shared_fraction": 0.0}]
     for when in ("before", "after"):
         assert f"perplexity on wiki.test.raw {when} recovery (seq 128, first 1,024 tokens) ... done in" in captured.err
 

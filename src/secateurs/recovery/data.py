@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from secateurs.calibration import _hf_texts, _self_generated
@@ -158,7 +159,8 @@ def _check_record(record, where: str) -> dict:
 
 def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | None) -> None:
     """Training on the text a run then evaluates on would report memorisation as recovery: refuse
-    a data file that is an evaluation file (same path or same bytes)."""
+    a data file that is an evaluation file (same path or same bytes). Checked before anything loads;
+    `refuse_shared_text` then checks the content, once the data is tokenised."""
     path = Path(spec).expanduser()
     if not evaluation_files or not path.is_file():
         return
@@ -174,6 +176,49 @@ def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | No
         if file_sha256(other) == digest:
             raise RecoveryDataError(f"recovery data {path} has the same content as the evaluation text {other}; "
                                     "recover on other text")
+
+
+OVERLAP_NGRAM = 13  # tokens; the n-gram length of GPT-3's contamination check
+OVERLAP_LIMIT = 0.01  # measured (SmolLM2 tokenizer): C4 sample vs WikiText-2 test 0.0, WikiText's two halves 0.0003
+
+
+def _ngram_hashes(ids, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every window of n tokens (wrapping arithmetic, vectorised)."""
+    tokens = np.asarray(ids, dtype=np.uint64)
+    windows = tokens.size - n + 1
+    if windows < 1:
+        return np.empty(0, dtype=np.uint64)
+    hashes = np.zeros(windows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            hashes = hashes * np.uint64(1099511628211) + tokens[k:k + windows] + np.uint64(1)
+    return hashes
+
+
+def shared_ngram_fraction(data_ids, evaluation_ids, n: int = OVERLAP_NGRAM) -> float:
+    """The fraction of the evaluation text's n-token windows that also occur in the data."""
+    evaluation = _ngram_hashes(evaluation_ids, n)
+    return float(np.isin(evaluation, _ngram_hashes(data_ids, n)).mean()) if evaluation.size else 0.0
+
+
+def refuse_shared_text(spec: str, ids: list[int], tokenizer, evaluation_files: list[str | Path] | None) -> list[dict]:
+    """Refuse recovery data that holds the evaluation text under another name or format (a copy as
+    jsonl, an excerpt, a concatenation): more than OVERLAP_LIMIT of the evaluation's 13-token
+    windows found in the data. Returns each file's shared fraction, for recovery.json."""
+    from secateurs.evaluation.perplexity import load_text
+
+    found = []
+    for other in evaluation_files or []:
+        other = Path(other).expanduser()
+        if not other.is_file():
+            continue
+        fraction = shared_ngram_fraction(ids, _encode(tokenizer, load_text(other)[0]))
+        if fraction > OVERLAP_LIMIT:
+            raise RecoveryDataError(f"recovery data {spec} contains the evaluation text {other}: {fraction:.1%} of "
+                                    f"its {OVERLAP_NGRAM}-token windows occur in the data (different texts share "
+                                    f"under {OVERLAP_LIMIT:.0%}); recover on other text")
+        found.append({"file": other.name, "ngram": OVERLAP_NGRAM, "shared_fraction": round(fraction, 6)})
+    return found
 
 
 _SOURCES_READ: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recovery_sources_read", default=None)
@@ -224,6 +269,7 @@ def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_t
                                 f"got {self_samples!r}")
     ids, labels, description = _read_source_once(spec, tokenizer, teacher=teacher, seq_len=seq_len,
                                                  self_samples=self_samples, seed=seed)
+    overlap = refuse_shared_text(spec, ids, tokenizer, evaluation_files)
     count = len(ids) // seq_len
     if count == 0:
         raise RecoveryDataError(f"recovery data {spec} gives {len(ids)} tokens, fewer than one sequence of "
@@ -246,6 +292,6 @@ def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_t
     description.update(seq_len=seq_len, tokens_read=len(ids), sequences=count, train_sequences=len(train),
                        val_sequences=len(val), train_tokens_available=len(train) * seq_len,
                        supervised_fraction=round(float((all_labels != IGNORE_INDEX).float().mean()), 4),
-                       split_seed=seed)
+                       split_seed=seed, **({"evaluation_overlap": overlap} if overlap else {}))
     data.description = description
     return data
