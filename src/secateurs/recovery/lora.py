@@ -9,6 +9,8 @@ per-layer widths and FLAP's compensation biases (kept frozen) need nothing speci
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from secateurs.adapters import get_adapter
@@ -41,7 +43,9 @@ def attach_lora(model, r: int, alpha: float, dropout: float):
                              f"dropout={dropout})")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=lora_target_names(model))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def merge_lora(peft_model) -> nn.Module:
