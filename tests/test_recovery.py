@@ -58,29 +58,41 @@ def _ids():
 # -- the objectives ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind, kd_ratio, temperature", [("kd", 0.7, 2.0), ("kd", 0.6, 1.0), ("kd", 1.0, 1.0),
+                                                          ("kd", 1.0, 3.0), ("ce", 0.0, 1.0)])
 @pytest.mark.parametrize("family", ["llama-gqa", "gemma2", "phi", "phi3"])
-def test_chunked_loss_and_gradients_equal_the_full_logits_reference(family):
-    """Row chunks + two-stage backward give the loss and gradients of the plain full-logits formula."""
+def test_chunked_loss_and_gradients_equal_the_full_logits_reference(family, kind, kd_ratio, temperature):
+    """Row chunks, the written-out logit gradient and the two-stage backward give the loss and the
+    gradients autograd gives the plain full-logits formula, for each mix of KL and cross-entropy."""
     student, teacher = tiny_model(family, seed=0), tiny_model(family, seed=1)
     ids = input_ids(2, 12)
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
     n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    sums = chunked_loss(student, teacher, ids, labels, Objective("kd", kd_ratio=0.7, temperature=2.0, chunk_rows=5),
-                        scale=1 / n)
+    objective = Objective(kind, kd_ratio=kd_ratio, temperature=temperature, chunk_rows=5)
+    sums = chunked_loss(student, teacher if kind == "kd" else None, ids, labels, objective, scale=1 / n)
     chunked = {name: p.grad.clone() for name, p in student.named_parameters()}
     student.zero_grad()
     zs, zt, y = student(ids).logits[:, :-1], teacher(ids).logits[:, :-1].detach(), labels[:, 1:]
     mask = y != IGNORE_INDEX
     zs, zt, y = zs[mask], zt[mask], y[mask]
-    kl = torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1), log_target=True,
+    t = temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(zs / t, -1), torch.log_softmax(zt / t, -1), log_target=True,
                                     reduction="none").sum(-1)
-    reference = (0.7 * 4 * kl + 0.3 * torch.nn.functional.cross_entropy(zs, y, reduction="none")).mean()
+    reference = (kd_ratio * t * t * kl + (1 - kd_ratio) * torch.nn.functional.cross_entropy(zs, y, reduction="none"))
+    reference = reference.mean()
     reference.backward()
     assert sums["tokens"] == n
     assert sums["loss"] / n == pytest.approx(reference.item(), rel=1e-12)
     for name, p in student.named_parameters():
         torch.testing.assert_close(chunked[name], p.grad, rtol=1e-10, atol=1e-12)
+    measured = chunked_loss(student, teacher if kind == "kd" else None, ids, labels, objective, backward=False)
+    assert measured["loss"] == pytest.approx(sums["loss"], rel=1e-12)  # validation: the same loss, and
+    assert measured["nll"] == pytest.approx(torch.nn.functional.cross_entropy(zs, y, reduction="sum").item(), rel=1e-12)
+    if kind == "kd":  # the KL at T = 1 whatever the training temperature
+        kl1 = torch.nn.functional.kl_div(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1), log_target=True,
+                                         reduction="sum")
+        assert measured["kl"] == pytest.approx(kl1.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "gemma2", "phi3"])
