@@ -54,6 +54,7 @@ from secateurs.adapters.plans import layer_removal_plan  # noqa: E402
 from secateurs.output import write_file  # noqa: E402
 from secateurs.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
+from secateurs.allocator import retain_freed_memory  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
 from secateurs.evaluation.zero_shot import zero_shot  # noqa: E402
 from secateurs.io import save_pruned  # noqa: E402
@@ -235,6 +236,13 @@ def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None
             f"({after['mean_acc'] / dense_acc:.3f}x)")
 
 
+def _allocator_line(allocator: dict) -> str:
+    if allocator.get("retained"):
+        return (f"glibc keeps freed memory ({allocator.get('how', 'secateurs.allocator')}: mmap threshold {allocator['mmap_threshold'] >> 20} MiB, "
+                f"trim threshold {allocator['trim_threshold'] >> 20} MiB)")
+    return f"glibc's defaults ({allocator.get('why', 'not applied')})"
+
+
 def render(result: dict) -> str:
     m0, m1 = result["machine_at_start"], result.get("machine_at_end", {})
     a = result["args"]
@@ -251,7 +259,8 @@ def render(result: dict) -> str:
         "names its lr; cosine decay, 5% warm-up, clip 1.0.", "",
         f"Machine: {m0['cpu']}, {m0['cpu_count']} cores, torch threads {m0['torch_threads']}, load average "
         f"{m0.get('load_average')} at start, {m1.get('load_average')} at end ({result.get('sharing', SHARING)}); "
-        f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}.", "",
+        f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}."
+        + (f" Allocator: {_allocator_line(result['allocator'])}." if result.get("allocator") else ""), "",
         f"Dense perplexity: {dense:.2f} ({result['dense']['source']})."
         + (f" Dense zero-shot mean accuracy: {dense_acc:.4f} ({', '.join(result['dense']['zero_shot']['tasks'])}, "
            f"first {result['dense']['zero_shot']['limit']} items each, local task files)." if dense_acc else ""), "",
@@ -337,7 +346,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "recovery", "args": vars(args), "machine_at_start": machine_info(), "runs": [],
-              "not_run": []}
+              "not_run": [], "allocator": retain_freed_memory()}  # what the loop does on CPU: loop and plain alike
 
     def write():
         result["machine_at_end"] = machine_info()

@@ -591,6 +591,7 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
     assert before != after
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
     assert record["data"]["evaluation_overlap"] == [{"file": "wiki.test.raw", "ngram": 13, "shared_fraction": 0.0}]
+    assert record["allocator"]["retained"] is True  # a CPU run keeps freed memory (secateurs.allocator)
     for when in ("before", "after"):
         assert f"perplexity on wiki.test.raw {when} recovery (seq 128, first 1,024 tokens) ... done in" in captured.err
 

@@ -330,6 +330,7 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
         "validation_seconds": round(history["validation_seconds"], 3),
         "training_tokens_per_second": _rate(tokens_trained, history["seconds"] - history["validation_seconds"]),
         "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
+        "allocator": history.get("allocator"),
     }
 
 
