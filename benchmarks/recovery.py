@@ -238,7 +238,8 @@ def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None
 
 def _allocator_line(allocator: dict) -> str:
     if allocator.get("retained"):
-        return (f"glibc keeps freed memory ({allocator.get('how', 'secateurs.allocator')}: mmap threshold {allocator['mmap_threshold'] >> 20} MiB, "
+        how = allocator.get("how", "secateurs.allocator")
+        return (f"glibc keeps freed memory ({how}: mmap threshold {allocator['mmap_threshold'] >> 20} MiB, "
                 f"trim threshold {allocator['trim_threshold'] >> 20} MiB)")
     return f"glibc's defaults ({allocator.get('why', 'not applied')})"
 
