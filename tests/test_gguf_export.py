@@ -311,7 +311,7 @@ def test_refusals_write_nothing(folders, tokenizer, tmp_path):
     # an existing non-GGUF file is never replaced, even with force
     victim = tmp_path / "victim.gguf"
     victim.write_text("not a model")
-    with pytest.raises(SecateursError, match="not a GGUF"):
+    with pytest.raises(SecateursError, match="not a secateurs gguf file"):
         export_gguf(folders["stories260K", "dense"], victim, force=True)
     assert victim.read_text() == "not a model"
 

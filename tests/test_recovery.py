@@ -147,8 +147,8 @@ def test_hidden_state_distillation_of_a_depth_pruned_model(stories):
     assert after["hidden"] < before["hidden"] and after["kl"] < before["kl"]
     assert result.record["objective"]["layer_map"] == [0, 1, 3, 4]
     with pytest.raises(SecateursError, match="plan"):
-        recover(apply_plan(copy.deepcopy(dense), plan), dense, data=str(TINYSTORIES_TEXT), tokens=SEQ, tokenizer=tok,
-                hidden_weight=1.0, **QUICK)
+        recover(apply_plan(copy.deepcopy(dense), plan), dense, data=str(TINYSTORIES_TEXT), tokens=2 * SEQ,
+                tokenizer=tok, hidden_weight=1.0, **QUICK)
 
 
 # -- recovery lowers the loss -------------------------------------------------------
@@ -560,7 +560,7 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     record["curves"]["val"][1]["loss"] = float("nan")  # a damaged record is refused, not plotted
     (tmp_path / "rec" / RECOVERY_FILENAME).write_text(json.dumps(record))
     assert main(["report", str(tmp_path / "rec"), "--out", str(tmp_path / "page2")]) == 2
-    assert "no finite tokens and loss" in capsys.readouterr().err and not (tmp_path / "page2").exists()
+    assert "holds NaN" in capsys.readouterr().err and not (tmp_path / "page2").exists()
     assert main(args) == 2  # the output exists now
     assert main([*args[:-1], str(tmp_path / "rec3"), "--tokens", "0"]) == 2  # checked when parsed
     assert main([*args[:-1], str(tmp_path / "rec2"), "--ppl", str(TINYSTORIES_TEXT)]) == 2  # data = evaluation text
@@ -590,7 +590,8 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
         assert measured["perplexity"] == pytest.approx(printed, abs=0.006), folder
     assert before != after
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
-    assert record["data"]["evaluation_overlap"] == [{"file": "wiki.test.raw", "ngram": 13, "shared_fraction": 0.0}]
+    assert record["data"]["evaluation_overlap"] == [{"file": "wiki.test.raw", "ngram": 13, "shared_fraction": 0.0,
+                                                        "evaluated_tokens": 1024}]
     assert record["allocator"]["retained"] is True  # a CPU run keeps freed memory (secateurs.allocator)
     for when in ("before", "after"):
         assert f"perplexity on wiki.test.raw {when} recovery (seq 128, first 1,024 tokens) ... done in" in captured.err

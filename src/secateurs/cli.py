@@ -1,13 +1,19 @@
 """Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover | export.
 
-Exit status: 0 success, 2 bad input (the message says what to do), 1 unexpected failure.
+Exit status: 0 done, 2 refused (bad input or an output that may not be replaced; the message says
+what to do), 1 failed (a fault such as a full disk, or an unexpected failure), 130 interrupted by
+SIGINT (Ctrl-C), 143 terminated by SIGTERM (what job schedulers send). An interrupted run leaves
+no partial output and keeps its last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
+import signal
 import sys
 import traceback
 
@@ -23,11 +29,14 @@ from secateurs.version import __version__
 
 
 
-def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None, default_method: str = "amp") -> None:
-    p.add_argument("--method", default=default_method, choices=sorted(METHOD_NAMES),
-                   help=f"pruning criterion (default: {default_method})")
-    p.add_argument("--ratio", type=fraction, default=0.2,
-                   help="fraction of parameters to remove, in [0, 1) (default: 0.2 of all parameters)")
+DEFAULT_METHOD, DEFAULT_RATIO = "amp", 0.2
+
+
+def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    # no default in the namespace: prune --plan refuses a --method or --ratio it would ignore (prune_job fills them)
+    p.add_argument("--method", choices=sorted(METHOD_NAMES), help=f"pruning criterion (default: {DEFAULT_METHOD})")
+    p.add_argument("--ratio", type=fraction,
+                   help=f"fraction of parameters to remove, in [0, 1) (default: {DEFAULT_RATIO} of all parameters)")
     p.add_argument("--ratio-of", default="all", choices=RATIO_OF,
                    help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
     p.add_argument("--layers-equivalent", type=positive_float, metavar="K",
@@ -142,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     _add_prune_args(p, default_out=None)
-    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (method/ratio are ignored)")
+    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (not with --method, --ratio "
+                                                 "or a method's options)")
     p.add_argument("--streamed", action="store_true",
                    help="for models larger than memory: one decoder layer in memory at a time (local folders)")
     p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
@@ -233,6 +243,15 @@ def prune_job(args):
         else "in-memory"
     plan_file = getattr(args, "plan", None)
     recover = getattr(args, "recover", False)
+    if plan_file:
+        ignored = [flag for flag, given in (("--method", args.method is not None), ("--ratio", args.ratio is not None),
+                                            ("--layers-equivalent", args.layers_equivalent is not None))
+                   if given] + [flag for _, _, flag in _method_flags() if hasattr(args, _dest(flag))]
+        if ignored:
+            raise SecateursError(f"--plan applies a saved plan as it is; {', '.join(ignored)} would be ignored: drop "
+                                 f"{'it' if len(ignored) == 1 else 'them'}, or prune without --plan")
+    args.method = args.method or DEFAULT_METHOD
+    args.ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
     return PruneJob(
         source=args.model, out=args.out, method=args.method, ratio=args.ratio, options=_method_options(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, calibration=args.calib,
@@ -376,36 +395,96 @@ def cmd_export(args) -> int:
 COMMANDS["export"] = cmd_export
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it unwinds as after Ctrl-C: temporary folders are
+    removed, the last complete checkpoint and any previous output are kept."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM handled like SIGINT while a command runs (main thread only; the old handler is put back)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fault_message(exc: OSError) -> str | None:
+    """One line for the faults of the machine rather than of secateurs (full disk, no permission)."""
+    from secateurs.output import free_bytes
+
+    where = exc.filename or ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(where) if where else None
+        space = f" ({free / 2**20:,.1f} MiB free there)" if free is not None else ""
+        return (f"disk full while writing {where or 'the output'}{space}; nothing was written at the output and "
+                "any previous output is intact: free some space (or choose another --out) and run again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied writing {where or 'the output'} ({exc.strerror}); nothing was written at the output"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 on success, 2 on bad input (one `secateurs: error:` line saying what to do), 1 on
-    an unexpected failure (also one line; --debug prints the traceback)."""
+    """Exit status 0 done, 2 refused (one `secateurs: error:` line saying what to do), 1 failed
+    (also one line; --debug prints the traceback), 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
-        args = build_parser().parse_args(argv)
-        progress.set_quiet(args.quiet)
-        if getattr(args, "threads", None):
-            import torch
+        with _sigterm_unwinds():
+            args = build_parser().parse_args(argv)
+            progress.set_quiet(args.quiet)
+            if getattr(args, "threads", None):
+                import torch
 
-            torch.set_num_threads(args.threads)
-        if args.command not in LIGHT_COMMANDS:
-            progress.heavy_imports()
-        return COMMANDS[args.command](args)
+                torch.set_num_threads(args.threads)
+            if args.command not in LIGHT_COMMANDS:
+                progress.heavy_imports()
+            return COMMANDS[args.command](args)
     except (CommandLineError, SecateursError) as exc:
         if debug:
             traceback.print_exc()
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("secateurs: terminated (SIGTERM); nothing was written at the output, the last complete checkpoint "
+              "(if any) is kept", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("secateurs: interrupted; nothing was written at the output", file=sys.stderr)
+        print("secateurs: interrupted; nothing was written at the output, the last complete checkpoint (if any) "
+              "is kept", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+    except OSError as exc:
+        message = _fault_message(exc)
+        if message is None:
+            return _unexpected(exc, debug)
         if debug:
             traceback.print_exc()
-        print(f"secateurs: error: unexpected failure ({type(exc).__name__}: {exc}); nothing was written at the "
-              "output. Rerun with --debug for the traceback and report it", file=sys.stderr)
+        print(f"secateurs: error: {message}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+        return _unexpected(exc, debug)
+    finally:
+        from secateurs.output import release_all
+
+        release_all()
+
+
+def _unexpected(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"secateurs: error: unexpected failure ({type(exc).__name__}: {exc}); nothing was written at the "
+          "output. Rerun with --debug for the traceback and report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from secateurs.arguments import nonempty, nonnegative_int, positive_int
 from secateurs.errors import SecateursError
-from secateurs.output import write_file
+from secateurs.output import result_marker, write_file
 from secateurs.names import STANDARD_TASKS
 from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg
 
@@ -19,6 +19,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--baseline", type=nonempty, help="dense model evaluated the same way, shown beside MODEL")
     add_eval_args(p)
     add_out_arg(p, help="write the results to this .json file (for `secateurs report`)")
+    _add_force(p, "an existing --out file, only if it is a secateurs eval result")
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
     add_model_args(p)
@@ -28,7 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="measured repeats; the median is reported (default: 5)")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="unmeasured warm-up rounds (default: 1)")
-    add_out_arg(p, help="write the results to this .json file (and Markdown beside it)")
+    add_out_arg(p, help="write the results to this .json file (the Markdown table goes to stdout)")
+    _add_force(p, "an existing --out file, only if it is a secateurs bench result")
 
     p = sub.add_parser("report", help="Markdown + HTML report with plots for a pruned model folder")
     p.add_argument("run", type=nonempty, help="folder written by `secateurs prune` (or its pruning_plan.json)")
@@ -36,7 +38,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bench", dest="bench_file", type=nonempty, help="bench JSON (default: RUN/bench.json if present)")
     p.add_argument("--scores", type=nonempty, help="heatmap data: a StructureScores safetensors, or the statistics file of "
                                      "`prune --stats FILE` (AMP scores are computed from it)")
-    add_out_arg(p, help="output folder (default: RUN/report; replaced if secateurs wrote it)")
+    add_out_arg(p, help="output folder (default: RUN/report)")
+    _add_force(p, "an existing output folder, only if it holds a secateurs report")
 
     p = sub.add_parser("sweep", help="prune with several methods x ratios, evaluate, plot against ratio")
     add_model_args(p)
@@ -44,7 +47,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma list of ratios (default: 0.1,0.2,0.3)")
     add_calibration_args(p)
     add_eval_args(p)
-    add_out_arg(p, required=True, help="output folder for sweep.json/.md/.html and plots (replaced if secateurs wrote it)")
+    add_out_arg(p, required=True, help="output folder for sweep.json/.md/.html and plots")
+    _add_force(p, "an existing output folder, only if it holds a secateurs sweep")
 
     p = sub.add_parser("tasks", help="write lm-eval task YAMLs for local task files (for lm-eval's own runners, "
                                      "e.g. accelerate launch -m lm_eval --include_path OUT)")
@@ -52,12 +56,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--tasks", default=",".join(STANDARD_TASKS), type=nonempty, help="comma list (default: the five standard tasks)")
     p.add_argument("--prefix", default="secateurs_", type=nonempty, help="task name prefix (default: secateurs_)")
     add_out_arg(p, required=True, help="folder for the YAML files")
+    _add_force(p, "an existing output folder, only if it holds secateurs task files")
+
+
+def _add_force(p, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what}")
 
 
 def cmd_tasks(args) -> int:
     from secateurs.evaluation.zero_shot import export_task_configs
 
-    written = export_task_configs(args.data_dir, args.out, args.tasks, args.prefix)
+    written = export_task_configs(args.data_dir, args.out, args.tasks, args.prefix, force=args.force)
     for name, path in written.items():
         print(f"{name}: {path}")
     print(f"run with: lm_eval --include_path {args.out} --tasks {','.join(written)} ...")
@@ -99,7 +108,7 @@ def cmd_eval(args) -> int:
     from secateurs.loading import load_model
 
     sources = ([args.baseline] if args.baseline else []) + [args.model]
-    out = _check_out(args, sources + [args.ppl, args.data_dir])
+    out = _check_out(args, sources + [args.ppl, args.data_dir], kind="eval")
     spec, text_info = _spec(args)
     taken: set[str] = set()
     models = {}
@@ -109,7 +118,7 @@ def cmd_eval(args) -> int:
         spec.check(model)
         models[label] = {"source": source, **evaluate(model, tokenizer, spec)}
         del model
-    result = {"text": text_info, "protocols": spec.protocols, "baseline": _label(args.baseline, set()) if args.baseline
+    result = {"written_by": result_marker("eval"), "text": text_info, "protocols": spec.protocols, "baseline": _label(args.baseline, set()) if args.baseline
               else None, "models": models, "machine": machine_info(args.device)}
     if spec.tasks:
         first = next(iter(models.values()))["zero_shot"]
@@ -122,14 +131,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_out(args, inputs, siblings: tuple[str, ...] = ()) -> Path | None:
-    """Device and --out FILE.json checked before anything is loaded or measured."""
+def _check_out(args, inputs, kind: str) -> Path | None:
+    """Device and --out FILE.json checked (and claimed) before anything is loaded or measured."""
     from secateurs.loading import check_device
     from secateurs.output import check_output_file
 
     if args.device_map is None:
         check_device(args.device)
-    return check_output_file(args.out, [i for i in inputs if i], siblings=siblings) if args.out else None
+    return (check_output_file(args.out, [i for i in inputs if i], force=args.force, kind=kind, what="--out file")
+            if args.out else None)
 
 
 def cmd_bench(args) -> int:
@@ -139,7 +149,7 @@ def cmd_bench(args) -> int:
     from secateurs.loading import load_model
 
     sources = ([args.baseline] if args.baseline else []) + [args.model]
-    out = _check_out(args, sources, siblings=(".md",))
+    out = _check_out(args, sources, kind="bench")
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "batch sizes")),
                          prompt_lengths=tuple(parse_list(args.prompt_lengths, int, "prompt lengths")),
                          decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
@@ -150,7 +160,7 @@ def cmd_bench(args) -> int:
         label = _label(source, taken)
         models[label], _ = load_model(source, args.dtype, args.device, args.device_map, args.offload_folder)
         paths[label] = source
-    result = bench_models(models, config)
+    result = {"written_by": result_marker("bench"), **bench_models(models, config)}
     for label, source in paths.items():
         result["models"][label]["source"] = source
         result["models"][label]["disk_bytes"] = folder_bytes(source)
@@ -158,8 +168,7 @@ def cmd_bench(args) -> int:
     print(text)
     if out:
         write_file(out, json.dumps(result, indent=2) + "\n")
-        write_file(out.with_suffix(".md"), text)
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        print(f"wrote {out}")
     return 0
 
 
@@ -167,7 +176,7 @@ def cmd_report(args) -> int:
     from secateurs.evaluation.report import write_run_report
 
     files = write_run_report(args.run, args.out, eval_file=args.eval_file, bench_file=args.bench_file,
-                             scores=args.scores)
+                             scores=args.scores, force=args.force)
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0
@@ -185,7 +194,8 @@ def cmd_sweep(args) -> int:
     if args.device_map is None:
         check_device(args.device)
     inputs = [args.model, args.ppl, args.calib, args.data_dir]
-    check_output_dir(args.out, force=True, inputs=[i for i in inputs if i], what="sweep output folder")
+    check_output_dir(args.out, force=args.force, inputs=[i for i in inputs if i], what="sweep output folder",
+                     kind="sweep")
     spec, text_info = _spec(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
     from secateurs.cli import _calibration_options
@@ -194,7 +204,8 @@ def cmd_sweep(args) -> int:
     if args.calib:
         options["calibration"] = args.calib
     summary = run_sweep(model, tokenizer, methods, ratios, spec, args.out, prune_options=options,
-                        model_name=args.model, describe={"text": text_info}, inputs=[i for i in inputs if i])
+                        model_name=args.model, describe={"text": text_info}, inputs=[i for i in inputs if i],
+                        force=args.force)
     print(Path(summary["files"]["markdown"]).read_text())
     for kind, path in summary["files"].items():
         print(f"{kind}: {path}")

@@ -95,7 +95,7 @@ def run_demo(args, job) -> int:
     from secateurs.pipeline import preflight, prune_and_save
 
     started = time.perf_counter()
-    preflight(job)
+    preflight(job, kind="demo")
     _plt()  # the report's plots need matplotlib: say so now, not after minutes of work
     text, text_info = _text(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -232,6 +232,7 @@ def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
     from secateurs.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES
     from secateurs.evaluation.suite import evaluate
     from secateurs.recovery import recover
+    from secateurs.recovery.data import EvaluationText
 
     source = args.calib or "self"
     length = args.calib_length or DEFAULT_LENGTH
@@ -244,7 +245,7 @@ def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
                          val_tokens=held_out * length, eval_every=max(1, steps // DEMO_RECOVERY["validations"]),
                          lr=args.recover_lr, seed=args.seed or 0,
                          self_samples=samples if source == "self" else None,
-                         evaluation_files=[p for p in (args.ppl,) if p])
+                         evaluation_files=[EvaluationText(args.ppl, spec.evaluated_tokens(pruned))] if args.ppl else None)
     with phase("evaluating the recovered model"):
         evaluation = evaluate(result.model, tokenizer, spec)
     with phase("sampling from the recovered model"):

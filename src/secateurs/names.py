@@ -15,3 +15,12 @@ WIDTH_METHODS = ("amp", "amp-heads", "amp-mlp", "wanda-sp", "wanda-sp-heads", "f
 DEPTH_METHOD_NAMES = ("consensus", "depth-bi", "depth-angular", "depth-cka", "depth-ppl", "depth-random")
 METHOD_NAMES = WIDTH_METHODS + DEPTH_METHOD_NAMES
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # secateurs.export.gguf_export.OUTTYPES
+
+# Recovery runs estimated to take longer are refused (secateurs.recovery.estimate; --max-hours): three days,
+# past any budget this machine class finishes, short of a cluster job's.
+DEFAULT_MAX_HOURS = 72.0
+# The learning-rate schedulers of transformers.get_scheduler that the recovery loop can drive: built from
+# (name, optimizer, num_warmup_steps, num_training_steps) alone and stepped once per optimiser step
+# (secateurs.recovery.trainer explains the others; tests/test_recovery_faults.py runs each).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")

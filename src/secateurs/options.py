@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.arguments import at_least, finite_float, nonempty, nonnegative_int, positive_float, positive_int
-from secateurs.names import DTYPE_NAMES
+from secateurs.arguments import (at_least, finite_float, nonempty, nonnegative_float, nonnegative_int, positive_float,
+                                 positive_int)
+from secateurs.names import DEFAULT_MAX_HOURS, DTYPE_NAMES, SCHEDULERS
 
 TOKENS = at_least(2)  # one object, so every parser holds the same type
 MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
@@ -103,7 +104,8 @@ RECOVERY_KEYWORDS = {"data": "data", "tokens": "tokens", "self_samples": "self_s
                      "eval_every": "eval_every", "patience": "patience", "save_every": "save_every",
                      "checkpoint_dir": "checkpoint_dir", "resume": "resume", "scheduler": "scheduler",
                      "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
-                     "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16"}
+                     "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16",
+                     "max_hours": "max_hours", "teacher_any": "teacher_any"}
 
 
 def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> None:
@@ -152,16 +154,21 @@ def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> No
     g.add_argument("--checkpoint-dir", default=S, type=nonempty,
                    help="checkpoint folder (default: OUT.checkpoints, removed after success)")
     g.add_argument("--resume", default=S, action="store_true", help="continue from the checkpoint, bit-identically")
-    g.add_argument("--scheduler", default=S, type=nonempty,
-                   help="transformers scheduler: cosine, linear, constant_with_warmup, ... (default: cosine)")
+    g.add_argument("--scheduler", default=S, choices=SCHEDULERS,
+                   help="learning-rate schedule from transformers (default: cosine)")
     g.add_argument("--warmup-ratio", default=S, type=finite_float, help="fraction of steps warming up (default: 0.05)")
     g.add_argument("--weight-decay", default=S, type=finite_float, help="AdamW weight decay on matrices (default: 0)")
-    g.add_argument("--max-grad-norm", default=S, type=finite_float,
+    g.add_argument("--max-grad-norm", default=S, type=nonnegative_float,
                    help="gradient clipping norm (default: 1.0; 0: off)")
     g.add_argument("--gradient-checkpointing", default=S, action="store_true",
                    help="recompute activations in backward (less memory)")
     g.add_argument("--bf16", default=S, action="store_true", help="bfloat16 autocast for the forward passes (GPUs); "
                                                                 "weights and optimiser keep --dtype, losses are float32")
+    g.add_argument("--max-hours", default=S, type=positive_float, metavar="H",
+                   help="refuse a run estimated to take longer (the estimate is printed before the first step; "
+                        f"default: {DEFAULT_MAX_HOURS:g})")
+    g.add_argument("--teacher-any", default=S, action="store_true",
+                   help="the teacher is meant not to be the dense model the student was pruned from (no warning)")
 
 
 def recovery_keywords(args: argparse.Namespace) -> dict:

@@ -5,8 +5,15 @@ output (least of all the input model) is touched.
 Rules (checked by `check_output_dir` / `check_output_file` before any long work starts):
 * the output may not be, contain, or lie inside an input; empty and root-like paths (/, the home
   folder, the working directory or one of its parents) are refused;
-* an existing folder is replaced only with force, and only when secateurs wrote it (it holds the
-  MARKER file or a pruning plan) or it is empty;
+* a symbolic link at the output path is refused (checked on the path as given, before resolving);
+* an existing output is replaced only with force, and only when secateurs wrote it as the same
+  kind of output (the MARKER file of a folder, with its "kind": a model is never replaced by a
+  report, a checkpoint never by a model; a pruning plan alone marks a model folder written before
+  the marker existed), or it is an empty folder; a single result file carries the same marker
+  under the key "written_by";
+* nothing is deleted that the run did not create, except the one output being replaced;
+* one run at a time per output: a run claims its outputs (an exclusive lock held until it ends),
+  and a second run that would write the same one is refused;
 * stale temporary folders of killed runs (`.NAME.tmp-PID-*`, `.NAME.old-PID-*` whose process is
   gone) are removed by the next run that writes NAME; an `.old-` folder whose swap was cut short
   is put back when NAME itself is missing;
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -46,9 +55,15 @@ def final_path(path: str | os.PathLike) -> Path:
 
 
 def _resolve(path: str | os.PathLike, what: str) -> Path:
+    """The path resolved, refusing an empty name and a symbolic link at the path itself (checked on
+    the path as given: after resolving, the link is gone)."""
     if path is None or not str(path).strip():
         raise SecateursError(f"{what} is empty; give a folder or file name")
-    return Path(path).expanduser().resolve()
+    given = Path(path).expanduser()
+    if given.is_symlink():
+        raise OutputExistsError(f"{what} {given} is a symbolic link; secateurs writes only to plain paths (the link "
+                                "and what it points to are left alone): give the real path or another name")
+    return given.resolve()
 
 
 def _refuse_root_like(out: Path, what: str) -> None:
@@ -94,36 +109,120 @@ def _check_writable(out: Path, what: str) -> None:
 
 
 def written_by_secateurs(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (MARKER, *LEGACY_MARKERS))
+    return output_kind(folder) is not None
+
+
+def output_kind(folder: Path) -> str | None:
+    """The kind of output secateurs wrote in `folder` ('model', 'report', 'recovery-checkpoint', ...),
+    'model' for a folder with a pruning plan written before the marker existed, None otherwise (also
+    for a marker that is not secateurs' JSON)."""
+    marker = folder / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        record = marker_record(folder)
+        return str(record.get("kind") or "model") if record is not None else None
+    if any((folder / name).is_file() for name in LEGACY_MARKERS):
+        return "model"
+    return None
+
+
+def marker_record(folder: Path) -> dict | None:
+    """The marker's JSON ({"writer": "secateurs", "version", "kind", ...}) or None."""
+    try:
+        with open(folder / MARKER, "rb") as handle:
+            record = json.loads(handle.read(65536).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("writer") == "secateurs" else None
+
+
+def _refuse_other_kind(out: Path, kind: str | None, what: str) -> None:
+    found = output_kind(out)
+    if found is None:
+        raise OutputExistsError(f"{what} {out} exists and was not written by secateurs (no {MARKER} or "
+                                f"{LEGACY_MARKERS[0]}); --force replaces only secateurs outputs and empty "
+                                "folders: remove it yourself or choose another path")
+    if kind is not None and found != kind:
+        raise OutputExistsError(f"{what} {out} holds a secateurs {found} output, not a {kind}; --force replaces "
+                                f"only an output of the same kind: choose another path")
+
+
+# -- one run per output: an exclusive lock per resolved path, held until the run ends ---------------
+_CLAIMS: dict[Path, int] = {}
+
+
+def _lock_folder() -> Path:
+    folder = Path(tempfile.gettempdir()) / f"secateurs-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def claim(out: Path, what: str = "output") -> None:
+    """Hold `out` (a resolved path) for this process until `release(out)` or the process ends; a path
+    another running secateurs process holds is refused. Locks live in the system's temporary folder,
+    one file per path (nothing is written beside the output), and die with the process that holds
+    them, so a killed run never blocks the next one."""
+    if out in _CLAIMS:
+        return
+    lock = _lock_folder() / (hashlib.sha256(os.fsencode(out)).hexdigest()[:40] + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise OutputExistsError(f"{what} {out} is being written by another secateurs run ({holder}); wait for it "
+                                "to end or choose another path") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    _CLAIMS[out] = fd
+
+
+def release(out: Path) -> None:
+    fd = _CLAIMS.pop(out, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_all() -> None:
+    """End of a command: every output this process claimed is free again."""
+    for out in list(_CLAIMS):
+        release(out)
 
 
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: Iterable = (),
-                     what: str = "output folder") -> Path:
-    """Validate an output folder before any work (see the module docstring); returns it resolved."""
+                     what: str = "output folder", kind: str | None = "model", claim_it: bool = True) -> Path:
+    """Validate an output folder before any work (see the module docstring) and claim it for this
+    run; returns it resolved. `kind`: what the run writes there (an existing folder is replaced only
+    when it holds secateurs' output of that kind; None: any kind)."""
     out = _resolve(out_dir, what)
     _refuse_root_like(out, what)
     refuse_overlap(out, inputs, what)
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise OutputExistsError(f"{what} {out} exists and is not a folder; secateurs replaces only folders "
-                                    "it wrote: remove it or choose another --out")
+                                    "it wrote: remove it or choose another path")
         if not force:
-            raise OutputExistsError(f"{what} {out} already exists; choose another --out or pass --force to "
-                                    "replace it")
-        if any(out.iterdir()) and not written_by_secateurs(out):
-            raise OutputExistsError(f"{what} {out} exists and was not written by secateurs (no {MARKER} or "
-                                    f"{LEGACY_MARKERS[0]}); --force replaces only secateurs outputs and empty "
-                                    "folders: remove it yourself or choose another --out")
+            raise OutputExistsError(f"{what} {out} already exists; choose another path or pass --force to "
+                                    "replace it (only an output secateurs wrote is replaced)")
+        if any(out.iterdir()):
+            _refuse_other_kind(out, kind, what)
     _check_writable(out, what)
+    if claim_it:
+        claim(out, what)
     return out
 
 
 def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: tuple[str, ...] = (".json",),
-                      what: str = "output file", siblings: tuple[str, ...] = ()) -> Path:
-    """Validate an output file before any work: a file name with one of `suffixes`, not a folder,
-    not an input, in a writable folder. Inside an input folder only beside a model secateurs wrote
-    (eval.json / bench.json next to a pruned model), and never over one of that model's files.
-    `siblings`: suffixes of companion files written beside it (bench's .md), checked the same way."""
+                      what: str = "output file", force: bool = False, kind: str | None = None,
+                      replaceable=None) -> Path:
+    """Validate an output file before any work and claim it for this run: a file name with one of
+    `suffixes`, not a folder, not a symbolic link, not an input, in a writable folder; inside an input
+    folder only beside a model secateurs wrote (eval.json next to a pruned model). An existing file is
+    replaced only with force and only when it is secateurs' result of this `kind` (`replaceable(path)`
+    decides for formats that are not JSON results). Only this one path is ever written."""
     out = _resolve(path, what)
     sources = [Path(s).expanduser().resolve() for s in inputs if s and str(s).strip()]
     holding = [src for src in sources if src in out.parents and src.is_dir()]
@@ -131,28 +230,43 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), suffixes: 
         if not written_by_secateurs(src):
             raise OutputExistsError(f"{what} {out} lies inside the input {src}, which secateurs did not write; the "
                                     "input model and files are never written to: choose a path outside it")
-        for target in (out, *(out.with_suffix(x) for x in siblings)):
-            if target.exists() and not _is_result_file(out):
-                raise OutputExistsError(f"{what}: {target} is one of the input model's files, not a secateurs "
-                                        "result; choose another file name")
     refuse_overlap(out, [s for s in sources if s not in holding], what)
     if suffixes and out.suffix.lower() not in suffixes:
         raise SecateursError(f"{what} {out} must end in {' or '.join(suffixes)}")
     if out.is_dir():
         raise SecateursError(f"{what} {out} is a folder; give a file name such as {out / ('result' + suffixes[0])}")
-    if out.is_symlink():
-        raise SecateursError(f"{what} {out} is a symbolic link; give a plain file name")
+    if out.exists():
+        ours = replaceable(out) if replaceable is not None else result_kind(out) in (kind, "legacy-result")
+        if not ours:
+            raise OutputExistsError(f"{what} {out} exists and is not a secateurs {kind or 'output'} file; it is never "
+                                    "replaced, even with --force: choose another file name")
+        if not force:
+            raise OutputExistsError(f"{what} {out} already exists; choose another file name or pass --force to "
+                                    "replace it")
     _check_writable(out, what)
+    claim(out, what)
     return out
 
 
-def _is_result_file(path: Path) -> bool:
-    """A JSON result secateurs wrote (eval/bench): an object with 'models' and 'machine'."""
+def result_marker(kind: str) -> dict:
+    """What a JSON result secateurs writes carries under "written_by" (see result_kind)."""
+    return {"writer": "secateurs", "version": __version__, "kind": kind}
+
+
+def result_kind(path: Path) -> str | None:
+    """The kind of a JSON result secateurs wrote ("eval", "bench", ...), 'legacy-result' for one written
+    before results carried a marker (an object with 'models' and 'machine'), None otherwise."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and "models" in data and "machine" in data
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read(64 * 2**20).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    marker = data.get("written_by")
+    if isinstance(marker, dict) and marker.get("writer") == "secateurs" and isinstance(marker.get("kind"), str):
+        return marker["kind"]
+    return "legacy-result" if "models" in data and "machine" in data and "written_by" not in data else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -185,6 +299,18 @@ def clean_stale(out: Path) -> list[Path]:
             log.warning("secateurs: removed %s, left by a killed run", entry)
         touched.append(entry)
     return touched
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free to this user on the file system holding `path` (or its nearest existing parent)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def check_finite(tensors: Mapping, where: str) -> None:
@@ -263,22 +389,38 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 @contextmanager
 def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterable = (), kind: str = "model",
-                 what: str = "output folder") -> Iterator[Path]:
+                 what: str = "output folder", marker: Mapping | None = None) -> Iterator[Path]:
     """`with write_folder(out) as tmp:` write into tmp; on success it replaces `out` whole (see the
-    module docstring); on any failure tmp is removed and `out` is left as it was."""
-    out = check_output_dir(out_dir, force, inputs, what)
+    module docstring); on any failure tmp is removed and `out` is left as it was. The folder's
+    marker records `kind` and the entries of `marker` (a checkpoint's run identity)."""
+    out = check_output_dir(out_dir, force, inputs, what, kind=kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"writer": "secateurs", "version": __version__, "kind": kind}) + "\n")
+        record = {**(marker or {}), "writer": "secateurs", "version": __version__, "kind": kind}
+        (tmp / MARKER).write_text(json.dumps(record) + "\n")
         _finish_tree(tmp)
-        check_output_dir(out, force, inputs, what)  # nothing foreign appeared there meanwhile
+        check_output_dir(out, force, inputs, what, kind=kind)  # nothing foreign appeared there meanwhile
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    release(out)
+
+
+def remove_own_folder(folder: str | os.PathLike, kind: str, identity: Mapping) -> bool:
+    """Delete `folder` only if it is secateurs' output of `kind` whose marker carries every entry of
+    `identity` (a checkpoint folder of this very run); True when removed."""
+    path = Path(folder).expanduser()
+    if path.is_symlink() or not path.is_dir():
+        return False
+    record = marker_record(path)
+    if record is None or record.get("kind") != kind or any(record.get(k) != v for k, v in identity.items()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def write_file(path: str | os.PathLike, data: str | bytes) -> Path:

@@ -108,13 +108,14 @@ def run(job: PruneJob) -> PruneResult:
     return prune_and_save(job, model, tokenizer)
 
 
-def preflight(job: PruneJob) -> None:
-    """What can be checked before the slow part: the device, the output location, the caches."""
+def preflight(job: PruneJob, kind: str = "model") -> None:
+    """What can be checked before the slow part: the device, the output location (claimed for this
+    run; `kind`: what the run writes there), the caches, the recovery data."""
     from secateurs.loading import check_device
     from secateurs.output import check_output_dir, check_output_file, refuse_overlap
 
     check_device(job.device)
-    check_output_dir(job.out, job.force, job.inputs)
+    check_output_dir(job.out, job.force, job.inputs, kind=kind)
     # files written beside the output may not lie inside it either: the output is replaced whole
     for path, what in ((job.statistics, "--stats file"), (job.scores_cache, "--scores-cache folder"),
                        (job.offload_folder, "--offload-folder")):
@@ -122,8 +123,20 @@ def preflight(job: PruneJob) -> None:
             resolved = Path(path).expanduser().resolve()
             refuse_overlap(resolved, job.inputs, what)
             refuse_overlap(resolved, [job.out], what, existing_only=False)
-    if job.statistics:
+    if job.statistics and not Path(job.statistics).expanduser().exists():  # an existing one is read, not written
         check_output_file(job.statistics, job.inputs, suffixes=(".safetensors",), what="--stats file")
+    if job.recovery is not None:
+        _check_recovery_data(job.recovery)
+
+
+def _check_recovery_data(recovery: dict) -> None:
+    """The recovery data file (UTF-8, every record usable, not the evaluation text), checked before
+    pruning: otherwise a bad file is found only once the model is pruned."""
+    from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
+
+    data = recovery.get("data", "self")
+    check_recovery_source(data)
+    refuse_evaluation_overlap(data, recovery.get("evaluation_files"))
 
 
 def prune_in_memory(job: PruneJob, model, tokenizer, scores_out: dict | None = None):
@@ -131,11 +144,15 @@ def prune_in_memory(job: PruneJob, model, tokenizer, scores_out: dict | None = N
     from secateurs.accounting import model_stats
     from secateurs.methods import prune
 
+    from secateurs.identity import model_identity
+
     before = model_stats(model)
+    base_identity = model_identity(model)  # `recover` warns when given another teacher than this dense model
     start = time.perf_counter()
     extra = {"scores_out": scores_out} if scores_out is not None and job.plan is None else {}
     model, plan = prune(model, tokenizer, method=job.method, ratio=job.ratio, plan=job.plan, **job.plan_keywords(),
                         **job.reconstruction, **extra)
+    plan.provenance["base_identity"] = base_identity
     return model, plan, before, model_stats(model), time.perf_counter() - start
 
 
@@ -286,9 +303,8 @@ def _device_mapped(job: PruneJob) -> PruneResult:
         status("the default re-fit needs the weights in memory; a device-mapped run applies the plan's "
                "shapes only (prune --streamed re-fits one layer at a time)")
     model, tokenizer = load_model(job.source, job.dtype, job.device, job.device_map, job.offload_folder)
-    plan = job.plan
-    if plan is None:
-        plan = make_plan(model, job.method, job.ratio, tokenizer=tokenizer, **job.plan_keywords())
+    plan = job.plan.mark_reapplied() if job.plan is not None else \
+        make_plan(model, job.method, job.ratio, tokenizer=tokenizer, **job.plan_keywords())
     del model
     out = prune_checkpoint(job.source, plan, job.out, tokenizer=tokenizer, force=job.force)
     return PruneResult(plan, out)

@@ -51,12 +51,12 @@ def _point(method: str, ratio: float, params_removed: float, result: dict) -> di
 
 def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: EvalSpec, out_dir: str | Path, *,
               prune_options: dict | None = None, model_name: str = "", progress: bool = True,
-              describe: dict | None = None, inputs=()) -> dict:
+              describe: dict | None = None, inputs=(), force: bool = False) -> dict:
     """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir
     (through the one writer: a previous sweep there is replaced whole at the end; `describe` adds
-    entries to sweep.json)."""
+    entries to sweep.json). An existing out_dir is replaced only with force, and only a sweep's."""
     final = Path(out_dir).expanduser().resolve()
-    with write_folder(final, force=True, inputs=inputs, kind="sweep", what="sweep output folder") as tmp:
+    with write_folder(final, force=force, inputs=inputs, kind="sweep", what="sweep output folder") as tmp:
         summary = _sweep(model, tokenizer, methods, ratios, spec, tmp, prune_options, model_name, progress)
         summary.update(describe or {})
         files = write_sweep_report(summary, tmp)

@@ -223,7 +223,7 @@ def plot_recovery_curve(record: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*train, color="#bbbbbb", linewidth=1, label="training loss (each step)")
     ax.plot(*val, marker="o", color="#2a7ab9", label="validation loss (held out)")
-    kind = (record.get("objective") or {}).get("kind", "")
+    kind = _dig(record, ("objective", "kind"))
     ax.set_xlabel("tokens trained")
     ax.set_ylabel(f"loss ({'KL to the dense model' if kind == 'kd' else 'cross-entropy'})")
     ax.set_title("recovery")
@@ -234,7 +234,7 @@ def plot_recovery_curve(record: dict, path: Path) -> Path:
 def recovery_facts(record: dict) -> list[list]:
     """The rows of the recovery table: objective, what trained, data, budget, validation before/after."""
     g = lambda *keys: _dig(record, keys)  # noqa: E731
-    before, after = record.get("before") or {}, record.get("after") or {}
+    before, after = (r if isinstance(r, dict) else {} for r in (record.get("before"), record.get("after")))
     rows = [["objective", g("objective", "formula")], ["trained", g("parametrisation", "method")],
             ["data", f"{g('data', 'kind') or g('data', 'source')} ({g('data', 'source')})"],
             ["tokens trained", _fmt(g("tokens", "trained"))], ["steps", _fmt(g("steps", "done"))],
@@ -298,31 +298,31 @@ def eval_tables(ev: dict) -> list[tuple]:
     blocks: list[tuple] = []
     ppl_keys = []
     for label in labels:
-        for r in ev["models"][label].get("perplexity", []):
+        for r in (ev["models"][label].get("perplexity") or []):
             if (r["protocol"], r["seq_len"]) not in ppl_keys:
                 ppl_keys.append((r["protocol"], r["seq_len"]))
     if ppl_keys:
-        src = ev.get("text", {}).get("name", "text")
+        src = (ev.get("text") or {}).get("name", "text")
         rows = []
         for protocol, seq in ppl_keys:
             row = [f"{src} {protocol}"]
             for label in labels:
-                r = next((x for x in ev["models"][label].get("perplexity", []) if x["protocol"] == protocol), None)
+                r = next((x for x in (ev["models"][label].get("perplexity") or []) if x["protocol"] == protocol), None)
                 row.append(f"{r['perplexity']:.3f} ({r['windows']} windows)" if r else "n/a")
             rows.append(row)
         blocks.append(("table", ["perplexity"] + labels, rows))
     tasks = []
     for label in labels:
-        for t in ev["models"][label].get("zero_shot", {}).get("tasks", {}):
+        for t in ((ev["models"][label].get("zero_shot") or {}).get("tasks") or {}):
             if t not in tasks:
                 tasks.append(t)
     if tasks:
         rows = []
         for t in tasks:
-            rs = [ev["models"][label].get("zero_shot", {}).get("tasks", {}).get(t) for label in labels]
-            n = next((r["samples"] for r in rs if r), None)
+            rs = [((ev["models"][label].get("zero_shot") or {}).get("tasks") or {}).get(t) for label in labels]
+            n = next((r.get("samples") for r in rs if r), None)
             rows.append([f"{t} (n={n})"] + [f"{_acc(r, 'acc')} / {_acc(r, 'acc_norm')}" for r in rs])
-        means = [ev["models"][label].get("zero_shot", {}).get("mean_acc") for label in labels]
+        means = [(ev["models"][label].get("zero_shot") or {}).get("mean_acc") for label in labels]
         rows.append(["mean acc"] + [f"{100 * m:.1f}" if m is not None else "n/a" for m in means])
         blocks.append(("table", ["zero-shot acc / acc_norm (%)"] + labels, rows))
     return blocks
@@ -348,16 +348,165 @@ def bench_blocks(bench: dict) -> list[tuple]:
 
 
 # -- the run report ---------------------------------------------------------------------------
-def _load_json(path: Path | None) -> dict | None:
+RESULT_MAX_BYTES = 64 * 2**20  # eval.json / bench.json / recovery.json: secateurs writes kilobytes to a few MiB
+
+
+def _load_json(path: Path | None, what: str = "result file") -> dict | None:
+    """A JSON object from a file a user hands us (secateurs.plan.read_json_file's limits: size,
+    depth, UTF-8, finite numbers); its fields are checked by the caller."""
+    from secateurs.plan import read_json_file
+
     if path is None:
         return None
-    path = Path(path)
-    if not path.exists():
-        raise SecateursError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SecateursError(f"{path} is not JSON ({exc.msg})") from exc
+    data = read_json_file(path, what, max_bytes=RESULT_MAX_BYTES, error=SecateursError)
+    if not isinstance(data, dict):
+        raise SecateursError(f"{what} {path} holds a JSON {_kind(data)}, not an object; expected {_WRITER[what]}")
+    return data
+
+
+_WRITER = {"eval result": "the file `secateurs eval --out FILE` writes",
+           "bench result": "the file `secateurs bench --out FILE` writes",
+           "recovery record": "the recovery.json `secateurs recover` writes", "result file": "a secateurs result"}
+
+
+def _kind(value) -> str:
+    return {dict: "object", list: "list", str: "text", bool: "true/false", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+class _Fields:
+    """Checks the fields a report reads from one user file, each refusal naming the file and the field."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what = path, what
+
+    def fail(self, field: str, expected: str, value) -> None:
+        shown = json.dumps(value)[:60] if not isinstance(value, (dict, list)) else f"a {_kind(value)}"
+        raise SecateursError(f"{self.what} {self.path}: field '{field}' must be {expected}, got {shown}; "
+                             f"expected {_WRITER[self.what]}")
+
+    def get(self, obj: dict, key: str, field: str, kind: str, *, required: bool = True, null: bool = False):
+        name = f"{field}.{key}" if field else key
+        if key not in obj:
+            if required:
+                raise SecateursError(f"{self.what} {self.path}: field '{name}' is missing; expected "
+                                     f"{_WRITER[self.what]}")
+            return None
+        value = obj[key]
+        if value is None and (null or not required):
+            return None
+        ok = {"object": isinstance(value, dict), "list": isinstance(value, list), "text": isinstance(value, str),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "count": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              "scalar": value is None or isinstance(value, (str, int, float, bool))}[kind]
+        if not ok:
+            self.fail(name, {"object": "an object", "list": "a list", "text": "text", "number": "a number",
+                             "count": "a whole number >= 0", "scalar": "text or a number"}[kind]
+                      + (" or null" if null or not required else ""), value)
+        return value
+
+
+def check_eval_result(ev: dict, path) -> dict:
+    """Refuse an eval.json whose fields the report reads have the wrong types (SecateursError)."""
+    f = _Fields(path, "eval result")
+    models = f.get(ev, "models", "", "object")
+    for label, model in models.items():
+        where = f"models.{label}"
+        if not isinstance(model, dict):
+            f.fail(where, "an object", model)
+        for i, r in enumerate(f.get(model, "perplexity", where, "list", required=False) or []):
+            at = f"{where}.perplexity[{i}]"
+            if not isinstance(r, dict):
+                f.fail(at, "an object", r)
+            f.get(r, "protocol", at, "text")
+            f.get(r, "seq_len", at, "count")
+            f.get(r, "perplexity", at, "number")
+            f.get(r, "windows", at, "count")
+        zs = f.get(model, "zero_shot", where, "object", required=False)
+        if zs is not None:
+            f.get(zs, "mean_acc", f"{where}.zero_shot", "number", required=False)
+            for task, r in (f.get(zs, "tasks", f"{where}.zero_shot", "object", required=False) or {}).items():
+                at = f"{where}.zero_shot.tasks.{task}"
+                if r is None:
+                    continue
+                if not isinstance(r, dict):
+                    f.fail(at, "an object", r)
+                f.get(r, "samples", at, "scalar", required=False)
+                for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+                    f.get(r, key, at, "number", required=False)
+    text = f.get(ev, "text", "", "object", required=False)
+    if text is not None:
+        f.get(text, "name", "text", "scalar")
+        f.get(text, "read_as", "text", "scalar")
+    zero_shot = f.get(ev, "zero_shot", "", "object", required=False)
+    if zero_shot is not None:
+        for key in ("lm_eval_version", "num_fewshot", "limit"):
+            f.get(zero_shot, key, "zero_shot", "scalar", required=False)
+    return ev
+
+
+def check_bench_result(bench: dict, path) -> dict:
+    """Refuse a bench.json whose fields the report reads have the wrong types (SecateursError)."""
+    f = _Fields(path, "bench result")
+    config = f.get(bench, "config", "", "object")
+    for key in ("repeats", "warmup", "decode_tokens"):
+        f.get(config, key, "config", "count")
+    f.get(bench, "device", "", "scalar")
+    machine = f.get(bench, "machine", "", "object")
+    for key in ("cpu", "torch_threads"):
+        f.get(machine, key, "machine", "scalar", required=False)
+    for label, m in f.get(bench, "models", "", "object").items():
+        where = f"models.{label}"
+        if not isinstance(m, dict):
+            f.fail(where, "an object", m)
+        f.get(m, "params", where, "count")
+        f.get(m, "weight_bytes", where, "count")
+        f.get(m, "disk_bytes", where, "count", required=False)
+    for i, r in enumerate(f.get(bench, "results", "", "list")):
+        at = f"results[{i}]"
+        if not isinstance(r, dict):
+            f.fail(at, "an object", r)
+        f.get(r, "model", at, "scalar")
+        f.get(r, "batch", at, "count")
+        f.get(r, "prompt_length", at, "count")
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s"):
+            rate = f.get(r, key, at, "object")
+            for stat in ("median", "spread") if key != "ttft_s" else ("median",):
+                f.get(rate, stat, f"{at}.{key}", "number")
+        f.get(r, "peak_memory_bytes", at, "number", null=True)
+        vs = f.get(r, "vs_baseline", at, "object")
+        for key in ("prefill_speedup", "decode_speedup", "ideal_prefill_speedup", "ideal_decode_speedup_bytes"):
+            f.get(vs, key, f"{at}.vs_baseline", "number")
+    return bench
+
+
+def check_recovery_record(record: dict, path) -> dict:
+    """Refuse a recovery.json whose fields the report reads have the wrong types (SecateursError)."""
+    f = _Fields(path, "recovery record")
+    for key in ("objective", "parametrisation", "data", "tokens", "steps", "optimizer", "before", "after", "curves"):
+        f.get(record, key, "", "object", required=False)
+    curves = record.get("curves") or {}
+    for what in ("train", "val"):
+        try:
+            _curve(curves.get(what, []), what)
+        except SecateursError as exc:
+            raise SecateursError(f"recovery record {path}: {str(exc).removeprefix('recovery.json: ')}") from exc
+    return record
+
+
+def read_report_inputs(run_dir: Path, eval_file=None, bench_file=None, scores=None) -> dict:
+    """Everything a run report reads besides the plan, read and checked before anything is written:
+    eval / bench results (the given files, else RUN/eval.json and RUN/bench.json when present),
+    RUN/recovery.json when present, and the importance scores."""
+    eval_file = eval_file or (run_dir / "eval.json" if (run_dir / "eval.json").exists() else None)
+    bench_file = bench_file or (run_dir / "bench.json" if (run_dir / "bench.json").exists() else None)
+    ev = _load_json(eval_file, "eval result")
+    bench = _load_json(bench_file, "bench result")
+    recovery_file = run_dir / "recovery.json"
+    record = _load_json(recovery_file, "recovery record") if recovery_file.exists() else None
+    return {"eval": ev and check_eval_result(ev, eval_file), "bench": bench and check_bench_result(bench, bench_file),
+            "recovery": record and check_recovery_record(record, recovery_file),
+            "scores": find_scores(run_dir, scores)}
 
 
 def load_scores(path: str | Path):
@@ -397,9 +546,12 @@ def find_scores(run_dir: Path, scores: str | Path | None = None):
 
 
 def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, eval_file: str | Path | None = None,
-                     bench_file: str | Path | None = None, scores: str | Path | None = None) -> dict[str, Path]:
+                     bench_file: str | Path | None = None, scores: str | Path | None = None,
+                     force: bool = False) -> dict[str, Path]:
     """Markdown + HTML + PNGs for a pruned model folder (or a plan file). eval/bench results default
-    to eval.json / bench.json inside the folder when they exist."""
+    to eval.json / bench.json inside the folder when they exist. The report folder (default
+    RUN/report) is never the run folder or one of its files; an existing one is replaced only with
+    force, and only a report."""
     from secateurs.plan import PLAN_FILENAME, PruningPlan
 
     run_dir = Path(run_dir)
@@ -410,21 +562,25 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     if not plan_path.exists():
         raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` or a plan file")
     plan = PruningPlan.load(plan_path)
-    final = Path(out_dir).expanduser().resolve() if out_dir else run_dir.resolve() / "report"
-    with write_folder(final, force=True, kind="report", what="report folder") as tmp:
-        files = _write_report(plan, run_dir, tmp, eval_file, bench_file, scores)
+    read = read_report_inputs(run_dir, eval_file, bench_file, scores)  # all refusals before anything is written
+    final = out_dir if out_dir else run_dir / "report"
+    here = Path(final).expanduser().resolve()
+    # what the report reads, and every file of the run folder except an earlier report at `final`
+    inputs = [i for i in (eval_file, bench_file, scores, plan_path) if i] + [
+        p for p in run_dir.iterdir() if p.resolve() != here]
+    with write_folder(final, force=force, inputs=inputs, kind="report", what="report folder") as tmp:
+        files = _write_report(plan, run_dir, tmp, eval_file, bench_file, scores, read=read)
+    final = Path(final).expanduser().resolve()
     return {kind: final / path.name for kind, path in files.items()}
 
 
 def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores, *, title: str | None = None,
                   intro: list[tuple] | None = None, extra_plots: dict[str, Path] | None = None,
-                  summary_extra: dict | None = None) -> dict[str, Path]:
+                  summary_extra: dict | None = None, read: dict | None = None) -> dict[str, Path]:
     """The run report; the demo passes its own title, intro blocks (the side-by-side table), plots
-    it drew and fields for report.json."""
-    eval_file = eval_file or (run_dir / "eval.json" if (run_dir / "eval.json").exists() else None)
-    bench_file = bench_file or (run_dir / "bench.json" if (run_dir / "bench.json").exists() else None)
-    ev, bench = _load_json(eval_file), _load_json(bench_file)
-    score_obj = find_scores(run_dir, scores)
+    it drew and fields for report.json. read: what read_report_inputs returned (read here if None)."""
+    read = read if read is not None else read_report_inputs(run_dir, eval_file, bench_file, scores)
+    ev, bench, score_obj = read["eval"], read["bench"], read["scores"]
 
     kept_png = plot_kept_per_layer(plan, out / "kept_per_layer.png")
     heat_png = plot_head_heatmap(plan, out / "head_heatmap.png", score_obj)
@@ -452,11 +608,8 @@ def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores,
     else:
         blocks.append(("p", f"No speed results (run `secateurs bench MODEL --baseline DENSE --out {run_dir}/bench.json`)."))
     plots = dict(extra_plots or {})
-    recovery_file = run_dir / "recovery.json"
-    if "recovery_curve" not in plots and recovery_file.is_file():  # a recovered model: how it was brought back
-        record = _load_json(recovery_file)
-        if not isinstance(record, dict):
-            raise SecateursError(f"{recovery_file} is not a recovery record")
+    record = read["recovery"]
+    if "recovery_curve" not in plots and record is not None:  # a recovered model: how it was brought back
         blocks += [("h3", "Recovery"), ("table", ["recovery", "value"], recovery_facts(record))]
         plots["recovery_curve"] = plot_recovery_curve(record, out / "recovery_curve.png")
     blocks += [("img", p.name, kind.replace("_", " ")) for kind, p in plots.items()]

@@ -23,6 +23,15 @@ class EvalSpec:
     num_fewshot: int = 0
     eval_batch_size: int = 8
 
+    def evaluated_tokens(self, model) -> int | None:
+        """How many tokens of the text the perplexity reads at most (None: all of it): the share of a
+        recovery's data that overlaps the evaluation is measured on these."""
+        if self.max_windows is None:
+            return self.max_tokens
+        longest = max(resolve_seq_len(model, p)[1] for p in self.protocols)
+        count = self.max_windows * longest
+        return min(count, self.max_tokens) if self.max_tokens else count
+
     def check(self, model) -> None:
         """Fail before any work: no metric asked, or a window the model cannot take."""
         if self.text is None and not self.tasks:

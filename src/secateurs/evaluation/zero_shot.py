@@ -123,7 +123,7 @@ def local_task_config(name: str, path: str | Path) -> dict:
 
 
 def export_task_configs(data_dir: str | Path, out_dir: str | Path, tasks=STANDARD_TASKS,
-                        prefix: str = "secateurs_") -> dict[str, Path]:
+                        prefix: str = "secateurs_", force: bool = False) -> dict[str, Path]:
     """Write one lm-eval task YAML per local task file, named PREFIX+NAME (no clash with lm-eval's
     own hub tasks), so lm-eval itself (e.g. `accelerate launch -m lm_eval --include_path OUT`)
     runs them offline. Returns {task name: yaml path}."""
@@ -136,7 +136,7 @@ def export_task_configs(data_dir: str | Path, out_dir: str | Path, tasks=STANDAR
         raise SecateursError(f"no local file for {', '.join(missing)} in {data_dir}")
     out = Path(out_dir).expanduser().resolve()
     written = {}
-    with write_folder(out, force=True, inputs=[data_dir], kind="tasks", what="tasks output folder") as tmp:
+    with write_folder(out, force=force, inputs=[data_dir], kind="tasks", what="tasks output folder") as tmp:
         for name, path in found.items():
             cfg = local_task_config(prefix + name, path)
             if Path(cfg["task"]).name != cfg["task"]:

@@ -51,12 +51,13 @@ import numpy as np
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.errors import OutputExistsError, SecateursError, UnsupportedModelError
+from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
                                         rotary_dims, unsupported)
 from secateurs.export.gguf_vocab import add_tokenizer
 from secateurs.output import check_finite, check_output_file, writing_file
 from secateurs.progress import phase
+from secateurs.version import __version__
 from secateurs.value_attention import RemovedAttention, ValueOnlyAttention
 
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -93,17 +94,26 @@ def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer=N
     return target
 
 
+WRITER_KEY = "secateurs.writer"  # metadata of every GGUF secateurs writes ("secateurs VERSION"); llama.cpp ignores it
+
+
 def check_gguf_output(out, force: bool, inputs) -> Path:
-    """The output rules of secateurs.output for a .gguf file; an existing file is replaced only with
-    force and only when it is a GGUF file (anything else named .gguf is left alone)."""
-    target = check_output_file(out, inputs, suffixes=(".gguf",), what="GGUF output")
-    if target.exists():
-        if not force:
-            raise OutputExistsError(f"{target} exists; pass --force (force=True) to replace it")
-        with open(target, "rb") as handle:
+    """The output rules of secateurs.output for a .gguf file: an existing file is replaced only with
+    force and only when secateurs wrote it (its WRITER_KEY metadata); any other file is left alone."""
+    return check_output_file(out, inputs, suffixes=(".gguf",), what="GGUF output", force=force,
+                             kind="gguf", replaceable=written_gguf)
+
+
+def written_gguf(path: Path) -> bool:
+    """True for a GGUF file secateurs wrote (read through gguf's reader: header and metadata only)."""
+    try:
+        with open(path, "rb") as handle:
             if handle.read(4) != b"GGUF":
-                raise OutputExistsError(f"{target} exists and is not a GGUF file; it is not replaced, even with force")
-    return target
+                return False
+        field = gguf.GGUFReader(path, "r").get_field(WRITER_KEY)
+        return field is not None and str(field.contents()).startswith("secateurs")
+    except Exception:  # noqa: BLE001 - any file gguf cannot read is not ours
+        return False
 
 
 def plan_export(model) -> tuple[str, list[LayerForm]]:
@@ -181,6 +191,7 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with writing_file(target) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_string(WRITER_KEY, f"secateurs {__version__}")
         _add_metadata(writer, model, RULES[arch], layers, outtype)
         name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name[:200] or "model"
         add_tokenizer(writer, tokenizer, model.config.vocab_size, name)

@@ -23,7 +23,7 @@ from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import HarpOptions
 from secateurs.methods.flap import flap_plan
 from secateurs.offload import detached_copy, input_device
-from secateurs.plan import PruningPlan
+from secateurs.plan import ALPHA_MAX, PruningPlan
 from secateurs.runner import run_layer, summed_next_token_nll
 from secateurs.progress import bar as progress_bar
 from secateurs.statistics import collect_statistics
@@ -140,10 +140,12 @@ def harp_plan(model, calibration: Calibration, num_layers: int, *, grid=DEFAULT_
     plus FLAP MLP pruning of `flap_ratio` of all parameters when asked."""
     curves = {}
     grid = tuple(grid)
-    if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
-        raise SecateursError(f"the HARP alpha grid must hold finite numbers, got {list(grid)}")
-    if alphas is not None and not all(isinstance(a, (int, float)) and math.isfinite(a) for a in alphas.values()):
-        raise SecateursError(f"HARP alphas must be finite numbers, got {alphas}")
+    if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) and 0 <= a <= ALPHA_MAX for a in grid):
+        raise SecateursError(f"the HARP alpha grid must hold finite numbers in [0, {ALPHA_MAX:g}] (0: attention "
+                             f"removed), got {list(grid)}")
+    if alphas is not None and not all(isinstance(a, (int, float)) and math.isfinite(a) and 0 <= a <= ALPHA_MAX
+                                      for a in alphas.values()):
+        raise SecateursError(f"HARP alphas must be finite numbers in [0, {ALPHA_MAX:g}], got {alphas}")
     if alphas is None:
         alphas, curves = search_alphas(model, calibration, num_layers, grid, progress)
     plan = identity_plan(model)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +25,19 @@ from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.io import save_pruned
-from secateurs.output import check_output_dir
+from secateurs.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
+from secateurs.progress import status
 from secateurs.plan import CONFIG_KEY, PruningPlan
 from secateurs.recovery.data import RecoveryData, load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
 from secateurs.recovery.objectives import OBJECTIVES, Objective
-from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
+from secateurs.recovery import estimate as resources
+from secateurs.recovery.trainer import (STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, check_scheduler,
+                                        settings_dict)
 
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
+CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.output)
 METHODS = ("full", "lora")
 # The AMP paper's recovery (official fine_tune.py): LoRA r=8, alpha=16, dropout 0.05 on the seven
 # projections, lr 3e-4. Its data (Alpaca-cleaned, 2 epochs) is the caller's --data.
@@ -131,8 +135,9 @@ class _Run:
     lora: dict | None
     seq_len: int
     inputs: list
-    checkpoint_dir: str | os.PathLike | None
-    default_checkpoints: bool  # OUT.checkpoints, removed after a successful save
+    checkpoint_dir: Path | None  # None: this run writes no checkpoint
+    default_checkpoints: bool  # OUT.checkpoints, removed after a successful save if this run wrote it
+    identity: dict  # {"run": id} in the marker of every checkpoint this run writes (kept across resumes)
     gradient_checkpointing: bool
     seed: int
 
@@ -148,7 +153,8 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
             scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
             hidden_weight: float = 0.0, bf16: bool = False, self_samples: int | None = None, data_offset: int = 0,
-            evaluation_files: list | None = None, progress: bool = True, on_validation=None,
+            evaluation_files: list | None = None, max_hours: float = resources.DEFAULT_MAX_HOURS,
+            teacher_any: bool = False, progress: bool = True, on_validation=None,
             on_step=None) -> RecoveryResult:
     """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
 
@@ -162,9 +168,14 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
     model is saved as a pruned folder (with `plan`) plus recovery.json. Checkpoints every
     `save_every` steps go to `checkpoint_dir` (default: OUT.checkpoints, removed after a
-    successful save); resume=True continues from there bit-identically. `evaluation_files`:
-    texts evaluated in the same run, refused as data. `data_offset`: training sequences of the
-    seeded order to skip, so a run continuing an earlier one's budget on the same data sees new text.
+    successful save, and only when this run wrote it); resume=True continues from there
+    bit-identically. An existing checkpoint folder is replaced by a fresh run only with force and
+    only when it holds a secateurs checkpoint. `evaluation_files`: texts evaluated in the same run,
+    refused as data. `data_offset`: training sequences of the seeded order to skip, so a run
+    continuing an earlier one's budget on the same data sees new text. A run estimated to take more
+    than `max_hours` (secateurs.recovery.estimate), or more memory than the device has free, is
+    refused before its first step. A teacher other than the dense model the plan was made from is
+    named in a warning unless `teacher_any`.
     """
     wall_start = time.perf_counter()
     v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
@@ -173,11 +184,28 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
                     val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
                     data_offset)
+    check_scheduler(scheduler)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+                                          and max_grad_norm > 0):
+        raise SecateursError(f"max_grad_norm (gradient clipping) must be a positive number, or None (0 on the command "
+                             f"line) for no clipping; got {max_grad_norm!r}")
+    if not (isinstance(max_hours, (int, float)) and max_hours > 0):
+        raise SecateursError(f"max_hours must be a positive number, got {max_hours!r}")
+    if batch_size * seq_len * grad_accum > tokens:
+        raise SecateursError(f"one optimiser step takes batch_size x seq_len x grad_accum = {batch_size} x {seq_len} x "
+                             f"{grad_accum} = {batch_size * seq_len * grad_accum:,} tokens, more than the budget of "
+                             f"{tokens:,}: lower --train-batch-size or --grad-accum, or raise --tokens")
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
-    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight)
-    checkpoint_dir, default_checkpoints = _checkpoint_folder(checkpoint_dir, out_path, save_every, resume, inputs)
+    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight, teacher_any)
+    checkpoint_dir, default_checkpoints, identity = _checkpoint_folder(checkpoint_dir, out_path, save_every, resume,
+                                                                       inputs, force)
     teacher_for_loss = None if objective == "ce" else teacher.eval()
+    _check_resources(student, teacher_for_loss, lora, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                     grad_accum=grad_accum, val_tokens=val_tokens, eval_every=eval_every, chunk_rows=chunk_rows,
+                     self_tokens=(self_samples * seq_len if self_samples else tokens + val_tokens)
+                     if data == "self" and teacher is not None else 0,
+                     gradient_checkpointing=gradient_checkpointing, max_hours=max_hours, progress=progress)
     recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
                                        seed=seed, teacher=teacher, evaluation_files=evaluation_files,
                                        self_samples=self_samples)
@@ -188,7 +216,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight),
                     _layer_map(student, teacher, plan) if hidden_weight else None, bool(bf16))
     run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, settings, v["method"], preset, lora,
-               seq_len, inputs, checkpoint_dir, default_checkpoints, gradient_checkpointing, seed)
+               seq_len, inputs, checkpoint_dir, default_checkpoints, identity, gradient_checkpointing, seed)
     params_before = model_stats(student).total_params
     trained, loop, history, targets, trainable = _train(run, resume, progress, on_validation, on_step)
     record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
@@ -207,38 +235,97 @@ def _lora_settings(v: dict) -> dict | None:
 
 
 def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective: str,
-                       hidden_weight: float) -> None:
+                       hidden_weight: float, teacher_any: bool = False) -> None:
     """Refuse, before any work, a teacher that does not fit the student, and hidden-state distillation
-    that cannot map every student layer to a teacher layer."""
+    that cannot map every student layer to a teacher layer; warn (one line) when the teacher is not
+    the dense model the student's plan was made from, unless teacher_any."""
     if teacher is not None:
         check_teacher(student, teacher, tokenizer, teacher_tokenizer)
+        if not teacher_any:
+            reason = _not_the_parent(teacher, plan)
+            if reason:
+                status(f"WARNING: the teacher {_name(teacher)} is not the model this student was pruned from "
+                       f"({reason}); distillation goes on (--teacher-any silences this)")
     if hidden_weight:
         if hidden_weight < 0 or objective != "kd":
             raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
         _layer_map(student, teacher, plan)
 
 
+def _not_the_parent(teacher, plan: PruningPlan | None) -> str | None:
+    """Why the teacher is not the dense model `plan` was made from, or None (also when it cannot tell)."""
+    if plan is None:
+        return None
+    recorded = plan.provenance.get("base_identity")
+    if isinstance(recorded, str):
+        from secateurs.identity import model_identity
+
+        here = model_identity(teacher)
+        return None if here == recorded else f"its weights' fingerprint {here} is not the plan's base {recorded}"
+    if not _is_plan_base(teacher, plan):
+        return "its shapes differ from the plan's base model"
+    return None
+
+
 def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | None, resume: bool,
-                       inputs: list) -> tuple[str | os.PathLike | None, bool]:
-    """(checkpoint folder, whether it is the default OUT.checkpoints), checked before any work: resume
-    needs a checkpoint there, a fresh run that saves checkpoints a folder without one."""
-    if checkpoint_dir is None and out_path is not None:
+                       inputs: list, force: bool) -> tuple[Path | None, bool, dict]:
+    """(checkpoint folder or None when this run writes none, whether it is the default
+    OUT.checkpoints, the run identity its checkpoints carry), checked and claimed before any work.
+    Resume needs a secateurs checkpoint there and continues its identity; a fresh run that saves
+    checkpoints needs a new folder (or force over a secateurs checkpoint folder). A run that writes
+    no checkpoint never looks at, writes or removes any folder."""
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        raise SecateursError(f"save_every must be >= 1 step, got {save_every!r}")
+    if not (save_every or resume):
+        return None, False, {}
+    default = checkpoint_dir is None
+    if default:
+        if out_path is None:
+            raise SecateursError("checkpoints need a folder: pass checkpoint_dir (or out)")
         checkpoint_dir = out_path.with_name(out_path.name + ".checkpoints")
-        default_checkpoints = True
-    else:
-        default_checkpoints = False
-    if (save_every or resume) and checkpoint_dir is None:
-        raise SecateursError("checkpoints need a folder: pass checkpoint_dir (or out)")
-    if save_every is not None and save_every < 1:
-        raise SecateursError(f"save_every must be >= 1 step, got {save_every}")
-    if resume and not (Path(checkpoint_dir) / STATE_FILE).is_file():
-        raise RecoveryError(f"resume: no checkpoint in {checkpoint_dir}; run without resume (and with save_every)")
-    if save_every and not resume:
-        check_output_dir(checkpoint_dir, True, inputs, what="checkpoint folder")
-        if (Path(checkpoint_dir) / STATE_FILE).is_file():
-            raise RecoveryError(f"{checkpoint_dir} holds a checkpoint of an earlier run: resume it (resume=True, "
-                                "--resume) or remove it")
-    return checkpoint_dir, default_checkpoints
+    what = "checkpoint folder" + (" (OUT.checkpoints; --checkpoint-dir chooses another)" if default else "")
+    if out_path is not None:  # neither may hold the other: the output is swapped in whole
+        refuse_overlap(Path(checkpoint_dir).expanduser().resolve(), [out_path], what, existing_only=False)
+    if resume:
+        folder = check_output_dir(checkpoint_dir, True, inputs, what=what, kind=CHECKPOINT_KIND)
+        record = marker_record(folder) if folder.is_dir() else None
+        if record is None or record.get("kind") != CHECKPOINT_KIND or not (folder / STATE_FILE).is_file():
+            raise RecoveryError(f"resume: no checkpoint in {folder} (no secateurs recovery checkpoint there); run "
+                                "without resume (and with save_every)")
+        run = record.get("run") if isinstance(record.get("run"), str) else uuid.uuid4().hex
+        return folder, default, {"run": run}
+    given = Path(checkpoint_dir).expanduser()
+    if not force and given.is_dir() and not given.is_symlink() and marker_record(given) is not None \
+            and marker_record(given).get("kind") == CHECKPOINT_KIND:
+        raise RecoveryError(f"{given} holds a checkpoint of an earlier run: resume it (resume=True, --resume), or "
+                            "pass force (--force) to start over in its place")
+    folder = check_output_dir(checkpoint_dir, force, inputs, what=what, kind=CHECKPOINT_KIND)
+    return folder, default, {"run": uuid.uuid4().hex}
+
+
+def _check_resources(student, teacher, lora, *, tokens, seq_len, batch_size, grad_accum, val_tokens, eval_every,
+                     chunk_rows, self_tokens, gradient_checkpointing, max_hours, progress) -> None:
+    """Estimate the run's time and memory (secateurs.recovery.estimate) and refuse one that cannot
+    finish within max_hours or fit in the free memory; the estimate is printed."""
+    from secateurs.adapters import get_adapter
+
+    params = sum(p.numel() for p in student.parameters())
+    trainable = params if lora is None else sum(
+        lora["r"] * (m.in_features + m.out_features) for m in student.modules() if isinstance(m, torch.nn.Linear))
+    steps = max(1, tokens // (batch_size * seq_len * grad_accum))
+    work = resources.Workload(
+        student_params=params, trainable_params=trainable,
+        teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
+        hidden_size=student.config.hidden_size, layers=len(get_adapter(student).decoder_layers(student)),
+        vocab_size=student.config.vocab_size, tokens=tokens, self_tokens=self_tokens, val_tokens=val_tokens,
+        validations=steps // (eval_every or max(1, steps // 10)) + 2, micro_batch_tokens=batch_size * seq_len,
+        chunk_rows=chunk_rows, dtype_bytes=next(student.parameters()).element_size(),
+        gradient_checkpointing=gradient_checkpointing)
+    device = next(student.parameters()).device
+    est = resources.estimate(work, device)
+    resources.check(est, max_hours)
+    if progress:
+        status(f"recovery estimate: {est.describe()} (limit --max-hours {max_hours:g})")
 
 
 def _fingerprint(run: _Run) -> dict:
@@ -269,6 +356,7 @@ def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
             _set_activation_checkpointing(student, True)
         loop = RecoveryLoop(student, run.teacher_for_loss, run.data, run.objective, run.settings, run.checkpoint_dir,
                             fingerprint, progress, on_validation, on_step, inputs=run.inputs)
+        loop.marker = run.identity
         if resume:
             loop.check_resumable()
         trainable = sum(p.numel() for p in loop.params.values())
@@ -289,12 +377,12 @@ def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
 
 def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: bool) -> None:
     """Save the recovered model as a pruned folder with its plan and recovery.json; the default
-    checkpoint folder goes once the model is safely saved."""
+    checkpoint folder goes once the model is safely saved, and only if this run's checkpoints are
+    what it holds (its marker carries this run's identity)."""
     result.out = save_pruned(result.model, run.plan, out_path, tokenizer=tokenizer, force=force, inputs=run.inputs,
                              extra_files={RECOVERY_FILENAME: json.dumps(result.record, indent=2) + "\n"})
-    checkpoint_dir = run.checkpoint_dir
-    if run.default_checkpoints and checkpoint_dir is not None and Path(checkpoint_dir).exists():
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if run.default_checkpoints and run.checkpoint_dir is not None:
+        remove_own_folder(run.checkpoint_dir, CHECKPOINT_KIND, run.identity)
 
 
 def _record(run: _Run, *, trained, history, loop, targets, trainable, params_before) -> dict:

@@ -8,6 +8,10 @@ tokenised, joined with EOS and cut into sequences of exactly ``seq_len`` tokens 
 is dropped), so no token is padding. Alpaca records are rendered with the Stanford Alpaca
 template the AMP and LLM-Pruner fine-tuning scripts use, and only the response (+ EOS) is
 learned: prompt tokens carry the label -100.
+
+A local file is checked record by record before anything loads (`check_recovery_source`): UTF-8
+(the offset of the first bad byte otherwise), every .jsonl line a JSON object, Alpaca fields and
+``text`` strings (``null`` would train as the text "None", an object as its repr).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,7 +31,7 @@ import torch
 
 from secateurs.calibration import _hf_texts, _self_generated
 from secateurs.errors import SecateursError
-from secateurs.jsonl import file_sha256, iter_jsonl
+from secateurs.jsonl import file_sha256
 
 IGNORE_INDEX = -100
 # Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).
@@ -97,6 +103,105 @@ def alpaca_stream(records: list[dict], tokenizer) -> tuple[list[int], list[int]]
     return ids, labels
 
 
+NAMED_SOURCES = ("self", "tinystories")  # and hf:NAME[:CONFIG]:SPLIT: not local files
+
+
+def _is_named_source(spec) -> bool:
+    return isinstance(spec, str) and (spec in NAMED_SOURCES or spec.startswith("hf:"))
+
+
+def _local_path(spec) -> Path:
+    """The file a recovery data spec names, or a refusal naming what a spec can be."""
+    path = Path(os.fspath(spec)).expanduser()
+    if not path.is_file():
+        raise RecoveryDataError(f"recovery data not found: {spec} (a text or .jsonl file, hf:NAME:SPLIT, "
+                                "'tinystories' or 'self')")
+    return path
+
+
+def _read_utf8(path: Path) -> str:
+    """A recovery data file's text, or a refusal with the byte offset (and line) of the first byte
+    that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecoveryDataError(f"recovery data {path} is not UTF-8 text: the first bad byte is at offset "
+                                f"{exc.start} (line {line}, byte 0x{data[exc.start]:02x}); convert the file to "
+                                "UTF-8") from exc
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _check_record(record, where: str) -> dict:
+    """One .jsonl record: a JSON object, Alpaca ('instruction', 'output' and the optional 'input'
+    strings) or text (a string 'text'); anything else would train on its Python repr."""
+    if not isinstance(record, dict):
+        raise RecoveryDataError(f"{where}: a recovery record must be a JSON object, not {_json_kind(record)}")
+    if "instruction" in record:
+        if "output" not in record:
+            raise RecoveryDataError(f"{where}: an Alpaca record needs an 'output' (the response to learn)")
+        for key in ("instruction", "input", "output"):
+            if key in record and not isinstance(record[key], str):
+                hint = "; leave 'input' out (or give \"\") when there is none" if key == "input" else ""
+                raise RecoveryDataError(f"{where}: field {key!r} of an Alpaca record must be a string, not "
+                                        f"{_json_kind(record[key])}{hint}")
+        return record
+    if "text" not in record:
+        raise RecoveryDataError(f"{where}: a recovery record needs a string 'text' field or Alpaca "
+                                "'instruction'/'input'/'output' fields")
+    if not isinstance(record["text"], str):
+        raise RecoveryDataError(f"{where}: field 'text' of a recovery record must be a string, not "
+                                f"{_json_kind(record['text'])}")
+    return record
+
+
+def _jsonl_records(path: Path) -> list[dict]:
+    """Every record of a .jsonl file, checked (lines counted from 1, on '\\n' as editors count them),
+    all Alpaca or all text."""
+    text = _read_utf8(path)
+    records = []
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecoveryDataError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+        records.append(_check_record(record, f"{path}:{number}"))
+    alpaca = sum("instruction" in r for r in records)
+    if alpaca and alpaca != len(records):
+        raise RecoveryDataError(f"{path} mixes Alpaca records and text records; use one kind per file")
+    return records
+
+
+def check_recovery_source(spec) -> dict | None:
+    """Check a local recovery data file before any weights load, without a tokenizer: it exists,
+    it is UTF-8, and (.jsonl) every record is usable. Returns {"path", "kind", "records" or "chars"};
+    None for the sources that are not local files ('self', 'tinystories', 'hf:...'), which pass."""
+    if spec is None or _is_named_source(spec):
+        return None
+    path = _local_path(spec)
+    if path.suffix != ".jsonl":
+        return {"path": str(path), "kind": "text file", "chars": len(_read_utf8(path))}
+    records = _jsonl_records(path)
+    alpaca = bool(records) and "instruction" in records[0]
+    return {"path": str(path), "kind": "Alpaca records" if alpaca else "jsonl text records", "records": len(records)}
+
+
 def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: int,
                  seed: int) -> tuple[list[int], list[int], dict]:
     """(ids, labels, description) of a whole source."""
@@ -114,25 +219,20 @@ def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: i
         ids, labels = _document_stream([text], tokenizer)
         description["kind"] = "bundled TinyStories sample"
         return ids, labels, description
-    if spec.startswith("hf:"):
+    if isinstance(spec, str) and spec.startswith("hf:"):
         docs = _hf_texts(spec)
         ids, labels = _document_stream([d for d in docs if d.strip()], tokenizer)
         description.update(kind="Hugging Face dataset, documents joined by EOS", documents=len(docs))
         return ids, labels, description
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise RecoveryDataError(f"recovery data not found: {spec} (a text or .jsonl file, hf:NAME:SPLIT, "
-                                "'tinystories' or 'self')")
+    path = _local_path(spec)
     description.update(path=str(path.resolve()), sha256=file_sha256(path))
     if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        text = _read_utf8(path).replace("\r\n", "\n")
         ids, labels = _document_stream([text] if text.strip() else [], tokenizer)
         description["kind"] = "text file"
         return ids, labels, description
-    records = [_check_record(r, f"{path}:{n}") for n, r in iter_jsonl(path)]
+    records = _jsonl_records(path)
     alpaca = [r for r in records if "instruction" in r]
-    if alpaca and len(alpaca) != len(records):
-        raise RecoveryDataError(f"{path} mixes Alpaca records and text records; use one kind per file")
     if alpaca:
         ids, labels = alpaca_stream(alpaca, tokenizer)
         description.update(kind="Alpaca records, Stanford Alpaca template, loss on the response (+EOS) only",
@@ -144,29 +244,50 @@ def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: i
     return ids, labels, description
 
 
-def _check_record(record, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise RecoveryDataError(f"{where}: a recovery record must be a JSON object")
-    if "instruction" in record:
-        if "output" not in record:
-            raise RecoveryDataError(f"{where}: an Alpaca record needs an 'output' (the response to learn)")
-        return record
-    if not isinstance(record.get("text"), str):
-        raise RecoveryDataError(f"{where}: a recovery record needs a string 'text' field or Alpaca "
-                                "'instruction'/'input'/'output' fields")
-    return record
+class EvaluationText(str):
+    """An evaluation file of which a run evaluates only the first `max_tokens` tokens (None: all of
+    it), as `recover --ppl FILE --ppl-tokens N` does. It is the path (a str), so it goes wherever a
+    path goes (the inputs a run never writes); the overlap check measures the share on the
+    evaluated tokens only, so that an evaluated slice cannot hide in a large file."""
+
+    max_tokens: int | None
+
+    def __new__(cls, path: str | os.PathLike, max_tokens: int | None = None):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise RecoveryDataError(f"the evaluated token count of {path} must be a positive integer or None, "
+                                    f"got {max_tokens!r}")
+        text = super().__new__(cls, os.fspath(path))
+        text.max_tokens = max_tokens
+        return text
+
+    def __repr__(self) -> str:
+        return f"EvaluationText({str(self)!r}, max_tokens={self.max_tokens!r})"
+
+    def __reduce__(self):
+        return EvaluationText, (str(self), self.max_tokens)
 
 
-def refuse_evaluation_overlap(spec: str, evaluation_files: list[str | Path] | None) -> None:
+def _evaluation_entry(entry) -> tuple[Path, int | None]:
+    """(path, evaluated tokens or None for the whole file) of an evaluation_files entry: a path, an
+    EvaluationText or a (path, max_tokens) pair."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 2:
+        entry = EvaluationText(*entry)
+    return Path(os.fspath(entry)).expanduser(), getattr(entry, "max_tokens", None)
+
+
+def refuse_evaluation_overlap(spec: str, evaluation_files: list | None) -> None:
     """Training on the text a run then evaluates on would report memorisation as recovery: refuse
     a data file that is an evaluation file (same path or same bytes). Checked before anything loads;
     `refuse_shared_text` then checks the content, once the data is tokenised."""
-    path = Path(spec).expanduser()
-    if not evaluation_files or not path.is_file():
+    if not evaluation_files or spec is None or _is_named_source(spec):
+        return
+    path = Path(os.fspath(spec)).expanduser()
+    if not path.is_file():
         return
     digest = None
-    for other in evaluation_files:
-        other = Path(other).expanduser()
+    for entry in evaluation_files:
+        other, _ = _evaluation_entry(entry)
         if not other.is_file():
             continue
         if other.resolve() == path.resolve():
@@ -201,23 +322,32 @@ def shared_ngram_fraction(data_ids, evaluation_ids, n: int = OVERLAP_NGRAM) -> f
     return float(np.isin(evaluation, _ngram_hashes(data_ids, n)).mean()) if evaluation.size else 0.0
 
 
-def refuse_shared_text(spec: str, ids: list[int], tokenizer, evaluation_files: list[str | Path] | None) -> list[dict]:
+def refuse_shared_text(spec: str, ids: list[int], tokenizer, evaluation_files: list | None) -> list[dict]:
     """Refuse recovery data that holds the evaluation text under another name or format (a copy as
-    jsonl, an excerpt, a concatenation): more than OVERLAP_LIMIT of the evaluation's 13-token
-    windows found in the data. Returns each file's shared fraction, for recovery.json."""
+    jsonl, an excerpt, a concatenation): more than OVERLAP_LIMIT of the evaluated text's 13-token
+    windows found in the data. The evaluated text is what the run measures: the first `max_tokens`
+    tokens of an EvaluationText (or a (path, max_tokens) entry), the whole file for a plain path, so
+    a large file does not dilute its evaluated slice. Returns each file's shared fraction and the
+    tokens it was measured on, for recovery.json."""
     from secateurs.evaluation.perplexity import load_text
 
     found = []
-    for other in evaluation_files or []:
-        other = Path(other).expanduser()
+    for entry in evaluation_files or []:
+        other, limit = _evaluation_entry(entry)
         if not other.is_file():
             continue
-        fraction = shared_ngram_fraction(ids, _encode(tokenizer, load_text(other)[0]))
+        evaluated = _encode(tokenizer, load_text(other)[0])
+        whole = len(evaluated)
+        if limit is not None:
+            evaluated = evaluated[:limit]
+        part = f" (its first {len(evaluated):,} tokens, the part evaluated)" if len(evaluated) < whole else ""
+        fraction = shared_ngram_fraction(ids, evaluated)
         if fraction > OVERLAP_LIMIT:
-            raise RecoveryDataError(f"recovery data {spec} contains the evaluation text {other}: {fraction:.1%} of "
-                                    f"its {OVERLAP_NGRAM}-token windows occur in the data (different texts share "
-                                    f"under {OVERLAP_LIMIT:.0%}); recover on other text")
-        found.append({"file": other.name, "ngram": OVERLAP_NGRAM, "shared_fraction": round(fraction, 6)})
+            raise RecoveryDataError(f"recovery data {spec} contains the evaluation text {other}{part}: "
+                                    f"{fraction:.1%} of its {OVERLAP_NGRAM}-token windows occur in the data "
+                                    f"(different texts share under {OVERLAP_LIMIT:.0%}); recover on other text")
+        found.append({"file": other.name, "ngram": OVERLAP_NGRAM, "shared_fraction": round(fraction, 6),
+                      "evaluated_tokens": len(evaluated)})
     return found
 
 
@@ -249,13 +379,15 @@ def _read_source_once(spec: str, tokenizer, **how) -> tuple[list[int], list[int]
 
 
 def load_recovery_data(spec: str, tokenizer, *, seq_len: int, tokens: int, val_tokens: int, seed: int = 0,
-                       teacher=None, evaluation_files: list[str | Path] | None = None,
+                       teacher=None, evaluation_files: list | None = None,
                        self_samples: int | None = None) -> RecoveryData:
     """Pack `spec` into sequences of seq_len tokens; hold out ceil(val_tokens / seq_len) of them
     (a seeded random choice) for validation. 'self' samples just enough text from the teacher
     for `tokens` training tokens plus the validation slice, or exactly `self_samples` sequences
     (fewer than the budget needs: the run goes over them several times; the same count, length
-    and seed as a pruning run's 'self' calibration reuse its cached samples)."""
+    and seed as a pruning run's 'self' calibration reuse its cached samples). `evaluation_files`:
+    texts the run evaluates, refused as data (paths: the whole file; EvaluationText(path, max_tokens)
+    or (path, max_tokens): the first max_tokens tokens, the part evaluated)."""
     if tokenizer is None:
         raise RecoveryDataError("recovery data needs a tokenizer; the model folder has none")
     if seq_len < 2:

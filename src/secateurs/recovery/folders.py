@@ -15,7 +15,9 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
                    ppl: str | None = None, ppl_tokens: int = 65536, **options) -> tuple[RecoveryResult, dict | None]:
     """Load `pruned` (and its dense `teacher`), recover it with secateurs.recover's `options`, save
     to `out`. With `ppl` (a text source, refused as training data) the perplexity (seq 128, first
-    `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}.
+    `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}; data sharing
+    more than 1% of those first `ppl_tokens` tokens' 13-token windows is refused. The data file is
+    checked (UTF-8, every record usable) before any model loads.
 
     Placement by accelerate ('auto', 'balanced', 'sequential' or {module: device}), one map per model
     because they differ: `device_map` places the teacher, which only runs forward, offloading to CPU
@@ -26,11 +28,13 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     from secateurs.loading import load_model
     from secateurs.output import check_output_dir
     from secateurs.plan import PLAN_FILENAME, PruningPlan
-    from secateurs.recovery.data import refuse_evaluation_overlap
+    from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
 
     data = options.get("data", "self")
     check_output_dir(out, force, [pruned, teacher, data, ppl])  # before loading anything
-    refuse_evaluation_overlap(data, [ppl] if ppl else None)
+    check_recovery_source(data)  # UTF-8, every record usable: refused now, not after the models load
+    evaluated = [EvaluationText(ppl, ppl_tokens)] if ppl else None  # the overlap is measured on what is evaluated
+    refuse_evaluation_overlap(data, evaluated)
     plan = PruningPlan.load(pruned) if (Path(pruned) / PLAN_FILENAME).is_file() else None
     text = load_text(ppl)[0] if ppl else None  # a missing or unreadable file fails before the models load
     student, tokenizer = _load_student(pruned, dtype, device, student_device_map)
@@ -45,7 +49,7 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
 
     before = measure(student, "before") if ppl else None
     result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
-                     force=force, seed=seed, evaluation_files=[ppl] if ppl else None, **options)
+                     force=force, seed=seed, evaluation_files=evaluated, **options)
     return result, ({"before": before, "after": measure(result.model, "after")} if ppl else None)
 
 

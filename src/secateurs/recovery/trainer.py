@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,9 +36,36 @@ WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 SETTINGS_FILE = "settings.json"
 
+# The transformers schedulers (SchedulerType) that this loop can drive: made by
+# get_scheduler(name, optimizer, num_warmup_steps=w, num_training_steps=n) alone and stepped once per
+# optimiser step without arguments (checked by tests/test_recovery_faults.py; transformers 5.23).
+# The others fail, inside get_scheduler or at the first step, after the models and data are loaded.
+from secateurs.names import SCHEDULERS  # noqa: E402 - the names live without torch, for --help
+_POLYNOMIAL_END = 1e-7  # get_polynomial_decay_schedule_with_warmup's lr_end: the initial rate must exceed it
+_UNSUPPORTED_SCHEDULERS = {
+    "reduce_lr_on_plateau": "steps on a validation metric, not once per optimiser step",
+    "greedy": "steps on a validation metric, not once per optimiser step",
+    "cosine_with_min_lr": "needs a minimum learning rate (min_lr), which secateurs does not pass",
+    "cosine_warmup_with_min_lr": "needs a minimum learning rate (min_lr), which secateurs does not pass",
+    "warmup_stable_decay": "needs a number of decay steps, which secateurs does not pass",
+}
+
 
 class RecoveryError(SecateursError):
     """Recovery cannot go on: non-finite loss or weights, a checkpoint of another run, ..."""
+
+
+def check_scheduler(name: str, lr: float | None = None) -> str:
+    """Refuse a learning-rate scheduler the loop cannot drive (see SCHEDULERS), and 'polynomial' with a
+    learning rate it cannot decay from (at most its final 1e-7); returns the name."""
+    if name in SCHEDULERS:
+        if name == "polynomial" and lr is not None and lr <= _POLYNOMIAL_END:
+            raise SecateursError(f"the 'polynomial' scheduler decays the learning rate to {_POLYNOMIAL_END:g} and "
+                                 f"needs a larger one, got {lr:g}; raise --lr or choose another --scheduler")
+        return name
+    why = _UNSUPPORTED_SCHEDULERS.get(name) if isinstance(name, str) else None
+    what = f"the scheduler {name!r} {why}" if why else f"unknown scheduler {name!r}"
+    raise SecateursError(f"{what}; use one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -116,6 +145,7 @@ class RecoveryLoop:
                                            fused=fused)
         self.total_steps = settings.steps(data.seq_len)
         self.warmup_steps = int(round(settings.warmup_ratio * self.total_steps))
+        check_scheduler(settings.scheduler, settings.lr)
         self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=self.warmup_steps,
                                        num_training_steps=self.total_steps)
         self.order = DataOrder(len(data.train_ids), settings.batch_size, settings.seed, settings.data_offset)
@@ -272,47 +302,312 @@ class RecoveryLoop:
                 "rng": torch.get_rng_state(), "history": json.dumps(self.history), "best": json.dumps(self.best),
                 "bad_validations": self.bad_validations}
 
+    marker: dict | None = None  # the run identity every checkpoint's marker carries (secateurs.recovery.api)
+
     def _save_checkpoint(self) -> None:
         """Through secateurs' one writer: built beside the folder, swapped in whole."""
         with write_folder(self.checkpoint_dir, force=True, inputs=self.inputs, kind="recovery-checkpoint",
-                          what="checkpoint folder") as tmp:
+                          what="checkpoint folder", marker=self.marker) as tmp:
             save_file({n: p.detach().contiguous() for n, p in self.params.items()}, tmp / WEIGHTS_FILE)
             if getattr(self, "_best_weights", None) is not None:
                 save_file({n: t.contiguous() for n, t in self._best_weights.items()}, tmp / BEST_FILE)
             torch.save(self._state(), tmp / STATE_FILE)
             (tmp / SETTINGS_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
 
+    # -- reading a checkpoint back: an untrusted folder, every file checked before the first step -----
     def check_resumable(self) -> None:
-        """Refuse, before any work, a missing checkpoint or one written by a run with other settings."""
+        """Refuse, before any work, a missing checkpoint, one written by a run with other settings, and a
+        damaged one. Every file is read and checked (tensors only; names, shapes, dtypes and finite
+        values of the weights; the types of the optimiser's and scheduler's states), so that nothing
+        fails once training has started; what was read is kept for `_load_checkpoint`."""
         folder = self.checkpoint_dir
-        if folder is None or not (folder / STATE_FILE).is_file():
+        files = (STATE_FILE, WEIGHTS_FILE, SETTINGS_FILE)
+        if folder is None or not folder.is_dir() or not any((folder / name).exists() for name in files):
             raise RecoveryError(f"--resume: no checkpoint in {folder}; run without --resume (and with --save-every)")
-        saved = json.loads((folder / SETTINGS_FILE).read_text())
+        saved = self._read_settings()
         if saved != self.fingerprint:
             diffs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             raise RecoveryError(f"--resume: the checkpoint in {folder} was written by a run with other settings "
                                 f"({', '.join(diffs)}); resume with the same arguments or start afresh")
+        state = self._read_state()
+        weights = self._read_weights(WEIGHTS_FILE)
+        best_weights = None
+        if os.path.lexists(folder / BEST_FILE):
+            best_weights = self._read_weights(BEST_FILE)
+        elif self.s.patience and state["best"] is not None:
+            raise self._damaged(BEST_FILE, "is missing (the best validated weights, which early stopping returns to)")
+        self._checked_checkpoint = (state, weights, best_weights)
+
+    def _damaged(self, name: str, problem: str) -> RecoveryError:
+        folder = self.checkpoint_dir
+        return RecoveryError(f"--resume: the checkpoint in {folder} is damaged: {name} {problem}. Nothing was "
+                             f"trained; remove {folder} and run without --resume (training starts afresh)")
+
+    def _read_settings(self) -> dict:
+        path = self.checkpoint_dir / SETTINGS_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise self._damaged(SETTINGS_FILE, "is missing") from None
+        except UnicodeDecodeError:
+            raise self._damaged(SETTINGS_FILE, "is not text (overwritten?)") from None
+        except OSError as exc:
+            raise self._damaged(SETTINGS_FILE, f"cannot be read ({exc.strerror or exc})") from None
+        try:
+            saved = json.loads(text)
+        except ValueError:
+            raise self._damaged(SETTINGS_FILE, "is not valid JSON (truncated or overwritten)") from None
+        if not isinstance(saved, dict):
+            raise self._damaged(SETTINGS_FILE, f"holds a JSON {type(saved).__name__}, not the run's settings")
+        return saved
+
+    def _read_state(self) -> dict:
+        """The trainer state (torch.load with weights_only: tensors and plain values only), checked and
+        with its JSON fields decoded."""
+        path = self.checkpoint_dir / STATE_FILE
+        if not path.is_file():
+            raise self._damaged(STATE_FILE, "is missing")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as exc:
+            raise self._damaged(STATE_FILE, f"cannot be read ({exc.strerror or exc})") from None
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever the reader raises means damaged
+            raise self._damaged(STATE_FILE, f"is not a trainer state secateurs wrote (truncated or overwritten: "
+                                            f"{_short(exc)})") from None
+        if not isinstance(state, dict):
+            raise self._damaged(STATE_FILE, f"holds a {type(state).__name__}, not a trainer state")
+        missing = sorted(_STATE_KEYS - set(state))
+        if missing:
+            raise self._damaged(STATE_FILE, f"lacks {', '.join(missing)}")
+        problem = self._state_problem(state)
+        if problem:
+            raise self._damaged(STATE_FILE, problem)
+        return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
+
+    def _state_problem(self, state: dict) -> str | None:
+        step, bad = state["step"], state["bad_validations"]
+        if not _is_int(step) or not 0 <= step <= self.total_steps:
+            return f"has step {step!r}, not an integer from 0 to {self.total_steps}"
+        if not _is_int(bad) or bad < 0:
+            return f"has bad_validations {bad!r}, not an integer >= 0"
+        rng, reference = state["rng"], torch.get_rng_state()
+        if not isinstance(rng, torch.Tensor) or rng.dtype != reference.dtype or rng.shape != reference.shape:
+            return f"has an RNG state that is not a {reference.dtype} tensor of {reference.numel()} bytes"
+        problem = _history_problem(state["history"]) or _best_problem(state["best"])
+        if problem:
+            return problem
+        problem = self._optimizer_problem(state["optimizer"])
+        if problem:
+            return f"has an optimiser state that does not fit this run: {problem}"
+        problem = _kind_problem(self.scheduler.state_dict(), state["scheduler"], "the state",
+                                required=_SCHEDULER_KEYS)
+        if problem:
+            return f"has a scheduler state that does not fit this run's {self.s.scheduler!r} scheduler: {problem}"
+        return None
+
+    def _optimizer_problem(self, saved) -> str | None:
+        """What in a saved AdamW state_dict would fail in load_state_dict or at the next step: other
+        parameter groups, hyper-parameters of other types, moments of other shapes, non-tensors,
+        non-finite values."""
+        reference = self.optimizer.state_dict()
+        if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+            return "not an optimiser state_dict"
+        groups, entries = saved["param_groups"], saved["state"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(reference["param_groups"]):
+            n = len(groups) if isinstance(groups, (list, tuple)) else "no"
+            return f"{n} parameter groups where this run has {len(reference['param_groups'])}"
+        ids = []
+        for i, (ours, group) in enumerate(zip(reference["param_groups"], groups)):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+                return f"parameter group {i} is not a parameter group"
+            if len(group["params"]) != len(ours["params"]) or not all(_is_int(k) for k in group["params"]):
+                return f"parameter group {i} holds {len(group['params'])} parameters, this run's {len(ours['params'])}"
+            ids += group["params"]
+            problem = _kind_problem({k: v for k, v in ours.items() if k != "params"},
+                                    {k: v for k, v in group.items() if k != "params"}, f"parameter group {i}",
+                                    required=_GROUP_KEYS)
+            if problem:
+                return problem
+        if len(set(ids)) != len(ids):
+            return "a parameter is listed twice"
+        params = dict(zip(ids, (p for g in self.optimizer.param_groups for p in g["params"])))
+        if not isinstance(entries, dict):
+            return "its per-parameter state is not a mapping"
+        for key, entry in entries.items():
+            if key not in params:
+                return f"it holds the state of a parameter {key!r} that no group lists"
+            if not isinstance(entry, dict):
+                return f"the state of parameter {key} is not a mapping"
+            shape = tuple(params[key].shape)
+            for name, value in entry.items():
+                if not isinstance(value, torch.Tensor):
+                    return f"{name} of parameter {key} is a {type(value).__name__}, not a tensor"
+                if not value.is_floating_point():
+                    return f"{name} of parameter {key} is a {value.dtype} tensor, not a floating-point one"
+                if name == "step":
+                    if value.numel() != 1 or not math.isfinite(float(value)) or float(value) < 0:
+                        return f"the step count of parameter {key} is not one finite number >= 0"
+                elif tuple(value.shape) != shape:
+                    return f"{name} of parameter {key} has shape {tuple(value.shape)}, the parameter {shape}"
+                elif not torch.isfinite(value).all():
+                    return f"{name} of parameter {key} holds non-finite values"
+        return None
+
+    def _read_weights(self, name: str) -> dict:
+        """A safetensors file of the trainable weights: this run's names, shapes and dtypes, finite."""
+        path = self.checkpoint_dir / name
+        if not path.is_file():
+            raise self._damaged(name, "is missing")
+        try:
+            weights = load_file(path)
+        except OSError as exc:
+            raise self._damaged(name, f"cannot be read ({exc.strerror or exc})") from None
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever the reader raises means damaged
+            raise self._damaged(name, f"is not a safetensors file secateurs wrote (truncated or overwritten: "
+                                      f"{_short(exc)})") from None
+        missing, extra = sorted(set(self.params) - set(weights)), sorted(set(weights) - set(self.params))
+        if missing or extra:
+            some = ", ".join([*(f"{n} missing" for n in missing[:2]), *(f"{n} unexpected" for n in extra[:2])])
+            raise self._damaged(name, f"holds other trainable weights than this run's ({len(missing)} missing, "
+                                      f"{len(extra)} unexpected: {some})")
+        for n, p in self.params.items():
+            t = weights[n]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise self._damaged(name, f"holds {n} as {t.dtype} {tuple(t.shape)}; this run trains it as "
+                                          f"{p.dtype} {tuple(p.shape)}")
+            if not torch.isfinite(t).all():
+                raise self._damaged(name, f"holds non-finite values in {n}")
+        return weights
 
     def _load_checkpoint(self) -> None:
-        self.check_resumable()
-        folder = self.checkpoint_dir
-        weights = load_file(folder / WEIGHTS_FILE)
-        if set(weights) != set(self.params):
-            raise RecoveryError(f"--resume: the checkpoint in {folder} holds other trainable weights")
-        state = torch.load(folder / STATE_FILE, weights_only=True)
+        """Continue from the checkpoint that check_resumable read and checked (reading it now if not)."""
+        if getattr(self, "_checked_checkpoint", None) is None:
+            self.check_resumable()
+        state, weights, best_weights = self._checked_checkpoint
+        self._checked_checkpoint = None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # checked above; a last guard
+            raise self._damaged(STATE_FILE, f"does not fit this run's optimiser ({_short(exc)})") from exc
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(weights[n])
-        if (folder / BEST_FILE).is_file():
-            self._best_weights = load_file(folder / BEST_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.history = json.loads(state["history"])
+        if best_weights is not None:
+            self._best_weights = best_weights
+        self.step = state["step"]
+        self.history = state["history"]
         self.history["resumed_at_steps"].append(self.step)
-        self.best = json.loads(state["best"])
-        self.bad_validations = int(state["bad_validations"])
+        self.best = state["best"]
+        self.bad_validations = state["bad_validations"]
+
+
+_STATE_KEYS = frozenset({"step", "optimizer", "scheduler", "rng", "history", "best", "bad_validations"})
+# What a saved optimiser group and scheduler state must hold; other entries this torch has may be
+# missing (an older torch wrote the checkpoint: load_state_dict keeps their defaults), none may be extra
+# (the scheduler's load_state_dict sets every entry as an attribute of the scheduler).
+_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "initial_lr"})
+_SCHEDULER_KEYS = frozenset({"base_lrs", "last_epoch", "_last_lr", "lr_lambdas"})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(exc: BaseException) -> str:
+    """The exception's type and first line (not torch's advice to load an untrusted file with pickle)."""
+    lines = str(exc).strip().splitlines()
+    text = "" if isinstance(exc, pickle.UnpicklingError) or not lines else lines[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _decoded(text, what: str):
+    """(value, problem) of a JSON field of the trainer state."""
+    if not isinstance(text, str):
+        return None, f"has a {what} that is a {type(text).__name__}, not JSON text"
+    try:
+        return json.loads(text), None
+    except ValueError:
+        return None, f"has a {what} that is not valid JSON"
+
+
+def _history_problem(text) -> str | None:
+    history, problem = _decoded(text, "history")
+    if problem:
+        return problem
+    if not isinstance(history, dict):
+        return "has a history that is not a mapping"
+    for key in ("train", "val", "resumed_at_steps"):
+        if not isinstance(history.get(key), list):
+            return f"has a history without its {key!r} list"
+    for key in ("seconds", "validation_seconds"):
+        if not _is_number(history.get(key)):
+            return f"has a history without its {key!r} number"
+    for key in ("train", "val"):
+        if not all(isinstance(r, dict) and _is_int(r.get("step")) and _is_number(r.get("loss")) for r in history[key]):
+            return f"has a history whose {key!r} records lack a step or a finite loss"
+    if not all(_is_int(s) for s in history["resumed_at_steps"]):
+        return "has a history whose 'resumed_at_steps' are not integers"
+    return None
+
+
+def _best_problem(text) -> str | None:
+    best, problem = _decoded(text, "best validation")
+    if problem:
+        return problem
+    if best is not None and not (isinstance(best, dict) and _is_int(best.get("step")) and _is_number(best.get("loss"))):
+        return "has a best validation without a step and a finite loss"
+    return None
+
+
+def _kind_problem(reference, value, where: str, required: frozenset | None = None) -> str | None:
+    """Where `value` (read from a file) differs in structure or type from `reference` (what this run's
+    own object produces): same keys (of a top-level mapping, only `required` ones must be there, when
+    given), same lengths, numbers for numbers, finite; None when it fits."""
+    if isinstance(reference, dict):
+        if not isinstance(value, dict):
+            return f"{where} is a {type(value).__name__}, not a mapping"
+        must = set(reference) if required is None else set(reference) & required
+        odd = sorted(map(str, (must - set(value)) | (set(value) - set(reference))))
+        if odd:
+            return f"{where} has other entries ({', '.join(odd[:4])})"
+        for key in (k for k in reference if k in value):
+            problem = _kind_problem(reference[key], value[key], f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(reference):
+            return f"{where} is not a sequence of {len(reference)}"
+        for i, (r, v) in enumerate(zip(reference, value)):
+            problem = _kind_problem(r, v, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(reference, bool) or reference is None:  # flags, some of them optional (foreach, fused)
+        fits = value is None or isinstance(value, bool)
+    elif isinstance(reference, (int, float)):
+        fits = _is_number(value) or (not math.isfinite(reference) and value == reference)
+    elif isinstance(reference, str):
+        fits = isinstance(value, str)
+    elif isinstance(reference, torch.Tensor):
+        fits = (isinstance(value, torch.Tensor) and value.shape == reference.shape and value.dtype == reference.dtype
+                and (not value.is_floating_point() or bool(torch.isfinite(value).all())))
+    else:
+        fits = type(value) is type(reference)
+    return None if fits else f"{where} is {_describe(value)} where a {type(reference).__name__} belongs"
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}" if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 def settings_dict(settings: LoopSettings) -> dict:
