@@ -269,9 +269,11 @@ def test_disk_full_is_one_line_and_leaves_nothing(world, capsys, monkeypatch, co
     (["--scheduler", "reduce_lr_on_plateau"], "invalid choice"),
     (["--max-hours", "0"], "greater than 0"),
 ])
-def test_recovery_budgets_are_checked_before_training(world, capsys, monkeypatch, extra, message):
+def test_recovery_budgets_are_checked_before_any_weights_load(world, capsys, monkeypatch, extra, message):
+    import secateurs.loading
     from secateurs.recovery import trainer
 
+    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(trainer.RecoveryLoop, "run", lambda *a, **k: pytest.fail("training started"))
     before = tree(world)
     refused(recover_args(world, world / "student", world / "rec", *extra), capsys, message)
@@ -303,3 +305,15 @@ def test_prune_plan_refuses_options_it_would_ignore(world, capsys):
         refused(["prune", str(STORIES), "--plan", str(plan), *extra, "--out", str(world / "p")], capsys, extra[0])
     assert tree(world) == before
     assert main(["prune", str(STORIES), "--plan", str(plan), "--out", str(world / "p")]) == 0
+
+
+def test_prune_recover_budget_is_checked_before_the_model_loads(world, capsys, monkeypatch):
+    import secateurs.loading
+
+    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    before = tree(world)
+    refused(["prune", str(STORIES), *PRUNE, "--recover", "--data", str(TINYSTORIES_TEXT), "--tokens", str(10**13),
+             "--out", str(world / "p")], capsys, "--max-hours")
+    refused(["prune", str(STORIES), *PRUNE, "--recover", "--data", str(TINYSTORIES_TEXT), "--grad-accum", "1000000",
+             "--out", str(world / "p")], capsys, "more than the budget")
+    assert tree(world) == before

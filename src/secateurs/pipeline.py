@@ -127,13 +127,32 @@ def preflight(job: PruneJob, kind: str = "model") -> None:
         check_output_file(job.statistics, job.inputs, suffixes=(".safetensors",), what="--stats file")
     if job.recovery is not None:
         _check_recovery_data(job.recovery)
+        _check_recovery_resources(job)
+
+
+def _check_recovery_resources(job: PruneJob) -> None:
+    """The recovery's time and memory estimate before the model loads (a local folder's config: the
+    dense skeleton stands for both teacher and student, an upper bound for the pruned student)."""
+    from secateurs.checkpoint import load_skeleton
+    from secateurs.loading import resolve_source
+    from secateurs.recovery.api import check_resources
+
+    try:
+        kind, path = resolve_source(job.source)
+        skeleton = load_skeleton(path, load_outside_layers=False)[0] if kind == "dir" else None
+    except Exception:  # noqa: BLE001 - no skeleton: recover() checks on the loaded models
+        return
+    if skeleton is not None:
+        check_resources(skeleton, skeleton, job.device, **job.recovery)
 
 
 def _check_recovery_data(recovery: dict) -> None:
     """The recovery data file (UTF-8, every record usable, not the evaluation text), checked before
     pruning: otherwise a bad file is found only once the model is pruned."""
+    from secateurs.recovery.api import check_options
     from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
 
+    check_options(True, **recovery)  # the dense model is the teacher
     data = recovery.get("data", "self")
     check_recovery_source(data)
     refuse_evaluation_overlap(data, recovery.get("evaluation_files"))
@@ -142,9 +161,8 @@ def _check_recovery_data(recovery: dict) -> None:
 def prune_in_memory(job: PruneJob, model, tokenizer, scores_out: dict | None = None):
     """Prune `model` in place: (model, plan, stats before, stats after, seconds)."""
     from secateurs.accounting import model_stats
-    from secateurs.methods import prune
-
     from secateurs.identity import model_identity
+    from secateurs.methods import prune
 
     before = model_stats(model)
     base_identity = model_identity(model)  # `recover` warns when given another teacher than this dense model

@@ -86,6 +86,76 @@ def _resolve(preset: str | None, **given) -> dict:
     return values
 
 
+def check_options(has_teacher: bool, **options) -> None:
+    """The checks of recover()'s keyword `options` that need no model, so that a command refuses bad
+    settings before any weights load (recover() runs them again, with the model's context length)."""
+    o = _with_defaults(options)
+    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
+                 lora_dropout=o["lora_dropout"])
+    objective = o["objective"] or ("kd" if has_teacher else "ce")
+    _check_settings(o["tokens"], objective, o["kd_ratio"], o["temperature"], v["method"], v["lr"], o["seq_len"],
+                    o["batch_size"], o["grad_accum"], o["val_tokens"], o["chunk_rows"], has_teacher, None,
+                    o["warmup_ratio"], o["weight_decay"], _lora_settings(v), o["data_offset"])
+    _check_loop(o["tokens"], o["seq_len"], o["batch_size"], o["grad_accum"], o["scheduler"], o["max_grad_norm"],
+                o["max_hours"], o["save_every"], v["lr"])
+    if o["hidden_weight"] and (o["hidden_weight"] < 0 or objective != "kd"):
+        raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
+
+
+def _with_defaults(options: dict) -> dict:
+    """recover()'s keywords: `options` over the signature's defaults (unknown names refused)."""
+    import inspect
+
+    params = inspect.signature(recover).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise SecateursError(f"unknown recovery option(s) {', '.join(unknown)}")
+    values = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    values.update(options)
+    return values
+
+
+def check_resources(student, teacher, device, **options) -> None:
+    """Refuse, before the weights load, a run of recover(student, teacher, **options) estimated past
+    max_hours or the free memory of `device`: the models may be meta skeletons built from their
+    configs (secateurs.checkpoint.load_skeleton), only their shapes are read."""
+    o = _with_defaults(options)
+    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
+                 lora_dropout=o["lora_dropout"])
+    objective = o["objective"] or ("kd" if teacher is not None else "ce")
+    _check_resources(student, teacher if objective != "ce" else None, _lora_settings(v), tokens=o["tokens"],
+                     seq_len=o["seq_len"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+                     val_tokens=o["val_tokens"], eval_every=o["eval_every"], chunk_rows=o["chunk_rows"],
+                     self_tokens=_self_tokens(o["data"], teacher, o["self_samples"], o["seq_len"], o["tokens"],
+                                              o["val_tokens"]),
+                     gradient_checkpointing=o["gradient_checkpointing"], max_hours=o["max_hours"], progress=False,
+                     device=torch.device(device))
+
+
+def _self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens) -> int:
+    """Tokens the teacher generates for data 'self' (0 for any other data)."""
+    if data != "self" or teacher is None:
+        return 0
+    return self_samples * seq_len if self_samples else tokens + val_tokens
+
+
+def _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every,
+                lr) -> None:
+    check_scheduler(scheduler, lr)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+                                          and max_grad_norm > 0):
+        raise SecateursError(f"max_grad_norm (gradient clipping) must be a positive number, or None (0 on the command "
+                             f"line) for no clipping; got {max_grad_norm!r}")
+    if not (isinstance(max_hours, (int, float)) and math.isfinite(max_hours) and max_hours > 0):
+        raise SecateursError(f"max_hours must be a positive number, got {max_hours!r}")
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        raise SecateursError(f"save_every must be >= 1 step, got {save_every!r}")
+    if batch_size * seq_len * grad_accum > tokens:
+        raise SecateursError(f"one optimiser step takes batch_size x seq_len x grad_accum = {batch_size} x {seq_len} x "
+                             f"{grad_accum} = {batch_size * seq_len * grad_accum:,} tokens, more than the budget of "
+                             f"{tokens:,}: lower --train-batch-size or --grad-accum, or raise --tokens")
+
+
 def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
                     val_tokens, chunk_rows, has_teacher, student, warmup_ratio, weight_decay, lora,
                     data_offset=0) -> None:
@@ -113,7 +183,7 @@ def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_le
         raise SecateursError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0 (got {warmup_ratio}, {weight_decay})")
     if lora is not None and (lora["r"] < 1 or lora["alpha"] <= 0 or not 0 <= lora["dropout"] < 1):
         raise SecateursError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got {lora})")
-    context = getattr(student.config, "max_position_embeddings", None)
+    context = getattr(student.config, "max_position_embeddings", None) if student is not None else None
     if context is not None and seq_len > context:
         raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
 
@@ -184,17 +254,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
                     val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
                     data_offset)
-    check_scheduler(scheduler)
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
-                                          and max_grad_norm > 0):
-        raise SecateursError(f"max_grad_norm (gradient clipping) must be a positive number, or None (0 on the command "
-                             f"line) for no clipping; got {max_grad_norm!r}")
-    if not (isinstance(max_hours, (int, float)) and max_hours > 0):
-        raise SecateursError(f"max_hours must be a positive number, got {max_hours!r}")
-    if batch_size * seq_len * grad_accum > tokens:
-        raise SecateursError(f"one optimiser step takes batch_size x seq_len x grad_accum = {batch_size} x {seq_len} x "
-                             f"{grad_accum} = {batch_size * seq_len * grad_accum:,} tokens, more than the budget of "
-                             f"{tokens:,}: lower --train-batch-size or --grad-accum, or raise --tokens")
+    _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every, v["lr"])
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
     _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight, teacher_any)
@@ -203,8 +263,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     teacher_for_loss = None if objective == "ce" else teacher.eval()
     _check_resources(student, teacher_for_loss, lora, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                      grad_accum=grad_accum, val_tokens=val_tokens, eval_every=eval_every, chunk_rows=chunk_rows,
-                     self_tokens=(self_samples * seq_len if self_samples else tokens + val_tokens)
-                     if data == "self" and teacher is not None else 0,
+                     self_tokens=_self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens),
                      gradient_checkpointing=gradient_checkpointing, max_hours=max_hours, progress=progress)
     recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
                                        seed=seed, teacher=teacher, evaluation_files=evaluation_files,
@@ -274,8 +333,6 @@ def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | 
     Resume needs a secateurs checkpoint there and continues its identity; a fresh run that saves
     checkpoints needs a new folder (or force over a secateurs checkpoint folder). A run that writes
     no checkpoint never looks at, writes or removes any folder."""
-    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
-        raise SecateursError(f"save_every must be >= 1 step, got {save_every!r}")
     if not (save_every or resume):
         return None, False, {}
     default = checkpoint_dir is None
@@ -287,11 +344,15 @@ def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | 
     if out_path is not None:  # neither may hold the other: the output is swapped in whole
         refuse_overlap(Path(checkpoint_dir).expanduser().resolve(), [out_path], what, existing_only=False)
     if resume:
+        given = Path(checkpoint_dir).expanduser()
+        record = marker_record(given) if given.is_dir() and not given.is_symlink() else None
+        if record is None or record.get("kind") != CHECKPOINT_KIND:
+            raise RecoveryError(f"--resume: no checkpoint in {given} (no secateurs recovery checkpoint marker there); "
+                                "run without --resume (and with --save-every)")
+        if not (given / STATE_FILE).is_file():
+            raise RecoveryError(f"--resume: the checkpoint in {given} is damaged: {STATE_FILE} is missing. Remove "
+                                f"{given} and run without --resume (training starts afresh)")
         folder = check_output_dir(checkpoint_dir, True, inputs, what=what, kind=CHECKPOINT_KIND)
-        record = marker_record(folder) if folder.is_dir() else None
-        if record is None or record.get("kind") != CHECKPOINT_KIND or not (folder / STATE_FILE).is_file():
-            raise RecoveryError(f"resume: no checkpoint in {folder} (no secateurs recovery checkpoint there); run "
-                                "without resume (and with save_every)")
         run = record.get("run") if isinstance(record.get("run"), str) else uuid.uuid4().hex
         return folder, default, {"run": run}
     given = Path(checkpoint_dir).expanduser()
@@ -304,7 +365,7 @@ def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | 
 
 
 def _check_resources(student, teacher, lora, *, tokens, seq_len, batch_size, grad_accum, val_tokens, eval_every,
-                     chunk_rows, self_tokens, gradient_checkpointing, max_hours, progress) -> None:
+                     chunk_rows, self_tokens, gradient_checkpointing, max_hours, progress, device=None) -> None:
     """Estimate the run's time and memory (secateurs.recovery.estimate) and refuse one that cannot
     finish within max_hours or fit in the free memory; the estimate is printed."""
     from secateurs.adapters import get_adapter
@@ -321,8 +382,7 @@ def _check_resources(student, teacher, lora, *, tokens, seq_len, batch_size, gra
         validations=steps // (eval_every or max(1, steps // 10)) + 2, micro_batch_tokens=batch_size * seq_len,
         chunk_rows=chunk_rows, dtype_bytes=next(student.parameters()).element_size(),
         gradient_checkpointing=gradient_checkpointing)
-    device = next(student.parameters()).device
-    est = resources.estimate(work, device)
+    est = resources.estimate(work, device if device is not None else next(student.parameters()).device)
     resources.check(est, max_hours)
     if progress:
         status(f"recovery estimate: {est.describe()} (limit --max-hours {max_hours:g})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from secateurs.progress import phase
-from secateurs.recovery.api import RecoveryResult, recover
+from secateurs.recovery.api import RecoveryResult, check_options, check_resources, recover
 
 
 def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: bool = False, dtype=None,
@@ -31,7 +31,10 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
 
     data = options.get("data", "self")
-    check_output_dir(out, force, [pruned, teacher, data, ppl])  # before loading anything
+    check_options(teacher is not None, **options)  # every setting, before loading anything
+    if device_map is None and student_device_map is None:
+        _check_resources_before_loading(pruned, teacher, device, options)
+    check_output_dir(out, force, [pruned, teacher, data, ppl])
     check_recovery_source(data)  # UTF-8, every record usable: refused now, not after the models load
     evaluated = [EvaluationText(ppl, ppl_tokens)] if ppl else None  # the overlap is measured on what is evaluated
     refuse_evaluation_overlap(data, evaluated)
@@ -51,6 +54,32 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
                      force=force, seed=seed, evaluation_files=evaluated, **options)
     return result, ({"before": before, "after": measure(result.model, "after")} if ppl else None)
+
+
+def _check_resources_before_loading(pruned: str, teacher: str | None, device: str, options: dict) -> None:
+    """The time and memory estimate from the models' configs (meta skeletons, no weights read), for
+    local Hugging Face folders; recover() checks again on the loaded models."""
+    from secateurs.checkpoint import load_skeleton
+    from secateurs.errors import SecateursError
+    from secateurs.loading import resolve_source
+
+    def skeleton(source):
+        try:
+            kind, path = resolve_source(source)
+            return load_skeleton(path, load_outside_layers=False)[0] if kind == "dir" else None
+        except Exception:  # noqa: BLE001 - no skeleton: the check runs once the models are loaded
+            return None
+
+    student = skeleton(pruned)
+    dense = skeleton(teacher) if teacher else None
+    if student is None or (teacher and dense is None):
+        return
+    try:
+        check_resources(student, dense, device, **options)
+    except SecateursError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. a device that is checked when the models load
+        return
 
 
 def _load_student(pruned: str, dtype, device: str, device_map):

@@ -352,7 +352,7 @@ class RecoveryLoop:
         except UnicodeDecodeError:
             raise self._damaged(SETTINGS_FILE, "is not text (overwritten?)") from None
         except OSError as exc:
-            raise self._damaged(SETTINGS_FILE, f"cannot be read ({exc.strerror or exc})") from None
+            raise self._damaged(SETTINGS_FILE, f"cannot be read ({exc.strerror or exc})") from exc
         try:
             saved = json.loads(text)
         except ValueError:
@@ -372,10 +372,10 @@ class RecoveryLoop:
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except OSError as exc:
-            raise self._damaged(STATE_FILE, f"cannot be read ({exc.strerror or exc})") from None
+            raise self._damaged(STATE_FILE, f"cannot be read ({exc.strerror or exc})") from exc
         except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever the reader raises means damaged
             raise self._damaged(STATE_FILE, f"is not a trainer state secateurs wrote (truncated or overwritten: "
-                                            f"{_short(exc)})") from None
+                                            f"{_short(exc)})") from exc
         if not isinstance(state, dict):
             raise self._damaged(STATE_FILE, f"holds a {type(state).__name__}, not a trainer state")
         missing = sorted(_STATE_KEYS - set(state))
@@ -463,10 +463,10 @@ class RecoveryLoop:
         try:
             weights = load_file(path)
         except OSError as exc:
-            raise self._damaged(name, f"cannot be read ({exc.strerror or exc})") from None
+            raise self._damaged(name, f"cannot be read ({exc.strerror or exc})") from exc
         except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever the reader raises means damaged
             raise self._damaged(name, f"is not a safetensors file secateurs wrote (truncated or overwritten: "
-                                      f"{_short(exc)})") from None
+                                      f"{_short(exc)})") from exc
         missing, extra = sorted(set(self.params) - set(weights)), sorted(set(weights) - set(self.params))
         if missing or extra:
             some = ", ".join([*(f"{n} missing" for n in missing[:2]), *(f"{n} unexpected" for n in extra[:2])])
