@@ -317,3 +317,17 @@ def test_prune_recover_budget_is_checked_before_the_model_loads(world, capsys, m
     refused(["prune", str(STORIES), *PRUNE, "--recover", "--data", str(TINYSTORIES_TEXT), "--grad-accum", "1000000",
              "--out", str(world / "p")], capsys, "more than the budget")
     assert tree(world) == before
+
+
+def test_disk_full_is_recognised_whatever_raised_it(tmp_path):
+    from safetensors import SafetensorError
+
+    output._failed_write(tmp_path / "out", 3 * 2**20)
+    for exc in (OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+                SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                OSError("11008 requested and 5936 written")):  # numpy's tofile, gguf's writer
+        message = output.disk_full_message(exc)
+        assert message.startswith(f"disk full while writing {tmp_path / 'out'} (about 3.0 MiB needed; "), exc
+        assert "MiB free there" in message
+    for exc in (OSError(errno.EACCES, "Permission denied"), ValueError("no space for this idea"), KeyError("x")):
+        assert output.disk_full_message(exc) is None

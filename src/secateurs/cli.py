@@ -418,19 +418,15 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _fault_message(exc: OSError) -> str | None:
+def _fault_message(exc: BaseException) -> str | None:
     """One line for the faults of the machine rather than of secateurs (full disk, no permission)."""
-    from secateurs.output import free_bytes
+    from secateurs.output import disk_full_message
 
-    where = exc.filename or ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = free_bytes(where) if where else None
-        space = f" ({free / 2**20:,.1f} MiB free there)" if free is not None else ""
-        return (f"disk full while writing {where or 'the output'}{space}; nothing was written at the output and "
-                "any previous output is intact: free some space (or choose another --out) and run again")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied writing {where or 'the output'} ({exc.strerror}); nothing was written at the output"
-    return None
+    message = disk_full_message(exc)
+    if message is None and isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message = f"permission denied writing {exc.filename or 'the output'} ({exc.strerror}); nothing was written " \
+                  "at the output"
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print("secateurs: interrupted; nothing was written at the output, the last complete checkpoint (if any) "
               "is kept", file=sys.stderr)
         return 130
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
         message = _fault_message(exc)
         if message is None:
             return _unexpected(exc, debug)
@@ -471,8 +467,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"secateurs: error: {message}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
-        return _unexpected(exc, debug)
     finally:
         from secateurs.output import release_all
 

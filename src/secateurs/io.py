@@ -31,7 +31,9 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
     (secateurs.output): built beside it, swapped in whole; the model's own source and `inputs` are
     never written to; nothing non-finite is saved."""
     sources = [getattr(model.config, "_name_or_path", None), *inputs]
-    with phase(f"saving to {final_path(out_dir)}"), write_folder(out_dir, force, sources, kind="model") as tmp:
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with phase(f"saving to {final_path(out_dir)}"), write_folder(out_dir, force, sources, kind="model",
+                                                                 expected_bytes=size) as tmp:
         check_finite(model.state_dict(), "the pruned model")
         save_model_files(model, tmp)
         if tokenizer is not None:

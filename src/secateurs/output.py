@@ -387,12 +387,46 @@ def _swap_in(tmp: Path, out: Path) -> None:
     _fsync_dir(out.parent)
 
 
+# -- faults while writing: which output, how big, so that a full disk is reported in one line -------
+_LAST_FAILED_WRITE: dict = {}
+_DISK_FULL = re.compile(r"no space left on device|os error 28|storagefull|disk quota exceeded", re.IGNORECASE)
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")  # numpy's tofile on a full disk
+
+
+def _failed_write(target: Path, expected_bytes: int | None) -> None:
+    _LAST_FAILED_WRITE.clear()
+    _LAST_FAILED_WRITE.update(target=target, expected_bytes=expected_bytes)
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """One line for a write that failed because the disk (or quota) is full, whatever raised it (an
+    OSError, safetensors' or numpy's own errors): the output, the bytes it needed where known, the
+    bytes free there. None for any other failure."""
+    text = str(exc)
+    short = _SHORT_WRITE.search(text)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or bool(_DISK_FULL.search(text))
+    if not (full or (short and isinstance(exc, OSError))):
+        return None
+    target = _LAST_FAILED_WRITE.get("target") or (Path(exc.filename) if isinstance(exc, OSError) and
+                                                  exc.filename else None)
+    needed = _LAST_FAILED_WRITE.get("expected_bytes")
+    free = free_bytes(target) if target is not None else None
+    amounts = [f"about {needed / 2**20:,.1f} MiB needed" if needed else None,
+               f"{free / 2**20:,.1f} MiB free there" if free is not None else None]
+    detail = "; ".join(a for a in amounts if a)
+    return (f"disk full while writing {target or 'the output'}" + (f" ({detail})" if detail else "") +
+            "; nothing was written at the output and any previous output is intact: free some space (or choose "
+            "another path) and run again")
+
+
 @contextmanager
 def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterable = (), kind: str = "model",
-                 what: str = "output folder", marker: Mapping | None = None) -> Iterator[Path]:
+                 what: str = "output folder", marker: Mapping | None = None,
+                 expected_bytes: int | None = None) -> Iterator[Path]:
     """`with write_folder(out) as tmp:` write into tmp; on success it replaces `out` whole (see the
     module docstring); on any failure tmp is removed and `out` is left as it was. The folder's
-    marker records `kind` and the entries of `marker` (a checkpoint's run identity)."""
+    marker records `kind` and the entries of `marker` (a checkpoint's run identity);
+    `expected_bytes` (its size, where the writer knows it) goes into a disk-full message."""
     out = check_output_dir(out_dir, force, inputs, what, kind=kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
@@ -406,6 +440,7 @@ def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterab
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _failed_write(out, expected_bytes)
         raise
     release(out)
 
@@ -431,7 +466,7 @@ def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 @contextmanager
-def writing_file(path: str | os.PathLike) -> Iterator[Path]:
+def writing_file(path: str | os.PathLike, expected_bytes: int | None = None) -> Iterator[Path]:
     """`with writing_file(p) as tmp:` for writers that need a path (safetensors, matplotlib)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,4 +480,5 @@ def writing_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
+        _failed_write(path, expected_bytes)  # an enclosing write_folder names its folder instead
         raise

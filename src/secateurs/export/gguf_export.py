@@ -189,7 +189,9 @@ def _interleave_rope_pairs(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, target: Path) -> None:
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    with writing_file(target) as tmp:
+    per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[outtype]  # q8_0: 32 weights in 34 bytes
+    size = int(sum(p.numel() for p in model.parameters()) * per_weight)
+    with writing_file(target, expected_bytes=size) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_string(WRITER_KEY, f"secateurs {__version__}")
         _add_metadata(writer, model, RULES[arch], layers, outtype)
