@@ -29,8 +29,9 @@ too, and the runner puts back the working directory (also when the case deleted 
 handlers, torch's thread count and every monkeypatch, whatever the tested code did.
 
 Faults are simulated in-process: "disk full" turns every write under the case root (or under the
-part named) into ENOSPC: open() for writing yields a file on /dev/full, and safetensors' save_file
-and torch.save write a few bytes and raise OSError(ENOSPC) (what a full disk does to them).
+part named) into ENOSPC: open() for writing yields a file on /dev/full, safetensors' save_file writes
+a few bytes and raises SafetensorError("... No space left on device (os error 28)") and torch.save
+writes a few bytes and raises OSError(ENOSPC) (what a full disk does to each of them).
 SIGTERM is sent by the process to itself after a given recovery step, or while a checkpoint file is
 being written.
 
@@ -51,6 +52,10 @@ the machine down.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no case waits on the network: names that are not on disk fail fast
 
 import argparse
 import contextlib
@@ -118,7 +123,11 @@ VALID_VALUES = {
        for c in ("eval", "sweep")},
     **{(c, "--text-field", v): "any string names a .jsonl field (a .txt text has none to read)"
        for c in ("eval", "sweep") for v in ("0", "-1", BIG, "nan", "inf")},
-    **{("tasks", "--prefix", v): "any non-empty string is a task name prefix" for v in ("0", BIG, "nan", "inf")},
+    **{("tasks", "--prefix", v): "letters, digits, '_' and '.' make a task name prefix" for v in ("0", BIG, "nan", "inf")},
+    **{(c, "--out", v): "a folder may be named so (a new folder, created by the run)"
+       for c in ("recover", "report", "sweep", "tasks") for v in ("0", "-1", BIG, "nan", "inf")},
+    ("recover", "--max-hours", BIG): "documented: the limit on the estimated time; a large one means no limit",
+    ("recover", "--max-grad-norm", BIG): "a clipping norm no gradient reaches: clipping never acts, as with 0",
 }
 
 
@@ -323,7 +332,8 @@ def _enospc(path) -> OSError:
 def disk_full(affected, fired: dict):
     """Every write to a path for which affected(absolute path) holds fails as on a full disk:
     open() for writing creates the file and hands back one on /dev/full (whose writes fail with
-    ENOSPC), safetensors' save_file and torch.save write a few bytes and raise ENOSPC."""
+    ENOSPC), safetensors' save_file writes a few bytes and raises its SafetensorError (as its writer does
+    on a full disk), torch.save writes a few bytes and raises ENOSPC."""
     import safetensors.torch
     import torch
 
@@ -344,9 +354,12 @@ def disk_full(affected, fired: dict):
 
     def fake_save_file(tensors, filename, *args, **kwargs):
         if hit(filename):
+            from safetensors import SafetensorError
+
             with _REAL_OPEN(filename, "wb") as handle:
                 handle.write(b"\x08\x00\x00\x00partial")  # what a full disk leaves
-            raise _enospc(filename)
+            # safetensors' own error, worded as its Rust writer words a full disk
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save_file(tensors, filename, *args, **kwargs)
 
     def fake_torch_save(obj, f, *args, **kwargs):
@@ -1028,17 +1041,21 @@ def _limit_memory(gib: float) -> None:
 
 
 def main() -> int:
+    global LIMIT_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results here (.json, and .md beside it)")
     parser.add_argument("--label", default="", help="name of the version measured (e.g. a commit)")
     parser.add_argument("--only", action="append", metavar="PATTERN",
                         help="run only the cases whose 'class: name' contains PATTERN (case-insensitive; repeatable)")
+    parser.add_argument("--limit-s", type=int, default=LIMIT_S,
+                        help=f"seconds a case may run before it counts as accepted (default: {LIMIT_S})")
     parser.add_argument("--classes", action="store_true", help="list the classes with their case counts, run nothing")
     parser.add_argument("--list", action="store_true", help="list the cases (class, name), run nothing")
     parser.add_argument("--memory-limit-gb", type=float, default=8.0,
                         help="cap the probe's memory (RLIMIT_DATA), so a case allocating without bound fails instead "
                              "of taking the machine down (default: 8; 0: no cap)")
     args = parser.parse_args()
+    LIMIT_S = args.limit_s
 
     with tempfile.TemporaryDirectory(prefix="hostile-") as scratch_name:
         scratch = Path(scratch_name)

@@ -84,6 +84,54 @@ def at_least(minimum: int):
     return parse
 
 
+def int_in(minimum: int, maximum: int, why: str = ""):
+    """A whole number in [minimum, maximum]; `why` says where the upper bound comes from."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{minimum}, {maximum:,}]" + (f" ({why})" if why else ""))
+        return value
+
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
+    return parse
+
+
+def float_in(low: float, high: float, why: str = "", low_open: bool = False, high_open: bool = False):
+    """A finite number between low and high (each end closed unless *_open)."""
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}" + (f" ({why})" if why else ""))
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def thread_count(text: str) -> int:
+    """Torch CPU threads: 1 up to the cores this process may run on (more only wait for each other)."""
+    import os
+
+    value = positive_int(text)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"{text} threads, but this process may run on {cores} core(s); more threads "
+                                         "than cores only wait for each other")
+    return value
+
+
+def task_prefix(text: str) -> str:
+    """An lm-eval task name prefix: letters, digits, '_' and '.' (a name starting with '-' would read
+    as an option on lm-eval's command line)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a task name prefix holds letters, digits, '_' and '.' (and does "
+                                         "not start with '.')")
+    return text
+
+
 def finite_list(text: str) -> list[float]:
     """Comma-separated finite numbers (e.g. HARP's alpha grid)."""
     items = [t.strip() for t in text.split(",")]

@@ -443,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
+            if getattr(args, "offload_folder", None) and not (getattr(args, "device_map", None)
+                                                              or getattr(args, "student_device_map", None)):
+                raise SecateursError("--offload-folder is where --device-map puts the weights it offloads to 'disk'; "
+                                     "it applies with --device-map")
             if args.command not in LIGHT_COMMANDS:
                 progress.heavy_imports()
             return COMMANDS[args.command](args)

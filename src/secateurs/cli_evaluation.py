@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from secateurs.arguments import nonempty, nonnegative_int, positive_int
+from secateurs.arguments import float_in, int_in, nonempty, positive_int, task_prefix
 from secateurs.errors import SecateursError
 from secateurs.output import result_marker, write_file
 from secateurs.names import STANDARD_TASKS
@@ -23,12 +23,26 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
     add_model_args(p)
-    p.add_argument("--baseline", type=nonempty, help="dense model measured in the same run (ratios are model / baseline)")
+    p.add_argument("--baseline", type=nonempty,
+                   help="dense model measured in the same run, in alternating rounds with MODEL (ratios are model / "
+                        "baseline, from the paired rounds)")
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default: 1,8)")
     p.add_argument("--prompt-lengths", default="128,512", help="comma list of prompt tokens (default: 128,512)")
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="measured repeats; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=nonnegative_int, default=1, help="unmeasured warm-up rounds (default: 1)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=5,
+                   help="minimum measured rounds per shape; each round measures the baseline, then MODEL, and "
+                        "more rounds follow until --max-spread or --time-limit is met; medians are reported "
+                        "(default: 5; at most 1,000)")
+    p.add_argument("--warmup", type=int_in(0, 100), default=1,
+                   help="unmeasured warm-up rounds per shape (default: 1; at most 100)")
+    p.add_argument("--max-spread", type=float_in(0, 0.25, "a ratio more spread than 25% is never reported",
+                                                 low_open=True), default=0.10,
+                   help="stop once the per-round MODEL / baseline ratios' spread (interquartile range / median) is "
+                        "at most this; a ratio still more spread when --time-limit passes is reported as not "
+                        "measured reliably (default: 0.10; at most 0.25)")
+    p.add_argument("--time-limit", type=float_in(0, 86400, "a day", low_open=True), default=60.0,
+                   help="seconds of measured rounds per batch/prompt shape before a still-spread ratio is given up "
+                        "as not measured reliably (default: 60; at most 86,400)")
     add_out_arg(p, help="write the results to this .json file (the Markdown table goes to stdout)")
     _add_force(p, "an existing --out file, only if it is a secateurs bench result")
 
@@ -54,7 +68,8 @@ def add_parsers(sub) -> None:
                                      "e.g. accelerate launch -m lm_eval --include_path OUT)")
     p.add_argument("--data-dir", required=True, type=nonempty, help="folder with NAME.jsonl task files")
     p.add_argument("--tasks", default=",".join(STANDARD_TASKS), type=nonempty, help="comma list (default: the five standard tasks)")
-    p.add_argument("--prefix", default="secateurs_", type=nonempty, help="task name prefix (default: secateurs_)")
+    p.add_argument("--prefix", default="secateurs_", type=task_prefix,
+                   help="task name prefix: letters, digits, '_' and '.' (default: secateurs_)")
     add_out_arg(p, required=True, help="folder for the YAML files")
     _add_force(p, "an existing output folder, only if it holds secateurs task files")
 
@@ -88,8 +103,15 @@ def _spec(args):
     from secateurs.evaluation.zero_shot import parse_tasks
 
     text, text_info = (None, None)
+    if args.data_dir and not args.tasks:
+        raise SecateursError("--data-dir holds the task files of --tasks; it applies with --tasks")
+    if args.text_field and not (args.ppl and str(args.ppl).endswith(".jsonl")):
+        raise SecateursError("--text-field names the field of .jsonl records holding the text; it applies with a "
+                             "--ppl .jsonl file")
+    if args.max_docs and not (args.ppl and str(args.ppl).endswith(".jsonl")):
+        raise SecateursError("--max-docs counts the documents of a --ppl .jsonl file; it applies with one")
     if args.ppl:
-        text, text_info = load_text(args.ppl, field=args.text_field, max_docs=args.max_docs)
+        text, text_info = load_text(args.ppl, field=args.text_field or "text", max_docs=args.max_docs)
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     spec = EvalSpec(text=text, protocols=parse_list(args.protocol, str, "protocols"), batch_size=args.batch_size,
@@ -152,7 +174,8 @@ def cmd_bench(args) -> int:
     out = _check_out(args, sources, kind="bench")
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "batch sizes")),
                          prompt_lengths=tuple(parse_list(args.prompt_lengths, int, "prompt lengths")),
-                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
+                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
+                         max_spread=args.max_spread, time_limit=args.time_limit)
     config.validate()
     taken: set[str] = set()
     models, paths = {}, {}
@@ -191,6 +214,7 @@ def cmd_sweep(args) -> int:
     methods = parse_list(args.methods, str, "methods")
     ratios = parse_list(args.ratios, float, "ratios")
     check_methods_ratios(methods, ratios)
+    _refuse_unused_calibration(args, methods)
     if args.device_map is None:
         check_device(args.device)
     inputs = [args.model, args.ppl, args.calib, args.data_dir]
@@ -198,7 +222,10 @@ def cmd_sweep(args) -> int:
                      kind="sweep")
     spec, text_info = _spec(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
+    from secateurs.calibration import check_calibration_length
     from secateurs.cli import _calibration_options
+
+    check_calibration_length(model.config, args.calib_length)  # not point by point, after minutes of work
 
     options = {"seed": args.seed or 0, "calibration_options": _calibration_options(args)}
     if args.calib:
@@ -210,6 +237,17 @@ def cmd_sweep(args) -> int:
     for kind, path in summary["files"].items():
         print(f"{kind}: {path}")
     return 0
+
+
+def _refuse_unused_calibration(args, methods: list[str]) -> None:
+    """Calibration options for a sweep whose methods never calibrate would be ignored: refused."""
+    from secateurs.methods.registry import get_method
+
+    given = [flag for flag, value in (("--calib", args.calib), ("--calib-samples", args.calib_samples),
+                                      ("--calib-length", args.calib_length)) if value is not None]
+    if given and not any(get_method(m).needs.calibration for m in methods):
+        raise SecateursError(f"{', '.join(given)} set the calibration data, and none of {', '.join(methods)} "
+                             "calibrates: drop them, or add a method that scores on data (amp, wanda-sp, flap, ...)")
 
 
 COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "tasks": cmd_tasks}

