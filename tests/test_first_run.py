@@ -25,8 +25,10 @@ def test_help_imports_no_heavy_library():
     assert "usage: secateurs demo" in run.stdout
 
 
-def test_phase_prints_elapsed_time_and_quiet_silences(capsys):
+def test_phase_prints_elapsed_time_and_quiet_silences(capsys, monkeypatch):
     import threading
+
+    monkeypatch.setenv("SECATEURS_PROGRESS", "bars")  # redraws counted below, as on a terminal
 
     progress.set_quiet(False)
     try:

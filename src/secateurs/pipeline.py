@@ -126,8 +126,13 @@ def preflight(job: PruneJob, kind: str = "model") -> None:
     if job.statistics and not Path(job.statistics).expanduser().exists():  # an existing one is read, not written
         check_output_file(job.statistics, job.inputs, suffixes=(".safetensors",), what="--stats file")
     if job.recovery is not None:
+        from secateurs.recovery.api import checkpoint_folder
+
         _check_recovery_data(job.recovery)
         _check_recovery_resources(job)
+        r = job.recovery
+        checkpoint_folder(r.get("checkpoint_dir"), Path(job.out).expanduser().resolve(), r.get("save_every"),
+                          r.get("resume", False), job.inputs, job.force)
 
 
 def _check_recovery_resources(job: PruneJob) -> None:

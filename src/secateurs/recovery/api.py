@@ -284,7 +284,7 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
     _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight, teacher_any)
-    checkpoint_dir, default_checkpoints, identity = _checkpoint_folder(checkpoint_dir, out_path, save_every, resume,
+    checkpoint_dir, default_checkpoints, identity = checkpoint_folder(checkpoint_dir, out_path, save_every, resume,
                                                                        inputs, force)
     teacher_for_loss = None if objective == "ce" else teacher.eval()
     _check_resources(student, teacher_for_loss, lora, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
@@ -352,7 +352,7 @@ def _not_the_parent(teacher, plan: PruningPlan | None) -> str | None:
     return None
 
 
-def _checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | None, resume: bool,
+def checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | None, resume: bool,
                        inputs: list, force: bool) -> tuple[Path | None, bool, dict]:
     """(checkpoint folder or None when this run writes none, whether it is the default
     OUT.checkpoints, the run identity its checkpoints carry), checked and claimed before any work.

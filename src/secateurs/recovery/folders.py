@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from secateurs.progress import phase
-from secateurs.recovery.api import RecoveryResult, check_options, check_resources, recover
+from secateurs.recovery.api import RecoveryResult, check_options, check_resources, checkpoint_folder, recover
 
 
 def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: bool = False, dtype=None,
@@ -34,7 +34,9 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     check_options(teacher is not None, **options)  # every setting, before loading anything
     if device_map is None and student_device_map is None:
         _check_resources_before_loading(pruned, teacher, device, options)
-    check_output_dir(out, force, [pruned, teacher, data, ppl])
+    out_path = check_output_dir(out, force, [pruned, teacher, data, ppl])
+    checkpoint_folder(options.get("checkpoint_dir"), out_path, options.get("save_every"), options.get("resume", False),
+                      [pruned, teacher, data, ppl], force)  # refused now, not after the models load
     check_recovery_source(data)  # UTF-8, every record usable: refused now, not after the models load
     evaluated = [EvaluationText(ppl, ppl_tokens)] if ppl else None  # the overlap is measured on what is evaluated
     refuse_evaluation_overlap(data, evaluated)
