@@ -108,7 +108,9 @@ def pytest_configure(config):
     oversubscribe the machine and the suite runs slower than in one process."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)  # secateurs.threads reads a process's share from it
+        torch.set_num_threads(share)
 
 
 @pytest.fixture(autouse=True, scope="session")

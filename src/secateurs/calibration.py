@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from secateurs import threads
 from secateurs.errors import SecateursError
 from secateurs.jsonl import iter_jsonl, read_text_file
 from secateurs.offload import input_device
@@ -139,7 +140,7 @@ def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: i
     banned = [int(t) for t in _token_ids(getattr(tokenizer, "eos_token_id", None)) if 0 <= int(t) < vocab]
     samples = []
     with phase(f"calibration: sampling {num_samples} x {max_length} tokens from the model ('self')"), \
-            torch.random.fork_rng(devices=[]):
+            torch.random.fork_rng(devices=[]), threads.working("decode"):
         torch.manual_seed(seed)
         steps = bar(total=-(-num_samples // SELF_BATCH) * (max_length - 1), desc="sampling", unit="step")
         for offset in range(0, num_samples, SELF_BATCH):

@@ -17,7 +17,7 @@ import signal
 import sys
 import traceback
 
-from secateurs import progress
+from secateurs import progress, threads
 from secateurs.arguments import (CommandLineError, Parser, fraction, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
@@ -439,16 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_unwinds():
             args = build_parser().parse_args(argv)
             progress.set_quiet(args.quiet)
-            if getattr(args, "threads", None):
-                import torch
-
-                torch.set_num_threads(args.threads)
+            threads.set_override(getattr(args, "threads", None))
             if getattr(args, "offload_folder", None) and not (getattr(args, "device_map", None)
                                                               or getattr(args, "student_device_map", None)):
                 raise SecateursError("--offload-folder is where --device-map puts the weights it offloads to 'disk'; "
                                      "it applies with --device-map")
             if args.command not in LIGHT_COMMANDS:
                 progress.heavy_imports()
+                threads.apply_default()
             return COMMANDS[args.command](args)
     except (CommandLineError, SecateursError) as exc:
         if debug:

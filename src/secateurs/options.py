@@ -43,7 +43,8 @@ def add_runtime_args(p: argparse.ArgumentParser, device_map: bool = True) -> Non
                    help="weights dtype; auto keeps the checkpoint's (GGUF: float32) (default: auto)")
     p.add_argument("--device", default="cpu", type=nonempty, help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
     p.add_argument("--threads", type=thread_count,
-                   help="torch CPU threads (default: torch's choice, one per core; fewer on a shared machine)")
+                   help="torch CPU threads for every kind of work (default: 1 for token-by-token decoding, one per "
+                        "core of this process for batched forwards and training: secateurs.threads)")
     if device_map:
         p.add_argument("--device-map", help="spread the model with accelerate: auto | balanced | sequential | "
                                             "JSON {module: device} (devices: cuda:N, cpu, disk); overrides --device")

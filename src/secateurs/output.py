@@ -433,7 +433,10 @@ def write_folder(out_dir: str | os.PathLike, force: bool = False, inputs: Iterab
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        record = {**(marker or {}), "writer": "secateurs", "version": __version__, "kind": kind}
+        from secateurs import threads
+
+        record = {**(marker or {}), "writer": "secateurs", "version": __version__, "kind": kind,
+                  "threads": threads.describe()}  # the torch threads of each kind of work that made it
         (tmp / MARKER).write_text(json.dumps(record) + "\n")
         _finish_tree(tmp)
         check_output_dir(out, force, inputs, what, kind=kind)  # nothing foreign appeared there meanwhile

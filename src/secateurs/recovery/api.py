@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from secateurs import threads
 from secateurs.adapters.plans import plan_base
 from secateurs.names import MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT, MAX_TEMPERATURE
 from secateurs.version import __version__
@@ -447,7 +448,8 @@ def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
             loop.check_resumable()
         trainable = sum(p.numel() for p in loop.params.values())
         try:
-            history = loop.run(resume=resume)
+            with threads.working("train"):
+                history = loop.run(resume=resume)
         finally:
             if run.gradient_checkpointing:
                 _set_activation_checkpointing(student, False)
@@ -508,6 +510,7 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
         "validation_seconds": round(history["validation_seconds"], 3),
         "training_tokens_per_second": _rate(tokens_trained, history["seconds"] - history["validation_seconds"]),
         "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
+        "threads": threads.describe(),
         "allocator": history.get("allocator"),
     }
 

@@ -1,0 +1,84 @@
+"""Torch CPU threads per kind of work.
+
+Torch runs one thread per core by default, and every parallel region waits for its slowest thread:
+on a machine where another process holds a core, a token-by-token decode loop (small matrices,
+hundreds of short parallel regions per token) waits for a descheduled thread at every step. Measured
+on SmolLM2-135M (benchmarks/results/thread_policy.md): the 'self' sampler's decode loop gains
+little from a second thread on a quiet machine and loses several times over beside one busy process,
+while batched forwards and training steps (large matrices) gain from every core. So:
+
+    decode   token-by-token generation ('self' calibration and recovery data, samples): 1 thread
+    batched  forward passes over batches (statistics, scoring, perplexity, zero-shot): every core
+    train    recovery's training steps: every core
+
+"Every core" is the number of cores this process may run on (its CPU affinity, which container
+limits and `taskset` set), not the machine's, capped by OMP_NUM_THREADS where that is set (the
+convention torch and every OpenMP program follow for a process's share of a shared machine). The policy reads only that, never the machine's
+load, so two runs of the same command on the same machine use the same counts (and the outputs
+of secateurs' kernels are bit-identical across thread counts on the machines measured; the counts
+used are recorded in every output anyway). `--threads N` (set_override) gives every kind N.
+Nothing here imports torch until a count is applied.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+KINDS = ("decode", "batched", "train")
+_state: dict = {"override": None}
+
+
+def cores() -> int:
+    """Cores this process may run on (its affinity), capped by OMP_NUM_THREADS where set."""
+    if hasattr(os, "sched_getaffinity"):
+        available = max(1, len(os.sched_getaffinity(0)))
+    else:
+        available = max(1, os.cpu_count() or 1)
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    return min(available, int(share)) if share.isdigit() and int(share) >= 1 else available
+
+
+def set_override(threads: int | None) -> None:
+    """Every kind of work on `threads` threads (the CLI's --threads); None: the policy."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    _state["override"] = threads
+
+
+def count(kind: str) -> int:
+    """Threads for this kind of work (see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of work {kind!r}; one of {', '.join(KINDS)}")
+    if _state["override"] is not None:
+        return _state["override"]
+    return 1 if kind == "decode" else cores()
+
+
+def apply_default() -> None:
+    """Set torch to the count of batched work, the kind most code runs (at the start of a command)."""
+    import torch
+
+    torch.set_num_threads(count("batched"))
+
+
+@contextmanager
+def working(kind: str) -> Iterator[int]:
+    """`with working("decode"):` torch uses this kind's count inside, the previous count after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    wanted = count(kind)
+    if wanted != previous:
+        torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def describe() -> dict:
+    """What outputs record: the cores, the override, each kind's count."""
+    return {"cores": cores(), "override": _state["override"], **{kind: count(kind) for kind in KINDS}}
