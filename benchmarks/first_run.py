@@ -12,11 +12,20 @@ and after, since on a shared machine every time here is inflated.
 With --with-install, command 1's installs run first in a new venv (as the README gives them; pip
 takes the packages from its cache or the registry) and the demo then runs from that venv, so that
 command 1 is timed whole.
+
+With --busy, the demo and the prune run again beside one busy process (a pure-Python loop, one
+core's worth of work) at each nice level given, each with an empty cache, per phase; with
+--compare-threads each of those also runs with `--threads CORES` (every kind of work on every
+core: torch's default, the policy before secateurs.threads):
+
+    PYTHONPATH=src python benchmarks/first_run.py --busy quiet,10,0 --compare-threads \
+        --out benchmarks/results/first_run_busy
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -89,6 +98,56 @@ def timed(argv: list[str], env: dict, python: str = sys.executable) -> dict:
             "stderr_lines": [line for line in re.split(r"[\r\n]", text) if line.startswith("secateurs:")]}
 
 
+@contextlib.contextmanager
+def beside_busy(nice: int | None):
+    """A pure-Python loop at `nice` (None: nothing) for the duration."""
+    other = None if nice is None else subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c",
+                                                        "while True: pass"])
+    try:
+        if other:
+            time.sleep(1.0)
+        yield
+    finally:
+        if other:
+            other.kill()
+            other.wait()
+
+
+def busy_runs(conditions: list[str], compare: bool, model: str, work: Path, env: dict, python: str) -> list[dict]:
+    cores = len(os.sched_getaffinity(0))
+    runs = []
+    for condition in conditions:
+        nice = None if condition == "quiet" else int(condition)
+        for policy in (["secateurs.threads", f"--threads {cores}"] if compare else ["secateurs.threads"]):
+            extra = [] if policy == "secateurs.threads" else ["--threads", str(cores)]
+            tag = f"{condition}-{len(runs)}"
+            cold = {**env, "SECATEURS_CACHE": str(work / f"cache-{tag}")}
+            with beside_busy(nice):
+                demo = timed(["demo", "--model", model, "--out", str(work / f"demo-{tag}"), *extra], cold, python)
+                prune = timed(["prune", model, "--method", "amp", "--ratio", "0.2", "--out", str(work / f"p-{tag}"),
+                               *extra], cold, python)
+            label = "quiet" if nice is None else f"beside a busy process at nice {nice}"
+            runs.append({"condition": label, "threads": policy, "demo": demo, "prune": prune, "load": load()})
+            print(label, policy, demo["wall_s"], prune["wall_s"], flush=True)
+    return runs
+
+
+def busy_markdown(runs: list[dict]) -> str:
+    lines = ["# README command 1 (demo) and `prune smollm2 --method amp --ratio 0.2` on a busy machine", "",
+             "Each run with an empty cache (the demo samples its 'self' calibration text, the prune reuses it); "
+             "the busy process is `nice -n N python -c 'while True: pass'`; nothing else ran.", ""]
+    for command in ("demo", "prune"):
+        phases = list(dict.fromkeys(p["phase"] for r in runs for p in r[command]["phases"]))
+        lines += [f"## {command}", "", "| condition | threads | wall s | " + " | ".join(phases) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
+        for r in runs:
+            seconds = {p["phase"]: p["seconds"] for p in r[command]["phases"]}
+            lines.append(f"| {r['condition']} | {r['threads']} | {r[command]['wall_s']} | "
+                         + " | ".join(f"{seconds[p]:.1f}" if p in seconds else "" for p in phases) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# First run (measured {m['date']})", "",
@@ -118,6 +177,9 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/first_run", help="results stem (.json and .md)")
     parser.add_argument("--model", default="smollm2", help="model for the demo and prune runs (default: smollm2)")
     parser.add_argument("--with-install", action="store_true", help="time command 1's installs in a new venv first")
+    parser.add_argument("--busy", help="comma list of conditions: quiet and/or nice levels of one busy process (e.g. "
+                                       "quiet,10,0): time the demo and the prune in each instead")
+    parser.add_argument("--compare-threads", action="store_true", help="with --busy: also run with --threads CORES")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="secateurs-first-run-"))
     env = {**os.environ, "SECATEURS_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -127,6 +189,19 @@ def main() -> int:
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "load_before": load(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: one per core)"),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.busy:
+        runs = busy_runs(args.busy.split(","), args.compare_threads, args.model, work, env, python)
+        machine["load_after"] = load()
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        from secateurs.output import write_file
+
+        out = Path(args.out)
+        write_file(out.with_suffix(".json"), json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+        text = busy_markdown(runs) + f"\nMachine: {machine}\n\nCommand: `PYTHONPATH=src python benchmarks/first_run.py " \
+            f"--busy {args.busy}{' --compare-threads' if args.compare_threads else ''} --out {args.out}`\n"
+        write_file(out.with_suffix(".md"), text)
+        print(text)
+        return 0
     runs = {"help": timed(["--help"], env, python),
             "demo (README command 1)": timed(["demo", "--model", args.model, "--out", str(work / "demo")], env, python),
             "prune (next command)": timed(["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out",
