@@ -53,6 +53,11 @@ SINGLE = list(CONSENSUS_METRICS) + ["nll", "bi"]
 LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-cka"}
 
 
+
+def _ratio(value) -> str:
+    """A measured ratio, or why there is none (secateurs.evaluation.speed: spread above the threshold)."""
+    return f"{value:.2f}" if value is not None else "not measured reliably"
+
 def without_layers(model, layers):
     plan = identity_plan(model)
     for i in layers:
@@ -144,7 +149,8 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
                           "decode_speedup": r["vs_baseline"]["decode_speedup"],
                           "ideal_layers_only": ideal_layers,
                           "ideal_bytes": r["vs_baseline"]["ideal_decode_speedup_bytes"],
-                          "fraction_of_ideal_bytes": r["vs_baseline"]["decode_speedup"] / r["vs_baseline"]["ideal_decode_speedup_bytes"]})
+                          "fraction_of_ideal_bytes": (r["vs_baseline"]["decode_speedup"] / r["vs_baseline"]["ideal_decode_speedup_bytes"]
+                                                      if r["vs_baseline"]["decode_speedup"] is not None else None)})
     result = {"model": name, "source": MODELS[name], "num_layers": num_layers, "ks": ks,
               "calibration": calib.description, "calibration_hash": calib.hash, "scoring_tokens": scored.tokens,
               "eval": {"text": args.eval_text, "seq_len": args.seq_len, "tokens": int(ids.numel())},
@@ -282,7 +288,7 @@ def markdown(results: list[dict], meta: dict) -> str:
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for s in r["speed"]:
                 lines.append(f"| {s['model']} | {s['decode_tokens_per_s']:.1f} (±{100 * s['decode_spread']:.0f}%) | "
-                             f"{s['decode_speedup']:.2f} | {s['ideal_layers_only']:.2f} | {s['ideal_bytes']:.2f} | "
+                             f"{_ratio(s['decode_speedup'])} | {s['ideal_layers_only']:.2f} | {s['ideal_bytes']:.2f} | "
                              f"{s['fraction_of_ideal_bytes']:.2f} |")
             lines.append("")
         z = r["zero_shot"]

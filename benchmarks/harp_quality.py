@@ -42,6 +42,11 @@ from secateurs.surgery import apply_plan
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
+
+def _ratio(value) -> str:
+    """A measured ratio, or why there is none (secateurs.evaluation.speed: spread above the threshold)."""
+    return f"{value:.3f}" if value is not None else "not measured reliably"
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -139,9 +144,11 @@ def markdown(r: dict) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["speed"]["results"]:
         v = row["vs_baseline"]
-        lines.append(f"| {row['model']} | {row['prefill_tokens_per_s']['median']:.0f} | {v['prefill_speedup']:.3f} | "
-                     f"{v['ideal_prefill_speedup']:.3f} | {v['prefill_speedup'] / v['ideal_prefill_speedup']:.3f} | "
-                     f"{row['decode_tokens_per_s']['median']:.1f} | {v['decode_speedup']:.3f} | "
+        prefill, decode = v["prefill_speedup"], v["decode_speedup"]  # None: not measured reliably (machine busy)
+        lines.append(f"| {row['model']} | {row['prefill_tokens_per_s']['median']:.0f} | {_ratio(prefill)} | "
+                     f"{v['ideal_prefill_speedup']:.3f} | "
+                     f"{_ratio(prefill / v['ideal_prefill_speedup'] if prefill is not None else None)} | "
+                     f"{row['decode_tokens_per_s']['median']:.1f} | {_ratio(decode)} | "
                      f"{v['ideal_decode_speedup_bytes']:.3f} |")
     return "\n".join(lines) + "\n"
 

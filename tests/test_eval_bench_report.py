@@ -45,19 +45,23 @@ def test_summarise():
 
 def test_bench_numbers_are_sane(pair):
     dense, pruned, _ = pair
-    cfg = BenchConfig(batch_sizes=(1, 2), prompt_lengths=(8, 24), decode_tokens=4, repeats=2, warmup=1)
+    cfg = BenchConfig(batch_sizes=(1, 2), prompt_lengths=(8, 24), decode_tokens=4, repeats=2, warmup=1,
+                      time_limit=2.0)
     r = bench_models({"dense": dense, "pruned": pruned}, cfg, progress=False)
     assert len(r["results"]) == 2 * 2 * 2
     for row in r["results"]:
+        rounds = row["vs_baseline"]["rounds"]  # paired: both models measured as often, at least `repeats`
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s"):
             s = row[key]
-            assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"] < float("inf")
+            assert s["n"] == rounds >= 2 and 0 < s["min"] <= s["median"] <= s["max"] < float("inf")
         assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] >= r["models"][row["model"]]["weight_bytes"]
         v = row["vs_baseline"]
         if row["model"] == "dense":
             assert v["prefill_speedup"] == 1.0 and v["ideal_prefill_speedup"] == 1.0
         else:
-            assert v["prefill_speedup"] > 0 and v["decode_speedup"] > 0
+            for metric in ("prefill", "decode"):  # a number where the paired rounds agreed, else why not
+                e = v[metric]
+                assert e["speedup"] > 0 if e["reliable"] else (e["speedup"] is None and e["reason"])
             # pruning ~30% of parameters: every ideal ratio is a speed-up, bounded by the parameter ratio
             for k in ("ideal_prefill_speedup", "ideal_decode_speedup_bytes", "ideal_decode_speedup_flops"):
                 assert 1.1 < v[k] < 1 / 0.6, k
@@ -100,7 +104,7 @@ def test_cli_eval_bench_report_loop(run_dir, capsys):
     assert [r["protocol"] for r in result["models"]["st30"]["perplexity"]] == ["seq128", "seq256"]
     assert all(5 < p < 8 for p in dense_ppl) and all(p > d for p, d in zip(pruned_ppl, dense_ppl))
     assert main(["bench", str(run_dir), "--baseline", str(STORIES), "--batch-sizes", "1", "--prompt-lengths", "16",
-                 "--decode-tokens", "2", "--repeats", "2", "--out", str(bench)]) == 0
+                 "--decode-tokens", "2", "--repeats", "2", "--time-limit", "2", "--out", str(bench)]) == 0
     assert json.loads(bench.read_text())["baseline"] == "stories260K-hf"
     assert not bench.with_suffix(".md").exists()  # only the named file is written
     assert main(["report", str(run_dir)]) == 0

@@ -21,10 +21,11 @@ from secateurs import progress, threads
 from secateurs.arguments import (CommandLineError, Parser, fraction, nonempty,
                                  nonnegative_int, positive_float, positive_int)
 from secateurs.errors import SecateursError
-from secateurs.options import (DEMO_QUICK, DEMO_RECOVERY, add_calibration_args, add_eval_args, add_model_args,
-                               add_out_arg, add_recovery_args, add_runtime_args)
+from secateurs.options import (BENCH_REPEATS, BENCH_SECONDS, DEMO_BENCH_TIME_LIMIT, DEMO_QUICK, DEMO_RECOVERY,
+                               MAX_SPREAD, add_calibration_args, add_eval_args, add_model_args, add_out_arg,
+                               add_recovery_args, add_runtime_args)
 from secateurs.methods.options import OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
-from secateurs.names import METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES
+from secateurs.names import DEFAULT_MAX_SPREAD, METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES
 from secateurs.version import __version__
 
 
@@ -178,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the measured prefill (default: 128)")
     g.add_argument("--bench-decode-tokens", type=positive_int, default=DEMO_QUICK["decode_tokens"],
                    help=f"greedy decode steps (default: {DEMO_QUICK['decode_tokens']})")
-    g.add_argument("--bench-repeats", type=positive_int, default=3, help="measured repeats, median reported (default: 3)")
+    g.add_argument("--bench-repeats", type=BENCH_REPEATS, default=3,
+                   help="minimum paired rounds (dense, pruned) per shape (default: 3)")
+    g.add_argument("--bench-time-limit", type=BENCH_SECONDS, default=DEMO_BENCH_TIME_LIMIT,
+                   help="seconds per shape to reach the spread (default: %(default)s); a ratio that does not is shown "
+                        "as not measured reliably")
+    g.add_argument("--bench-max-spread", type=MAX_SPREAD, default=DEFAULT_MAX_SPREAD,
+                   help="largest interquartile range / median of the paired ratios reported (default: %(default)s)")
     g = p.add_argument_group("recovery (a brief distillation from the dense model, as `secateurs recover`)")
     g.add_argument("--recover-tokens", type=nonnegative_int, default=DEMO_RECOVERY["tokens"],
                    help="tokens of the calibration text to distil on, several passes over it "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from secateurs.arguments import float_in, int_in, nonempty, positive_int, task_prefix
+from secateurs.arguments import int_in, nonempty, positive_int, task_prefix
 from secateurs.errors import SecateursError
 from secateurs.output import result_marker, write_file
-from secateurs.names import STANDARD_TASKS
-from secateurs.options import add_calibration_args, add_eval_args, add_model_args, add_out_arg
+from secateurs.names import DEFAULT_MAX_SPREAD, STANDARD_TASKS
+from secateurs.options import (BENCH_REPEATS, BENCH_SECONDS, MAX_SPREAD, add_calibration_args, add_eval_args,
+                               add_model_args, add_out_arg)
 
 
 def add_parsers(sub) -> None:
@@ -29,18 +30,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default: 1,8)")
     p.add_argument("--prompt-lengths", default="128,512", help="comma list of prompt tokens (default: 128,512)")
     p.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy decode steps (default: 32)")
-    p.add_argument("--repeats", type=int_in(1, 1000), default=5,
+    p.add_argument("--repeats", type=BENCH_REPEATS, default=5,
                    help="minimum measured rounds per shape; each round measures the baseline, then MODEL, and "
                         "more rounds follow until --max-spread or --time-limit is met; medians are reported "
                         "(default: 5; at most 1,000)")
     p.add_argument("--warmup", type=int_in(0, 100), default=1,
                    help="unmeasured warm-up rounds per shape (default: 1; at most 100)")
-    p.add_argument("--max-spread", type=float_in(0, 0.25, "a ratio more spread than 25% is never reported",
-                                                 low_open=True), default=0.10,
+    p.add_argument("--max-spread", type=MAX_SPREAD, default=DEFAULT_MAX_SPREAD,
                    help="stop once the per-round MODEL / baseline ratios' spread (interquartile range / median) is "
                         "at most this; a ratio still more spread when --time-limit passes is reported as not "
                         "measured reliably (default: 0.10; at most 0.25)")
-    p.add_argument("--time-limit", type=float_in(0, 86400, "a day", low_open=True), default=60.0,
+    p.add_argument("--time-limit", type=BENCH_SECONDS, default=60.0,
                    help="seconds of measured rounds per batch/prompt shape before a still-spread ratio is given up "
                         "as not measured reliably (default: 60; at most 86,400)")
     add_out_arg(p, help="write the results to this .json file (the Markdown table goes to stdout)")

@@ -25,7 +25,6 @@ from secateurs.options import DEMO_RECOVERY
 from secateurs.progress import phase
 
 DEMO_TEXT = "tinystories_sample.txt"
-DEMO_BENCH_TIME_LIMIT = 20.0  # seconds of paired dense/pruned rounds before a spread ratio is given up (bench: 60)
 
 
 def _text(args) -> tuple[str, dict]:
@@ -136,12 +135,11 @@ def run_demo(args, job) -> int:
 def _bench_config(args, model):
     """The speed measurement's settings (batch 1, one prompt length), refused now, before any work,
     when they do not fit the model's context."""
-    from secateurs.evaluation.speed import DEFAULT_MAX_SPREAD, BenchConfig
+    from secateurs.evaluation.speed import BenchConfig
 
     bench_config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
                                decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1,
-                               max_spread=getattr(args, "bench_max_spread", None) or DEFAULT_MAX_SPREAD,
-                               time_limit=getattr(args, "bench_time_limit", None) or DEMO_BENCH_TIME_LIMIT)
+                               max_spread=args.bench_max_spread, time_limit=args.bench_time_limit)
     bench_config.validate()
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.bench_prompt_length + args.bench_decode_tokens > context:
@@ -365,6 +363,8 @@ def _bar_rows(r, dense_eval, pruned_eval, pruned_row, recovered_eval, ratios: di
 
 
 def _speed_note(r: dict, bench: dict) -> str:
+    from secateurs.evaluation.speed import MIN_PAIRS
+
     m, cfg = bench["machine"], bench["config"]
     rounds = sorted({row["vs_baseline"].get("rounds") for row in bench["results"]} - {None})
     unreliable = [metric for metric, e in (r.get("measured_speed") or {}).items() if not e["reliable"]]
@@ -372,15 +372,15 @@ def _speed_note(r: dict, bench: dict) -> str:
     if unreliable:
         reason = r["measured_speed"][unreliable[0]]["reason"]
         warning = (f" The {' and '.join(unreliable)} ratio{'s' if len(unreliable) > 1 else ''} could not be measured "
-                   f"reliably ({reason}): the per-round ratios stayed more spread than "
-                   f"{100 * cfg['max_spread']:.0f}% for {cfg['time_limit']:g} s, so no number is given; measure "
+                   f"reliably ({reason}): the per-round ratios did not agree within {100 * cfg['max_spread']:.0f}% "
+                   f"in {cfg['time_limit']:g} s, so no number is given; measure "
                    "again on an idle machine with `secateurs bench MODEL --baseline DENSE`.")
+    done = f"{', '.join(map(str, rounds))} rounds: " if rounds else ""
     return (f"Speed measured on {bench['device']} ({m.get('cpu')}, {m.get('torch_threads')} threads, load average "
-            f"{m.get('load_average')}) in alternating dense / pruned rounds after a warm-up"
-            + (f" ({', '.join(map(str, rounds))} rounds)" if rounds else "")
-            + f": at least {cfg['repeats']}, until the per-round pruned / dense ratios' spread (interquartile range "
-            f"/ median) was at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s passed; the ratio is "
-            "their median, ± that spread, tok/s the medians over the rounds. Ideal = the ratio of FLOPs (prefill) or "
-            "weight bytes read per step (decode). On a shared or small machine measured speedups fall short of the "
-            f"ideal.{warning} Removed {100 * r['params_removed_fraction']:.1f}% of parameters; calibration, scoring "
-            f"and surgery took {r['prune_seconds']:.1f} s.")
+            f"{m.get('load_average')}) in alternating dense / pruned rounds after a warm-up ({done}at least "
+            f"{max(cfg['repeats'], MIN_PAIRS)}, then until the per-round pruned / dense ratios' spread, interquartile "
+            f"range / median, was at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s passed); the "
+            "ratio is their median, ± that spread, tok/s the medians over the rounds. Ideal = the ratio of FLOPs "
+            "(prefill) or weight bytes read per step (decode). On a shared or small machine measured speedups fall "
+            f"short of the ideal.{warning} Removed {100 * r['params_removed_fraction']:.1f}% of parameters; "
+            f"calibration, scoring and surgery took {r['prune_seconds']:.1f} s.")

