@@ -261,24 +261,15 @@ def test_garbage_result_files_found_in_the_run_are_refused(run_copy, capsys, nam
     _report_refused(run_copy, [], capsys, str(run_copy / name), BAD_RESULT_NEEDLES[case])
 
 
-@pytest.mark.parametrize("case", sorted(WRONG_EVAL))
-def test_eval_results_with_wrong_fields_are_refused(run_copy, tmp_path, capsys, case):
-    data, needle = WRONG_EVAL[case]
-    given = tmp_path / "eval.json"
+@pytest.mark.parametrize("kind, case", [("eval", c) for c in sorted(WRONG_EVAL)]
+                         + [("bench", c) for c in sorted(WRONG_BENCH)])
+def test_results_with_wrong_fields_are_refused(run_copy, tmp_path, capsys, kind, case):
+    data, needle = (WRONG_EVAL if kind == "eval" else WRONG_BENCH)[case]
+    given = tmp_path / f"{kind}.json"
     given.write_text(json.dumps(data))
-    _report_refused(run_copy, ["--eval", str(given)], capsys, str(given), "eval result", needle)
-    (run_copy / "eval.json").write_text(json.dumps(data))  # found by default: the same refusal
-    _report_refused(run_copy, [], capsys, str(run_copy / "eval.json"), needle)
-
-
-@pytest.mark.parametrize("case", sorted(WRONG_BENCH))
-def test_bench_results_with_wrong_fields_are_refused(run_copy, tmp_path, capsys, case):
-    data, needle = WRONG_BENCH[case]
-    given = tmp_path / "bench.json"
-    given.write_text(json.dumps(data))
-    _report_refused(run_copy, ["--bench", str(given)], capsys, str(given), "bench result", needle)
-    (run_copy / "bench.json").write_text(json.dumps(data))
-    _report_refused(run_copy, [], capsys, str(run_copy / "bench.json"), needle)
+    _report_refused(run_copy, [f"--{kind}", str(given)], capsys, str(given), f"{kind} result", needle)
+    (run_copy / f"{kind}.json").write_text(json.dumps(data))  # found by default: the same refusal
+    _report_refused(run_copy, [], capsys, str(run_copy / f"{kind}.json"), needle)
 
 
 def test_recovery_record_with_wrong_fields_is_refused(run_copy, capsys):
