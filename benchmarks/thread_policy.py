@@ -84,6 +84,26 @@ def worker(threads: int, repeats: int) -> dict:
     return {"threads": threads, "torch_threads": torch.get_num_threads(), "kinds": results, "digest": digest}
 
 
+def markdown(result: dict) -> str:
+    cores, runs = result["machine"]["cores_in_affinity"], result["runs"]
+    same = result["bit_identical_across_thread_counts"]
+    if isinstance(same, bool):  # a result written before the digests were compared one by one
+        same = {"all": same}
+    lines = [f"# Threads per kind of work: {result['model']}", "",
+             f"{cores} cores; median of {result['repeats']} after one warm-up; the busy process is `nice -n N "
+             "python -c 'while True: pass'` (one core's worth of work); nothing else ran. Load average before "
+             f"{result['machine']['load_average_before']}, after {result['machine']['load_average_after']}.", "",
+             "| condition | threads | " + " | ".join(f"{k} s" for k in KINDS) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |"]
+    for r in runs:
+        lines.append(f"| {r['condition']} | {r['threads']} | "
+                     + " | ".join(f"{r['kinds'][k]['median_s']:.2f}" for k in KINDS) + " |")
+    lines += ["", "Bit-identical at 1 thread and at one per core (quiet runs): "
+              + ", ".join(f"{what} {'yes' if ok else 'no'}" for what, ok in same.items()) + ".", "",
+              f"Command: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
 def busy(nice: int | None):
     if nice is None:
         return None
@@ -95,7 +115,18 @@ def main() -> int:
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", type=int, metavar="THREADS", help=argparse.SUPPRESS)
+    parser.add_argument("--render", metavar="JSON", help="write the Markdown of an earlier result and exit")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        quiet = [r for r in result["runs"] if r["condition"] == "quiet"]
+        result["bit_identical_across_thread_counts"] = {
+            what: all(r["digest"][what] == quiet[0]["digest"][what] for r in quiet) for what in quiet[0]["digest"]}
+        result["command"] = "PYTHONPATH=src python benchmarks/thread_policy.py --repeats 2 --out " \
+                            "benchmarks/results/thread_policy"
+        Path(args.render).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.render).with_suffix(".md").write_text(markdown(result))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.repeats)))
         return 0
@@ -122,27 +153,18 @@ def main() -> int:
             runs.append(run)
             print(condition, threads, {k: v["median_s"] for k, v in run["kinds"].items()}, flush=True)
     quiet = [r for r in runs if r["condition"] == "quiet"]
-    identical = all(r["digest"] == quiet[0]["digest"] for r in quiet)
+    identical = {what: all(r["digest"][what] == quiet[0]["digest"][what] for r in quiet) for what in quiet[0]["digest"]}
     result = {"model": "SmolLM2-135M-Instruct (smollm2, Q4_1 GGUF dequantised to float32)",
               "machine": {"cores_in_affinity": cores, "cpu_count": os.cpu_count(),
                           "load_average_before": [round(x, 2) for x in load_before],
                           "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-              "command": "PYTHONPATH=src python benchmarks/thread_policy.py --out benchmarks/results/thread_policy",
+              "command": "PYTHONPATH=src python benchmarks/thread_policy.py --repeats 2 --out "
+                         "benchmarks/results/thread_policy",
               "repeats": args.repeats, "bit_identical_across_thread_counts": identical, "runs": runs}
     print(json.dumps({"bit_identical_across_thread_counts": identical}))
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        lines = [f"# Threads per kind of work: {result['model']}", "",
-                 f"{cores} cores; median of {args.repeats}; the busy process is `nice -n N python -c 'while True: "
-                 "pass'` (one core's worth of work); nothing else ran. "
-                 f"Outputs bit-identical across thread counts: {identical}.", "",
-                 "| condition | threads | " + " | ".join(f"{k} s" for k in KINDS) + " |",
-                 "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |"]
-        for r in runs:
-            lines.append(f"| {r['condition']} | {r['threads']} | "
-                         + " | ".join(f"{r['kinds'][k]['median_s']:.2f}" for k in KINDS) + " |")
-        lines += ["", f"Command: `{result['command']}`"]
-        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+        Path(args.out + ".md").write_text(markdown(result))
     return 0
 
 

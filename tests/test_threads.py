@@ -3,7 +3,6 @@ the load; --threads overrides it; the counts are recorded; outputs are bit-ident
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -71,9 +70,11 @@ def test_self_sampling_decodes_on_the_decode_count(monkeypatch, tmp_path):
     assert seen == [1] and torch.get_num_threads() == 2
 
 
-def test_outputs_are_bit_identical_across_thread_counts():
-    """Why a policy may choose counts per kind: the numbers do not depend on them (here: forward
-    logits, a decode loop, a training step of stories260K at 1 and 2 threads)."""
+def test_forward_and_decode_are_bit_identical_across_thread_counts():
+    """Why decoding may run on another count than the rest: forward logits and the decode loop give
+    the same bits at 1 and 2 threads (stories260K here; SmolLM2 in benchmarks/thread_policy.py).
+    Training steps are not compared: their backward reductions may differ in the last bits, so the
+    train count is fixed by the cores alone."""
     from secateurs.calibration import _sample
     from secateurs.loading import load_model
 
@@ -93,15 +94,11 @@ def test_outputs_are_bit_identical_across_thread_counts():
                 logits = model(ids).logits
             torch.manual_seed(0)
             samples = _sample(model, 1, 4, 16, [], Steps())
-            student = copy.deepcopy(model).train().requires_grad_(True)
-            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-            student(ids, labels=ids).loss.backward()
-            optimizer.step()
-            results.append((logits, samples, [p.detach().clone() for p in student.parameters()]))
+            results.append((logits, samples))
     finally:
         torch.set_num_threads(before)
-    (l1, s1, w1), (l2, s2, w2) = results
-    assert torch.equal(l1, l2) and s1 == s2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    (l1, s1), (l2, s2) = results
+    assert torch.equal(l1, l2) and s1 == s2
 
 
 def test_the_counts_are_recorded_in_every_output(tmp_path, monkeypatch):

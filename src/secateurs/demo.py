@@ -266,8 +266,12 @@ def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
 
 
 def _greedy(model, tokenizer, device, prompt: str = "Once upon a time") -> str:
+    from secateurs import threads
+
     ids = tokenizer(prompt, return_tensors="pt").to(device)
-    return tokenizer.decode(model.generate(**ids, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
+    with threads.working("decode"):
+        tokens = model.generate(**ids, max_new_tokens=24, do_sample=False)[0]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def _recovery_summary(record: dict) -> dict:

@@ -3,21 +3,27 @@
 Torch runs one thread per core by default, and every parallel region waits for its slowest thread:
 on a machine where another process holds a core, a token-by-token decode loop (small matrices,
 hundreds of short parallel regions per token) waits for a descheduled thread at every step. Measured
-on SmolLM2-135M (benchmarks/results/thread_policy.md): the 'self' sampler's decode loop gains
-little from a second thread on a quiet machine and loses several times over beside one busy process,
-while batched forwards and training steps (large matrices) gain from every core. So:
+on SmolLM2-135M, 2 cores (benchmarks/results/thread_policy.md): the 'self' sampler's decode loop
+takes 9.0 s on 2 threads and 10.8 s on 1 when the machine is quiet, but 28.9 s against 10.8 s beside
+one busy process at nice 0; batched forwards (7.1 s against 12.5 s quiet, 18.0 s against 12.7 s
+busy) and training steps (6.5 / 10.9 quiet, 17.6 / 11.3 busy) gain more from the second core when
+quiet and lose less when busy. So:
 
-    decode   token-by-token generation ('self' calibration and recovery data, samples): 1 thread
+    decode   token-by-token generation ('self' calibration and recovery data, the demo's samples): 1 thread
     batched  forward passes over batches (statistics, scoring, perplexity, zero-shot): every core
     train    recovery's training steps: every core
 
 "Every core" is the number of cores this process may run on (its CPU affinity, which container
 limits and `taskset` set), not the machine's, capped by OMP_NUM_THREADS where that is set (the
-convention torch and every OpenMP program follow for a process's share of a shared machine). The policy reads only that, never the machine's
-load, so two runs of the same command on the same machine use the same counts (and the outputs
-of secateurs' kernels are bit-identical across thread counts on the machines measured; the counts
-used are recorded in every output anyway). `--threads N` (set_override) gives every kind N.
-Nothing here imports torch until a count is applied.
+convention torch and every OpenMP program follow for a process's share of a shared machine).
+
+Reproducibility: the policy reads only the cores, never the machine's load, so two runs of the
+same command on the same machine use the same counts and give the same bits. Forward passes and
+the decode loop are bit-identical at 1 thread and at 2 (measured on SmolLM2 and tested on
+stories260K), so the decode count changes no result; a training step is not (its backward
+reductions differ in the last bits), which is why the train count is fixed by the cores alone. The
+counts used are recorded in every output's marker and in recovery.json. `--threads N`
+(set_override) gives every kind N. Nothing here imports torch until a count is applied.
 """
 
 from __future__ import annotations
