@@ -136,6 +136,13 @@ def busy_markdown(runs: list[dict]) -> str:
     lines = ["# README command 1 (demo) and `prune smollm2 --method amp --ratio 0.2` on a busy machine", "",
              "Each run with an empty cache (the demo samples its 'self' calibration text, the prune reuses it); "
              "the busy process is `nice -n N python -c 'while True: pass'`; nothing else ran.", ""]
+    def name(phase: str) -> str:  # one column per phase, whatever folder a run saved to
+        return re.sub(r"saving to \S*?(model|recovered)?$", lambda m: f"saving {m.group(1) or 'the output'}", phase)
+
+    for r in runs:
+        for command in ("demo", "prune"):
+            for p in r[command]["phases"]:
+                p["phase"] = name(p["phase"])
     for command in ("demo", "prune"):
         phases = list(dict.fromkeys(p["phase"] for r in runs for p in r[command]["phases"]))
         lines += [f"## {command}", "", "| condition | threads | wall s | " + " | ".join(phases) + " |",
