@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from secateurs import threads
+from secateurs.errors import SecateursError
+from secateurs.names import DEFAULT_MAX_SPREAD  # one default for bench and demo
 from secateurs.progress import bar as progress_bar
 
-from secateurs.errors import SecateursError
-
-
 MAX_REPORTED_SPREAD = 0.25  # a ratio whose paired spread exceeds this is never printed, whatever the threshold
-from secateurs.names import DEFAULT_MAX_SPREAD  # noqa: E402 - one default for bench and demo
 DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo gives itself less)
 MIN_PAIRS = 3  # paired rounds needed before a spread is judged at all
 MAX_ROUNDS = 1000  # rounds per shape at most, whatever the time limit (the per-round figures are kept)
@@ -287,7 +287,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     except OSError:
         pass
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "threads": threads.describe(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if hasattr(os, "getloadavg"):
