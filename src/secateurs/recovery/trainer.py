@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from secateurs.allocator import retain_freed_memory
 from secateurs.errors import SecateursError
+from secateurs.names import SCHEDULERS
 from secateurs.output import write_folder
 from secateurs.progress import bar as progress_bar
 from secateurs.recovery.data import RecoveryData
@@ -36,11 +37,11 @@ WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 SETTINGS_FILE = "settings.json"
 
-# The transformers schedulers (SchedulerType) that this loop can drive: made by
-# get_scheduler(name, optimizer, num_warmup_steps=w, num_training_steps=n) alone and stepped once per
-# optimiser step without arguments (checked by tests/test_recovery_faults.py; transformers 5.23).
-# The others fail, inside get_scheduler or at the first step, after the models and data are loaded.
-from secateurs.names import SCHEDULERS  # noqa: E402 - the names live without torch, for --help
+# The transformers schedulers (SchedulerType) that this loop can drive are secateurs.names.SCHEDULERS
+# (without torch, for --help): made by get_scheduler(name, optimizer, num_warmup_steps=w,
+# num_training_steps=n) alone and stepped once per optimiser step without arguments (checked by
+# tests/test_recovery_faults.py; transformers 5.23). The others fail, inside get_scheduler or at the
+# first step, after the models and data are loaded.
 _POLYNOMIAL_END = 1e-7  # get_polynomial_decay_schedule_with_warmup's lr_end: the initial rate must exceed it
 _UNSUPPORTED_SCHEDULERS = {
     "reduce_lr_on_plateau": "steps on a validation metric, not once per optimiser step",
