@@ -331,3 +331,10 @@ def test_disk_full_is_recognised_whatever_raised_it(tmp_path):
         assert "MiB free there" in message
     for exc in (OSError(errno.EACCES, "Permission denied"), ValueError("no space for this idea"), KeyError("x")):
         assert output.disk_full_message(exc) is None
+
+
+@pytest.mark.parametrize("extra", [["--kd-ratio", "0.5"], ["--temperature", "2"]])
+def test_distillation_settings_with_cross_entropy_are_refused(world, capsys, extra):
+    before = tree(world)
+    refused(recover_args(world, world / "student", world / "rec", "--objective", "ce", *extra), capsys, "objective 'kd'")
+    assert tree(world) == before

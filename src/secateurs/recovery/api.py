@@ -196,6 +196,9 @@ def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_le
         raise SecateursError(f"kd_ratio weighs distillation against cross-entropy and must be in [0, 1], got {kd_ratio}")
     if not temperature > 0:
         raise SecateursError(f"temperature must be > 0, got {temperature}")
+    if objective == "ce" and (kd_ratio != 1.0 or temperature != 1.0):
+        raise SecateursError("kd_ratio and temperature (--kd-ratio, --temperature) shape the distillation loss and "
+                             "apply with objective 'kd'; objective 'ce' trains on the data's next tokens alone")
     if method not in METHODS:
         raise SecateursError(f"unknown method {method!r}; use 'lora' or 'full'")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
