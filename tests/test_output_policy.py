@@ -338,3 +338,10 @@ def test_distillation_settings_with_cross_entropy_are_refused(world, capsys, ext
     before = tree(world)
     refused(recover_args(world, world / "student", world / "rec", "--objective", "ce", *extra), capsys, "objective 'kd'")
     assert tree(world) == before
+
+
+def test_evaluation_options_without_what_they_apply_to_are_refused(world, capsys):
+    evaluate = ["eval", str(STORIES), "--ppl", str(TINYSTORIES_TEXT), "--max-windows", "1"]
+    for extra, message in ((["--limit", "5"], "--limit"), (["--data-dir", str(TASKS)], "--data-dir"),
+                           (["--text-field", "body"], "--text-field"), (["--max-docs", "3"], "--max-docs")):
+        refused([*evaluate, *extra], capsys, message)

@@ -105,6 +105,8 @@ def _spec(args):
     text, text_info = (None, None)
     if args.data_dir and not args.tasks:
         raise SecateursError("--data-dir holds the task files of --tasks; it applies with --tasks")
+    if args.limit is not None and not args.tasks:
+        raise SecateursError("--limit caps the items of each zero-shot task; it applies with --tasks")
     if args.text_field and not (args.ppl and str(args.ppl).endswith(".jsonl")):
         raise SecateursError("--text-field names the field of .jsonl records holding the text; it applies with a "
                              "--ppl .jsonl file")
