@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from secateurs.errors import PlanError
+from secateurs.jsonl import decode_utf8
 
 PLAN_FORMAT = "secateurs.plan/1"
 PLAN_FILENAME = "pruning_plan.json"
@@ -427,11 +428,7 @@ def read_json_file(path: str | os.PathLike, what: str, *, max_bytes: int, error:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise error(f"{what} {path} grew past {max_bytes:,} bytes while being read")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
-                    "expected a JSON file") from exc
+    text = decode_utf8(raw, path, what, error).removeprefix("\ufeff")  # a byte-order mark is allowed
     depth = _json_depth(text, JSON_MAX_DEPTH)
     if depth > JSON_MAX_DEPTH:
         raise error(f"{what} {path} nests more than {JSON_MAX_DEPTH} levels deep; secateurs' own files nest a few "

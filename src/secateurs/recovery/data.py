@@ -31,7 +31,7 @@ import torch
 
 from secateurs.calibration import _hf_texts, _self_generated
 from secateurs.errors import SecateursError
-from secateurs.jsonl import file_sha256
+from secateurs.jsonl import file_sha256, iter_jsonl, read_text_file
 
 IGNORE_INDEX = -100
 # Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).
@@ -119,17 +119,8 @@ def _local_path(spec) -> Path:
     return path
 
 
-def _read_utf8(path: Path) -> str:
-    """A recovery data file's text, or a refusal with the byte offset (and line) of the first byte
-    that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise RecoveryDataError(f"recovery data {path} is not UTF-8 text: the first bad byte is at offset "
-                                f"{exc.start} (line {line}, byte 0x{data[exc.start]:02x}); convert the file to "
-                                "UTF-8") from exc
+def _read_text(path: Path) -> str:
+    return read_text_file(path, "recovery data", RecoveryDataError)
 
 
 def _json_kind(value) -> str:
@@ -172,16 +163,8 @@ def _check_record(record, where: str) -> dict:
 def _jsonl_records(path: Path) -> list[dict]:
     """Every record of a .jsonl file, checked (lines counted from 1, on '\\n' as editors count them),
     all Alpaca or all text."""
-    text = _read_utf8(path)
-    records = []
-    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecoveryDataError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
-        records.append(_check_record(record, f"{path}:{number}"))
+    records = [_check_record(record, f"{path}:{number}")
+               for number, record in iter_jsonl(path, "recovery data", RecoveryDataError)]
     alpaca = sum("instruction" in r for r in records)
     if alpaca and alpaca != len(records):
         raise RecoveryDataError(f"{path} mixes Alpaca records and text records; use one kind per file")
@@ -196,7 +179,7 @@ def check_recovery_source(spec) -> dict | None:
         return None
     path = _local_path(spec)
     if path.suffix != ".jsonl":
-        return {"path": str(path), "kind": "text file", "chars": len(_read_utf8(path))}
+        return {"path": str(path), "kind": "text file", "chars": len(_read_text(path))}
     records = _jsonl_records(path)
     alpaca = bool(records) and "instruction" in records[0]
     return {"path": str(path), "kind": "Alpaca records" if alpaca else "jsonl text records", "records": len(records)}
@@ -227,7 +210,7 @@ def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: i
     path = _local_path(spec)
     description.update(path=str(path.resolve()), sha256=file_sha256(path))
     if path.suffix != ".jsonl":
-        text = _read_utf8(path).replace("\r\n", "\n")
+        text = _read_text(path).replace("\r\n", "\n")
         ids, labels = _document_stream([text] if text.strip() else [], tokenizer)
         description["kind"] = "text file"
         return ids, labels, description
