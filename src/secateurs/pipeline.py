@@ -127,28 +127,13 @@ def preflight(job: PruneJob, kind: str = "model") -> None:
         check_output_file(job.statistics, job.inputs, suffixes=(".safetensors",), what="--stats file")
     if job.recovery is not None:
         from secateurs.recovery.api import checkpoint_folder
+        from secateurs.recovery.folders import check_resources_before_loading
 
         _check_recovery_data(job.recovery)
-        _check_recovery_resources(job)
+        check_resources_before_loading(job.source, job.source, job.device, job.recovery)
         r = job.recovery
         checkpoint_folder(r.get("checkpoint_dir"), Path(job.out).expanduser().resolve(), r.get("save_every"),
                           r.get("resume", False), job.inputs, job.force)
-
-
-def _check_recovery_resources(job: PruneJob) -> None:
-    """The recovery's time and memory estimate before the model loads (a local folder's config: the
-    dense skeleton stands for both teacher and student, an upper bound for the pruned student)."""
-    from secateurs.checkpoint import load_skeleton
-    from secateurs.loading import resolve_source
-    from secateurs.recovery.api import check_resources
-
-    try:
-        kind, path = resolve_source(job.source)
-        skeleton = load_skeleton(path, load_outside_layers=False)[0] if kind == "dir" else None
-    except Exception:  # noqa: BLE001 - no skeleton: recover() checks on the loaded models
-        return
-    if skeleton is not None:
-        check_resources(skeleton, skeleton, job.device, **job.recovery)
 
 
 def _check_recovery_data(recovery: dict) -> None:

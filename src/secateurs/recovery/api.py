@@ -95,42 +95,37 @@ def _resolve(preset: str | None, **given) -> dict:
 def check_options(has_teacher: bool, **options) -> None:
     """The checks of recover()'s keyword `options` that need no model, so that a command refuses bad
     settings before any weights load (recover() runs them again, with the model's context length)."""
-    o = _with_defaults(options)
-    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
-                 lora_dropout=o["lora_dropout"])
-    objective = o["objective"] or ("kd" if has_teacher else "ce")
+    o, v, objective = _resolved_options(options, has_teacher)
     _check_settings(o["tokens"], objective, o["kd_ratio"], o["temperature"], v["method"], v["lr"], o["seq_len"],
                     o["batch_size"], o["grad_accum"], o["val_tokens"], o["chunk_rows"], has_teacher, None,
                     o["warmup_ratio"], o["weight_decay"], _lora_settings(v), o["data_offset"])
     _check_loop(o["tokens"], o["seq_len"], o["batch_size"], o["grad_accum"], o["scheduler"], o["max_grad_norm"],
                 o["max_hours"], o["save_every"], v["lr"])
-    _check_bounds(o["temperature"], o["hidden_weight"], _lora_settings(v), o["data"], o["self_samples"],
+    _check_bounds(o["temperature"], o["hidden_weight"], objective, _lora_settings(v), o["data"], o["self_samples"],
                   o["checkpoint_dir"], o["save_every"], o["resume"])
-    if o["hidden_weight"] and (o["hidden_weight"] < 0 or objective != "kd"):
-        raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
 
 
-def _with_defaults(options: dict) -> dict:
-    """recover()'s keywords: `options` over the signature's defaults (unknown names refused)."""
+def _resolved_options(options: dict, has_teacher: bool) -> tuple[dict, dict, str]:
+    """(recover()'s keywords: `options` over the signature's defaults, the method/LoRA/lr values as
+    recover() resolves them, the objective); unknown names refused."""
     import inspect
 
     params = inspect.signature(recover).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise SecateursError(f"unknown recovery option(s) {', '.join(unknown)}")
-    values = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    values.update(options)
-    return values
+    o = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    o.update(options)
+    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
+                 lora_dropout=o["lora_dropout"])
+    return o, v, o["objective"] or ("kd" if has_teacher else "ce")
 
 
 def check_resources(student, teacher, device, **options) -> None:
     """Refuse, before the weights load, a run of recover(student, teacher, **options) estimated past
     max_hours or the free memory of `device`: the models may be meta skeletons built from their
     configs (secateurs.checkpoint.load_skeleton), only their shapes are read."""
-    o = _with_defaults(options)
-    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
-                 lora_dropout=o["lora_dropout"])
-    objective = o["objective"] or ("kd" if teacher is not None else "ce")
+    o, v, objective = _resolved_options(options, teacher is not None)
     _check_resources(student, teacher if objective != "ce" else None, _lora_settings(v), tokens=o["tokens"],
                      seq_len=o["seq_len"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
                      val_tokens=o["val_tokens"], eval_every=o["eval_every"], chunk_rows=o["chunk_rows"],
@@ -147,14 +142,16 @@ def _self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens) -> in
     return self_samples * seq_len if self_samples else tokens + val_tokens
 
 
-def _check_bounds(temperature, hidden_weight, lora: dict | None, data, self_samples, checkpoint_dir, save_every,
-                  resume) -> None:
+def _check_bounds(temperature, hidden_weight, objective: str, lora: dict | None, data, self_samples, checkpoint_dir,
+                  save_every, resume) -> None:
     """Settings with an upper bound (secateurs.names) and settings that apply only with another."""
     if not 0 < temperature <= MAX_TEMPERATURE:
         raise SecateursError(f"temperature must be in (0, {MAX_TEMPERATURE:g}] (the loss is scaled by T^2), got "
                              f"{temperature}")
     if not 0 <= hidden_weight <= MAX_LOSS_WEIGHT:
         raise SecateursError(f"hidden_weight must be in [0, {MAX_LOSS_WEIGHT:g}], got {hidden_weight}")
+    if hidden_weight and objective != "kd":
+        raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
     if lora is not None and (lora["r"] > MAX_LORA_R or lora["alpha"] > MAX_LORA_ALPHA):
         raise SecateursError(f"LoRA needs r <= {MAX_LORA_R:,} and alpha <= {MAX_LORA_ALPHA:g} (got {lora})")
     if self_samples is not None and data != "self":
@@ -284,10 +281,10 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
                     val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
                     data_offset)
     _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every, v["lr"])
-    _check_bounds(temperature, hidden_weight, lora, data, self_samples, checkpoint_dir, save_every, resume)
+    _check_bounds(temperature, hidden_weight, objective, lora, data, self_samples, checkpoint_dir, save_every, resume)
     inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
-    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective, hidden_weight, teacher_any)
+    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, hidden_weight, teacher_any)
     checkpoint_dir, default_checkpoints, identity = checkpoint_folder(checkpoint_dir, out_path, save_every, resume,
                                                                        inputs, force)
     teacher_for_loss = None if objective == "ce" else teacher.eval()
@@ -323,8 +320,8 @@ def _lora_settings(v: dict) -> dict | None:
             if v["method"] == "lora" else None)
 
 
-def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, objective: str,
-                       hidden_weight: float, teacher_any: bool = False) -> None:
+def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, hidden_weight: float,
+                       teacher_any: bool = False) -> None:
     """Refuse, before any work, a teacher that does not fit the student, and hidden-state distillation
     that cannot map every student layer to a teacher layer; warn (one line) when the teacher is not
     the dense model the student's plan was made from, unless teacher_any."""
@@ -335,9 +332,7 @@ def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, obj
             if reason:
                 status(f"WARNING: the teacher {_name(teacher)} is not the model this student was pruned from "
                        f"({reason}); distillation goes on (--teacher-any silences this)")
-    if hidden_weight:
-        if hidden_weight < 0 or objective != "kd":
-            raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
+    if hidden_weight:  # its bounds and objective: _check_bounds
         _layer_map(student, teacher, plan)
 
 
@@ -373,10 +368,11 @@ def checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | N
     what = "checkpoint folder" + (" (OUT.checkpoints; --checkpoint-dir chooses another)" if default else "")
     if out_path is not None:  # neither may hold the other: the output is swapped in whole
         refuse_overlap(Path(checkpoint_dir).expanduser().resolve(), [out_path], what, existing_only=False)
+    given = Path(checkpoint_dir).expanduser()
+    record = marker_record(given) if given.is_dir() and not given.is_symlink() else None
+    holds_checkpoint = record is not None and record.get("kind") == CHECKPOINT_KIND
     if resume:
-        given = Path(checkpoint_dir).expanduser()
-        record = marker_record(given) if given.is_dir() and not given.is_symlink() else None
-        if record is None or record.get("kind") != CHECKPOINT_KIND:
+        if not holds_checkpoint:
             raise RecoveryError(f"--resume: no checkpoint in {given} (no secateurs recovery checkpoint marker there); "
                                 "run without --resume (and with --save-every)")
         if not (given / STATE_FILE).is_file():
@@ -385,9 +381,7 @@ def checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | N
         folder = check_output_dir(checkpoint_dir, True, inputs, what=what, kind=CHECKPOINT_KIND)
         run = record.get("run") if isinstance(record.get("run"), str) else uuid.uuid4().hex
         return folder, default, {"run": run}
-    given = Path(checkpoint_dir).expanduser()
-    if not force and given.is_dir() and not given.is_symlink() and marker_record(given) is not None \
-            and marker_record(given).get("kind") == CHECKPOINT_KIND:
+    if holds_checkpoint and not force:
         raise RecoveryError(f"{given} holds a checkpoint of an earlier run: resume it (resume=True, --resume), or "
                             "pass force (--force) to start over in its place")
     folder = check_output_dir(checkpoint_dir, force, inputs, what=what, kind=CHECKPOINT_KIND)
@@ -472,8 +466,7 @@ def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: b
     what it holds (its marker carries this run's identity)."""
     plan = run.plan
     if plan is not None:  # the count is measured on the model saved, never copied from the file read
-        plan = replace(plan, provenance={**plan.provenance,
-                                                     "params_after": model_stats(result.model).total_params})
+        plan = replace(plan, provenance={**plan.provenance, "params_after": model_stats(result.model).total_params})
     result.out = save_pruned(result.model, plan, out_path, tokenizer=tokenizer, force=force, inputs=run.inputs,
                              extra_files={RECOVERY_FILENAME: json.dumps(result.record, indent=2) + "\n"})
     if run.default_checkpoints and run.checkpoint_dir is not None:

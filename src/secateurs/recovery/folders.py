@@ -33,7 +33,7 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     data = options.get("data", "self")
     check_options(teacher is not None, **options)  # every setting, before loading anything
     if device_map is None and student_device_map is None:
-        _check_resources_before_loading(pruned, teacher, device, options)
+        check_resources_before_loading(pruned, teacher, device, options)
     out_path = check_output_dir(out, force, [pruned, teacher, data, ppl])
     checkpoint_folder(options.get("checkpoint_dir"), out_path, options.get("save_every"), options.get("resume", False),
                       [pruned, teacher, data, ppl], force)  # refused now, not after the models load
@@ -58,9 +58,10 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     return result, ({"before": before, "after": measure(result.model, "after")} if ppl else None)
 
 
-def _check_resources_before_loading(pruned: str, teacher: str | None, device: str, options: dict) -> None:
+def check_resources_before_loading(pruned: str, teacher: str | None, device: str, options: dict) -> None:
     """The time and memory estimate from the models' configs (meta skeletons, no weights read), for
-    local Hugging Face folders; recover() checks again on the loaded models."""
+    local Hugging Face folders; recover() checks again on the loaded models. (prune --recover passes
+    the dense model as both: an upper bound for the student it prunes.)"""
     from secateurs.checkpoint import load_skeleton
     from secateurs.errors import SecateursError
     from secateurs.loading import resolve_source
@@ -73,7 +74,7 @@ def _check_resources_before_loading(pruned: str, teacher: str | None, device: st
             return None
 
     student = skeleton(pruned)
-    dense = skeleton(teacher) if teacher else None
+    dense = (student if teacher == pruned else skeleton(teacher)) if teacher else None
     if student is None or (teacher and dense is None):
         return
     try:
