@@ -111,10 +111,10 @@ def float_in(low: float, high: float, why: str = "", low_open: bool = False, hig
 
 def thread_count(text: str) -> int:
     """Torch CPU threads: 1 up to the cores this process may run on (more only wait for each other)."""
-    import os
+    from secateurs.threads import affinity_cores
 
     value = positive_int(text)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = affinity_cores()
     if value > cores:
         raise argparse.ArgumentTypeError(f"{text} threads, but this process may run on {cores} core(s); more threads "
                                          "than cores only wait for each other")

@@ -193,7 +193,7 @@ def release_all() -> None:
 
 
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: Iterable = (),
-                     what: str = "output folder", kind: str | None = "model", claim_it: bool = True) -> Path:
+                     what: str = "output folder", kind: str | None = "model") -> Path:
     """Validate an output folder before any work (see the module docstring) and claim it for this
     run; returns it resolved. `kind`: what the run writes there (an existing folder is replaced only
     when it holds secateurs' output of that kind; None: any kind)."""
@@ -210,8 +210,7 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False, inputs: It
         if any(out.iterdir()):
             _refuse_other_kind(out, kind, what)
     _check_writable(out, what)
-    if claim_it:
-        claim(out, what)
+    claim(out, what)
     return out
 
 

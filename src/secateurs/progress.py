@@ -316,11 +316,11 @@ def _line_text(bar, final: bool) -> str:
         parts.append(_rate(rate, unit))
     if final:
         short = bool(total) and n < total
-        parts.append(f"{'stopped after' if short else 'done in'} {_duration(elapsed, precise=True)}")
+        parts.append(f"{'stopped after' if short else 'done in'} {duration(elapsed, precise=True)}")
     elif total and rate:
-        parts.append(f"ETA {_duration(max(total - n, 0) / rate)}")
+        parts.append(f"ETA {duration(max(total - n, 0) / rate)}")
     else:
-        parts.append(f"{_duration(elapsed)} elapsed")
+        parts.append(f"{duration(elapsed)} elapsed")
     if bar.postfix:
         parts.append(str(bar.postfix).strip().strip(","))
     desc = str(bar.desc or "").strip().rstrip(":").strip() or "progress"
@@ -346,13 +346,14 @@ def _rate(rate: float, unit: str) -> str:
     return f"{rate:.1f} {unit}/s"
 
 
-def _duration(seconds: float, precise: bool = False) -> str:
+def duration(seconds: float, precise: bool = False) -> str:
+    """`42 s` (`42.3 s` precise), `3 min 05 s`, `1,234 h 05 min`: a time for a person to read."""
     if seconds < 60:
         return f"{seconds:.1f} s" if precise else f"{seconds:.0f} s"
     seconds = int(round(seconds))
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 3600:,} h {seconds % 3600 // 60:02d} min"
 
 
 if "tqdm" in sys.modules:  # imported after tqdm: its bars follow the state from now on

@@ -36,12 +36,16 @@ KINDS = ("decode", "batched", "train")
 _state: dict = {"override": None}
 
 
+def affinity_cores() -> int:
+    """Cores this process may run on (its CPU affinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def cores() -> int:
     """Cores this process may run on (its affinity), capped by OMP_NUM_THREADS where set."""
-    if hasattr(os, "sched_getaffinity"):
-        available = max(1, len(os.sched_getaffinity(0)))
-    else:
-        available = max(1, os.cpu_count() or 1)
+    available = affinity_cores()
     share = os.environ.get("OMP_NUM_THREADS", "")
     return min(available, int(share)) if share.isdigit() and int(share) >= 1 else available
 

@@ -54,6 +54,7 @@ DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo give
 MIN_PAIRS = 3  # paired rounds needed before a spread is judged at all
 MAX_ROUNDS = 1000  # rounds per shape at most, whatever the time limit (the per-round figures are kept)
 
+BASELINE_RATIO = {"speedup": 1.0, "reliable": True, "spread": 0.0, "reason": None}  # the baseline against itself
 clock: Callable[[], float] = time.perf_counter  # what the measuring loop reads; replaceable in tests
 
 
@@ -364,8 +365,7 @@ def _shape_rows(shape: dict, b: int, n: int, labels: list[str], stats: dict, con
     ref = rows[0]
     for row in rows:
         if row["model"] == base:
-            entries = {m: {"speedup": 1.0, "reliable": True, "spread": 0.0, "reason": None}
-                       for m in ("prefill", "decode")}
+            entries = {m: dict(BASELINE_RATIO) for m in ("prefill", "decode")}
             pairs = None
         else:
             pairs = pair_ratios(runs, base, row["model"])
@@ -399,7 +399,7 @@ def ratio_of(bench: dict, row: dict, metric: str) -> dict:
         return {**entry, "speedup": None, "reliable": False, "reason": reason}
     baseline = bench.get("baseline") if isinstance(bench.get("baseline"), str) else bench["results"][0]["model"]
     if row["model"] == baseline:
-        return {"speedup": 1.0, "reliable": True, "spread": 0.0, "reason": None}
+        return dict(BASELINE_RATIO)
     speedup = vs.get(f"{metric}_speedup")
     key = f"{metric}_tokens_per_s"
     ref = next((r for r in bench["results"] if r["model"] == baseline and r["batch"] == row["batch"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.progress import duration
 from secateurs.names import DEFAULT_MAX_HOURS  # noqa: F401 - re-exported: the library's default
 
 TRAINING_EFFICIENCY = 0.5
@@ -63,7 +64,7 @@ class Estimate:
 
     def describe(self) -> str:
         free = f" of {_gib(self.free_bytes)} free" if self.free_bytes is not None else ""
-        return f"~{_duration(self.seconds)} and ~{_gib(self.training_bytes)} for training{free}"
+        return f"~{duration(self.seconds)} and ~{_gib(self.training_bytes)} for training{free}"
 
 
 def measured_flops(device: torch.device, seconds: float = 0.15) -> float:
@@ -132,11 +133,3 @@ def check(est: Estimate, max_hours: float) -> None:
 
 def _gib(n: int | None) -> str:
     return f"{n / 2**30:,.2f} GiB" if n is not None else "?"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:,.1f} h"
