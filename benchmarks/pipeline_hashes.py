@@ -1,9 +1,10 @@
-"""sha256 of every file `secateurs prune` writes, for every method and execution path, on the real
-tiny stories260K: the redesign of the pipeline must leave them byte-identical (compare two runs'
-JSON with --compare). Runs in-process through the command line, which both layouts keep.
+"""sha256 of every file `secateurs prune`, `recover` and `export` write, for every method and execution
+path, on the real tiny stories260K: a change that only moves code must leave them byte-identical
+(compare two runs' JSON with --compare; recovery.json is compared without its run times and
+thread/machine facts). Runs in-process through the command line.
 
-    PYTHONPATH=src python benchmarks/pipeline_hashes.py --out benchmarks/results/pipeline_hashes.json
-    PYTHONPATH=src python benchmarks/pipeline_hashes.py --out /tmp/after.json --compare benchmarks/results/pipeline_hashes.json
+    python benchmarks/pipeline_hashes.py --out benchmarks/results/pipeline_hashes.json
+    python benchmarks/pipeline_hashes.py --out /tmp/after.json --compare benchmarks/results/pipeline_hashes.json
 """
 
 from __future__ import annotations
@@ -61,29 +62,72 @@ def path_args(path: str, offload: Path) -> list[str]:
     return ["--streamed"] if path == "streamed" else []
 
 
-def digest(folder: Path) -> dict[str, str]:
-    """sha256 per file, plus the plan's hash without provenance.seed (the redesign gave HARP's plans
-    the seed every other method records; everything else must stay byte-identical)."""
-    files = {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-             for f in sorted(folder.rglob("*")) if f.is_file()}
-    plan = json.loads((folder / "pruning_plan.json").read_text())
-    plan["provenance"].pop("seed", None)
-    files["pruning_plan.json without provenance.seed"] = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+# keys of recovery.json that describe the run, not its result (times, speeds, the machine)
+RUN_FACTS = ("seconds", "tok_per_s", "tokens_per_s", "elapsed", "eta", "machine", "threads", "allocator", "peak")
+
+
+def without_run_facts(value):
+    if isinstance(value, dict):
+        return {k: without_run_facts(v) for k, v in value.items() if not any(f in k for f in RUN_FACTS)}
+    if isinstance(value, list):
+        return [without_run_facts(v) for v in value]
+    return value
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 per file (a folder's files, or one file); recovery.json by its content less run facts and
+    with the temporary work folder's path replaced by a fixed name."""
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    files = {}
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        if f.name == "recovery.json":
+            text = data.decode().replace(str(path.parent), "WORK")
+            data = json.dumps(without_run_facts(json.loads(text)), sort_keys=True).encode()
+        files[str(f.relative_to(path))] = hashlib.sha256(data).hexdigest()
     return files
 
 
-def run_all(work: Path) -> dict:
+def cli(argv: list[str]) -> int:
     from secateurs.cli import main
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(["--quiet", *argv])
+
+
+# (name, command after the model folder) for recovery and export, run on the `amp / memory` result
+AFTER_PRUNE = [
+    ("recover-full-kd", ["recover", "--teacher", str(STORIES), "--data", str(TEXT), "--tokens", "4096",
+                         "--train-length", "64", "--train-batch-size", "2", "--val-tokens", "512", "--full",
+                         "--threads", "1"]),
+    ("recover-lora-mix", ["recover", "--teacher", str(STORIES), "--data", str(TEXT), "--tokens", "4096",
+                          "--train-length", "64", "--train-batch-size", "2", "--val-tokens", "512", "--lora",
+                          "--kd-ratio", "0.5", "--threads", "1"]),
+    ("recover-ce", ["recover", "--data", str(TEXT), "--objective", "ce", "--tokens", "2048", "--train-length", "64",
+                    "--val-tokens", "512", "--threads", "1"]),
+    ("export-f32", ["export", "--outtype", "f32"]),
+    ("export-q8_0", ["export", "--outtype", "q8_0"]),
+]
+
+
+def run_all(work: Path) -> dict:
     results = {}
     for name, method_args, paths in RUNS:
         for path in paths:
             out = work / f"{name}-{path}"
-            argv = ["--quiet", "prune", str(STORIES), *method_args, *CALIB, *path_args(path, work / f"offload-{name}"), "--out", str(out)]
-            with contextlib.redirect_stdout(io.StringIO()):
-                status = main(argv)
+            status = cli(["prune", str(STORIES), *method_args, *CALIB, *path_args(path, work / f"offload-{name}"),
+                          "--out", str(out)])
             results[f"{name} / {path}"] = {"exit": status, "files": digest(out) if status == 0 else {}}
             print(f"{name} / {path}: exit {status}", file=sys.stderr)
+    pruned = work / "amp-memory"
+    for name, command in AFTER_PRUNE:
+        out = work / (f"{name}.gguf" if command[0] == "export" else name)
+        status = cli([command[0], str(pruned), *command[1:], "--out", str(out)])
+        results[f"{name} / amp"] = {"exit": status, "files": digest(out) if status == 0 else {}}
+        print(f"{name} / amp: exit {status}", file=sys.stderr)
     return results
 
 
