@@ -31,15 +31,15 @@ import torch
 import transformers
 
 import secateurs
-from secateurs.calibration import load_calibration
+from secateurs.calibration.data import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import plain_forward_seconds
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.evaluation.zero_shot import zero_shot
 from secateurs.methods import prune
 from secateurs.methods.options import methods_taking
-from secateurs.output import write_file
-from secateurs.statistics import collect_statistics
+from secateurs.storage.output import write_file
+from secateurs.calibration.statistics import collect_statistics
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}

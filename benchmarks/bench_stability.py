@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from secateurs.output import write_file  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
 from secateurs.evaluation.speed import machine_info
 
 
@@ -42,7 +42,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             out = Path(tmp) / f"run{i}.json"
-            subprocess.run([sys.executable, "-m", "secateurs.cli", "bench", args.model, "--dtype", "float32",
+            subprocess.run([sys.executable, "-m", "secateurs", "bench", args.model, "--dtype", "float32",
                             "--batch-sizes", args.batch_sizes, "--prompt-lengths", args.prompt_lengths,
                             "--repeats", str(args.repeats), "--out", str(out),
                             *(["--threads", str(args.threads)] if args.threads else [])], check=True, capture_output=True)

@@ -34,18 +34,18 @@ from pathlib import Path
 import torch
 
 import secateurs
-from secateurs.output import write_file  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
 from secateurs.adapters.plans import identity_plan
-from secateurs.calibration import load_calibration
+from secateurs.calibration.data import load_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.methods.options import CONSENSUS_METRICS
-from secateurs.statistics import collect_statistics
-from secateurs.surgery import apply_plan
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.surgery.apply import apply_plan
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}

@@ -28,14 +28,14 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from secateurs.output import write_file  # noqa: E402
-from secateurs.accounting import model_stats  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
 from secateurs.evaluation.report import eval_tables, render_markdown  # noqa: E402
 from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, machine_info  # noqa: E402
 from secateurs.evaluation.suite import EvalSpec, evaluate  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS  # noqa: E402
-from secateurs.loading import load_model  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.methods import METHODS, prune  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"

@@ -16,7 +16,7 @@ command 1 is timed whole.
 With --busy, the demo and the prune run again beside one busy process (a pure-Python loop, one
 core's worth of work) at each nice level given, each with an empty cache, per phase; with
 --compare-threads each of those also runs with `--threads CORES` (every kind of work on every
-core: torch's default, the policy before secateurs.threads):
+core: torch's default, the policy before secateurs.runtime.threads):
 
     PYTHONPATH=src python benchmarks/first_run.py --busy quiet,10,0 --compare-threads \
         --out benchmarks/results/first_run_busy
@@ -118,8 +118,8 @@ def busy_runs(conditions: list[str], compare: bool, model: str, work: Path, env:
     runs = []
     for condition in conditions:
         nice = None if condition == "quiet" else int(condition)
-        for policy in (["secateurs.threads", f"--threads {cores}"] if compare else ["secateurs.threads"]):
-            extra = [] if policy == "secateurs.threads" else ["--threads", str(cores)]
+        for policy in (["secateurs.runtime.threads", f"--threads {cores}"] if compare else ["secateurs.runtime.threads"]):
+            extra = [] if policy == "secateurs.runtime.threads" else ["--threads", str(cores)]
             tag = f"{condition}-{len(runs)}"
             cold = {**env, "SECATEURS_CACHE": str(work / f"cache-{tag}")}
             with beside_busy(nice):
@@ -200,7 +200,7 @@ def main() -> int:
         runs = busy_runs(args.busy.split(","), args.compare_threads, args.model, work, env, python)
         machine["load_after"] = load()
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from secateurs.output import write_file
+        from secateurs.storage.output import write_file
 
         out = Path(args.out)
         write_file(out.with_suffix(".json"), json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
@@ -220,7 +220,7 @@ def main() -> int:
     result = {"machine": machine, "install": install, "runs": runs}
     out = Path(args.out)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from secateurs.output import write_file
+    from secateurs.storage.output import write_file
 
     write_file(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_file(out.with_suffix(".md"), markdown(result))

@@ -27,17 +27,17 @@ import time
 from pathlib import Path
 
 
-from secateurs.output import write_file  # noqa: E402
-from secateurs.accounting import model_stats
-from secateurs.budget import Geometry
-from secateurs.calibration import load_calibration
+from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.planning.accounting import model_stats
+from secateurs.planning.budget import Geometry
+from secateurs.calibration.data import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import prune
 from secateurs.methods.harp import harp_plan, search_alphas
-from secateurs.statistics import collect_statistics
-from secateurs.surgery import apply_plan
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.surgery.apply import apply_plan
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

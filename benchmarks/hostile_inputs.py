@@ -23,7 +23,7 @@ Each case runs in a fresh folder (the case root) holding a world of victims: M/m
 input, stories260K), M/victim.txt, S (a pruned student secateurs wrote, made once per probe run and
 copied), sibling_run (another secateurs output), README.md, and the working directory (the case
 root, or a folder inside it). Snapshots record files (hash), folders and symbolic links, before and
-after. Cases run in-process (`secateurs.cli.main`) one at a time with a time limit (60 s; a case
+after. Cases run in-process (`secateurs.cli.main.main`) one at a time with a time limit (60 s; a case
 still running then is "silent": accepted and working), stderr captured at the file-descriptor level
 too, and the runner puts back the working directory (also when the case deleted it), signal
 handlers, torch's thread count and every monkeypatch, whatever the tested code did.
@@ -35,7 +35,7 @@ writes a few bytes and raises OSError(ENOSPC) (what a full disk does to each of 
 SIGTERM is sent by the process to itself after a given recovery step, or while a checkpoint file is
 being written.
 
-The fuzz cases are generated from the parsers (`secateurs.cli.build_parser()`): every option of
+The fuzz cases are generated from the parsers (`secateurs.cli.main.build_parser()`): every option of
 recover, report, sweep, tasks, bench, eval and export that takes a value, each given 0, -1, 1e13
 (10000000000000 for whole-number options), nan, inf, '', a non-UTF-8 file and a directory.
 
@@ -265,7 +265,7 @@ def run_main(argv: list[str], limit_s: int = LIMIT_S, cwd: str | os.PathLike | N
                     os.chdir(cwd)
                 for patch in patches:
                     stack.enter_context(patch)
-                from secateurs.cli import main
+                from secateurs.cli.main import main
 
                 signal.signal(signal.SIGTERM, _probe_sigterm)  # the CLI puts its own in place while it runs
                 signal.signal(signal.SIGALRM, _alarm)
@@ -839,9 +839,9 @@ _OPTIONS: dict[str, list] = {}
 
 def _value_options(command: str) -> list[tuple[str, tuple[str, ...], bool]]:
     """(flag, every spelling, integer-typed) of each option of `command` that takes a value (flags,
-    help and version left out), from secateurs.cli.build_parser() (read once per probe run)."""
+    help and version left out), from secateurs.cli.main.build_parser() (read once per probe run)."""
     if not _OPTIONS:
-        from secateurs.cli import build_parser
+        from secateurs.cli.main import build_parser
 
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         for name in FUZZ_COMMANDS:

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 from recovery import C4, CALIBRATION, WIKI, wiki_ppl  # noqa: E402  (the benchmark's protocol, its sibling)
 from recovery_settings_probe import append_result  # noqa: E402
-from secateurs.accounting import model_stats  # noqa: E402
+from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
-from secateurs.loading import load_model  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.methods.api import prune  # noqa: E402
 from secateurs.recovery import recover  # noqa: E402
 

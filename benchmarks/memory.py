@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from secateurs.output import write_file
+from secateurs.storage.output import write_file
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,13 +62,13 @@ def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from secateurs.calibration import Calibration
-    from secateurs.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.io import save_pruned
+    from secateurs.calibration.data import Calibration
+    from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
+    from secateurs.storage.pruned import save_pruned
     from secateurs.methods import make_plan
-    from secateurs.statistics import collect_statistics
-    from secateurs.streaming import streamed_statistics
-    from secateurs.surgery import apply_plan
+    from secateurs.calibration.statistics import collect_statistics
+    from secateurs.calibration.streaming import streamed_statistics
+    from secateurs.surgery.apply import apply_plan
 
     _warm_up(collect_statistics, streamed_statistics, Calibration)
     torch.manual_seed(0)

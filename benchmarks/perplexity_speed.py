@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from secateurs.output import write_file  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
 from secateurs.evaluation.perplexity import _window_nll, load_text, perplexity
 from secateurs.evaluation.speed import machine_info
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "assets" / "text" / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from secateurs.output import write_file
+from secateurs.storage.output import write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("SECATEURS_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -92,7 +92,7 @@ def digest(path: Path) -> dict[str, str]:
 
 
 def cli(argv: list[str]) -> int:
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         return main(["--quiet", *argv])

@@ -51,19 +51,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from secateurs.adapters.plans import layer_removal_plan  # noqa: E402
-from secateurs.output import write_file  # noqa: E402
-from secateurs.accounting import model_stats  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
-from secateurs.allocator import retain_freed_memory  # noqa: E402
+from secateurs.recovery.allocator import retain_freed_memory  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
 from secateurs.evaluation.zero_shot import zero_shot  # noqa: E402
-from secateurs.io import save_pruned  # noqa: E402
-from secateurs.loading import load_model  # noqa: E402
+from secateurs.storage.pruned import save_pruned  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
 from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
 from secateurs.recovery.iterative import prune_depth_recovering  # noqa: E402
 from secateurs.recovery.trainer import LoopSettings, RecoveryLoop  # noqa: E402
-from secateurs.surgery import apply_plan  # noqa: E402
+from secateurs.surgery.apply import apply_plan  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
@@ -238,7 +238,7 @@ def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None
 
 def _allocator_line(allocator: dict) -> str:
     if allocator.get("retained"):
-        how = allocator.get("how", "secateurs.allocator")
+        how = allocator.get("how", "secateurs.recovery.allocator")
         return (f"glibc keeps freed memory ({how}: mmap threshold {allocator['mmap_threshold'] >> 20} MiB, "
                 f"trim threshold {allocator['trim_threshold'] >> 20} MiB)")
     return f"glibc's defaults ({allocator.get('why', 'not applied')})"

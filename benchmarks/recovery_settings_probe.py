@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 from recovery import C4, WIKI, prune_for_run, wiki_ppl  # noqa: E402  (the benchmark's protocol, its sibling)
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
-from secateurs.io import load_pruned, read_plan, save_pruned  # noqa: E402
-from secateurs.loading import load_model  # noqa: E402
+from secateurs.storage.pruned import load_pruned, read_plan, save_pruned  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.recovery import recover  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def c4_prefix(tok, tokens: int, folder: Path) -> Path:
 def with_sampled_text(c4_records: Path, dense, tok, tokens: int, seq_len: int = 256) -> Path:
     """C4_RECORDS plus `tokens` of text sampled from the dense model ('self' data: the cached samples of
     a --data self run of 80k tokens, 321 x 256), decoded into text records, as one jsonl file."""
-    from secateurs.calibration import _self_generated
+    from secateurs.calibration.data import _self_generated
 
     samples = _self_generated(dense, tok, 321, seq_len, 0)[: -(-tokens // seq_len)]
     out = c4_records.with_name(f"{c4_records.stem}_plus_{len(samples)}_sampled.jsonl")

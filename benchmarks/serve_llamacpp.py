@@ -9,7 +9,7 @@ on 32 C4 samples of 128 tokens), each exported as f32 and q8_0. Per file:
 * prefill: one 512-token prompt (WikiText-2 tokens) into an empty cache, tokens/s;
 * decode: 128 greedy steps after that prompt, one token per llama.cpp call, tokens/s;
 * flash attention on (llama-cli's default on CPU), so every layer's KV cache has its own width;
-* ideal ratios: prefill from FLOPs at 512 tokens (secateurs.accounting), decode from the bytes one
+* ideal ratios: prefill from FLOPs at 512 tokens (secateurs.planning.accounting), decode from the bytes one
   step reads (the GGUF file's tensors + the f16 KV cache at the mean context of the decode);
 * perplexity: WikiText-2 test, first N tokens (HF tokenizer, the same ids for both engines),
   non-overlapping windows of 128, every token after the first of a window scored (seq128, as
@@ -59,8 +59,8 @@ def make_models(work: Path, threads: int) -> dict[str, Path]:
     """Pruned folders (reused when present) and the dense model saved the same way."""
     import torch
 
-    from secateurs.io import save_pruned
-    from secateurs.loading import load_model
+    from secateurs.storage.pruned import save_pruned
+    from secateurs.storage.loading import load_model
 
     folders = {}
     for name, args in VARIANTS.items():
@@ -144,10 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from secateurs.accounting import model_stats
+    from secateurs.planning.accounting import model_stats
     from secateurs.evaluation.perplexity import load_text, perplexity
     from secateurs.export import export_gguf
-    from secateurs.io import load_pruned
+    from secateurs.storage.pruned import load_pruned
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -211,7 +211,7 @@ def main() -> None:
     result = {"machine_before": before, "machine_after": machine(), "threads": args.threads, "repeats": args.repeats,
               "prompt_tokens": PROMPT, "decode_tokens": DECODE, "ppl_tokens": int(ids.numel()), "ppl_seq_len": 128,
               "seconds": round(time.time() - started), "models": rows}
-    from secateurs.output import write_file
+    from secateurs.storage.output import write_file
 
     write_file(RESULTS / "serve_llamacpp.json", json.dumps(result, indent=1) + "\n")
     write_file(RESULTS / "serve_llamacpp.md", markdown(result))

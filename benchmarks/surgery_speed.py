@@ -9,7 +9,7 @@ What is measured, and why:
    VmHWM afterwards is the peak of the surgery alone. Reported as
    (model bytes + peak RSS growth) / model bytes; the goal is "well under a second" and < 1.1x.
 2. Prefill. One forward pass over a 512-token prompt (batch 1, logits for every position, as the
-   FLOP count in `secateurs.accounting` assumes), dense and pruned interleaved, after warm-up.
+   FLOP count in `secateurs.planning.accounting` assumes), dense and pruned interleaved, after warm-up.
    The measured speedup is set beside the ideal one from FLOPs; the goal is measured/ideal >= 0.9.
 3. Decode. Greedy `generate` of exactly --new-tokens tokens with KV cache after a short prompt.
    Tokens/s (including the short prompt's prefill) dense vs pruned, beside the ideal speedup
@@ -48,11 +48,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from secateurs.output import write_file  # noqa: E402
-from secateurs.accounting import compare_stats, model_stats
-from secateurs.loading import load_model
+from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.planning.accounting import compare_stats, model_stats
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan
-from secateurs.surgery import apply_plan
+from secateurs.surgery.apply import apply_plan
 
 MODEL = "smollm2"
 METHOD = "magnitude"

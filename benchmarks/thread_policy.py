@@ -1,8 +1,8 @@
 """What each kind of work gets from 1 thread vs one per core, on a quiet machine and beside one busy
-process (a pure-Python loop at nice 10, then at nice 0): the measurements behind secateurs.threads.
+process (a pure-Python loop at nice 10, then at nice 0): the measurements behind secateurs.runtime.threads.
 
 Kinds of work, on SmolLM2-135M (the `smollm2` alias, float32):
-    decode   the 'self' sampler's decode loop (secateurs.calibration._sample): 32 samples x 64 tokens
+    decode   the 'self' sampler's decode loop (secateurs.calibration.data._sample): 32 samples x 64 tokens
     forward  batched forward passes (perplexity, statistics): 4 batches of 8 x 128 tokens
     train    full fine-tuning steps (recovery): 2 AdamW steps on 2 x 256 tokens
 
@@ -31,9 +31,9 @@ CONDITIONS = {"quiet": None, "busy nice 10": 10, "busy nice 0": 0}
 def worker(threads: int, repeats: int) -> dict:
     import torch
 
-    from secateurs import progress
-    from secateurs.calibration import _sample
-    from secateurs.loading import load_model
+    from secateurs.runtime import progress
+    from secateurs.calibration.data import _sample
+    from secateurs.storage.loading import load_model
 
     progress.set_quiet(True)
     torch.set_num_threads(threads)

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.calibration import load_calibration
+from secateurs.calibration.data import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan
-from secateurs.reconstruction import Reconstruction, apply_plan_dense, apply_plan_sequential, prune_and_refit_layer
-from secateurs.streaming import streamed_statistics
-from secateurs.surgery import sync_config
-from secateurs.statistics import collect_statistics
+from secateurs.surgery.reconstruction import Reconstruction, apply_plan_dense, apply_plan_sequential, prune_and_refit_layer
+from secateurs.calibration.streaming import streamed_statistics
+from secateurs.surgery.apply import sync_config
+from secateurs.calibration.statistics import collect_statistics
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 DAMPING = 0.3

@@ -25,13 +25,13 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.adapters.base import set_linear
-from secateurs.calibration import load_calibration
+from secateurs.calibration.data import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan
-from secateurs.runner import run_layer
-from secateurs.streaming import capture_layer_calls
-from secateurs.surgery import apply_layer_plan
+from secateurs.calibration.runner import run_layer
+from secateurs.calibration.streaming import capture_layer_calls
+from secateurs.surgery.apply import apply_layer_plan
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

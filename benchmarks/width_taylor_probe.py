@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.calibration import load_calibration
+from secateurs.calibration.data import load_calibration
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"

@@ -109,7 +109,7 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         share = max(1, (os.cpu_count() or 1) // workers)
-        os.environ["OMP_NUM_THREADS"] = str(share)  # secateurs.threads reads a process's share from it
+        os.environ["OMP_NUM_THREADS"] = str(share)  # secateurs.runtime.threads reads a process's share from it
         torch.set_num_threads(share)
 
 

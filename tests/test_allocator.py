@@ -1,10 +1,10 @@
-"""secateurs.allocator: freed blocks stay in the process (glibc), or nothing changes when disabled."""
+"""secateurs.recovery.allocator: freed blocks stay in the process (glibc), or nothing changes when disabled."""
 
 import ctypes
 
 import torch
 
-from secateurs import allocator
+from secateurs.recovery import allocator
 
 
 class MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h

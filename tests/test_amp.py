@@ -10,17 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from secateurs.adapters import get_adapter
-from secateurs.budget import plan_budget, unit_costs
-from secateurs.calibration import ALPACA_TEMPLATE, Calibration, load_calibration
+from secateurs.planning.budget import plan_budget, unit_costs
+from secateurs.calibration.data import ALPACA_TEMPLATE, Calibration, load_calibration
 from secateurs.criteria.amp import amp_scores
 from secateurs.criteria.wanda_sp import wanda_sp_scores
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.io import save_pruned
-from secateurs.loading import load_model
+from secateurs.storage.pruned import save_pruned
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
-from secateurs.plan import PruningPlan
-from secateurs.statistics import Statistics, collect_statistics, head_contribution_l1
+from secateurs.planning.plan import PruningPlan
+from secateurs.calibration.statistics import Statistics, collect_statistics, head_contribution_l1
 
 from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 
@@ -113,7 +113,7 @@ def test_head_contribution_in_bfloat16_and_chunks(monkeypatch):
     want = torch.stack([(x[:, h * 8:(h + 1) * 8].double() @ w[:, h * 8:(h + 1) * 8].double().T).abs().sum(1)
                         for h in range(4)], dim=1)
     torch.testing.assert_close(head_contribution_l1(x, w, 4).double(), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr("secateurs.statistics.CONTRIBUTION_CHUNK_ELEMENTS", 4 * 16 * 5)  # 5 tokens at a time
+    monkeypatch.setattr("secateurs.calibration.statistics.CONTRIBUTION_CHUNK_ELEMENTS", 4 * 16 * 5)  # 5 tokens at a time
     torch.testing.assert_close(head_contribution_l1(x, w, 4).double(), want, rtol=1e-5, atol=1e-5)
 
 

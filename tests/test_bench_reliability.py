@@ -262,7 +262,7 @@ def test_check_bench_result_refuses_a_reliable_flag_that_is_not_a_flag(models, m
 
 def test_demo_speed_rows_and_before_after_plot_mark_an_unreliable_ratio(models, monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from secateurs import demo
+    from secateurs.pipeline import demo
     from secateurs.evaluation import report
 
     busy = fake_bench(models, [1.0] + wild(), monkeypatch)
@@ -300,7 +300,7 @@ def test_demo_speed_rows_and_before_after_plot_mark_an_unreliable_ratio(models, 
 
 # -- one real bench through the command line ----------------------------------------------------------
 def test_cli_bench_records_paired_rounds_and_the_reliable_flag(tmp_path, capsys):
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", str(STORIES), "--baseline", str(STORIES), "--batch-sizes", "1", "--prompt-lengths", "8",

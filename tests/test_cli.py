@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from secateurs.cli import main
+from secateurs.cli.main import main
 
 from conftest import STORIES
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from secateurs.cli import main
+from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.output import MARKER, check_finite, clean_stale
+from secateurs.storage.output import MARKER, check_finite, clean_stale
 
 from conftest import ASSETS, STORIES, TINYSTORIES_TEXT
 
@@ -131,28 +131,28 @@ def _previous_output(tmp_path, world) -> tuple[Path, dict]:
 
 
 def test_crash_before_the_swap_keeps_the_old_output(world, tmp_path, monkeypatch, capsys):
-    import secateurs.output
+    import secateurs.storage.output
 
     out, old = _previous_output(tmp_path, world)
 
     def crash(tmp, target):
         raise RuntimeError("killed between writing and renaming")
 
-    monkeypatch.setattr(secateurs.output, "_swap_in", crash)
+    monkeypatch.setattr(secateurs.storage.output, "_swap_in", crash)
     assert main(["prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]) == 1
     assert snapshot(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M", "out"]
 
 
 def test_crash_after_the_first_shard_keeps_the_old_output(tmp_path, monkeypatch, capsys):
-    import secateurs.checkpoint
+    import secateurs.storage.checkpoint
 
     folder = _sharded(tmp_path)
     out = tmp_path / "out"
     assert main(["prune", str(folder), *PRUNE, "--streamed", "--calib", str(TINYSTORIES_TEXT), "--out",
                  str(out)]) == 0
     old = snapshot(out)
-    real = secateurs.checkpoint.save_file
+    real = secateurs.storage.checkpoint.save_file
     calls = []
 
     def failing(*args, **kwargs):
@@ -161,7 +161,7 @@ def test_crash_after_the_first_shard_keeps_the_old_output(tmp_path, monkeypatch,
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(secateurs.checkpoint, "save_file", failing)
+    monkeypatch.setattr(secateurs.storage.checkpoint, "save_file", failing)
     assert main(["prune", str(folder), "--method", "magnitude", "--ratio", "0.4", "--streamed", "--out", str(out),
                  "--force"]) == 1
     assert len(calls) == 2 and snapshot(out) == old
@@ -170,10 +170,10 @@ def test_crash_after_the_first_shard_keeps_the_old_output(tmp_path, monkeypatch,
 
 def test_swap_without_exchange_support_still_keeps_an_output(world, tmp_path, monkeypatch):
     """Where renameat2 cannot exchange (other systems), the fallback moves the old output aside."""
-    import secateurs.output
+    import secateurs.storage.output
 
     out, old = _previous_output(tmp_path, world)
-    monkeypatch.setattr(secateurs.output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(secateurs.storage.output, "_exchange", lambda a, b: False)
     assert main(["prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]) == 0
     assert snapshot(out) != old and (out / MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M", "out"]
@@ -205,8 +205,8 @@ def test_stale_folders_of_killed_runs_are_cleaned_or_restored(world, tmp_path, c
 
 PHASED_WRITER = """
 import os, sys, time
-import secateurs.hfcompat, secateurs.io, secateurs.output as out
-from secateurs.cli import main
+import secateurs.storage.hfcompat, secateurs.storage.pruned, secateurs.storage.output as out
+from secateurs.cli.main import main
 
 def announced(f, phase, done=False):
     # says on stdout that a phase of the writer begins (or, done, has ended); in the phase the test
@@ -222,7 +222,7 @@ def announced(f, phase, done=False):
         return r
     return run
 
-secateurs.io.save_model_files = announced(secateurs.hfcompat.save_model_files, "weights")  # written, not synced
+secateurs.storage.pruned.save_model_files = announced(secateurs.storage.hfcompat.save_model_files, "weights")  # written, not synced
 out._finish_tree = announced(out._finish_tree, "sync")                               # permissions, fsync
 out._exchange = announced(out._exchange, "swapped", done=True)                       # old output not yet removed
 sys.exit(main(sys.argv[1:]))
@@ -546,8 +546,8 @@ def test_fuzz_every_option_of_every_subcommand(world, tmp_path, capsys, monkeypa
     line, nothing written) or gets as far as loading the weights: never an unexpected failure, never
     a change to the files around it. (benchmarks/hostile_inputs.py runs the same cases to the end and
     classifies each exit 0.)"""
-    import secateurs.loading
-    from secateurs.cli import _subparsers, build_parser
+    import secateurs.storage.loading
+    from secateurs.cli.main import _subparsers, build_parser
 
     def loaded(*args, **kwargs):
         raise _Loaded()
@@ -559,7 +559,7 @@ def test_fuzz_every_option_of_every_subcommand(world, tmp_path, capsys, monkeypa
     student = tmp_path / "student"
     assert main(["prune", str(STORIES), *PRUNE, "--out", str(student)]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(secateurs.loading, "load_model", loaded)
+    monkeypatch.setattr(secateurs.storage.loading, "load_model", loaded)
     monkeypatch.chdir(tmp_path)  # relative names (--out 0) land here, where the snapshot sees them
     text, tasks, out = str(TINYSTORIES_TEXT), str(ASSETS / "commonsense" / "llm-foundry"), str(tmp_path / "out")
     bases = {

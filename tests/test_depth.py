@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import secateurs
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.calibration import Calibration, load_calibration
-from secateurs.cli import main
+from secateurs.calibration.data import Calibration, load_calibration
+from secateurs.cli.main import main
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, choose_tokens, final_hidden, score_layers
 from secateurs.criteria.similarity import DISTANCES
@@ -25,15 +25,15 @@ from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.methods import METHODS, make_plan
 from secateurs.methods.depth import DEPTH_METHODS, layers_for_target
 from secateurs.methods.options import CONSENSUS_METRICS
-from secateurs.plan import PruningPlan
-from secateurs.surgery import apply_plan
+from secateurs.planning.plan import PruningPlan
+from secateurs.surgery.apply import apply_plan
 
 from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 
 
 def _calibration(rows: list[list[int]], batch_size: int = 8) -> Calibration:
     """Right-padded batches of the given rows (as load_calibration builds them)."""
-    from secateurs.calibration import _batches
+    from secateurs.calibration.data import _batches
 
     return Calibration(_batches(rows, batch_size, 0), {"source": "test"}, "test")
 

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.io import save_pruned
-from secateurs.surgery import apply_plan
+from secateurs.storage.pruned import save_pruned
+from secateurs.surgery.apply import apply_plan
 
 from conftest import input_ids, masked_reference, tiny_model
 

@@ -10,10 +10,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from secateurs.accounting import compare_stats, model_stats
-from secateurs.cli import main
+from secateurs.planning.accounting import compare_stats, model_stats
+from secateurs.cli.main import main
 from secateurs.evaluation.speed import BenchConfig, bench_models, summarise
-from secateurs.io import save_pruned
+from secateurs.storage.pruned import save_pruned
 from secateurs.methods import prune
 
 from conftest import STORIES, TINYSTORIES_TEXT

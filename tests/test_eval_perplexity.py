@@ -11,7 +11,7 @@ import torch
 
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import evaluate_perplexity, load_text, perplexity, resolve_seq_len
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 
 from conftest import ASSETS, STORIES, tiny_model
 
@@ -126,7 +126,7 @@ def test_one_next_token_nll_on_adapter_logits_equals_the_models_own_loss(family)
     quirks (gemma2's soft-capping) come from the adapter, ignored targets are skipped, and rows beyond
     one chunk are scored."""
     from secateurs.adapters import get_adapter
-    from secateurs.runner import NLL_CHUNK_ROWS, summed_next_token_nll
+    from secateurs.calibration.runner import NLL_CHUNK_ROWS, summed_next_token_nll
 
     model = tiny_model(family)
     adapter = get_adapter(model)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from secateurs.errors import SecateursError  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, detect_format, local_task_config, zero_shot  # noqa: E402
-from secateurs.loading import load_model  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
 
 from conftest import ASSETS, STORIES  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_exported_task_yamls_run_in_lm_eval_itself(stories, hand_dir, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     out = tmp_path / "yamls"
     assert main(["tasks", "--data-dir", str(hand_dir), "--tasks", "story_mc,story_schema", "--out", str(out)]) == 0

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from secateurs import progress
+from secateurs.runtime import progress
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMANDS = ([], ["info"], ["prune"], ["plan"], ["plan", "show"], ["demo"], ["eval"], ["bench"], ["report"],
@@ -14,7 +14,7 @@ COMMANDS = ([], ["info"], ["prune"], ["plan"], ["plan", "show"], ["demo"], ["eva
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys\nfrom secateurs.cli import main\n"
+    code = ("import sys\nfrom secateurs.cli.main import main\n"
             f"for argv in {COMMANDS!r}:\n"
             "    try:\n        main(argv + ['--help'])\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
             "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'matplotlib') if m in sys.modules]\n"
@@ -66,7 +66,9 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys, monkeypatch):
 
 
 def test_light_names_match_the_implementations():
-    from secateurs import budget, names, selection
+    from secateurs.planning import budget
+    from secateurs.settings import names
+    from secateurs.planning import selection
     from secateurs.methods import METHODS
 
     assert sorted(names.METHOD_NAMES) == sorted(METHODS)
@@ -78,8 +80,9 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
 
     import torch
 
-    from secateurs import calibration, calibration_cache
-    from secateurs.loading import load_model
+    from secateurs.calibration import data as calibration
+    from secateurs.calibration import cache as calibration_cache
+    from secateurs.storage.loading import load_model
     from tests.conftest import STORIES
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))  # this test's own cache
@@ -126,7 +129,7 @@ def test_self_calibration_draws_tokens_in_proportion_and_never_a_suppressed_one(
     where it is the last of the vocabulary (the top of the CDF, where rounding could reach it)."""
     import torch
 
-    from secateurs.calibration import _draw
+    from secateurs.calibration.data import _draw
 
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
@@ -154,7 +157,7 @@ PER_COMMAND_DEFAULTS = {"--out", "--max-windows", "--limit", "--tasks"}  # tasks
 
 
 def _commands():
-    from secateurs.cli import _subparsers, build_parser
+    from secateurs.cli.main import _subparsers, build_parser
 
     return [(p.prog, p) for p in _subparsers(build_parser())]
 
@@ -198,7 +201,7 @@ def test_every_argument_has_a_description():
 
 
 def test_old_spellings_still_parse():
-    from secateurs.cli import build_parser
+    from secateurs.cli.main import build_parser
 
     args = build_parser().parse_args(["demo", "--seq-len", "64", "--text", "t.txt"])
     assert args.protocol == "64" and args.ppl == "t.txt"
@@ -214,10 +217,10 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     import pytest
     from transformers import AutoTokenizer
 
-    from secateurs import calibration
-    from secateurs.cli import main
+    from secateurs.calibration import data as calibration
+    from secateurs.cli.main import main
     from secateurs.evaluation.perplexity import perplexity
-    from secateurs.io import load_pruned
+    from secateurs.storage.pruned import load_pruned
     from tests.conftest import ASSETS, STORIES
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # this test's own cache
@@ -278,8 +281,8 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
 def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
     import torch
 
-    from secateurs import loading
-    from secateurs.identity import model_identity
+    from secateurs.storage import loading
+    from secateurs.storage.identity import model_identity
     from tests.conftest import STORIES
 
     model, tok = loading.load_model(str(STORIES), "float32")
@@ -296,7 +299,7 @@ def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
     data = bytearray(weights.read_bytes())
     data[-64:] = bytes(64)  # damaged weights (a sampled row changes), or ...
     weights.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="secateurs.loading"):
+    with caplog.at_level("WARNING", logger="secateurs.storage.loading"):
         assert loading.cached_gguf_model(folder, source, None) is None
     weights.write_bytes(b"not safetensors")  # ... an unreadable file: ignored, never trusted
     assert loading.cached_gguf_model(folder, source, None) is None
@@ -306,7 +309,7 @@ def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
 def test_demo_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch, capsys):
     """README command 1 once installed secateurs without the plots extra: the demo then failed after
     minutes of work, at the report. A missing plotting library is said before anything loads."""
-    from secateurs.cli import main
+    from secateurs.cli.main import main
     from tests.conftest import STORIES
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
@@ -331,7 +334,7 @@ def test_gguf_load_parses_the_file_once_and_gives_the_same_weights(tmp_path, mon
     import gguf
     import torch
 
-    from secateurs import loading
+    from secateurs.storage import loading
     from secateurs.export.gguf_export import export_gguf
     from tests.conftest import STORIES
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.budget import Geometry, KeepCounts
-from secateurs.io import load_pruned, save_pruned
+from secateurs.planning.budget import Geometry, KeepCounts
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.methods import make_plan
-from secateurs.statistics import collect_statistics
-from secateurs.surgery import apply_plan
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.surgery.apply import apply_plan
 
 from conftest import input_ids, tiny_model
 from test_amp import _padded_calibration

@@ -17,15 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llama_cpp
 from secateurs.adapters.plans import identity_plan
-from secateurs.cli import main
+from secateurs.cli.main import main
 from secateurs.errors import SecateursError
 from secateurs.export import OUTTYPES, export_gguf, plan_export
-from secateurs.io import load_pruned, save_pruned
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.methods import make_plan
-from secateurs.names import GGUF_OUTTYPES
-from secateurs.plan import PruningPlan
-from secateurs.statistics import collect_statistics
-from secateurs.surgery import apply_plan
+from secateurs.settings.names import GGUF_OUTTYPES
+from secateurs.planning.plan import PruningPlan
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.surgery.apply import apply_plan
 
 from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from test_amp import _padded_calibration

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.calibration import load_calibration
-from secateurs.io import load_pruned, save_pruned
-from secateurs.loading import load_model
+from secateurs.calibration.data import load_calibration
+from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.storage.loading import load_model
 from secateurs.methods.harp import _tail_nll, capture_layer_inputs, harp_plan
-from secateurs.surgery import apply_plan, replace_attention
+from secateurs.surgery.apply import apply_plan, replace_attention
 
 from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from secateurs.calibration import Calibration
-from secateurs.checkpoint import prune_checkpoint
-from secateurs.cli import main
+from secateurs.calibration.data import Calibration
+from secateurs.storage.checkpoint import prune_checkpoint
+from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.loading import load_model
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan
-from secateurs.offload import has_offloaded_weights, parse_device_map
-from secateurs.surgery import apply_plan
+from secateurs.storage.offload import has_offloaded_weights, parse_device_map
+from secateurs.surgery.apply import apply_plan
 
 from conftest import tiny_model
 
@@ -74,7 +74,7 @@ def test_offloaded_plan_is_applied_shard_by_shard_and_reloads(folders, tmp_path)
     out = prune_checkpoint(folders / "dense", plan, tmp_path / "pruned")
     assert len(list(out.glob("*.safetensors"))) == len(list((folders / "dense").glob("*.safetensors")))
     reference = apply_plan(AutoModelForCausalLM.from_pretrained(folders / "dense", dtype=torch.float64).eval(), plan)
-    from secateurs.io import load_pruned
+    from secateurs.storage.pruned import load_pruned
 
     reloaded = load_pruned(out, dtype=torch.float64)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))

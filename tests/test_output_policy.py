@@ -1,4 +1,4 @@
-"""One output policy for every writer (secateurs.output): recover, report, sweep, tasks, bench, eval,
+"""One output policy for every writer (secateurs.storage.output): recover, report, sweep, tasks, bench, eval,
 export and checkpoints replace only an output of their own kind, only with --force, never a sibling,
 never through a symbolic link, one run at a time; recovery options that cannot finish or fit are
 refused before the first step. Every refusal leaves the victims byte-identical."""
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ASSETS, STORIES, TINYSTORIES_TEXT
-from secateurs import output
-from secateurs.cli import main
+from secateurs.storage import output
+from secateurs.cli.main import main
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.2"]
 TINY = ["--data", str(TINYSTORIES_TEXT), "--tokens", "256", "--train-length", "32", "--val-tokens", "64",
@@ -270,10 +270,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(world, capsys, monkeypatch, co
     (["--max-hours", "0"], "greater than 0"),
 ])
 def test_recovery_budgets_are_checked_before_any_weights_load(world, capsys, monkeypatch, extra, message):
-    import secateurs.loading
+    import secateurs.storage.loading
     from secateurs.recovery import trainer
 
-    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(trainer.RecoveryLoop, "run", lambda *a, **k: pytest.fail("training started"))
     before = tree(world)
     refused(recover_args(world, world / "student", world / "rec", *extra), capsys, message)
@@ -308,9 +308,9 @@ def test_prune_plan_refuses_options_it_would_ignore(world, capsys):
 
 
 def test_prune_recover_budget_is_checked_before_the_model_loads(world, capsys, monkeypatch):
-    import secateurs.loading
+    import secateurs.storage.loading
 
-    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     before = tree(world)
     refused(["prune", str(STORIES), *PRUNE, "--recover", "--data", str(TINYSTORIES_TEXT), "--tokens", str(10**13),
              "--out", str(world / "p")], capsys, "--max-hours")

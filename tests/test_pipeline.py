@@ -1,4 +1,4 @@
-"""The library runs a pruning job (secateurs.pipeline): every method gives the same plan and the same
+"""The library runs a pruning job (secateurs.pipeline.jobs): every method gives the same plan and the same
 weights in memory, streamed from the checkpoint and device-mapped with disk offload; each method's
 options are its own, and an option it does not take is refused before any work."""
 
@@ -14,7 +14,7 @@ from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS, get_method, make_plan
 from secateurs.methods.options import methods_taking
-from secateurs.pipeline import PruneJob, run
+from secateurs.pipeline.jobs import PruneJob, run
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
               "model.layers.3": "cpu", "model.layers.4": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
@@ -78,7 +78,7 @@ def test_command_line_flags_and_help_come_from_the_options_dataclasses(capsys):
     """The options dataclasses are the one declaration: the registry's methods hold the classes the
     command line reads (without torch), every option field with a flag is in `prune --help` with the
     methods that take it, and a flag reaches the method as its field."""
-    from secateurs.cli import _method_options, build_parser
+    from secateurs.cli.main import _method_options, build_parser
     from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of
 
     assert {name: type(m).options for name, m in METHODS.items()} == OPTIONS_BY_METHOD
@@ -111,7 +111,7 @@ def test_each_method_declares_its_needs_and_its_options(method):
 
 
 def test_cli_refuses_a_flag_the_method_does_not_take_and_reads_harp_layers_as_top_layers(tmp_path, capsys):
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     assert main(["prune", str(STORIES), "--method", "consensus", "--layers", "1", "--rounding", "paper",
                  "--out", str(tmp_path / "x")]) == 2
@@ -129,7 +129,7 @@ def test_evaluation_never_imports_methods_or_runs_pruning():
 
     import secateurs.evaluation
 
-    above = ("secateurs.methods", "secateurs.pipeline", "secateurs.sweep", "secateurs.cli")
+    above = ("secateurs.methods", "secateurs.pipeline", "secateurs.cli")
     for path in Path(secateurs.evaluation.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

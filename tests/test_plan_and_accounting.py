@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.accounting import compare_stats, model_stats
+from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.adapters import LayerShape, get_adapter
-from secateurs.budget import KeepCounts, uniform_keep_counts
+from secateurs.planning.budget import KeepCounts, uniform_keep_counts
 from secateurs.errors import PlanError, SecateursError, UnsupportedModelError
 from secateurs.methods import make_plan, prune
-from secateurs.plan import PruningPlan
-from secateurs.surgery import apply_plan
+from secateurs.planning.plan import PruningPlan
+from secateurs.surgery.apply import apply_plan
 
 from conftest import tiny_model
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from secateurs import progress
+from secateurs.runtime import progress
 
 from conftest import STORIES, TINYSTORIES_TEXT
 

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.io import load_pruned, save_pruned
-from secateurs.loading import load_model
+from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.storage.loading import load_model
 from secateurs.methods import prune
 
 from conftest import STORIES, TINYSTORIES_TEXT

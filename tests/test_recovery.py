@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 import secateurs
 from secateurs.adapters.plans import identity_plan
-from secateurs.cli import main
+from secateurs.cli.main import main
 from secateurs.errors import OutputExistsError, SecateursError
-from secateurs.io import load_pruned, save_pruned
-from secateurs.loading import load_model
+from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
-from secateurs.plan import PLAN_FILENAME, PruningPlan
+from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
 from secateurs.recovery import data as recovery_data
 from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, load_recovery_data
@@ -26,7 +26,7 @@ from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_in
 from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
 from secateurs.recovery.trainer import DataOrder, LoopSettings, RecoveryLoop
-from secateurs.surgery import apply_plan
+from secateurs.surgery.apply import apply_plan
 
 from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
 
@@ -592,7 +592,7 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
     assert record["data"]["evaluation_overlap"] == [{"file": "wiki.test.raw", "ngram": 13, "shared_fraction": 0.0,
                                                         "evaluated_tokens": 1024}]
-    assert record["allocator"]["retained"] is True  # a CPU run keeps freed memory (secateurs.allocator)
+    assert record["allocator"]["retained"] is True  # a CPU run keeps freed memory (secateurs.recovery.allocator)
     for when in ("before", "after"):
         assert f"perplexity on wiki.test.raw {when} recovery (seq 128, first 1,024 tokens) ... done in" in captured.err
 
@@ -614,11 +614,11 @@ def test_recover_places_teacher_and_student_with_accelerate(stories, amp20, tmp_
                              "lm_head": "cpu"})
     on_cpu = json.dumps({"model": "cpu", "lm_head": "cpu"})
     placed = ["--device-map", offloading, "--offload-folder", str(tmp_path / "offload"), "--student-device-map", on_cpu]
-    import secateurs.loading
-    from secateurs.offload import has_offloaded_weights
+    import secateurs.storage.loading
+    from secateurs.storage.offload import has_offloaded_weights
 
-    loaded, real_load = [], secateurs.loading.load_model
-    monkeypatch.setattr(secateurs.loading, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    loaded, real_load = [], secateurs.storage.loading.load_model
+    monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     assert main([*base, *placed, "--out", str(tmp_path / "placed")]) == 0
     (student, _), (teacher, _) = loaded
     assert set(getattr(student, "hf_device_map", {"": "cpu"}).values()) == {"cpu"} and not has_offloaded_weights(student)

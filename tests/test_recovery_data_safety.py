@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from secateurs.cli import main
+from secateurs.cli.main import main
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import load_text
-from secateurs.io import save_pruned
-from secateurs.loading import load_model
+from secateurs.storage.pruned import save_pruned
+from secateurs.storage.loading import load_model
 from secateurs.methods import prune
 from secateurs.recovery import RECOVERY_FILENAME
 from secateurs.recovery.data import (OVERLAP_LIMIT, EvaluationText, RecoveryDataError, check_recovery_source,
@@ -54,8 +54,8 @@ def pruned_folder(stories, tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if any model is loaded or any pruning starts; returns what was attempted."""
-    import secateurs.loading
-    import secateurs.pipeline
+    import secateurs.storage.loading
+    import secateurs.pipeline.jobs
 
     attempted = []
 
@@ -65,9 +65,9 @@ def no_loading(monkeypatch):
             raise AssertionError(f"{name} ran before the data was checked")
         return called
 
-    monkeypatch.setattr(secateurs.loading, "load_model", refuse("load_model"))
-    monkeypatch.setattr(secateurs.pipeline, "prune_in_memory", refuse("prune_in_memory"))
-    monkeypatch.setattr(secateurs.pipeline, "prune_and_save", refuse("prune_and_save"))
+    monkeypatch.setattr(secateurs.storage.loading, "load_model", refuse("load_model"))
+    monkeypatch.setattr(secateurs.pipeline.jobs, "prune_in_memory", refuse("prune_in_memory"))
+    monkeypatch.setattr(secateurs.pipeline.jobs, "prune_and_save", refuse("prune_and_save"))
     return attempted
 
 

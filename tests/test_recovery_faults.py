@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
-from secateurs.cli import main
+from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.loading import load_model
-from secateurs.output import MARKER
+from secateurs.storage.loading import load_model
+from secateurs.storage.output import MARKER
 from secateurs.recovery import RecoveryError, recover
 from secateurs.recovery.trainer import (BEST_FILE, SCHEDULERS, SETTINGS_FILE, STATE_FILE, WEIGHTS_FILE,
                                         check_scheduler)

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.errors import OutputExistsError
-from secateurs.io import load_pruned, save_pruned
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.methods import prune
-from secateurs.plan import PLAN_FILENAME, PruningPlan
-from secateurs.surgery import apply_plan
+from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
+from secateurs.surgery.apply import apply_plan
 
 from conftest import FAMILIES, input_ids, tiny_model
 

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.checkpoint import load_skeleton, prune_checkpoint
-from secateurs.io import load_pruned
+from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
+from secateurs.storage.pruned import load_pruned
 from secateurs.methods import make_plan
-from secateurs.statistics import collect_statistics
-from secateurs.streaming import streamed_statistics
-from secateurs.surgery import apply_plan
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.calibration.streaming import streamed_statistics
+from secateurs.surgery.apply import apply_plan
 
 from conftest import input_ids, tiny_model
 from test_amp import _padded_calibration
@@ -49,7 +49,7 @@ def test_sequential_mode_measures_each_layer_after_the_ones_below_are_pruned():
     def prune_layer(index, layer, a, m):
         lp = plan.layers[index]
         from secateurs.adapters import get_adapter
-        from secateurs.surgery import apply_layer_plan
+        from secateurs.surgery.apply import apply_layer_plan
 
         apply_layer_plan(get_adapter(model), layer, lp, *plan.resolve_layer(lp))
 
@@ -114,7 +114,7 @@ def test_checkpoint_streaming_and_shard_by_shard_pruning(tmp_path):
 
 
 def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     from conftest import STORIES, TINYSTORIES_TEXT
 
@@ -135,9 +135,9 @@ def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
 ])
 def test_lazy_skeleton_holds_one_decoder_layer_at_a_time(method, options, monkeypatch):
     """On a lazy skeleton, every method reads decoder layers one at a time: never two at once."""
-    from secateurs.calibration import load_calibration
-    from secateurs.checkpoint import CheckpointTensors
-    from secateurs.loading import _tokenizer
+    from secateurs.calibration.data import load_calibration
+    from secateurs.storage.checkpoint import CheckpointTensors
+    from secateurs.storage.loading import _tokenizer
 
     from conftest import STORIES, TINYSTORIES_TEXT
 

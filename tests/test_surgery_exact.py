@@ -10,8 +10,8 @@ import torch
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.plan import PruningPlan
-from secateurs.surgery import apply_plan
+from secateurs.planning.plan import PruningPlan
+from secateurs.surgery.apply import apply_plan
 
 from conftest import FAMILIES, input_ids, masked_reference, tiny_model
 

@@ -1,4 +1,4 @@
-"""The thread policy (secateurs.threads): fixed per kind of work from the process's cores, never from
+"""The thread policy (secateurs.runtime.threads): fixed per kind of work from the process's cores, never from
 the load; --threads overrides it; the counts are recorded; outputs are bit-identical across counts."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import STORIES
-from secateurs import threads
-from secateurs.cli import main
-from secateurs.output import MARKER
+from secateurs.runtime import threads
+from secateurs.cli.main import main
+from secateurs.storage.output import MARKER
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +52,8 @@ def test_working_sets_and_restores_torch_threads():
 
 
 def test_self_sampling_decodes_on_the_decode_count(monkeypatch, tmp_path):
-    from secateurs import calibration
-    from secateurs.loading import load_model
+    from secateurs.calibration import data as calibration
+    from secateurs.storage.loading import load_model
 
     model, tokenizer = load_model(str(STORIES))
     seen = []
@@ -75,8 +75,8 @@ def test_forward_and_decode_are_bit_identical_across_thread_counts():
     the same bits at 1 and 2 threads (stories260K here; SmolLM2 in benchmarks/thread_policy.py).
     Training steps are not compared: their backward reductions may differ in the last bits, so the
     train count is fixed by the cores alone."""
-    from secateurs.calibration import _sample
-    from secateurs.loading import load_model
+    from secateurs.calibration.data import _sample
+    from secateurs.storage.loading import load_model
 
     model, _ = load_model(str(STORIES))
     ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))

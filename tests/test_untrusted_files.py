@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from secateurs.cli import main
-from secateurs.plan import ALPHA_MAX, PLAN_FILENAME
+from secateurs.cli.main import main
+from secateurs.planning.plan import ALPHA_MAX, PLAN_FILENAME
 
 from conftest import STORIES
 
@@ -82,10 +82,10 @@ def test_plan_nested_200000_levels_is_refused(tmp_path, capsys):
 
 
 def test_plan_over_the_size_limit_is_refused(runs, tmp_path, capsys, monkeypatch):
-    import secateurs.plan
+    import secateurs.planning.plan
 
     plan = _plan(runs, tmp_path, lambda d: None)
-    monkeypatch.setattr(secateurs.plan, "PLAN_MAX_BYTES", plan.stat().st_size - 1)
+    monkeypatch.setattr(secateurs.planning.plan, "PLAN_MAX_BYTES", plan.stat().st_size - 1)
     _refused(["plan", "show", str(plan)], capsys, str(plan), "secateurs reads at most")
 
 

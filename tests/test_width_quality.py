@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.budget import Geometry, target_params
-from secateurs.calibration import Calibration
+from secateurs.planning.budget import Geometry, target_params
+from secateurs.calibration.data import Calibration
 from secateurs.errors import SecateursError
-from secateurs.io import load_pruned, save_pruned
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.methods import make_plan, prune
-from secateurs.plan import PruningPlan
-from secateurs.reconstruction import ridge_refit
-from secateurs.statistics import Statistics, collect_statistics
+from secateurs.planning.plan import PruningPlan
+from secateurs.surgery.reconstruction import ridge_refit
+from secateurs.calibration.statistics import Statistics, collect_statistics
 
 from conftest import input_ids, tiny_model
 
@@ -117,7 +117,7 @@ def test_sequential_reconstruction_fits_each_layer_on_the_pruned_layers_below():
     step, _ = prune(copy.deepcopy(model), plan=first, calibration=calibration, reconstruct="dense", progress=False)
     stats = collect_statistics(step, calibration, progress=False, gram=True)
     expected = copy.deepcopy(step)
-    from secateurs.reconstruction import Reconstruction, prune_and_refit_layer
+    from secateurs.surgery.reconstruction import Reconstruction, prune_and_refit_layer
 
     adapter = get_adapter(expected)
     prune_and_refit_layer(adapter, adapter.decoder_layers(expected)[1], plan, plan.layers[1], stats.attention[1],
@@ -203,7 +203,7 @@ def test_chosen_split_is_recorded_and_reapplying_the_plan_reproduces_the_model(t
 def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatch):
     """On a GQA model several shares round to the same whole KV groups; the search masks each
     distinct plan once and gives the shares that share it the same KL."""
-    from secateurs import split
+    from secateurs.planning import split
 
     model, calibration = tiny_model("llama-gqa"), _calibration()
     few = make_plan(model, "amp", 0.1, calibration=calibration, split="balanced", progress=False)
@@ -224,7 +224,7 @@ def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatc
 def test_refit_pass_without_scores_still_refuses_non_finite_activations():
     """The re-fit pass collects no importance scores; a NaN at a real token must still stop it
     (the check reads the channel sums too), while NaN at padding is ignored."""
-    from secateurs.statistics import InputStats, check_finite
+    from secateurs.calibration.statistics import InputStats, check_finite
 
     x = torch.ones(1, 3, 4)
     x[0, 2, 1] = float("nan")
@@ -267,7 +267,7 @@ def test_amp_default_searches_the_split_and_refits_on_the_same_data(name):
 def test_split_search_needs_the_weights_in_memory(tmp_path):
     """A device-mapped model gets the balanced split by default; a search asked for is refused
     before any calibration work."""
-    from secateurs.loading import load_model
+    from secateurs.storage.loading import load_model
 
     tiny_model("llama-gqa").save_pretrained(tmp_path / "dense")
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
@@ -307,7 +307,7 @@ def test_gram_statistics_save_and_load(tmp_path):
 def test_streamed_reconstruction_equals_in_memory(tmp_path):
     """prune --streamed --reconstruct: one layer in memory, fits applied shard by shard, the same
     weights as the in-memory run."""
-    from secateurs.cli import main
+    from secateurs.cli.main import main
 
     from conftest import STORIES, TINYSTORIES_TEXT
 
@@ -349,8 +349,8 @@ def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):
 
 
 def test_cli_split_values():
-    from secateurs.arguments import CommandLineError
-    from secateurs.cli import build_parser
+    from secateurs.settings.values import CommandLineError
+    from secateurs.cli.main import build_parser
 
     parse = build_parser().parse_args
     assert parse(["prune", "m", "--out", "o", "--split", "search"]).method_split == "search"

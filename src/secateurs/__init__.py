@@ -1,6 +1,6 @@
 """secateurs: exact structured pruning for Hugging Face causal language models.
 
-The public names are imported on first use, so `import secateurs.cli` (and `secateurs --help`)
+The public names are imported on first use, so `import secateurs.cli.main` (and `secateurs --help`)
 does not pay for torch and transformers, and no module imports the package root.
 """
 
@@ -10,16 +10,16 @@ from secateurs.version import __version__
 
 _PUBLIC = {
     "SecateursError": "secateurs.errors",
-    "LayerPlan": "secateurs.plan",
-    "PruningPlan": "secateurs.plan",
-    "apply_plan": "secateurs.surgery",
-    "load_pruned": "secateurs.io",
-    "save_pruned": "secateurs.io",
+    "LayerPlan": "secateurs.planning.plan",
+    "PruningPlan": "secateurs.planning.plan",
+    "apply_plan": "secateurs.surgery.apply",
+    "load_pruned": "secateurs.storage.pruned",
+    "save_pruned": "secateurs.storage.pruned",
     "prune": "secateurs.methods",
     "recover": "secateurs.recovery",
     "export_gguf": "secateurs.export",
-    "PruneJob": "secateurs.pipeline",
-    "run": "secateurs.pipeline",
+    "PruneJob": "secateurs.pipeline.jobs",
+    "run": "secateurs.pipeline.jobs",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -1,5 +1,5 @@
 import sys
 
-from secateurs.cli import main
+from secateurs.cli.main import main
 
 sys.exit(main())

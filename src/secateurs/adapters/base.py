@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from secateurs.value_attention import is_replaced
+from secateurs.surgery.value_attention import is_replaced
 
 
 @dataclass(frozen=True)
@@ -222,5 +222,5 @@ class ModelAdapter:
 
     def stock_equivalent_config(self, config_dict: dict) -> dict | None:
         """A config dict of an identical stock architecture whose validation accepts these
-        shapes, or None when the family has none (see secateurs.hfcompat)."""
+        shapes, or None when the family has none (see secateurs.storage.hfcompat)."""
         return None

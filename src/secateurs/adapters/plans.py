@@ -1,10 +1,10 @@
-"""The geometry a plan is bound to, read from a model through its adapter: secateurs.plan stays pure
+"""The geometry a plan is bound to, read from a model through its adapter: secateurs.planning.plan stays pure
 data (JSON, validation, queries) and never looks at a model."""
 
 from __future__ import annotations
 
 from secateurs.adapters import get_adapter
-from secateurs.plan import LayerPlan, PruningPlan
+from secateurs.planning.plan import LayerPlan, PruningPlan
 
 
 def plan_base(model) -> dict:

@@ -1,11 +1,11 @@
 """AMP (arXiv 2504.21174): a head matters as much as the L1 norm of what it writes into the
 residual stream (its output projected by its slice of W_O), a neuron as much as its mean
-absolute activation. Both are read from one calibration pass (secateurs.statistics)."""
+absolute activation. Both are read from one calibration pass (secateurs.calibration.statistics)."""
 
 from __future__ import annotations
 
 from secateurs.criteria.scores import StructureScores
-from secateurs.statistics import Statistics
+from secateurs.calibration.statistics import Statistics
 
 
 def amp_scores(stats: Statistics, averaging: str = "prompt") -> StructureScores:

@@ -26,14 +26,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from secateurs.progress import bar
+from secateurs.runtime.progress import bar
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
-from secateurs.runner import run_layer, summed_next_token_nll
-from secateurs.offload import materialized
-from secateurs.streaming import capture_layer_calls
+from secateurs.calibration.runner import run_layer, summed_next_token_nll
+from secateurs.storage.offload import materialized
+from secateurs.calibration.streaming import capture_layer_calls
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
 LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output

@@ -8,8 +8,8 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.scores import StructureScores
-from secateurs.offload import each_materialized
-from secateurs.statistics import Statistics
+from secateurs.storage.offload import each_materialized
+from secateurs.calibration.statistics import Statistics
 
 
 @torch.no_grad()

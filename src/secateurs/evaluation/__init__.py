@@ -2,7 +2,7 @@
 configs for local jsonl), speed and memory against a baseline, and reports with plots.
 
 Heavy dependencies (torch, lm-eval, matplotlib) are imported only when used: the CLI's parsers
-(secateurs.cli_evaluation) must not pay for them. Nothing here imports secateurs.methods."""
+(secateurs.cli.evaluation) must not pay for them. Nothing here imports secateurs.methods."""
 
 from importlib import import_module
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from secateurs.errors import SecateursError
-from secateurs.output import write_file, write_folder
+from secateurs.storage.output import write_file, write_folder
 
 SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
 
@@ -361,9 +361,9 @@ RESULT_MAX_BYTES = 64 * 2**20  # eval.json / bench.json / recovery.json: secateu
 
 
 def _load_json(path: Path | None, what: str = "result file") -> dict | None:
-    """A JSON object from a file a user hands us (secateurs.plan.read_json_file's limits: size,
+    """A JSON object from a file a user hands us (secateurs.planning.plan.read_json_file's limits: size,
     depth, UTF-8, finite numbers); its fields are checked by the caller."""
-    from secateurs.plan import read_json_file
+    from secateurs.planning.plan import read_json_file
 
     if path is None:
         return None
@@ -553,7 +553,7 @@ def load_scores(path: str | Path):
         return StructureScores.load(path)
     try:
         from secateurs.criteria.amp import amp_scores
-        from secateurs.statistics import Statistics
+        from secateurs.calibration.statistics import Statistics
 
         return amp_scores(Statistics.load(path))
     except Exception as exc:
@@ -577,7 +577,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     to eval.json / bench.json inside the folder when they exist. The report folder (default
     RUN/report) is never the run folder or one of its files; an existing one is replaced only with
     force, and only a report."""
-    from secateurs.plan import PLAN_FILENAME, PruningPlan
+    from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 
     run_dir = Path(run_dir)
     if run_dir.is_file():

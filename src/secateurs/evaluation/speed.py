@@ -21,7 +21,7 @@ spread is still above the threshold, or above MAX_REPORTED_SPREAD (25%) whatever
 is not reported: it is null, with `"reliable": false`, its spread and a reason ("machine busy:
 load L on N cores"). Each model's absolute figure is the median over all its rounds, with min,
 max and relative spread ((max - min) / median). The ideal ratios come from the shapes
-(`secateurs.accounting`): prefill from FLOPs (lm_head on the last position only), decode from
+(`secateurs.planning.accounting`): prefill from FLOPs (lm_head on the last position only), decode from
 bytes read per step (weights + KV cache), so the gap to the limit shows.
 
 The measuring loop reads its time from `clock` (a parameter, else the module-level `clock`,
@@ -44,10 +44,10 @@ from typing import Callable
 
 import torch
 
-from secateurs import threads
+from secateurs.runtime import threads
 from secateurs.errors import SecateursError
-from secateurs.names import DEFAULT_MAX_SPREAD  # one default for bench and demo
-from secateurs.progress import bar as progress_bar
+from secateurs.settings.names import DEFAULT_MAX_SPREAD  # one default for bench and demo
+from secateurs.runtime.progress import bar as progress_bar
 
 MAX_REPORTED_SPREAD = 0.25  # a ratio whose paired spread exceeds this is never printed, whatever the threshold
 DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo gives itself less)
@@ -304,7 +304,7 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
     docstring). The first label is the baseline that ratios are taken against (speedup = baseline
     time / model time, per round). `clock` (default: this module's `clock`) times the rounds;
     `measure` (default: measure_once) takes (model, batch, length, decode_tokens, seed)."""
-    from secateurs.accounting import model_stats
+    from secateurs.planning.accounting import model_stats
 
     config = config or BenchConfig()
     config.validate()

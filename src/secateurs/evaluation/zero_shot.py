@@ -29,11 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from secateurs.errors import SecateursError
-from secateurs.output import write_folder
+from secateurs.storage.output import write_folder
 
 TASK_DIR = Path(__file__).with_name("tasks")
-from secateurs.names import STANDARD_TASKS
-from secateurs.progress import phase
+from secateurs.settings.names import STANDARD_TASKS
+from secateurs.runtime.progress import phase
 FILE_ALIASES = {"openbookqa": ("openbookqa", "openbook_qa"), "arc_easy": ("arc_easy", "arc-easy"),
                 "arc_challenge": ("arc_challenge", "arc-challenge")}
 # llm-foundry queries lack lm-eval's answer cue; these complete them to lm-eval's prompts.

@@ -55,10 +55,10 @@ from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
                                         rotary_dims, unsupported)
 from secateurs.export.gguf_vocab import add_tokenizer
-from secateurs.output import check_finite, check_output_file, writing_file
-from secateurs.progress import phase
+from secateurs.storage.output import check_finite, check_output_file, writing_file
+from secateurs.runtime.progress import phase
 from secateurs.version import __version__
-from secateurs.value_attention import RemovedAttention, ValueOnlyAttention
+from secateurs.surgery.value_attention import RemovedAttention, ValueOnlyAttention
 
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -68,11 +68,11 @@ _MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizat
 
 def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer=None, force: bool = False,
                 inputs=()) -> Path:
-    """Write `model` (a model in memory, or anything secateurs.loading.load_model takes: a pruned
+    """Write `model` (a model in memory, or anything secateurs.storage.loading.load_model takes: a pruned
     folder, HF folder, .gguf or alias) as a GGUF file at `out`; returns its path. `tokenizer`: a
     fast tokenizer or a folder holding tokenizer.json (default: the model's own).
 
-    The file is built beside `out` and renamed into place (secateurs.output), so `out` holds either
+    The file is built beside `out` and renamed into place (secateurs.storage.output), so `out` holds either
     the old file or the complete new one; an existing file is replaced only with force."""
     if outtype not in OUTTYPES:
         raise SecateursError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
@@ -81,7 +81,7 @@ def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer=N
         sources.append(model)
     target = check_gguf_output(out, force, sources)
     if isinstance(model, (str, os.PathLike)):
-        from secateurs.loading import load_model
+        from secateurs.storage.loading import load_model
 
         folder = Path(model).expanduser()
         model, loaded = load_model(str(model), dtype=torch.float32)
@@ -98,7 +98,7 @@ WRITER_KEY = "secateurs.writer"  # metadata of every GGUF secateurs writes ("sec
 
 
 def check_gguf_output(out, force: bool, inputs) -> Path:
-    """The output rules of secateurs.output for a .gguf file: an existing file is replaced only with
+    """The output rules of secateurs.storage.output for a .gguf file: an existing file is replaced only with
     force and only when secateurs wrote it (its WRITER_KEY metadata); any other file is left alone."""
     return check_output_file(out, inputs, suffixes=(".gguf",), what="GGUF output", force=force,
                              kind="gguf", replaceable=written_gguf)

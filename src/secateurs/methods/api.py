@@ -7,18 +7,18 @@ from __future__ import annotations
 import logging
 import os
 
-from secateurs.accounting import model_stats
-from secateurs.calibration import Calibration, as_calibration, load_calibration
+from secateurs.planning.accounting import model_stats
+from secateurs.calibration.data import Calibration, as_calibration, load_calibration
 from secateurs.errors import SecateursError
-from secateurs.identity import model_identity
+from secateurs.storage.identity import model_identity
 from secateurs.methods.base import PlanContext
 from secateurs.methods.registry import get_method
 from secateurs.methods.width import WIDTH_DEFAULTS
-from secateurs.plan import PruningPlan
-from secateurs.progress import phase
-from secateurs.reconstruction import DEFAULT_DAMPING, Reconstruction, apply_plan_dense, apply_plan_sequential
-from secateurs.statistics import Statistics, collect_statistics
-from secateurs.surgery import apply_plan
+from secateurs.planning.plan import PruningPlan
+from secateurs.runtime.progress import phase
+from secateurs.surgery.reconstruction import DEFAULT_DAMPING, Reconstruction, apply_plan_dense, apply_plan_sequential
+from secateurs.calibration.statistics import Statistics, collect_statistics
+from secateurs.surgery.apply import apply_plan
 
 log = logging.getLogger("secateurs")
 
@@ -111,7 +111,7 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, **keywords)
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
-    ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.budget.
+    ratio_of='prunable'); or layers_equivalent=k decoder layers' worth. See secateurs.planning.budget.
     tokenizer, calibration (a Calibration or a source spec), calibration_options, statistics,
     seed, progress and scores_out (a dict receiving the StructureScores behind the plan) go to
     every method; any other keyword is one of the method's options (its `options` dataclass,
@@ -148,7 +148,7 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     (re-fitted as its provenance records, on the calibration data given).
 
     reconstruct: 'sequential' or 'dense' least-squares re-fitting of the output projections
-    (secateurs.reconstruction), 'none', or None for the method's default (reconstruction_for);
+    (secateurs.surgery.reconstruction), 'none', or None for the method's default (reconstruction_for);
     damping: ridge toward the original weights (default 0.1); reconstruct_bias: also fit a bias
     where the family has none. The plan's provenance gains the parameter counts before and after
     surgery.

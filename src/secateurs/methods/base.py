@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from secateurs.methods.options import MethodOptions
-from secateurs.plan import PruningPlan
+from secateurs.planning.plan import PruningPlan
 from secateurs.version import __version__
 
 
@@ -24,7 +24,7 @@ class Needs:
     """What making a plan reads besides the weights of the decoder layers."""
 
     calibration: bool = False  # calibration data at all
-    statistics: bool = False   # per-channel activation statistics from a calibration pass (secateurs.statistics)
+    statistics: bool = False   # per-channel activation statistics from a calibration pass (secateurs.calibration.statistics)
     lm_head: bool = False      # embeddings, final norm and LM head (scores through the model's output)
 
 

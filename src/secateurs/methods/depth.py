@@ -28,14 +28,14 @@ import random
 from typing import ClassVar
 
 from secateurs.adapters.plans import layer_removal_plan
-from secateurs.budget import Geometry, target_params
-from secateurs.calibration import Calibration, as_calibration
+from secateurs.planning.budget import Geometry, target_params
+from secateurs.calibration.data import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import CONSENSUS_METRICS, DepthOptions
-from secateurs.plan import PruningPlan
+from secateurs.planning.plan import PruningPlan
 
 class DepthMethod(Method):
     """Whole-layer removal: `choice` is 'rank' (rank-sum of metrics), 'block' (Gromov's contiguous

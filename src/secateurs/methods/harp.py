@@ -16,19 +16,19 @@ import torch
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.budget import Geometry, target_params
-from secateurs.calibration import Calibration
+from secateurs.planning.budget import Geometry, target_params
+from secateurs.calibration.data import Calibration
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import HarpOptions
 from secateurs.methods.flap import flap_plan
-from secateurs.offload import detached_copy, input_device
-from secateurs.plan import ALPHA_MAX, PruningPlan
-from secateurs.runner import run_layer, summed_next_token_nll
-from secateurs.progress import bar as progress_bar
-from secateurs.statistics import collect_statistics
-from secateurs.streaming import dense_layer_inputs
-from secateurs.surgery import apply_plan, replace_attention
+from secateurs.storage.offload import detached_copy, input_device
+from secateurs.planning.plan import ALPHA_MAX, PruningPlan
+from secateurs.calibration.runner import run_layer, summed_next_token_nll
+from secateurs.runtime.progress import bar as progress_bar
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.calibration.streaming import dense_layer_inputs
+from secateurs.surgery.apply import apply_plan, replace_attention
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 

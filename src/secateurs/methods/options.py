@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from secateurs.arguments import finite_list, fraction, name_list, nonnegative_int, positive_int
+from secateurs.settings.values import finite_list, fraction, name_list, nonnegative_int, positive_int
 from secateurs.errors import SecateursError
-from secateurs.names import (ALLOCATIONS, DEPTH_METHOD_NAMES, GQA_MODES, ROUNDINGS, SELECTIONS, SPLITS,
+from secateurs.settings.names import (ALLOCATIONS, DEPTH_METHOD_NAMES, GQA_MODES, ROUNDINGS, SELECTIONS, SPLITS,
                              WIDTH_METHODS)
 
 SPLIT_SAMPLES = 8  # calibration samples the split candidates are scored on
@@ -71,7 +71,7 @@ def _gqa_option() -> Any:
 
 @dataclass(frozen=True)
 class WidthOptions(MethodOptions):
-    """What every score-based width method takes (see secateurs.budget and secateurs.allocation)."""
+    """What every score-based width method takes (see secateurs.planning.budget and secateurs.planning.allocation)."""
 
     title: ClassVar[str] = "width methods (amp*, wanda-sp*, magnitude, random; see README 'Beyond the paper')"
     selection: str = option("standard", "standard: drop the lowest scores; reversed: drop the highest (sanity "

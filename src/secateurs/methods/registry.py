@@ -1,6 +1,6 @@
 """Every method by name: one class per method, one file per method (depth methods share depth.py).
 To add a method: write its file (a Method subclass, or a ScoredWidthMethod with a `score`), add it
-here and its name to secateurs.names (the CLI's choices, kept without torch)."""
+here and its name to secateurs.settings.names (the CLI's choices, kept without torch)."""
 
 from __future__ import annotations
 

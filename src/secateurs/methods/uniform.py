@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import LayerShape
-from secateurs.budget import KeepCounts
+from secateurs.planning.budget import KeepCounts
 from secateurs.criteria import StructureScores
-from secateurs.plan import PruningPlan
-from secateurs.selection import select_heads, top_indices
+from secateurs.planning.plan import PruningPlan
+from secateurs.planning.selection import select_heads, top_indices
 
 
 def uniform_width_plan(model, scores: StructureScores, counts: list[KeepCounts]) -> PruningPlan:

@@ -7,19 +7,19 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
-from secateurs.allocation import balanced_attention_share, global_counts, uniform_counts
-from secateurs.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
+from secateurs.planning.allocation import balanced_attention_share, global_counts, uniform_counts
+from secateurs.planning.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.criteria import StructureScores
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, MethodOptions, PlanContext, provenance
 from secateurs.methods.options import WidthOptions
 from secateurs.methods.uniform import uniform_width_plan
-from secateurs.offload import weights_in_memory
-from secateurs.names import ALLOCATIONS, SPLITS
-from secateurs.plan import PruningPlan
-from secateurs.progress import phase, status
-from secateurs.selection import apply_selection
-from secateurs.split import CANDIDATE_FRACTIONS, choose_attention_share
+from secateurs.storage.offload import weights_in_memory
+from secateurs.settings.names import ALLOCATIONS, SPLITS
+from secateurs.planning.plan import PruningPlan
+from secateurs.runtime.progress import phase, status
+from secateurs.planning.selection import apply_selection
+from secateurs.planning.split import CANDIDATE_FRACTIONS, choose_attention_share
 
 log = logging.getLogger("secateurs")
 
@@ -108,7 +108,7 @@ def check_allocation(method: ScoredWidthMethod, allocation: str, split, rounding
 
 def allocated_plan(context: PlanContext, scores: StructureScores, ratio, gqa: str, parts: str, allocation: str,
                    split, split_samples: int):
-    """(plan, budget report) for a chosen attention share and allocation (secateurs.allocation)."""
+    """(plan, budget report) for a chosen attention share and allocation (secateurs.planning.allocation)."""
     model = context.model
     geo = Geometry.of(model)
     target, settings = target_params(geo, ratio, context.ratio_of, context.layers_equivalent)

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from secateurs import threads
+from secateurs.runtime import threads
 from secateurs.adapters.plans import plan_base
-from secateurs.names import MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT, MAX_TEMPERATURE
+from secateurs.settings.names import MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT, MAX_TEMPERATURE
 from secateurs.version import __version__
-from secateurs.accounting import model_stats
+from secateurs.planning.accounting import model_stats
 from secateurs.errors import SecateursError
-from secateurs.io import save_pruned
-from secateurs.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
-from secateurs.progress import status
-from secateurs.plan import CONFIG_KEY, PruningPlan
+from secateurs.storage.pruned import save_pruned
+from secateurs.storage.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
+from secateurs.runtime.progress import status
+from secateurs.planning.plan import CONFIG_KEY, PruningPlan
 from secateurs.recovery.data import RecoveryData, load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
 from secateurs.recovery.objectives import OBJECTIVES, Objective
@@ -39,7 +39,7 @@ from secateurs.recovery.trainer import (STATE_FILE, LoopSettings, RecoveryError,
 
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
-CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.output)
+CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.storage.output)
 METHODS = ("full", "lora")
 # The AMP paper's recovery (official fine_tune.py): LoRA r=8, alpha=16, dropout 0.05 on the seven
 # projections, lr 3e-4. Its data (Alpaca-cleaned, 2 epochs) is the caller's --data.
@@ -124,7 +124,7 @@ def _resolved_options(options: dict, has_teacher: bool) -> tuple[dict, dict, str
 def check_resources(student, teacher, device, **options) -> None:
     """Refuse, before the weights load, a run of recover(student, teacher, **options) estimated past
     max_hours or the free memory of `device`: the models may be meta skeletons built from their
-    configs (secateurs.checkpoint.load_skeleton), only their shapes are read."""
+    configs (secateurs.storage.checkpoint.load_skeleton), only their shapes are read."""
     o, v, objective = _resolved_options(options, teacher is not None)
     _check_resources(student, teacher if objective != "ce" else None, _lora_settings(v), tokens=o["tokens"],
                      seq_len=o["seq_len"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
@@ -144,7 +144,7 @@ def _self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens) -> in
 
 def _check_bounds(temperature, hidden_weight, objective: str, lora: dict | None, data, self_samples, checkpoint_dir,
                   save_every, resume) -> None:
-    """Settings with an upper bound (secateurs.names) and settings that apply only with another."""
+    """Settings with an upper bound (secateurs.settings.names) and settings that apply only with another."""
     if not 0 < temperature <= MAX_TEMPERATURE:
         raise SecateursError(f"temperature must be in (0, {MAX_TEMPERATURE:g}] (the loss is scaled by T^2), got "
                              f"{temperature}")
@@ -342,7 +342,7 @@ def _not_the_parent(teacher, plan: PruningPlan | None) -> str | None:
         return None
     recorded = plan.provenance.get("base_identity")
     if isinstance(recorded, str):
-        from secateurs.identity import model_identity
+        from secateurs.storage.identity import model_identity
 
         here = model_identity(teacher)
         return None if here == recorded else f"its weights' fingerprint {here} is not the plan's base {recorded}"

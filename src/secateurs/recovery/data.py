@@ -1,7 +1,7 @@
 """Recovery data: a source -> fixed-length packed sequences with labels, split into a training set
 and a held-out validation slice, with a description and a hash for recovery.json.
 
-Sources are the calibration sources (secateurs.calibration): a text file, a .jsonl file of
+Sources are the calibration sources (secateurs.calibration.data): a text file, a .jsonl file of
 ``text`` records or of Alpaca records (instruction / input / output), ``hf:NAME[:CONFIG]:SPLIT``,
 ``tinystories`` and ``self`` (text sampled from the teacher, the offline default). Documents are
 tokenised, joined with EOS and cut into sequences of exactly ``seq_len`` tokens (the ragged tail
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from secateurs.calibration import _hf_texts, _self_generated
+from secateurs.calibration.data import _hf_texts, _self_generated
 from secateurs.errors import SecateursError
-from secateurs.jsonl import file_sha256, iter_jsonl, read_text_file
+from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
 
 IGNORE_INDEX = -100
 # Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from secateurs.progress import phase
+from secateurs.runtime.progress import phase
 from secateurs.recovery.api import RecoveryResult, check_options, check_resources, checkpoint_folder, recover
 
 
@@ -25,9 +25,9 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     trains, and is refused if it would offload any of its weights (an optimiser steps weights on
     their device). Without a map a model goes to `device`."""
     from secateurs.evaluation.perplexity import load_text, perplexity
-    from secateurs.loading import load_model
-    from secateurs.output import check_output_dir
-    from secateurs.plan import PLAN_FILENAME, PruningPlan
+    from secateurs.storage.loading import load_model
+    from secateurs.storage.output import check_output_dir
+    from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
     from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
 
     data = options.get("data", "self")
@@ -62,9 +62,9 @@ def check_resources_before_loading(pruned: str, teacher: str | None, device: str
     """The time and memory estimate from the models' configs (meta skeletons, no weights read), for
     local Hugging Face folders; recover() checks again on the loaded models. (prune --recover passes
     the dense model as both: an upper bound for the student it prunes.)"""
-    from secateurs.checkpoint import load_skeleton
+    from secateurs.storage.checkpoint import load_skeleton
     from secateurs.errors import SecateursError
-    from secateurs.loading import resolve_source
+    from secateurs.storage.loading import resolve_source
 
     def skeleton(source):
         try:
@@ -88,8 +88,8 @@ def check_resources_before_loading(pruned: str, teacher: str | None, device: str
 def _load_student(pruned: str, dtype, device: str, device_map):
     """The student on `device`, or placed by `device_map` (never offloaded: it trains)."""
     from secateurs.errors import SecateursError
-    from secateurs.loading import load_model
-    from secateurs.offload import has_offloaded_weights
+    from secateurs.storage.loading import load_model
+    from secateurs.storage.offload import has_offloaded_weights
 
     student, tokenizer = load_model(pruned, dtype, device, device_map)
     if device_map is not None and has_offloaded_weights(student):

@@ -19,15 +19,15 @@ import copy
 import inspect
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.calibration import as_calibration
-from secateurs.accounting import model_stats
+from secateurs.calibration.data import as_calibration
+from secateurs.planning.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
-from secateurs.progress import status
+from secateurs.runtime.progress import status
 from secateurs.recovery.api import recover
 from secateurs.recovery.data import sources_read_once
 from secateurs.recovery.trainer import LoopSettings
-from secateurs.surgery import apply_plan
+from secateurs.surgery.apply import apply_plan
 from secateurs.version import __version__
 
 DEFAULT_TOKENS = 200_000

