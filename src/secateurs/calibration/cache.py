@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from secateurs.storage.cache import root
 from secateurs.storage.output import write_file
 
 log = logging.getLogger("secateurs")
@@ -24,8 +25,6 @@ VERSION = 1
 
 
 def folder() -> Path:
-    from secateurs.storage.cache import root
-
     return root() / "calibration"
 
 

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from secateurs.runtime import threads
+from secateurs.calibration import cache as calibration_cache
 from secateurs.errors import SecateursError
+from secateurs.runtime import threads
+from secateurs.runtime.progress import bar, phase, status
+from secateurs.storage.identity import model_identity
 from secateurs.storage.jsonl import iter_jsonl, read_text_file
 from secateurs.storage.offload import input_device
-from secateurs.runtime.progress import bar, phase, status
 
 log = logging.getLogger("secateurs")
 
@@ -126,8 +128,6 @@ def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: i
         start = getattr(tokenizer, "eos_token_id", None)
     if start is None:
         raise SecateursError("'self' calibration needs a tokenizer with a BOS or EOS token to start from")
-    from secateurs.calibration import cache as calibration_cache
-    from secateurs.storage.identity import model_identity
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
     key = dict(model=model_identity(model), seed=seed, num_samples=num_samples, max_length=max_length, start=int(start),
@@ -265,7 +265,7 @@ def _hf_texts(spec: str) -> list[str]:
     if len(parts) not in (2, 3):
         raise SecateursError("use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 (optional: only hf: sources need datasets)
     except ImportError as exc:
         raise SecateursError("hf: calibration sources need the `datasets` package (pip install datasets)") from exc
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts

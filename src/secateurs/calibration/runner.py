@@ -9,7 +9,7 @@ Padding is never read, so zeroing it after every layer changes nothing else.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from secateurs.runtime.progress import bar
 
 from secateurs.adapters import get_adapter
-from secateurs.errors import SecateursError
 from secateurs.calibration.runner import zero_padding
+from secateurs.errors import SecateursError
+from secateurs.runtime.progress import bar
 from secateurs.storage.offload import input_device, materialized
-from secateurs.storage.output import check_finite as check_finite_tensors, writing_file
+from secateurs.storage.output import check_finite as check_finite_tensors
+from secateurs.storage.output import writing_file
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
 CONTRIBUTION_CHUNK_ELEMENTS = 1 << 22  # 16 MiB in float32: small beside one layer of any LLM
@@ -90,7 +91,7 @@ class InputStats:
     gram: torch.Tensor | None = None  # (channels, channels) sum of x x^T over real tokens, float64
 
     @classmethod
-    def zeros(cls, units: int, channels: int, gram: bool = False) -> "InputStats":
+    def zeros(cls, units: int, channels: int, gram: bool = False) -> InputStats:
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
         return cls(z(units), z(units), z(channels), z(channels),
                    gram=torch.zeros(channels, channels, dtype=torch.float64) if gram else None)
@@ -155,7 +156,7 @@ class Statistics:
                                                    "counts": json.dumps(counts)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Statistics":
+    def load(cls, path: str | os.PathLike) -> Statistics:
         with _opened(path) as f:
             meta = f.metadata() or {}
             counts = json.loads(meta["counts"])
@@ -171,7 +172,7 @@ class Statistics:
             return json.loads((f.metadata() or {})["description"])
 
     @classmethod
-    def _from_tensors(cls, tensors: dict, counts: dict, description: dict) -> "Statistics":
+    def _from_tensors(cls, tensors: dict, counts: dict, description: dict) -> Statistics:
         check_finite_tensors(tensors, "statistics file")
         out = {}
         for kind in ("attention", "mlp"):

@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from secateurs.runtime.progress import bar
 
 from secateurs.adapters import get_adapter
+from secateurs.calibration.runner import run_layer
+from secateurs.calibration.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 from secateurs.errors import SecateursError
+from secateurs.runtime.progress import bar
 from secateurs.storage.identity import model_identity
 from secateurs.storage.offload import has_offloaded_weights, input_device, materialized
 from secateurs.storage.output import write_file, writing_file
-from secateurs.calibration.runner import run_layer
-from secateurs.calibration.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 
 MODES = ("dense", "sequential")
 

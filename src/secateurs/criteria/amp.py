@@ -4,8 +4,8 @@ absolute activation. Both are read from one calibration pass (secateurs.calibrat
 
 from __future__ import annotations
 
-from secateurs.criteria.scores import StructureScores
 from secateurs.calibration.statistics import Statistics
+from secateurs.criteria.scores import StructureScores
 
 
 def amp_scores(stats: Statistics, averaging: str = "prompt") -> StructureScores:

@@ -26,14 +26,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from secateurs.runtime.progress import bar
 
 from secateurs.adapters import get_adapter
+from secateurs.calibration.runner import run_layer, summed_next_token_nll
+from secateurs.calibration.streaming import capture_layer_calls
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
-from secateurs.calibration.runner import run_layer, summed_next_token_nll
+from secateurs.runtime.progress import bar
 from secateurs.storage.offload import materialized
-from secateurs.calibration.streaming import capture_layer_calls
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
 LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output
@@ -124,12 +124,14 @@ def final_hidden(model, trace: Trace, skip=()) -> torch.Tensor:
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     skip = set(skip)
-    return adapter.final_norm(model)(_run(layers, trace.hidden, trace, [j for j in range(len(layers)) if j not in skip]))
+    kept = [j for j in range(len(layers)) if j not in skip]
+    return adapter.final_norm(model)(_run(layers, trace.hidden, trace, kept))
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
-    return ((a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).nan_to_num(1.0)
+    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+    return ((a * b).sum(-1) / norms).nan_to_num(1.0)
 
 
 @dataclass

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from secateurs.adapters import get_adapter
+from secateurs.calibration.statistics import Statistics
 from secateurs.criteria.scores import StructureScores
 from secateurs.storage.offload import each_materialized
-from secateurs.calibration.statistics import Statistics
 
 
 @torch.no_grad()

@@ -11,7 +11,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from secateurs.storage.output import writing_file
 
 
 @dataclass
@@ -23,12 +26,11 @@ class StructureScores:
     def save(self, path: str | os.PathLike) -> None:
         tensors = {f"heads.{i}": t.float().contiguous() for i, t in enumerate(self.heads)}
         tensors.update({f"neurons.{i}": t.float().contiguous() for i, t in enumerate(self.neurons)})
-        save_file(tensors, str(path), metadata={"description": json.dumps(self.description)})
+        with writing_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"description": json.dumps(self.description)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "StructureScores":
-        from safetensors import safe_open
-
+    def load(cls, path: str | os.PathLike) -> StructureScores:
         with safe_open(str(path), "pt") as f:
             description = json.loads(f.metadata().get("description", "{}"))
         tensors = load_file(str(path))

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.linalg import svdvals
+from scipy.optimize import linear_sum_assignment
 
 from secateurs.errors import SecateursError
 
@@ -83,14 +85,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(xy / (xx * yy))
 
 
-def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def _unbiased_hsic(k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Song et al. (2012) unbiased HSIC estimator on Gram matrices with zeroed diagonals."""
     n = k.shape[0]
     k = k - torch.diag(torch.diag(k))
-    l = l - torch.diag(torch.diag(l))
+    g = g - torch.diag(torch.diag(g))
     ones = torch.ones(n, dtype=k.dtype)
-    kl = k @ l
-    term = torch.trace(kl) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2)) \
+    kl = k @ g
+    term = torch.trace(kl) + (ones @ k @ ones) * (ones @ g @ ones) / ((n - 1) * (n - 2)) \
         - 2.0 / (n - 2) * (ones @ kl @ ones)
     return term / (n * (n - 3))
 
@@ -99,8 +101,8 @@ def unbiased_linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA from the unbiased HSIC estimator (Nguyen et al. 2021): plain CKA is biased towards
     1 when features outnumber tokens; this one is not. Needs at least 4 tokens; O(tokens^2) memory."""
     x, y = _pair(x, y, 4)
-    k, l = x @ x.T, y @ y.T
-    kl, kk, ll = _unbiased_hsic(k, l), _unbiased_hsic(k, k), _unbiased_hsic(l, l)
+    k, g = x @ x.T, y @ y.T
+    kl, kk, ll = _unbiased_hsic(k, g), _unbiased_hsic(k, k), _unbiased_hsic(g, g)
     if kk <= 0 or ll <= 0:
         return 1.0 if torch.equal(x, y) else 0.0
     return float(kl / torch.sqrt(kk * ll))
@@ -167,7 +169,6 @@ def procrustes_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     <X, YQ> after centring and unit-norm scaling, in radians, [0, pi/2] for real data. The best
     rotation's score is the nuclear norm of X^T Y (what scipy's orthogonal_procrustes returns as
     its scale; its singular values alone are several times cheaper than the rotation)."""
-    from scipy.linalg import svdvals
 
     x, y = _pair(x, y, 2)
     x, y = _common_basis(_shape_normalise(x), _shape_normalise(y))
@@ -179,7 +180,6 @@ def permutation_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Angular shape distance after the best one-to-one matching of Y's features to X's (scipy's
     linear_sum_assignment on the cross-covariance): a layer that only reorders or relabels
     features scores 0; unlike Procrustes, mixing features is not forgiven."""
-    from scipy.optimize import linear_sum_assignment
 
     x, y = _pair(x, y, 2)
     x, y = _shape_normalise(x), _shape_normalise(y)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from secateurs.runtime.progress import bar
 
+from secateurs.calibration.runner import summed_next_token_nll
 from secateurs.errors import SecateursError
+from secateurs.runtime.progress import bar
 from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
 from secateurs.storage.offload import input_device
-from secateurs.calibration.runner import summed_next_token_nll
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
 PROTOCOL_NOTES = {

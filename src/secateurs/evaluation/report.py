@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+
 from secateurs.errors import SecateursError
+from secateurs.planning.plan import PLAN_FILENAME, PruningPlan, read_json_file
 from secateurs.storage.output import write_file, write_folder
 
 SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
@@ -81,11 +85,11 @@ def write_page(blocks: list[tuple], out_dir: Path, stem: str, title: str) -> dic
 # -- plots ------------------------------------------------------------------------------------
 def _plt():
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the plots extra)
     except ImportError as exc:
         raise SecateursError('plots need matplotlib: pip install "secateurs[plots]"') from exc
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the plots extra)
 
     return plt
 
@@ -137,7 +141,6 @@ def plot_kept_per_layer(plan, path: Path) -> Path:
 def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     """Layer x head heatmap of importance scores (normalised per layer to [0, 1], since score
     scales differ between layers), removed heads crossed out; without scores, the kept mask."""
-    import numpy as np
 
     plt = _plt()
     a = plan_arrays(plan)
@@ -172,7 +175,8 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
 UNRELIABLE = "unreliable"  # a before/after value that was not measured reliably: marked, never drawn
 
 
-def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = ("dense", "pruned", "recovered")) -> Path:
+def plot_before_after(rows: list[tuple], path: Path,
+                      labels: tuple[str, ...] = ("dense", "pruned", "recovered")) -> Path:
     """Grouped bars, each metric relative to the dense model (= 1): rows of (metric, dense, pruned,
     ideal pruned/dense or None[, recovered or None]). Ideal ratios are drawn as black ticks over the
     pruned bar; a recovered bar is drawn when a row has one. A value of UNRELIABLE (a speed ratio
@@ -209,7 +213,6 @@ def plot_before_after(rows: list[tuple], path: Path, labels: tuple[str, ...] = (
 
 def _curve(points, what: str) -> tuple[list[float], list[float]]:
     """(tokens, loss) of a recovery curve read from a recovery.json (a file a user may hand us)."""
-    import math
 
     if not isinstance(points, list):
         raise SecateursError(f"recovery.json: curves.{what} is not a list")
@@ -339,7 +342,7 @@ def eval_tables(ev: dict) -> list[tuple]:
 def bench_blocks(bench: dict) -> list[tuple]:
     """The speed section of a report: how it was measured, and one row per model and shape; a ratio
     whose paired rounds stayed too spread reads "not measured reliably (why)" instead of a number."""
-    from secateurs.evaluation.speed import bench_intro, ratio_of, ratio_text
+    from secateurs.evaluation.speed import bench_intro, ratio_of, ratio_text  # noqa: PLC0415 (imports torch; report is torch-free without scores)
 
     header = ["model", "batch", "prompt", "rounds", "prefill tok/s (± spread)", "decode tok/s (± spread)", "TTFT ms",
               "peak MiB", "prefill x (ideal)", "decode x (ideal)"]
@@ -363,7 +366,6 @@ RESULT_MAX_BYTES = 64 * 2**20  # eval.json / bench.json / recovery.json: secateu
 def _load_json(path: Path | None, what: str = "result file") -> dict | None:
     """A JSON object from a file a user hands us (secateurs.planning.plan.read_json_file's limits: size,
     depth, UTF-8, finite numbers); its fields are checked by the caller."""
-    from secateurs.planning.plan import read_json_file
 
     if path is None:
         return None
@@ -537,9 +539,9 @@ def read_report_inputs(run_dir: Path, eval_file=None, bench_file=None, scores=No
 def load_scores(path: str | Path):
     """StructureScores from a scores file, or AMP scores computed from a calibration statistics
     file (`secateurs prune --stats FILE`)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # noqa: PLC0415 (imports torch; report is torch-free without scores)
 
-    from secateurs.criteria import StructureScores
+    from secateurs.criteria import StructureScores  # noqa: PLC0415 (imports torch; report is torch-free without scores)
 
     path = Path(path)
     if not path.exists():
@@ -552,8 +554,8 @@ def load_scores(path: str | Path):
     if "heads.0" in keys:
         return StructureScores.load(path)
     try:
-        from secateurs.criteria.amp import amp_scores
-        from secateurs.calibration.statistics import Statistics
+        from secateurs.calibration.statistics import Statistics  # noqa: PLC0415 (imports torch; report is torch-free without scores)
+        from secateurs.criteria.amp import amp_scores  # noqa: PLC0415 (imports torch; report is torch-free without scores)
 
         return amp_scores(Statistics.load(path))
     except Exception as exc:
@@ -577,7 +579,6 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     to eval.json / bench.json inside the folder when they exist. The report folder (default
     RUN/report) is never the run folder or one of its files; an existing one is replaced only with
     force, and only a report."""
-    from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -585,7 +586,8 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, 
     else:
         plan_path = run_dir / PLAN_FILENAME
     if not plan_path.exists():
-        raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` or a plan file")
+        raise SecateursError(f"no {PLAN_FILENAME} in {run_dir}; give a folder written by `secateurs prune` "
+                             "or a plan file")
     plan = PruningPlan.load(plan_path)
     read = read_report_inputs(run_dir, eval_file, bench_file, scores)  # all refusals before anything is written
     final = out_dir if out_dir else run_dir / "report"
@@ -614,7 +616,8 @@ def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores,
     title = title or f"Pruning report: {prov.get('base_model') or plan.base.get('name_or_path')}"
     blocks: list[tuple] = [("h1", title), *(intro or [])]
     facts = [["method", prov.get("method", "n/a")], ["requested ratio", prov.get("ratio", "n/a")],
-             ["parameters before", _fmt(prov.get("params_before"))], ["parameters after", _fmt(prov.get("params_after"))]]
+             ["parameters before", _fmt(prov.get("params_before"))],
+             ["parameters after", _fmt(prov.get("params_after"))]]
     if prov.get("params_before") and prov.get("params_after"):
         facts.append(["parameters removed", f"{100 * (1 - prov['params_after'] / prov['params_before']):.2f}%"])
     facts += [["layers kept", f"{sum(not r for r in a['removed'])} of {len(a['removed'])}"],
@@ -631,7 +634,8 @@ def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores,
     if bench:
         blocks += [("h3", "Speed and memory")] + bench_blocks(bench)
     else:
-        blocks.append(("p", f"No speed results (run `secateurs bench MODEL --baseline DENSE --out {run_dir}/bench.json`)."))
+        blocks.append(("p", "No speed results (run `secateurs bench MODEL --baseline DENSE "
+                             f"--out {run_dir}/bench.json`)."))
     plots = dict(extra_plots or {})
     record = read["recovery"]
     if "recovery_curve" not in plots and record is not None:  # a recovered model: how it was brought back

@@ -38,16 +38,18 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+import transformers
 
-from secateurs.runtime import threads
 from secateurs.errors import SecateursError
-from secateurs.settings.names import DEFAULT_MAX_SPREAD  # one default for bench and demo
+from secateurs.planning.accounting import model_stats
+from secateurs.runtime import threads
 from secateurs.runtime.progress import bar as progress_bar
+from secateurs.settings.names import DEFAULT_MAX_SPREAD  # one default for bench and demo
 
 MAX_REPORTED_SPREAD = 0.25  # a ratio whose paired spread exceeds this is never printed, whatever the threshold
 DEFAULT_TIME_LIMIT = 60.0  # seconds per shape (`secateurs bench`; the demo gives itself less)
@@ -279,7 +281,6 @@ def ideal_costs(stats, batch: int, length: int, decode_tokens: int) -> dict:
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """Where a measurement was taken: CPU model, cores, threads, load, versions, GPU."""
-    import transformers
 
     cpu = platform.processor()
     try:
@@ -304,7 +305,6 @@ def bench_models(models: dict, config: BenchConfig | None = None, progress: bool
     docstring). The first label is the baseline that ratios are taken against (speedup = baseline
     time / model time, per round). `clock` (default: this module's `clock`) times the rounds;
     `measure` (default: measure_once) takes (model, batch, length, decode_tokens, seed)."""
-    from secateurs.planning.accounting import model_stats
 
     config = config or BenchConfig()
     config.validate()

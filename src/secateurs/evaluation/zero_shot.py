@@ -25,15 +25,18 @@ import copy
 import json
 import logging
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
+import yaml
+
 from secateurs.errors import SecateursError
+from secateurs.runtime.progress import phase
+from secateurs.settings.names import STANDARD_TASKS
 from secateurs.storage.output import write_folder
 
 TASK_DIR = Path(__file__).with_name("tasks")
-from secateurs.settings.names import STANDARD_TASKS
-from secateurs.runtime.progress import phase
+
 FILE_ALIASES = {"openbookqa": ("openbookqa", "openbook_qa"), "arc_easy": ("arc_easy", "arc-easy"),
                 "arc_challenge": ("arc_challenge", "arc-challenge")}
 # llm-foundry queries lack lm-eval's answer cue; these complete them to lm-eval's prompts.
@@ -59,7 +62,7 @@ METRICS = ("acc", "acc_norm")
 
 def _require_lm_eval():
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401, PLC0415 (optional: the eval extra)
     except ImportError as exc:
         raise SecateursError('zero-shot evaluation needs lm-eval: pip install "secateurs[eval]" '
                              "(lm-eval==0.4.13)") from exc
@@ -102,10 +105,8 @@ def detect_format(path: Path) -> tuple[str, str]:
     raise SecateursError(f"task file {path} has an unknown format (keys {sorted(keys)}); known formats: {known}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _task_template(config_file: str) -> dict:
-    import yaml
-
     return yaml.safe_load((TASK_DIR / config_file).read_text(encoding="utf-8"))
 
 
@@ -127,7 +128,6 @@ def export_task_configs(data_dir: str | Path, out_dir: str | Path, tasks=STANDAR
     """Write one lm-eval task YAML per local task file, named PREFIX+NAME (no clash with lm-eval's
     own hub tasks), so lm-eval itself (e.g. `accelerate launch -m lm_eval --include_path OUT`)
     runs them offline. Returns {task name: yaml path}."""
-    import yaml
 
     names = parse_tasks(tasks)
     found = {n: find_task_file(n, data_dir) for n in names}
@@ -184,10 +184,10 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = STANDARD_TASKS, *, data
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configs = {n: local_task_config(n, p) for n, p in local.items()}
     _require_lm_eval()
-    import lm_eval
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # noqa: PLC0415 (optional: the eval extra)
+    from lm_eval import simple_evaluate  # noqa: PLC0415 (optional: the eval extra)
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415 (optional: the eval extra)
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 (optional: the eval extra)
 
     with phase(f"zero-shot {', '.join(names)} (lm-eval, limit {limit})"), _quiet():
         manager = TaskManager(include_defaults=bool(hub))

@@ -47,7 +47,8 @@ class ModelStats:
 
     def decode_flops_per_token(self, context: int) -> int:
         """FLOPs to produce one token with `context` tokens already in the KV cache."""
-        return self.linear_flops_per_token + sum(s.attention_flops_per_context_token for s in self.layers) * (context + 1)
+        attention = sum(s.attention_flops_per_context_token for s in self.layers)
+        return self.linear_flops_per_token + attention * (context + 1)
 
     @property
     def linear_flops_per_token(self) -> int:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from secateurs.planning.budget import Geometry, KeepCounts, _head_unit, _keep
 from secateurs.criteria.flap import standardize
 from secateurs.criteria.scores import StructureScores
 from secateurs.errors import SecateursError
+from secateurs.planning.budget import Geometry, KeepCounts, _head_unit, _keep
 
 
 def balanced_attention_share(geo: Geometry, gqa: str) -> float:

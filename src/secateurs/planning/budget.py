@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from secateurs.adapters import LayerShape, ModelAdapter, get_adapter
 from secateurs.errors import SecateursError
-
 from secateurs.settings.names import GQA_MODES, RATIO_OF, ROUNDINGS  # noqa: F401 - re-exported
+
 PARTS = ("both", "heads", "mlp")
 
 
@@ -129,7 +129,7 @@ class Geometry:
     layer_params: list[int]
 
     @classmethod
-    def of(cls, model) -> "Geometry":
+    def of(cls, model) -> Geometry:
         adapter = get_adapter(model)
         layers = list(adapter.decoder_layers(model))
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

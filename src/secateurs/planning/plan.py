@@ -24,6 +24,7 @@ from pathlib import Path
 
 from secateurs.errors import PlanError
 from secateurs.storage.jsonl import decode_utf8
+from secateurs.storage.output import write_file
 
 PLAN_FORMAT = "secateurs.plan/1"
 PLAN_FILENAME = "pruning_plan.json"
@@ -117,7 +118,8 @@ class PruningPlan:
         if lp.heads is None and lp.kv_heads is not None:
             heads = [h for h in range(num_heads) if h // group in set(kv_given)]
         if not heads:
-            raise PlanError(f"{where} keeps no attention heads; a kept layer needs at least one (remove the layer instead)")
+            raise PlanError(f"{where} keeps no attention heads; a kept layer needs at least one "
+                            "(remove the layer instead)")
         per_group: dict[int, int] = {}
         for h in heads:
             per_group[h // group] = per_group.get(h // group, 0) + 1
@@ -149,7 +151,8 @@ class PruningPlan:
         for kind, removed in (("attention", (num_heads - len(heads)) * self.base["head_dim"]),
                               ("mlp", inter - len(neurons))):
             if kind in comp and len(comp[kind]) != removed:
-                raise PlanError(f"{where}: {kind} compensation has {len(comp[kind])} values for {removed} removed channels")
+                raise PlanError(f"{where}: {kind} compensation has {len(comp[kind])} values for {removed} "
+                                "removed channels")
         return heads, kv, neurons
 
     def pruned_shapes(self) -> list[tuple[int, int, int]]:
@@ -162,7 +165,7 @@ class PruningPlan:
         return out
 
     # -- provenance --------------------------------------------------------
-    def mark_reapplied(self) -> "PruningPlan":
+    def mark_reapplied(self) -> PruningPlan:
         """Record that this plan is being applied to fresh weights: layers chosen by a run that recovered
         between removals are now removed at once, so the new folder's weights were not recovered between
         removals (the choosing run's fact is kept as chosen_recovering_between_removals); the parameter
@@ -186,7 +189,7 @@ class PruningPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PruningPlan":
+    def from_dict(cls, data: dict) -> PruningPlan:
         """A plan from its JSON form; every field's type and value is checked (plans are user files)."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -232,13 +235,10 @@ class PruningPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILENAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_file(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+    def load(cls, path: str | os.PathLike) -> PruningPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILENAME

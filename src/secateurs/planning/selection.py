@@ -10,7 +10,6 @@ import torch
 
 from secateurs.criteria.scores import StructureScores
 from secateurs.errors import SecateursError
-
 from secateurs.settings.names import SELECTIONS
 
 

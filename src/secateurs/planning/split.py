@@ -6,15 +6,15 @@ calibration batches; the smallest KL wins. The candidates and their KL go into t
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
-from secateurs.storage.offload import input_device, refuse_offloaded
 from secateurs.planning.plan import PruningPlan
 from secateurs.runtime.progress import bar
+from secateurs.storage.offload import input_device, refuse_offloaded
 
 # Candidate shares as fractions of the balanced share (attention's part of the prunable parameters).
 CANDIDATE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -22,16 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from secateurs.adapters.plans import plan_base
 from secateurs.adapters import get_adapter
+from secateurs.adapters.plans import plan_base
 from secateurs.errors import SecateursError
+from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.storage.hfcompat import load_config, write_config
-from secateurs.storage.pruned import config_dtype
 from secateurs.storage.offload import mark_lazy
 from secateurs.storage.output import check_finite, check_output_dir, write_folder
-from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
-from secateurs.surgery.reconstruction import apply_refit
+from secateurs.storage.pruned import config_dtype
 from secateurs.surgery.apply import apply_layer_plan, remove_layers, sync_config
+from secateurs.surgery.reconstruction import apply_refit
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -84,7 +84,8 @@ class CheckpointTensors:
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
             return handle.get_slice(name)[:rows]
 
-    def materialize(self, module: torch.nn.Module, prefix: str, device="cpu", skip: re.Pattern | None = None) -> list[str]:
+    def materialize(self, module: torch.nn.Module, prefix: str, device="cpu",
+                    skip: re.Pattern | None = None) -> list[str]:
         """Load the module's parameters (those not matching `skip`) from disk; returns their names."""
         names = []
         for name, param in list(module.named_parameters()):

@@ -25,6 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from secateurs.adapters import get_adapter
 from secateurs.planning.plan import CONFIG_KEY
 from secateurs.surgery.value_attention import is_replaced
+
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 
 

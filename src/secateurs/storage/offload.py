@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable, Iterator
 from copy import deepcopy
 from pathlib import Path
-from typing import Iterable, Iterator
 
+import torch
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import align_module_device, has_offloaded_params
-import torch
 from torch import nn
 
 from secateurs.errors import SecateursError

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
-from secateurs.storage.hfcompat import load_config, save_model_files
-from secateurs.storage.output import check_finite, final_path, write_folder
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.runtime.progress import phase
+from secateurs.storage.hfcompat import load_config, save_model_files
+from secateurs.storage.output import check_finite, final_path, write_folder
 from secateurs.surgery.apply import replace_attention, replaced_attention_modes, resize_layer
 
 
@@ -122,7 +122,8 @@ def check_plan_matches(plan: PruningPlan, shapes, replaced: dict[int, str], wher
     harp = {i: lp.attention["mode"] for i, lp in enumerate(kept) if lp.attention}
     if expected != [tuple(s) for s in shapes] or harp != replaced:
         diff = next((i for i, (a, b) in enumerate(zip(expected, shapes)) if tuple(a) != tuple(b)), None)
-        detail = (f"{len(expected)} kept layers in the plan vs {len(shapes)} in the model" if len(expected) != len(shapes)
+        detail = (f"{len(expected)} kept layers in the plan vs {len(shapes)} in the model"
+                  if len(expected) != len(shapes)
                   else f"layer {diff}: plan {expected[diff]} vs weights {tuple(shapes[diff])}" if diff is not None
                   else f"HARP layers: plan {harp} vs model {replaced}")
         raise SecateursError(f"{where}: {PLAN_FILENAME} does not describe the model beside it ({detail}); the folder "

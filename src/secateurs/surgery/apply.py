@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secateurs.adapters.plans import plan_base
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
 from secateurs.adapters.base import set_linear
-from secateurs.storage.offload import refuse_offloaded
+from secateurs.adapters.plans import plan_base
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
+from secateurs.storage.offload import refuse_offloaded
 from secateurs.surgery.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
 
 
@@ -59,7 +59,8 @@ def slice_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], k
     )
 
 
-def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int], compensation: list[float] | None = None) -> None:
+def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int],
+              compensation: list[float] | None = None) -> None:
     """Keep only the given MLP neurons (rows of the input projections, columns of the output)."""
     w = adapter.mlp_weights(layer)
     idx = torch.as_tensor(neurons, dtype=torch.long)

@@ -9,7 +9,7 @@ For an output projection W (d_out x n, bias b) fed by inputs x (n) and kept inpu
 solved from the Gram matrix G = sum_t x_t x_t^T alone (DESIGN.md, "Least-squares output
 reconstruction"): (W', b') [[G_SS + lam I, s_S], [s_S^T, N]] = [W G_:S + lam W_S + b s_S^T, W s + b N],
 with s = sum_t x_t and N the token count. The ridge pulls toward the original sliced weights, not
-toward zero (zero made AMP worse in the issue's probe); lam = damping * mean(diag G). The bias is
+toward zero (zero made AMP worse when measured); lam = damping * mean(diag G). The bias is
 fitted where the projection has one, where the plan compensates that block (FLAP's compensation
 is the special case that fits only b') or when asked (`bias=True`: the saved model then holds
 extra parameters and loads with load_pruned); otherwise b' = b.
@@ -32,14 +32,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from secateurs.adapters.plans import plan_base
 from secateurs.adapters import get_adapter
 from secateurs.adapters.base import set_linear
-from secateurs.errors import SecateursError
-from secateurs.settings.names import RECONSTRUCT_MODES
-from secateurs.storage.output import check_finite
-from secateurs.planning.plan import PruningPlan
+from secateurs.adapters.plans import plan_base
 from secateurs.calibration.statistics import InputStats, Statistics
+from secateurs.calibration.streaming import streamed_statistics
+from secateurs.errors import SecateursError
+from secateurs.planning.plan import PruningPlan
+from secateurs.settings.names import RECONSTRUCT_MODES
+from secateurs.storage.output import check_finite, writing_file
 from secateurs.surgery.apply import _row_index, apply_layer_plan, remove_layers, sync_config
 
 DEFAULT_DAMPING = 0.3
@@ -57,7 +58,8 @@ class Reconstruction:
 
     def __post_init__(self):
         if self.mode not in RECONSTRUCT_MODES:
-            raise SecateursError(f"reconstruction mode must be one of {', '.join(RECONSTRUCT_MODES)}; got {self.mode!r}")
+            raise SecateursError(f"reconstruction mode must be one of {', '.join(RECONSTRUCT_MODES)}; "
+                                 f"got {self.mode!r}")
         if not (isinstance(self.damping, (int, float)) and self.damping > 0 and self.damping < float("inf")):
             raise SecateursError(f"reconstruction damping must be a positive finite number, got {self.damping!r}")
 
@@ -65,7 +67,7 @@ class Reconstruction:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Reconstruction":
+    def from_dict(cls, data: dict) -> Reconstruction:
         """From a plan's provenance (which also records the calibration hash of the fit)."""
         if not isinstance(data, dict) or set(data) - {"mode", "damping", "bias", "calibration_hash"}:
             raise SecateursError(f"plan provenance 'reconstruction' must hold mode, damping and bias, got {data!r}")
@@ -183,11 +185,10 @@ def apply_plan_dense(model, plan: PruningPlan, stats: Statistics, settings: Reco
 
 @torch.no_grad()
 def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Reconstruction, *, checkpoint=None,
-                          device=None, store: "RefitStore | None" = None, progress: bool = True):
+                          device=None, store: RefitStore | None = None, progress: bool = True):
     """Apply a width plan layer by layer, each layer re-fitted on the inputs the pruned layers below
     produce. With `checkpoint` (a lazy skeleton, `prune --streamed`) the model is not modified for
     good: the fits go to `store` and prune_checkpoint applies them shard by shard."""
-    from secateurs.calibration.streaming import streamed_statistics
 
     check_reconstructable(plan)
     plan.check_compatible(plan_base(model))
@@ -226,7 +227,8 @@ class RefitStore:
             if bias is not None:
                 tensors[f"{kind}.bias"] = bias.detach().cpu().contiguous()
         check_finite(tensors, f"re-fitted layer {index}")
-        save_file(tensors, str(self._path(index)))
+        with writing_file(self._path(index)) as tmp:
+            save_file(tensors, str(tmp))
 
     def load(self, index: int) -> dict:
         path = self._path(index)

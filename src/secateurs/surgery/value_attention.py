@@ -48,7 +48,8 @@ def is_replaced(attn: nn.Module) -> bool:
 
 
 def fused_value_output(v: torch.Tensor, v_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None,
-                       num_heads: int, num_kv_heads: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       num_heads: int, num_kv_heads: int,
+                       scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of x -> scale * (W_O expand(W_V x + b_V) + b_O), computed in float64."""
     hidden = o.shape[0]
     d = v.shape[0] // num_kv_heads
