@@ -1,7 +1,6 @@
-"""AMP against the width-pruning baselines, on real models, with the width-quality knobs
-(issue 15): paper shapes, today's balanced uniform default, least-squares reconstruction
-(`reconstruct`), global per-layer allocation (`allocation`), the data-chosen attention share
-(`split`), alone and combined.
+"""AMP against the width-pruning baselines, on real models, with the width-quality knobs: paper
+shapes, uniform shapes with the balanced split, least-squares reconstruction (`reconstruct`), global
+per-layer allocation (`allocation`), the data-chosen attention share (`split`), alone and combined.
 
 For each model: one calibration pass collects the statistics every data-driven method needs
 (with Gram matrices, for dense reconstruction; reused for all ratios, as `--stats` does on the
@@ -10,8 +9,8 @@ perplexity under the seq-128 protocol (LLM-Pruner, FLAP) and, where the context 
 seq-2048 protocol (Wanda, SliceGPT); optionally by mean zero-shot accuracy (lm-eval, local task
 files). Every row records its own prune time beyond the shared statistics pass (split search,
 reconstruction pass, surgery). End-to-end cost: make_plan + surgery from scratch (its own
-calibration pass included) for plain AMP and for the new default, divided by the wall time of one
-plain forward pass (with LM head) over the same calibration data.
+calibration pass included) for amp-uniform-balanced and for --default-variant (amp), divided by the
+wall time of one plain forward pass (with LM head) over the same calibration data.
 
 Writes benchmarks/results/amp_quality{--tag}.{json,md}. Example:
     python benchmarks/amp_quality.py --models smollm2 --max-eval-tokens 16384
@@ -23,28 +22,25 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
-import transformers
+from common import ASSETS, header_markdown, result_header
 
 import secateurs
 from secateurs.calibration.data import load_calibration
+from secateurs.calibration.statistics import collect_statistics
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import plain_forward_seconds
-from secateurs.storage.loading import load_model
 from secateurs.evaluation.zero_shot import zero_shot
 from secateurs.methods import prune
 from secateurs.methods.options import methods_taking
+from secateurs.storage.loading import load_model
 from secateurs.storage.output import write_file
-from secateurs.calibration.statistics import collect_statistics
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}
 # name -> (method, selection, options of secateurs.prune). The AMP rows name every knob, so that
-# they mean the same whatever the defaults are; "amp" alone is the current default.
+# they mean the same whatever the defaults are; "amp" alone is amp's default.
 OFF = {"allocation": "uniform", "split": "balanced", "reconstruct": "none"}
 SEQ = {"reconstruct": "sequential"}
 VARIANTS = {
@@ -52,7 +48,7 @@ VARIANTS = {
     "magnitude": ("magnitude", "standard", {}), "wanda-sp": ("wanda-sp", "standard", {}),
     "flap": ("flap", "standard", {}), "amp-heads": ("amp-heads", "standard", {}), "amp-mlp": ("amp-mlp", "standard", {}),
     "amp-paper": ("amp", "standard", {"rounding": "paper"}),
-    "amp-uniform-balanced": ("amp", "standard", OFF),  # the default before issue 15
+    "amp-uniform-balanced": ("amp", "standard", OFF),  # every knob off: uniform shapes, balanced split
     "amp+reconstruct": ("amp", "standard", {**OFF, **SEQ}),
     "amp+reconstruct-dense": ("amp", "standard", {**OFF, "reconstruct": "dense"}),
     "amp+global": ("amp", "standard", {**OFF, "allocation": "global"}),
@@ -70,15 +66,7 @@ VARIANTS = {
     "flap+reconstruct": ("flap", "standard", SEQ),
     "wanda-sp+reconstruct": ("wanda-sp", "standard", SEQ),
 }
-DEFAULT_VARIANT = "amp"  # the variant the end-to-end cost is measured for besides the old default
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "secateurs": secateurs.__version__,
-            "python": platform.python_version(), "load_average_start": os.getloadavg()}
+DEFAULT_VARIANT = "amp"  # the variant timed end to end beside amp-uniform-balanced
 
 
 def timed_prune(model, tok, variant: str, ratio: float, **options):
@@ -151,12 +139,10 @@ def run_model(name: str, args, text: str) -> dict:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    m = meta["machine"]
     lines = ["# AMP vs width-pruning baselines, with the width-quality knobs", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}, load average "
-             f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])} at the start and "
-             f"{', '.join(f'{x:.2f}' for x in meta['load_average_end'])} at the end (the machine is shared: times "
-             f"are indicative); torch {m['torch']}, transformers {m['transformers']}. {meta['date']}.", "",
+             header_markdown(meta["header"]),
+             f"Load average at the end: {', '.join(f'{x:.2f}' for x in meta['load_average_end'])} (on a shared "
+             "machine times are indicative).", "",
              f"Eval: WikiText-2 test (`{meta['eval_text']}`), non-overlapping windows, first "
              f"{meta['max_eval_tokens']} tokens per protocol. Ratio = fraction of all parameters (embeddings "
              "included). Zero-shot: mean accuracy of " + (", ".join(meta["tasks"]) if meta["tasks"] else "none")
@@ -201,7 +187,7 @@ def main() -> None:
     p.add_argument("--max-eval-tokens", type=int, default=16384)
     p.add_argument("--default-variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS))
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
-                   help="skip the from-scratch timing of the old and the new default")
+                   help="skip the from-scratch timing of amp-uniform-balanced and --default-variant")
     p.add_argument("--tasks", default="", help="comma list of zero-shot tasks (empty: none)")
     p.add_argument("--data-dir", default=str(ASSETS / "commonsense" / "llm-foundry"))
     p.add_argument("--limit", type=int, default=200)
@@ -219,9 +205,9 @@ def main() -> None:
     args.zero_shot_ratios = set(float(r) for r in args.zero_shot_ratios.split(",")) if args.zero_shot_ratios else set(
         args.ratios) | {0.0}
     text = read_text(args.eval_text)
-    at_start = machine()
+    header = result_header()
     results = [run_model(m, args, text) for m in args.models.split(",")]
-    meta = {"machine": at_start, "eval_text": args.eval_text, "max_eval_tokens": args.max_eval_tokens,
+    meta = {"header": header, "eval_text": args.eval_text, "max_eval_tokens": args.max_eval_tokens,
             "tasks": args.tasks, "limit": args.limit, "load_average_end": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)

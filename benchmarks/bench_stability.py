@@ -1,7 +1,7 @@
 """Are `secateurs bench` figures stable? The same model benchmarked by separate `secateurs bench`
 runs (fresh processes): per configuration, how far apart are the run medians?
 
-Target (issue 4): repeated runs agree within 5% (median). Each run's own spread over its repeats
+Target: repeated runs agree within 5% (median). Each run's own spread over its repeats
 is shown beside it, and the same comparison for each run's best repeat (the fastest of N, the
 estimator `timeit` recommends when noise only ever slows a measurement down).
 
@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from secateurs.storage.output import write_file  # noqa: E402
+from common import header_markdown, result_header
+
 from secateurs.evaluation.speed import machine_info
+from secateurs.storage.output import write_file
 
 
 def _deviation(values: list[float]) -> float:
@@ -37,7 +39,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for bench (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
-    machine = machine_info()
+    header = result_header()
+    machine = header["machine"]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
@@ -59,19 +62,21 @@ def main() -> int:
                          "best_max_deviation": _deviation(bests)})
     worst = max(r["max_deviation_from_median_of_runs"] for r in rows)
     worst_best = max(r["best_max_deviation"] for r in rows)
-    result = {"benchmark": "bench_stability", "model": args.model, "runs": args.runs, "repeats": args.repeats,
+    result = {"header": header, "benchmark": "bench_stability", "model": args.model, "runs": args.runs,
+              "repeats": args.repeats,
               "threads": args.threads or machine["torch_threads"],
               "rows": rows, "worst_deviation": worst, "worst_deviation_of_bests": worst_best, "target": 0.05,
               "meets_target": worst <= 0.05,
-              "machine_at_start": machine, "machine_at_end": machine_info()}
+              "machine_at_end": machine_info()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_stability" + (f"_{args.threads}thread" if args.threads else "")
     write_file(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     threads = args.threads or machine["torch_threads"]
     lines = [f"# bench stability: {args.model}, {args.runs} separate `secateurs bench` runs x {args.repeats} repeats",
-             "", f"Machine: {machine['cpu']}, bench with {threads} torch thread(s), load average "
-             f"{machine.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end.", "",
+             "", header_markdown(header),
+             f"`secateurs bench` with {threads} torch thread(s); load average at the end "
+             f"{result['machine_at_end'].get('load_average')}.", "",
              "| batch | prompt | metric | run medians (tok/s) | spread within each run | max deviation | "
              "run bests (tok/s) | max deviation |",
              "| ---: | ---: | --- | --- | --- | ---: | --- | ---: |"]

@@ -27,27 +27,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from common import ASSETS, command_line, header_markdown, result_header
 
-import secateurs
-from secateurs.storage.output import write_file  # noqa: E402
-from secateurs.adapters.plans import identity_plan
+from secateurs.adapters.plans import layer_removal_plan
 from secateurs.calibration.data import load_calibration
+from secateurs.calibration.statistics import collect_statistics
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
-from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
 from secateurs.methods.options import CONSENSUS_METRICS
-from secateurs.calibration.statistics import collect_statistics
+from secateurs.storage.loading import load_model
+from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}
 SINGLE = list(CONSENSUS_METRICS) + ["nll", "bi"]
 LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-cka"}
@@ -57,13 +55,6 @@ LABELS = {"nll": "depth-ppl (nll)", "bi": "depth-bi (ShortGPT)", "cka": "depth-c
 def _ratio(value) -> str:
     """A measured ratio, or why there is none (secateurs.evaluation.speed: spread above the threshold)."""
     return f"{value:.2f}" if value is not None else "not measured reliably"
-
-def without_layers(model, layers):
-    plan = identity_plan(model)
-    for i in layers:
-        plan.layers[i].removed = True
-    return apply_plan(copy.deepcopy(model), plan)
-
 
 def model_args(name: str, args):
     if name == "stories260K":  # a TinyStories toy: its own text for both (overlapping: a sanity check only)
@@ -93,7 +84,7 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
     def removal_ppl(layers) -> float:
         key = tuple(sorted(layers))
         if key not in cache:
-            cache[key] = ppl(without_layers(dense, key))
+            cache[key] = ppl(apply_plan(copy.deepcopy(dense), layer_removal_plan(dense, key)))
         return cache[key]
 
     plain_forward_seconds(dense, calib)
@@ -130,7 +121,7 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
         rows.append({"method": "AMP (same parameters)", "k": k, "layers": [], "params": amp_plan.provenance["params_after"],
                      "shapes": sorted(set(amp_plan.pruned_shapes())), "ppl": ppl(amp_model)})
         print(f"{name} k={k} AMP: ppl {rows[-1]['ppl']:.2f}", flush=True)
-        depth_model = without_layers(dense, rankings["consensus"][:k])
+        depth_model = apply_plan(copy.deepcopy(dense), layer_removal_plan(dense, rankings["consensus"][:k]))
         for r in rows:
             if r["k"] == k and "params" not in r:
                 r["params"] = depth_model.num_parameters()
@@ -203,7 +194,8 @@ def iterative_only(name: str, ks: list[int], args) -> dict:
     ids = tok(read_text(args.eval_text), return_tensors="pt").input_ids[0][: args.max_eval_tokens]
 
     def removal_ppl(layers) -> float:
-        return perplexity(without_layers(dense, sorted(layers)), tok, "", seq_len=args.seq_len, batch_size=8,
+        model = apply_plan(copy.deepcopy(dense), layer_removal_plan(dense, sorted(layers)))
+        return perplexity(model, tok, "", seq_len=args.seq_len, batch_size=8,
                           progress=False, ids=ids)["perplexity"]
 
     result = {"model": name, "calibration_hash": calib.hash, "cost": {}, "rows": [
@@ -242,7 +234,7 @@ def run_zero_shot(dense, tok, rows, amp_models, args) -> dict:
         elif row["method"].startswith("AMP"):
             model = amp_models[k]
         else:
-            model = without_layers(dense, row["layers"])
+            model = apply_plan(copy.deepcopy(dense), layer_removal_plan(dense, row["layers"]))
         r = zero_shot(model, tok, data_dir=args.zero_shot_data, limit=args.zero_shot_limit, batch_size=16)
         out["results"][row["method"]] = {"mean_acc": r.get("mean_acc"),
                                          "acc": {t: v["acc"] for t, v in r["tasks"].items()},
@@ -254,12 +246,10 @@ def run_zero_shot(dense, tok, rows, amp_models, args) -> dict:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    m = meta["machine"]
     lines = ["# Depth pruning: Consensus vs single metrics vs AMP at equal parameters", "",
-             f"{meta['date']} · {m['cpu']} ({m['cpu_count']} logical CPUs, {m['torch_threads']} torch threads) · "
-             f"load average at start {meta['load_at_start']}, at end {m['load_average']} (a shared machine: "
-             f"timings are noisy) · torch {m['torch']}, transformers {m['transformers']}, secateurs {meta['secateurs']}",
-             ""]
+             header_markdown(meta["header"]),
+             f"Load average at the end: {meta['machine']['load_average']} (on a shared machine timings are noisy)."
+             + (f" Iterative rows merged by `{meta['merged_by']}`." if meta.get("merged_by") else ""), ""]
     for r in results:
         c, e = r["calibration"], r["eval"]
         cost = r["cost"]
@@ -334,9 +324,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = {"load_at_start": [round(x, 2) for x in os.getloadavg()], "secateurs": secateurs.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    meta["args"] = vars(args)
+    meta = {"header": result_header(), "args": vars(args)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -353,13 +341,16 @@ def main() -> None:
 
     if args.iterative_only:
         extra = [iterative_only(name, [1, 2] if name == "stories260K" else ks, args) for name in args.models.split(",")]
-        write_file(out / "depth_quality_iterative.json", json.dumps(extra, indent=2) + "\n")
+        write_file(out / "depth_quality_iterative.json", json.dumps({"header": meta["header"], "results": extra},
+                                                                     indent=2) + "\n")
         return
     if args.merge:  # the main results + a separate --iterative-only run
         saved = json.loads((out / "depth_quality.json").read_text())
         meta.update({k: v for k, v in saved["meta"].items() if k not in ("machine",)})
+        meta["merged_by"] = command_line()
         results[:] = saved["results"]
-        for extra in json.loads((out / "depth_quality_iterative.json").read_text()):
+        iterative = json.loads((out / "depth_quality_iterative.json").read_text())
+        for extra in iterative["results"] if isinstance(iterative, dict) else iterative:
             merge_iterative(next(r for r in results if r["model"] == extra["model"]), extra)
         meta["machine"] = saved["meta"]["machine"]
         write_file(out / "depth_quality.json", json.dumps({"meta": meta, "results": results}, indent=2,

@@ -28,17 +28,18 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from secateurs.storage.output import write_file  # noqa: E402
-from secateurs.planning.accounting import model_stats  # noqa: E402
+from common import ASSETS, header_markdown, result_header  # noqa: E402
+
 from secateurs.evaluation.perplexity import load_text  # noqa: E402
 from secateurs.evaluation.report import eval_tables, render_markdown  # noqa: E402
 from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, machine_info  # noqa: E402
 from secateurs.evaluation.suite import EvalSpec, evaluate  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS  # noqa: E402
-from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.methods import METHODS, prune  # noqa: E402
+from secateurs.planning.accounting import model_stats  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 TASKS = ASSETS / "commonsense" / "llm-foundry"
 
@@ -46,10 +47,15 @@ TASKS = ASSETS / "commonsense" / "llm-foundry"
 def render(result: dict) -> str:
     """The Markdown page for a result (also for one part only)."""
     args, ev, bench = result["args"], result["eval"], result["bench"]
-    start, end = result["machine_at_start"], result["machine_at_end"]
-    machine = (f"Machine: {start['cpu']}, {start['torch_threads']} threads, load average {start.get('load_average')} "
-               f"at start, {end.get('load_average')} at end; torch {start['torch']}, transformers "
-               f"{start['transformers']}. Took {result['seconds']} s.")
+    end = result["machine_at_end"]
+    if "header" in result:
+        machine = (f"Load average at the end {end.get('load_average')}. Took {result['seconds']} s.\n\n"
+                   + header_markdown(result["header"]))
+    else:  # a result written before results carried a header
+        start = result["machine_at_start"]
+        machine = (f"Machine: {start['cpu']}, {start['torch_threads']} threads, load average "
+                   f"{start.get('load_average')} at start, {end.get('load_average')} at end; torch {start['torch']}, "
+                   f"transformers {start['transformers']}. Took {result['seconds']} s.")
     lines = [f"# SmolLM2-135M dense vs {result['method']}: "
              + ", ".join(x for x, on in (("perplexity, zero-shot", ev["models"]), ("speed", bench)) if on), ""]
     if ev["models"]:
@@ -97,7 +103,7 @@ def main() -> int:
     if not parts <= {"quality", "bench"}:
         ap.error("--parts takes quality and/or bench")
     started = time.perf_counter()
-    machine_start = machine_info()
+    header = result_header()
     dense, tok = load_model(args.model, "float32")
     text, text_info = load_text(WIKI)
     spec = EvalSpec(text=text, protocols=args.protocols.split(","), max_tokens=args.max_tokens,
@@ -129,8 +135,8 @@ def main() -> int:
         decode_tokens=32, repeats=args.bench_repeats, warmup=1)) if "bench" in parts else None
     del models
     gc.collect()
-    result = {"benchmark": "eval_smollm2", "model": args.model, "method": args.method, "plans": plans,
-              "eval": ev, "bench": bench, "args": vars(args), "machine_at_start": machine_start,
+    result = {"header": header, "benchmark": "eval_smollm2", "model": args.model, "method": args.method, "plans": plans,
+              "eval": ev, "bench": bench, "args": vars(args),
               "machine_at_end": machine_info(), "seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ command 1 is timed whole.
 With --busy, the demo and the prune run again beside one busy process (a pure-Python loop, one
 core's worth of work) at each nice level given, each with an empty cache, per phase; with
 --compare-threads each of those also runs with `--threads CORES` (every kind of work on every
-core: torch's default, the policy before secateurs.runtime.threads):
+core: torch's default, instead of secateurs.runtime.threads' counts per kind of work):
 
     PYTHONPATH=src python benchmarks/first_run.py --busy quiet,10,0 --compare-threads \
         --out benchmarks/results/first_run_busy
@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import selectors
 import subprocess
@@ -155,12 +154,12 @@ def busy_markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, header_text: str) -> str:
     m = result["machine"]
-    lines = [f"# First run (measured {m['date']})", "",
-             f"Machine: {m['cpu_count']} cores ({m['cpu']}), load average before {m['load_before']}, after "
-             f"{m['load_after']}; OMP_NUM_THREADS {m['omp_num_threads']}; Python writes the bytecode it compiles "
-             "(PYTHONDONTWRITEBYTECODE unset, its default; every command runs with the venv command 1 made).", ""]
+    lines = [f"# First run (measured {result['header']['machine']['date']})", "", header_text,
+             f"Load average before {m['load_before']}, after {m['load_after']}; OMP_NUM_THREADS "
+             f"{m['omp_num_threads']}; Python writes the bytecode it compiles (PYTHONDONTWRITEBYTECODE unset, its "
+             "default; every command runs with the venv command 1 made).", ""]
     install = result.get("install")
     if install:
         total = install["wall_s"] + result["runs"]["demo (README command 1)"]["wall_s"]
@@ -179,6 +178,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def after_the_runs(load_before: list[float]):
+    """(secateurs' write_file, the result header, its Markdown), imported only now: this process loads torch
+    and secateurs after the timed commands, so that their first run does not find those files in the page
+    cache already."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from secateurs.storage.output import write_file  # noqa: PLC0415 - after the timed runs (see above)
+
+    from common import header_markdown, result_header  # noqa: PLC0415 - the same: it imports torch
+
+    header = result_header(load_at_start=load_before)
+    return write_file, header, header_markdown(header)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/first_run", help="results stem (.json and .md)")
@@ -193,19 +205,16 @@ def main() -> int:
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a newcomer's Python keeps the bytecode it compiles (its default)
     install = timed_install(work / "venv", env) if args.with_install else None
     python = str(work / "venv" / "bin" / "python") if install and install["exit_status"] == 0 else sys.executable
-    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "load_before": load(),
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: one per core)"),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    machine = {"load_before": load(),
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: one per core)")}
     if args.busy:
         runs = busy_runs(args.busy.split(","), args.compare_threads, args.model, work, env, python)
         machine["load_after"] = load()
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from secateurs.storage.output import write_file
-
+        write_file, header, header_text = after_the_runs(machine["load_before"])
         out = Path(args.out)
-        write_file(out.with_suffix(".json"), json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
-        text = busy_markdown(runs) + f"\nMachine: {machine}\n\nCommand: `PYTHONPATH=src python benchmarks/first_run.py " \
-            f"--busy {args.busy}{' --compare-threads' if args.compare_threads else ''} --out {args.out}`\n"
+        write_file(out.with_suffix(".json"), json.dumps({"header": header, "machine": machine, "runs": runs},
+                                                        indent=2) + "\n")
+        text = busy_markdown(runs) + "\n" + header_text + f"\nLoad average after: {machine['load_after']}.\n"
         write_file(out.with_suffix(".md"), text)
         print(text)
         return 0
@@ -217,14 +226,12 @@ def main() -> int:
                 ["prune", args.model, "--method", "amp", "--ratio", "0.2", "--out", str(work / "smol-amp20-cold")],
                 {**env, "SECATEURS_CACHE": str(work / "cold-cache")}, python)}
     machine["load_after"] = load()
-    result = {"machine": machine, "install": install, "runs": runs}
+    write_file, header, header_text = after_the_runs(machine["load_before"])
+    result = {"header": header, "machine": machine, "install": install, "runs": runs}
     out = Path(args.out)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from secateurs.storage.output import write_file
-
     write_file(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    write_file(out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    write_file(out.with_suffix(".md"), markdown(result, header_text))
+    print(markdown(result, header_text))
     return 0
 
 

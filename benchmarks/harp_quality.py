@@ -15,7 +15,7 @@ Cost: parameters, KV-cache bytes per token, and for dense vs harp: prefill token
 --prefill-length prompt and decode tokens/s (secateurs.evaluation.speed, interleaved repeats),
 beside the ideal speedups from FLOPs and weight bytes.
 
-Writes benchmarks/results/harp_quality.{json,md}.
+Writes benchmarks/results/{--name}.{json,md} (default harp_quality).
 """
 
 from __future__ import annotations
@@ -26,21 +26,20 @@ import json
 import time
 from pathlib import Path
 
+from common import ASSETS, header_markdown, result_header
 
-from secateurs.storage.output import write_file  # noqa: E402
-from secateurs.planning.accounting import model_stats
-from secateurs.planning.budget import Geometry
 from secateurs.calibration.data import load_calibration
+from secateurs.calibration.statistics import collect_statistics
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info
-from secateurs.storage.loading import load_model
+from secateurs.evaluation.zero_shot import zero_shot
 from secateurs.methods import prune
 from secateurs.methods.harp import harp_plan, search_alphas
-from secateurs.calibration.statistics import collect_statistics
+from secateurs.planning.accounting import model_stats
+from secateurs.planning.budget import Geometry
+from secateurs.storage.loading import load_model
+from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-
 
 
 def _ratio(value) -> str:
@@ -61,8 +60,10 @@ def main() -> None:
     p.add_argument("--prefill-length", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", default="harp_quality", help="results file stem (default: harp_quality)")
     args = p.parse_args()
     ns = sorted(int(n) for n in args.layers.split(","))
+    header = result_header()
 
     dense, tok = load_model(args.model, dtype="float32")
     calib = load_calibration(args.calib, tok, num_samples=args.calib_samples, max_length=args.calib_length, seed=0)
@@ -76,8 +77,6 @@ def main() -> None:
     def quality(model) -> dict:
         out = {"ppl_seq128": perplexity(model, tok, "", seq_len=128, ids=ids, progress=False)["perplexity"]}
         if args.zero_shot:
-            from secateurs.evaluation.zero_shot import zero_shot
-
             res = zero_shot(model, tok, data_dir=ASSETS / "commonsense" / "llm-foundry", limit=args.zero_shot_limit)
             out["zero_shot"] = {t: r["acc"] for t, r in res["tasks"].items()}
             out["zero_shot_mean"] = sum(out["zero_shot"].values()) / len(out["zero_shot"])
@@ -110,21 +109,20 @@ def main() -> None:
     config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.prefill_length,), decode_tokens=32,
                          repeats=args.repeats, warmup=1)
     speed = bench_models(harp_models, config)
-    result = {"model": args.model, "calibration": calib.description, "alphas": {str(k): v for k, v in alphas.items()},
+    result = {"header": header, "model": args.model, "calibration": calib.description, "alphas": {str(k): v for k, v in alphas.items()},
               "search_curves": {str(k): v for k, v in curves.items()}, "search_seconds": search_seconds,
-              "eval_tokens": args.eval_tokens, "rows": rows, "speed": speed, "machine": machine_info("cpu"),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "eval_tokens": args.eval_tokens, "rows": rows, "speed": speed, "machine_at_end": machine_info("cpu")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_file(out / "harp_quality.json", json.dumps(result, indent=2, default=str))
-    write_file(out / "harp_quality.md", markdown(result))
+    write_file(out / f"{args.name}.json", json.dumps(result, indent=2, default=str))
+    write_file(out / f"{args.name}.md", markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
     zs = any("zero_shot_mean" in row for row in r["rows"])
-    lines = [f"# HARP on {r['model']}", "",
-             f"{r['date']}; machine: {r['machine']}.", "",
+    lines = [f"# HARP on {r['model']}", "", header_markdown(r["header"]),
+             f"Load average at the end: {r['machine_at_end'].get('load_average')}.", "",
              f"Calibration: {r['calibration']['source']} ({r['calibration']['samples']} x "
              f"{r['calibration']['max_length']} tokens); alpha search over the top {len(r['alphas'])} layers took "
              f"{r['search_seconds']:.0f} s. Searched alphas (top layer first): "

@@ -629,11 +629,11 @@ def _prune_recover_argv(w: dict, root: Path, out: str = "out") -> list:
 _TEACHER_LINE = r"(?im)^(?!.*(\.\.\.( done in [\d.]+ s)?$|it/s|tok/s|%\|)).*\bteacher\b"
 DISK_FULL = {"exit": 1, "stderr": r"(?m)^secateurs: error:.*disk full", "absent": ("out", "out.gguf")}
 TERMINATED = {"exit": 143, "stderr": r"(?im)^secateurs: terminated", "absent": ("out",)}
-LEFT_ALONE = {"exit": 0}  # a run that no longer destroys the data is as good as a refusal
+LEFT_ALONE = {"exit": 0}  # a run that leaves the data alone is as good as a refusal
 
 
 def cases(w: dict, root: Path) -> list[dict]:
-    """Each case: name, issue class, argv, setup(root, world), and optionally writes (paths under
+    """Each case: name, class, argv, setup(root, world), and optionally writes (paths under
     root the case may create or replace), victims (extra paths that must survive: (path, strict);
     strict also forbids additions inside), cwd (run from this folder, relative to root), handled
     (outcomes that count as right besides a refusal), fault, trigger, valid (the reason an
@@ -1083,6 +1083,9 @@ def main() -> int:
         _INITIAL_THREADS = torch.get_num_threads()
         import secateurs
 
+        from common import header_markdown, result_header  # noqa: PLC0415 - after the memory cap, as torch above
+
+        header = result_header()
         origin = os.getcwd()
         cache = prepare_cache(scratch / "cache")
         results = []
@@ -1120,12 +1123,11 @@ def main() -> int:
         by_class[r["class"]][r["verdict"]] += 1
     print(json.dumps(counts))
     if args.out:
-        load = os.getloadavg()
-        payload = {"label": args.label, "secateurs": getattr(secateurs, "__file__", ""), "counts": counts,
-                   "by_class": by_class, "only": args.only, "cases": results,
-                   "machine": {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load]}}
+        payload = {"header": header, "label": args.label, "secateurs": getattr(secateurs, "__file__", ""),
+                   "counts": counts, "by_class": by_class, "only": args.only, "cases": results,
+                   "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
         _write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
-        md = [f"# Hostile inputs: {args.label}", "", f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        md = [f"# Hostile inputs: {args.label}", "", header_markdown(header), f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
               "", "| class | " + " | ".join(VERDICTS) + " |", "| --- |" + " --- |" * len(VERDICTS)]
         md += [f"| {k} | " + " | ".join(str(v.get(x, 0)) for x in VERDICTS) + " |" for k, v in by_class.items()]
         md += ["", "| class | case | verdict | exit | message |", "| --- | --- | --- | --- | --- |"]

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import header_markdown, result_header
+
 from secateurs.storage.output import write_file
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,11 +65,11 @@ def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> No
     from transformers import AutoModelForCausalLM
 
     from secateurs.calibration.data import Calibration
-    from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.storage.pruned import save_pruned
-    from secateurs.methods import make_plan
     from secateurs.calibration.statistics import collect_statistics
     from secateurs.calibration.streaming import streamed_statistics
+    from secateurs.methods import make_plan
+    from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
+    from secateurs.storage.pruned import save_pruned
     from secateurs.surgery.apply import apply_plan
 
     _warm_up(collect_statistics, streamed_statistics, Calibration)
@@ -124,6 +126,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    header = result_header()
     folder = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}"
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=32000,
@@ -152,17 +155,17 @@ def main() -> None:
         print(row, flush=True)
     by = {r["kind"]: r for r in rows}
     result = {
+        "header": header,
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "params": params, "weight_bytes": model_bytes, "layer_bytes": layer_bytes, "dtype": "float32"},
         "calibration": {"samples": args.samples, "length": args.length, "batch": 8},
         "rows": rows,
         "stats_time_ratio_streamed_over_full": by["stats-streamed"]["seconds"] / by["stats-full"]["seconds"]
         if {"stats-streamed", "stats-full"} <= set(by) else None,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_file(Path(args.out) / f"{args.name}.json", json.dumps(result, indent=2))
-    lines = [f"# Peak memory, full vs streamed ({result['date']})", "",
+    lines = ["# Peak memory, full vs streamed", "", header_markdown(header),
              f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {params:,} parameters "
              f"(float32, {model_bytes / 2**30:.2f} GiB; one layer {layer_bytes / 2**20:.0f} MiB). Calibration "
              f"{args.samples} x {args.length} tokens, batch 8. CPU RAM peak above the baseline of a warmed-up interpreter (libraries imported, same code run once on a tiny model).", "",

@@ -1,6 +1,6 @@
 """Perplexity runs at the speed of the model itself, and gets the right number.
 
-Target (issue 4): WikiText-2 test (~300k tokens) on SmolLM2-135M at seq 128 takes at most 1.1x the
+Target: WikiText-2 test (~300k tokens) on SmolLM2-135M at seq 128 takes at most 1.1x the
 time of plain batched forward passes over the same windows, and agrees with an independent direct
 computation to 4 significant digits.
 
@@ -30,13 +30,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import ASSETS, header_markdown, result_header
 
-from secateurs.storage.output import write_file  # noqa: E402
 from secateurs.evaluation.perplexity import _window_nll, load_text, perplexity
 from secateurs.evaluation.speed import machine_info
 from secateurs.storage.loading import load_model
+from secateurs.storage.output import write_file
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "assets" / "text" / "wikitext-2-raw" / "wiki.test.raw"
+WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @torch.inference_mode()
@@ -101,7 +102,7 @@ def main() -> int:
         ids = ids[:args.max_tokens]
     windows = ids.numel() // args.seq_len
     chunks = ids[:windows * args.seq_len].reshape(windows, args.seq_len)
-    load_start = machine_info()
+    header = result_header()  # after loading and tokenising: its load average is the one the timings start at
     plain_s, ours_s = [], []
     for _ in range(args.repeats):
         s, ref_nll, count = plain_forward(model, chunks, args.batch_size)
@@ -114,7 +115,7 @@ def main() -> int:
     ratio = statistics.median(ours_s) / statistics.median(plain_s)
     digits = significant_digits_agreeing(r["perplexity"], ref_ppl)
     result = {
-        "benchmark": "perplexity_speed", "model": args.model, "dtype": args.dtype, "text": text_info,
+        "header": header, "benchmark": "perplexity_speed", "model": args.model, "dtype": args.dtype, "text": text_info,
         "protocol": {"seq_len": args.seq_len, "batch_size": args.batch_size, "windows": windows,
                      "scored_tokens": count, "text_tokens": text_tokens,
                      "max_tokens": args.max_tokens, "repeats": args.repeats},
@@ -126,7 +127,7 @@ def main() -> int:
         "perplexity_secateurs": r["perplexity"], "perplexity_reference_float64": ref_ppl,
         "significant_digits_agreeing": digits, "meets_agreement_target": digits >= 4,
         "tokens_per_second_secateurs": windows * args.seq_len / statistics.median(ours_s),
-        "machine_at_start": load_start, "machine_at_end": machine_info(),
+        "machine_at_end": machine_info(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,9 @@ def main() -> int:
         f"# Perplexity speed: {args.model} ({args.dtype}), {text_info['name']}, seq {args.seq_len}, batch {args.batch_size}",
         "",
         f"{windows} windows, {count:,} scored tokens{' (first ' + str(args.max_tokens) + ' tokens)' if args.max_tokens else ''}; "
-        f"{args.repeats} repeat(s), medians; machine: {load_start['cpu']}, {load_start['torch_threads']} threads, "
-        f"load average {load_start.get('load_average')} at start, {result['machine_at_end'].get('load_average')} at end.",
+        f"{args.repeats} repeat(s), medians; load average at the end {result['machine_at_end'].get('load_average')}.",
         "",
+        header_markdown(header),
         "| | seconds | |",
         "| --- | ---: | --- |",
         f"| plain batched forward passes | {statistics.median(plain_s):.1f} | |",

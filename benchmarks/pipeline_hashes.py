@@ -1,7 +1,8 @@
 """sha256 of every file `secateurs prune`, `recover` and `export` write, for every method and execution
 path, on the real tiny stories260K: a change that only moves code must leave them byte-identical
 (compare two runs' JSON with --compare; recovery.json is compared without its run times and
-thread/machine facts). Runs in-process through the command line.
+thread/machine facts). Runs in-process through the command line. The JSON also records, under
+"header", the command, versions and machine (left out of the comparison).
 
     python benchmarks/pipeline_hashes.py --out benchmarks/results/pipeline_hashes.json
     python benchmarks/pipeline_hashes.py --out /tmp/after.json --compare benchmarks/results/pipeline_hashes.json
@@ -14,15 +15,15 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
+from common import ASSETS, result_header
+
 from secateurs.storage.output import write_file
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("SECATEURS_ASSETS", ROOT.parent / "shared" / "assets"))
+HEADER = "header"  # the key of the result header: every other key is a run
 STORIES = ASSETS / "models" / "stories260K-hf"
 TEXT = ASSETS / "text" / "tinystories" / "tinystories_sample.txt"
 CALIB = ["--calib", str(TEXT), "--calib-samples", "8", "--calib-length", "64"]
@@ -136,12 +137,14 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--compare", help="an earlier run's JSON: report every file whose hash differs")
     args = parser.parse_args()
+    header = result_header()
     with tempfile.TemporaryDirectory() as work:
         results = run_all(Path(work))
-    write_file(Path(args.out), json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_file(Path(args.out), json.dumps({HEADER: header, **results}, indent=1, sort_keys=True) + "\n")
     if not args.compare:
         return 0
     before = json.loads(Path(args.compare).read_text())
+    before.pop(HEADER, None)
     differ = [f"{run}: {file}" for run in sorted(set(before) | set(results))
               for file in sorted(set(before.get(run, {}).get("files", {})) | set(results.get(run, {}).get("files", {})))
               if before.get(run, {}).get("files", {}).get(file) != results.get(run, {}).get("files", {}).get(file)]

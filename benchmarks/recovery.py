@@ -49,23 +49,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import ASSETS, header_markdown, result_header  # noqa: E402
 
 from secateurs.adapters.plans import layer_removal_plan  # noqa: E402
-from secateurs.storage.output import write_file  # noqa: E402
-from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
-from secateurs.recovery.allocator import retain_freed_memory  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
 from secateurs.evaluation.zero_shot import zero_shot  # noqa: E402
-from secateurs.storage.pruned import save_pruned  # noqa: E402
-from secateurs.storage.loading import load_model  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
+from secateurs.methods.options import DepthOptions  # noqa: E402
+from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
+from secateurs.recovery.allocator import retain_freed_memory  # noqa: E402
 from secateurs.recovery.iterative import prune_depth_recovering  # noqa: E402
+from secateurs.recovery.settings import RecoverySettings  # noqa: E402
 from secateurs.recovery.trainer import LoopSettings, RecoveryLoop  # noqa: E402
+from secateurs.storage.loading import load_model  # noqa: E402
+from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.storage.pruned import save_pruned  # noqa: E402
 from secateurs.surgery.apply import apply_plan  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
 
@@ -117,8 +119,9 @@ def prune_for_run(dense, tok, pruned: str):
 
 def prune_recovering(dense, tok, pruned: str, recovery: dict):
     """Consensus's pipeline on a copy of `dense`: (recovered model, plan, recovery record)."""
-    return prune_depth_recovering(copy.deepcopy(dense), tok, "consensus", layers=prune_spec(pruned)[1]["layers"],
-                                  recovery=recovery, **CALIBRATION)
+    return prune_depth_recovering(copy.deepcopy(dense), tok, "consensus",
+                                  options=DepthOptions(layers=prune_spec(pruned)[1]["layers"]),
+                                  recovery=RecoverySettings.from_keywords(recovery), **CALIBRATION)
 
 
 def validation_before(model, dense, tok, args, run) -> dict:
@@ -224,7 +227,7 @@ def measured_dense(dense, tok, text, ids, args, with_runs: bool) -> dict:
     return {**out, "params": model_stats(dense).total_params, "zero_shot": accuracy(dense, tok, args)}
 
 
-SHARING = "shared with another engineer's jobs"  # what ran beside the earlier runs; a result may say otherwise
+SHARING = "shared with other jobs"  # what ran beside a run, unless its result file says otherwise ("sharing")
 
 
 def _accuracy_change(result: dict, spec: str, run: dict, dense_acc: float | None) -> str:
@@ -245,7 +248,8 @@ def _allocator_line(allocator: dict) -> str:
 
 
 def render(result: dict) -> str:
-    m0, m1 = result["machine_at_start"], result.get("machine_at_end", {})
+    m0 = result["header"]["machine"] if "header" in result else result["machine_at_start"]
+    m1 = result.get("machine_at_end", {})
     a = result["args"]
     dense = result["dense"]["ppl"] or float("nan")
     dense_acc = (result["dense"].get("zero_shot") or {}).get("mean_acc")
@@ -262,6 +266,7 @@ def render(result: dict) -> str:
         f"{m0.get('load_average')} at start, {m1.get('load_average')} at end ({result.get('sharing', SHARING)}); "
         f"torch {m0['torch']}, transformers {m0['transformers']}; started {m0['date']}."
         + (f" Allocator: {_allocator_line(result['allocator'])}." if result.get("allocator") else ""), "",
+        *([header_markdown(result["header"])] if "header" in result else []),
         f"Dense perplexity: {dense:.2f} ({result['dense']['source']})."
         + (f" Dense zero-shot mean accuracy: {dense_acc:.4f} ({', '.join(result['dense']['zero_shot']['tasks'])}, "
            f"first {result['dense']['zero_shot']['limit']} items each, local task files)." if dense_acc else ""), "",
@@ -323,7 +328,7 @@ def main() -> int:
     ap.add_argument("--save-models", metavar="DIR", help="save each recovered model in DIR/<run label>")
     ap.add_argument("--checkpoints", metavar="DIR",
                     help="keep each run's training checkpoints in DIR/<run label> and resume a run from there when "
-                         "they exist (a 1M-token run is longer than a session on 2 cores)")
+                         "they exist (a 1M-token run takes hours on 2 cores: a run cut short continues)")
     ap.add_argument("--save-every", type=int, default=25, help="with --checkpoints: steps between checkpoints")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
@@ -346,7 +351,7 @@ def main() -> int:
                     for r in runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "recovery", "args": vars(args), "machine_at_start": machine_info(), "runs": [],
+    result = {"header": result_header(), "benchmark": "recovery", "args": vars(args), "runs": [],
               "not_run": [], "allocator": retain_freed_memory()}  # what the loop does on CPU: loop and plain alike
 
     def write():

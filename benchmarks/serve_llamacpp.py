@@ -15,16 +15,16 @@ on 32 C4 samples of 128 tokens), each exported as f32 and q8_0. Per file:
   non-overlapping windows of 128, every token after the first of a window scored (seq128, as
   `secateurs eval`), llama.cpp's logits vs transformers' (float32, `load_pruned`).
 Median of --repeats, dense and pruned interleaved per repeat. Writes
-benchmarks/results/serve_llamacpp.{json,md}.
+benchmarks/results/{--name}.{json,md} (default serve_llamacpp).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ASSETS, ROOT, header_markdown, result_header
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("SECATEURS_ASSETS", ROOT.parent / "shared" / "assets"))
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,8 +58,8 @@ def make_models(work: Path, threads: int) -> dict[str, Path]:
     """Pruned folders (reused when present) and the dense model saved the same way."""
     import torch
 
-    from secateurs.storage.pruned import save_pruned
     from secateurs.storage.loading import load_model
+    from secateurs.storage.pruned import save_pruned
 
     folders = {}
     for name, args in VARIANTS.items():
@@ -124,36 +123,27 @@ def llamacpp_perplexity(path: Path, ids: list[int], threads: int, seq: int = 128
     return math.exp(nll / count)
 
 
-def machine() -> dict:
-    import llama_cpp
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per file, median reported (default: 3)")
     parser.add_argument("--ppl-tokens", type=int, default=8192, help="WikiText-2 tokens for perplexity (default: 8192)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "serve_llamacpp", help="models and GGUF files")
+    parser.add_argument("--name", default="serve_llamacpp", help="results file stem (default: serve_llamacpp)")
     args = parser.parse_args()
     import torch
+    from transformers import AutoTokenizer
 
-    from secateurs.planning.accounting import model_stats
     from secateurs.evaluation.perplexity import load_text, perplexity
     from secateurs.export import export_gguf
+    from secateurs.planning.accounting import model_stats
     from secateurs.storage.pruned import load_pruned
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    before = machine()
+    header = result_header()
+    header["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
     folders = make_models(args.work, args.threads)
     tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
     ids = tokenizer(load_text(str(WIKI))[0], return_tensors="pt", verbose=False).input_ids[0][:args.ppl_tokens]
@@ -208,24 +198,21 @@ def main() -> None:
             entry["decode_x"] = round(entry["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
             entry["decode_ideal_x"] = round(dense_bytes / step_bytes, 3)
             entry["decode_x_of_ideal"] = round(entry["decode_x"] / entry["decode_ideal_x"], 3)
-    result = {"machine_before": before, "machine_after": machine(), "threads": args.threads, "repeats": args.repeats,
+    result = {"header": header, "load_average_after": [round(x, 2) for x in os.getloadavg()], "threads": args.threads, "repeats": args.repeats,
               "prompt_tokens": PROMPT, "decode_tokens": DECODE, "ppl_tokens": int(ids.numel()), "ppl_seq_len": 128,
               "seconds": round(time.time() - started), "models": rows}
     from secateurs.storage.output import write_file
 
-    write_file(RESULTS / "serve_llamacpp.json", json.dumps(result, indent=1) + "\n")
-    write_file(RESULTS / "serve_llamacpp.md", markdown(result))
+    write_file(RESULTS / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    write_file(RESULTS / f"{args.name}.md", markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
-    m0, m1 = r["machine_before"], r["machine_after"]
     lines = [
-        "# SmolLM2-135M pruned, served by llama.cpp", "",
-        f"`python benchmarks/serve_llamacpp.py --threads {r['threads']} --repeats {r['repeats']} --ppl-tokens "
-        f"{r['ppl_tokens']}`: {m0['cpu']}, {m0['cores']} cores, llama-cpp-python {m0['llama_cpp_python']}, "
-        f"{r['threads']} thread(s); load average {m0['load_average']} before, {m1['load_average']} after "
-        f"(shared machine); {r['seconds']} s in all.", "",
+        "# SmolLM2-135M pruned, served by llama.cpp", "", header_markdown(r["header"]),
+        f"llama-cpp-python {r['header']['llama_cpp_python']}, {r['threads']} thread(s); load average "
+        f"{r['load_average_after']} after; {r['seconds']} s in all.", "",
         f"Prefill: one {r['prompt_tokens']}-token prompt; decode: {r['decode_tokens']} greedy tokens after it; median "
         f"of {r['repeats']}, files interleaved. x = pruned / dense, ideal: FLOPs at {r['prompt_tokens']} tokens "
         "(prefill), bytes read per step, tensors + f16 KV cache (decode). Perplexity: WikiText-2 test, first "

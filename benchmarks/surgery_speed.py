@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -46,17 +44,17 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from common import ASSETS, header_markdown, result_header
 
-from secateurs.storage.output import write_file  # noqa: E402
+from secateurs.methods import make_plan
 from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.storage.loading import load_model
-from secateurs.methods import make_plan
+from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
 
 MODEL = "smollm2"
 METHOD = "magnitude"
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "assets" / "text" / "wikitext-2-raw" / "wiki.test.raw"
+TEXT = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 QUIET = 0.05  # a run is quiet if other processes used < 5% of the machine's CPU time meanwhile
 
 
@@ -136,13 +134,6 @@ def speedups(dense: dict, pruned: dict, ideal: float) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratio", type=float, default=0.2)
@@ -161,6 +152,7 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.ratio)
 
+    header = result_header()
     t0 = time.perf_counter()
     dense, tok, plan = load(args.ratio)
     print(f"loaded and planned in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -197,12 +189,10 @@ def main() -> None:
     pre = {n: summary(r) for n, r in prefill.items()}
     dec = {n: summary(r) for n, r in decode.items()}
     result = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "header": header,
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)",
         "method": METHOD, "ratio": args.ratio, "gqa": "groups", "plan_provenance": plan.provenance,
         "data": f"{TEXT.name}: first {args.prefill_tokens} tokens (prefill), first {args.prompt_tokens} (decode prompt)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
         "quiet_threshold": QUIET, "load_average_at_end": os.getloadavg(),
         "widths": {n: [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in st.layers][0]
                    for n, st in stats.items()},
@@ -239,13 +229,13 @@ def report(r: dict) -> str:
     return "\n".join([
         "# Surgery cost and CPU speedup (`benchmarks/surgery_speed.py`)",
         "",
-        f"- {r['date']}; {r['model']}",
+        f"- {r['model']}",
         f"- `make_plan(model, {r['method']!r}, {r['ratio']}, gqa='groups')`: per layer (heads, KV heads, MLP) "
         f"{tuple(w['dense'])} → {tuple(w['pruned'])}; parameters {a['params_before']:,} → "
         f"{a['params_after']:,} ({a['params_removed_fraction'] * 100:.1f}% removed)",
-        f"- torch {r['torch']}, transformers {r['transformers']}, torch threads: {r['threads']}, "
-        f"{r['cpu']} ({r['logical_cpus']} logical CPUs); data {r['data']}",
+        f"- data {r['data']}",
         "",
+        header_markdown(r["header"]),
         "## Surgery (`apply_plan`)",
         "",
         f"- wall time: median {ms(s['median'])} (min {ms(s['min'])}, max {ms(s['max'])}, n={s['n']}); target well under 1 s",

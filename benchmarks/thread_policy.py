@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import header_markdown, result_header
+
 KINDS = ("decode", "forward", "train")
 CONDITIONS = {"quiet": None, "busy nice 10": 10, "busy nice 0": 0}
 
@@ -31,8 +33,8 @@ CONDITIONS = {"quiet": None, "busy nice 10": 10, "busy nice 0": 0}
 def worker(threads: int, repeats: int) -> dict:
     import torch
 
-    from secateurs.runtime import progress
     from secateurs.calibration.data import _sample
+    from secateurs.runtime import progress
     from secateurs.storage.loading import load_model
 
     progress.set_quiet(True)
@@ -93,6 +95,7 @@ def markdown(result: dict) -> str:
              f"{cores} cores; median of {result['repeats']} after one warm-up; the busy process is `nice -n N "
              "python -c 'while True: pass'` (one core's worth of work); nothing else ran. Load average before "
              f"{result['machine']['load_average_before']}, after {result['machine']['load_average_after']}.", "",
+             *([header_markdown(result["header"])] if "header" in result else []),
              "| condition | threads | " + " | ".join(f"{k} s" for k in KINDS) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |"]
     for r in runs:
@@ -100,7 +103,7 @@ def markdown(result: dict) -> str:
                      + " | ".join(f"{r['kinds'][k]['median_s']:.2f}" for k in KINDS) + " |")
     lines += ["", "Bit-identical at 1 thread and at one per core (quiet runs): "
               + ", ".join(f"{what} {'yes' if ok else 'no'}" for what, ok in same.items()) + ".", "",
-              f"Command: `{result['command']}`"]
+              *([] if "header" in result else [f"Command: `{result['command']}`"])]
     return "\n".join(lines) + "\n"
 
 
@@ -122,14 +125,13 @@ def main() -> int:
         quiet = [r for r in result["runs"] if r["condition"] == "quiet"]
         result["bit_identical_across_thread_counts"] = {
             what: all(r["digest"][what] == quiet[0]["digest"][what] for r in quiet) for what in quiet[0]["digest"]}
-        result["command"] = "PYTHONPATH=src python benchmarks/thread_policy.py --repeats 2 --out " \
-                            "benchmarks/results/thread_policy"
         Path(args.render).write_text(json.dumps(result, indent=2) + "\n")
         Path(args.render).with_suffix(".md").write_text(markdown(result))
         return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.repeats)))
         return 0
+    header = result_header()
     cores = len(os.sched_getaffinity(0))
     counts = sorted({1, cores})
     runs = []
@@ -154,12 +156,10 @@ def main() -> int:
             print(condition, threads, {k: v["median_s"] for k, v in run["kinds"].items()}, flush=True)
     quiet = [r for r in runs if r["condition"] == "quiet"]
     identical = {what: all(r["digest"][what] == quiet[0]["digest"][what] for r in quiet) for what in quiet[0]["digest"]}
-    result = {"model": "SmolLM2-135M-Instruct (smollm2, Q4_1 GGUF dequantised to float32)",
+    result = {"header": header, "model": "SmolLM2-135M-Instruct (smollm2, Q4_1 GGUF dequantised to float32)",
               "machine": {"cores_in_affinity": cores, "cpu_count": os.cpu_count(),
                           "load_average_before": [round(x, 2) for x in load_before],
                           "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-              "command": "PYTHONPATH=src python benchmarks/thread_policy.py --repeats 2 --out "
-                         "benchmarks/results/thread_policy",
               "repeats": args.repeats, "bit_identical_across_thread_counts": identical, "runs": runs}
     print(json.dumps({"bit_identical_across_thread_counts": identical}))
     if args.out:
