@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from common import ASSETS, header_markdown, result_header
 
-from secateurs.evaluation.perplexity import _window_nll, load_text, perplexity
+from secateurs.evaluation.perplexity import window_nll, load_text, perplexity
 from secateurs.evaluation.speed import machine_info
 from secateurs.storage.loading import load_model
 from secateurs.storage.output import write_file
@@ -66,7 +66,7 @@ def interleaved(model, chunks: torch.Tensor, batch_size: int) -> tuple[float, fl
         t0 = time.perf_counter()
         model(batch, use_cache=False).logits
         t1 = time.perf_counter()
-        _window_nll(model, batch)
+        window_nll(model, batch)
         t2 = time.perf_counter()
         plain, ours = plain + t1 - t0, ours + t2 - t1
     return plain, ours

@@ -2,7 +2,7 @@
 process (a pure-Python loop at nice 10, then at nice 0): the measurements behind secateurs.runtime.threads.
 
 Kinds of work, on SmolLM2-135M (the `smollm2` alias, float32):
-    decode   the 'self' sampler's decode loop (secateurs.calibration.data._sample): 32 samples x 64 tokens
+    decode   the 'self' sampler's decode loop (secateurs.calibration.data.sample_sequences): 32 samples x 64 tokens
     forward  batched forward passes (perplexity, statistics): 4 batches of 8 x 128 tokens
     train    full fine-tuning steps (recovery): 2 AdamW steps on 2 x 256 tokens
 
@@ -33,7 +33,7 @@ CONDITIONS = {"quiet": None, "busy nice 10": 10, "busy nice 0": 0}
 def worker(threads: int, repeats: int) -> dict:
     import torch
 
-    from secateurs.calibration.data import _sample
+    from secateurs.calibration.data import sample_sequences
     from secateurs.runtime import progress
     from secateurs.storage.loading import load_model
 
@@ -50,7 +50,7 @@ def worker(threads: int, repeats: int) -> dict:
 
     def decode():
         torch.manual_seed(0)
-        return _sample(model, tokenizer.bos_token_id or 0, 32, 64, [], Steps())
+        return sample_sequences(model, tokenizer.bos_token_id or 0, 32, 64, [], Steps())
 
     @torch.inference_mode()
     def forward():

@@ -1,10 +1,20 @@
 """Shared fixtures: tiny random models of every family (float64, built from configs, offline),
-the real stories260K model, and a masking reference for exactness tests."""
+the real stories260K model, and a masking reference for exactness tests.
+
+Data: tests/data (in the repository) holds the stories260K model and the small texts and task excerpts
+the tests read. Bigger assets (whole evaluation files) come from $SECATEURS_ASSETS, else ../shared/assets
+beside the repository; a test that needs one is marked `shared_asset(path)` and skips, saying which file
+it needs, where that file is absent. Capability markers skip, with the reason, where the machine lacks
+the capability: `cuda` (a CUDA device), `llama_cpp` (llama-cpp-python importable), `glibc` (glibc >= 2.33).
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -14,9 +24,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 
-ASSETS = Path(os.environ.get("SECATEURS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
-STORIES = ASSETS / "models" / "stories260K-hf"
-TINYSTORIES_TEXT = ASSETS / "text" / "tinystories" / "tinystories_sample.txt"
+DATA = Path(__file__).resolve().parent / "data"  # in the repository: tests/data/README.md lists every file
+ASSETS = Path(os.environ.get("SECATEURS_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
+STORIES = DATA / "stories260K-hf"
+TINYSTORIES_TEXT = DATA / "tinystories" / "tinystories_sample.txt"
+WIKITEXT_HEAD = DATA / "wikitext-2-raw" / "wiki.test.raw"  # the first 21 lines of WikiText-2 test (8 KB)
+C4_HEAD = DATA / "c4" / "c4_sample.jsonl"  # the first 5 documents of C4 en train shard 00000
+TASKS = DATA / "commonsense"  # the first 20 rows of each standard task, llm-foundry format
+WIKITEXT = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"  # the whole WikiText-2 test split (1.3 MB)
+CUDA = torch.cuda.is_available()
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                max_position_embeddings=128, tie_word_embeddings=False)
@@ -100,6 +116,53 @@ def masked_reference(model, plan):
 
 def input_ids(batch: int = 2, length: int = 12, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def asset_missing(path: str | Path) -> str | None:
+    """Why a bigger asset (a path under ASSETS, or relative to it) cannot be read here (None when it can)."""
+    path = ASSETS / path
+    if path.exists():
+        return None
+    if not path.is_relative_to(ASSETS):
+        return f"needs {path}"
+    return f"needs ../shared/assets/{path.relative_to(ASSETS)}; set SECATEURS_ASSETS (looked in {ASSETS})"
+
+
+@functools.cache
+def _llama_cpp_missing() -> str | None:
+    """Why llama-cpp-python cannot be used here (None when it imports)."""
+    try:
+        importlib.import_module("llama_cpp")
+    except Exception as exc:  # noqa: BLE001 - a missing package or a build that fails to load: both skip
+        return f"needs llama-cpp-python (pip install -e '.[serve]'): import llama_cpp failed: {exc}"
+    return None
+
+
+def _glibc_missing() -> str | None:
+    """Why glibc's malloc tuning and mallinfo2 (glibc >= 2.33) cannot be used here (None when they can)."""
+    name, version = platform.libc_ver()
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if name == "glibc" and numbers >= (2, 33):
+        return None
+    return f"needs glibc >= 2.33 (mallinfo2); this process runs on {name or 'another C library'} {version}".rstrip()
+
+
+CAPABILITIES = {  # marker -> why a test so marked cannot run here (None: it can)
+    "cuda": lambda: None if CUDA else "needs a CUDA device (torch.cuda.is_available() is False)",
+    "llama_cpp": _llama_cpp_missing,
+    "glibc": _glibc_missing,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Capability and shared_asset markers become skips with the reason where the machine lacks what they name."""
+    for item in items:
+        for name, missing in CAPABILITIES.items():
+            if item.get_closest_marker(name) is not None and (reason := missing()):
+                item.add_marker(pytest.mark.skip(reason=reason))
+        for marker in item.iter_markers("shared_asset"):
+            for reason in filter(None, map(asset_missing, marker.args)):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_configure(config):

@@ -2,6 +2,7 @@
 
 import ctypes
 
+import pytest
 import torch
 
 from secateurs.recovery import allocator
@@ -18,6 +19,7 @@ def _mallinfo() -> MallInfo2:
     return libc.mallinfo2()
 
 
+@pytest.mark.glibc
 def test_freed_tensor_memory_stays_in_the_heap_for_the_next_step():
     """A 64 MiB tensor (glibc would mmap it and give it back on free) comes from the heap and its
     memory is still there, free for reuse, after the tensor is gone."""

@@ -21,7 +21,7 @@ from secateurs.cli.main import main
 from secateurs.errors import SecateursError
 from secateurs.storage.output import MARKER, check_finite, clean_stale
 
-from conftest import ASSETS, STORIES, TINYSTORIES_TEXT
+from conftest import CUDA, STORIES, TASKS, TINYSTORIES_TEXT
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.2"]
 
@@ -484,7 +484,7 @@ def test_fuzz_every_option_with_bad_values(world, tmp_path, capsys):
         "--alpha-grid": ["", "5,nan", "a,b", "1,,2", "inf"],
         "--flap-ratio": ["nan", "2", "-1"],
         "--dtype": ["float7", ""],
-        "--device": ["cuda", "cuda:3", "tpu", "nonsense:0:1"],
+        "--device": [*(["cuda:98", "cuda:99"] if CUDA else ["cuda", "cuda:3"]), "tpu", "nonsense:0:1"],
         "--plan": [str(binary), str(folder), str(tmp_path / "missing.json")],
         "--stats": [str(world / "model" / "model.safetensors"), str(folder), str(tmp_path / "out" / "s.safetensors")],
         "--out": ["", "/", str(world), model, str(world / "victim.txt")],
@@ -561,7 +561,7 @@ def test_fuzz_every_option_of_every_subcommand(world, tmp_path, capsys, monkeypa
     capsys.readouterr()
     monkeypatch.setattr(secateurs.storage.loading, "load_model", loaded)
     monkeypatch.chdir(tmp_path)  # relative names (--out 0) land here, where the snapshot sees them
-    text, tasks, out = str(TINYSTORIES_TEXT), str(ASSETS / "commonsense" / "llm-foundry"), str(tmp_path / "out")
+    text, tasks, out = str(TINYSTORIES_TEXT), str(TASKS), str(tmp_path / "out")
     bases = {
         "recover": ["recover", str(student), "--teacher", str(STORIES), "--out", out, "--data", text, "--tokens", "256",
                     "--train-length", "32", "--val-tokens", "64"],

@@ -33,9 +33,9 @@ from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 
 def _calibration(rows: list[list[int]], batch_size: int = 8) -> Calibration:
     """Right-padded batches of the given rows (as load_calibration builds them)."""
-    from secateurs.calibration.data import _batches
+    from secateurs.calibration.data import padded_batches
 
-    return Calibration(_batches(rows, batch_size, 0), {"source": "test"}, "test")
+    return Calibration(padded_batches(rows, batch_size, 0), {"source": "test"}, "test")
 
 
 def _rows(lengths, seed=0, vocab=64):

@@ -13,7 +13,7 @@ from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import evaluate_perplexity, load_text, perplexity, resolve_seq_len
 from secateurs.storage.loading import load_model
 
-from conftest import ASSETS, STORIES, tiny_model
+from conftest import C4_HEAD, STORIES, TINYSTORIES_TEXT, tiny_model
 
 
 class CharTokenizer:
@@ -86,7 +86,7 @@ def test_protocols_and_context_refusal():
     # several protocols at once: all checked before any work, each result names its protocol
     with pytest.raises(SecateursError, match="512"):
         evaluate_perplexity(stories, tok, "x", ["seq128", "seq2048"], progress=False)
-    text = (ASSETS / "text" / "tinystories" / "tinystories_sample.txt").read_text()
+    text = TINYSTORIES_TEXT.read_text()
     rs = evaluate_perplexity(stories, tok, text, ["seq128", "context"], progress=False)
     assert [(r["protocol"], r["seq_len"]) for r in rs] == [("seq128", 128), ("context", 512)]
     n = len(tok(text).input_ids)
@@ -116,7 +116,7 @@ def test_sources_wikitext_crlf_and_c4_jsonl(tmp_path):
 
 
 def test_real_c4_sample_reads():
-    text, info = load_text(ASSETS / "text" / "c4" / "c4_sample_1000.jsonl", max_docs=3)
+    text, info = load_text(C4_HEAD, max_docs=3)
     assert text.startswith("Beginners BBQ Class Taking Place in Missoula!")
 
 

@@ -17,9 +17,9 @@ from secateurs.errors import SecateursError  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, detect_format, local_task_config, zero_shot  # noqa: E402
 from secateurs.storage.loading import load_model  # noqa: E402
 
-from conftest import ASSETS, STORIES  # noqa: E402
+from conftest import STORIES, TASKS  # noqa: E402
 
-DATA = ASSETS / "commonsense" / "llm-foundry"
+DATA = TASKS  # the first 20 rows of each standard task
 
 # Hand-checked on stories260K (a TinyStories model): in every item the first choice is the story
 # continuation and the second nonsense for a children's story, by a margin of >= 70 nats. Gold

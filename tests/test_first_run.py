@@ -70,8 +70,10 @@ def test_light_names_match_the_implementations():
     from secateurs.settings import names
     from secateurs.planning import selection
     from secateurs.methods import METHODS
+    from secateurs.methods.options import METHOD_NAMES
 
-    assert sorted(names.METHOD_NAMES) == sorted(METHODS)
+    assert sorted(METHOD_NAMES) == sorted(METHODS)
+    assert all(METHODS[name].kind == METHODS[name].options.kind for name in METHOD_NAMES)
     assert budget.GQA_MODES == names.GQA_MODES and selection.SELECTIONS == names.SELECTIONS
 
 
@@ -93,12 +95,12 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
     key = json.loads(files[0].read_text())["key"]
     assert key["num_samples"] == 5 and key["max_length"] == 12 and key["seed"] == 3
 
-    real_sample = calibration._sample
+    real_sample = calibration.sample_sequences
 
     def no_generation(*args, **kwargs):
         raise AssertionError("the cached calibration should have been reused")
 
-    monkeypatch.setattr(calibration, "_sample", no_generation)
+    monkeypatch.setattr(calibration, "sample_sequences", no_generation)
     again = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=4)
     ids = lambda c: [r[m == 1].tolist() for b in c.batches for r, m in zip(b["input_ids"], b["attention_mask"])]
     assert ids(again) == ids(first) and all(len(s) == 12 for s in ids(first))
@@ -110,7 +112,7 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
                     json.dumps({**data, "key": {**key, "model": "another"}})):
         files[0].write_text(corrupt)
         calls = []
-        monkeypatch.setattr(calibration, "_sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+        monkeypatch.setattr(calibration, "sample_sequences", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
         with caplog.at_level("WARNING", logger="secateurs"):
             rebuilt = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3,
                                                    batch_size=2)
@@ -129,19 +131,19 @@ def test_self_calibration_draws_tokens_in_proportion_and_never_a_suppressed_one(
     where it is the last of the vocabulary (the top of the CDF, where rounding could reach it)."""
     import torch
 
-    from secateurs.calibration.data import _draw
+    from secateurs.calibration.data import draw_tokens
 
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
     logits = probs.log().expand(20_000, -1).contiguous()  # log 0 = -inf, as suppressed EOS
-    counts = torch.bincount(_draw(logits).reshape(-1), minlength=6).double()
+    counts = torch.bincount(draw_tokens(logits).reshape(-1), minlength=6).double()
     assert counts[1] == 0 and counts[5] == 0
     expected = probs.double() * 20_000
     live = expected > 0
     chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
     assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
     top_heavy = torch.tensor([[0.0, 0.0, 30.0, -float("inf")]]).expand(1000, -1)
-    assert set(_draw(top_heavy).reshape(-1).tolist()) <= {0, 1, 2}
+    assert set(draw_tokens(top_heavy).reshape(-1).tolist()) <= {0, 1, 2}
 
 
 # -- one vocabulary of options --------------------------------------------------------------------
@@ -221,12 +223,12 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     from secateurs.cli.main import main
     from secateurs.evaluation.perplexity import perplexity
     from secateurs.storage.pruned import load_pruned
-    from tests.conftest import ASSETS, STORIES
+    from tests.conftest import STORIES, TASKS
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # this test's own cache
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(STORIES), "--out", str(out), "--max-windows", "4", "--calib-samples", "4",
-            "--calib-length", "32", "--data-dir", str(ASSETS / "commonsense" / "llm-foundry"), "--tasks",
+            "--calib-length", "32", "--data-dir", str(TASKS), "--tasks",
             "piqa,arc_easy", "--limit", "4", "--bench-prompt-length", "16", "--bench-decode-tokens", "4",
             "--bench-repeats", "1", "--seed", "5", "--recover-tokens", "256"]
     assert main(argv) == 0
@@ -268,7 +270,7 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
     def no_generation(*args, **kwargs):
         raise AssertionError("the second run should reuse the cached calibration")
 
-    monkeypatch.setattr(calibration, "_sample", no_generation)
+    monkeypatch.setattr(calibration, "sample_sequences", no_generation)
     capsys.readouterr()  # the checks above loaded models (with bars)
     assert main(argv + ["--force", "--quiet"]) == 0
     captured = capsys.readouterr()

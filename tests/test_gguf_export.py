@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import llama_cpp
 from secateurs.adapters.plans import identity_plan
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
@@ -33,14 +32,21 @@ from test_amp import _padded_calibration
 
 
 LOG: list[str] = []
+_LLAMA: dict = {}  # llama_cpp, its stock model parameters, the log callback (kept: llama.cpp holds its pointer)
 
 
-@llama_cpp.llama_log_callback
-def _collect(level, text, data):  # module-level: llama.cpp keeps the pointer
-    LOG.append(text.decode("utf-8", "replace"))
+def _llama():
+    """llama-cpp-python (tests that use it are marked llama_cpp), its log collected in LOG from the first use on."""
+    if not _LLAMA:
+        import llama_cpp  # noqa: PLC0415 - optional (the serve extra): without it the llama_cpp tests skip
 
+        @llama_cpp.llama_log_callback
+        def collect(level, text, data):
+            LOG.append(text.decode("utf-8", "replace"))
 
-llama_cpp.llama_log_set(_collect, None)
+        llama_cpp.llama_log_set(collect, None)
+        _LLAMA.update(module=llama_cpp, callback=collect, default_params=llama_cpp.llama_cpp.llama_model_default_params)
+    return _LLAMA["module"]
 
 MODELS = {  # tiny configs share stories260K's 512-token tokenizer so every file carries a real one
     "stories260K": None,
@@ -113,32 +119,30 @@ def folders(tmp_path_factory, tokenizer):
     return made
 
 
-_LLAMA_DEFAULT_MODEL_PARAMS = llama_cpp.llama_cpp.llama_model_default_params
-
-
 def _plain_weight_buffers():
     """llama.cpp's defaults with its extra weight buffer types (AMX tiles, repacking) off. On CPUs with AMX
     (Sapphire Rapids) llama-cpp-python 0.3.36 segfaults in decode on the tiny test models' q8_0 weights
     in those buffers; what these tests check is our GGUF files, so every engine here uses plain buffers."""
-    params = _LLAMA_DEFAULT_MODEL_PARAMS()
+    params = _LLAMA["default_params"]()
     params.use_extra_bufts = False
     return params
 
 
-def _engine(path, n_ctx: int = 128, **options) -> llama_cpp.Llama:
+def _engine(path, n_ctx: int = 128, **options):
+    llama_cpp = _llama()
     with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", _plain_weight_buffers):
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
                                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False,
                                seed=0, **options)
 
 
-def _engine_logits(engine: llama_cpp.Llama, tokens: list[int]) -> np.ndarray:
+def _engine_logits(engine, tokens: list[int]) -> np.ndarray:
     engine.reset()
     engine.eval(tokens)
     return np.array(engine.scores[:len(tokens)], dtype=np.float64)
 
 
-def _engine_greedy(engine: llama_cpp.Llama, tokens: list[int], steps: int) -> list[int]:
+def _engine_greedy(engine, tokens: list[int], steps: int) -> list[int]:
     engine.reset()
     engine.eval(tokens)
     out = []
@@ -152,6 +156,7 @@ REFUSED = {("qwen2", "harp-value"), ("llama-bias", "harp-value")}  # a bias on H
 CASES = [case for case in BUILT if case not in REFUSED]
 
 
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name,form", CASES, ids=[f"{n}-{f}" for n, f in CASES])
 def test_llamacpp_matches_transformers(folders, name, form, tmp_path):
     folder = folders[name, form]
@@ -183,6 +188,7 @@ class _GgmlCpuGelu(torch.nn.Module):
         return torch.where(x >= 10, x, torch.where(x <= -10, torch.zeros_like(x), table))
 
 
+@pytest.mark.llama_cpp
 def test_gemma2_with_46_layers_scales_queries_as_27b(tokenizer, tmp_path):
     """llama.cpp's gemma2 takes a 46-layer model for Gemma 2 27B and scales Q by 1/sqrt(hidden // heads)
     instead of 1/sqrt(head size); the export folds query_pre_attn_scalar against that (unfolded:
@@ -208,6 +214,7 @@ def _kv_cache_mib(path) -> float:
     return float(line.split("size =")[1].split("MiB")[0])
 
 
+@pytest.mark.llama_cpp
 def test_harp_layers_hold_no_kv_cache(folders, tmp_path):
     """2 HARP layers of 5 (alpha > 0, alpha = 0): the KV cache shrinks by exactly 2/5."""
     dense = _kv_cache_mib(export_gguf(folders["stories260K", "dense"], tmp_path / "dense.gguf"))
@@ -216,6 +223,7 @@ def test_harp_layers_hold_no_kv_cache(folders, tmp_path):
         assert _kv_cache_mib(export_gguf(folders["stories260K", form], tmp_path / f"{form}.gguf")) == dense * 3 / 5
 
 
+@pytest.mark.llama_cpp
 def test_quantised_outputs_load_and_stay_close(folders, tmp_path):
     folder = folders["stories260K", "flap"]
     reference = _engine_logits(_engine(export_gguf(folder, tmp_path / "f32.gguf")), PROMPTS[2])
@@ -230,6 +238,7 @@ def test_quantised_outputs_load_and_stay_close(folders, tmp_path):
     assert set(OUTTYPES) == set(GGUF_OUTTYPES)
 
 
+@pytest.mark.llama_cpp
 def test_tokenizer_chat_and_special_tokens_travel_in_the_file(folders, tokenizer, tmp_path):
     engine = _engine(export_gguf(folders["stories260K", "harp-removed"], tmp_path / "m.gguf"))
     lines = [line for line in TINYSTORIES_TEXT.read_text().splitlines() if line.strip()][:40]

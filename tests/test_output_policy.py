@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ASSETS, STORIES, TINYSTORIES_TEXT
+from conftest import STORIES, TASKS, TINYSTORIES_TEXT
 from secateurs.storage import output
 from secateurs.cli.main import main
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.2"]
 TINY = ["--data", str(TINYSTORIES_TEXT), "--tokens", "256", "--train-length", "32", "--val-tokens", "64",
         "--train-batch-size", "2"]
-TASKS = ASSETS / "commonsense" / "llm-foundry"
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

@@ -104,7 +104,7 @@ def test_ratio_outside_unit_interval_is_refused(ratio):
 def test_unknown_family_and_method():
     model = tiny_model("llama-mha")
     model.config.model_type = "gpt2"
-    with pytest.raises(UnsupportedModelError, match="gemma2, llama, mistral, phi, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="gemma2, gemma3, gemma3_text, llama, mistral, phi, phi3, qwen2, qwen3"):
         get_adapter(model)
     with pytest.raises(SecateursError, match=r"available: amp, .*magnitude, random, wanda-sp"):
         make_plan(tiny_model("llama-mha"), "nope", 0.2)

@@ -18,6 +18,7 @@ from secateurs.errors import OutputExistsError, SecateursError
 from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
+from secateurs.methods.options import DepthOptions
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
 from secateurs.recovery import data as recovery_data
@@ -25,10 +26,11 @@ from secateurs.recovery.data import IGNORE_INDEX, alpaca_prompt, alpaca_stream, 
 from secateurs.recovery.iterative import prune_depth_recovering, whole_budget_interval
 from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
+from secateurs.recovery.settings import RecoverySettings
 from secateurs.recovery.trainer import DataOrder, LoopSettings, RecoveryLoop
 from secateurs.surgery.apply import apply_plan
 
-from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
+from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT_HEAD, input_ids, tiny_model
 
 SEQ = 64
 QUICK = dict(seq_len=SEQ, batch_size=2, val_tokens=4 * SEQ, progress=False)
@@ -577,7 +579,7 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
     dense, tok = stories
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
-    wikitext = TINYSTORIES_TEXT.parents[1] / "wikitext-2-raw" / "wiki.test.raw"
+    wikitext = WIKITEXT_HEAD
     assert main(["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT),
                  "--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ),
                  "--ppl", str(wikitext), "--ppl-tokens", "1024", "--out", str(tmp_path / "rec")]) == 0
@@ -730,13 +732,13 @@ def test_consensus_rounds_validate_as_often_as_one_run_of_the_budget(stories, mo
 
     def validations(**recovery):
         _, _, record = prune_depth_recovering(
-            copy.deepcopy(model), tok, "consensus", layers=2, metrics=["cosine", "angular"],
+            copy.deepcopy(model), tok, "consensus", options=DepthOptions(layers=2, metrics=["cosine", "angular"]),
             calibration=str(TINYSTORIES_TEXT), calibration_options={"num_samples": 8, "max_length": SEQ},
-            recovery={"data": str(TINYSTORIES_TEXT), "tokens": steps * 2 * SEQ, "seq_len": SEQ, "batch_size": 2,
-                      "val_tokens": 2 * SEQ, "patience": None, **recovery}, progress=False)
+            recovery=RecoverySettings(data=str(TINYSTORIES_TEXT), tokens=steps * 2 * SEQ, seq_len=SEQ, batch_size=2,
+                                      val_tokens=2 * SEQ, patience=None, **recovery), progress=False)
         return [p["step"] for p in record["curves"]["val"]]
 
-    assert whole_budget_interval(steps * 2 * SEQ, {"seq_len": SEQ, "batch_size": 2}) == 4
+    assert whole_budget_interval(RecoverySettings(tokens=steps * 2 * SEQ, seq_len=SEQ, batch_size=2)) == 4
     assert validations() == [0, 4, 8, 12, 16, 20] * 2  # each round: before, then every 4 of its 20 steps
     assert reads == [str(TINYSTORIES_TEXT)]
     assert validations(eval_every=10) == [0, 10, 20] * 2

@@ -23,10 +23,9 @@ from secateurs.recovery import RECOVERY_FILENAME
 from secateurs.recovery.data import (OVERLAP_LIMIT, EvaluationText, RecoveryDataError, check_recovery_source,
                                      load_recovery_data, refuse_shared_text, shared_ngram_fraction)
 
-from conftest import STORIES, TINYSTORIES_TEXT
+from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT
 
 SEQ = 64
-WIKITEXT = TINYSTORIES_TEXT.parents[1] / "wikitext-2-raw" / "wiki.test.raw"
 EVALUATED = 2048  # --ppl-tokens: the part of WIKITEXT a run evaluates
 RECOVERY = ["--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ)]
 ALPACA = {"instruction": "Name a colour.", "input": "", "output": "Red."}
@@ -220,6 +219,7 @@ def _data_with(tmp_path: Path, part: str, name: str) -> Path:
     return path
 
 
+@pytest.mark.shared_asset(WIKITEXT)
 def test_overlap_is_measured_on_the_evaluated_tokens(stories, wikitext_parts, tmp_path):
     """An evaluated slice of 2,048 tokens is 0.25% of WikiText-2 test: against the whole file it
     escaped the 1% limit; against the evaluated tokens it is refused. A later part is accepted."""
@@ -239,6 +239,7 @@ def test_overlap_is_measured_on_the_evaluated_tokens(stories, wikitext_parts, tm
         EvaluationText(WIKITEXT, 0)
 
 
+@pytest.mark.shared_asset(WIKITEXT)
 def test_recover_refuses_data_holding_the_evaluated_slice(pruned_folder, wikitext_parts, tmp_path, capsys):
     victim = snapshot(pruned_folder)
     data = _data_with(tmp_path, wikitext_parts[0], "holding-evaluated.txt")
@@ -251,6 +252,7 @@ def test_recover_refuses_data_holding_the_evaluated_slice(pruned_folder, wikitex
     assert snapshot(pruned_folder) == victim
 
 
+@pytest.mark.shared_asset(WIKITEXT)
 def test_recover_accepts_data_holding_a_part_never_evaluated(pruned_folder, wikitext_parts, tmp_path, capsys):
     victim = snapshot(pruned_folder)
     data = _data_with(tmp_path, wikitext_parts[1], "holding-later.txt")

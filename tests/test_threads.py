@@ -57,13 +57,13 @@ def test_self_sampling_decodes_on_the_decode_count(monkeypatch, tmp_path):
 
     model, tokenizer = load_model(str(STORIES))
     seen = []
-    real = calibration._sample
+    real = calibration.sample_sequences
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "_sample", spy)
+    monkeypatch.setattr(calibration, "sample_sequences", spy)
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     torch.set_num_threads(2)
     calibration.load_calibration("self", tokenizer, model=model, num_samples=2, max_length=8, seed=123)
@@ -75,7 +75,7 @@ def test_forward_and_decode_are_bit_identical_across_thread_counts():
     the same bits at 1 and 2 threads (stories260K here; SmolLM2 in benchmarks/thread_policy.py).
     Training steps are not compared: their backward reductions may differ in the last bits, so the
     train count is fixed by the cores alone."""
-    from secateurs.calibration.data import _sample
+    from secateurs.calibration.data import sample_sequences
     from secateurs.storage.loading import load_model
 
     model, _ = load_model(str(STORIES))
@@ -93,7 +93,7 @@ def test_forward_and_decode_are_bit_identical_across_thread_counts():
             with torch.no_grad():
                 logits = model(ids).logits
             torch.manual_seed(0)
-            samples = _sample(model, 1, 4, 16, [], Steps())
+            samples = sample_sequences(model, 1, 4, 16, [], Steps())
             results.append((logits, samples))
     finally:
         torch.set_num_threads(before)

@@ -334,13 +334,24 @@ def test_streamed_reconstruction_equals_in_memory(tmp_path):
 
 
 def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):
-    """A default combination for a method (WIDTH_DEFAULTS) never reaches paper rounding, whose plan
-    stays byte-identical."""
+    """A default combination a method declares (its options class) never reaches paper rounding,
+    whose plan stays byte-identical."""
+    import dataclasses
+    from typing import ClassVar
+
     from secateurs.methods import api
+    from secateurs.methods.amp import Amp
+    from secateurs.methods.options import AmpOptions
+
+    @dataclasses.dataclass(frozen=True)
+    class GlobalAmpOptions(AmpOptions):
+        reconstruct: ClassVar[str | None] = "dense"
+        allocation: str = "global"
+        split: str | float = 0.0
 
     model, calibration = tiny_model("llama-gqa"), _calibration()
     paper = make_plan(model, "amp", 0.3, calibration=calibration, rounding="paper", progress=False).to_json()
-    monkeypatch.setitem(api.WIDTH_DEFAULTS, "amp", {"allocation": "global", "split": 0.0, "reconstruct": "dense"})
+    monkeypatch.setattr(Amp, "options", GlobalAmpOptions)
     assert make_plan(model, "amp", 0.3, calibration=calibration, rounding="paper", progress=False).to_json() == paper
     assert api.reconstruction_for("amp", rounding="paper") is None
     assert api.reconstruction_for("amp").mode == "dense"

@@ -63,7 +63,7 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+def padded_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches; samples keep their order (so the hash is reproducible)."""
     out = []
     for start in range(0, len(samples), batch_size):
@@ -120,7 +120,7 @@ def _tokenize(tokenizer, text: str, max_length: int | None = None) -> list[int]:
 SELF_BATCH = 64  # samples decoded together: decoding is bound by reading the weights, so a wide batch is nearly free
 
 
-def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: int) -> list[list[int]]:
+def self_generated(model, tokenizer, num_samples: int, max_length: int, seed: int) -> list[list[int]]:
     """Ancestral sampling from BOS (temperature 1, no truncation, EOS suppressed so every sample has
     max_length tokens), cached per (model identity, seed, num_samples, max_length)."""
     start = getattr(tokenizer, "bos_token_id", None)
@@ -145,7 +145,7 @@ def _self_generated(model, tokenizer, num_samples: int, max_length: int, seed: i
         steps = bar(total=-(-num_samples // SELF_BATCH) * (max_length - 1), desc="sampling", unit="step")
         for offset in range(0, num_samples, SELF_BATCH):
             n = min(SELF_BATCH, num_samples - offset)
-            samples.extend(_sample(model, start, n, max_length, banned, steps))
+            samples.extend(sample_sequences(model, start, n, max_length, banned, steps))
         steps.close()
     calibration_cache.write(key, samples)
     return samples
@@ -160,7 +160,7 @@ def _token_ids(value) -> list:
 SAMPLER = "inverse-cdf"  # in the cache key: samples drawn another way are other samples
 
 
-def _draw(logits: torch.Tensor) -> torch.Tensor:
+def draw_tokens(logits: torch.Tensor) -> torch.Tensor:
     """One token per row from softmax(logits) by inverse-CDF sampling: torch.multinomial took 59 ms
     for 32 rows of a 49,152-token vocabulary on 2 cores, this 10 ms (a sixth of a SmolLM2 decode
     step). A token of probability zero (suppressed EOS) is never drawn."""
@@ -173,7 +173,7 @@ def _draw(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _sample(model, start: int, n: int, length: int, banned: list[int], steps) -> list[list[int]]:
+def sample_sequences(model, start: int, n: int, length: int, banned: list[int], steps) -> list[list[int]]:
     """A plain decode loop with the KV cache: `generate`'s machinery cost 2.7x the forward passes
     themselves on SmolLM2 (80 s vs 29 s for 8 x 128 tokens on one loaded core)."""
     device = input_device(model)
@@ -185,7 +185,7 @@ def _sample(model, start: int, n: int, length: int, banned: list[int], steps) ->
         logits = result.logits[:, -1].float()
         if banned:
             logits[:, banned] = float("-inf")
-        tokens = _draw(logits)
+        tokens = draw_tokens(logits)
         out.append(tokens)
         steps.update()
     return torch.cat(out, dim=1).cpu().tolist()
@@ -208,12 +208,12 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
     if spec == "self":
         if model is None:
             raise SecateursError("'self' calibration samples text from the model: pass the model")
-        samples = _self_generated(model, tokenizer, num_samples, max_length, seed)
+        samples = self_generated(model, tokenizer, num_samples, max_length, seed)
         description["kind"] = "model-generated (ancestral sampling from BOS)"
     elif spec == "tinystories":
         text = resources.files("secateurs").joinpath("data", "tinystories_sample.txt").read_text(encoding="utf-8")
     elif spec.startswith("hf:"):
-        texts = _hf_texts(spec)
+        texts = hf_texts(spec)
     else:
         path = Path(spec)
         if not path.is_file():
@@ -237,7 +237,7 @@ def load_calibration(spec: str | None, tokenizer, *, model=None, num_samples: in
     samples = [s for s in samples if len(s) >= 2]
     if not samples:
         raise SecateursError(f"calibration source {spec} gives no sample of at least 2 tokens")
-    batches = _batches(samples, batch_size, _pad_id(tokenizer))
+    batches = padded_batches(samples, batch_size, _pad_id(tokenizer))
     calibration = Calibration(batches, description, _hash(batches))
     description.update(samples=calibration.num_samples, tokens=calibration.num_tokens, batch_size=batch_size)
     return calibration
@@ -260,7 +260,7 @@ def check_calibration_length(config, max_length: int | None) -> None:
                              f"most {context}")
 
 
-def _hf_texts(spec: str) -> list[str]:
+def hf_texts(spec: str) -> list[str]:
     parts = spec[3:].split(":")
     if len(parts) not in (2, 3):
         raise SecateursError("use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")

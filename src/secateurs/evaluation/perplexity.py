@@ -21,6 +21,7 @@ import torch
 
 from secateurs.calibration.runner import summed_next_token_nll
 from secateurs.errors import SecateursError
+from secateurs.evaluation.settings import DEFAULT_MAX_BATCH_TOKENS
 from secateurs.runtime.progress import bar
 from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
 from secateurs.storage.offload import input_device
@@ -32,7 +33,6 @@ PROTOCOL_NOTES = {
     "seq4096": "windows of 4096 tokens (Llama-2 context)",
     "context": "windows of the model's full context (max_position_embeddings)",
 }
-DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
 def normalise_newlines(text: str) -> str:
@@ -112,7 +112,7 @@ def resolve_seq_len(model, protocol: str | int) -> tuple[str, int]:
     return name, seq_len
 
 
-def _window_nll(model, batch: torch.Tensor) -> float:
+def window_nll(model, batch: torch.Tensor) -> float:
     """Summed next-token NLL of a batch of windows, in float32 at least, without materialising a second
     copy of the logits (logsumexp - target logit, row chunk by row chunk)."""
     logits = model(batch, use_cache=False).logits
@@ -150,7 +150,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
     nll = 0.0
     start_time = time.perf_counter()
     for start in bar(range(0, windows, batch_size), desc=f"perplexity (seq {seq_len})", disable=not progress):
-        nll += _window_nll(model, chunks[start:start + batch_size].to(device))
+        nll += window_nll(model, chunks[start:start + batch_size].to(device))
     seconds = time.perf_counter() - start_time
     count = windows * (seq_len - 1)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "windows": windows,

@@ -665,3 +665,13 @@ def _eval_intro(ev: dict) -> str:
         parts.append(f"Zero-shot with lm-eval {z.get('lm_eval_version')}, {z.get('num_fewshot', 0)}-shot, "
                      f"limit {z.get('limit') or 'none'}; ± is the standard error.")
     return " ".join(parts) or "Evaluation results."
+
+
+def require_matplotlib():
+    """matplotlib.pyplot, or a SecateursError saying how to install it (checked before long work)."""
+    return _plt()
+
+
+def write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores, **parts) -> dict[str, Path]:
+    """The run report with a caller's own title, intro blocks, plots and report.json fields (the demo's)."""
+    return _write_report(plan, run_dir, out, eval_file, bench_file, scores, **parts)

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from secateurs.errors import SecateursError
-from secateurs.evaluation.perplexity import DEFAULT_MAX_BATCH_TOKENS, evaluate_perplexity, resolve_seq_len
+from secateurs.evaluation.perplexity import DEFAULT_MAX_BATCH_TOKENS, evaluate_perplexity, load_text, resolve_seq_len
+from secateurs.evaluation.settings import EvaluationSettings
+from secateurs.evaluation.zero_shot import parse_tasks
+from secateurs.settings.values import parse_list
 
 
 @dataclass
@@ -22,6 +25,24 @@ class EvalSpec:
     limit: int | float | None = None
     num_fewshot: int = 0
     eval_batch_size: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: EvaluationSettings) -> tuple[EvalSpec, dict | None]:
+        """(the spec of `settings`, with its text read; what load_text says of the text, or None),
+        refusing settings that apply only with another and a spec with nothing to evaluate."""
+        settings.check()
+        text, text_info = (None, None)
+        if settings.ppl:
+            text, text_info = load_text(settings.ppl, field=settings.text_field or "text", max_docs=settings.max_docs)
+        spec = cls(text=text, protocols=parse_list(settings.protocol, str, "protocols"), batch_size=settings.batch_size,
+                   max_windows=settings.max_windows, max_tokens=settings.max_tokens,
+                   max_batch_tokens=settings.max_batch_tokens,
+                   tasks=parse_tasks(settings.tasks) if settings.tasks else None, data_dir=settings.data_dir,
+                   limit=settings.items_per_task, num_fewshot=settings.num_fewshot,
+                   eval_batch_size=settings.eval_batch_size)
+        if spec.text is None and not spec.tasks:
+            raise SecateursError("nothing to evaluate: give --ppl TEXT and/or --tasks NAMES")
+        return spec, text_info
 
     def evaluated_tokens(self, model) -> int | None:
         """How many tokens of the text the perplexity reads at most (None: all of it): the share of a
@@ -41,8 +62,11 @@ class EvalSpec:
                 resolve_seq_len(model, p)
 
 
-def evaluate(model, tokenizer, spec: EvalSpec, progress: bool = True) -> dict:
-    """{"perplexity": [per protocol], "zero_shot": {...}} for one model."""
+def evaluate(model, tokenizer, spec: EvalSpec | EvaluationSettings, progress: bool = True) -> dict:
+    """{"perplexity": [per protocol], "zero_shot": {...}} for one model; `spec` may be the
+    EvaluationSettings (its text is read here)."""
+    if isinstance(spec, EvaluationSettings):
+        spec = EvalSpec.from_settings(spec)[0]
     spec.check(model)
     out: dict = {}
     if spec.text is not None:

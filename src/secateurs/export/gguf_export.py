@@ -23,6 +23,10 @@ q/k/v and gate/up (the same layer, tested to 1e-7).
 Gemma 2 goes out as gemma2 (norm weights + 1 as its converter writes them, soft-capping, post-norms,
 one sliding-window flag per layer from config.layer_types, query_pre_attn_scalar folded into Q);
 phi as phi2 (LayerNorm, parallel block, partial rotary, biases, LM head bias).
+Gemma 3 (and the language model of a multimodal Gemma 3) goes out as gemma3: Gemma 2's layer without
+soft-capping, with q/k norms (+ 1 like the other norms); llama.cpp scales scores by 1/sqrt(head size)
+after Q's rows are RMS-normalised, so query_pre_attn_scalar is folded into q_norm's weight; one
+sliding-window flag per layer and the sliding layers' RoPE base (rope.freq_base_swa).
 
 What llama.cpp cannot hold is refused before anything is written, with the reason: deci's linear
 attention has no bias (a HARP layer of a model with v/o biases), llama.cpp derives the head size
@@ -55,6 +59,7 @@ from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
                                         rotary_dims, unsupported)
 from secateurs.export.gguf_vocab import add_tokenizer
+from secateurs.export.settings import ExportSettings
 from secateurs.storage.output import check_finite, check_output_file, writing_file
 from secateurs.runtime.progress import phase
 from secateurs.version import __version__
@@ -66,16 +71,16 @@ _MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizat
                  "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
 
-def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer=None, force: bool = False,
-                inputs=()) -> Path:
+def export_gguf(model, out: str | os.PathLike, outtype: str | None = None, tokenizer=None, force: bool = False,
+                inputs=(), *, settings: ExportSettings | None = None) -> Path:
     """Write `model` (a model in memory, or anything secateurs.storage.loading.load_model takes: a pruned
     folder, HF folder, .gguf or alias) as a GGUF file at `out`; returns its path. `tokenizer`: a
     fast tokenizer or a folder holding tokenizer.json (default: the model's own).
 
     The file is built beside `out` and renamed into place (secateurs.storage.output), so `out` holds either
-    the old file or the complete new one; an existing file is replaced only with force."""
-    if outtype not in OUTTYPES:
-        raise SecateursError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    the old file or the complete new one; an existing file is replaced only with force. `settings`
+    (ExportSettings) or `outtype` (default f32) choose the weights' encoding."""
+    outtype = ExportSettings.of(settings, outtype=outtype).outtype
     sources = [*inputs]
     if isinstance(model, (str, os.PathLike)):
         sources.append(model)
@@ -123,7 +128,7 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
     model_type = model.config.model_type
     if not adapter.gguf_architectures:
         raise UnsupportedModelError(f"GGUF export of {model_type!r} is not implemented (exported: "
-                                    "llama, mistral, qwen2, qwen3, phi3, gemma2, phi)")
+                                    "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, phi)")
     layers = [_layer_form(adapter, layer) for layer in adapter.decoder_layers(model)]
     own = adapter.gguf_architectures.get(model_type)
     uniform = len({(f.heads, f.kv_heads, f.ffn) for f in layers}) == 1 and not any(f.harp for f in layers)
@@ -196,7 +201,7 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
         writer.add_string(WRITER_KEY, f"secateurs {__version__}")
         _add_metadata(writer, model, RULES[arch], layers, outtype)
         name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name[:200] or "model"
-        add_tokenizer(writer, tokenizer, model.config.vocab_size, name)
+        add_tokenizer(writer, tokenizer, model.config.get_text_config().vocab_size, name)
         _add_tensors(writer, model, RULES[arch], layers, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -207,7 +212,7 @@ def _write(model, tokenizer, arch: str, layers: list[LayerForm], outtype: str, t
 def _add_metadata(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layers: list[LayerForm],
                   outtype: str) -> None:
     """Hyperparameters: widths (per layer for deci), rope, norms, soft-capping, sliding windows."""
-    config, adapter = model.config, get_adapter(model)
+    config, adapter = model.config.get_text_config(), get_adapter(model)
     rope = rope_parameters(config)
     window = adapter.sliding_window(config)
     context = int(config.max_position_embeddings)
@@ -223,6 +228,8 @@ def _add_metadata(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, laye
     writer.add_value_length(head_dim(config))
     writer.add_rope_dimension_count(rotary_dims(config))
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rules.local_rope:  # gemma3: sliding layers rotate with their own base
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention").get("rope_theta", 10000.0)))
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -249,7 +256,7 @@ def _add_tensors(writer: gguf.GGUFWriter, model, rules: ArchitectureRules, layer
                  outtype: str) -> None:
     """Embeddings, final norm, LM head, rope factors, then every layer's tensors."""
     adapter = get_adapter(model)
-    config = model.config
+    config = model.config.get_text_config()
     offset = adapter.gguf_norm_offset
     embed, head, norm = model.get_input_embeddings(), model.get_output_embeddings(), adapter.final_norm(model)
     _add(writer, _name(T.TOKEN_EMBD), embed.weight, outtype)
@@ -278,9 +285,9 @@ def _layer_tensors(rules: ArchitectureRules, form: LayerForm, q_scale: float, no
     if rules.fused_gate_up:
         tensors[(T.FFN_UP, "weight")] = torch.cat([tensors.pop((T.FFN_GATE, "weight")), tensors[(T.FFN_UP, "weight")]])
     for (kind, part), tensor in tensors.items():
-        if kind in LAYER_NORMS and part == "weight":
+        if kind in (*LAYER_NORMS, T.ATTN_Q_NORM, T.ATTN_K_NORM) and part == "weight":
             tensor = tensor + norm_offset
-        if form.harp is None and kind == T.ATTN_Q and q_scale != 1.0:
+        if form.harp is None and kind == rules.query_scale_tensor and q_scale != 1.0:
             tensor = tensor * q_scale
         if form.harp is None and rules.rope_pairs_interleaved and kind in (T.ATTN_Q, T.ATTN_K):
             tensor = _interleave_rope_pairs(tensor, form.heads if kind == T.ATTN_Q else form.kv_heads)

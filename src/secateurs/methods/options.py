@@ -1,10 +1,11 @@
 """Every method's options, as typed frozen dataclasses: the one declaration that the library checks
 keywords against and that the command line builds its method flags and `prune --help` from.
 
-Each field carries its flag, help and argparse type in its metadata (`option(...)`); its default is
-the library's default, stated in the help. Kept without torch, so that `secateurs --help` answers
-at once; each method's file imports its options class from here (`OPTIONS_BY_METHOD` says which
-class belongs to which method, and a test checks the registry agrees).
+Each field carries its flag, help and argparse type in its metadata (`option(...)`, from
+secateurs.settings.fields, as every settings class's); its default is the library's default, stated in
+the help. Kept without torch, so that `secateurs --help` answers at once; each method's file imports
+its options class from here (`OPTIONS_BY_METHOD` says which class belongs to which method, and a test
+checks the registry agrees).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from secateurs.settings.values import finite_list, fraction, name_list, nonnegative_int, positive_int
 from secateurs.errors import SecateursError
-from secateurs.settings.names import (ALLOCATIONS, DEPTH_METHOD_NAMES, GQA_MODES, ROUNDINGS, SELECTIONS, SPLITS,
-                             WIDTH_METHODS)
+from secateurs.settings.fields import flag_of, option  # noqa: F401 - flag_of: this module's public name
+from secateurs.settings.names import ALLOCATIONS, GQA_MODES, ROUNDINGS, SELECTIONS, SPLITS
+from secateurs.settings.values import finite_list, fraction, name_list, nonnegative_int, positive_int
 
 SPLIT_SAMPLES = 8  # calibration samples the split candidates are scored on
 CONSENSUS_METRICS = ("cka", "cosine", "angular", "wasserstein", "procrustes", "permutation")
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # HARP's alpha search: 0.0, 0.1, ..., 1.0
 
 
 def attention_split(text: str):
@@ -36,37 +38,58 @@ def attention_split(text: str):
     return value
 
 
-def option(default: Any, help: str, flag: str | None = "", **argparse_keywords) -> Any:
-    """A dataclass field that is also a command-line flag: `flag` '' derives it from the field's name
-    (--round-to for round_to), None keeps the option library-only."""
-    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "argparse": argparse_keywords})
-
-
-def flag_of(f: dataclasses.Field) -> str | None:
-    flag = f.metadata.get("flag", None)
-    return "--" + f.name.replace("_", "-") if flag == "" else flag
-
-
 @dataclass(frozen=True)
 class MethodOptions:
-    """Base of every method's options: `from_keywords` refuses what the method does not take."""
+    """Base of every method's options: `from_keywords` refuses what the method does not take. The
+    class declares what the methods using it are: their kind, the other names an option answers to
+    (`aliases`: alias -> option) and the re-fit they default to (`reconstruct`, with balanced
+    rounding; secateurs.methods.api.reconstruction_for). `given`: the options set explicitly."""
 
     title: ClassVar[str] = ""  # the --help group the flags of this class's own fields appear in
+    kind: ClassVar[str] = "width"  # 'width' (heads, neurons), 'attention' (HARP) or 'depth' (whole layers)
+    aliases: ClassVar[dict[str, str]] = {}
+    reconstruct: ClassVar[str | None] = None
+    given: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False, kw_only=True,
+                                         metadata={"flag": None})
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.name != "given"}
+
+    @classmethod
+    def canonical(cls, keywords: dict[str, Any]) -> dict[str, Any]:
+        """`keywords` with each alias renamed to its option (an option given by its own name wins)."""
+        out = dict(keywords)
+        for alias, name in cls.aliases.items():
+            if alias in out and name not in out:
+                out[name] = out.pop(alias)
+        return out
 
     @classmethod
     def from_keywords(cls, method: str, keywords: dict[str, Any]) -> "MethodOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """The options of `keywords`; None for an option whose declared default is not None means
+        'not given' (the declared default applies)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        keywords = {k: v for k, v in cls.canonical(keywords).items() if v is not None or defaults.get(k, 0) is None}
+        names = cls.option_names()
         unknown = sorted(k for k in keywords if k not in names)
         if unknown:
             detail = "; ".join(f"{k} applies to {', '.join(methods_taking(k)) or 'no method'}" for k in unknown)
             raise SecateursError(f"method {method!r} does not take {', '.join(unknown)} ({detail}); its options are: "
                                  f"{', '.join(sorted(names)) or 'none'}")
-        return cls(**keywords)
+        return cls(**keywords, given=frozenset(keywords))
 
 
 def _gqa_option() -> Any:
     return option("groups", "grouped-query attention: remove whole KV groups, or the same number of heads in each "
                             "group (FLAP: groups only)", choices=GQA_MODES)
+
+
+def _split_option(default: str) -> Any:
+    return option(default, "attention's share of the removed parameters: balanced (same fraction of head units as "
+                           "of neurons), search (the candidate with the lowest calibration KL) or a number in [0, 1]; "
+                           "a default search runs in memory with balanced rounding, else balanced",
+                  type=attention_split, metavar="SPLIT")
 
 
 @dataclass(frozen=True)
@@ -80,23 +103,29 @@ class WidthOptions(MethodOptions):
     rounding: str = option("balanced", "balanced: closest to the target; paper: official AMP shapes; structures: "
                                        "--ratio is a fraction of heads and of neurons", choices=ROUNDINGS)
     round_to: int = option(1, "keep neuron counts a multiple of M", type=positive_int, metavar="M")
-    allocation: str | None = option(None, "uniform: every layer the same widths (stock from_pretrained loads it); "
-                                          "global: one threshold on per-layer standardised scores, layers differ "
-                                          "(loads with load_pruned) (default: uniform)",
-                                    choices=ALLOCATIONS)
-    split: str | float | None = option(None, "attention's share of the removed parameters: balanced (same fraction "
-                                             "of head units as of neurons), search (the candidate with the lowest "
-                                             "calibration KL) or a number in [0, 1] (default: search for amp in memory, "
-                                             "else balanced)",
-                                       type=attention_split, metavar="SPLIT")
+    allocation: str = option("uniform", "uniform: every layer the same widths (stock from_pretrained loads it); "
+                                        "global: one threshold on per-layer standardised scores, layers differ "
+                                        "(loads with load_pruned)",
+                             choices=ALLOCATIONS)
+    split: str | float = _split_option("balanced")
     split_samples: int = option(SPLIT_SAMPLES, "calibration samples the split candidates are scored on", flag=None)
 
 
 @dataclass(frozen=True)
 class AmpOptions(WidthOptions):
     title: ClassVar[str] = "AMP (amp, amp-heads, amp-mlp)"
+    reconstruct: ClassVar[str | None] = "sequential"
+    split: str | float = _split_option("search")
     averaging: str = option("prompt", "score averaging: per prompt then over prompts (the paper), or over all tokens",
                             choices=("prompt", "token"))
+
+
+@dataclass(frozen=True)
+class AmpPartOptions(AmpOptions):
+    """The ablations that prune one part (amp-heads, amp-mlp): the stock budget, no re-fit by default."""
+
+    reconstruct: ClassVar[str | None] = None
+    split: str | float = _split_option("balanced")
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,7 @@ class FlapOptions(MethodOptions):
 @dataclass(frozen=True)
 class DepthOptions(MethodOptions):
     title: ClassVar[str] = "depth methods (consensus, depth-*): remove whole decoder layers"
+    kind: ClassVar[str] = "depth"
     layers: int | None = option(None, "remove K decoder layers (default: --ratio rounded to layers)",
                                 type=positive_int, metavar="K")
     metrics: tuple | list | None = option(None, f"comma-separated consensus metrics (default: "
@@ -122,23 +152,32 @@ class DepthOptions(MethodOptions):
 @dataclass(frozen=True)
 class HarpOptions(MethodOptions):
     title: ClassVar[str] = "HARP (--method harp): identity-matrix attention in the top --top-layers layers"
+    kind: ClassVar[str] = "attention"
+    aliases: ClassVar[dict[str, str]] = {"layers": "top_layers"}  # --layers N: the top N layers
     top_layers: int | None = option(None, "the top N layers (default: the fewest that reach --ratio; --layers N is "
                                           "read as this for HARP)", type=positive_int, metavar="N")
-    alpha_grid: tuple | list | None = option(None, "alpha values to search (default: 0.0,0.1,...,1.0)",
-                                             type=finite_list, metavar="A,B,...")
+    alpha_grid: tuple | list = option(ALPHA_GRID, "alpha values to search",
+                                      type=finite_list, metavar="A,B,...")
     flap_ratio: float | None = option(None, "then prune R of all parameters from the MLPs with FLAP (as the paper "
                                             "pairs them)", type=fraction, metavar="R")
 
 
-_WIDTH_OPTIONS = {"amp": AmpOptions, "amp-heads": AmpOptions, "amp-mlp": AmpOptions, "flap": FlapOptions,
-                  "harp": HarpOptions}
+# The one declaration of the methods by name (the registry's classes use the same options classes, a
+# test checks it); their kinds are their options classes'.
 OPTIONS_BY_METHOD: dict[str, type[MethodOptions]] = {
-    **{name: _WIDTH_OPTIONS.get(name, WidthOptions) for name in WIDTH_METHODS},
-    **{name: DepthOptions for name in DEPTH_METHOD_NAMES}}
+    "amp": AmpOptions, "amp-heads": AmpPartOptions, "amp-mlp": AmpPartOptions, "wanda-sp": WidthOptions,
+    "wanda-sp-heads": WidthOptions, "flap": FlapOptions, "magnitude": WidthOptions, "random": WidthOptions,
+    "harp": HarpOptions, "consensus": DepthOptions, "depth-bi": DepthOptions, "depth-angular": DepthOptions,
+    "depth-cka": DepthOptions, "depth-ppl": DepthOptions, "depth-random": DepthOptions}
+METHOD_NAMES = tuple(OPTIONS_BY_METHOD)
 OPTION_CLASSES = (WidthOptions, AmpOptions, DepthOptions, HarpOptions)  # each field's flag declared once, in this order
-
 
 
 def methods_taking(name: str) -> list[str]:
     """The methods whose options include `name` (for the message refusing it elsewhere)."""
-    return [m for m, cls in OPTIONS_BY_METHOD.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    return [m for m, cls in OPTIONS_BY_METHOD.items() if name in cls.option_names()]
+
+
+def methods_of_kind(kind: str) -> tuple[str, ...]:
+    """The methods of one kind ('width', 'attention', 'depth'), in declaration order."""
+    return tuple(m for m, cls in OPTIONS_BY_METHOD.items() if cls.kind == kind)

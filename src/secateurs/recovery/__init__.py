@@ -1,10 +1,32 @@
 """Recovery after pruning: distillation from the dense parent or plain cross-entropy, through LoRA
-(merged before saving) or full fine-tuning. See secateurs.recovery.api.recover."""
+(merged before saving) or full fine-tuning. See secateurs.recovery.api.recover and its settings,
+secateurs.recovery.settings.RecoverySettings.
 
-from secateurs.recovery.api import PRESETS, RECOVERY_FILENAME, RecoveryResult, check_teacher, recover
-from secateurs.recovery.data import RecoveryData, RecoveryDataError, load_recovery_data
-from secateurs.recovery.objectives import Objective
-from secateurs.recovery.trainer import RecoveryError
+The public names are imported on first use, so that the command line's parsers can read
+RecoverySettings (secateurs.recovery.settings) without paying for torch."""
 
-__all__ = ["PRESETS", "RECOVERY_FILENAME", "Objective", "RecoveryData", "RecoveryDataError", "RecoveryError",
-           "RecoveryResult", "check_teacher", "load_recovery_data", "recover"]
+from importlib import import_module
+
+_PUBLIC = {
+    "PRESETS": "secateurs.recovery.settings",
+    "RecoverySettings": "secateurs.recovery.settings",
+    "RECOVERY_FILENAME": "secateurs.recovery.api",
+    "RecoveryResult": "secateurs.recovery.api",
+    "check_teacher": "secateurs.recovery.api",
+    "recover": "secateurs.recovery.api",
+    "RecoveryData": "secateurs.recovery.data",
+    "RecoveryDataError": "secateurs.recovery.data",
+    "load_recovery_data": "secateurs.recovery.data",
+    "Objective": "secateurs.recovery.objectives",
+    "RecoveryError": "secateurs.recovery.trainer",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'secateurs.recovery' has no attribute {name!r}")

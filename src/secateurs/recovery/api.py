@@ -11,7 +11,6 @@ checkpoint belongs to this very run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import uuid
@@ -20,32 +19,27 @@ from pathlib import Path
 
 import torch
 
-from secateurs.runtime import threads
 from secateurs.adapters.plans import plan_base
-from secateurs.settings.names import MAX_LORA_ALPHA, MAX_LORA_R, MAX_LOSS_WEIGHT, MAX_TEMPERATURE
-from secateurs.version import __version__
-from secateurs.planning.accounting import model_stats
 from secateurs.errors import SecateursError
-from secateurs.storage.pruned import save_pruned
-from secateurs.storage.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
-from secateurs.runtime.progress import status
+from secateurs.planning.accounting import model_stats
 from secateurs.planning.plan import CONFIG_KEY, PruningPlan
+from secateurs.recovery import estimate as resources
 from secateurs.recovery.data import RecoveryData, load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
-from secateurs.recovery.objectives import OBJECTIVES, Objective
-from secateurs.recovery import estimate as resources
-from secateurs.recovery.trainer import (STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, check_scheduler,
-                                        settings_dict)
+from secateurs.recovery.objectives import Objective
+from secateurs.recovery.settings import PRESETS, RecoverySettings
+from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
+from secateurs.runtime import threads
+from secateurs.runtime.progress import status
+from secateurs.storage.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
+from secateurs.storage.pruned import save_pruned
+from secateurs.version import __version__
 
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
 CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.storage.output)
-METHODS = ("full", "lora")
-# The AMP paper's recovery (official fine_tune.py): LoRA r=8, alpha=16, dropout 0.05 on the seven
-# projections, lr 3e-4. Its data (Alpaca-cleaned, 2 epochs) is the caller's --data.
-PRESETS = {"amp-paper": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 3e-4}}
-DEFAULTS = {"method": "full", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
-DEFAULT_LR = {"full": 1e-4, "lora": 3e-4}
+__all__ = ["CHECKPOINT_KIND", "PRESETS", "RECOVERY_FILENAME", "RecoveryResult", "check_resources", "check_teacher",
+           "checkpoint_folder", "recover", "settings_of"]
 
 
 @dataclass
@@ -71,147 +65,33 @@ def check_teacher(student, teacher, tokenizer=None, teacher_tokenizer=None) -> N
         raise SecateursError(f"the teacher's vocabulary ({vt} tokens) differs from the student's ({vs}); "
                              "distillation compares their next-token distributions token by token")
     if tokenizer is not None and teacher_tokenizer is not None:
+        special = ("bos_token_id", "eos_token_id")
         same = tokenizer.get_vocab() == teacher_tokenizer.get_vocab() and all(
-            getattr(tokenizer, a, None) == getattr(teacher_tokenizer, a, None) for a in ("bos_token_id", "eos_token_id"))
+            getattr(tokenizer, a, None) == getattr(teacher_tokenizer, a, None) for a in special)
         if not same:
             raise SecateursError("the teacher's tokenizer differs from the student's (other tokens or special "
                                  "tokens); distil from the model the student was pruned from")
 
 
-def _resolve(preset: str | None, **given) -> dict:
-    if preset is not None and preset not in PRESETS:
-        raise SecateursError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    values = {**DEFAULTS, **(PRESETS.get(preset) or {})}
-    values.update({k: v for k, v in given.items() if v is not None})
-    if values.get("lr") is None:
-        values["lr"] = DEFAULT_LR.get(values["method"], 1e-4)
-    ignored = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if given.get(k) is not None]
-    if ignored and values["method"] != "lora":
-        raise SecateursError(f"{', '.join(ignored)} (--{', --'.join(k.replace('_', '-') for k in ignored)}) set the "
-                             "LoRA adapter and apply with method 'lora' (--lora); this run trains every weight")
-    return values
+def settings_of(settings: RecoverySettings | None, keywords: dict) -> RecoverySettings:
+    """The run's settings: `settings`, or built from recover()'s setting keywords (not both)."""
+    if settings is None:
+        return RecoverySettings.from_keywords(keywords)
+    if keywords:
+        raise SecateursError(f"pass the recovery settings either as settings=RecoverySettings(...) or as keywords, "
+                             f"not both (got settings and {', '.join(sorted(keywords))})")
+    if not isinstance(settings, RecoverySettings):
+        raise SecateursError(f"settings must be a RecoverySettings, got {type(settings).__name__}")
+    return settings
 
 
-def check_options(has_teacher: bool, **options) -> None:
-    """The checks of recover()'s keyword `options` that need no model, so that a command refuses bad
-    settings before any weights load (recover() runs them again, with the model's context length)."""
-    o, v, objective = _resolved_options(options, has_teacher)
-    _check_settings(o["tokens"], objective, o["kd_ratio"], o["temperature"], v["method"], v["lr"], o["seq_len"],
-                    o["batch_size"], o["grad_accum"], o["val_tokens"], o["chunk_rows"], has_teacher, None,
-                    o["warmup_ratio"], o["weight_decay"], _lora_settings(v), o["data_offset"])
-    _check_loop(o["tokens"], o["seq_len"], o["batch_size"], o["grad_accum"], o["scheduler"], o["max_grad_norm"],
-                o["max_hours"], o["save_every"], v["lr"])
-    _check_bounds(o["temperature"], o["hidden_weight"], objective, _lora_settings(v), o["data"], o["self_samples"],
-                  o["checkpoint_dir"], o["save_every"], o["resume"])
-
-
-def _resolved_options(options: dict, has_teacher: bool) -> tuple[dict, dict, str]:
-    """(recover()'s keywords: `options` over the signature's defaults, the method/LoRA/lr values as
-    recover() resolves them, the objective); unknown names refused."""
-    import inspect
-
-    params = inspect.signature(recover).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise SecateursError(f"unknown recovery option(s) {', '.join(unknown)}")
-    o = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    o.update(options)
-    v = _resolve(o["preset"], method=o["method"], lr=o["lr"], lora_r=o["lora_r"], lora_alpha=o["lora_alpha"],
-                 lora_dropout=o["lora_dropout"])
-    return o, v, o["objective"] or ("kd" if has_teacher else "ce")
-
-
-def check_resources(student, teacher, device, **options) -> None:
-    """Refuse, before the weights load, a run of recover(student, teacher, **options) estimated past
-    max_hours or the free memory of `device`: the models may be meta skeletons built from their
+def check_resources(student, teacher, device, settings: RecoverySettings) -> None:
+    """Refuse, before the weights load, a run of recover(student, teacher, settings=settings) estimated
+    past max_hours or the free memory of `device`: the models may be meta skeletons built from their
     configs (secateurs.storage.checkpoint.load_skeleton), only their shapes are read."""
-    o, v, objective = _resolved_options(options, teacher is not None)
-    _check_resources(student, teacher if objective != "ce" else None, _lora_settings(v), tokens=o["tokens"],
-                     seq_len=o["seq_len"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
-                     val_tokens=o["val_tokens"], eval_every=o["eval_every"], chunk_rows=o["chunk_rows"],
-                     self_tokens=_self_tokens(o["data"], teacher, o["self_samples"], o["seq_len"], o["tokens"],
-                                              o["val_tokens"]),
-                     gradient_checkpointing=o["gradient_checkpointing"], max_hours=o["max_hours"], progress=False,
-                     device=torch.device(device))
-
-
-def _self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens) -> int:
-    """Tokens the teacher generates for data 'self' (0 for any other data)."""
-    if data != "self" or teacher is None:
-        return 0
-    return self_samples * seq_len if self_samples else tokens + val_tokens
-
-
-def _check_bounds(temperature, hidden_weight, objective: str, lora: dict | None, data, self_samples, checkpoint_dir,
-                  save_every, resume) -> None:
-    """Settings with an upper bound (secateurs.settings.names) and settings that apply only with another."""
-    if not 0 < temperature <= MAX_TEMPERATURE:
-        raise SecateursError(f"temperature must be in (0, {MAX_TEMPERATURE:g}] (the loss is scaled by T^2), got "
-                             f"{temperature}")
-    if not 0 <= hidden_weight <= MAX_LOSS_WEIGHT:
-        raise SecateursError(f"hidden_weight must be in [0, {MAX_LOSS_WEIGHT:g}], got {hidden_weight}")
-    if hidden_weight and objective != "kd":
-        raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
-    if lora is not None and (lora["r"] > MAX_LORA_R or lora["alpha"] > MAX_LORA_ALPHA):
-        raise SecateursError(f"LoRA needs r <= {MAX_LORA_R:,} and alpha <= {MAX_LORA_ALPHA:g} (got {lora})")
-    if self_samples is not None and data != "self":
-        raise SecateursError("self_samples (--self-samples) sets how many sequences the teacher generates and applies "
-                             f"with data 'self' (--data self), not {data!r}")
-    if checkpoint_dir is not None and not (save_every or resume):
-        raise SecateursError("checkpoint_dir (--checkpoint-dir) applies with save_every (--save-every) or resume "
-                             "(--resume); without them no checkpoint is written or read")
-
-
-def _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every,
-                lr) -> None:
-    check_scheduler(scheduler, lr)
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
-                                          and max_grad_norm > 0):
-        raise SecateursError(f"max_grad_norm (gradient clipping) must be a positive number, or None (0 on the command "
-                             f"line) for no clipping; got {max_grad_norm!r}")
-    if not (isinstance(max_hours, (int, float)) and math.isfinite(max_hours) and max_hours > 0):
-        raise SecateursError(f"max_hours must be a positive number, got {max_hours!r}")
-    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
-        raise SecateursError(f"save_every must be >= 1 step, got {save_every!r}")
-    if batch_size * seq_len * grad_accum > tokens:
-        raise SecateursError(f"one optimiser step takes batch_size x seq_len x grad_accum = {batch_size} x {seq_len} x "
-                             f"{grad_accum} = {batch_size * seq_len * grad_accum:,} tokens, more than the budget of "
-                             f"{tokens:,}: lower --train-batch-size or --grad-accum, or raise --tokens")
-
-
-def _check_settings(tokens, objective, kd_ratio, temperature, method, lr, seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, has_teacher, student, warmup_ratio, weight_decay, lora,
-                    data_offset=0) -> None:
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-        raise SecateursError(f"tokens is the training budget in tokens and must be a positive integer, got {tokens!r}")
-    if objective not in OBJECTIVES:
-        raise SecateursError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if objective == "kd" and not has_teacher:
-        raise SecateursError("objective 'kd' distils from a teacher: pass the dense model (--teacher), "
-                             "or use objective 'ce'")
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise SecateursError(f"kd_ratio weighs distillation against cross-entropy and must be in [0, 1], got {kd_ratio}")
-    if not temperature > 0:
-        raise SecateursError(f"temperature must be > 0, got {temperature}")
-    if objective == "ce" and (kd_ratio != 1.0 or temperature != 1.0):
-        raise SecateursError("kd_ratio and temperature (--kd-ratio, --temperature) shape the distillation loss and "
-                             "apply with objective 'kd'; objective 'ce' trains on the data's next tokens alone")
-    if method not in METHODS:
-        raise SecateursError(f"unknown method {method!r}; use 'lora' or 'full'")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise SecateursError(f"the learning rate must be a positive number, got {lr!r}")
-    for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
-                             ("chunk_rows", chunk_rows, 1), ("val_tokens", val_tokens, 0),
-                             ("data_offset", data_offset, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SecateursError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not 0.0 <= warmup_ratio < 1.0 or weight_decay < 0:
-        raise SecateursError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0 (got {warmup_ratio}, {weight_decay})")
-    if lora is not None and (lora["r"] < 1 or lora["alpha"] <= 0 or not 0 <= lora["dropout"] < 1):
-        raise SecateursError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got {lora})")
-    context = getattr(student.config, "max_position_embeddings", None) if student is not None else None
-    if context is not None and seq_len > context:
-        raise SecateursError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
+    has_teacher = teacher is not None
+    _check_resources(student, teacher if settings.objective_for(has_teacher) != "ce" else None, settings,
+                     self_tokens=settings.self_tokens(has_teacher), progress=False, device=torch.device(device))
 
 
 @dataclass
@@ -225,34 +105,20 @@ class _Run:
     plan: PruningPlan | None
     data: RecoveryData
     objective: Objective
-    settings: LoopSettings
-    method: str
-    preset: str | None
-    lora: dict | None
-    seq_len: int
+    loop: LoopSettings
+    settings: RecoverySettings
     inputs: list
     checkpoint_dir: Path | None  # None: this run writes no checkpoint
     default_checkpoints: bool  # OUT.checkpoints, removed after a successful save if this run wrote it
     identity: dict  # {"run": id} in the marker of every checkpoint this run writes (kept across resumes)
-    gradient_checkpointing: bool
-    seed: int
 
 
-def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *, tokenizer=None,
+def recover(student, teacher=None, *, settings: RecoverySettings | None = None, tokenizer=None,
             teacher_tokenizer=None, plan: PruningPlan | None = None, out: str | os.PathLike | None = None,
-            force: bool = False, objective: str | None = None, kd_ratio: float = 1.0, temperature: float = 1.0,
-            method: str | None = None, preset: str | None = None, lr: float | None = None,
-            lora_r: int | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
-            seq_len: int = 256, batch_size: int = 2, grad_accum: int = 1, val_tokens: int = 4096,
-            eval_every: int | None = None, patience: int | None = 3, save_every: int | None = None,
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, seed: int = 0,
-            scheduler: str = "cosine", warmup_ratio: float = 0.05, weight_decay: float = 0.0,
-            max_grad_norm: float | None = 1.0, gradient_checkpointing: bool = False, chunk_rows: int = 256,
-            hidden_weight: float = 0.0, bf16: bool = False, self_samples: int | None = None, data_offset: int = 0,
-            evaluation_files: list | None = None, max_hours: float = resources.DEFAULT_MAX_HOURS,
-            teacher_any: bool = False, progress: bool = True, on_validation=None,
-            on_step=None) -> RecoveryResult:
-    """Train `student` (in place) for `tokens` tokens of `data` and return the recovered model.
+            force: bool = False, evaluation_files: list | None = None, progress: bool = True, on_validation=None,
+            on_step=None, **keywords) -> RecoveryResult:
+    """Train `student` (in place) with `settings` (a RecoverySettings, or its fields as keywords:
+    `recover(student, teacher, data=..., tokens=...)`) and return the recovered model.
 
     The student is trained in place (LoRA: adapters injected, then merged back). objective:
     'kd' (default with a teacher; forward KL at `temperature`, mixed with CE by kd_ratio;
@@ -260,51 +126,38 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     it came from) or 'ce' (default without a teacher). bf16=True runs the models under bfloat16
     autocast (for GPUs; weights and optimiser keep their dtype). method: 'full' (default) or
     'lora'; preset='amp-paper' is the AMP paper's LoRA (r=8, alpha=16, dropout 0.05, lr 3e-4);
-    explicit arguments override the preset. `data`: a text or .jsonl file (text or Alpaca
+    explicit settings override the preset. `data`: a text or .jsonl file (text or Alpaca
     records), 'hf:NAME:SPLIT', 'tinystories' or 'self' (teacher-generated). With `out`, the
     model is saved as a pruned folder (with `plan`) plus recovery.json. Checkpoints every
     `save_every` steps go to `checkpoint_dir` (default: OUT.checkpoints, removed after a
     successful save, and only when this run wrote it); resume=True continues from there
     bit-identically. An existing checkpoint folder is replaced by a fresh run only with force and
     only when it holds a secateurs checkpoint. `evaluation_files`: texts evaluated in the same run,
-    refused as data. `data_offset`: training sequences of the seeded order to skip, so a run
-    continuing an earlier one's budget on the same data sees new text. A run estimated to take more
-    than `max_hours` (secateurs.recovery.estimate), or more memory than the device has free, is
-    refused before its first step. A teacher other than the dense model the plan was made from is
-    named in a warning unless `teacher_any`.
+    refused as data. A run estimated to take more than `max_hours` (secateurs.recovery.estimate),
+    or more memory than the device has free, is refused before its first step. A teacher other
+    than the dense model the plan was made from is named in a warning unless `teacher_any`.
+    `on_validation` and `on_step` are called by the training loop (secateurs.recovery.trainer).
     """
     wall_start = time.perf_counter()
-    v = _resolve(preset, method=method, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-    objective = objective or ("kd" if teacher is not None else "ce")
-    lora = _lora_settings(v)
-    _check_settings(tokens, objective, kd_ratio, temperature, v["method"], v["lr"], seq_len, batch_size, grad_accum,
-                    val_tokens, chunk_rows, teacher is not None, student, warmup_ratio, weight_decay, lora,
-                    data_offset)
-    _check_loop(tokens, seq_len, batch_size, grad_accum, scheduler, max_grad_norm, max_hours, save_every, v["lr"])
-    _check_bounds(temperature, hidden_weight, objective, lora, data, self_samples, checkpoint_dir, save_every, resume)
-    inputs = [_name(student), _name(teacher), data, *(evaluation_files or [])]  # never written to
+    s = settings_of(settings, keywords)
+    s.check(teacher is not None, student)
+    inputs = [_name(student), _name(teacher), s.data, *(evaluation_files or [])]  # never written to
     out_path = check_output_dir(out, force, inputs) if out else None
-    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, hidden_weight, teacher_any)
-    checkpoint_dir, default_checkpoints, identity = checkpoint_folder(checkpoint_dir, out_path, save_every, resume,
-                                                                       inputs, force)
+    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, s.hidden_weight, s.teacher_any)
+    checkpoint_dir, default_checkpoints, identity = checkpoint_folder(s.checkpoint_dir, out_path, s.save_every,
+                                                                       s.resume, inputs, force)
+    objective = s.objective_for(teacher is not None)
     teacher_for_loss = None if objective == "ce" else teacher.eval()
-    _check_resources(student, teacher_for_loss, lora, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                     grad_accum=grad_accum, val_tokens=val_tokens, eval_every=eval_every, chunk_rows=chunk_rows,
-                     self_tokens=_self_tokens(data, teacher, self_samples, seq_len, tokens, val_tokens),
-                     gradient_checkpointing=gradient_checkpointing, max_hours=max_hours, progress=progress)
-    recovery_data = load_recovery_data(data, tokenizer, seq_len=seq_len, tokens=tokens, val_tokens=val_tokens,
-                                       seed=seed, teacher=teacher, evaluation_files=evaluation_files,
-                                       self_samples=self_samples)
-    settings = LoopSettings(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=float(v["lr"]),
-                            weight_decay=weight_decay, scheduler=scheduler, warmup_ratio=warmup_ratio,
-                            max_grad_norm=max_grad_norm, eval_every=eval_every, patience=patience,
-                            save_every=save_every, seed=seed, data_offset=data_offset)
-    obj = Objective(objective, float(kd_ratio), float(temperature), chunk_rows, float(hidden_weight),
-                    _layer_map(student, teacher, plan) if hidden_weight else None, bool(bf16))
-    run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, settings, v["method"], preset, lora,
-               seq_len, inputs, checkpoint_dir, default_checkpoints, identity, gradient_checkpointing, seed)
+    _check_resources(student, teacher_for_loss, s, self_tokens=s.self_tokens(teacher is not None), progress=progress)
+    recovery_data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
+                                       seed=s.seed, teacher=teacher, evaluation_files=evaluation_files,
+                                       self_samples=s.self_samples)
+    obj = Objective(objective, float(s.kd_ratio), float(s.temperature), s.chunk_rows, float(s.hidden_weight),
+                    _layer_map(student, teacher, plan) if s.hidden_weight else None, bool(s.bf16))
+    run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, LoopSettings(**s.loop_keywords()), s,
+               inputs, checkpoint_dir, default_checkpoints, identity)
     params_before = model_stats(student).total_params
-    trained, loop, history, targets, trainable = _train(run, resume, progress, on_validation, on_step)
+    trained, loop, history, targets, trainable = _train(run, progress, on_validation, on_step)
     record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
                      params_before=params_before)
     record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
@@ -312,12 +165,6 @@ def recover(student, teacher=None, data: str = "self", tokens: int = 200_000, *,
     if out_path is not None:
         _save(result, run, out_path, tokenizer, force)
     return result
-
-
-def _lora_settings(v: dict) -> dict | None:
-    """The LoRA adapter's r, alpha and dropout when the resolved method is 'lora', else None."""
-    return ({"r": v["lora_r"], "alpha": v["lora_alpha"], "dropout": v["lora_dropout"]}
-            if v["method"] == "lora" else None)
 
 
 def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, hidden_weight: float,
@@ -388,47 +235,50 @@ def checkpoint_folder(checkpoint_dir, out_path: Path | None, save_every: int | N
     return folder, default, {"run": uuid.uuid4().hex}
 
 
-def _check_resources(student, teacher, lora, *, tokens, seq_len, batch_size, grad_accum, val_tokens, eval_every,
-                     chunk_rows, self_tokens, gradient_checkpointing, max_hours, progress, device=None) -> None:
+def _check_resources(student, teacher, settings: RecoverySettings, *, self_tokens: int, progress: bool,
+                     device=None) -> None:
     """Estimate the run's time and memory (secateurs.recovery.estimate) and refuse one that cannot
     finish within max_hours or fit in the free memory; the estimate is printed."""
     from secateurs.adapters import get_adapter
 
+    s, lora = settings, settings.lora
     params = sum(p.numel() for p in student.parameters())
     trainable = params if lora is None else sum(
         lora["r"] * (m.in_features + m.out_features) for m in student.modules() if isinstance(m, torch.nn.Linear))
-    steps = max(1, tokens // (batch_size * seq_len * grad_accum))
+    steps = max(1, s.tokens // (s.batch_size * s.seq_len * s.grad_accum))
     work = resources.Workload(
         student_params=params, trainable_params=trainable,
         teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
         hidden_size=student.config.hidden_size, layers=len(get_adapter(student).decoder_layers(student)),
-        vocab_size=student.config.vocab_size, tokens=tokens, self_tokens=self_tokens, val_tokens=val_tokens,
-        validations=steps // (eval_every or max(1, steps // 10)) + 2, micro_batch_tokens=batch_size * seq_len,
-        chunk_rows=chunk_rows, dtype_bytes=next(student.parameters()).element_size(),
-        gradient_checkpointing=gradient_checkpointing)
+        vocab_size=student.config.vocab_size, tokens=s.tokens, self_tokens=self_tokens, val_tokens=s.val_tokens,
+        validations=steps // (s.eval_every or max(1, steps // 10)) + 2, micro_batch_tokens=s.batch_size * s.seq_len,
+        chunk_rows=s.chunk_rows, dtype_bytes=next(student.parameters()).element_size(),
+        gradient_checkpointing=s.gradient_checkpointing)
     est = resources.estimate(work, device if device is not None else next(student.parameters()).device)
-    resources.check(est, max_hours)
+    resources.check(est, s.max_hours)
     if progress:
-        status(f"recovery estimate: {est.describe()} (limit --max-hours {max_hours:g})")
+        status(f"recovery estimate: {est.describe()} (limit --max-hours {s.max_hours:g})")
 
 
 def _fingerprint(run: _Run) -> dict:
     """What a checkpoint must have been written by to be resumed: this data, objective, loop, method,
     student shapes and teacher."""
-    return {"data_hash": run.data.hash, "objective": run.objective.to_dict(), "loop": settings_dict(run.settings),
-            "method": run.method, "lora": run.lora, "seq_len": run.seq_len,
+    s = run.settings
+    return {"data_hash": run.data.hash, "objective": run.objective.to_dict(), "loop": settings_dict(run.loop),
+            "method": s.training_method, "lora": s.lora, "seq_len": s.seq_len,
             "student": _shape_fingerprint(run.student), "teacher": _name(run.teacher) if run.teacher_for_loss else None,
-            "gradient_checkpointing": run.gradient_checkpointing}
+            "gradient_checkpointing": s.gradient_checkpointing}
 
 
-def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
+def _train(run: _Run, progress: bool, on_validation, on_step):
     """(trained model, loop, history, LoRA targets, trainable parameter count): the training loop
     under a forked RNG seeded with `seed` (the caller's random state is untouched), through LoRA
     adapters merged afterwards or with every weight trainable. Non-finite results are refused."""
-    student, lora = run.student, run.lora
+    student, lora, resume = run.student, run.settings.lora, run.settings.resume
+    gradient_checkpointing = run.settings.gradient_checkpointing
     fingerprint = _fingerprint(run)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
+        torch.manual_seed(run.settings.seed)
         trained, peft_model = student, None
         if lora is not None:
             targets = lora_target_names(student)
@@ -436,9 +286,9 @@ def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
         else:
             targets = None
             student.requires_grad_(True)
-        if run.gradient_checkpointing:
+        if gradient_checkpointing:
             _set_activation_checkpointing(student, True)
-        loop = RecoveryLoop(student, run.teacher_for_loss, run.data, run.objective, run.settings, run.checkpoint_dir,
+        loop = RecoveryLoop(student, run.teacher_for_loss, run.data, run.objective, run.loop, run.checkpoint_dir,
                             fingerprint, progress, on_validation, on_step, inputs=run.inputs)
         loop.marker = run.identity
         if resume:
@@ -448,7 +298,7 @@ def _train(run: _Run, resume: bool, progress: bool, on_validation, on_step):
             with threads.working("train"):
                 history = loop.run(resume=resume)
         finally:
-            if run.gradient_checkpointing:
+            if gradient_checkpointing:
                 _set_activation_checkpointing(student, False)
         if peft_model is not None:
             trained = merge_lora(peft_model)
@@ -475,7 +325,8 @@ def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: b
 
 def _record(run: _Run, *, trained, history, loop, targets, trainable, params_before) -> dict:
     """What recovery.json holds: how the model was recovered and what it gained."""
-    student, teacher, plan, data, settings, lora = run.student, run.teacher, run.plan, run.data, run.settings, run.lora
+    student, teacher, plan, data, settings = run.student, run.teacher, run.plan, run.data, run.loop
+    lora = run.settings.lora
     val = history["val"]
     after = next((r for r in val if r["step"] == history["restored_best_step"]), val[-1]) if val else None
     tokens_trained = history["steps_done"] * loop.tokens_per_step
@@ -486,20 +337,22 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
                      "is_plan_base": _is_plan_base(teacher, plan)} if teacher is not None else None),
         "data": {**data.description, "hash": data.hash},
         "objective": run.objective.to_dict(),
-        "parametrisation": {"method": run.method, "preset": run.preset, "trainable_params": trainable,
+        "parametrisation": {"method": run.settings.training_method, "preset": run.settings.preset,
+                            "trainable_params": trainable,
                             **({"lora": {**lora, "target_modules": len(targets), "targets": targets, "merged": True}}
                                if lora else {})},
         "optimizer": {"name": "AdamW", "lr": settings.lr, "betas": list(settings.betas),
                       "weight_decay": settings.weight_decay, "scheduler": settings.scheduler,
                       "warmup_steps": loop.warmup_steps, "max_grad_norm": settings.max_grad_norm},
         "batch": {"seq_len": data.seq_len, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
-                  "tokens_per_step": loop.tokens_per_step, "gradient_checkpointing": run.gradient_checkpointing},
+                  "tokens_per_step": loop.tokens_per_step,
+                  "gradient_checkpointing": run.settings.gradient_checkpointing},
         "tokens": {"requested": settings.tokens, "trained": tokens_trained, "data_offset": settings.data_offset,
                    "epochs": round(loop.order.epochs(history["steps_done"] * settings.grad_accum), 4)},
         "steps": {"planned": history["total_steps"], "done": history["steps_done"],
                   "stopped_early": history["stopped_early"], "best_step": history["best_step"],
                   "restored_best_step": history["restored_best_step"], "resumed_at": history["resumed_at_steps"]},
-        "seed": run.seed,
+        "seed": run.settings.seed,
         "before": val[0] if val else None, "after": after,
         "curves": {"train": history["train"], "val": val},
         "training_seconds": round(history["seconds"], 3),

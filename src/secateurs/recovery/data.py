@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from secateurs.calibration.data import _hf_texts, _self_generated
+from secateurs.calibration.data import hf_texts, self_generated
 from secateurs.errors import SecateursError
 from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
 
@@ -193,7 +193,7 @@ def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: i
         if teacher is None:
             raise RecoveryDataError("'self' recovery data is text sampled from the teacher: pass a teacher, or "
                                     "give a text or .jsonl file")
-        samples = _self_generated(teacher, tokenizer, self_samples, seq_len, seed)
+        samples = self_generated(teacher, tokenizer, self_samples, seq_len, seed)
         ids = [t for s in samples for t in s[:seq_len]]
         description.update(kind="teacher-generated (ancestral sampling from BOS)", samples=len(samples))
         return ids, list(ids), description
@@ -203,7 +203,7 @@ def _read_source(spec: str, tokenizer, *, teacher, seq_len: int, self_samples: i
         description["kind"] = "bundled TinyStories sample"
         return ids, labels, description
     if isinstance(spec, str) and spec.startswith("hf:"):
-        docs = _hf_texts(spec)
+        docs = hf_texts(spec)
         ids, labels = _document_stream([d for d in docs if d.strip()], tokenizer)
         description.update(kind="Hugging Face dataset, documents joined by EOS", documents=len(docs))
         return ids, labels, description

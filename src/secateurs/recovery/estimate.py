@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.recovery.settings import DEFAULT_MAX_HOURS  # noqa: F401 - re-exported: the library's default
 from secateurs.runtime.progress import duration
-from secateurs.settings.names import DEFAULT_MAX_HOURS  # noqa: F401 - re-exported: the library's default
 
 TRAINING_EFFICIENCY = 0.5
 GENERATION_EFFICIENCY = 0.1

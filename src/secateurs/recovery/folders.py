@@ -1,20 +1,21 @@
 """Recover a saved model into a new folder: the library side of `secateurs recover` (the command
-line only parses its arguments into these keywords)."""
+line only parses its arguments into a RecoverySettings and these parameters)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from secateurs.recovery.api import RecoveryResult, check_resources, checkpoint_folder, recover
+from secateurs.recovery.settings import RecoverySettings
 from secateurs.runtime.progress import phase
-from secateurs.recovery.api import RecoveryResult, check_options, check_resources, checkpoint_folder, recover
 
 
-def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: bool = False, dtype=None,
-                   device: str = "cpu", device_map=None, offload_folder: str | None = None,
-                   student_device_map=None, seed: int = 0,
-                   ppl: str | None = None, ppl_tokens: int = 65536, **options) -> tuple[RecoveryResult, dict | None]:
-    """Load `pruned` (and its dense `teacher`), recover it with secateurs.recover's `options`, save
-    to `out`. With `ppl` (a text source, refused as training data) the perplexity (seq 128, first
+def recover_folder(pruned: str, out: str, settings: RecoverySettings | None = None, *, teacher: str | None = None,
+                   force: bool = False, dtype=None, device: str = "cpu", device_map=None,
+                   offload_folder: str | None = None, student_device_map=None, ppl: str | None = None,
+                   ppl_tokens: int = 65536) -> tuple[RecoveryResult, dict | None]:
+    """Load `pruned` (and its dense `teacher`), recover it with `settings` (default: RecoverySettings()),
+    save to `out`. With `ppl` (a text source, refused as training data) the perplexity (seq 128, first
     `ppl_tokens` tokens) before and after is returned as {"before": x, "after": y}; data sharing
     more than 1% of those first `ppl_tokens` tokens' 13-token windows is refused. The data file is
     checked (UTF-8, every record usable) before any model loads.
@@ -25,17 +26,18 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
     trains, and is refused if it would offload any of its weights (an optimiser steps weights on
     their device). Without a map a model goes to `device`."""
     from secateurs.evaluation.perplexity import load_text, perplexity
-    from secateurs.storage.loading import load_model
-    from secateurs.storage.output import check_output_dir
     from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
     from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
+    from secateurs.storage.loading import load_model
+    from secateurs.storage.output import check_output_dir
 
-    data = options.get("data", "self")
-    check_options(teacher is not None, **options)  # every setting, before loading anything
+    settings = settings if settings is not None else RecoverySettings()
+    data = settings.data
+    settings.check(teacher is not None)  # every setting, before loading anything
     if device_map is None and student_device_map is None:
-        check_resources_before_loading(pruned, teacher, device, options)
+        check_resources_before_loading(pruned, teacher, device, settings)
     out_path = check_output_dir(out, force, [pruned, teacher, data, ppl])
-    checkpoint_folder(options.get("checkpoint_dir"), out_path, options.get("save_every"), options.get("resume", False),
+    checkpoint_folder(settings.checkpoint_dir, out_path, settings.save_every, settings.resume,
                       [pruned, teacher, data, ppl], force)  # refused now, not after the models load
     check_recovery_source(data)  # UTF-8, every record usable: refused now, not after the models load
     evaluated = [EvaluationText(ppl, ppl_tokens)] if ppl else None  # the overlap is measured on what is evaluated
@@ -53,17 +55,18 @@ def recover_folder(pruned: str, out: str, *, teacher: str | None = None, force: 
             return perplexity(model, tokenizer, "", seq_len=128, ids=ids)["perplexity"]
 
     before = measure(student, "before") if ppl else None
-    result = recover(student, dense, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer, plan=plan, out=out,
-                     force=force, seed=seed, evaluation_files=evaluated, **options)
+    result = recover(student, dense, settings=settings, tokenizer=tokenizer, teacher_tokenizer=dense_tokenizer,
+                     plan=plan, out=out, force=force, evaluation_files=evaluated)
     return result, ({"before": before, "after": measure(result.model, "after")} if ppl else None)
 
 
-def check_resources_before_loading(pruned: str, teacher: str | None, device: str, options: dict) -> None:
+def check_resources_before_loading(pruned: str, teacher: str | None, device: str,
+                                   settings: RecoverySettings) -> None:
     """The time and memory estimate from the models' configs (meta skeletons, no weights read), for
     local Hugging Face folders; recover() checks again on the loaded models. (prune --recover passes
     the dense model as both: an upper bound for the student it prunes.)"""
-    from secateurs.storage.checkpoint import load_skeleton
     from secateurs.errors import SecateursError
+    from secateurs.storage.checkpoint import load_skeleton
     from secateurs.storage.loading import resolve_source
 
     def skeleton(source):
@@ -78,7 +81,7 @@ def check_resources_before_loading(pruned: str, teacher: str | None, device: str
     if student is None or (teacher and dense is None):
         return
     try:
-        check_resources(student, dense, device, **options)
+        check_resources(student, dense, device, settings)
     except SecateursError:
         raise
     except Exception:  # noqa: BLE001 - e.g. a device that is checked when the models load

@@ -16,46 +16,41 @@ otherwise.
 from __future__ import annotations
 
 import copy
-import inspect
 
 from secateurs.adapters.plans import identity_plan
 from secateurs.calibration.data import as_calibration
-from secateurs.planning.accounting import model_stats
 from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
-from secateurs.runtime.progress import status
+from secateurs.methods.options import DepthOptions
+from secateurs.planning.accounting import model_stats
 from secateurs.recovery.api import recover
 from secateurs.recovery.data import sources_read_once
+from secateurs.recovery.settings import RecoverySettings
 from secateurs.recovery.trainer import LoopSettings
+from secateurs.runtime.progress import status
 from secateurs.surgery.apply import apply_plan
 from secateurs.version import __version__
 
-DEFAULT_TOKENS = 200_000
-
 
 def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: float | None = None, *,
-                           layers: int | None = None, calibration=None, calibration_options: dict | None = None,
-                           recovery: dict | None = None, metrics=None, protect_first: int = 1, protect_last: int = 1,
-                           max_tokens: int | None = 2048, ratio_of: str = "all",
-                           layers_equivalent: float | None = None, seed: int = 0, progress: bool = True):
-    """Remove `layers` (or the layers of `ratio`) one at a time from `model` (in place), recovering
-    after each removal by distillation from the dense model (`recovery`: secateurs.recover's
-    keywords; 'tokens' is the whole budget). Returns (model, plan, recovery record)."""
-    if method not in DEPTH_METHODS or DEPTH_METHODS[method].choice != "rank":
-        ranked = [m for m, spec in DEPTH_METHODS.items() if spec.choice == "rank"]
-        raise SecateursError(f"recovering between removals needs a method that re-scores layers one by one "
-                             f"({', '.join(ranked)}), not {method!r}")
-    recovery = dict(recovery or {})
-    if recovery.get("save_every") or recovery.get("resume") or recovery.get("out"):
-        raise SecateursError("checkpoints and resume are per recovery run; between removals they are not supported")
+                           options: DepthOptions | None = None, calibration=None,
+                           calibration_options: dict | None = None, recovery: RecoverySettings | None = None,
+                           ratio_of: str = "all", layers_equivalent: float | None = None, seed: int = 0,
+                           progress: bool = True):
+    """Remove `options.layers` (or the layers of `ratio`) one at a time from `model` (in place),
+    scoring with the depth `options` (metrics, protected layers, scoring tokens) and recovering after
+    each removal by distillation from the dense model with the `recovery` settings, whose `tokens` is
+    the whole budget (`seed` seeds scoring and every round's recovery). Returns (model, plan,
+    recovery record)."""
+    options = options if options is not None else DepthOptions()
+    recovery = _checked(method, recovery if recovery is not None else RecoverySettings())
+    layers = options.layers
     if layers is None:
         layers, _ = layers_for_target(model, None if layers_equivalent is not None else ratio, ratio_of,
                                       layers_equivalent)
-    budget = recovery.pop("tokens", DEFAULT_TOKENS)
+    budget = recovery.tokens
     if layers < 1 or budget < layers:
         raise SecateursError(f"{budget} recovery tokens cannot be split over {layers} removals")
-    if recovery.get("eval_every") is None:
-        recovery["eval_every"] = whole_budget_interval(budget, recovery)
     # once, from the dense model
     calib = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
     dense = copy.deepcopy(model)
@@ -66,15 +61,16 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     with sources_read_once():  # the same data file every round
         for r in range(layers):
             status(f"round {r + 1} of {layers}: scoring the {len(kept)} layers left")
-            step = depth_plan(model, method, layers=1, metrics=metrics, protect_first=protect_first,
-                              protect_last=protect_last, max_tokens=max_tokens, calibration=calib, seed=seed,
-                              progress=progress)
+            step = depth_plan(model, method, layers=1, metrics=options.metrics, protect_first=options.protect_first,
+                              protect_last=options.protect_last, max_tokens=options.max_tokens, calibration=calib,
+                              seed=seed, progress=progress)
             removed = kept.pop(step.provenance["layers_removed"][0])
             plan.layers[removed].removed = True
             apply_plan(model, step)
             tokens = budget // layers + (1 if r < budget % layers else 0)
-            result = recover(model, dense, tokens=tokens, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan,
-                             seed=seed, progress=progress, data_offset=offset, **recovery)
+            round_settings = recovery.replace(tokens=tokens, seed=seed, data_offset=offset)
+            result = recover(model, dense, settings=round_settings, tokenizer=tokenizer, teacher_tokenizer=tokenizer,
+                             plan=plan, progress=progress)
             records.append(result.record)
             offset += result.record["tokens"]["trained"] // result.record["batch"]["seq_len"]
             rounds.append({"removed": [removed], "table": _in_original_indices(step.provenance["rounds"][0]["table"],
@@ -83,7 +79,8 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     plan.provenance = {"method": method, "layers": layers, "layers_removed": [lp.index for lp in plan.layers
                                                                               if lp.removed],
                        "iterative": True, "recovered_between_removals": True, "metrics": step.provenance["metrics"],
-                       "protect_first": protect_first, "protect_last": protect_last, "max_tokens": max_tokens,
+                       "protect_first": options.protect_first, "protect_last": options.protect_last,
+                       "max_tokens": options.max_tokens,
                        "seed": seed, "params_before": params_before, "params_after": model_stats(model).total_params,
                        "calibration": calib.description, "calibration_hash": calib.hash,
                        "base_model": plan.base.get("name_or_path"), "secateurs_version": __version__,
@@ -91,12 +88,21 @@ def prune_depth_recovering(model, tokenizer, method: str = "consensus", ratio: f
     return model, plan, combined_record(records)
 
 
-def whole_budget_interval(budget: int, recovery: dict) -> int:
-    """The validation interval (steps) of one recovery run over the whole budget with these settings."""
-    defaults = inspect.signature(recover).parameters
-    setting = lambda name: recovery.get(name, defaults[name].default)  # noqa: E731
-    run = LoopSettings(tokens=budget, batch_size=setting("batch_size"), grad_accum=setting("grad_accum"))
-    return run.validation_interval(setting("seq_len"))
+def _checked(method: str, recovery: RecoverySettings) -> RecoverySettings:
+    """Refuse what cannot recover between removals; the validation interval of the whole budget set."""
+    if method not in DEPTH_METHODS or DEPTH_METHODS[method].choice != "rank":
+        ranked = [m for m, spec in DEPTH_METHODS.items() if spec.choice == "rank"]
+        raise SecateursError(f"recovering between removals needs a method that re-scores layers one by one "
+                             f"({', '.join(ranked)}), not {method!r}")
+    if recovery.save_every or recovery.resume:
+        raise SecateursError("checkpoints and resume are per recovery run; between removals they are not supported")
+    return recovery if recovery.eval_every is not None else recovery.replace(eval_every=whole_budget_interval(recovery))
+
+
+def whole_budget_interval(recovery: RecoverySettings) -> int:
+    """The validation interval (steps) of one recovery run over the whole budget (`recovery.tokens`)."""
+    run = LoopSettings(tokens=recovery.tokens, batch_size=recovery.batch_size, grad_accum=recovery.grad_accum)
+    return run.validation_interval(recovery.seq_len)
 
 
 def _in_original_indices(table: list[dict], kept_after: list[int], removed: int) -> list[dict]:

@@ -24,49 +24,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.errors import SecateursError
-from secateurs.settings.names import SCHEDULERS
-from secateurs.storage.output import write_folder
-from secateurs.runtime.progress import bar as progress_bar
+from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
+from secateurs.recovery.settings import SCHEDULERS, check_scheduler  # noqa: F401 - SCHEDULERS: re-exported
+from secateurs.runtime.progress import bar as progress_bar
+from secateurs.storage.output import write_folder
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 SETTINGS_FILE = "settings.json"
-
-# The transformers schedulers (SchedulerType) that this loop can drive are secateurs.settings.names.SCHEDULERS
-# (without torch, for --help): made by get_scheduler(name, optimizer, num_warmup_steps=w,
-# num_training_steps=n) alone and stepped once per optimiser step without arguments (checked by
-# tests/test_recovery_faults.py; transformers 5.23). The others fail, inside get_scheduler or at the
-# first step, after the models and data are loaded.
-_POLYNOMIAL_END = 1e-7  # get_polynomial_decay_schedule_with_warmup's lr_end: the initial rate must exceed it
-_UNSUPPORTED_SCHEDULERS = {
-    "reduce_lr_on_plateau": "steps on a validation metric, not once per optimiser step",
-    "greedy": "steps on a validation metric, not once per optimiser step",
-    "cosine_with_min_lr": "needs a minimum learning rate (min_lr), which secateurs does not pass",
-    "cosine_warmup_with_min_lr": "needs a minimum learning rate (min_lr), which secateurs does not pass",
-    "warmup_stable_decay": "needs a number of decay steps, which secateurs does not pass",
-}
+# The schedulers the loop drives, and why the others are refused: secateurs.recovery.settings.SCHEDULERS.
 
 
 class RecoveryError(SecateursError):
     """Recovery cannot go on: non-finite loss or weights, a checkpoint of another run, ..."""
-
-
-def check_scheduler(name: str, lr: float | None = None) -> str:
-    """Refuse a learning-rate scheduler the loop cannot drive (see SCHEDULERS), and 'polynomial' with a
-    learning rate it cannot decay from (at most its final 1e-7); returns the name."""
-    if name in SCHEDULERS:
-        if name == "polynomial" and lr is not None and lr <= _POLYNOMIAL_END:
-            raise SecateursError(f"the 'polynomial' scheduler decays the learning rate to {_POLYNOMIAL_END:g} and "
-                                 f"needs a larger one, got {lr:g}; raise --lr or choose another --scheduler")
-        return name
-    why = _UNSUPPORTED_SCHEDULERS.get(name) if isinstance(name, str) else None
-    what = f"the scheduler {name!r} {why}" if why else f"unknown scheduler {name!r}"
-    raise SecateursError(f"{what}; use one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -104,7 +78,8 @@ class DataOrder:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=generator)
         return self._perms[epoch]
 
     def batch(self, micro_batch: int) -> torch.Tensor:

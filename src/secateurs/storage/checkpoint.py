@@ -16,11 +16,9 @@ import re
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 from secateurs.adapters.plans import plan_base
@@ -29,7 +27,7 @@ from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.storage.hfcompat import load_config, write_config
 from secateurs.storage.offload import mark_lazy
 from secateurs.storage.output import check_finite, check_output_dir, write_folder
-from secateurs.storage.pruned import config_dtype
+from secateurs.storage.pruned import meta_model
 from secateurs.surgery.apply import apply_layer_plan, remove_layers, sync_config
 from secateurs.surgery.reconstruction import apply_refit
 
@@ -133,8 +131,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     folder = Path(folder)
     config = load_config(folder)
     tensors = CheckpointTensors(folder)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
+    model = meta_model(config, dtype)
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
     adapter = get_adapter(model)
     layer_parameter = adapter.layer_parameter()

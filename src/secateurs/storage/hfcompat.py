@@ -10,6 +10,11 @@ Llama-2-7B) break that rule, so:
   accepts; any other family is written with its real head counts and marked
   `secateurs.stock_loadable = false`, and `load_pruned` is the way to load it.
 * load: `load_config` reads such a config without the over-strict check.
+
+save_pretrained writes some models' weights under their checkpoint names rather than their module
+names (multimodal models: `language_model.model.layers.*` for `model.language_model.layers.*`);
+`module_names` maps a saved state dict back, as from_pretrained does, for loaders that assign weights
+themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from secateurs.adapters import get_adapter
@@ -30,9 +37,11 @@ _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 
 
 def config_is_valid(config) -> bool:
+    """The config and, in a multimodal model, its language model's config pass transformers' validation."""
     try:
-        if hasattr(config, "validate"):
-            config.validate()
+        for part in {id(c): c for c in (config, config.get_text_config())}.values():
+            if hasattr(part, "validate"):
+                part.validate()
         return True
     except (StrictDataclassClassValidationError, ValueError, TypeError):
         return False
@@ -52,15 +61,16 @@ def save_model_files(model, directory: Path) -> dict:
     makes it. save_pretrained validates the config, so over-strict head counts get a stand-in
     while it runs."""
     config = model.config
-    real = {k: getattr(config, k) for k in _HEAD_FIELDS}
+    text = config.get_text_config()  # where the head counts live (text_config in a multimodal model)
+    real = {k: getattr(text, k) for k in _HEAD_FIELDS}
     try:
         if not config_is_valid(config):  # heads=1 divides any hidden size
             for k in _HEAD_FIELDS:
-                setattr(config, k, 1)
+                setattr(text, k, 1)
         model.save_pretrained(directory, safe_serialization=True)
     finally:
         for k, v in real.items():
-            setattr(config, k, v)
+            setattr(text, k, v)
     return write_config(model, directory)
 
 
@@ -98,12 +108,22 @@ def load_config(path: str | Path):
         data = json.loads((Path(path) / "config.json").read_text())
         if CONFIG_KEY not in data:
             raise
-        real = {k: data[k] for k in _HEAD_FIELDS}
-        data.update({k: 1 for k in _HEAD_FIELDS})
+        fields = data.get("text_config") or data  # a multimodal config holds them in its text_config
+        real = {k: fields[k] for k in _HEAD_FIELDS}
+        fields.update({k: 1 for k in _HEAD_FIELDS})
         try:
             config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
         except Exception:
             raise exc
         for k, v in real.items():
-            setattr(config, k, v)
+            setattr(config.get_text_config(), k, v)
         return config
+
+
+def module_names(model, state: dict) -> dict:
+    """A state dict read from a saved folder, keyed by `model`'s own parameter names (transformers'
+    renamings of its checkpoint names undone, as from_pretrained applies them)."""
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(name, renamings, [])[0]: tensor for name, tensor in state.items()}

@@ -20,7 +20,7 @@ from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.runtime.progress import phase
-from secateurs.storage.hfcompat import load_config, save_model_files
+from secateurs.storage.hfcompat import load_config, module_names, save_model_files
 from secateurs.storage.output import check_finite, final_path, write_folder
 from secateurs.surgery.apply import replace_attention, replaced_attention_modes, resize_layer
 
@@ -78,7 +78,7 @@ def check_pruned_config(path, config) -> None:
         return
     if not isinstance(info, dict):
         raise SecateursError(f"{path}/config.json: the '{CONFIG_KEY}' entry must be an object")
-    num_layers = config.num_hidden_layers
+    num_layers = config.get_text_config().num_hidden_layers
     replaced = info.get("replaced_attention", {})
     if not isinstance(replaced, dict) or not all(
             isinstance(k, str) and k.isdigit() and int(k) < num_layers and v in ("value", "removed")
@@ -110,8 +110,9 @@ def config_layout(config) -> tuple[list[tuple[int, int, int]], dict[int, str]]:
         shapes = [(s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
                   for s in info["layer_shapes"]]
     else:
-        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        shapes = [(config.num_attention_heads, kv, config.intermediate_size)] * config.num_hidden_layers
+        text = config.get_text_config()  # the language model's config (text_config in a multimodal model)
+        kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        shapes = [(text.num_attention_heads, kv, text.intermediate_size)] * text.num_hidden_layers
     return shapes, {int(k): v for k, v in info.get("replaced_attention", {}).items()}
 
 
@@ -149,8 +150,7 @@ def _load_skeleton(path: Path, config):
     accelerate's init_empty_weights puts parameters on meta but keeps buffers real, so
     non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are computed from the config.
     """
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=config_dtype(config))
+    model = meta_model(config)
     adapter = get_adapter(model)
     info = getattr(config, CONFIG_KEY)
     layers = adapter.decoder_layers(model)
@@ -180,7 +180,7 @@ def _load_skeleton(path: Path, config):
             state.update(load_file(f))
         except Exception as exc:  # noqa: BLE001 - safetensors' own errors for truncated or garbled files
             raise SecateursError(f"{f} is not a readable safetensors file ({exc}); re-save the model") from exc
-    result = model.load_state_dict(state, strict=False, assign=True)
+    result = model.load_state_dict(module_names(model, state), strict=False, assign=True)
     if result.unexpected_keys:
         raise SecateursError(f"{path}: unexpected weights {result.unexpected_keys[:5]}")
     model.tie_weights()
@@ -189,6 +189,13 @@ def _load_skeleton(path: Path, config):
         raise SecateursError(f"{path}: weights missing from the folder: {missing[:5]}")
     return model
 
+
+
+def meta_model(config, dtype: torch.dtype | None = None):
+    """The model a config describes with its parameters on the meta device (the config's dtype unless
+    given): the skeleton both a pruned folder's loader and the streamed checkpoint reader fill."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
 
 
 def config_dtype(config) -> torch.dtype:

@@ -125,12 +125,13 @@ def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     """
     adapter = get_adapter(model)
     config = model.config
+    text = config.get_text_config()  # widths live in the language model's config (multimodal: text_config)
     layers = adapter.decoder_layers(model)
     shapes = [adapter.layer_shape(layer) for layer in layers]
-    config.head_dim = adapter.head_dim(layers[0])
-    config.num_attention_heads = max(s.num_heads for s in shapes)
-    config.num_key_value_heads = max(s.num_kv_heads for s in shapes)
-    config.intermediate_size = max(s.intermediate_size for s in shapes)
+    text.head_dim = adapter.head_dim(layers[0])
+    text.num_attention_heads = max(s.num_heads for s in shapes)
+    text.num_key_value_heads = max(s.num_kv_heads for s in shapes)
+    text.intermediate_size = max(s.intermediate_size for s in shapes)
     heterogeneous = len(set(shapes)) > 1
     info = {"format": PLAN_FORMAT, "plan": PLAN_FILENAME, "heterogeneous": heterogeneous}
     replaced = {str(i): mode for i, mode in replaced_attention_modes(adapter, layers).items()}
