@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from secateurs.adapters.base import AttentionWeights, LayerShape, MLPWeights, ModelAdapter
 from secateurs.adapters.gemma2 import Gemma2Adapter
+from secateurs.adapters.gemma3 import Gemma3Adapter, Gemma3MultimodalAdapter
 from secateurs.adapters.llama import LlamaAdapter, Qwen2Adapter
 from secateurs.adapters.phi import PhiAdapter
 from secateurs.adapters.phi3 import Phi3Adapter
@@ -11,7 +12,8 @@ from secateurs.errors import UnsupportedModelError
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
     model_type: cls
-    for cls in (LlamaAdapter, Qwen2Adapter, Gemma2Adapter, PhiAdapter, Phi3Adapter)
+    for cls in (LlamaAdapter, Qwen2Adapter, Gemma2Adapter, Gemma3Adapter, Gemma3MultimodalAdapter, PhiAdapter,
+                Phi3Adapter)
     for model_type in cls.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_ADAPTERS))

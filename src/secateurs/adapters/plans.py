@@ -11,15 +11,16 @@ def plan_base(model) -> dict:
     """The geometry a plan is bound to: applying it elsewhere is refused."""
     adapter = get_adapter(model)
     config = model.config
+    text = config.get_text_config()  # the language model's own config (itself, except in multimodal models)
     layers = adapter.decoder_layers(model)
     shapes = [adapter.layer_shape(layer) for layer in layers]
     return {
         "model_type": config.model_type,
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "num_hidden_layers": len(layers),
-        "hidden_size": config.hidden_size,
+        "hidden_size": text.hidden_size,
         "head_dim": adapter.head_dim(layers[0]),
-        "vocab_size": config.vocab_size,
+        "vocab_size": text.vocab_size,
         "layer_shapes": [[s.num_heads, s.num_kv_heads, s.intermediate_size] for s in shapes],
     }
 

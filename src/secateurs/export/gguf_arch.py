@@ -47,6 +47,14 @@ def _gemma2_query_scale(config, n_layer: int, n_head: int, scale: float) -> floa
     return scale * built_in ** 0.5
 
 
+def _gemma3_query_scale(config, n_layer: int, n_head: int, scale: float) -> float:
+    """llama.cpp's gemma3 scales scores by 1/sqrt(head size), or by 1/sqrt(hidden // heads) when the model
+    has 62 layers (it takes that for Gemma 3 27B: `load_arch_hparams`); the model's own score scale over
+    that goes into q_norm's weight (Q's rows are RMS-normalised after the projection: scaling them cancels)."""
+    built_in = (config.hidden_size // n_head) if n_layer == 62 else head_dim(config)
+    return scale * built_in ** 0.5
+
+
 @dataclass(frozen=True)
 class ArchitectureRules:
     """What one llama.cpp architecture's loader and graph accept."""
@@ -67,6 +75,8 @@ class ArchitectureRules:
     soft_capping: bool = False              # attention and final logit soft-capping, always applied
     sliding_window: bool = False            # per-layer sliding window attention
     query_scale: Callable | None = None     # (config, n_layer, n_head, model's score scale) -> factor folded into Q
+    query_scale_tensor: T = T.ATTN_Q        # the tensor query_scale multiplies (gemma3: q_norm, after Q's RMSNorm)
+    local_rope: bool = False                # sliding layers' own RoPE base (rope.freq_base_swa)
 
 
 _LLAMA_BIASES = frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN})
@@ -79,6 +89,9 @@ RULES = {
     "gemma2": ArchitectureRules(False, frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}), norms=frozenset(LAYER_NORMS),
                                 activations=_GELU_TANH, output="tied", soft_capping=True, sliding_window=True,
                                 query_scale=_gemma2_query_scale),
+    "gemma3": ArchitectureRules(False, frozenset(), norms=frozenset(LAYER_NORMS), qk_norm=True, activations=_GELU_TANH,
+                                output="tied", sliding_window=True, query_scale=_gemma3_query_scale,
+                                query_scale_tensor=T.ATTN_Q_NORM, local_rope=True),
     "phi2": ArchitectureRules(False, frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_UP, T.FFN_DOWN,
                                                 T.ATTN_NORM, T.OUTPUT_NORM, T.OUTPUT}),
                               norms=frozenset({T.ATTN_NORM}), full_width_attention=True, gated_ffn=False,
@@ -90,8 +103,12 @@ def head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def rope_parameters(config) -> dict:
+def rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """The rotary of the model's layers; where layers of different types have their own (Gemma 3: local
+    and global layers), that of `layer_type`."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     if not params:  # transformers 4.x spelling
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -116,14 +133,14 @@ def unsupported(rules: ArchitectureRules, model, layers: list[LayerForm]) -> str
     if problem := _model_problem(rules, model):
         return problem
     for i, form in enumerate(layers):
-        if problem := _layer_problem(rules, form, model.config):
+        if problem := _layer_problem(rules, form, model.config.get_text_config()):
             return f"layer {i}: {problem}"
     return None
 
 
 def _model_problem(rules: ArchitectureRules, model) -> str | None:
     """Model-wide reasons: activation, rope, soft-capping, LM head and final norm."""
-    config = model.config
+    config = model.config.get_text_config()  # a multimodal model goes out as its language model
     rope_types = ("default", "linear", "llama3") if rules.rope_freqs else ("default", "linear")
     head, embed, adapter = model.get_output_embeddings(), model.get_input_embeddings(), get_adapter(model)
     caps = adapter.soft_caps(config)
@@ -133,6 +150,8 @@ def _model_problem(rules: ArchitectureRules, model) -> str | None:
     if rope_type not in rope_types:
         why = _ROPE_REFUSALS.get(rope_type, "")
         return f"rope type {rope_type!r} (it reproduces {', '.join(rope_types)}{why})"
+    if rules.local_rope and rope_parameters(config, "sliding_attention")["rope_type"] != "default":
+        return "a scaled RoPE on sliding-window layers, and it rotates them unscaled"
     if rotary_dims(config) != head_dim(config) and not rules.partial_rotary:
         return "partial rotary embeddings (it rotates whole heads)"
     if rules.soft_capping and None in caps:

