@@ -143,3 +143,35 @@ def test_one_next_token_nll_on_adapter_logits_equals_the_models_own_loss(family)
     assert count == targets.numel() - 5 and count > NLL_CHUNK_ROWS
     assert got == pytest.approx(expected.item(), rel=1e-12)
     assert from_logits == pytest.approx(expected.item(), rel=1e-12)
+
+
+class BosTokenizer(CharTokenizer):
+    """CharTokenizer that, like Gemma's, puts its BOS (id 2) before the text."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, return_tensors=None, verbose=False):
+        ids = super().__call__(text).input_ids
+        return type("Enc", (), {"input_ids": torch.cat([torch.tensor([[self.bos_token_id]]), ids], dim=1)})()
+
+
+def test_gemma_windows_each_start_with_bos_and_other_families_do_not():
+    """Gemma (its adapter's bos_every_window) is measured with its BOS at the start of every window: a window
+    is BOS + seq_len - 1 text tokens, and every text token of the window is scored. Llama is unchanged."""
+    gemma, tok = tiny_model("gemma2"), BosTokenizer(64)
+    text_ids = CharTokenizer(64)(TEXT).input_ids[0]
+    seq_len = 16
+    r = perplexity(gemma, tok, TEXT, seq_len=seq_len, batch_size=3, progress=False)
+    windows = text_ids.numel() // (seq_len - 1)
+    total, count = 0.0, 0
+    for w in range(windows):
+        window = torch.cat([torch.tensor([2]), text_ids[w * (seq_len - 1):(w + 1) * (seq_len - 1)]])
+        t, c = direct_nll(gemma, window, seq_len)
+        total, count = total + t, count + c
+    assert r["windows"] == windows and r["tokens"] == count == windows * (seq_len - 1)
+    assert r["window_start_token"] == 2
+    assert r["nll"] == pytest.approx(total / count, rel=1e-12)
+    llama = tiny_model("llama-gqa")
+    plain = perplexity(llama, tok, TEXT, seq_len=seq_len, batch_size=3, progress=False)
+    ids = tok(TEXT).input_ids[0]
+    assert "window_start_token" not in plain and plain["windows"] == ids.numel() // seq_len

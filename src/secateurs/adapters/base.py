@@ -201,6 +201,8 @@ class ModelAdapter:
     # forms (widths, HARP layers) go out as llama.cpp's `deci` (else why not), a layer's norms by
     # llama.cpp tensor (attn_norm, ffn_norm, attn_post_norm, ffn_post_norm) and what the family's
     # norms add to their weights (llama.cpp multiplies by the weight as stored).
+    # Families trained to always see their BOS token first (Gemma): every perplexity window then starts with it
+    bos_every_window: bool = False
     gguf_architectures: dict[str, str] = {}
     gguf_per_layer_types: tuple[str, ...] = ()
     gguf_not_deci: str = ""

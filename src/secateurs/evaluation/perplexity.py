@@ -6,7 +6,9 @@
 
 The text is tokenised once (one BOS at the start if the tokenizer adds one), cut into windows of
 exactly ``seq_len`` tokens, the ragged tail dropped; every token after the first of each window is
-scored, so ``tokens == windows * (seq_len - 1)``. Loss is computed from the logits in float32 in
+scored, so ``tokens == windows * (seq_len - 1)``. Families trained always to see their BOS first
+(Gemma: the adapter's ``bos_every_window``) get it at the start of every window, followed by
+``seq_len - 1`` text tokens, all of them scored (the same count). Loss is computed from the logits in float32 in
 small row chunks (logsumexp minus the target logit), so the extra work over a plain forward pass is
 one read of the logits, and memory is bounded by ``max_batch_tokens``.
 """
@@ -19,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from secateurs.adapters import get_adapter
 from secateurs.calibration.runner import summed_next_token_nll
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.evaluation.settings import DEFAULT_MAX_BATCH_TOKENS
 from secateurs.runtime.progress import bar
 from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
@@ -112,6 +115,33 @@ def resolve_seq_len(model, protocol: str | int) -> tuple[str, int]:
     return name, seq_len
 
 
+def window_start_token(model, tokenizer) -> int | None:
+    """The token every window starts with, for families that need their BOS (the adapter says which;
+    a family secateurs does not prune is measured as it is)."""
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError:
+        return None
+    return getattr(tokenizer, "bos_token_id", None) if adapter.bos_every_window else None
+
+
+def windows_of(ids: torch.Tensor, seq_len: int, start: int | None, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens; with `start`, each is that token and seq_len - 1 text
+    tokens (a leading `start` of the text is dropped: it begins the first window anyway)."""
+    if start is not None and ids.numel() and int(ids[0]) == start:
+        ids = ids[1:]
+    step = seq_len - 1 if start is not None else seq_len
+    windows = ids.numel() // step
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise SecateursError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    chunks = ids[: windows * step].reshape(windows, step)
+    if start is None:
+        return chunks
+    return torch.cat([torch.full((windows, 1), start, dtype=chunks.dtype), chunks], dim=1)
+
+
 def window_nll(model, batch: torch.Tensor) -> float:
     """Summed next-token NLL of a batch of windows, in float32 at least, without materialising a second
     copy of the logits (logsumexp - target logit, row chunk by row chunk)."""
@@ -139,12 +169,9 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
     total_tokens = ids.numel()
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    windows = ids.numel() // seq_len
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows == 0:
-        raise SecateursError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    chunks = ids[: windows * seq_len].reshape(windows, seq_len)
+    first = window_start_token(model, tokenizer)
+    chunks = windows_of(ids, seq_len, first, max_windows)
+    windows = chunks.shape[0]
     batch_size = max(1, min(batch_size, max_batch_tokens // seq_len))
     device = input_device(model)
     nll = 0.0
@@ -153,9 +180,10 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
         nll += window_nll(model, chunks[start:start + batch_size].to(device))
     seconds = time.perf_counter() - start_time
     count = windows * (seq_len - 1)
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "windows": windows,
-            "tokens": count, "seq_len": seq_len, "batch_size": batch_size, "text_tokens": total_tokens,
-            "seconds": round(seconds, 3), "tokens_per_second": round(windows * seq_len / seconds, 1)}
+    result = {"perplexity": math.exp(nll / count), "nll": nll / count, "windows": windows,
+              "tokens": count, "seq_len": seq_len, "batch_size": batch_size, "text_tokens": total_tokens,
+              "seconds": round(seconds, 3), "tokens_per_second": round(windows * seq_len / seconds, 1)}
+    return result if first is None else {**result, "window_start_token": first}
 
 
 def evaluate_perplexity(model, tokenizer, text: str, protocols: list[str | int] = ("seq128",), *,
