@@ -46,7 +46,8 @@ SEQ = {"reconstruct": "sequential"}
 VARIANTS = {
     "amp": ("amp", "standard", {}), "amp-reversed": ("amp", "reversed", OFF), "random": ("amp", "random", OFF),
     "magnitude": ("magnitude", "standard", {}), "wanda-sp": ("wanda-sp", "standard", {}),
-    "flap": ("flap", "standard", {}), "amp-heads": ("amp-heads", "standard", {}), "amp-mlp": ("amp-mlp", "standard", {}),
+    "flap": ("flap", "standard", {}), "amp-heads": ("amp-heads", "standard", {}),
+    "amp-mlp": ("amp-mlp", "standard", {}),
     "amp-paper": ("amp", "standard", {"rounding": "paper"}),
     "amp-uniform-balanced": ("amp", "standard", OFF),  # every knob off: uniform shapes, balanced split
     "amp+reconstruct": ("amp", "standard", {**OFF, **SEQ}),
@@ -157,7 +158,8 @@ def markdown(results: list[dict], meta: dict) -> str:
                                                              "forward" for v, e in r["end_to_end"].items()) + ".", "",
                   "| method | ratio | achieved | params | layout | attention share | s after stats | "
                   + " | ".join(f"ppl seq {s}" for s in protos) + " | zero-shot mean |",
-                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | " + " | ".join("---:" for _ in protos) + " | ---: |"]
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | "
+                  + " | ".join("---:" for _ in protos) + " | ---: |"]
         for row in r["rows"]:
             if "error" in row:
                 lines.append(f"| {row['method']} | {row['ratio']} | refused: {row['error'][:60]} |")

@@ -48,7 +48,8 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "secateurs", "bench", args.model, "--dtype", "float32",
                             "--batch-sizes", args.batch_sizes, "--prompt-lengths", args.prompt_lengths,
                             "--repeats", str(args.repeats), "--out", str(out),
-                            *(["--threads", str(args.threads)] if args.threads else [])], check=True, capture_output=True)
+                            *(["--threads", str(args.threads)] if args.threads else [])],
+                           check=True, capture_output=True)
             runs.append(json.loads(out.read_text()))
     rows = []
     for j, first in enumerate(runs[0]["results"]):

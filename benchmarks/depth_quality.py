@@ -40,6 +40,7 @@ from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, score_layers
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
+from secateurs.evaluation.zero_shot import zero_shot
 from secateurs.methods import make_plan, prune
 from secateurs.methods.options import CONSENSUS_METRICS
 from secateurs.storage.loading import load_model
@@ -97,7 +98,8 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
     scored = score_layers(dense, traces, candidates, SINGLE, progress=True)
     all_metrics_seconds = time.perf_counter() - t0
     forwards_only_seconds = scored.timings["forwards"]  # the partial forwards (+ nll's LM head), before distances
-    rankings = {"consensus": [r.candidate for r in consensus_ranking({m: scored.scores[m] for m in CONSENSUS_METRICS})]}
+    consensus_order = consensus_ranking({m: scored.scores[m] for m in CONSENSUS_METRICS})
+    rankings = {"consensus": [r.candidate for r in consensus_order]}
     for m in SINGLE:
         rankings[LABELS.get(m, m)] = [r.candidate for r in consensus_ranking({m: scored.scores[m]})]
     stats = collect_statistics(dense, calib, progress=False)
@@ -118,7 +120,8 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
         amp_model, amp_plan = prune(copy.deepcopy(dense), tok, method="amp", ratio=None, layers_equivalent=k,
                                     statistics=stats, progress=False)
         amp_models[k] = amp_model
-        rows.append({"method": "AMP (same parameters)", "k": k, "layers": [], "params": amp_plan.provenance["params_after"],
+        rows.append({"method": "AMP (same parameters)", "k": k, "layers": [],
+                     "params": amp_plan.provenance["params_after"],
                      "shapes": sorted(set(amp_plan.pruned_shapes())), "ppl": ppl(amp_model)})
         print(f"{name} k={k} AMP: ppl {rows[-1]['ppl']:.2f}", flush=True)
         depth_model = apply_plan(copy.deepcopy(dense), layer_removal_plan(dense, rankings["consensus"][:k]))
@@ -140,7 +143,8 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
                           "decode_speedup": r["vs_baseline"]["decode_speedup"],
                           "ideal_layers_only": ideal_layers,
                           "ideal_bytes": r["vs_baseline"]["ideal_decode_speedup_bytes"],
-                          "fraction_of_ideal_bytes": (r["vs_baseline"]["decode_speedup"] / r["vs_baseline"]["ideal_decode_speedup_bytes"]
+                          "fraction_of_ideal_bytes": (r["vs_baseline"]["decode_speedup"]
+                                                      / r["vs_baseline"]["ideal_decode_speedup_bytes"]
                                                       if r["vs_baseline"]["decode_speedup"] is not None else None)})
     result = {"model": name, "source": MODELS[name], "num_layers": num_layers, "ks": ks,
               "calibration": calib.description, "calibration_hash": calib.hash, "scoring_tokens": scored.tokens,
@@ -153,7 +157,7 @@ def run_model(name: str, ks: list[int], args, save) -> dict:
               "zero_shot": "skipped: lm_eval is not installed (secateurs.evaluation.zero_shot needs it)"}
     save(result)
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401, PLC0415 (optional: zero-shot accuracy only where lm_eval is installed)
         result["zero_shot"] = "not requested (--zero-shot-k 0)"
         if args.zero_shot_k and name != "stories260K":
             result["zero_shot"] = run_zero_shot(dense, tok, rows, amp_models, args)
@@ -222,8 +226,6 @@ ZERO_SHOT_METHODS = ("dense", "consensus", "consensus iterative", "depth-bi (Sho
 def run_zero_shot(dense, tok, rows, amp_models, args) -> dict:
     """Zero-shot accuracy (lm-eval, local llm-foundry jsonl files, --zero-shot-limit items per task) of
     the dense model and the main methods at k = --zero-shot-k."""
-    from secateurs.evaluation.zero_shot import zero_shot
-
     k = args.zero_shot_k
     out = {"k": k, "limit": args.zero_shot_limit, "data_dir": args.zero_shot_data, "results": {}}
     for row in rows:
@@ -274,7 +276,8 @@ def markdown(results: list[dict], meta: dict) -> str:
                   ""]
         if r["speed"]:
             lines += ["Decode speed (batch 1, greedy, KV cache; consensus one-shot models):", "",
-                      "| model | decode tok/s | speedup | ideal L/(L-k) | ideal (weight+KV bytes) | speedup / ideal bytes |",
+                      "| model | decode tok/s | speedup | ideal L/(L-k) | ideal (weight+KV bytes) "
+                      "| speedup / ideal bytes |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for s in r["speed"]:
                 lines.append(f"| {s['model']} | {s['decode_tokens_per_s']:.1f} (±{100 * s['decode_spread']:.0f}%) | "

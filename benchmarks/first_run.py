@@ -117,7 +117,8 @@ def busy_runs(conditions: list[str], compare: bool, model: str, work: Path, env:
     runs = []
     for condition in conditions:
         nice = None if condition == "quiet" else int(condition)
-        for policy in (["secateurs.runtime.threads", f"--threads {cores}"] if compare else ["secateurs.runtime.threads"]):
+        policies = ["secateurs.runtime.threads", f"--threads {cores}"] if compare else ["secateurs.runtime.threads"]
+        for policy in policies:
             extra = [] if policy == "secateurs.runtime.threads" else ["--threads", str(cores)]
             tag = f"{condition}-{len(runs)}"
             cold = {**env, "SECATEURS_CACHE": str(work / f"cache-{tag}")}
@@ -183,9 +184,9 @@ def after_the_runs(load_before: list[float]):
     and secateurs after the timed commands, so that their first run does not find those files in the page
     cache already."""
     sys.path.insert(0, str(ROOT / "src"))
-    from secateurs.storage.output import write_file  # noqa: PLC0415 - after the timed runs (see above)
+    from common import header_markdown, result_header  # noqa: PLC0415 (after the timed commands: it imports torch)
 
-    from common import header_markdown, result_header  # noqa: PLC0415 - the same: it imports torch
+    from secateurs.storage.output import write_file  # noqa: PLC0415 (after the timed commands: see above)
 
     header = result_header(load_at_start=load_before)
     return write_file, header, header_markdown(header)

@@ -109,7 +109,8 @@ def main() -> None:
     config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.prefill_length,), decode_tokens=32,
                          repeats=args.repeats, warmup=1)
     speed = bench_models(harp_models, config)
-    result = {"header": header, "model": args.model, "calibration": calib.description, "alphas": {str(k): v for k, v in alphas.items()},
+    result = {"header": header, "model": args.model, "calibration": calib.description,
+              "alphas": {str(k): v for k, v in alphas.items()},
               "search_curves": {str(k): v for k, v in curves.items()}, "search_seconds": search_seconds,
               "eval_tokens": args.eval_tokens, "rows": rows, "speed": speed, "machine_at_end": machine_info("cpu")}
     out = Path(args.out)
@@ -135,10 +136,12 @@ def markdown(r: dict) -> str:
             lines.append(f"| {row['layers']} | {row['variant']} | refused: {row['error'][:50]} | | |")
             continue
         z = f" {row['zero_shot_mean']:.4f} |" if zs else ""
-        lines.append(f"| {row['layers']} | {row['variant']} | {row['params']:,} | {row['kv_cache_bytes_per_token']:,} | "
+        lines.append(f"| {row['layers']} | {row['variant']} | {row['params']:,} | "
+                     f"{row['kv_cache_bytes_per_token']:,} | "
                      f"{row['ppl_seq128']:.2f} |{z}")
     lines += ["", "Speed against dense (median of interleaved repeats):", "",
-              "| model | prefill tok/s | speedup | ideal (FLOPs) | measured/ideal | decode tok/s | speedup | ideal (bytes) |",
+              "| model | prefill tok/s | speedup | ideal (FLOPs) | measured/ideal | decode tok/s | speedup "
+              "| ideal (bytes) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["speed"]["results"]:
         v = row["vs_baseline"]

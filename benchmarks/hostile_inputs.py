@@ -66,6 +66,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -73,6 +74,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+import secateurs
+from secateurs.cli.main import build_parser
+from secateurs.cli.main import main as cli_main
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 STORIES = ASSETS / "models" / "stories260K-hf"
@@ -123,7 +130,8 @@ VALID_VALUES = {
        for c in ("eval", "sweep")},
     **{(c, "--text-field", v): "any string names a .jsonl field (a .txt text has none to read)"
        for c in ("eval", "sweep") for v in ("0", "-1", BIG, "nan", "inf")},
-    **{("tasks", "--prefix", v): "letters, digits, '_' and '.' make a task name prefix" for v in ("0", BIG, "nan", "inf")},
+    **{("tasks", "--prefix", v): "letters, digits, '_' and '.' make a task name prefix"
+       for v in ("0", BIG, "nan", "inf")},
     **{(c, "--out", v): "a folder may be named so (a new folder, created by the run)"
        for c in ("recover", "report", "sweep", "tasks") for v in ("0", "-1", BIG, "nan", "inf")},
     ("recover", "--max-hours", BIG): "documented: the limit on the estimated time; a large one means no limit",
@@ -265,13 +273,11 @@ def run_main(argv: list[str], limit_s: int = LIMIT_S, cwd: str | os.PathLike | N
                     os.chdir(cwd)
                 for patch in patches:
                     stack.enter_context(patch)
-                from secateurs.cli.main import main
-
                 signal.signal(signal.SIGTERM, _probe_sigterm)  # the CLI puts its own in place while it runs
                 signal.signal(signal.SIGALRM, _alarm)
                 signal.alarm(limit_s)
                 try:
-                    code = main(argv)
+                    code = cli_main(argv)
                 finally:
                     signal.alarm(0)
             except SystemExit as exc:
@@ -334,8 +340,8 @@ def disk_full(affected, fired: dict):
     open() for writing creates the file and hands back one on /dev/full (whose writes fail with
     ENOSPC), safetensors' save_file writes a few bytes and raises its SafetensorError (as its writer does
     on a full disk), torch.save writes a few bytes and raises ENOSPC."""
-    import safetensors.torch
-    import torch
+    import safetensors.torch  # noqa: PLC0415 (after the memory cap: imports torch)
+    import torch  # noqa: PLC0415 (after the memory cap)
 
     real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
 
@@ -354,8 +360,6 @@ def disk_full(affected, fired: dict):
 
     def fake_save_file(tensors, filename, *args, **kwargs):
         if hit(filename):
-            from safetensors import SafetensorError
-
             with _REAL_OPEN(filename, "wb") as handle:
                 handle.write(b"\x08\x00\x00\x00partial")  # what a full disk leaves
             # safetensors' own error, worded as its Rust writer words a full disk
@@ -384,7 +388,7 @@ def sigterm_after_steps(steps: int, fired: dict | None = None, fallback_s: float
     fallback_s where the loop cannot be hooked)."""
     fired = {} if fired is None else fired
     try:
-        from secateurs.recovery.trainer import RecoveryLoop
+        from secateurs.recovery.trainer import RecoveryLoop  # noqa: PLC0415 (imports torch: after the memory cap; a checkout without it falls back to a timer)
 
         original = RecoveryLoop.train_step
     except (ImportError, AttributeError):
@@ -415,7 +419,7 @@ def sigterm_after_steps(steps: int, fired: dict | None = None, fallback_s: float
 def sigterm_while_writing(parts: tuple[str, ...], fired: dict):
     """SIGTERM while a checkpoint is being written: right after a safetensors file whose path holds
     one of `parts` is on disk, before its folder is complete and swapped in."""
-    import safetensors.torch
+    import safetensors.torch  # noqa: PLC0415 (after the memory cap: imports torch)
 
     real = safetensors.torch.save_file
 
@@ -447,7 +451,7 @@ def _patches_for(case: dict, root: Path, fired: dict) -> list:
 
 # -- setups --------------------------------------------------------------------------------------------
 def _nan_in(folder: Path) -> bool:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415 (after the memory cap: imports torch)
 
     for f in folder.glob("*.safetensors"):
         if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in load_file(f).values()):
@@ -466,7 +470,7 @@ def _setup_foreign_folder(root: Path, w: dict) -> None:
 
 
 def _setup_sharded(root: Path, w: dict, evil: str) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (after the memory cap: imports torch)
 
     folder = root / "sharded"
     AutoModelForCausalLM.from_pretrained(STORIES).save_pretrained(folder, max_shard_size="200KB")
@@ -522,7 +526,7 @@ def _setup_broken_model(root: Path, w: dict, kind: str) -> None:
 
 
 def _perturbed_copy(source: Path, target: Path, factor: float) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415 (after the memory cap: imports torch)
 
     shutil.copytree(source, target)
     for p in [target, *target.iterdir()]:
@@ -648,31 +652,39 @@ def cases(w: dict, root: Path) -> list[dict]:
         c.append({"name": name, "class": klass, "argv": argv, "setup": setup, "writes": writes, **more})
 
     # -- the first probe's cases, unchanged --------------------------------------------------------
-    add("--out is the parent of the input, --force", "1 output location", ["prune", m, *PRUNE, "--out", w["parent"], "--force"])
+    add("--out is the parent of the input, --force", "1 output location",
+        ["prune", m, *PRUNE, "--out", w["parent"], "--force"])
     add("--out is the input, --force", "1 output location", ["prune", m, *PRUNE, "--out", m, "--force"])
     add("--out inside the input", "1 output location", ["prune", m, *PRUNE, "--out", m + "/sub"])
     add("--out '' --force", "1 output location", ["prune", m, *PRUNE, "--out", "", "--force"])
     add("--out . --force", "1 output location", ["prune", m, *PRUNE, "--out", ".", "--force"])
     add("--out / --force", "1 output location", ["prune", m, *PRUNE, "--out", "/", "--force"])
-    add("--force on a foreign folder", "1 output location", ["prune", m, *PRUNE, "--out", str(root / "photos"), "--force"],
-        _setup_foreign_folder)
-    add("--out is a file, --force", "1 output location", ["prune", m, *PRUNE, "--out", str(root / "M" / "victim.txt"), "--force"])
-    add("demo --out is the input's parent, --force", "1 output location", ["demo", "--model", m, "--out", w["parent"], "--force"])
+    add("--force on a foreign folder", "1 output location",
+        ["prune", m, *PRUNE, "--out", str(root / "photos"), "--force"], _setup_foreign_folder)
+    add("--out is a file, --force", "1 output location",
+        ["prune", m, *PRUNE, "--out", str(root / "M" / "victim.txt"), "--force"])
+    add("demo --out is the input's parent, --force", "1 output location",
+        ["demo", "--model", m, "--out", w["parent"], "--force"])
     for evil in ("../evil.safetensors", "/tmp/secateurs-evil.safetensors", "config.json"):
         for flag in ([], ["--streamed", "--calib", str(TEXT)], ["--device-map", '{"": "cpu"}']):
             add(f"index names {evil!r} {' '.join(flag[:1]) or 'in memory'}", "2 path traversal",
-                ["prune", str(root / "sharded"), *PRUNE, *flag, "--out", out], lambda r, w, e=evil: _setup_sharded(r, w, e))
+                ["prune", str(root / "sharded"), *PRUNE, *flag, "--out", out],
+                lambda r, w, e=evil: _setup_sharded(r, w, e))
     for layer in ('{"index": 4, "attention": {"mode": "value", "alpha": NaN}}',
                   '{"index": 4, "neurons": [0, 1], "compensation": {"mlp": [NaN]}}',
                   '{"index": 4, "attention": {"mode": "value", "alpha": "0.5"}}', '{"index": 4, "heads": "all"}',
                   '{"index": "4"}', '{"index": 4, "bogus": 1}', '{"index": 4, "attention": {"mode": "fast"}}'):
-        add(f"plan layer {layer}", "4 non-finite / 8 bad plan", ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
-            lambda r, w, l=layer: _setup_plan(r, w, l))
-    add("--alpha-grid 5,nan", "4 non-finite", ["prune", m, "--method", "harp", "--top-layers", "2", "--alpha-grid", "5,nan", "--out", out])
+        add(f"plan layer {layer}", "4 non-finite / 8 bad plan",
+            ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
+            lambda r, w, row=layer: _setup_plan(r, w, row))
+    add("--alpha-grid 5,nan", "4 non-finite",
+        ["prune", m, "--method", "harp", "--top-layers", "2", "--alpha-grid", "5,nan", "--out", out])
     add("--ratio nan", "4 non-finite", ["prune", m, "--ratio", "nan", "--out", out])
-    add("--flap-ratio nan", "4 non-finite", ["prune", m, "--method", "harp", "--top-layers", "2", "--flap-ratio", "nan", "--out", out])
-    add("--stats from another model", "5 foreign cache", ["prune", str(root / "other"), "--method", "amp", "--stats",
-                                                           str(root / "stats.safetensors"), "--out", out], _setup_other_stats)
+    add("--flap-ratio nan", "4 non-finite",
+        ["prune", m, "--method", "harp", "--top-layers", "2", "--flap-ratio", "nan", "--out", out])
+    add("--stats from another model", "5 foreign cache",
+        ["prune", str(root / "other"), "--method", "amp", "--stats", str(root / "stats.safetensors"), "--out", out],
+        _setup_other_stats)
     add("--stats with other calibration settings", "5 foreign cache",
         ["prune", m, "--method", "amp", "--calib", "tinystories", "--calib-samples", "8", "--stats",
          str(root / "stats.safetensors"), "--out", out], _setup_other_stats)
@@ -680,13 +692,15 @@ def cases(w: dict, root: Path) -> list[dict]:
         _setup_bad_plan_in_folder)
     add("eval: plan disagrees with the weights", "6 plan vs weights",
         ["eval", str(root / "prev"), "--ppl", str(TEXT), "--max-windows", "1"], _setup_bad_plan_in_folder)
-    add("--calib-length 100000 (self)", "7 unchecked option", ["prune", m, "--method", "amp", "--calib-length", "100000", "--out", out])
+    add("--calib-length 100000 (self)", "7 unchecked option",
+        ["prune", m, "--method", "amp", "--calib-length", "100000", "--out", out])
     add("--calib-length 100000 (text)", "7 unchecked option",
         ["prune", m, "--method", "amp", "--calib", str(TEXT), "--calib-length", "100000", "--out", out])
     add("--metrics ''", "7 unchecked option", ["prune", m, "--method", "consensus", "--metrics", "", "--out", out])
     add("--round-to 0", "7 unchecked option", ["prune", m, *PRUNE, "--round-to", "0", "--out", out])
     add("--layers-equivalent -1", "7 unchecked option", ["prune", m, *PRUNE, "--layers-equivalent", "-1", "--out", out])
-    add("4-token calibration file", "7 unchecked option", ["prune", m, "--method", "amp", "--calib", w["tiny"], "--out", out])
+    add("4-token calibration file", "7 unchecked option",
+        ["prune", m, "--method", "amp", "--calib", w["tiny"], "--out", out])
     for kind in ("unknown_type", "config_not_json", "truncated_weights", "garbled_weights", "no_weights"):
         add(f"model folder: {kind}", "8/9 broken model", ["prune", str(root / "broken"), *PRUNE, "--out", out],
             lambda r, w, k=kind: _setup_broken_model(r, w, k))
@@ -700,7 +714,8 @@ def cases(w: dict, root: Path) -> list[dict]:
     add("--device nonsense", "8 device", ["prune", m, *PRUNE, "--device", "tpu", "--out", out])
     add("unwritable --out", "8 output location", ["prune", m, *PRUNE, "--out", "/proc/secateurs-out"])
     add("--out under a file", "8 output location", ["prune", m, *PRUNE, "--out", str(root / "M" / "victim.txt" / "x")])
-    add("eval --out is a folder", "8 output location", ["eval", m, "--ppl", str(TEXT), "--max-windows", "1", "--out", w["folder"]])
+    add("eval --out is a folder", "8 output location",
+        ["eval", m, "--ppl", str(TEXT), "--max-windows", "1", "--out", w["folder"]])
     add("eval --out over the model's config.json", "1 output location",
         ["eval", m, "--ppl", str(TEXT), "--max-windows", "1", "--out", m + "/config.json"])
     for option, values in {"--ratio": ["-0.1", "1.5", "inf", "abc"], "--calib-samples": ["0", "-1"],
@@ -710,7 +725,8 @@ def cases(w: dict, root: Path) -> list[dict]:
         for value in values:
             extra = ["--method", "consensus"] if option in ("--layers", "--depth-tokens") else []
             add(f"{option} {value}", "fuzz", ["prune", m, "--out", out, option, value, *extra])
-    for argv in (["eval", m, "--ppl", str(TEXT), "--batch-size", "0"], ["eval", m, "--ppl", str(TEXT), "--limit", "nan"],
+    for argv in (["eval", m, "--ppl", str(TEXT), "--batch-size", "0"],
+                 ["eval", m, "--ppl", str(TEXT), "--limit", "nan"],
                  ["bench", m, "--repeats", "0"], ["bench", m, "--threads", "-1"], ["bench", m, "--batch-sizes", "0"],
                  ["sweep", m, "--ratios", "nan", "--ppl", str(TEXT), "--out", str(root / "s")],
                  ["demo", "--model", m, "--seq-len", "0", "--out", str(root / "d")]):
@@ -736,14 +752,16 @@ def cases(w: dict, root: Path) -> list[dict]:
     add("prune --recover deletes a user folder called OUT.checkpoints", k, _prune_recover_argv(w, root),
         lambda r, w: _setup_user_folder(r, w, "out.checkpoints"), victims=[("out.checkpoints", True)])
     add("prune --recover run from inside proj.checkpoints with --out ../proj deletes the working directory", k,
-        [*_prune_recover_argv(w, root)[:-2], "--out", "../proj"], lambda r, w: _setup_user_folder(r, w, "proj.checkpoints"),
+        [*_prune_recover_argv(w, root)[:-2], "--out", "../proj"],
+        lambda r, w: _setup_user_folder(r, w, "proj.checkpoints"),
         cwd="proj.checkpoints", writes=("proj",), victims=[("proj.checkpoints", True)])
     add("recover --checkpoint-dir is another pruned model's folder (no --force)", k,
         [*_recover, "--save-every", "1", "--checkpoint-dir", w["sibling"]])
     add("report model --out model replaces the input model with the report", k, ["report", s, "--out", s])
     add("report --out is another run's secateurs folder (no --force)", k, ["report", s, "--out", w["sibling"]])
     add("sweep --out is another run's secateurs folder (no --force)", k,
-        ["sweep", m, "--ratios", "0.2", "--ppl", w["stories"], "--max-windows", "1", "--threads", "1", "--out", w["sibling"]])
+        ["sweep", m, "--ratios", "0.2", "--ppl", w["stories"], "--max-windows", "1", "--threads", "1",
+         "--out", w["sibling"]])
     add("tasks --out is another run's secateurs folder (no --force)", k,
         ["tasks", "--data-dir", str(TASKS), "--tasks", "piqa", "--out", w["sibling"]])
     add("bench --out README.json overwrites README.md beside it", k,
@@ -753,28 +771,34 @@ def cases(w: dict, root: Path) -> list[dict]:
     # -- 11 silently accepted ------------------------------------------------------------------------
     k = "11 silently accepted"
     add("recover --ppl FILE --ppl-tokens 2048, data holding those 2048 tokens", k,
-        [*_recover_argv(w, root, data=str(root / "mixed.txt")), "--ppl", str(WIKI), "--ppl-tokens", "2048"], _setup_overlap)
+        [*_recover_argv(w, root, data=str(root / "mixed.txt")), "--ppl", str(WIKI), "--ppl-tokens", "2048"],
+        _setup_overlap)
     add("recover --tokens 10000000000000", k, [*_recover, "--tokens", "10000000000000"])
     add("recover --data self --self-samples 1000000000", k,
         [a for a in _recover if a not in ("--data", w["stories"])] + ["--data", "self", "--self-samples", "1000000000"])
     add("recover --grad-accum 1000000", k, [*_recover, "--grad-accum", "1000000"])
     add("recover --train-batch-size 100000", k, [*_recover, "--train-batch-size", "100000"])
     add("recover --max-grad-norm -1", k, [*_recover, "--max-grad-norm=-1"])
-    for label, record in (("instruction null", {"instruction": None}), ("instruction an object", {"instruction": {"a": 1}}),
+    for label, record in (("instruction null", {"instruction": None}),
+                          ("instruction an object", {"instruction": {"a": 1}}),
                           ("input an object", {"input": {"k": "v"}}), ("output null", {"output": None}),
                           ("output a list", {"output": ["a", "b"]})):
         add(f"recover on Alpaca records with {label}", k, _recover_argv(w, root, data=str(root / "alpaca.jsonl")),
             lambda r, w, rec=record: _setup_alpaca(r, w, rec))
     add("recover --teacher a perturbed copy of the dense model (not the student's parent)", k,
-        _recover_argv(w, root, teacher=str(root / "impostor")), lambda r, w: _perturbed_copy(Path(w["model"]), r / "impostor", 1.05),
+        _recover_argv(w, root, teacher=str(root / "impostor")),
+        lambda r, w: _perturbed_copy(Path(w["model"]), r / "impostor", 1.05),
         handled=[{"exit": 0, "stderr": _TEACHER_LINE}])
     for alpha in ("1e30", "-50"):
-        layer = '{"index": 4, "attention": {"mode": "value", "alpha": %s}}' % alpha
-        add(f"prune --plan with a HARP alpha of {alpha}", k, ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
-            lambda r, w, l=layer: _setup_student_plan(r, w, l))
+        layer = f'{{"index": 4, "attention": {{"mode": "value", "alpha": {alpha}}}}}'
+        add(f"prune --plan with a HARP alpha of {alpha}", k,
+            ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
+            lambda r, w, row=layer: _setup_student_plan(r, w, row))
     add("prune --plan with --method and --ratio given", k,
-        ["prune", m, "--plan", str(Path(s) / "pruning_plan.json"), "--method", "magnitude", "--ratio", "0.5", "--out", out])
-    add("prune --plan re-applying a plan with params_after -5", k, ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
+        ["prune", m, "--plan", str(Path(s) / "pruning_plan.json"), "--method", "magnitude", "--ratio", "0.5",
+         "--out", out])
+    add("prune --plan re-applying a plan with params_after -5", k,
+        ["prune", m, "--plan", str(root / "plan.json"), "--out", out],
         lambda r, w: _setup_plan_provenance(r, w, params_after=-5))
     add("eval --out overwrites an existing non-result JSON (no --force)", k,
         ["eval", m, "--ppl", w["stories"], "--max-windows", "1", "--threads", "1", "--out", str(root / "notes.json")],
@@ -786,18 +810,22 @@ def cases(w: dict, root: Path) -> list[dict]:
     # -- 12 unexpected failure instead of a refusal ------------------------------------------------
     k = "12 unexpected failure"
     add("recover --data a non-UTF-8 text file", k, _recover_argv(w, root, data=w["binary"]))
-    add("recover --data a non-UTF-8 .jsonl", k, _recover_argv(w, root, data=str(root / "data.jsonl")), _setup_nonutf8_jsonl)
+    add("recover --data a non-UTF-8 .jsonl", k, _recover_argv(w, root, data=str(root / "data.jsonl")),
+        _setup_nonutf8_jsonl)
     add("prune --recover --data a non-UTF-8 text file", k,
         [*_prune_recover_argv(w, root)[:-2], "--data", w["binary"], "--out", out])
     add("recover --scheduler bogus", k, [*_recover, "--scheduler", "bogus"])
-    for corrupt in ("truncated state", "garbage settings", "settings not an object", "missing settings", "truncated weights"):
+    for corrupt in ("truncated state", "garbage settings", "settings not an object", "missing settings",
+                    "truncated weights"):
         add(f"recover --resume from a checkpoint with {corrupt}", k,
             [*_recover, "--save-every", "1", "--checkpoint-dir", str(root / "ckpt"), "--resume"],
             lambda r, w, x=corrupt: _setup_checkpoint(r, w, x), writes=("out", "ckpt", "first"))
     add("prune --plan nested 200,000 levels deep", k, ["prune", m, "--plan", str(root / "deep.json"), "--out", out],
         _setup_deep_plan)
-    add("plan show on a plan nested 200,000 levels deep", k, ["plan", "show", str(root / "deep.json")], _setup_deep_plan)
-    add("report on a plan nested 200,000 levels deep", k, ["report", str(root / "deep.json"), "--out", out], _setup_deep_plan)
+    add("plan show on a plan nested 200,000 levels deep", k, ["plan", "show", str(root / "deep.json")],
+        _setup_deep_plan)
+    add("report on a plan nested 200,000 levels deep", k, ["report", str(root / "deep.json"), "--out", out],
+        _setup_deep_plan)
     add("plan show: a plan layer index out of range", k, ["plan", "show", str(root / "plan.json")],
         lambda r, w: _setup_student_plan(r, w, '{"index": 99}'))
     add("report: a plan layer index out of range", k, ["report", str(root / "plan.json"), "--out", out],
@@ -806,7 +834,8 @@ def cases(w: dict, root: Path) -> list[dict]:
     for label, content in (("a list", b"[1, 2, 3]\n"), ("models a list", b'{"models": [1, 2], "machine": {}}\n'),
                            ("a model's results a number", b'{"models": {"m": 5}, "machine": {}}\n'),
                            ("binary bytes named .json", b"\x00\xff\xfe\x01" * 32)):
-        add(f"report --eval an eval.json holding {label}", k, ["report", s, "--eval", str(root / "bad_eval.json"), "--out", out],
+        add(f"report --eval an eval.json holding {label}", k,
+            ["report", s, "--eval", str(root / "bad_eval.json"), "--out", out],
             lambda r, w, b=content: _setup_eval_json(r, w, b))
 
     # -- 13 disk full: exit 1, one line saying so, no partial output -------------------------------------
@@ -815,7 +844,8 @@ def cases(w: dict, root: Path) -> list[dict]:
     add("disk full in prune", k, ["prune", m, *PRUNE, "--threads", "1", "--out", out], fault={}, handled=[DISK_FULL])
     add("disk full in recover", k, _recover, fault={}, handled=[DISK_FULL])
     add("disk full in recover's checkpoint writes", k,
-        [*_recover, "--save-every", "1", "--checkpoint-dir", str(root / "ckpt")], fault={"parts": ("/ckpt/", "/.ckpt.")},
+        [*_recover, "--save-every", "1", "--checkpoint-dir", str(root / "ckpt")],
+        fault={"parts": ("/ckpt/", "/.ckpt.")},
         writes=("out", "ckpt"), handled=[{**DISK_FULL, "absent": ("out", "ckpt")}])
     add("disk full in prune --recover", k, _prune_recover_argv(w, root), fault={}, handled=[DISK_FULL])
 
@@ -825,7 +855,8 @@ def cases(w: dict, root: Path) -> list[dict]:
         trigger={"after_steps": 2}, handled=[TERMINATED])
     add("SIGTERM while recover writes a checkpoint", k, [*_recover, "--save-every", "1"],
         trigger={"while_writing": ("checkpoint", "trainable.safetensors")}, handled=[TERMINATED])
-    add("SIGTERM after step 2 of prune --recover --save-every 1", k, [*_prune_recover_argv(w, root), "--save-every", "1"],
+    add("SIGTERM after step 2 of prune --recover --save-every 1", k,
+        [*_prune_recover_argv(w, root), "--save-every", "1"],
         trigger={"after_steps": 2}, handled=[TERMINATED])
 
     # -- fuzz: every option of the commands below, from their parsers ------------------------------------
@@ -841,8 +872,6 @@ def _value_options(command: str) -> list[tuple[str, tuple[str, ...], bool]]:
     """(flag, every spelling, integer-typed) of each option of `command` that takes a value (flags,
     help and version left out), from secateurs.cli.main.build_parser() (read once per probe run)."""
     if not _OPTIONS:
-        from secateurs.cli.main import build_parser
-
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         for name in FUZZ_COMMANDS:
             _OPTIONS[name] = []
@@ -873,7 +902,8 @@ def _fuzz_bases(w: dict, root: Path) -> dict[str, list[str]]:
     return {
         "recover": _recover_argv(w, root),
         "report": ["report", w["student"], "--out", out],
-        "sweep": ["sweep", w["model"], "--ratios", "0.2", "--ppl", w["stories"], "--max-windows", "1", *one, "--out", out],
+        "sweep": ["sweep", w["model"], "--ratios", "0.2", "--ppl", w["stories"], "--max-windows", "1", *one,
+                  "--out", out],
         "tasks": ["tasks", "--data-dir", str(TASKS), "--tasks", "piqa", "--out", out],
         "bench": ["bench", w["model"], "--batch-sizes", "1", "--prompt-lengths", "8", "--decode-tokens", "2",
                   "--repeats", "1", "--warmup", "0", *one, "--out", out + ".json"],
@@ -918,8 +948,9 @@ def _under(key: str, prefix: str) -> bool:
 def _victims(case: dict, world: dict, root: Path) -> list[tuple[str, bool]]:
     """(path relative to root, strict): every change, removal (and with strict, addition) inside is damage."""
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
-    victims = [(rel(world["model"]), True), (rel(world["parent"]) + "/victim.txt", False), (rel(world["student"]), True),
-               (rel(world["sibling"]), True), (rel(world["readme"]), False), (case.get("cwd") or ".", False)]
+    victims = [(rel(world["model"]), True), (rel(world["parent"]) + "/victim.txt", False),
+               (rel(world["student"]), True), (rel(world["sibling"]), True), (rel(world["readme"]), False),
+               (case.get("cwd") or ".", False)]
     return victims + [tuple(v) for v in case.get("victims") or ()]
 
 
@@ -1031,8 +1062,6 @@ def _selected(all_cases: list[dict], only: list[str] | None) -> list[tuple[int, 
 def _limit_memory(gib: float) -> None:
     if gib <= 0:
         return
-    import resource
-
     limit = int(gib * 2**30)
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
@@ -1077,13 +1106,11 @@ def main() -> int:
             print(f"no case matches {args.only}", file=sys.stderr)
             return 2
         _limit_memory(args.memory_limit_gb)
-        import torch
+        import torch  # noqa: PLC0415 (after the memory cap)
 
         global _INITIAL_THREADS
         _INITIAL_THREADS = torch.get_num_threads()
-        import secateurs
-
-        from common import header_markdown, result_header  # noqa: PLC0415 - after the memory cap, as torch above
+        from common import header_markdown, result_header  # noqa: PLC0415 (after the memory cap: imports torch)
 
         header = result_header()
         origin = os.getcwd()
@@ -1127,7 +1154,8 @@ def main() -> int:
                    "counts": counts, "by_class": by_class, "only": args.only, "cases": results,
                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
         _write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
-        md = [f"# Hostile inputs: {args.label}", "", header_markdown(header), f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        md = [f"# Hostile inputs: {args.label}", "", header_markdown(header),
+              f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
               "", "| class | " + " | ".join(VERDICTS) + " |", "| --- |" + " --- |" * len(VERDICTS)]
         md += [f"| {k} | " + " | ".join(str(v.get(x, 0)) for x in VERDICTS) + " |" for k, v in by_class.items()]
         md += ["", "| class | case | verdict | exit | message |", "| --- | --- | --- | --- | --- |"]

@@ -30,9 +30,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from common import header_markdown, result_header
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from secateurs.calibration.data import Calibration
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.calibration.streaming import streamed_statistics
+from secateurs.methods import make_plan
+from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
 from secateurs.storage.output import write_file
+from secateurs.storage.pruned import save_pruned
+from secateurs.surgery.apply import apply_plan
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,12 +53,9 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM")
 
 
-def _warm_up(collect_statistics, streamed_statistics, Calibration) -> None:
+def _warm_up() -> None:
     """Run the same code on a tiny model of the same architecture first, so the baseline already
     holds the library code pages and allocator state every run needs whatever the model's size."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=32000)).eval()
     ids = torch.randint(0, 32000, (8, 16))
@@ -61,18 +67,7 @@ def _warm_up(collect_statistics, streamed_statistics, Calibration) -> None:
 def child(kind: str, folder: str, workdir: str, samples: int, length: int) -> None:
     """One measurement, run in its own process; prints a JSON line. Everything is imported before
     the baseline is taken, so the peak is the work's own."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from secateurs.calibration.data import Calibration
-    from secateurs.calibration.statistics import collect_statistics
-    from secateurs.calibration.streaming import streamed_statistics
-    from secateurs.methods import make_plan
-    from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.storage.pruned import save_pruned
-    from secateurs.surgery.apply import apply_plan
-
-    _warm_up(collect_statistics, streamed_statistics, Calibration)
+    _warm_up()
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (samples, length))
     calib = Calibration([{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}
@@ -122,10 +117,6 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], args.workdir, args.samples, args.length)
         return
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     header = result_header()
     folder = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}"
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -166,9 +157,11 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_file(Path(args.out) / f"{args.name}.json", json.dumps(result, indent=2))
     lines = ["# Peak memory, full vs streamed", "", header_markdown(header),
-             f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {params:,} parameters "
+             f"Random Llama, {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
+             f"{params:,} parameters "
              f"(float32, {model_bytes / 2**30:.2f} GiB; one layer {layer_bytes / 2**20:.0f} MiB). Calibration "
-             f"{args.samples} x {args.length} tokens, batch 8. CPU RAM peak above the baseline of a warmed-up interpreter (libraries imported, same code run once on a tiny model).", "",
+             f"{args.samples} x {args.length} tokens, batch 8. CPU RAM peak above the baseline of a warmed-up "
+             "interpreter (libraries imported, same code run once on a tiny model).", "",
              "| run | peak | x one layer | x model | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['peak_bytes'] / 2**20:,.0f} MiB | {r['x_layer']:.2f} | {r['x_model']:.3f} | "

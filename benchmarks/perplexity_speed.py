@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from common import ASSETS, header_markdown, result_header
 
-from secateurs.evaluation.perplexity import window_nll, load_text, perplexity
+from secateurs.evaluation.perplexity import load_text, perplexity, window_nll
 from secateurs.evaluation.speed import machine_info
 from secateurs.storage.loading import load_model
 from secateurs.storage.output import write_file
@@ -123,7 +123,8 @@ def main() -> int:
         "plain_forward_seconds": plain_s, "secateurs_seconds": ours_s,
         "time_ratio_median": ratio,
         "interleaved_plain_seconds": inter_plain, "interleaved_secateurs_seconds": inter_ours,
-        "interleaved_time_ratio": inter_ours / inter_plain if inter_plain else None, "target_time_ratio": 1.1, "meets_time_target": ratio <= 1.1,
+        "interleaved_time_ratio": inter_ours / inter_plain if inter_plain else None, "target_time_ratio": 1.1,
+        "meets_time_target": ratio <= 1.1,
         "perplexity_secateurs": r["perplexity"], "perplexity_reference_float64": ref_ppl,
         "significant_digits_agreeing": digits, "meets_agreement_target": digits >= 4,
         "tokens_per_second_secateurs": windows * args.seq_len / statistics.median(ours_s),
@@ -135,9 +136,11 @@ def main() -> int:
             + (f"_{args.threads}thread" if args.threads else ""))
     write_file(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     md = "\n".join([
-        f"# Perplexity speed: {args.model} ({args.dtype}), {text_info['name']}, seq {args.seq_len}, batch {args.batch_size}",
+        f"# Perplexity speed: {args.model} ({args.dtype}), {text_info['name']}, seq {args.seq_len}, "
+        f"batch {args.batch_size}",
         "",
-        f"{windows} windows, {count:,} scored tokens{' (first ' + str(args.max_tokens) + ' tokens)' if args.max_tokens else ''}; "
+        f"{windows} windows, {count:,} scored tokens"
+        f"{' (first ' + str(args.max_tokens) + ' tokens)' if args.max_tokens else ''}; "
         f"{args.repeats} repeat(s), medians; load average at the end {result['machine_at_end'].get('load_average')}.",
         "",
         header_markdown(header),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import ASSETS, result_header
 
+from secateurs.cli.main import main as secateurs_main
 from secateurs.storage.output import write_file
 
 HEADER = "header"  # the key of the result header: every other key is a run
@@ -93,10 +94,8 @@ def digest(path: Path) -> dict[str, str]:
 
 
 def cli(argv: list[str]) -> int:
-    from secateurs.cli.main import main
-
     with contextlib.redirect_stdout(io.StringIO()):
-        return main(["--quiet", *argv])
+        return secateurs_main(["--quiet", *argv])
 
 
 # (name, command after the model folder) for recovery and export, run on the `amp / memory` result

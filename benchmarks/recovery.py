@@ -162,8 +162,8 @@ def throughput(pruned, dense, tok, args, reps: int) -> dict:
     student = copy.deepcopy(pruned).train().requires_grad_(True)
     data = load_recovery_data(str(C4), tok, seq_len=args.seq_len, tokens=args.seq_len * args.batch_size * (reps + 2),
                               val_tokens=0)
-    loop = RecoveryLoop(student, dense.eval(), data, Objective("kd"), LoopSettings(tokens=10**9, batch_size=args.batch_size),
-                        progress=False)
+    loop = RecoveryLoop(student, dense.eval(), data, Objective("kd"),
+                        LoopSettings(tokens=10**9, batch_size=args.batch_size), progress=False)
     plain = copy.deepcopy(pruned).train().requires_grad_(True)
     ids = data.train_ids[: args.batch_size]
 
@@ -255,7 +255,8 @@ def render(result: dict) -> str:
     dense_acc = (result["dense"].get("zero_shot") or {}).get("mean_acc")
     lines = [
         "# Recovery after pruning: SmolLM2-135M", "",
-        f"Pruning (AMP unless named) calibrated on 32 samples of `{C4.name}`; recovery data `{C4.name}` (C4, never WikiText), "
+        f"Pruning (AMP unless named) calibrated on 32 samples of `{C4.name}`; "
+        f"recovery data `{C4.name}` (C4, never WikiText), "
         f"sequences of {a['seq_len']} tokens, batch {a['batch_size']}, validation {a['val_tokens']} held-out tokens; "
         f"WikiText-2 test perplexity, seq 128, first {a['eval_tokens']:,} tokens. kd = forward KL from the dense "
         "model (T = 1, kd_ratio 1 and no hidden-state term unless a run names them), ce = cross-entropy; "
@@ -272,7 +273,8 @@ def render(result: dict) -> str:
            f"first {result['dense']['zero_shot']['limit']} items each, local task files)." if dense_acc else ""), "",
         *([f"Before-recovery numbers: {result['reused']}.", ""] if result.get("reused") else []),
         *[f"Note: {n}\n" for n in result.get("notes", [])],
-        "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense | val KL before -> after | "
+        "| pruned | run | tokens trained | steps | WikiText-2 ppl before | after | after / dense "
+        "| val KL before -> after | "
         "zero-shot before -> after (x dense) | train tok/s | minutes |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
@@ -322,7 +324,8 @@ def main() -> int:
     ap.add_argument("--not-run", action="append", default=[],
                     help="with --render: record a run that did not run or finish, and why")
     ap.add_argument("--note", action="append", default=[], help="with --render: add a note to the result")
-    ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy,winogrande,openbookqa (empty: none)")
+    ap.add_argument("--tasks", default="",
+                    help="zero-shot tasks, e.g. piqa,arc_easy,winogrande,openbookqa (empty: none)")
     ap.add_argument("--data-dir", default=str(ASSETS / "commonsense" / "llm-foundry"))
     ap.add_argument("--limit", type=int, default=200, help="zero-shot items per task")
     ap.add_argument("--save-models", metavar="DIR", help="save each recovered model in DIR/<run label>")

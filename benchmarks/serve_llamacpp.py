@@ -31,8 +31,18 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
+import torch
 from common import ASSETS, ROOT, header_markdown, result_header
+from transformers import AutoTokenizer
+
+from secateurs.evaluation.perplexity import load_text, perplexity
+from secateurs.export import export_gguf, plan_export
+from secateurs.planning.accounting import model_stats
+from secateurs.storage.loading import load_model
+from secateurs.storage.output import write_file
+from secateurs.storage.pruned import load_pruned, save_pruned
 
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
@@ -56,11 +66,6 @@ def secateurs(*args: str) -> None:
 
 def make_models(work: Path, threads: int) -> dict[str, Path]:
     """Pruned folders (reused when present) and the dense model saved the same way."""
-    import torch
-
-    from secateurs.storage.loading import load_model
-    from secateurs.storage.pruned import save_pruned
-
     folders = {}
     for name, args in VARIANTS.items():
         folder = work / name.replace(" ", "_").replace("%", "pct").replace("=", "")
@@ -76,20 +81,18 @@ def make_models(work: Path, threads: int) -> dict[str, Path]:
 
 
 def gguf_bytes(path: Path) -> int:
-    import gguf
-
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
 def engine(path: Path, threads: int, n_ctx: int, logits_all: bool = False):
-    import llama_cpp
+    import llama_cpp  # noqa: PLC0415 (optional: the serve extra)
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                            n_threads_batch=threads, logits_all=logits_all, flash_attn=True, verbose=False, seed=0)
 
 
 def last_logits(llm) -> np.ndarray:
-    import llama_cpp
+    import llama_cpp  # noqa: PLC0415 (optional: the serve extra)
 
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
@@ -127,18 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per file, median reported (default: 3)")
-    parser.add_argument("--ppl-tokens", type=int, default=8192, help="WikiText-2 tokens for perplexity (default: 8192)")
+    parser.add_argument("--ppl-tokens", type=int, default=8192,
+                        help="WikiText-2 tokens for perplexity (default: 8192)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "serve_llamacpp", help="models and GGUF files")
     parser.add_argument("--name", default="serve_llamacpp", help="results file stem (default: serve_llamacpp)")
     args = parser.parse_args()
-    import torch
-    from transformers import AutoTokenizer
-
-    from secateurs.evaluation.perplexity import load_text, perplexity
-    from secateurs.export import export_gguf
-    from secateurs.planning.accounting import model_stats
-    from secateurs.storage.pruned import load_pruned
-
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -158,7 +154,8 @@ def main() -> None:
             "folder": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
             "params": stats.total_params, "prefill_flops": stats.prefill_flops(PROMPT),
             "kv_bytes_per_token_f16": kv_per_token,
-            "transformers_ppl": round(perplexity(model, tokenizer, "", seq_len=128, ids=ids, progress=False)["perplexity"], 3),
+            "transformers_ppl": round(perplexity(model, tokenizer, "", seq_len=128, ids=ids,
+                                                 progress=False)["perplexity"], 3),
             "files": {},
         }
         del model
@@ -166,8 +163,6 @@ def main() -> None:
             path = export_gguf(folder, args.work / f"{folder.name}.{outtype}.gguf", outtype, force=True)
             rows[name]["files"][outtype] = {"path": path.name, "bytes": path.stat().st_size,
                                             "tensor_bytes": gguf_bytes(path)}
-    from secateurs.export import plan_export
-
     for name, folder in folders.items():
         rows[name]["arch"] = plan_export(load_pruned(folder))[0]
     # speed: every file once per repeat, models interleaved
@@ -184,8 +179,10 @@ def main() -> None:
         entry = rows[name]["files"][outtype]
         entry["prefill_tokens_per_s"] = round(statistics.median(r[0] for r in runs), 1)
         entry["decode_tokens_per_s"] = round(statistics.median(r[1] for r in runs), 1)
-        entry["prefill_spread"] = round((max(r[0] for r in runs) - min(r[0] for r in runs)) / entry["prefill_tokens_per_s"], 3)
-        entry["decode_spread"] = round((max(r[1] for r in runs) - min(r[1] for r in runs)) / entry["decode_tokens_per_s"], 3)
+        entry["prefill_spread"] = round((max(r[0] for r in runs) - min(r[0] for r in runs))
+                                        / entry["prefill_tokens_per_s"], 3)
+        entry["decode_spread"] = round((max(r[1] for r in runs) - min(r[1] for r in runs))
+                                       / entry["decode_tokens_per_s"], 3)
         entry["llamacpp_ppl"] = round(llamacpp_perplexity(args.work / entry["path"], ids.tolist(), args.threads), 3)
     mean_context = PROMPT + DECODE / 2
     for name, row in rows.items():
@@ -198,11 +195,10 @@ def main() -> None:
             entry["decode_x"] = round(entry["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
             entry["decode_ideal_x"] = round(dense_bytes / step_bytes, 3)
             entry["decode_x_of_ideal"] = round(entry["decode_x"] / entry["decode_ideal_x"], 3)
-    result = {"header": header, "load_average_after": [round(x, 2) for x in os.getloadavg()], "threads": args.threads, "repeats": args.repeats,
+    result = {"header": header, "load_average_after": [round(x, 2) for x in os.getloadavg()], "threads": args.threads,
+              "repeats": args.repeats,
               "prompt_tokens": PROMPT, "decode_tokens": DECODE, "ppl_tokens": int(ids.numel()), "ppl_seq_len": 128,
               "seconds": round(time.time() - started), "models": rows}
-    from secateurs.storage.output import write_file
-
     write_file(RESULTS / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
     write_file(RESULTS / f"{args.name}.md", markdown(result))
     print(markdown(result))

@@ -192,7 +192,8 @@ def main() -> None:
         "header": header,
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)",
         "method": METHOD, "ratio": args.ratio, "gqa": "groups", "plan_provenance": plan.provenance,
-        "data": f"{TEXT.name}: first {args.prefill_tokens} tokens (prefill), first {args.prompt_tokens} (decode prompt)",
+        "data": f"{TEXT.name}: first {args.prefill_tokens} tokens (prefill), "
+                f"first {args.prompt_tokens} (decode prompt)",
         "quiet_threshold": QUIET, "load_average_at_end": os.getloadavg(),
         "widths": {n: [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in st.layers][0]
                    for n, st in stats.items()},
@@ -238,11 +239,14 @@ def report(r: dict) -> str:
         header_markdown(r["header"]),
         "## Surgery (`apply_plan`)",
         "",
-        f"- wall time: median {ms(s['median'])} (min {ms(s['min'])}, max {ms(s['max'])}, n={s['n']}); target well under 1 s",
+        f"- wall time: median {ms(s['median'])} (min {ms(s['min'])}, max {ms(s['max'])}, n={s['n']}); "
+        "target well under 1 s",
         f"- peak memory (fresh process, RSS high-water mark): model {a['weight_bytes_before'] / 2**20:.1f} MiB "
-        f"+ peak RSS growth {m['peak_growth'] / 2**20:.1f} MiB = **{m['peak_over_model']:.3f}x** the model (target < 1.1x)",
+        f"+ peak RSS growth {m['peak_growth'] / 2**20:.1f} MiB = **{m['peak_over_model']:.3f}x** the model "
+        "(target < 1.1x)",
         f"- RSS right after surgery {(m['rss_after'] - m['rss_before']) / 2**20:+.1f} MiB; after malloc_trim "
-        f"{(m['rss_after_trim'] - m['rss_before']) / 2**20:+.1f} MiB (freed weights stay in malloc's heap until trimmed)",
+        f"{(m['rss_after_trim'] - m['rss_before']) / 2**20:+.1f} MiB "
+        "(freed weights stay in malloc's heap until trimmed)",
         "",
         "## Timings (dense and pruned interleaved, after warm-up)",
         "",

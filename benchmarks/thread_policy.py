@@ -16,6 +16,7 @@ are bit-identical at 1 thread and at one per core.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -24,19 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from common import header_markdown, result_header
+
+from secateurs.calibration.data import sample_sequences
+from secateurs.runtime import progress
+from secateurs.storage.loading import load_model
 
 KINDS = ("decode", "forward", "train")
 CONDITIONS = {"quiet": None, "busy nice 10": 10, "busy nice 0": 0}
 
 
 def worker(threads: int, repeats: int) -> dict:
-    import torch
-
-    from secateurs.calibration.data import sample_sequences
-    from secateurs.runtime import progress
-    from secateurs.storage.loading import load_model
-
     progress.set_quiet(True)
     torch.set_num_threads(threads)
     model, tokenizer = load_model("smollm2", "float32")
@@ -60,8 +60,6 @@ def worker(threads: int, repeats: int) -> dict:
 
     def train():
         nonlocal student
-        import copy
-
         student = copy.deepcopy(model).train().requires_grad_(True)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
         for _ in range(2):
