@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from secateurs.criteria.amp import amp_scores
 from secateurs.methods.base import Needs
-from secateurs.methods.options import AmpOptions
+from secateurs.methods.options import AmpOptions, AmpPartOptions
 from secateurs.methods.width import ScoredWidthMethod
 
 
@@ -25,7 +25,9 @@ class Amp(ScoredWidthMethod):
 
 class AmpHeads(Amp):
     name, parts, summary = "amp-heads", "heads", "AMP on attention heads only (ablation)"
+    options = AmpPartOptions
 
 
 class AmpMlp(Amp):
     name, parts, summary = "amp-mlp", "mlp", "AMP on MLP neurons only (ablation)"
+    options = AmpPartOptions

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from secateurs.methods.data import resolve_statistics, run_calibration
 from secateurs.methods.options import MethodOptions
 from secateurs.planning.plan import PruningPlan
 from secateurs.version import __version__
@@ -24,7 +25,7 @@ class Needs:
     """What making a plan reads besides the weights of the decoder layers."""
 
     calibration: bool = False  # calibration data at all
-    statistics: bool = False   # per-channel activation statistics from a calibration pass (secateurs.calibration.statistics)
+    statistics: bool = False   # per-channel activation statistics of a calibration pass (calibration.statistics)
     lm_head: bool = False      # embeddings, final norm and LM head (scores through the model's output)
 
 
@@ -47,15 +48,11 @@ class PlanContext:
     def calibration_data(self):
         """The calibration set, loaded once (from its spec, or as the statistics given were made) and
         kept for the rest of the plan."""
-        from secateurs.methods.api import run_calibration
-
         self.calibration = run_calibration(self.model, self.tokenizer, self.calibration, self.statistics,
                                            self.calibration_options)
         return self.calibration
 
     def activation_statistics(self, gram: bool = False):
-        from secateurs.methods.api import resolve_statistics
-
         return resolve_statistics(self.model, self.tokenizer, self.calibration, self.statistics,
                                   self.calibration_options, self.progress, gram=gram)
 
@@ -67,13 +64,25 @@ class Method:
     summary: ClassVar[str] = ""
     options: ClassVar[type[MethodOptions]] = MethodOptions
     needs: ClassVar[Needs] = Needs()
-    kind: ClassVar[str] = "width"  # 'width' (heads, neurons), 'attention' (HARP) or 'depth' (whole layers)
+
+    @property
+    def kind(self) -> str:
+        """'width' (heads, neurons), 'attention' (HARP) or 'depth' (whole layers): its options class's."""
+        return self.options.kind
 
     def make_plan(self, context: PlanContext, options: MethodOptions) -> PruningPlan:
         raise NotImplementedError
 
     def check_streamed(self, options: MethodOptions) -> None:
         """Refuse options that need the whole model in memory (streamed runs hold one layer)."""
+
+    def execution(self, options: MethodOptions, memory: str, recovering: bool) -> str:
+        """How a run with these options executes: `memory` ('in-memory', 'streamed', 'device-map'), as
+        asked and checked, or 'recovering' for a method that prunes and recovers in turns
+        (secateurs.recovery.iterative.prune_depth_recovering, given these options)."""
+        if memory == "streamed":
+            self.check_streamed(options)
+        return memory
 
 
 def provenance(method: str, plan: PruningPlan, seed: int, calibration: dict | None, calibration_hash: str | None,

@@ -27,15 +27,17 @@ from __future__ import annotations
 import random
 from typing import ClassVar
 
+from secateurs.adapters import get_adapter
 from secateurs.adapters.plans import layer_removal_plan
-from secateurs.planning.budget import Geometry, target_params
 from secateurs.calibration.data import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import CONSENSUS_METRICS, DepthOptions
+from secateurs.planning.budget import Geometry, target_params
 from secateurs.planning.plan import PruningPlan
+
 
 class DepthMethod(Method):
     """Whole-layer removal: `choice` is 'rank' (rank-sum of metrics), 'block' (Gromov's contiguous
@@ -45,7 +47,6 @@ class DepthMethod(Method):
     metrics: ClassVar[tuple[str, ...]] = ()
     custom_metrics: ClassVar[bool] = False
     options = DepthOptions
-    kind = "depth"
     parts = "layers"
 
     @property
@@ -54,12 +55,13 @@ class DepthMethod(Method):
         return Needs(calibration=scored, lm_head=scored)
 
     def make_plan(self, context: PlanContext, options: DepthOptions) -> PruningPlan:
-        return depth_plan(context.model, self.name, context.ratio, layers=options.layers, metrics=options.metrics,
-                          iterative=options.iterative, protect_first=options.protect_first,
-                          protect_last=options.protect_last, max_tokens=options.max_tokens,
-                          tokenizer=context.tokenizer, calibration=context.calibration,
-                          calibration_options=context.calibration_options, ratio_of=context.ratio_of,
-                          layers_equivalent=context.layers_equivalent, seed=context.seed, progress=context.progress)
+        return layers_plan(context, self.name, options)
+
+    def execution(self, options: DepthOptions, memory: str, recovering: bool) -> str:
+        """With recovery, `iterative` recovers after every removed layer (Consensus's pipeline)."""
+        if recovering and options.iterative:
+            return "recovering"
+        return super().execution(options, memory, recovering)
 
 
 class Consensus(DepthMethod):
@@ -123,8 +125,6 @@ def choose_layers(model, method: str, k: int, *, calibration: Calibration | None
     if method not in DEPTH_METHODS:
         raise SecateursError(f"unknown depth method {method!r}; available: {', '.join(DEPTH_METHODS)}")
     spec = DEPTH_METHODS[method]
-    from secateurs.adapters import get_adapter
-
     num_layers = len(get_adapter(model).decoder_layers(model))
     if protect_first < 0 or protect_last < 0:
         raise SecateursError("protect_first and protect_last must be >= 0")
@@ -176,32 +176,40 @@ def choose_layers(model, method: str, k: int, *, calibration: Calibration | None
     return sorted(removed), details
 
 
-def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, layers: int | None = None,
-               metrics=None, iterative: bool = False, protect_first: int = 1, protect_last: int = 1,
-               max_tokens: int | None = 2048, tokenizer=None, calibration=None, calibration_options: dict | None = None,
-               ratio_of: str = "all", layers_equivalent: float | None = None, seed: int = 0,
-               progress: bool = True) -> PruningPlan:
+def depth_plan(model, method: str = "consensus", ratio: float | None = None, *, tokenizer=None, calibration=None,
+               calibration_options: dict | None = None, ratio_of: str = "all", layers_equivalent: float | None = None,
+               seed: int = 0, progress: bool = True, **options) -> PruningPlan:
     """A plan that removes whole decoder layers chosen by a depth method (model not modified).
+    `options`: secateurs.methods.options.DepthOptions's fields (layers, metrics, iterative, ...).
 
     `layers=k` takes precedence over `ratio` / `layers_equivalent`, which are rounded to the
     nearest whole number of layers.
     """
     if method not in DEPTH_METHODS:
         raise SecateursError(f"unknown depth method {method!r}; available: {', '.join(DEPTH_METHODS)}")
-    target = {}
+    context = PlanContext(model, tokenizer, ratio, ratio_of, layers_equivalent, calibration,
+                          calibration_options or {}, seed=seed, progress=progress)
+    return layers_plan(context, method, DepthOptions.from_keywords(method, options))
+
+
+def layers_plan(context: PlanContext, method: str, options: DepthOptions) -> PruningPlan:
+    """depth_plan on a PlanContext: the target, the calibration data, the chosen layers, the plan."""
+    model, target, layers = context.model, {}, options.layers
     if layers is None:
-        layers, target = layers_for_target(model, None if layers_equivalent is not None else ratio, ratio_of,
-                                           layers_equivalent)
+        layers, target = layers_for_target(model, None if context.layers_equivalent is not None else context.ratio,
+                                           context.ratio_of, context.layers_equivalent)
     calib = None
     if DEPTH_METHODS[method].choice != "random":
-        calib = as_calibration(calibration, tokenizer, model=model, options=calibration_options)
-    removed, details = choose_layers(model, method, layers, calibration=calib, metrics=metrics, iterative=iterative,
-                                     protect_first=protect_first, protect_last=protect_last, max_tokens=max_tokens,
-                                     seed=seed, progress=progress)
+        calib = as_calibration(context.calibration, context.tokenizer, model=model,
+                               options=context.calibration_options)
+    removed, details = choose_layers(model, method, layers, calibration=calib, metrics=options.metrics,
+                                     iterative=options.iterative, protect_first=options.protect_first,
+                                     protect_last=options.protect_last, max_tokens=options.max_tokens,
+                                     seed=context.seed, progress=context.progress)
     plan = layer_removal_plan(model, removed)
     chosen = {"layers": layers, **target, "layers_removed": removed,
               **{k: v for k, v in details.items() if k != "rounds"}}
-    plan.provenance = provenance(method, plan, seed, calib.description if calib is not None else None,
+    plan.provenance = provenance(method, plan, context.seed, calib.description if calib is not None else None,
                                  calib.hash if calib is not None else None, chosen,
                                  {"rounds": details.get("rounds", [])})
     return plan

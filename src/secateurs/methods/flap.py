@@ -7,13 +7,13 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 from __future__ import annotations
 
 from secateurs.adapters.plans import identity_plan
-from secateurs.planning.budget import Budget, Geometry, KeepCounts, target_params
+from secateurs.calibration.statistics import Statistics
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import FlapOptions
+from secateurs.planning.budget import Budget, Geometry, KeepCounts, target_params
 from secateurs.planning.plan import PruningPlan
-from secateurs.calibration.statistics import Statistics
 
 
 class Flap(Method):
@@ -52,7 +52,8 @@ def flap_plan(model, stats: Statistics, target: int, gqa: str = "groups", compen
             candidates += [(float(s), i, 0, k, unit_cost) for k, s in enumerate(heads)]
         candidates += [(float(s), i, 1, j, costs.neuron) for j, s in enumerate(standardize(scores.neurons[i]))]
     candidates.sort()
-    left = {(i, kind): n for i, s in enumerate(geo.shapes) for kind, n in ((0, s.num_kv_heads), (1, s.intermediate_size))}
+    left = {(i, kind): n for i, s in enumerate(geo.shapes)
+            for kind, n in ((0, s.num_kv_heads), (1, s.intermediate_size))}
     chosen, removed, best = [], 0, (target, 0)  # best = (|removed - target|, prefix length)
     for cand in candidates:
         _, i, kind, _, cost = cand

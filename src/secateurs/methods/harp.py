@@ -14,23 +14,23 @@ import math
 
 import torch
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.planning.budget import Geometry, target_params
+from secateurs.adapters.plans import identity_plan
 from secateurs.calibration.data import Calibration
-from secateurs.errors import SecateursError
-from secateurs.methods.base import Method, Needs, PlanContext, provenance
-from secateurs.methods.options import HarpOptions
-from secateurs.methods.flap import flap_plan
-from secateurs.storage.offload import detached_copy, input_device
-from secateurs.planning.plan import ALPHA_MAX, PruningPlan
 from secateurs.calibration.runner import run_layer, summed_next_token_nll
-from secateurs.runtime.progress import bar as progress_bar
 from secateurs.calibration.statistics import collect_statistics
 from secateurs.calibration.streaming import dense_layer_inputs
+from secateurs.errors import SecateursError
+from secateurs.methods.base import Method, Needs, PlanContext, provenance
+from secateurs.methods.flap import flap_plan
+from secateurs.methods.options import ALPHA_GRID, HarpOptions
+from secateurs.planning.budget import Geometry, target_params
+from secateurs.planning.plan import ALPHA_MAX, PruningPlan
+from secateurs.runtime.progress import bar as progress_bar
+from secateurs.storage.offload import detached_copy, input_device
 from secateurs.surgery.apply import apply_plan, replace_attention
 
-DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+DEFAULT_GRID = ALPHA_GRID
 
 
 def capture_layer_inputs(model, calibration: Calibration, first: int) -> list[list[tuple]]:
@@ -118,14 +118,13 @@ class Harp(Method):
     summary = "HARP: identity-matrix attention with searched alpha in the top layers"
     options = HarpOptions
     needs = Needs(calibration=True, lm_head=True)
-    kind = "attention"
 
     def make_plan(self, context: PlanContext, options: HarpOptions) -> PruningPlan:
         calibration = context.calibration_data()
         num_layers = options.top_layers
         if num_layers is None:
             num_layers = harp_layers_for_ratio(context.model, context.ratio)
-        return harp_plan(context.model, calibration, num_layers, grid=tuple(options.alpha_grid or DEFAULT_GRID),
+        return harp_plan(context.model, calibration, num_layers, grid=tuple(options.alpha_grid),
                          flap_ratio=options.flap_ratio, progress=context.progress, seed=context.seed)
 
     def check_streamed(self, options: HarpOptions) -> None:

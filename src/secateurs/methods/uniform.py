@@ -3,10 +3,10 @@ best-scored ones."""
 
 from __future__ import annotations
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import LayerShape
-from secateurs.planning.budget import KeepCounts
+from secateurs.adapters.plans import identity_plan
 from secateurs.criteria import StructureScores
+from secateurs.planning.budget import KeepCounts
 from secateurs.planning.plan import PruningPlan
 from secateurs.planning.selection import select_heads, top_indices
 

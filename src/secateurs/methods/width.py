@@ -7,26 +7,21 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
-from secateurs.planning.allocation import balanced_attention_share, global_counts, uniform_counts
-from secateurs.planning.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.criteria import StructureScores
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, MethodOptions, PlanContext, provenance
 from secateurs.methods.options import WidthOptions
 from secateurs.methods.uniform import uniform_width_plan
-from secateurs.storage.offload import weights_in_memory
-from secateurs.settings.names import ALLOCATIONS, SPLITS
+from secateurs.planning.allocation import balanced_attention_share, global_counts, uniform_counts
+from secateurs.planning.budget import Budget, Geometry, KeepCounts, plan_budget, target_params
 from secateurs.planning.plan import PruningPlan
-from secateurs.runtime.progress import phase, status
 from secateurs.planning.selection import apply_selection
 from secateurs.planning.split import CANDIDATE_FRACTIONS, choose_attention_share
+from secateurs.runtime.progress import phase, status
+from secateurs.settings.names import ALLOCATIONS, SPLITS
+from secateurs.storage.offload import weights_in_memory
 
 log = logging.getLogger("secateurs")
-
-# What a width method does when a knob is not given, with balanced rounding (README, "Beyond the
-# paper": each default is the measured winner; paper rounding keeps the official uniform shapes).
-WIDTH_DEFAULTS: dict[str, dict] = {"amp": {"split": "search", "reconstruct": "sequential"}}
-
 
 class ScoredWidthMethod(Method):
     """A width method = a criterion (score) + the parts it prunes ('both', 'heads' or 'mlp')."""
@@ -42,8 +37,7 @@ class ScoredWidthMethod(Method):
 
     def make_plan(self, context: PlanContext, options: WidthOptions) -> PruningPlan:
         in_memory = weights_in_memory(context.model)
-        allocation, split = width_knobs(self.name, options.allocation, options.split, options.rounding,
-                                        options.round_to, in_memory)
+        allocation, split = width_knobs(options, in_memory)
         allocated = allocation != "uniform" or split != "balanced"  # the allocation module, not the stock budget
         ratio = None if context.layers_equivalent is not None else context.ratio
         budget = None
@@ -74,22 +68,25 @@ class ScoredWidthMethod(Method):
         return plan
 
 
-def width_knobs(method: str, allocation, split, rounding: str, round_to: int,
-                in_memory: bool = True) -> tuple[str, str | float]:
-    """(allocation, split) with the method's defaults filled in. The split search masks weights in
-    place: a model whose weights live elsewhere (device map, streamed skeleton) gets the balanced
-    split by default, and a search asked for is refused before any calibration work."""
-    defaults = WIDTH_DEFAULTS.get(method, {}) if rounding == "balanced" and round_to == 1 else {}
-    if split is None:
-        split = defaults.get("split", "balanced")
-        if split == "search" and not in_memory:
-            status("the attention share search needs the model in memory; using the balanced split "
-                   "(give --split S with a share found in memory to choose it)")
-            split = "balanced"
-    elif split == "search" and not in_memory:
-        raise SecateursError("--split search masks weights in place and needs the model in memory (not --streamed or "
-                             "--device-map); run it in memory once, or give the share it finds as a number (--split S)")
-    return (allocation if allocation is not None else defaults.get("allocation", "uniform"), split)
+def width_knobs(options: WidthOptions, in_memory: bool = True) -> tuple[str, str | float]:
+    """(allocation, split) as the options say. The defaults a method declares (README "Beyond the
+    paper") apply with balanced rounding and round-to 1 only: paper rounding keeps the official
+    uniform shapes (uniform allocation, balanced split) unless asked otherwise. The split search masks
+    weights in place: a model whose weights live elsewhere (device map, streamed skeleton) gets the
+    balanced split by default, and a search asked for there is refused before any calibration work."""
+    split, allocation = options.split, options.allocation
+    if options.rounding != "balanced" or options.round_to != 1:
+        split = split if "split" in options.given else "balanced"
+        allocation = allocation if "allocation" in options.given else "uniform"
+    if split == "search" and not in_memory:
+        if "split" in options.given:
+            raise SecateursError("--split search masks weights in place and needs the model in memory (not "
+                                 "--streamed or --device-map); run it in memory once, or give the share it finds as "
+                                 "a number (--split S)")
+        status("the attention share search needs the model in memory; using the balanced split "
+               "(give --split S with a share found in memory to choose it)")
+        split = "balanced"
+    return allocation, split
 
 
 def check_allocation(method: ScoredWidthMethod, allocation: str, split, rounding: str, round_to: int) -> None:

@@ -19,49 +19,84 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from secateurs.calibration.data import DEFAULT_LENGTH, DEFAULT_SAMPLES
 from secateurs.errors import SecateursError
-from secateurs.settings.names import STANDARD_TASKS
-from secateurs.cli.options import DEMO_RECOVERY
+from secateurs.evaluation.perplexity import load_text
+from secateurs.evaluation.report import (
+    UNRELIABLE,
+    plot_before_after,
+    plot_recovery_curve,
+    require_matplotlib,
+    write_report,
+)
+from secateurs.evaluation.speed import (
+    MIN_PAIRS,
+    BenchConfig,
+    bench_models,
+    folder_bytes,
+    machine_info,
+    ratio_of,
+    ratio_text,
+)
+from secateurs.evaluation.suite import EvalSpec, evaluate
+from secateurs.evaluation.zero_shot import find_task_file
+from secateurs.pipeline.jobs import PruneJob, preflight, prune_and_save
+from secateurs.pipeline.stages import RunState, Stage
+from secateurs.recovery.api import recover
+from secateurs.recovery.data import EvaluationText
+from secateurs.recovery.settings import RecoverySettings
+from secateurs.runtime import threads
 from secateurs.runtime.progress import phase
+from secateurs.settings.names import STANDARD_TASKS
+from secateurs.storage.output import write_file, write_folder
+from secateurs.storage.pruned import load_pruned
 
 DEMO_TEXT = "tinystories_sample.txt"
 
 
-def _text(args) -> tuple[str, dict]:
-    from secateurs.evaluation.perplexity import load_text
+@dataclasses.dataclass(frozen=True)
+class Demo(Stage):
+    """The whole demo as one stage (see the module docstring): `job` is the pruning asked for (its
+    `out` is the demo folder), `spec` the evaluation (its text read from `text`, default the bundled
+    sample), `bench` the speed measurement, `recovery` the brief recovery: {"tokens" (0: none), "lr",
+    "batch_size", "val_sequences" (held out at most), "validations"}."""
 
-    if args.ppl:
-        return load_text(args.ppl, field=args.text_field or "text", max_docs=args.max_docs)
-    text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
-    return text, {"name": f"bundled {DEMO_TEXT}", "read_as": "text", "chars": len(text)}
+    job: PruneJob
+    spec: EvalSpec
+    bench: BenchConfig
+    recovery: dict
+    text: str | None = None
+    text_field: str = "text"
+    max_docs: int | None = None
+
+    @property
+    def recover_tokens(self) -> int:
+        return self.recovery["tokens"]
+
+    def check(self, run: RunState) -> tuple[str, dict]:
+        preflight(self.job, kind="demo")
+        require_matplotlib()  # the report's plots need matplotlib: say so now, not after minutes of work
+        self.bench.validate()
+        if self.text:
+            return load_text(self.text, field=self.text_field, max_docs=self.max_docs)
+        text = resources.files("secateurs").joinpath("data", DEMO_TEXT).read_text(encoding="utf-8")
+        return text, {"name": f"bundled {DEMO_TEXT}", "read_as": "text", "chars": len(text)}
+
+    def execute(self, run: RunState, prepared: tuple[str, dict]) -> dict:
+        return run_demo(self, run, *prepared)
 
 
-def _tasks(args) -> list[str] | None:
-    """--tasks as given; with only --data-dir, the standard tasks found there."""
-    from secateurs.evaluation.zero_shot import find_task_file, parse_tasks
-
-    if args.tasks:
-        return parse_tasks(args.tasks)
-    if args.data_dir:
-        if not Path(args.data_dir).is_dir():
-            raise SecateursError(f"--data-dir {args.data_dir} is not a folder")
-        found = [t for t in STANDARD_TASKS if find_task_file(t, args.data_dir)]
-        if not found:
-            raise SecateursError(f"--data-dir {args.data_dir} holds none of {', '.join(STANDARD_TASKS)} (NAME.jsonl); "
-                                 "name the tasks with --tasks")
-        return found
-    return None
-
-
-def _spec(args, text: str):
-    from secateurs.evaluation.suite import EvalSpec
-    from secateurs.settings.values import parse_list
-
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    return EvalSpec(text=text, protocols=parse_list(args.protocol, str, "protocols"), batch_size=args.batch_size,
-                    max_windows=args.max_windows, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
-                    tasks=_tasks(args), data_dir=args.data_dir, limit=limit, num_fewshot=args.num_fewshot,
-                    eval_batch_size=args.eval_batch_size)
+def demo_tasks(tasks: list[str] | None, data_dir: str | None) -> list[str] | None:
+    """The demo's tasks: as given; with only a task folder, the standard tasks found there."""
+    if tasks or not data_dir:
+        return tasks
+    if not Path(data_dir).is_dir():
+        raise SecateursError(f"--data-dir {data_dir} is not a folder")
+    found = [t for t in STANDARD_TASKS if find_task_file(t, data_dir)]
+    if not found:
+        raise SecateursError(f"--data-dir {data_dir} holds none of {', '.join(STANDARD_TASKS)} (NAME.jsonl); "
+                             "name the tasks with --tasks")
+    return found
 
 
 @dataclasses.dataclass
@@ -81,8 +116,6 @@ class _Measured:
     def speed_ratio(self, metric: str) -> dict:
         """The pruned / dense ratio of 'prefill' or 'decode' from the paired rounds: {"speedup" (None
         when not measured reliably), "reliable", "spread", "reason"}."""
-        from secateurs.evaluation.speed import ratio_of
-
         return ratio_of(self.bench, self.speed_row("pruned"), metric)
 
     @property
@@ -90,111 +123,86 @@ class _Measured:
         return self.recovery["eval"] if self.recovery else None
 
 
-def run_demo(args, job) -> int:
+def run_demo(demo: Demo, run: RunState, text: str, text_info: dict) -> dict:
     """Prune, save, reload, evaluate and measure both models, and write the report (see the module
-    docstring). `job` is the pruning the command line asked for (secateurs.pipeline.jobs.PruneJob);
-    the demo runs its in-memory prune-and-save step inside the demo's own output folder."""
-    from secateurs.evaluation.report import _plt, _write_report
-    from secateurs.evaluation.suite import evaluate
-    from secateurs.storage.loading import load_model
-    from secateurs.storage.output import write_folder
-
-    from secateurs.pipeline.jobs import preflight, prune_and_save
-
-    started = time.perf_counter()
-    preflight(job, kind="demo")
-    _plt()  # the report's plots need matplotlib: say so now, not after minutes of work
-    text, text_info = _text(args)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    spec = _spec(args, text)
+    docstring); the in-memory prune-and-save step runs inside the demo's own output folder. Returns
+    {"folder": the demo folder, "files": the report's files}."""
+    started, job = time.perf_counter(), demo.job
+    model, tokenizer = run.load(job.source)
+    spec = dataclasses.replace(demo.spec, text=text)
     spec.check(model)
-    bench_config = _bench_config(args, model)
+    _check_bench_context(demo.bench, model)
     with phase("evaluating the dense model"):
         dense_eval = evaluate(model, tokenizer, spec)
     dense = copy.deepcopy(model)  # pruning works in place; the speed comparison needs both
-    final = Path(args.out).expanduser().resolve()
-    with write_folder(final, args.force, job.inputs, kind="demo") as tmp:
+    final = Path(job.out).expanduser().resolve()
+    with write_folder(final, job.force, job.inputs, kind="demo") as tmp:
         scores: dict = {}
         pruning = prune_and_save(dataclasses.replace(job, out=str(tmp / "model")), model, tokenizer, scores_out=scores)
         plan, cmp, seconds, saved = pruning.plan, pruning.comparison, pruning.seconds, pruning.out
+        run.holding(None, None, final / "model", final / "model")
         del model
-        measured = _measure_pruned(args, saved, dense, dense_eval, tokenizer, spec, bench_config, plan, tmp)
-        _write_model_files(args, measured, saved, final, text_info, spec, scores)
-        result = _summary(args, measured, text_info, cmp, seconds, final)
-        title, intro, plots = _report_parts(args, measured, result, tmp)
+        measured = _measure_pruned(demo, saved, dense, dense_eval, tokenizer, spec, plan, tmp)
+        _write_model_files(demo, measured, saved, final, text_info, spec, scores)
+        result = _summary(demo, measured, text_info, cmp, seconds, final)
+        title, intro, plots = _report_parts(demo, measured, result, tmp)
         result["demo_seconds"] = round(time.perf_counter() - started, 1)
         with phase("writing the report and its plots"):
-            files = _write_report(plan, saved, tmp, None, None, None, title=title, intro=intro,
-                                  extra_plots=plots, summary_extra=result)
-    print((final / "report.md").read_text())
-    print("plots: " + ", ".join(str(final / Path(p).name) for k, p in files.items() if str(p).endswith(".png")))
-    print(f"report: {final / 'report.md'} and {final / 'report.html'}")
-    return 0
+            files = write_report(plan, saved, tmp, None, None, None, title=title, intro=intro,
+                                 extra_plots=plots, summary_extra=result)
+    return {"folder": final, "files": {kind: final / Path(p).name for kind, p in files.items()}}
 
 
-def _bench_config(args, model):
-    """The speed measurement's settings (batch 1, one prompt length), refused now, before any work,
-    when they do not fit the model's context."""
-    from secateurs.evaluation.speed import BenchConfig
-
-    bench_config = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
-                               decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1,
-                               max_spread=args.bench_max_spread, time_limit=args.bench_time_limit)
-    bench_config.validate()
+def _check_bench_context(config: BenchConfig, model) -> None:
+    """The speed measurement's prompt and decode steps, refused now, before any work, when they do
+    not fit the model's context."""
     context = getattr(model.config, "max_position_embeddings", None)
-    if context and args.bench_prompt_length + args.bench_decode_tokens > context:
+    if context and config.prompt_lengths[0] + config.decode_tokens > context:
         raise SecateursError(f"--bench-prompt-length + --bench-decode-tokens exceed the model's context of {context}")
-    return bench_config
 
 
-def _measure_pruned(args, saved: Path, dense, dense_eval: dict, tokenizer, spec, bench_config, plan,
-                    tmp: Path) -> _Measured:
+def _measure_pruned(demo: Demo, saved: Path, dense, dense_eval: dict, tokenizer, spec, plan, tmp: Path) -> _Measured:
     """Reload the saved pruned model (what a user gets), evaluate it, measure its speed against the
     dense model, sample from it and, when asked, recover it into tmp/recovered."""
-    from secateurs.evaluation.speed import bench_models, folder_bytes
-    from secateurs.evaluation.suite import evaluate
-    from secateurs.storage.pruned import load_pruned
-
+    device = demo.job.device
     with phase("reloading the saved model"):
-        reloaded = load_pruned(saved, device=args.device)
+        reloaded = load_pruned(saved, device=device)
     with phase("evaluating the pruned model"):
         pruned_eval = evaluate(reloaded, tokenizer, spec)
     with phase("measuring prefill and decode speed, dense vs pruned"):
-        bench = bench_models({"dense": dense, "pruned": reloaded}, bench_config)
+        bench = bench_models({"dense": dense, "pruned": reloaded}, demo.bench)
     bench["models"]["pruned"]["disk_bytes"] = folder_bytes(saved)
     with phase("sampling from the pruned model"):
-        sample = _greedy(reloaded, tokenizer, args.device)
-    recovery = _recover(args, reloaded, dense, tokenizer, plan, spec, tmp / "recovered") \
-        if args.recover_tokens else None
+        sample = _greedy(reloaded, tokenizer, device)
+    recovery = _recover(demo, reloaded, dense, tokenizer, plan, spec, tmp / "recovered") \
+        if demo.recover_tokens else None
     return _Measured(dense_eval, pruned_eval, bench, sample, recovery)
 
 
-def _write_model_files(args, m: _Measured, saved: Path, final: Path, text_info: dict, spec, scores: dict) -> None:
+def _write_model_files(demo: Demo, m: _Measured, saved: Path, final: Path, text_info: dict, spec, scores: dict) -> None:
     """eval.json, bench.json and the importance scores beside the pruned model, so that
     `secateurs report DEMO/model` rebuilds its page."""
-    from secateurs.evaluation.speed import machine_info
-    from secateurs.storage.output import write_file
-
     ev = {"text": text_info, "protocols": spec.protocols, "baseline": "dense",
-          "models": {"dense": {"source": args.model, **m.dense_eval}, "pruned": {"source": str(final / "model"),
+          "models": {"dense": {"source": demo.job.source, **m.dense_eval}, "pruned": {"source": str(final / "model"),
                                                                              **m.pruned_eval}},
-          "machine": machine_info(args.device)}
+          "machine": machine_info(demo.job.device)}
     if spec.tasks:
         z = m.dense_eval["zero_shot"]
         ev["zero_shot"] = {"lm_eval_version": z["lm_eval_version"], "limit": z["limit"],
-                           "num_fewshot": z["num_fewshot"], "data_dir": args.data_dir}
+                           "num_fewshot": z["num_fewshot"], "data_dir": spec.data_dir}
     write_file(saved / "eval.json", json.dumps(ev, indent=2) + "\n")
     write_file(saved / "bench.json", json.dumps(m.bench, indent=2) + "\n")
     if "scores" in scores:
         scores["scores"].save(saved / "importance_scores.safetensors")
 
 
-def _summary(args, m: _Measured, text_info: dict, cmp: dict, seconds: float, final: Path) -> dict:
+def _summary(demo: Demo, m: _Measured, text_info: dict, cmp: dict, seconds: float, final: Path) -> dict:
     """The run's summary (report.json and the report's summary table): settings, sizes, quality,
     measured speedups, samples and where the models were saved."""
     ratios = {metric: m.speed_ratio(metric) for metric in ("prefill", "decode")}
     result = {
-        "model": args.model, "method": args.method, "ratio": args.ratio, "gqa": getattr(args, "method_gqa", "groups"),
+        "model": demo.job.source, "method": demo.job.method, "ratio": demo.job.ratio,
+        "gqa": demo.job.options.get("gqa", "groups"),
         "eval_text": text_info["name"], "prune_seconds": round(seconds, 4),
         "perplexity_dense": _quality(m.dense_eval), "perplexity_pruned": _quality(m.pruned_eval),
         **cmp, "measured_prefill_speedup": ratios["prefill"]["speedup"],  # None: not measured reliably
@@ -209,11 +217,9 @@ def _summary(args, m: _Measured, text_info: dict, cmp: dict, seconds: float, fin
     return result
 
 
-def _report_parts(args, m: _Measured, result: dict, tmp: Path) -> tuple[str, list, dict]:
+def _report_parts(demo: Demo, m: _Measured, result: dict, tmp: Path) -> tuple[str, list, dict]:
     """(title, intro blocks, demo plots) of the report: the side-by-side table, the speed note, the
     samples and where the models were saved; the before/after bars and the recovery curve."""
-    from secateurs.evaluation.report import plot_before_after, plot_recovery_curve
-
     recovery, sample, bench = m.recovery, m.sample, m.bench
     dense_row, pruned_row = m.speed_row("dense"), m.speed_row("pruned")
     ratios = {metric: m.speed_ratio(metric) for metric in ("prefill", "decode")}
@@ -222,7 +228,7 @@ def _report_parts(args, m: _Measured, result: dict, tmp: Path) -> tuple[str, lis
     plots = {"before_after": plot_before_after(
         _bar_rows(result, m.dense_eval, m.pruned_eval, pruned_row, m.recovered_eval, ratios),
         tmp / "before_after.png")}
-    title = f"secateurs demo: {args.model}, {args.method} at ratio {args.ratio}"
+    title = f"secateurs demo: {demo.job.source}, {demo.job.method} at ratio {demo.job.ratio}"
     header = ["", "dense", "pruned", "pruned / dense"] + (["recovered", "recovered / dense"] if recovery else [])
     intro = [("table", header, rows), ("p", _speed_note(result, bench)),
              ("p", f"Pruned model, greedy: {sample!r}")]
@@ -238,36 +244,38 @@ def _report_parts(args, m: _Measured, result: dict, tmp: Path) -> tuple[str, lis
     return title, intro, plots
 
 
-def _recover(args, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
+def _recover(demo: Demo, pruned, dense, tokenizer, plan, spec, out: Path) -> dict:
     """Distil the dense model into the pruned one (in place) on the calibration text, save it to
     `out`, evaluate it and sample from it."""
-    from secateurs.calibration.data import DEFAULT_LENGTH, DEFAULT_SAMPLES
-    from secateurs.evaluation.suite import evaluate
-    from secateurs.recovery import recover
-    from secateurs.recovery.data import EvaluationText
-
-    source = args.calib or "self"
-    length = args.calib_length or DEFAULT_LENGTH
-    samples = args.calib_samples or DEFAULT_SAMPLES
-    held_out = max(1, min(DEMO_RECOVERY["val_sequences"], samples // 8))  # the rest of the samples train
-    steps = -(-args.recover_tokens // (DEMO_RECOVERY["batch_size"] * length))
-    with phase(f"recovering: distilling the dense model into the pruned one, {args.recover_tokens:,} tokens"):
-        result = recover(pruned, dense, source, args.recover_tokens, tokenizer=tokenizer, plan=plan, out=out,
-                         seq_len=length, batch_size=DEMO_RECOVERY["batch_size"],
-                         val_tokens=held_out * length, eval_every=max(1, steps // DEMO_RECOVERY["validations"]),
-                         lr=args.recover_lr, seed=args.seed or 0,
-                         self_samples=samples if source == "self" else None,
-                         evaluation_files=[EvaluationText(args.ppl, spec.evaluated_tokens(pruned))] if args.ppl else None)
+    job, tokens = demo.job, demo.recover_tokens
+    settings = _recovery_settings(demo)
+    evaluated = [EvaluationText(demo.text, spec.evaluated_tokens(pruned))] if demo.text else None
+    with phase(f"recovering: distilling the dense model into the pruned one, {tokens:,} tokens"):
+        result = recover(pruned, dense, settings=settings, tokenizer=tokenizer, plan=plan, out=out,
+                         evaluation_files=evaluated)
     with phase("evaluating the recovered model"):
         evaluation = evaluate(result.model, tokenizer, spec)
     with phase("sampling from the recovered model"):
-        sample = _greedy(result.model, tokenizer, args.device)
+        sample = _greedy(result.model, tokenizer, job.device)
     return {"record": result.record, "eval": evaluation, "sample": sample}
 
 
-def _greedy(model, tokenizer, device, prompt: str = "Once upon a time") -> str:
-    from secateurs.runtime import threads
+def _recovery_settings(demo: Demo) -> RecoverySettings:
+    """The brief recovery: several passes over the calibration text (for 'self', the samples pruning
+    drew), a few held-out sequences, one validation."""
+    job = demo.job
+    source = job.calibration or "self"
+    length = job.calibration_options.get("max_length") or DEFAULT_LENGTH
+    samples = job.calibration_options.get("num_samples") or DEFAULT_SAMPLES
+    shape = demo.recovery
+    held_out = max(1, min(shape["val_sequences"], samples // 8))  # the rest of the samples train
+    steps = -(-shape["tokens"] // (shape["batch_size"] * length))
+    return RecoverySettings(data=source, tokens=shape["tokens"], seq_len=length, batch_size=shape["batch_size"],
+                            val_tokens=held_out * length, eval_every=max(1, steps // shape["validations"]),
+                            lr=shape["lr"], seed=job.seed, self_samples=samples if source == "self" else None)
 
+
+def _greedy(model, tokenizer, device, prompt: str = "Once upon a time") -> str:
     ids = tokenizer(prompt, return_tensors="pt").to(device)
     with threads.working("decode"):
         tokens = model.generate(**ids, max_new_tokens=24, do_sample=False)[0]
@@ -305,8 +313,6 @@ def _side_by_side(r, dense_eval, pruned_eval, dense_row, pruned_row, bench, reco
     """Rows of (what, dense, pruned, pruned / dense[, recovered, recovered / dense]); the speed
     ratios are those of the paired rounds (`ratios`: metric -> speed.ratio_of entry), or "not
     measured reliably (why)" where those stayed too spread."""
-    from secateurs.evaluation.speed import ratio_of, ratio_text
-
     ratios = ratios or {metric: ratio_of(bench, pruned_row, metric) for metric in ("prefill", "decode")}
     p0 = dense_eval["perplexity"][0]
     same = ["(same shapes as pruned)", ""] if recovered_eval else []
@@ -350,8 +356,6 @@ def _bar_rows(r, dense_eval, pruned_eval, pruned_row, recovered_eval, ratios: di
     """(metric, dense, pruned, ideal pruned/dense, recovered): recovered only where it differs from
     pruned. Speed is the paired rounds' ratio (dense = 1), or report.UNRELIABLE where it was not
     measured reliably: the plot marks it instead of drawing a bar."""
-    from secateurs.evaluation.report import UNRELIABLE
-
     v = pruned_row["vs_baseline"]
     speed = {metric: (e["speedup"] if e["speedup"] is not None else UNRELIABLE) for metric, e in ratios.items()}
     rows = [("parameters", r["params_before"], r["params_after"], None, None),
@@ -367,8 +371,6 @@ def _bar_rows(r, dense_eval, pruned_eval, pruned_row, recovered_eval, ratios: di
 
 
 def _speed_note(r: dict, bench: dict) -> str:
-    from secateurs.evaluation.speed import MIN_PAIRS
-
     m, cfg = bench["machine"], bench["config"]
     rounds = sorted({row["vs_baseline"].get("rounds") for row in bench["results"]} - {None})
     unreliable = [metric for metric, e in (r.get("measured_speed") or {}).items() if not e["reliable"]]

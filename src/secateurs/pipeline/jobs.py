@@ -5,15 +5,17 @@ Which driver runs is chosen from the job's memory mode and what the method decla
 
 * in-memory: the whole model in memory, `secateurs.prune` (plan, optional re-fitting, surgery),
   then save_pruned; with `recovery`, the pruned model is distilled from a copy of the dense one
-  before saving (for depth methods with recovery['iterative'], after every removed layer);
+  before saving;
+* recovering: a method that prunes and recovers in turns (depth methods with the `iterative`
+  option and `recovery`: after every removed layer, secateurs.recovery.iterative);
 * streamed: a meta skeleton whose decoder layers are read from the checkpoint one at a time
   (statistics resumable with scores_cache; LM head loaded only for methods that score through it),
   then surgery shard by shard from the checkpoint;
 * device-map: the model dispatched by accelerate (GPUs, CPU, disk) for planning, then surgery
   shard by shard from the checkpoint (offloaded weights cannot be sliced in place).
 
-Stages after surgery (recovery now, export later) are functions of (model, plan) called here, so
-that a new stage is one more call in `_in_memory`, not a branch in the command line.
+`run(job)` is the prune stage alone (`check`, then `execute`); secateurs.pipeline.runner.run runs it
+among other stages (secateurs.pipeline.stages.Prune), handing it the model the run loaded.
 """
 
 from __future__ import annotations
@@ -26,9 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secateurs.calibration.data import check_calibration_length, load_calibration
+from secateurs.calibration.streaming import streamed_statistics
 from secateurs.errors import SecateursError
+from secateurs.methods import make_plan, prune, reconstruction_for
+from secateurs.methods.registry import get_method
+from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.planning.plan import PruningPlan
+from secateurs.recovery.api import RECOVERY_FILENAME, checkpoint_folder, recover
+from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
+from secateurs.recovery.folders import check_resources_before_loading
+from secateurs.recovery.iterative import prune_depth_recovering
+from secateurs.recovery.settings import RecoverySettings
 from secateurs.runtime.progress import status
+from secateurs.storage import loading
+from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
+from secateurs.storage.identity import model_identity
+from secateurs.storage.loading import check_device, load_tokenizer, resolve_source
+from secateurs.storage.output import check_output_dir, check_output_file, refuse_overlap
+from secateurs.storage.pruned import save_pruned
+from secateurs.surgery.reconstruction import RefitStore, apply_plan_sequential
 
 MEMORY_MODES = ("in-memory", "streamed", "device-map")
 
@@ -58,14 +77,11 @@ class PruneJob:
     offload_folder: str | None = None
     scores_cache: str | None = None
     force: bool = False
-    recovery: dict | None = None  # secateurs.recover's keywords; None: no recovery
-    iterative_recovery: bool = False  # depth methods: recover after every removed layer (Consensus's pipeline)
+    recovery: RecoverySettings | None = None  # None: no recovery
     inputs: list = field(default_factory=list)  # every file the run reads: never written or replaced
 
     def __post_init__(self):
         if not self.inputs:  # a library caller: the model and a calibration file are what it reads
-            from secateurs.storage.loading import resolve_source
-
             _, path = resolve_source(self.source)
             given = [self.calibration] if isinstance(self.calibration, str) and Path(self.calibration).exists() else []
             self.inputs = [str(path) if path else self.source, *given]
@@ -85,35 +101,54 @@ class PruneResult:
     comparison: dict | None = None  # secateurs.planning.accounting.compare_stats, in memory only
     seconds: float | None = None
     recovery: dict | None = None   # recovery.json's record
+    scores: Any = None             # the StructureScores behind the plan, when a stage asked to keep them
 
 
 def run(job: PruneJob) -> PruneResult:
-    """Check what can be checked, then run the job on the driver its memory mode names."""
+    """Check what can be checked, then run the job on the driver its method and memory mode name."""
+    check(job)
+    return execute(job)
+
+
+def check(job: PruneJob) -> None:
+    """Everything refused before the model loads: the memory mode, the output, the recovery data."""
     if job.memory not in MEMORY_MODES:
         raise SecateursError(f"memory must be one of {', '.join(MEMORY_MODES)}; got {job.memory!r}")
     preflight(job)
     if job.recovery is not None and job.memory != "in-memory":
         raise SecateursError("--recover trains the pruned model in memory, beside its dense teacher: prune with "
-                             "--streamed or --device-map first, then run `secateurs recover` (its --device-map places the "
-                             "teacher with offloading)")
-    if job.memory == "streamed":
-        return _streamed(job)
-    if job.memory == "device-map":
-        return _device_mapped(job)
-    from secateurs.storage.loading import load_model
+                             "--streamed or --device-map first, then run `secateurs recover` (its --device-map places "
+                             "the teacher with offloading)")
 
-    model, tokenizer = load_model(job.source, job.dtype, job.device)
+
+def execution(job: PruneJob) -> str:
+    """The driver: the memory mode asked for, or the one the method needs with these options."""
+    if job.plan is not None:
+        return job.memory
+    method = get_method(job.method)
+    return method.execution(method.options.from_keywords(job.method, job.options), job.memory,
+                            job.recovery is not None)
+
+
+def execute(job: PruneJob, model=None, tokenizer=None, scores_out: dict | None = None) -> PruneResult:
+    """Run a checked job; `model` (in memory, the job's source as loaded) saves loading it again."""
+    driver = execution(job)
+    if driver == "streamed":
+        return _streamed(job)
+    if driver == "device-map":
+        return _device_mapped(job)
+    if model is None:
+        model, tokenizer = loading.load_model(job.source, job.dtype, job.device)
+    if driver == "recovering":
+        return _depth_recovering(job, model, tokenizer)
     if job.recovery is not None:
         return _pruned_and_recovered(job, model, tokenizer)
-    return prune_and_save(job, model, tokenizer)
+    return prune_and_save(job, model, tokenizer, scores_out)
 
 
 def preflight(job: PruneJob, kind: str = "model") -> None:
     """What can be checked before the slow part: the device, the output location (claimed for this
     run; `kind`: what the run writes there), the caches, the recovery data."""
-    from secateurs.storage.loading import check_device
-    from secateurs.storage.output import check_output_dir, check_output_file, refuse_overlap
-
     check_device(job.device)
     check_output_dir(job.out, job.force, job.inputs, kind=kind)
     # files written beside the output may not lie inside it either: the output is replaced whole
@@ -126,34 +161,23 @@ def preflight(job: PruneJob, kind: str = "model") -> None:
     if job.statistics and not Path(job.statistics).expanduser().exists():  # an existing one is read, not written
         check_output_file(job.statistics, job.inputs, suffixes=(".safetensors",), what="--stats file")
     if job.recovery is not None:
-        from secateurs.recovery.api import checkpoint_folder
-        from secateurs.recovery.folders import check_resources_before_loading
-
         _check_recovery_data(job.recovery)
         check_resources_before_loading(job.source, job.source, job.device, job.recovery)
         r = job.recovery
-        checkpoint_folder(r.get("checkpoint_dir"), Path(job.out).expanduser().resolve(), r.get("save_every"),
-                          r.get("resume", False), job.inputs, job.force)
+        checkpoint_folder(r.checkpoint_dir, Path(job.out).expanduser().resolve(), r.save_every, r.resume, job.inputs,
+                          job.force)
 
 
-def _check_recovery_data(recovery: dict) -> None:
+def _check_recovery_data(recovery: RecoverySettings) -> None:
     """The recovery data file (UTF-8, every record usable, not the evaluation text), checked before
     pruning: otherwise a bad file is found only once the model is pruned."""
-    from secateurs.recovery.api import check_options
-    from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
-
-    check_options(True, **recovery)  # the dense model is the teacher
-    data = recovery.get("data", "self")
-    check_recovery_source(data)
-    refuse_evaluation_overlap(data, recovery.get("evaluation_files"))
+    recovery.check(True)  # the dense model is the teacher
+    check_recovery_source(recovery.data)
+    refuse_evaluation_overlap(recovery.data, None)
 
 
 def prune_in_memory(job: PruneJob, model, tokenizer, scores_out: dict | None = None):
     """Prune `model` in place: (model, plan, stats before, stats after, seconds)."""
-    from secateurs.planning.accounting import model_stats
-    from secateurs.storage.identity import model_identity
-    from secateurs.methods import prune
-
     before = model_stats(model)
     base_identity = model_identity(model)  # `recover` warns when given another teacher than this dense model
     start = time.perf_counter()
@@ -165,9 +189,6 @@ def prune_in_memory(job: PruneJob, model, tokenizer, scores_out: dict | None = N
 
 
 def prune_and_save(job: PruneJob, model, tokenizer, scores_out: dict | None = None) -> PruneResult:
-    from secateurs.planning.accounting import compare_stats
-    from secateurs.storage.pruned import save_pruned
-
     model, plan, before, after, seconds = prune_in_memory(job, model, tokenizer, scores_out)
     out = save_pruned(model, plan, job.out, tokenizer=tokenizer, force=job.force, inputs=job.inputs)
     return PruneResult(plan, out, model, compare_stats(before, after), seconds)
@@ -176,32 +197,19 @@ def prune_and_save(job: PruneJob, model, tokenizer, scores_out: dict | None = No
 def _pruned_and_recovered(job: PruneJob, model, tokenizer) -> PruneResult:
     """Dense in, recovered model out: prune in memory, then distil the dense model (a copy kept
     before pruning) into the pruned one, and save the result."""
-    from secateurs.planning.accounting import compare_stats
-    from secateurs.recovery import recover
-
-    if job.iterative_recovery and job.plan is None:
-        return _depth_recovering(job, model, tokenizer)
     dense = copy.deepcopy(model)
     model, plan, before, after, seconds = prune_in_memory(job, model, tokenizer)
     result = recover(model, dense, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan, out=job.out,
-                     force=job.force, seed=job.seed, **job.recovery)
+                     force=job.force, settings=job.recovery.replace(seed=job.seed))
     return PruneResult(plan, result.out, result.model, compare_stats(before, after), seconds, result.record)
 
 
 def _depth_recovering(job: PruneJob, model, tokenizer) -> PruneResult:
     """Consensus's pipeline: remove one layer, recover, re-score, repeat (secateurs.recovery.iterative)."""
-    from secateurs.storage.pruned import save_pruned
-    from secateurs.methods.registry import get_method
-    from secateurs.recovery import RECOVERY_FILENAME
-    from secateurs.recovery.iterative import prune_depth_recovering
-
     method = get_method(job.method)
-    if method.kind != "depth":
-        raise SecateursError(f"--iterative applies to depth methods, not {job.method!r}")
     options = method.options.from_keywords(job.method, job.options)  # the method's defaults where not given
-    depth = {k: getattr(options, k) for k in ("layers", "metrics", "protect_first", "protect_last", "max_tokens")}
     model, plan, record = prune_depth_recovering(
-        model, tokenizer, job.method, job.ratio, **depth, calibration=job.calibration,
+        model, tokenizer, job.method, job.ratio, options=options, calibration=job.calibration,
         calibration_options=job.calibration_options, recovery=job.recovery, ratio_of=job.ratio_of,
         layers_equivalent=job.layers_equivalent, seed=job.seed)
     out = save_pruned(model, plan, job.out, tokenizer=tokenizer, force=job.force, inputs=job.inputs,
@@ -210,22 +218,17 @@ def _depth_recovering(job: PruneJob, model, tokenizer) -> PruneResult:
 
 
 def _reconstruction_settings(job: PruneJob):
-    from secateurs.methods import reconstruction_for
-
     return reconstruction_for(job.method, job.plan, **job.reconstruction,
                               rounding=job.options.get("rounding", "balanced"), round_to=job.options.get("round_to", 1))
 
 
 def _streamed(job: PruneJob) -> PruneResult:
     """Models larger than memory: plan on a skeleton with lazily loaded layers, cut shard by shard."""
-    from secateurs.storage.checkpoint import prune_checkpoint
-    from secateurs.storage.loading import _tokenizer
-
     if not Path(job.source).is_dir():
         raise SecateursError("--streamed needs a local Hugging Face model folder (safetensors)")
     if job.statistics:
         raise SecateursError("--stats keeps in-memory statistics; with --streamed use --scores-cache DIR")
-    tokenizer = _tokenizer(job.source)
+    tokenizer = load_tokenizer(job.source)
     plan = job.plan.mark_reapplied() if job.plan is not None else _streamed_plan(job, tokenizer)
     settings = _reconstruction_settings(job)
     if settings is None:
@@ -238,11 +241,6 @@ def _streamed(job: PruneJob) -> PruneResult:
 def _streamed_plan(job: PruneJob, tokenizer) -> PruningPlan:
     """Statistics streamed layer by layer (resumable with scores_cache); weight-based criteria,
     HARP's search and depth scoring read each layer when they reach it."""
-    from secateurs.storage.checkpoint import load_skeleton
-    from secateurs.methods import make_plan
-    from secateurs.methods.registry import get_method
-    from secateurs.calibration.streaming import streamed_statistics
-
     method = get_method(job.method)
     method.check_streamed(method.options.from_keywords(job.method, job.options))
     keywords = job.plan_keywords()
@@ -263,8 +261,6 @@ def _streamed_plan(job: PruneJob, tokenizer) -> PruningPlan:
 def _file_calibration(job: PruneJob, tokenizer, config, refusal: str):
     """A streamed run's calibration data: from a file (never 'self', which would need the whole
     model to generate it), no longer than the model's context."""
-    from secateurs.calibration.data import check_calibration_length, load_calibration
-
     if job.calibration in (None, "self"):
         raise SecateursError(refusal)
     check_calibration_length(config, job.calibration_options.get("max_length"))
@@ -274,9 +270,6 @@ def _file_calibration(job: PruneJob, tokenizer, config, refusal: str):
 def _streamed_reconstructed(job: PruneJob, plan: PruningPlan, settings, tokenizer) -> Path:
     """Sequential re-fitting layer by layer from the checkpoint (one layer in memory), the fits
     kept on disk beside the run until prune_checkpoint writes them into the output shards."""
-    from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-    from secateurs.surgery.reconstruction import RefitStore, apply_plan_sequential
-
     if settings.mode != "sequential":
         raise SecateursError("--streamed reconstructs sequentially (one layer's Gram matrices in memory); "
                              "use --reconstruct sequential")
@@ -294,10 +287,6 @@ def _streamed_reconstructed(job: PruneJob, plan: PruningPlan, settings, tokenize
 def _device_mapped(job: PruneJob) -> PruneResult:
     """Plan on the model as accelerate dispatched it, then apply the plan to the checkpoint shard by
     shard: offloaded weights cannot be sliced in place."""
-    from secateurs.storage.checkpoint import prune_checkpoint
-    from secateurs.storage.loading import load_model
-    from secateurs.methods import make_plan
-
     if not Path(job.source).is_dir():
         raise SecateursError("prune --device-map needs a local Hugging Face model folder (safetensors): "
                              "the pruned model is written from its checkpoint shard by shard")
@@ -310,7 +299,7 @@ def _device_mapped(job: PruneJob) -> PruneResult:
     if asked == "not given" and not recorded and _reconstruction_settings(job) is not None:
         status("the default re-fit needs the weights in memory; a device-mapped run applies the plan's "
                "shapes only (prune --streamed re-fits one layer at a time)")
-    model, tokenizer = load_model(job.source, job.dtype, job.device, job.device_map, job.offload_folder)
+    model, tokenizer = loading.load_model(job.source, job.dtype, job.device, job.device_map, job.offload_folder)
     plan = job.plan.mark_reapplied() if job.plan is not None else \
         make_plan(model, job.method, job.ratio, tokenizer=tokenizer, **job.plan_keywords())
     del model

@@ -10,27 +10,40 @@ instance a ratio the GQA rules cannot represent) is recorded with its error and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import time
 from pathlib import Path
 
-from secateurs.runtime.progress import bar
-
 from secateurs.errors import SecateursError
-from secateurs.storage.output import write_file, write_folder
+from secateurs.evaluation.report import plot_sweep, write_page
+from secateurs.evaluation.speed import machine_info
 from secateurs.evaluation.suite import EvalSpec, evaluate
+from secateurs.methods.registry import METHODS, get_method
+from secateurs.pipeline.jobs import PruneJob, prune_in_memory
+from secateurs.planning.accounting import model_stats
+from secateurs.runtime.progress import bar
+from secateurs.storage.output import write_file, write_folder
 
 
 def check_methods_ratios(methods: list[str], ratios: list[float]) -> None:
-    from secateurs.methods import METHODS
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SecateursError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(METHODS))}")
     bad = [r for r in ratios if not 0 < r < 1]
     if bad:
         raise SecateursError(f"ratios must be in (0, 1), got {bad}")
+
+
+def refuse_unused_calibration(calibration_options: dict, calibration, methods: list[str]) -> None:
+    """Calibration settings for a sweep whose methods never calibrate would be ignored: refused."""
+    given = [flag for flag, value in (("--calib", calibration), ("--calib-samples",
+                                                                 calibration_options.get("num_samples")),
+                                      ("--calib-length", calibration_options.get("max_length"))) if value is not None]
+    if given and not any(get_method(m).needs.calibration for m in methods):
+        raise SecateursError(f"{', '.join(given)} set the calibration data, and none of {', '.join(methods)} "
+                             "calibrates: drop them, or add a method that scores on data (amp, wanda-sp, flap, ...)")
 
 
 def _point(method: str, ratio: float, params_removed: float, result: dict) -> dict:
@@ -50,14 +63,16 @@ def _point(method: str, ratio: float, params_removed: float, result: dict) -> di
 
 
 def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: EvalSpec, out_dir: str | Path, *,
-              prune_options: dict | None = None, model_name: str = "", progress: bool = True,
+              job: PruneJob, model_name: str = "", progress: bool = True,
               describe: dict | None = None, inputs=(), force: bool = False) -> dict:
     """Evaluate dense + every method x ratio; write sweep.json/.md/.html and PNG plots to out_dir
     (through the one writer: a previous sweep there is replaced whole at the end; `describe` adds
-    entries to sweep.json). An existing out_dir is replaced only with force, and only a sweep's."""
+    entries to sweep.json). `job`: the prune settings of every point (calibration, seed, ...; its
+    method and ratio replaced by each point's). An existing out_dir is replaced only with force, and
+    only a sweep's."""
     final = Path(out_dir).expanduser().resolve()
     with write_folder(final, force=force, inputs=inputs, kind="sweep", what="sweep output folder") as tmp:
-        summary = _sweep(model, tokenizer, methods, ratios, spec, tmp, prune_options, model_name, progress)
+        summary = _sweep(model, tokenizer, methods, ratios, spec, tmp, job, model_name, progress)
         summary.update(describe or {})
         files = write_sweep_report(summary, tmp)
         write_file(tmp / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -65,18 +80,13 @@ def run_sweep(model, tokenizer, methods: list[str], ratios: list[float], spec: E
     return summary
 
 
-def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_options, model_name: str,
+def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, job: PruneJob, model_name: str,
            progress: bool) -> dict:
-    from secateurs.planning.accounting import model_stats
-    from secateurs.evaluation.speed import machine_info
-    from secateurs.methods import prune
-
     check_methods_ratios(methods, ratios)
     spec.check(model)
     dense_params = model_stats(model).total_params
-    options = dict(prune_options or {})
-    if "statistics" not in options:  # one calibration pass serves every ratio and method of this sweep
-        options["statistics"] = str(out / "calibration_statistics.safetensors")  # a fresh folder: never reused
+    if job.statistics is None:  # one calibration pass serves every ratio and method of this sweep
+        job = dataclasses.replace(job, statistics=str(out / "calibration_statistics.safetensors"))  # a fresh folder
     started = time.perf_counter()
     runs = [{"method": "dense", "ratio": 0.0, "params": dense_params, **evaluate(model, tokenizer, spec, progress)}]
     points = [_point("dense", 0.0, 0.0, runs[0])]
@@ -84,7 +94,8 @@ def _sweep(model, tokenizer, methods, ratios, spec: EvalSpec, out: Path, prune_o
     for method, ratio in bar(grid, desc="sweep", disable=not progress):
         pruned = copy.deepcopy(model)
         try:
-            pruned, plan = prune(pruned, tokenizer, method=method, ratio=ratio, **options)
+            pruned, plan, *_ = prune_in_memory(dataclasses.replace(job, method=method, ratio=ratio), pruned,
+                                               tokenizer)
         except SecateursError as exc:
             runs.append({"method": method, "ratio": ratio, "error": str(exc)})
             continue
@@ -107,8 +118,6 @@ def _pct(p: dict, key: str) -> str:
 
 
 def write_sweep_report(summary: dict, out: Path) -> dict[str, Path]:
-    from secateurs.evaluation.report import plot_sweep, write_page
-
     points = summary["points"]
     files: dict[str, Path] = {}
     ppl_keys = [k for k in points[0] if k.startswith("ppl_")] if points else []
