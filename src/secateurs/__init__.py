@@ -19,7 +19,10 @@ _PUBLIC = {
     "recover": "secateurs.recovery",
     "export_gguf": "secateurs.export",
     "PruneJob": "secateurs.pipeline.jobs",
-    "run": "secateurs.pipeline.jobs",
+    "run": "secateurs.pipeline.runner",
+    "RecoverySettings": "secateurs.recovery.settings",
+    "ExportSettings": "secateurs.export.settings",
+    "EvaluationSettings": "secateurs.evaluation.settings",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from secateurs.cli.declared import add_arguments, read_arguments
 from secateurs.evaluation.settings import EvaluationSettings
 from secateurs.export.settings import ExportSettings
 from secateurs.recovery.settings import RecoverySettings
-from secateurs.settings.fields import add_arguments, read_arguments
 from secateurs.settings.names import DTYPE_NAMES
 from secateurs.settings.values import TOKENS, float_in, int_in, nonempty, nonnegative_int, thread_count
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import DEFAULT_MAX_BATCH_TOKENS, evaluate_perplexity, load_text, resolve_seq_len
 from secateurs.evaluation.settings import EvaluationSettings
-from secateurs.evaluation.zero_shot import parse_tasks
+from secateurs.evaluation.zero_shot import parse_tasks, zero_shot
 from secateurs.settings.values import parse_list
 
 
@@ -74,8 +74,6 @@ def evaluate(model, tokenizer, spec: EvalSpec | EvaluationSettings, progress: bo
             model, tokenizer, spec.text, spec.protocols, batch_size=spec.batch_size, max_windows=spec.max_windows,
             max_tokens=spec.max_tokens, max_batch_tokens=spec.max_batch_tokens, progress=progress)
     if spec.tasks:
-        from secateurs.evaluation.zero_shot import zero_shot
-
         out["zero_shot"] = zero_shot(model, tokenizer, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
                                      batch_size=spec.eval_batch_size, num_fewshot=spec.num_fewshot)
     return out

@@ -10,8 +10,8 @@ before a file is written, with the reason returned by `unsupported`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import gguf
 import torch

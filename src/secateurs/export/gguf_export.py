@@ -56,14 +56,24 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError, UnsupportedModelError
-from secateurs.export.gguf_arch import (LAYER_NORMS, RULES, ArchitectureRules, LayerForm, T, head_dim, rope_parameters,
-                                        rotary_dims, unsupported)
+from secateurs.export.gguf_arch import (
+    LAYER_NORMS,
+    RULES,
+    ArchitectureRules,
+    LayerForm,
+    T,
+    head_dim,
+    rope_parameters,
+    rotary_dims,
+    unsupported,
+)
 from secateurs.export.gguf_vocab import add_tokenizer
 from secateurs.export.settings import ExportSettings
-from secateurs.storage.output import check_finite, check_output_file, writing_file
 from secateurs.runtime.progress import phase
-from secateurs.version import __version__
+from secateurs.storage.loading import load_model
+from secateurs.storage.output import check_finite, check_output_file, writing_file
 from secateurs.surgery.value_attention import RemovedAttention, ValueOnlyAttention
+from secateurs.version import __version__
 
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -86,8 +96,6 @@ def export_gguf(model, out: str | os.PathLike, outtype: str | None = None, token
         sources.append(model)
     target = check_gguf_output(out, force, sources)
     if isinstance(model, (str, os.PathLike)):
-        from secateurs.storage.loading import load_model
-
         folder = Path(model).expanduser()
         model, loaded = load_model(str(model), dtype=torch.float32)
         if tokenizer is None:  # the folder's own tokenizer files, as saved, when it has them

@@ -26,7 +26,6 @@ from transformers import PreTrainedTokenizerFast
 from secateurs.errors import SecateursError
 from secateurs.export.pre_tokenizers import CHECK_TEXT, PRE_TOKENIZERS
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
 
@@ -62,7 +61,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int, name: str = 
             spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise SecateursError(f"tokenizer.json cannot be read ({exc}); re-save the model with its tokenizer") from exc
+            raise SecateursError(f"tokenizer.json cannot be read ({exc}); re-save the model with its "
+                                 "tokenizer") from exc
         quiet = logging.getLogger("gguf").level
         logging.getLogger("gguf").setLevel(logging.WARNING)
         try:

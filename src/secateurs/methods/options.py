@@ -66,7 +66,7 @@ class MethodOptions:
         return out
 
     @classmethod
-    def from_keywords(cls, method: str, keywords: dict[str, Any]) -> "MethodOptions":
+    def from_keywords(cls, method: str, keywords: dict[str, Any]) -> MethodOptions:
         """The options of `keywords`; None for an option whose declared default is not None means
         'not given' (the declared default applies)."""
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}

@@ -35,9 +35,8 @@ from secateurs.methods import make_plan, prune, reconstruction_for
 from secateurs.methods.registry import get_method
 from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.planning.plan import PruningPlan
-from secateurs.recovery.api import RECOVERY_FILENAME, checkpoint_folder, recover
+from secateurs.recovery.api import RECOVERY_FILENAME, check_resources_before_loading, checkpoint_folder, recover
 from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
-from secateurs.recovery.folders import check_resources_before_loading
 from secateurs.recovery.iterative import prune_depth_recovering
 from secateurs.recovery.settings import RecoverySettings
 from secateurs.runtime.progress import status

@@ -33,9 +33,8 @@ from secateurs.export.settings import ExportSettings
 from secateurs.pipeline import jobs
 from secateurs.pipeline.sweep import check_methods_ratios, refuse_unused_calibration, run_sweep
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
-from secateurs.recovery.api import RecoveryResult, checkpoint_folder, recover
+from secateurs.recovery.api import RecoveryResult, check_resources_before_loading, checkpoint_folder, recover
 from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
-from secateurs.recovery.folders import check_resources_before_loading
 from secateurs.recovery.settings import RecoverySettings
 from secateurs.runtime.progress import phase
 from secateurs.storage import loading

@@ -10,6 +10,7 @@ checkpoint belongs to this very run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from secateurs.adapters import get_adapter
 from secateurs.adapters.plans import plan_base
 from secateurs.errors import SecateursError
 from secateurs.planning.accounting import model_stats
@@ -31,6 +33,9 @@ from secateurs.recovery.settings import PRESETS, RecoverySettings
 from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
 from secateurs.runtime import threads
 from secateurs.runtime.progress import status
+from secateurs.storage.checkpoint import load_skeleton
+from secateurs.storage.identity import model_identity
+from secateurs.storage.loading import resolve_source
 from secateurs.storage.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
 from secateurs.storage.pruned import save_pruned
 from secateurs.version import __version__
@@ -113,6 +118,30 @@ class _Run:
     identity: dict  # {"run": id} in the marker of every checkpoint this run writes (kept across resumes)
 
 
+def check_resources_before_loading(pruned: str, teacher: str | None, device: str,
+                                   settings: RecoverySettings) -> None:
+    """The time and memory estimate from the models' configs (meta skeletons, no weights read), for
+    local Hugging Face folders; recover() checks again on the loaded models. (prune --recover passes
+    the dense model as both: an upper bound for the student it prunes.)"""
+    def skeleton(source):
+        try:
+            kind, path = resolve_source(source)
+            return load_skeleton(path, load_outside_layers=False)[0] if kind == "dir" else None
+        except Exception:  # noqa: BLE001 - no skeleton: the check runs once the models are loaded
+            return None
+
+    student = skeleton(pruned)
+    dense = (student if teacher == pruned else skeleton(teacher)) if teacher else None
+    if student is None or (teacher and dense is None):
+        return
+    try:
+        check_resources(student, dense, device, settings)
+    except SecateursError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. a device that is checked when the models load
+        return
+
+
 def recover(student, teacher=None, *, settings: RecoverySettings | None = None, tokenizer=None,
             teacher_tokenizer=None, plan: PruningPlan | None = None, out: str | os.PathLike | None = None,
             force: bool = False, evaluation_files: list | None = None, progress: bool = True, on_validation=None,
@@ -189,8 +218,6 @@ def _not_the_parent(teacher, plan: PruningPlan | None) -> str | None:
         return None
     recorded = plan.provenance.get("base_identity")
     if isinstance(recorded, str):
-        from secateurs.storage.identity import model_identity
-
         here = model_identity(teacher)
         return None if here == recorded else f"its weights' fingerprint {here} is not the plan's base {recorded}"
     if not _is_plan_base(teacher, plan):
@@ -239,7 +266,6 @@ def _check_resources(student, teacher, settings: RecoverySettings, *, self_token
                      device=None) -> None:
     """Estimate the run's time and memory (secateurs.recovery.estimate) and refuse one that cannot
     finish within max_hours or fit in the free memory; the estimate is printed."""
-    from secateurs.adapters import get_adapter
 
     s, lora = settings, settings.lora
     params = sum(p.numel() for p in student.parameters())
@@ -367,7 +393,6 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
 def _layer_map(student, teacher, plan: PruningPlan | None) -> tuple[int, ...]:
     """Teacher layer index of every student layer: the plan's kept layers (depth pruning removes
     some; width and HARP pruning keep them all), or the identity when the counts agree."""
-    from secateurs.adapters import get_adapter
 
     n_s = len(get_adapter(student).decoder_layers(student))
     n_t = len(get_adapter(teacher).decoder_layers(teacher))
@@ -409,8 +434,6 @@ def _name(model) -> str | None:
 
 
 def _shape_fingerprint(model) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for n, p in model.named_parameters():
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())

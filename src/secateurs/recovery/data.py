@@ -31,6 +31,7 @@ import torch
 
 from secateurs.calibration.data import hf_texts, self_generated
 from secateurs.errors import SecateursError
+from secateurs.evaluation.perplexity import load_text
 from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
 
 IGNORE_INDEX = -100
@@ -312,7 +313,6 @@ def refuse_shared_text(spec: str, ids: list[int], tokenizer, evaluation_files: l
     tokens of an EvaluationText (or a (path, max_tokens) entry), the whole file for a plain path, so
     a large file does not dilute its evaluated slice. Returns each file's shared fraction and the
     tokens it was measured on, for recovery.json."""
-    from secateurs.evaluation.perplexity import load_text
 
     found = []
     for entry in evaluation_files or []:

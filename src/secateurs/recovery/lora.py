@@ -35,7 +35,7 @@ def lora_target_names(model) -> list[str]:
 def attach_lora(model, r: int, alpha: float, dropout: float):
     """Wrap `model` in a peft LoRA model (its modules are replaced in place; base weights frozen)."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 (optional: the recover extra)
     except ImportError as exc:
         raise SecateursError(PEFT_HINT) from exc
     if r < 1 or alpha <= 0 or not 0 <= dropout < 1:

@@ -167,7 +167,7 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
                 h_s = student_out[j][:, :-1][mask]
                 h_t = teacher_out[source][:, :-1][mask.to(h_s.device)].to(h_s.device)
                 h_s, h_t = _at_least_float32(h_s), _at_least_float32(h_t)
-                terms.append(((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12)))
+                terms.append((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12))
             per_token = torch.stack(terms).mean(0)
             hidden_loss = objective.hidden_weight * per_token.sum()
         sums["hidden"] = per_token.sum().item()

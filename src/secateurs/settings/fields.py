@@ -1,8 +1,8 @@
 """Settings declared once: a frozen dataclass whose fields carry their flag, help and argparse type
 (`option(...)`). From that one declaration the library builds the object from keywords (unknown ones
 refused, `from_keywords`), checks every bounded value with the same words the command line uses
-(`check_declared`), and the command line builds its flags (`add_arguments`) and reads them back
-(`read_arguments`). No torch here.
+(`check_declared`), and the command line builds its flags from it (secateurs.cli.declared). No torch or
+argparse here.
 
 A field's help may hold `{default}` (with a format spec, `{default:g}`): the default is written there.
 Otherwise the help gets " (default: X)" appended, unless the default is None or False, the field is a
@@ -11,7 +11,6 @@ switch, or the help already words its default itself (it says "default").
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
@@ -57,16 +56,6 @@ def label(f: dataclasses.Field) -> str:
     return f"{f.name} ({'/'.join(flags)})" if flags else f.name
 
 
-def _generated(cls) -> list[dataclasses.Field]:
-    """The fields whose flags the command line takes from the declaration."""
-    return [f for f in dataclasses.fields(cls) if flags_of(f) and not f.metadata.get("shared")]
-
-
-def _dest(f: dataclasses.Field) -> str:
-    given = f.metadata["argparse"].get("dest")
-    return given or flags_of(f)[0][2:].replace("-", "_")
-
-
 def help_of(f: dataclasses.Field, default: Any = dataclasses.MISSING) -> str:
     """A field's help with its default stated (see the module's docstring)."""
     default = f.default if default is dataclasses.MISSING else default
@@ -76,35 +65,6 @@ def help_of(f: dataclasses.Field, default: Any = dataclasses.MISSING) -> str:
         return text.format(default=shown)
     quiet = f.metadata["argparse"].get("action") or shown is None or shown is False or "default" in text
     return text if quiet else f"{text} (default: {shown})"
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None, suppress: bool = False,
-                  defaults: dict | None = None, notes: dict | None = None) -> None:
-    """Add the flags of settings class `cls` to `parser`: in a group titled `title` (or each field's
-    own group), with type, choices and bounds from the declaration. `suppress`: a flag not given
-    leaves no attribute (the library's default applies, and `read_arguments` returns what was given);
-    `defaults` replaces some fields' defaults on this parser; `notes` adds a sentence to some helps."""
-    defaults, notes, groups = defaults or {}, notes or {}, {}
-    for f in _generated(cls):
-        where = title or f.metadata.get("group")
-        if where not in groups:
-            groups[where] = parser.add_argument_group(where) if where else parser
-        target = groups[where]
-        default = defaults.get(f.name, f.default)
-        keywords = {k: v for k, v in f.metadata["argparse"].items() if k != "dest"}
-        if f.metadata.get("switches"):
-            exclusive = target.add_mutually_exclusive_group()
-            for flag, (value, help) in f.metadata["switches"].items():
-                exclusive.add_argument(flag, dest=_dest(f), default=argparse.SUPPRESS if suppress else default,
-                                       action="store_const", const=value, help=help)
-            continue
-        target.add_argument(*flags_of(f), dest=_dest(f), default=argparse.SUPPRESS if suppress else default,
-                            help=help_of(f, default) + notes.get(f.name, ""), **keywords)
-
-
-def read_arguments(args: argparse.Namespace, cls) -> dict:
-    """{field name: value} of `cls`'s flags found in `args` (with `suppress`: those given)."""
-    return {f.name: getattr(args, _dest(f)) for f in _generated(cls) if hasattr(args, _dest(f))}
 
 
 def from_keywords(cls, keywords: dict, what: str):

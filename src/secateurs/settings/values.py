@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from secateurs.errors import SecateursError
+from secateurs.runtime.threads import affinity_cores
 
 
 class CommandLineError(Exception):
@@ -120,7 +122,6 @@ TOKENS = at_least(2)  # a token count (windows, sequences): one object, so every
 
 def thread_count(text: str) -> int:
     """Torch CPU threads: 1 up to the cores this process may run on (more only wait for each other)."""
-    from secateurs.runtime.threads import affinity_cores
 
     value = positive_int(text)
     cores = affinity_cores()
@@ -133,7 +134,6 @@ def thread_count(text: str) -> int:
 def task_prefix(text: str) -> str:
     """An lm-eval task name prefix: letters, digits, '_' and '.' (a name starting with '-' would read
     as an option on lm-eval's command line)."""
-    import re
 
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.]*", text):
         raise argparse.ArgumentTypeError(f"{text!r}: a task name prefix holds letters, digits, '_' and '.' (and does "

@@ -4,6 +4,7 @@ SmolLM2-135M and Gemma-3-270M aliases, ready for pruning (dequantised, eval mode
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -12,15 +13,23 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.errors import SecateursError
-from secateurs.storage.offload import parse_device_map
 from secateurs.planning.plan import CONFIG_KEY
 from secateurs.runtime.progress import HEARTBEAT_SECONDS, phase
+from secateurs.storage.cache import root
 from secateurs.storage.cache import root as cache_root
+from secateurs.storage.checkpoint import CheckpointTensors
+from secateurs.storage.hfcompat import load_config
+from secateurs.storage.identity import model_identity
 from secateurs.storage.jsonl import file_sha256
+from secateurs.storage.offload import parse_device_map
+from secateurs.storage.output import refuse_overlap, write_folder
+from secateurs.storage.pruned import load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +191,6 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
     """load_model's body; errors from broken files are turned into one message by the caller."""
     device_map = parse_device_map(device_map)
     if kind == "dir":
-        from secateurs.storage.checkpoint import CheckpointTensors
-
         CheckpointTensors(path)  # shard names from the index stay inside the folder, before any loader reads them
     if device_map is not None:
         info = getattr(_peek_config(path), CONFIG_KEY, None) if kind == "dir" else None
@@ -192,7 +199,6 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
                                  "or hub id): not GGUF files, nor pruned folders with per-layer shapes, extra "
                                  "biases or HARP layers (load those with load_pruned, without a device map)")
         if offload_folder is not None:  # accelerate writes offloaded weights there: never into the input
-            from secateurs.storage.output import refuse_overlap
 
             refuse_overlap(Path(offload_folder).expanduser().resolve(), [path] if path else [], "--offload-folder")
         target = str(path) if path else source
@@ -205,8 +211,6 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
     if kind == "gguf":
         model, tokenizer = _load_gguf(path, torch_dtype)
     elif kind == "dir" and hasattr(_peek_config(path), CONFIG_KEY):
-        from secateurs.storage.pruned import load_pruned
-
         model = load_pruned(path, dtype=torch_dtype)
         tokenizer = _tokenizer(path)
     else:
@@ -250,7 +254,6 @@ def _gguf_parsed_once():
     (33 s -> 16 s on 2 cores). Both are pure functions of their arguments, so for one load they are
     memoised where transformers looks them up (attributes of the gguf package); the weights are
     identical either way (tested)."""
-    import gguf
 
     originals = gguf.GGUFReader, gguf.get_tensor_name_map
     gguf.GGUFReader = functools.lru_cache(maxsize=2)(originals[0])
@@ -265,13 +268,6 @@ GGUF_CACHE_RECORD = "secateurs-gguf-cache.json"
 
 
 def gguf_cache_folder(path: Path) -> Path:
-    import hashlib
-    import json
-
-    import transformers
-
-    from secateurs.storage.cache import root
-
     stat = path.stat()
     key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__])
     return root() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -279,10 +275,7 @@ def gguf_cache_folder(path: Path) -> Path:
 
 def cache_gguf_model(model, tokenizer, folder: Path) -> None:
     """Store the dequantised model; a cache that cannot be written costs only the next run's time."""
-    import json
 
-    from secateurs.storage.identity import model_identity
-    from secateurs.storage.output import write_folder
 
     try:
         with phase("keeping the dequantised model in the cache for the next run"), \
@@ -298,7 +291,6 @@ def cache_gguf_model(model, tokenizer, folder: Path) -> None:
 
 def _weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every weight file: the cache is trusted only byte for byte (a second or two for 540 MB)."""
-    from secateurs.storage.jsonl import file_sha256
 
     return {file.name: file_sha256(file) for file in sorted(folder.glob("*.safetensors"))}
 
@@ -306,9 +298,7 @@ def _weight_hashes(folder: Path) -> dict[str, str]:
 def cached_gguf_model(folder: Path, path: Path, torch_dtype):
     """(model, tokenizer) from the cache, or None when missing or not trustworthy (unreadable, or its
     weights do not have the identity recorded when it was written): then it is rebuilt."""
-    import json
 
-    from secateurs.storage.identity import model_identity
 
     record = folder / GGUF_CACHE_RECORD
     if not record.is_file():
@@ -331,8 +321,6 @@ def cached_gguf_model(folder: Path, path: Path, torch_dtype):
 
 
 def _peek_config(path: Path):
-    from secateurs.storage.hfcompat import load_config
-
     return load_config(path)
 
 
