@@ -29,7 +29,11 @@ def add_parsers(sub) -> None:
     add_eval_args(p)
     add_out_arg(p, help="write the results to this .json file (for `secateurs report`)")
     _add_force(p, "an existing --out file, only if it is a secateurs eval result")
+    _add_bench_parser(sub)
+    _add_report_sweep_tasks_parsers(sub)
 
+
+def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token and memory vs a baseline")
     add_model_args(p)
     p.add_argument("--baseline", type=nonempty,
@@ -54,6 +58,8 @@ def add_parsers(sub) -> None:
     add_out_arg(p, help="write the results to this .json file (the Markdown table goes to stdout)")
     _add_force(p, "an existing --out file, only if it is a secateurs bench result")
 
+
+def _add_report_sweep_tasks_parsers(sub) -> None:
     p = sub.add_parser("report", help="Markdown + HTML report with plots for a pruned model folder")
     p.add_argument("run", type=nonempty, help="folder written by `secateurs prune` (or its pruning_plan.json)")
     p.add_argument("--eval", dest="eval_file", type=nonempty, help="eval JSON (default: RUN/eval.json if present)")
