@@ -30,7 +30,6 @@ from secateurs.cli.options import (
     BENCH_SECONDS,
     DEMO_BENCH_TIME_LIMIT,
     DEMO_QUICK,
-    DEMO_RECOVERY,
     MAX_SPREAD,
     MODEL_HELP,
     add_calibration_args,
@@ -48,6 +47,7 @@ from secateurs.cli.options import (
 )
 from secateurs.errors import SecateursError
 from secateurs.methods.options import METHOD_NAMES, OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
+from secateurs.recovery.settings import BriefRecovery
 from secateurs.runtime import progress, threads
 from secateurs.settings.names import DEFAULT_MAX_SPREAD, RATIO_OF, RECONSTRUCT_MODES
 from secateurs.settings.values import (
@@ -268,11 +268,11 @@ def _add_demo_parser(sub) -> None:
     g.add_argument("--bench-max-spread", type=MAX_SPREAD, default=DEFAULT_MAX_SPREAD,
                    help="largest interquartile range / median of the paired ratios reported (default: %(default)s)")
     g = p.add_argument_group("recovery (a brief distillation from the dense model, as `secateurs recover`)")
-    g.add_argument("--recover-tokens", type=nonnegative_int, default=DEMO_RECOVERY["tokens"],
+    g.add_argument("--recover-tokens", type=nonnegative_int, default=BriefRecovery.tokens,
                    help="tokens of the calibration text to distil on, several passes over it "
-                        f"(default: {DEMO_RECOVERY['tokens']}; 0: no recovery)")
-    g.add_argument("--recover-lr", type=positive_float, default=DEMO_RECOVERY["lr"],
-                   help=f"peak learning rate of the brief full fine-tuning (default: {DEMO_RECOVERY['lr']:g})")
+                        f"(default: {BriefRecovery.tokens}; 0: no recovery)")
+    g.add_argument("--recover-lr", type=positive_float, default=BriefRecovery.lr,
+                   help=f"peak learning rate of the brief full fine-tuning (default: {BriefRecovery.lr:g})")
 
 
 def _add_global_args(p: argparse.ArgumentParser, default) -> None:
@@ -388,7 +388,7 @@ def demo_stages(args) -> list:
     bench = BenchConfig(batch_sizes=(1,), prompt_lengths=(args.bench_prompt_length,),
                         decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, warmup=1,
                         max_spread=args.bench_max_spread, time_limit=args.bench_time_limit)
-    recovery = {**DEMO_RECOVERY, "tokens": args.recover_tokens, "lr": args.recover_lr}
+    recovery = BriefRecovery(tokens=args.recover_tokens, lr=args.recover_lr)
     return [Demo(prune_job(args), spec, bench, recovery, text=s.ppl, text_field=s.text_field or "text",
                  max_docs=s.max_docs)]
 

@@ -27,13 +27,6 @@ MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-I
 # The demo's caps, so that it ends in minutes. Decode tokens: one batch-1 decode step of SmolLM2 takes
 # ~0.12 s here, and the speed comparison runs 2 models x 4 repeats; 16 steps still give a stable median.
 DEMO_QUICK = {"max_windows": 64, "limit": 50, "decode_tokens": 16}
-# The demo's recovery: a taste of `secateurs recover`, sized to keep the demo within minutes on
-# 2 cores. It trains on the calibration text (for 'self', the samples pruning already drew and
-# cached, so nothing is generated twice), several passes over it. lr 3e-5: amp's default re-fits
-# the layers, so the pruned model starts close to the teacher; on SmolLM2 four steps at 3e-4 made
-# the held-out KL worse (the best step was the untrained one), at 1e-4 0.483 -> 0.463, at 3e-5 -> 0.444
-# (on 'self' samples drawn by torch.multinomial; on the inverse-CDF samples drawn now 0.427 -> 0.413).
-DEMO_RECOVERY = {"tokens": 2048, "lr": 3e-5, "batch_size": 4, "val_sequences": 4, "validations": 1}
 
 
 def add_runtime_args(p: argparse.ArgumentParser, device_map: bool = True) -> None:

@@ -44,7 +44,7 @@ from secateurs.pipeline.jobs import PruneJob, preflight, prune_and_save
 from secateurs.pipeline.stages import RunState, Stage
 from secateurs.recovery.api import recover
 from secateurs.recovery.data import EvaluationText
-from secateurs.recovery.settings import RecoverySettings
+from secateurs.recovery.settings import BriefRecovery, RecoverySettings
 from secateurs.runtime import threads
 from secateurs.runtime.progress import phase
 from secateurs.settings.names import STANDARD_TASKS
@@ -58,20 +58,19 @@ DEMO_TEXT = "tinystories_sample.txt"
 class Demo(Stage):
     """The whole demo as one stage (see the module docstring): `job` is the pruning asked for (its
     `out` is the demo folder), `spec` the evaluation (its text read from `text`, default the bundled
-    sample), `bench` the speed measurement, `recovery` the brief recovery: {"tokens" (0: none), "lr",
-    "batch_size", "val_sequences" (held out at most), "validations"}."""
+    sample), `bench` the speed measurement, `recovery` the brief recovery."""
 
     job: PruneJob
     spec: EvalSpec
     bench: BenchConfig
-    recovery: dict
+    recovery: BriefRecovery = BriefRecovery()
     text: str | None = None
     text_field: str = "text"
     max_docs: int | None = None
 
     @property
     def recover_tokens(self) -> int:
-        return self.recovery["tokens"]
+        return self.recovery.tokens
 
     def check(self, run: RunState) -> tuple[str, dict]:
         preflight(self.job, kind="demo")
@@ -267,12 +266,12 @@ def _recovery_settings(demo: Demo) -> RecoverySettings:
     source = job.calibration or "self"
     length = job.calibration_options.get("max_length") or DEFAULT_LENGTH
     samples = job.calibration_options.get("num_samples") or DEFAULT_SAMPLES
-    shape = demo.recovery
-    held_out = max(1, min(shape["val_sequences"], samples // 8))  # the rest of the samples train
-    steps = -(-shape["tokens"] // (shape["batch_size"] * length))
-    return RecoverySettings(data=source, tokens=shape["tokens"], seq_len=length, batch_size=shape["batch_size"],
-                            val_tokens=held_out * length, eval_every=max(1, steps // shape["validations"]),
-                            lr=shape["lr"], seed=job.seed, self_samples=samples if source == "self" else None)
+    brief = demo.recovery
+    held_out = max(1, min(brief.val_sequences, samples // 8))  # the rest of the samples train
+    steps = -(-brief.tokens // (brief.batch_size * length))
+    return RecoverySettings(data=source, tokens=brief.tokens, seq_len=length, batch_size=brief.batch_size,
+                            val_tokens=held_out * length, eval_every=max(1, steps // brief.validations),
+                            lr=brief.lr, seed=job.seed, self_samples=samples if source == "self" else None)
 
 
 def _greedy(model, tokenizer, device, prompt: str = "Once upon a time") -> str:
