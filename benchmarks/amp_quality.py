@@ -33,10 +33,10 @@ from secateurs.calibration.statistics import collect_statistics
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import plain_forward_seconds
 from secateurs.evaluation.zero_shot import zero_shot
+from secateurs.files.output import write_file
 from secateurs.methods import prune
 from secateurs.methods.options import methods_taking
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}
 # name -> (method, selection, options of secateurs.prune). The AMP rows name every knob, so that

@@ -20,7 +20,7 @@ from pathlib import Path
 from common import header_markdown, result_header
 
 from secateurs.evaluation.speed import machine_info
-from secateurs.storage.output import write_file
+from secateurs.files.output import write_file
 
 
 def _deviation(values: list[float]) -> float:

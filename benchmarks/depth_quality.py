@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from common import ASSETS, command_line, header_markdown, result_header
 
-from secateurs.adapters.plans import layer_removal_plan
 from secateurs.calibration.data import load_calibration
 from secateurs.calibration.statistics import collect_statistics
 from secateurs.criteria.consensus import consensus_ranking
@@ -41,10 +40,11 @@ from secateurs.criteria.depth_scores import capture_traces, score_layers
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info, plain_forward_seconds
 from secateurs.evaluation.zero_shot import zero_shot
+from secateurs.files.output import write_file
 from secateurs.methods import make_plan, prune
 from secateurs.methods.options import CONSENSUS_METRICS
+from secateurs.planning.geometry import layer_removal_plan
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
 
 MODELS = {"smollm2": "smollm2", "stories260K": str(ASSETS / "models" / "stories260K-hf")}

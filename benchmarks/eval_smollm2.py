@@ -35,10 +35,10 @@ from secateurs.evaluation.report import eval_tables, render_markdown  # noqa: E4
 from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, machine_info  # noqa: E402
 from secateurs.evaluation.suite import EvalSpec, evaluate  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS  # noqa: E402
+from secateurs.files.output import write_file  # noqa: E402
 from secateurs.methods import METHODS, prune  # noqa: E402
 from secateurs.planning.accounting import model_stats  # noqa: E402
 from secateurs.storage.loading import load_model  # noqa: E402
-from secateurs.storage.output import write_file  # noqa: E402
 
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 TASKS = ASSETS / "commonsense" / "llm-foundry"

@@ -186,7 +186,7 @@ def after_the_runs(load_before: list[float]):
     sys.path.insert(0, str(ROOT / "src"))
     from common import header_markdown, result_header  # noqa: PLC0415 (after the timed commands: it imports torch)
 
-    from secateurs.storage.output import write_file  # noqa: PLC0415 (after the timed commands: see above)
+    from secateurs.files.output import write_file  # noqa: PLC0415 (after the timed commands: see above)
 
     header = result_header(load_at_start=load_before)
     return write_file, header, header_markdown(header)

@@ -33,12 +33,12 @@ from secateurs.calibration.statistics import collect_statistics
 from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.evaluation.speed import BenchConfig, bench_models, machine_info
 from secateurs.evaluation.zero_shot import zero_shot
+from secateurs.files.output import write_file
 from secateurs.methods import prune
 from secateurs.methods.harp import harp_plan, search_alphas
 from secateurs.planning.accounting import model_stats
 from secateurs.planning.budget import Geometry
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
 
 

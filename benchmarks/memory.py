@@ -37,9 +37,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from secateurs.calibration.data import Calibration
 from secateurs.calibration.statistics import collect_statistics
 from secateurs.calibration.streaming import streamed_statistics
+from secateurs.files.output import write_file
 from secateurs.methods import make_plan
 from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-from secateurs.storage.output import write_file
 from secateurs.storage.pruned import save_pruned
 from secateurs.surgery.apply import apply_plan
 

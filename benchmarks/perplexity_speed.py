@@ -34,8 +34,8 @@ from common import ASSETS, header_markdown, result_header
 
 from secateurs.evaluation.perplexity import load_text, perplexity, window_nll
 from secateurs.evaluation.speed import machine_info
+from secateurs.files.output import write_file
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
 

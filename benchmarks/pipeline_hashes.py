@@ -22,7 +22,7 @@ from pathlib import Path
 from common import ASSETS, result_header
 
 from secateurs.cli.main import main as secateurs_main
-from secateurs.storage.output import write_file
+from secateurs.files.output import write_file
 
 HEADER = "header"  # the key of the result header: every other key is a run
 STORIES = ASSETS / "models" / "stories260K-hf"

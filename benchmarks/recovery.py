@@ -51,20 +51,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from common import ASSETS, header_markdown, result_header  # noqa: E402
 
-from secateurs.adapters.plans import layer_removal_plan  # noqa: E402
 from secateurs.evaluation.perplexity import load_text, perplexity  # noqa: E402
 from secateurs.evaluation.speed import machine_info  # noqa: E402
 from secateurs.evaluation.zero_shot import zero_shot  # noqa: E402
+from secateurs.files.output import write_file  # noqa: E402
 from secateurs.methods import prune  # noqa: E402
 from secateurs.methods.options import DepthOptions  # noqa: E402
 from secateurs.planning.accounting import model_stats  # noqa: E402
+from secateurs.planning.geometry import layer_removal_plan  # noqa: E402
 from secateurs.recovery import Objective, load_recovery_data, recover  # noqa: E402
 from secateurs.recovery.allocator import retain_freed_memory  # noqa: E402
 from secateurs.recovery.iterative import prune_depth_recovering  # noqa: E402
 from secateurs.recovery.settings import RecoverySettings  # noqa: E402
 from secateurs.recovery.trainer import LoopSettings, RecoveryLoop  # noqa: E402
 from secateurs.storage.loading import load_model  # noqa: E402
-from secateurs.storage.output import write_file  # noqa: E402
 from secateurs.storage.pruned import save_pruned  # noqa: E402
 from secateurs.surgery.apply import apply_plan  # noqa: E402
 

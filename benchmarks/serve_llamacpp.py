@@ -39,9 +39,9 @@ from transformers import AutoTokenizer
 
 from secateurs.evaluation.perplexity import load_text, perplexity
 from secateurs.export import export_gguf, plan_export
+from secateurs.files.output import write_file
 from secateurs.planning.accounting import model_stats
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 from secateurs.storage.pruned import load_pruned, save_pruned
 
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"

@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 from common import ASSETS, header_markdown, result_header
 
+from secateurs.files.output import write_file
 from secateurs.methods import make_plan
 from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 from secateurs.surgery.apply import apply_plan
 
 MODEL = "smollm2"

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
+from secateurs.calibration.data import Calibration
 
 DATA = Path(__file__).resolve().parent / "data"  # in the repository: tests/data/README.md lists every file
 ASSETS = Path(os.environ.get("SECATEURS_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
@@ -116,6 +117,21 @@ def masked_reference(model, plan):
 
 def input_ids(batch: int = 2, length: int = 12, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def padded_calibration(seed: int = 0) -> Calibration:
+    """Two batches with right padding (lengths 7, 4, 10 and 3) over a 64-token vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for lengths in ([7, 4], [10, 3]):
+        width = max(lengths)
+        ids = torch.randint(1, 64, (len(lengths), width), generator=gen)
+        mask = torch.zeros_like(ids)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = 1
+            ids[row, n:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return Calibration(batches, {"source": "test"}, "h")
 
 
 def asset_missing(path: str | Path) -> str | None:

@@ -7,37 +7,21 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, padded_calibration, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from secateurs.adapters import get_adapter
-from secateurs.planning.budget import plan_budget, unit_costs
-from secateurs.calibration.data import ALPACA_TEMPLATE, Calibration, load_calibration
+from secateurs.calibration.data import ALPACA_TEMPLATE, load_calibration
+from secateurs.calibration.statistics import Statistics, collect_statistics, head_contribution_l1
 from secateurs.criteria.amp import amp_scores
 from secateurs.criteria.wanda_sp import wanda_sp_scores
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.storage.pruned import save_pruned
-from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan, prune
+from secateurs.planning.budget import plan_budget, unit_costs
 from secateurs.planning.plan import PruningPlan
-from secateurs.calibration.statistics import Statistics, collect_statistics, head_contribution_l1
-
-from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
-
-
-def _padded_calibration(seed: int = 0) -> Calibration:
-    """Two batches with right padding (lengths 7, 4, 10 and 3) over a 64-token vocabulary."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for lengths in ([7, 4], [10, 3]):
-        width = max(lengths)
-        ids = torch.randint(1, 64, (len(lengths), width), generator=gen)
-        mask = torch.zeros_like(ids)
-        for row, n in enumerate(lengths):
-            mask[row, :n] = 1
-            ids[row, n:] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return Calibration(batches, {"source": "test"}, "h")
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import save_pruned
 
 
 def _reference_scores(model, calibration, averaging):
@@ -85,7 +69,7 @@ def _reference_scores(model, calibration, averaging):
 @pytest.mark.parametrize("name", ["llama-gqa", "phi", "phi3", "gemma2"])
 def test_amp_scores_match_direct_computation(name, averaging):
     model = tiny_model(name).float()
-    calibration = _padded_calibration()
+    calibration = padded_calibration()
     scores = amp_scores(collect_statistics(model, calibration, progress=False), averaging)
     want_heads, want_neurons = _reference_scores(model, calibration, averaging)
     for got, want in zip(scores.heads, want_heads):
@@ -96,8 +80,8 @@ def test_amp_scores_match_direct_computation(name, averaging):
 
 def test_padding_never_counts():
     model = tiny_model("llama-gqa").float()
-    calibration = _padded_calibration()
-    other = _padded_calibration()
+    calibration = padded_calibration()
+    other = padded_calibration()
     for b in other.batches:  # different token ids under the padding only
         b["input_ids"] = torch.where(b["attention_mask"] == 1, b["input_ids"], torch.full_like(b["input_ids"], 37))
     a = amp_scores(collect_statistics(model, calibration, progress=False))
@@ -113,13 +97,14 @@ def test_head_contribution_in_bfloat16_and_chunks(monkeypatch):
     want = torch.stack([(x[:, h * 8:(h + 1) * 8].double() @ w[:, h * 8:(h + 1) * 8].double().T).abs().sum(1)
                         for h in range(4)], dim=1)
     torch.testing.assert_close(head_contribution_l1(x, w, 4).double(), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr("secateurs.calibration.statistics.CONTRIBUTION_CHUNK_ELEMENTS", 4 * 16 * 5)  # 5 tokens at a time
+    monkeypatch.setattr("secateurs.calibration.statistics.CONTRIBUTION_CHUNK_ELEMENTS",
+                        4 * 16 * 5)  # 5 tokens at a time
     torch.testing.assert_close(head_contribution_l1(x, w, 4).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_model_statistics_are_float32_and_close():
     model = tiny_model("qwen2").float()
-    calibration = _padded_calibration()
+    calibration = padded_calibration()
     full = amp_scores(collect_statistics(model, calibration, progress=False))
     half = amp_scores(collect_statistics(model.to(torch.bfloat16), calibration, progress=False))
     for x, y in zip(full.heads + full.neurons, half.heads + half.neurons):
@@ -129,7 +114,7 @@ def test_bfloat16_model_statistics_are_float32_and_close():
 
 def test_wanda_sp_matches_its_definition():
     model = tiny_model("llama-bias").float()
-    stats = collect_statistics(model, _padded_calibration(), progress=False)
+    stats = collect_statistics(model, padded_calibration(), progress=False)
     scores = wanda_sp_scores(model, stats)
     layer = get_adapter(model).decoder_layers(model)[1]
     down = layer.mlp.down_proj.weight.detach()
@@ -217,7 +202,8 @@ def test_calibration_sources(stories, tmp_path):
     assert calib.num_samples == 2 and calib.batches[0]["attention_mask"].sum(1).tolist()[0] > 0
     first = calib.batches[0]["input_ids"][0][calib.batches[0]["attention_mask"][0] == 1].tolist()
     rendered = {tok.decode(first, skip_special_tokens=True).strip()}
-    expected = {ALPACA_TEMPLATE.format(instruction=i, input=x) for i, x in [("Tell a story", "about a cat"), ("Say hi", "")]}
+    expected = {ALPACA_TEMPLATE.format(instruction=i, input=x)
+                for i, x in [("Tell a story", "about a cat"), ("Say hi", "")]}
     assert rendered <= {e.strip() for e in expected}
     generated = load_calibration("self", tok, model=model, num_samples=3, max_length=16, seed=4)
     assert generated.num_samples == 3 and generated.num_tokens == 48

@@ -14,11 +14,16 @@ import random
 
 import numpy as np
 import pytest
-
-from secateurs.evaluation import speed
-from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, ratio_of, run_rounds
-
 from conftest import STORIES
+from transformers import AutoModelForCausalLM
+
+from secateurs.cli.main import main
+from secateurs.errors import SecateursError
+from secateurs.evaluation import report, speed
+from secateurs.evaluation.report import bench_blocks, check_bench_result, render_html, render_markdown
+from secateurs.evaluation.speed import BenchConfig, bench_markdown, bench_models, ratio_of, run_rounds
+from secateurs.methods import prune
+from secateurs.pipeline import demo
 
 
 class FakeClock:
@@ -149,8 +154,6 @@ def test_the_module_clock_is_what_the_loop_reads_by_default(monkeypatch):
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 0.26, 1.0])
 def test_a_threshold_above_the_never_printed_limit_is_refused(bad):
-    from secateurs.errors import SecateursError
-
     with pytest.raises(SecateursError, match="never reported"):
         BenchConfig(max_spread=bad).validate()
 
@@ -158,10 +161,6 @@ def test_a_threshold_above_the_never_printed_limit_is_refused(bad):
 # -- what a bench result says, in JSON, Markdown, the report and the plots ----------------------------
 @pytest.fixture(scope="module")
 def models():
-    from transformers import AutoModelForCausalLM
-
-    from secateurs.methods import prune
-
     dense = AutoModelForCausalLM.from_pretrained(STORIES).eval()
     pruned, _ = prune(copy.deepcopy(dense), method="magnitude", ratio=0.3)
     return {"dense": dense, "pruned": pruned}
@@ -179,8 +178,6 @@ def fake_bench(models, ratios, monkeypatch, config=CONFIG) -> dict:
 
 
 def test_busy_bench_json_and_markdown_say_not_measured_reliably(models, monkeypatch):
-    from secateurs.evaluation.report import bench_blocks, check_bench_result, render_html, render_markdown
-
     result = fake_bench(models, [1.0] + wild(), monkeypatch)
     assert result["reliable"] is False and result["config"]["max_spread"] == 0.1
     dense_row, pruned_row = result["results"]
@@ -207,8 +204,6 @@ def test_busy_bench_json_and_markdown_say_not_measured_reliably(models, monkeypa
 
 
 def test_quiet_bench_json_and_markdown_give_the_paired_ratio(models, monkeypatch):
-    from secateurs.evaluation.report import bench_blocks, check_bench_result, render_markdown
-
     result = fake_bench(models, [1.0] + tight(), monkeypatch)
     assert result["reliable"] is True
     v = result["results"][1]["vs_baseline"]
@@ -243,7 +238,6 @@ def test_a_ratio_more_spread_than_25_percent_is_never_printed(models, monkeypatc
     old_row["prefill_tokens_per_s"]["spread"] = 10.21
     text = bench_markdown(old)
     assert "13.15" not in text and "not measured reliably (medians spread ±1021%" in text
-    from secateurs.evaluation.report import check_bench_result
 
     check_bench_result(old, "old bench.json")  # old files stay readable
     assert ratio_of(old, old_row, "decode")["speedup"] == 0.32  # both medians within 25%: still shown
@@ -251,9 +245,6 @@ def test_a_ratio_more_spread_than_25_percent_is_never_printed(models, monkeypatc
 
 
 def test_check_bench_result_refuses_a_reliable_flag_that_is_not_a_flag(models, monkeypatch):
-    from secateurs.errors import SecateursError
-    from secateurs.evaluation.report import check_bench_result
-
     result = fake_bench(models, [1.0] + tight(), monkeypatch)
     result["results"][1]["vs_baseline"]["prefill"]["reliable"] = "yes"
     with pytest.raises(SecateursError, match=r"'results\[1\]\.vs_baseline\.prefill\.reliable' must be true or false"):
@@ -262,8 +253,6 @@ def test_check_bench_result_refuses_a_reliable_flag_that_is_not_a_flag(models, m
 
 def test_demo_speed_rows_and_before_after_plot_mark_an_unreliable_ratio(models, monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from secateurs.pipeline import demo
-    from secateurs.evaluation import report
 
     busy = fake_bench(models, [1.0] + wild(), monkeypatch)
     measured = demo._Measured(dense_eval={}, pruned_eval={}, bench=busy, sample="", recovery=None)
@@ -300,8 +289,6 @@ def test_demo_speed_rows_and_before_after_plot_mark_an_unreliable_ratio(models, 
 
 # -- one real bench through the command line ----------------------------------------------------------
 def test_cli_bench_records_paired_rounds_and_the_reliable_flag(tmp_path, capsys):
-    from secateurs.cli.main import main
-
     out = tmp_path / "bench.json"
     assert main(["bench", str(STORIES), "--baseline", str(STORIES), "--batch-sizes", "1", "--prompt-lengths", "8",
                  "--decode-tokens", "2", "--repeats", "3", "--max-spread", "0.2", "--time-limit", "3",

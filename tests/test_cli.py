@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from secateurs.cli.main import main
+from conftest import STORIES, tiny_model
 
-from conftest import STORIES
+from secateurs.cli.main import main
+from secateurs.methods import make_plan
 
 
 def test_info(capsys):
@@ -59,9 +60,6 @@ def test_bad_input_is_reported_and_nothing_written(tmp_path, capsys):
 
 
 def test_plan_for_another_model_is_refused(tmp_path, capsys):
-    from conftest import tiny_model
-    from secateurs.methods import make_plan
-
     plan_file = make_plan(tiny_model("llama-gqa"), "magnitude", 0.5).save(tmp_path / "plan.json")
     out = tmp_path / "out"
     _fails(["prune", str(STORIES), "--plan", str(plan_file), "--out", str(out)], capsys, "another model")

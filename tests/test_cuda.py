@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import STORIES, TINYSTORIES_TEXT, input_ids, masked_reference, tiny_model
-from test_surgery_exact import KINDS
-from test_surgery_exact import _plan as exactness_plan  # noqa: PLC2701 - the CPU exactness tests' plans
+from test_surgery_exact import KINDS, exactness_plan  # the CPU exactness tests' plans
 
 from secateurs.cli.main import main
 from secateurs.methods import prune

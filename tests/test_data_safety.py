@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from secateurs.cli.main import main
-from secateurs.errors import SecateursError
-from secateurs.storage.output import MARKER, check_finite, clean_stale
-
 from conftest import CUDA, STORIES, TASKS, TINYSTORIES_TEXT
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import secateurs.files.output
+import secateurs.storage.checkpoint
+import secateurs.storage.loading
+from secateurs import load_pruned, prune, save_pruned
+from secateurs.cli.main import build_parser, main
+from secateurs.errors import SecateursError
+from secateurs.files.output import MARKER, check_finite, clean_stale
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.2"]
 
@@ -96,8 +100,6 @@ def _umask() -> int:
 # -- 2. file names from a model's files stay inside its folder -------------------------------------
 
 def _sharded(tmp_path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(STORIES).save_pretrained(folder, max_shard_size="200KB")
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
@@ -131,22 +133,18 @@ def _previous_output(tmp_path, world) -> tuple[Path, dict]:
 
 
 def test_crash_before_the_swap_keeps_the_old_output(world, tmp_path, monkeypatch, capsys):
-    import secateurs.storage.output
-
     out, old = _previous_output(tmp_path, world)
 
     def crash(tmp, target):
         raise RuntimeError("killed between writing and renaming")
 
-    monkeypatch.setattr(secateurs.storage.output, "_swap_in", crash)
+    monkeypatch.setattr(secateurs.files.output, "_swap_in", crash)
     assert main(["prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]) == 1
     assert snapshot(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M", "out"]
 
 
 def test_crash_after_the_first_shard_keeps_the_old_output(tmp_path, monkeypatch, capsys):
-    import secateurs.storage.checkpoint
-
     folder = _sharded(tmp_path)
     out = tmp_path / "out"
     assert main(["prune", str(folder), *PRUNE, "--streamed", "--calib", str(TINYSTORIES_TEXT), "--out",
@@ -170,10 +168,8 @@ def test_crash_after_the_first_shard_keeps_the_old_output(tmp_path, monkeypatch,
 
 def test_swap_without_exchange_support_still_keeps_an_output(world, tmp_path, monkeypatch):
     """Where renameat2 cannot exchange (other systems), the fallback moves the old output aside."""
-    import secateurs.storage.output
-
     out, old = _previous_output(tmp_path, world)
-    monkeypatch.setattr(secateurs.storage.output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(secateurs.files.output, "_exchange", lambda a, b: False)
     assert main(["prune", str(world / "model"), *PRUNE, "--out", str(out), "--force"]) == 0
     assert snapshot(out) != old and (out / MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M", "out"]
@@ -205,7 +201,7 @@ def test_stale_folders_of_killed_runs_are_cleaned_or_restored(world, tmp_path, c
 
 PHASED_WRITER = """
 import os, sys, time
-import secateurs.storage.hfcompat, secateurs.storage.pruned, secateurs.storage.output as out
+import secateurs.storage.hfcompat, secateurs.storage.pruned, secateurs.files.output as out
 from secateurs.cli.main import main
 
 def announced(f, phase, done=False):
@@ -222,7 +218,8 @@ def announced(f, phase, done=False):
         return r
     return run
 
-secateurs.storage.pruned.save_model_files = announced(secateurs.storage.hfcompat.save_model_files, "weights")  # written, not synced
+save_model_files = secateurs.storage.hfcompat.save_model_files
+secateurs.storage.pruned.save_model_files = announced(save_model_files, "weights")   # written, not synced
 out._finish_tree = announced(out._finish_tree, "sync")                               # permissions, fsync
 out._exchange = announced(out._exchange, "swapped", done=True)                       # old output not yet removed
 sys.exit(main(sys.argv[1:]))
@@ -231,7 +228,8 @@ sys.exit(main(sys.argv[1:]))
 
 def _kill_in_phase(command: list[str], env: dict, phase: str) -> None:
     """Run the phased writer and SIGKILL it once it announces `phase` (it then holds there)."""
-    child = subprocess.Popen(command, env={**env, "HOLD_PHASE": phase}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(command, env={**env, "HOLD_PHASE": phase}, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
     try:
         for line in child.stdout:
             if line.strip() == phase:
@@ -300,8 +298,6 @@ def test_nan_options_and_tensors_are_refused(world, tmp_path, capsys):
     _refused(["prune", str(world / "model"), "--ratio", "nan", "--out", str(out)], capsys, "finite")
     with pytest.raises(SecateursError, match="NaN or infinite"):
         check_finite({"w": torch.tensor([1.0, math.inf])}, "the pruned model")
-    from secateurs import prune, save_pruned
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(world / "model")
     model, plan = prune(model, method="magnitude", ratio=0.2)
@@ -378,8 +374,6 @@ def test_foreign_scores_cache_is_refused(world, tmp_path, capsys):
 # -- 6. a pruned folder whose plan or config disagrees with its weights ----------------------------
 
 def test_plan_that_disagrees_with_the_weights_is_refused(world, tmp_path, capsys):
-    from secateurs import load_pruned
-
     out, _ = _previous_output(tmp_path, world)
     plan = json.loads((out / "pruning_plan.json").read_text())
     text = (out / "pruning_plan.json").read_text().replace('"index": 0, ', '"index": 0, "removed": true, ', 1)
@@ -393,8 +387,6 @@ def test_plan_that_disagrees_with_the_weights_is_refused(world, tmp_path, capsys
 
 @pytest.mark.parametrize("replaced", [{"-1": "value"}, {"99": "value"}, {"0": "junk"}, ["0"]])
 def test_bad_replaced_attention_in_config_is_refused(world, tmp_path, capsys, replaced):
-    from secateurs import load_pruned
-
     out, _ = _previous_output(tmp_path, world)
     config = json.loads((out / "config.json").read_text())
     config["secateurs"]["replaced_attention"] = replaced
@@ -494,7 +486,8 @@ def test_fuzz_every_option_with_bad_values(world, tmp_path, capsys):
     cases = 0
     for option, values in table.items():
         for value in values:
-            argv = ["prune", model, "--out", out, option, value] if option != "--out" else ["prune", model, option, value]
+            argv = (["prune", model, "--out", out, option, value] if option != "--out"
+                    else ["prune", model, option, value])
             if option in ("--layers", "--metrics", "--protect-first", "--depth-tokens"):
                 argv += ["--method", "consensus"]
             if option == "--stats":
@@ -546,9 +539,6 @@ def test_fuzz_every_option_of_every_subcommand(world, tmp_path, capsys, monkeypa
     line, nothing written) or gets as far as loading the weights: never an unexpected failure, never
     a change to the files around it. (benchmarks/hostile_inputs.py runs the same cases to the end and
     classifies each exit 0.)"""
-    import secateurs.storage.loading
-    from secateurs.cli.main import _subparsers, build_parser
-
     def loaded(*args, **kwargs):
         raise _Loaded()
 
@@ -573,7 +563,7 @@ def test_fuzz_every_option_of_every_subcommand(world, tmp_path, capsys, monkeypa
         "eval": ["eval", str(STORIES), "--ppl", text, "--max-windows", "1"],
         "export": ["export", str(student), "--out", str(tmp_path / "out.gguf")],
     }
-    parsers = {p.prog.split()[-1]: p for p in _subparsers(build_parser())}
+    parsers = {p.prog.split()[-1]: p for p in build_parser().commands}
     values = ["0", "-1", "1e13", "nan", "inf", "", str(binary), str(folder)]
     before = snapshot(tmp_path)
     cases = 0

@@ -10,12 +10,12 @@ import statistics
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import secateurs
-from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
-from secateurs.calibration.data import Calibration, load_calibration
+from secateurs.calibration.data import Calibration, load_calibration, padded_batches
 from secateurs.cli.main import main
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import capture_traces, choose_tokens, final_hidden, score_layers
@@ -25,16 +25,13 @@ from secateurs.evaluation.perplexity import perplexity, read_text
 from secateurs.methods import METHODS, make_plan
 from secateurs.methods.depth import DEPTH_METHODS, layers_for_target
 from secateurs.methods.options import CONSENSUS_METRICS
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
 from secateurs.surgery.apply import apply_plan
-
-from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 
 
 def _calibration(rows: list[list[int]], batch_size: int = 8) -> Calibration:
     """Right-padded batches of the given rows (as load_calibration builds them)."""
-    from secateurs.calibration.data import padded_batches
-
     return Calibration(padded_batches(rows, batch_size, 0), {"source": "test"}, "test")
 
 
@@ -59,7 +56,8 @@ def test_cached_inputs_reproduce_the_model_with_layers_removed(family):
     ids = calib.batches[0]["input_ids"]
     with torch.no_grad():
         for skip in [(), (0,), (2,), (1, 3)]:
-            want = model.model(ids).last_hidden_state if not skip else _removed(model, skip).model(ids).last_hidden_state
+            want = (model.model(ids).last_hidden_state if not skip
+                    else _removed(model, skip).model(ids).last_hidden_state)
             torch.testing.assert_close(final_hidden(model, trace, skip), want, atol=1e-10, rtol=0)
 
 
@@ -212,8 +210,6 @@ def test_bad_input_is_refused_with_a_message():
 @pytest.fixture(scope="module")
 def stories():
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
-    from transformers import AutoTokenizer
-
     return model, AutoTokenizer.from_pretrained(STORIES)
 
 
@@ -241,7 +237,8 @@ def test_stories_consensus_layer_hurts_less_than_a_random_layer_and_is_reproduci
 def test_cli_consensus_gives_a_stock_loadable_faster_model_that_generates_with_cache(tmp_path, capsys):
     out = tmp_path / "depth"
     assert main(["prune", str(STORIES), "--method", "consensus", "--layers", "2", "--iterative", "--calib",
-                 "tinystories", "--calib-samples", "4", "--calib-length", "64", "--metrics", "cka,angular,procrustes", "--out", str(out)]) == 0
+                 "tinystories", "--calib-samples", "4", "--calib-length", "64", "--metrics", "cka,angular,procrustes",
+                 "--out", str(out)]) == 0
     assert "layers removed: 2 of 5" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # stock loader
     assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3

@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
+from conftest import input_ids, masked_reference, tiny_model
 from transformers import AutoModelForCausalLM
 
-from secateurs.adapters.plans import identity_plan
+from secateurs.planning.geometry import identity_plan
 from secateurs.storage.pruned import save_pruned
 from secateurs.surgery.apply import apply_plan
-
-from conftest import input_ids, masked_reference, tiny_model
 
 # removal sets that shift the sliding/full pattern: the first layer, two neighbours, both ends
 REMOVALS = [(0,), (1, 2), (0, 3, 5)]

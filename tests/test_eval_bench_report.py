@@ -8,15 +8,17 @@ import copy
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM
-
-from secateurs.planning.accounting import compare_stats, model_stats
-from secateurs.cli.main import main
-from secateurs.evaluation.speed import BenchConfig, bench_models, summarise
-from secateurs.storage.pruned import save_pruned
-from secateurs.methods import prune
-
 from conftest import STORIES, TINYSTORIES_TEXT
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from secateurs.cli.main import main
+from secateurs.criteria.magnitude import magnitude_scores
+from secateurs.errors import SecateursError
+from secateurs.evaluation.report import write_run_report
+from secateurs.evaluation.speed import BenchConfig, bench_models, summarise
+from secateurs.methods import prune
+from secateurs.planning.accounting import compare_stats, model_stats
+from secateurs.storage.pruned import save_pruned
 
 PNG = b"\x89PNG\r\n\x1a\n"
 pytest.importorskip("matplotlib")
@@ -31,8 +33,6 @@ def pair():
 
 @pytest.fixture(scope="module")
 def run_dir(pair, tmp_path_factory):
-    from transformers import AutoTokenizer
-
     _, pruned, plan = pair
     return save_pruned(pruned, plan, tmp_path_factory.mktemp("runs") / "st30",
                        tokenizer=AutoTokenizer.from_pretrained(STORIES))
@@ -71,17 +71,12 @@ def test_bench_numbers_are_sane(pair):
 
 
 def test_bench_refuses_prompts_beyond_context(pair):
-    from secateurs.errors import SecateursError
-
     dense, _, _ = pair
     with pytest.raises(SecateursError, match="exceeds the context of 512"):
         bench_models({"d": dense}, BenchConfig(prompt_lengths=(510,), decode_tokens=8), progress=False)
 
 
 def test_report_writes_markdown_html_and_pngs(pair, run_dir, tmp_path):
-    from secateurs.criteria.magnitude import magnitude_scores
-    from secateurs.evaluation.report import write_run_report
-
     dense, _, plan = pair
     magnitude_scores(dense).save(tmp_path / "scores.safetensors")
     files = write_run_report(run_dir, tmp_path / "rep", scores=tmp_path / "scores.safetensors")

@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import C4_HEAD, STORIES, TINYSTORIES_TEXT, tiny_model
 
+from secateurs.adapters import get_adapter
+from secateurs.calibration.runner import NLL_CHUNK_ROWS, summed_next_token_nll
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import evaluate_perplexity, load_text, perplexity, resolve_seq_len
 from secateurs.storage.loading import load_model
-
-from conftest import C4_HEAD, STORIES, TINYSTORIES_TEXT, tiny_model
 
 
 class CharTokenizer:
@@ -59,8 +60,9 @@ def test_perplexity_equals_direct_computation_and_window_count():
 def test_window_lengths_reach_the_model_and_batches_are_capped():
     model = tiny_model("llama-mha")
     shapes = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape)),
-                                    with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: shapes.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape)),
+        with_kwargs=True)
     tok = CharTokenizer(64)
     r = perplexity(model, tok, TEXT, seq_len=32, batch_size=8, max_batch_tokens=64, progress=False)
     assert r["batch_size"] == 2  # 64 tokens per batch / 32 per window
@@ -125,9 +127,6 @@ def test_one_next_token_nll_on_adapter_logits_equals_the_models_own_loss(family)
     hidden states through the adapter's logits equals cross-entropy of the model's own forward: family
     quirks (gemma2's soft-capping) come from the adapter, ignored targets are skipped, and rows beyond
     one chunk are scored."""
-    from secateurs.adapters import get_adapter
-    from secateurs.calibration.runner import NLL_CHUNK_ROWS, summed_next_token_nll
-
     model = tiny_model(family)
     adapter = get_adapter(model)
     ids = torch.randint(0, 64, (3, NLL_CHUNK_ROWS // 2 + 7), generator=torch.Generator().manual_seed(0))

@@ -13,11 +13,11 @@ pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import STORIES, TASKS  # noqa: E402
+
 from secateurs.errors import SecateursError  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, detect_format, local_task_config, zero_shot  # noqa: E402
 from secateurs.storage.loading import load_model  # noqa: E402
-
-from conftest import STORIES, TASKS  # noqa: E402
 
 DATA = TASKS  # the first 20 rows of each standard task
 

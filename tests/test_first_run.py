@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import subprocess
 import sys
+import threading
+import time
+from importlib import resources
 from pathlib import Path
 
+import gguf
+import pytest
+import torch
+from conftest import STORIES, TASKS
+from transformers import AutoTokenizer
+
+from secateurs.calibration import cache as calibration_cache
+from secateurs.calibration import data as calibration
+from secateurs.calibration.data import draw_tokens
+from secateurs.cli.main import build_parser, main
+from secateurs.evaluation.perplexity import perplexity
+from secateurs.export.gguf_export import export_gguf
+from secateurs.methods import METHODS
+from secateurs.methods.options import METHOD_NAMES
+from secateurs.planning import budget, selection
 from secateurs.runtime import progress
+from secateurs.settings import names
+from secateurs.storage import loading
+from secateurs.runtime.identity import model_identity
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import load_pruned
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMANDS = ([], ["info"], ["prune"], ["plan"], ["plan", "show"], ["demo"], ["eval"], ["bench"], ["report"],
@@ -26,8 +52,6 @@ def test_help_imports_no_heavy_library():
 
 
 def test_phase_prints_elapsed_time_and_quiet_silences(capsys, monkeypatch):
-    import threading
-
     monkeypatch.setenv("SECATEURS_PROGRESS", "bars")  # redraws counted below, as on a terminal
 
     progress.set_quiet(False)
@@ -41,7 +65,6 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys, monkeypatch):
         assert "secateurs: loading model ...\nsecateurs: loading model ... done in 0.0 s\n" in err
         assert "secateurs: outer ...\nsecateurs: inner line\nsecateurs: outer ... done in" in err
         assert "loop" in err
-        import time
 
         with progress.phase("parsing", heartbeat=0.05):
             time.sleep(0.3)
@@ -66,27 +89,12 @@ def test_phase_prints_elapsed_time_and_quiet_silences(capsys, monkeypatch):
 
 
 def test_light_names_match_the_implementations():
-    from secateurs.planning import budget
-    from secateurs.settings import names
-    from secateurs.planning import selection
-    from secateurs.methods import METHODS
-    from secateurs.methods.options import METHOD_NAMES
-
     assert sorted(METHOD_NAMES) == sorted(METHODS)
     assert all(METHODS[name].kind == METHODS[name].options.kind for name in METHOD_NAMES)
     assert budget.GQA_MODES == names.GQA_MODES and selection.SELECTIONS == names.SELECTIONS
 
 
 def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch, caplog, tmp_path):
-    import json
-
-    import torch
-
-    from secateurs.calibration import data as calibration
-    from secateurs.calibration import cache as calibration_cache
-    from secateurs.storage.loading import load_model
-    from tests.conftest import STORIES
-
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))  # this test's own cache
     model, tok = load_model(str(STORIES), "float32")
     first = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=2)
@@ -102,13 +110,17 @@ def test_self_calibration_is_cached_and_a_bad_cache_is_never_trusted(monkeypatch
 
     monkeypatch.setattr(calibration, "sample_sequences", no_generation)
     again = calibration.load_calibration("self", tok, model=model, num_samples=5, max_length=12, seed=3, batch_size=4)
-    ids = lambda c: [r[m == 1].tolist() for b in c.batches for r, m in zip(b["input_ids"], b["attention_mask"])]
+
+    def ids(c):
+        return [r[m == 1].tolist() for b in c.batches for r, m in zip(b["input_ids"], b["attention_mask"])]
+
     assert ids(again) == ids(first) and all(len(s) == 12 for s in ids(first))
 
     vocab = model.get_output_embeddings().weight.shape[0]
     data = json.loads(files[0].read_text())
     for corrupt in ("{not json", json.dumps({**data, "samples": [[vocab] * 12] * 5}),
-                    json.dumps({**data, "samples": [[1.0] * 12] * 5}), json.dumps({**data, "samples": data["samples"][:4]}),
+                    json.dumps({**data, "samples": [[1.0] * 12] * 5}),
+                    json.dumps({**data, "samples": data["samples"][:4]}),
                     json.dumps({**data, "key": {**key, "model": "another"}})):
         files[0].write_text(corrupt)
         calls = []
@@ -129,10 +141,6 @@ def test_self_calibration_draws_tokens_in_proportion_and_never_a_suppressed_one(
     """The inverse-CDF sampler that replaced torch.multinomial: frequencies match the softmax
     (chi-square well inside its 99.9% bound), and a token of probability zero is never drawn, even
     where it is the last of the vocabulary (the top of the CDF, where rounding could reach it)."""
-    import torch
-
-    from secateurs.calibration.data import draw_tokens
-
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
     logits = probs.log().expand(20_000, -1).contiguous()  # log 0 = -inf, as suppressed EOS
@@ -159,9 +167,7 @@ PER_COMMAND_DEFAULTS = {"--out", "--max-windows", "--limit", "--tasks"}  # tasks
 
 
 def _commands():
-    from secateurs.cli.main import _subparsers, build_parser
-
-    return [(p.prog, p) for p in _subparsers(build_parser())]
+    return [(p.prog, p) for p in build_parser().commands]
 
 
 def test_shared_options_have_one_name_type_and_default_everywhere():
@@ -174,7 +180,7 @@ def test_shared_options_have_one_name_type_and_default_everywhere():
                 continue
             spelling = (tuple(action.option_strings), action.dest, action.type, type(action).__name__,
                         tuple(action.choices) if action.choices else None)
-            if canonical not in PER_COMMAND_DEFAULTS and not (canonical in ("--quiet", "--debug")):
+            if canonical not in PER_COMMAND_DEFAULTS and canonical not in ("--quiet", "--debug"):
                 spelling += (action.default,)
             if canonical in seen:
                 assert spelling == seen[canonical][0], f"{prog} {name}: {spelling} vs {seen[canonical]}"
@@ -193,8 +199,6 @@ def test_shared_options_have_one_name_type_and_default_everywhere():
 
 
 def test_every_argument_has_a_description():
-    import argparse
-
     for prog, parser in _commands():
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
@@ -203,8 +207,6 @@ def test_every_argument_has_a_description():
 
 
 def test_old_spellings_still_parse():
-    from secateurs.cli.main import build_parser
-
     args = build_parser().parse_args(["demo", "--seq-len", "64", "--text", "t.txt"])
     assert args.protocol == "64" and args.ppl == "t.txt"
     args = build_parser().parse_args(["eval", "m", "--protocol", "seq128", "--quiet"])
@@ -213,18 +215,6 @@ def test_old_spellings_still_parse():
 
 # -- the demo ----------------------------------------------------------------------------------
 def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_path, monkeypatch, capsys):
-    import json
-    from importlib import resources
-
-    import pytest
-    from transformers import AutoTokenizer
-
-    from secateurs.calibration import data as calibration
-    from secateurs.cli.main import main
-    from secateurs.evaluation.perplexity import perplexity
-    from secateurs.storage.pruned import load_pruned
-    from tests.conftest import STORIES, TASKS
-
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))  # this test's own cache
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(STORIES), "--out", str(out), "--max-windows", "4", "--calib-samples", "4",
@@ -281,12 +271,6 @@ def test_demo_end_to_end_writes_report_plots_speed_and_reuses_calibration(tmp_pa
 
 
 def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
-    import torch
-
-    from secateurs.storage import loading
-    from secateurs.storage.identity import model_identity
-    from tests.conftest import STORIES
-
     model, tok = loading.load_model(str(STORIES), "float32")
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF")
@@ -311,9 +295,6 @@ def test_dequantised_gguf_cache_round_trip_and_damage(tmp_path, caplog):
 def test_demo_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch, capsys):
     """README command 1 once installed secateurs without the plots extra: the demo then failed after
     minutes of work, at the report. A missing plotting library is said before anything loads."""
-    from secateurs.cli.main import main
-    from tests.conftest import STORIES
-
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     assert main(["demo", "--model", str(STORIES), "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
@@ -331,15 +312,6 @@ def test_readme_command_1_installs_what_the_demo_needs():
 def test_gguf_load_parses_the_file_once_and_gives_the_same_weights(tmp_path, monkeypatch):
     """A cold GGUF load memoises transformers' three parses of the file and its ~400 tensor-name
     maps (33 s -> 16 s for SmolLM2); the model and tokenizer are those of the unmemoised load."""
-    import contextlib
-
-    import gguf
-    import torch
-
-    from secateurs.storage import loading
-    from secateurs.export.gguf_export import export_gguf
-    from tests.conftest import STORIES
-
     model, tok = loading.load_model(str(STORIES), "float32")
     source = export_gguf(model, tmp_path / "stories.gguf", tokenizer=tok)
     monkeypatch.setattr(loading, "cache_gguf_model", lambda *a: None)

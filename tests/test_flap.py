@@ -8,16 +8,15 @@ import json
 
 import pytest
 import torch
+from conftest import input_ids, padded_calibration, tiny_model
 
 from secateurs.adapters import get_adapter
+from secateurs.calibration.statistics import collect_statistics
+from secateurs.errors import SecateursError
+from secateurs.methods import make_plan
 from secateurs.planning.budget import Geometry, KeepCounts
 from secateurs.storage.pruned import load_pruned, save_pruned
-from secateurs.methods import make_plan
-from secateurs.calibration.statistics import collect_statistics
 from secateurs.surgery.apply import apply_plan
-
-from conftest import input_ids, tiny_model
-from test_amp import _padded_calibration
 
 
 @torch.no_grad()
@@ -52,7 +51,7 @@ def _mean_held_reference(model, plan):
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "phi", "phi3", "gemma2"])
 def test_flap_surgery_equals_mean_held_channels(name, tmp_path):
     model = tiny_model(name)
-    stats = collect_statistics(model, _padded_calibration(), progress=False)
+    stats = collect_statistics(model, padded_calibration(), progress=False)
     plan = make_plan(model, "flap", 0.3, statistics=stats)
     assert any(lp.compensation for lp in plan.layers)
     reference = _mean_held_reference(model, plan)
@@ -70,7 +69,7 @@ def test_flap_surgery_equals_mean_held_channels(name, tmp_path):
 
 def test_flap_global_threshold_meets_target_with_uneven_layers():
     model = tiny_model("llama-mha", num_hidden_layers=4, intermediate_size=96)
-    stats = collect_statistics(model, _padded_calibration(), progress=False)
+    stats = collect_statistics(model, padded_calibration(), progress=False)
     geo = Geometry.of(model)
     for ratio in (0.1, 0.25):
         plan = make_plan(model, "flap", ratio, statistics=stats)
@@ -82,9 +81,7 @@ def test_flap_global_threshold_meets_target_with_uneven_layers():
 
 
 def test_flap_refuses_in_group_gqa():
-    from secateurs.errors import SecateursError
-
     model = tiny_model("llama-gqa")
-    stats = collect_statistics(model, _padded_calibration(), progress=False)
+    stats = collect_statistics(model, padded_calibration(), progress=False)
     with pytest.raises(SecateursError, match="whole KV groups"):
         make_plan(model, "flap", 0.2, statistics=stats, gqa="in-group")

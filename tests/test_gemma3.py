@@ -19,15 +19,15 @@ import torch
 from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, masked_reference, tiny_model
 from safetensors.torch import load_file
 from test_harp import IdentityMatrixAttention
-from test_surgery_exact import KINDS, _plan  # noqa: PLC2701 - the exactness suite's plans, shared
+from test_surgery_exact import KINDS, exactness_plan  # the exactness suite's plans, shared
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3Config
 
 from secateurs.adapters import get_adapter
-from secateurs.adapters.plans import identity_plan
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
 from secateurs.export import export_gguf, plan_export
 from secateurs.methods import METHODS, make_plan, prune
+from secateurs.planning.geometry import identity_plan
 from secateurs.recovery import recover
 from secateurs.storage import loading
 from secateurs.storage.pruned import load_pruned, save_pruned
@@ -83,7 +83,7 @@ def test_the_tiny_model_has_what_gemma3_has():
 @pytest.mark.parametrize("kind", KINDS)
 def test_surgery_matches_masking(kind):
     dense = gemma3()
-    plan = _plan(dense, kind)
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(length=14)  # longer than the window of 6
@@ -97,7 +97,7 @@ def test_surgery_matches_masking(kind):
 @pytest.mark.parametrize("kind", ["mixed", "in-group", "groups"])
 def test_surgery_matches_masking_with_kv_cache(kind):
     dense = gemma3()
-    plan = _plan(dense, kind)
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(length=14)
@@ -113,7 +113,7 @@ def test_surgery_matches_masking_with_kv_cache(kind):
 
 def test_generate_matches_masking():
     dense = gemma3()
-    plan = _plan(dense, "mixed")
+    plan = exactness_plan(dense, "mixed")
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -207,7 +207,7 @@ def test_head_counts_that_do_not_divide_hidden_reload_with_load_pruned(tmp_path)
 def test_multimodal_prunes_its_language_model_and_leaves_the_vision_tower(kind, tmp_path):
     dense = gemma3_multimodal()
     assert type(dense).__name__ == "Gemma3ForConditionalGeneration"
-    plan = _plan(dense, kind)
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(length=14)
@@ -295,10 +295,10 @@ def test_recovery_runs_a_step(method):
 
 GGUF_FORMS = {  # form: plan (None: dense) on the tiny model; all go out as llama.cpp's gemma3
     "dense": lambda model: identity_plan(model),
-    "groups": lambda model: _plan(model, "groups"),  # one KV group of two in every layer: 2 heads, 1 KV head
-    "in-group": lambda model: _plan(model, "in-group"),
+    "groups": lambda model: exactness_plan(model, "groups"),  # one KV group of two in every layer: 2 heads, 1 KV head
+    "in-group": lambda model: exactness_plan(model, "in-group"),
     "mlp": lambda model: make_plan(model, "magnitude", 0.2, split=0.0, progress=False),
-    "depth": lambda model: _plan(model, "layers"),  # the only global layer removed
+    "depth": lambda model: exactness_plan(model, "layers"),  # the only global layer removed
     "depth-1": lambda model: _removing(model, [1]),  # local, global, local: no longer any period
 }
 
@@ -363,7 +363,7 @@ def test_llamacpp_gemma3_with_its_own_local_rope_base(engines, tmp_path):
 @pytest.mark.llama_cpp
 def test_llamacpp_serves_the_language_model_of_multimodal_gemma3(engines, tmp_path):
     model = gemma3_multimodal()
-    apply_plan(model, _plan(model, "groups"))
+    apply_plan(model, exactness_plan(model, "groups"))
     path = export_gguf(model, tmp_path / "mm.gguf", tokenizer=AutoTokenizer.from_pretrained(STORIES))
     _matches_llamacpp(engines, model, path)
 
@@ -374,7 +374,7 @@ def test_gguf_refusals_say_why(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     out = tmp_path / "refused.gguf"
     mixed, harp, capped = gemma3(), gemma3(), gemma3(attn_logit_softcapping=50.0)
-    apply_plan(mixed, _plan(mixed, "neurons"))
+    apply_plan(mixed, exactness_plan(mixed, "neurons"))
     plan = identity_plan(harp)
     plan.layers[3].attention = {"mode": "value", "alpha": 0.5}
     apply_plan(harp, plan)

@@ -13,23 +13,19 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, padded_calibration, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from secateurs.adapters.plans import identity_plan
+from secateurs.calibration.statistics import collect_statistics
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.export import OUTTYPES, export_gguf, plan_export
-from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.export import OUTTYPES, export_gguf, gguf_export, plan_export
 from secateurs.methods import make_plan
-from secateurs.settings.names import GGUF_OUTTYPES
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
-from secateurs.calibration.statistics import collect_statistics
+from secateurs.settings.names import GGUF_OUTTYPES
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.surgery.apply import apply_plan
-
-from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
-from test_amp import _padded_calibration
-
-
 
 LOG: list[str] = []
 _LLAMA: dict = {}  # llama_cpp, its stock model parameters, the log callback (kept: llama.cpp holds its pointer)
@@ -98,7 +94,7 @@ def _plan(model, form: str) -> PruningPlan:
         return plan
     if form in ("uniform", "in-group"):  # whole KV groups, or the same number of heads in every group
         return make_plan(model, "magnitude", 0.3, gqa="groups" if form == "uniform" else "in-group")
-    return make_plan(model, "flap", 0.3, statistics=collect_statistics(model, _padded_calibration(), progress=False))
+    return make_plan(model, "flap", 0.3, statistics=collect_statistics(model, padded_calibration(), progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +322,6 @@ def test_refusals_write_nothing(folders, tokenizer, tmp_path):
 
 
 def test_a_failure_while_writing_leaves_the_old_file(folders, tmp_path, monkeypatch):
-    from secateurs.export import gguf_export
-
     out = export_gguf(folders["stories260K", "dense"], tmp_path / "m.gguf")
     before = out.read_bytes()
     calls = []

@@ -9,17 +9,16 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
 from secateurs.calibration.data import load_calibration
-from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.methods.harp import _tail_nll, capture_layer_inputs, harp_plan  # noqa: PLC2701 (no public name yet)
+from secateurs.planning.geometry import identity_plan
 from secateurs.storage.loading import load_model
-from secateurs.methods.harp import _tail_nll, capture_layer_inputs, harp_plan
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.surgery.apply import apply_plan, replace_attention
-
-from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
 
 
 class IdentityMatrixAttention(torch.nn.Module):

@@ -7,18 +7,18 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from transformers import AutoModelForCausalLM
 
 from secateurs.calibration.data import Calibration
-from secateurs.storage.checkpoint import prune_checkpoint
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.storage.loading import load_model
 from secateurs.methods import make_plan
-from secateurs.storage.offload import has_offloaded_weights, parse_device_map
+from secateurs.runtime.offload import has_offloaded_weights, parse_device_map
+from secateurs.storage.checkpoint import prune_checkpoint
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import load_pruned
 from secateurs.surgery.apply import apply_plan
-
-from conftest import tiny_model
 
 # layer 1 on disk, layer 2 in offloaded CPU memory, the rest plain
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -74,7 +74,6 @@ def test_offloaded_plan_is_applied_shard_by_shard_and_reloads(folders, tmp_path)
     out = prune_checkpoint(folders / "dense", plan, tmp_path / "pruned")
     assert len(list(out.glob("*.safetensors"))) == len(list((folders / "dense").glob("*.safetensors")))
     reference = apply_plan(AutoModelForCausalLM.from_pretrained(folders / "dense", dtype=torch.float64).eval(), plan)
-    from secateurs.storage.pruned import load_pruned
 
     reloaded = load_pruned(out, dtype=torch.float64)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -93,8 +92,6 @@ def test_offloaded_plan_is_applied_shard_by_shard_and_reloads(folders, tmp_path)
 
 
 def test_cli_prune_with_a_device_map_equals_in_memory_prune(tmp_path):
-    from conftest import STORIES, TINYSTORIES_TEXT
-
     common = ["--method", "amp", "--ratio", "0.2", "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8",
               "--split", "balanced", "--reconstruct", "none"]  # amp's defaults need the weights in memory
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",

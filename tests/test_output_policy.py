@@ -1,4 +1,4 @@
-"""One output policy for every writer (secateurs.storage.output): recover, report, sweep, tasks, bench, eval,
+"""One output policy for every writer (secateurs.files.output): recover, report, sweep, tasks, bench, eval,
 export and checkpoints replace only an output of their own kind, only with --force, never a sibling,
 never through a symbolic link, one run at a time; recovery options that cannot finish or fit are
 refused before the first step. Every refusal leaves the victims byte-identical."""
@@ -13,11 +13,18 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
 import pytest
-
+import safetensors.torch
+import transformers.modeling_utils
 from conftest import STORIES, TASKS, TINYSTORIES_TEXT
-from secateurs.storage import output
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import secateurs.storage.loading
 from secateurs.cli.main import main
+from secateurs.files import output
+from secateurs.recovery import trainer
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.2"]
 TINY = ["--data", str(TINYSTORIES_TEXT), "--tokens", "256", "--train-length", "32", "--val-tokens", "64",
@@ -195,8 +202,6 @@ def test_symlinked_output_folders_are_refused_before_resolving(world, capsys):
 
 
 def test_export_replaces_only_a_gguf_secateurs_wrote(world, capsys):
-    import gguf
-
     foreign = world / "foreign.gguf"
     writer = gguf.GGUFWriter(foreign, "llama")
     writer.write_header_to_file()
@@ -234,17 +239,11 @@ def test_a_second_run_on_the_same_output_is_refused(world, capsys):
 
 @pytest.mark.parametrize("command", ["prune", "recover", "export"])
 def test_disk_full_is_one_line_and_leaves_nothing(world, capsys, monkeypatch, command):
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    import transformers.modeling_utils
-
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
-    import gguf
-
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", lambda self, *a, **k: full(None, "x.gguf"))
     before = tree(world)
     argv = {"prune": ["prune", str(STORIES), *PRUNE, "--out", str(world / "o")],
@@ -269,9 +268,6 @@ def test_disk_full_is_one_line_and_leaves_nothing(world, capsys, monkeypatch, co
     (["--max-hours", "0"], "greater than 0"),
 ])
 def test_recovery_budgets_are_checked_before_any_weights_load(world, capsys, monkeypatch, extra, message):
-    import secateurs.storage.loading
-    from secateurs.recovery import trainer
-
     monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(trainer.RecoveryLoop, "run", lambda *a, **k: pytest.fail("training started"))
     before = tree(world)
@@ -280,8 +276,6 @@ def test_recovery_budgets_are_checked_before_any_weights_load(world, capsys, mon
 
 
 def test_the_estimate_is_printed_and_a_foreign_teacher_is_named(world, capsys):
-    from safetensors.torch import load_file, save_file
-
     other = world / "teacher"
     shutil.copytree(STORIES, other)
     state = {k: v * 1.01 for k, v in load_file(other / "model.safetensors").items()}
@@ -307,8 +301,6 @@ def test_prune_plan_refuses_options_it_would_ignore(world, capsys):
 
 
 def test_prune_recover_budget_is_checked_before_the_model_loads(world, capsys, monkeypatch):
-    import secateurs.storage.loading
-
     monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     before = tree(world)
     refused(["prune", str(STORIES), *PRUNE, "--recover", "--data", str(TINYSTORIES_TEXT), "--tokens", str(10**13),
@@ -319,8 +311,6 @@ def test_prune_recover_budget_is_checked_before_the_model_loads(world, capsys, m
 
 
 def test_disk_full_is_recognised_whatever_raised_it(tmp_path):
-    from safetensors import SafetensorError
-
     output._failed_write(tmp_path / "out", 3 * 2**20)
     for exc in (OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
                 SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
@@ -335,7 +325,8 @@ def test_disk_full_is_recognised_whatever_raised_it(tmp_path):
 @pytest.mark.parametrize("extra", [["--kd-ratio", "0.5"], ["--temperature", "2"]])
 def test_distillation_settings_with_cross_entropy_are_refused(world, capsys, extra):
     before = tree(world)
-    refused(recover_args(world, world / "student", world / "rec", "--objective", "ce", *extra), capsys, "objective 'kd'")
+    refused(recover_args(world, world / "student", world / "rec", "--objective", "ce", *extra), capsys,
+            "objective 'kd'")
     assert tree(world) == before
 
 

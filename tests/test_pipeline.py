@@ -4,24 +4,29 @@ options are its own, and an option it does not take is refused before any work."
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from safetensors.torch import load_file
 
-from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
+import secateurs.evaluation
+from secateurs.cli.main import _method_options, build_parser, main  # noqa: PLC2701 (no public name yet)
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS, get_method, make_plan
-from secateurs.methods.options import methods_taking
+from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of, methods_taking
 from secateurs.pipeline.jobs import PruneJob, run
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
               "model.layers.3": "cpu", "model.layers.4": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
               "lm_head": "cpu"}
 CASES = {  # method: (ratio, options)
-    "amp": (0.2, {"split": "balanced"}), "amp-heads": (0.1, {}), "amp-mlp": (0.1, {"averaging": "token"}), "wanda-sp": (0.2, {}),
-    "wanda-sp-heads": (0.1, {}), "flap": (0.2, {}), "magnitude": (0.2, {"gqa": "in-group"}),
+    "amp": (0.2, {"split": "balanced"}), "amp-heads": (0.1, {}), "amp-mlp": (0.1, {"averaging": "token"}),
+    "wanda-sp": (0.2, {}), "wanda-sp-heads": (0.1, {}), "flap": (0.2, {}), "magnitude": (0.2, {"gqa": "in-group"}),
     "random": (0.2, {}), "harp": (None, {"top_layers": 2, "alpha_grid": [0.0, 0.5, 1.0]}),
     "consensus": (None, {"layers": 2, "metrics": ["cka", "angular", "nll", "bi"], "iterative": True}),
     "depth-bi": (None, {"layers": 1}), "depth-angular": (None, {"layers": 2}), "depth-cka": (None, {"layers": 1}),
@@ -44,7 +49,8 @@ def test_every_method_gives_one_plan_and_one_model_in_memory_streamed_and_device
                    reconstruction=RECONSTRUCTION.get(method, {}))
     results = {}
     for memory in ("in-memory", "streamed", "device-map"):
-        extra = {"device_map": DEVICE_MAP, "offload_folder": str(tmp_path / "offload")} if memory == "device-map" else {}
+        extra = ({"device_map": DEVICE_MAP, "offload_folder": str(tmp_path / "offload")} if memory == "device-map"
+                 else {})
         results[memory] = run(dataclasses.replace(job, out=str(tmp_path / memory), memory=memory, **extra))
     plans = {m: json.loads((r.out / "pruning_plan.json").read_text()) for m, r in results.items()}
     weights = {m: load_file(r.out / "model.safetensors") for m, r in results.items()}
@@ -78,9 +84,6 @@ def test_command_line_flags_and_help_come_from_the_options_dataclasses(capsys):
     """The options dataclasses are the one declaration: the registry's methods hold the classes the
     command line reads (without torch), every option field with a flag is in `prune --help` with the
     methods that take it, and a flag reaches the method as its field."""
-    from secateurs.cli.main import _method_options, build_parser
-    from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of
-
     assert {name: type(m).options for name, m in METHODS.items()} == OPTIONS_BY_METHOD
     parser = build_parser()
     with pytest.raises(SystemExit):
@@ -111,24 +114,18 @@ def test_each_method_declares_its_needs_and_its_options(method):
 
 
 def test_cli_refuses_a_flag_the_method_does_not_take_and_reads_harp_layers_as_top_layers(tmp_path, capsys):
-    from secateurs.cli.main import main
-
     assert main(["prune", str(STORIES), "--method", "consensus", "--layers", "1", "--rounding", "paper",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--rounding applies to amp, " in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["prune", str(STORIES), "--method", "harp", "--layers", "1", "--alpha-grid", "0,1", "--calib",
-                 str(TINYSTORIES_TEXT), "--calib-samples", "4", "--calib-length", "32", "--out", str(tmp_path / "h")]) == 0
+                 str(TINYSTORIES_TEXT), "--calib-samples", "4", "--calib-length", "32",
+                 "--out", str(tmp_path / "h")]) == 0
     assert "--top-layers" in capsys.readouterr().err
     assert json.loads((tmp_path / "h" / "pruning_plan.json").read_text())["provenance"]["harp_layers"] == 1
 
 
 def test_evaluation_never_imports_methods_or_runs_pruning():
     """Layering: evaluation reads models; pruning recipes (methods, the pipeline, sweeps) sit above it."""
-    import ast
-    from pathlib import Path
-
-    import secateurs.evaluation
-
     above = ("secateurs.methods", "secateurs.pipeline", "secateurs.cli")
     for path in Path(secateurs.evaluation.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -139,8 +136,6 @@ def test_evaluation_never_imports_methods_or_runs_pruning():
 
 def test_a_library_job_never_writes_into_what_it_reads(tmp_path):
     """Without `inputs`, a job still protects its model folder and calibration file."""
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(STORIES, model)
     job = PruneJob(str(model), str(model / "pruned"), method="magnitude", ratio=0.2)

@@ -6,18 +6,17 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from secateurs.adapters.plans import identity_plan
-from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.adapters import LayerShape, get_adapter
-from secateurs.planning.budget import KeepCounts, uniform_keep_counts
 from secateurs.errors import PlanError, SecateursError, UnsupportedModelError
 from secateurs.methods import make_plan, prune
+from secateurs.planning.accounting import compare_stats, model_stats
+from secateurs.planning.budget import KeepCounts, uniform_keep_counts
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
 from secateurs.surgery.apply import apply_plan
-
-from conftest import tiny_model
 
 
 def test_plan_json_round_trip_and_summary(tmp_path):
@@ -104,7 +103,8 @@ def test_ratio_outside_unit_interval_is_refused(ratio):
 def test_unknown_family_and_method():
     model = tiny_model("llama-mha")
     model.config.model_type = "gpt2"
-    with pytest.raises(UnsupportedModelError, match="gemma2, gemma3, gemma3_text, llama, mistral, phi, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError,
+                       match="gemma2, gemma3, gemma3_text, llama, mistral, phi, phi3, qwen2, qwen3"):
         get_adapter(model)
     with pytest.raises(SecateursError, match=r"available: amp, .*magnitude, random, wanda-sp"):
         make_plan(tiny_model("llama-mha"), "nope", 0.2)

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import tqdm
+import tqdm.auto
+from conftest import STORIES, TINYSTORIES_TEXT
 
 from secateurs.runtime import progress
-
-from conftest import STORIES, TINYSTORIES_TEXT
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -40,8 +41,8 @@ def _run(argv, **env):
                    if k not in (progress.MODE_VARIABLE, "SECATEURS_QUIET", "TQDM_DISABLE")}
     path = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
     environment.update(OMP_NUM_THREADS="1", PYTHONPATH=path, **env)
-    run = subprocess.run([sys.executable, "-m", "secateurs", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=environment, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "secateurs", *argv], capture_output=True, env=environment,
+                         timeout=300)
     err = run.stderr.decode()
     assert run.returncode == 0, err
     return err
@@ -105,9 +106,6 @@ def test_lines_no_more_often_than_the_interval_and_always_at_close(loud, monkeyp
 
 def test_library_bars_become_lines_and_quiet_still_silences(loud, monkeypatch):
     """A bar drawn by a library straight with tqdm, on a stream that is not a terminal."""
-    import tqdm
-    import tqdm.auto
-
     log = io.StringIO()
     with progress.phase("loading"):  # a phase hooks tqdm for the libraries that draw inside it
         for _ in tqdm.auto.tqdm(range(4), desc="Loading weights", file=log):

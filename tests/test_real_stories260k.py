@@ -8,14 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT
 from transformers import AutoModelForCausalLM
 
 from secateurs.evaluation.perplexity import perplexity, read_text
-from secateurs.storage.pruned import load_pruned, save_pruned
-from secateurs.storage.loading import load_model
 from secateurs.methods import prune
-
-from conftest import STORIES, TINYSTORIES_TEXT
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import load_pruned, save_pruned
 
 
 @pytest.fixture(scope="module")

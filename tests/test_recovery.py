@@ -9,16 +9,18 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT_HEAD, input_ids, tiny_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import secateurs
-from secateurs.adapters.plans import identity_plan
+import secateurs.storage.loading
 from secateurs.cli.main import main
 from secateurs.errors import OutputExistsError, SecateursError
-from secateurs.storage.pruned import load_pruned, save_pruned
-from secateurs.storage.loading import load_model
+from secateurs.evaluation.perplexity import perplexity
 from secateurs.methods import make_plan, prune
 from secateurs.methods.options import DepthOptions
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery import RECOVERY_FILENAME, RecoveryError, recover
 from secateurs.recovery import data as recovery_data
@@ -28,9 +30,10 @@ from secateurs.recovery.lora import lora_target_names
 from secateurs.recovery.objectives import Objective, chunked_loss
 from secateurs.recovery.settings import RecoverySettings
 from secateurs.recovery.trainer import DataOrder, LoopSettings, RecoveryLoop
+from secateurs.runtime.offload import has_offloaded_weights
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.surgery.apply import apply_plan
-
-from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT_HEAD, input_ids, tiny_model
 
 SEQ = 64
 QUICK = dict(seq_len=SEQ, batch_size=2, val_tokens=4 * SEQ, progress=False)
@@ -117,7 +120,8 @@ def test_hidden_state_term_matches_each_student_layer_with_its_source_layer(fami
     chunked = {name: p.grad.clone() for name, p in student.named_parameters()}
     student.zero_grad()
     outputs = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, key=(who, i): outputs.__setitem__(key, o[0] if isinstance(o, tuple) else o))
+    hooks = [layer.register_forward_hook(
+                 lambda m, a, o, key=(who, i): outputs.__setitem__(key, o[0] if isinstance(o, tuple) else o))
              for who, model in (("s", student), ("t", teacher)) for i, layer in enumerate(model.model.layers)]
     zs = student(ids).logits[:, :-1]
     with torch.no_grad():
@@ -172,7 +176,8 @@ def test_distillation_lowers_validation_kl_and_perplexity(stories, amp20, method
     assert not any("lora" in n for n, _ in result.model.named_parameters())
     if method == "lora":
         lora = result.record["parametrisation"]["lora"]
-        assert lora["r"] == 8 and lora["alpha"] == 16 and lora["target_modules"] == 7 * 5  # seven projections x 5 layers
+        # seven projections x 5 layers
+        assert lora["r"] == 8 and lora["alpha"] == 16 and lora["target_modules"] == 7 * 5
 
 
 def test_early_stop_keeps_the_best_validated_weights(stories, amp20):
@@ -242,9 +247,10 @@ def test_lora_merged_equals_unmerged_in_float64(stories, amp20):
 
 
 def test_lora_targets_come_from_the_adapters():
-    for family, expected in (("llama-gqa", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-                             ("phi", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
-                             ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})):
+    for family, expected in (
+            ("llama-gqa", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+            ("phi", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
+            ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})):
         model = tiny_model(family)
         names = lora_target_names(model)
         assert {n.rsplit(".", 1)[1] for n in names} == expected
@@ -363,7 +369,8 @@ def test_resume_after_k_steps_equals_the_uninterrupted_run(stories, amp20, tmp_p
     resumed = recover(copy.deepcopy(pruned), dense, checkpoint_dir=ckpt, save_every=2, resume=True, **run)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
-    assert [r["loss"] for r in resumed.record["curves"]["train"]] == [r["loss"] for r in whole.record["curves"]["train"]]
+    assert ([r["loss"] for r in resumed.record["curves"]["train"]]
+            == [r["loss"] for r in whole.record["curves"]["train"]])
     assert resumed.record["curves"]["val"] == whole.record["curves"]["val"]
     assert resumed.record["steps"]["resumed_at"] == [4]
 
@@ -548,8 +555,9 @@ def test_cli_recover_writes_a_recovered_folder(stories, amp20, tmp_path, capsys)
     dense, tok = stories
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
-    args = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT), "--tokens", str(3 * 2 * SEQ),
-            "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--preset", "amp-paper", "--out", str(tmp_path / "rec")]
+    args = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT),
+            "--tokens", str(3 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ),
+            "--preset", "amp-paper", "--out", str(tmp_path / "rec")]
     assert main(args) == 0
     assert "saved to" in capsys.readouterr().out
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
@@ -574,8 +582,6 @@ def test_cli_recover_reports_perplexity_before_and_after_as_measured_apart(stori
     """`recover --ppl TEXT` prints the perplexity of the pruned model and of the saved recovered
     model on TEXT, the numbers `perplexity` gives each of them on its own, and says on stderr what it
     measures while it does (on a real model each measurement takes minutes)."""
-    from secateurs.evaluation.perplexity import perplexity
-
     dense, tok = stories
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
@@ -603,30 +609,29 @@ def test_recover_places_teacher_and_student_with_accelerate(stories, amp20, tmp_
     """--device-map places the teacher (here half its layers offloaded to disk), --student-device-map
     the student (a CPU map): the recovered weights equal those of the run without maps (same seed,
     same data). A student map that offloads is refused before training, nothing written."""
-    from safetensors.torch import load_file
-
     dense, tok = stories
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
-    base = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT), "--tokens", str(2 * 2 * SEQ),
-            "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--dtype", "float32"]
+    base = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT),
+            "--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--dtype", "float32"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
     layers = {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(5)}
     offloading = json.dumps({"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu",
                              "lm_head": "cpu"})
     on_cpu = json.dumps({"model": "cpu", "lm_head": "cpu"})
     placed = ["--device-map", offloading, "--offload-folder", str(tmp_path / "offload"), "--student-device-map", on_cpu]
-    import secateurs.storage.loading
-    from secateurs.storage.offload import has_offloaded_weights
 
     loaded, real_load = [], secateurs.storage.loading.load_model
-    monkeypatch.setattr(secateurs.storage.loading, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(secateurs.storage.loading, "load_model",
+                        lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     assert main([*base, *placed, "--out", str(tmp_path / "placed")]) == 0
     (student, _), (teacher, _) = loaded
-    assert set(getattr(student, "hf_device_map", {"": "cpu"}).values()) == {"cpu"} and not has_offloaded_weights(student)
+    assert (set(getattr(student, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+            and not has_offloaded_weights(student))
     assert "disk" in teacher.hf_device_map.values() and has_offloaded_weights(teacher)
     monkeypatch.undo()
-    plain, mapped = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "placed" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    mapped = load_file(tmp_path / "placed" / "model.safetensors")
     assert plain.keys() == mapped.keys() and all(torch.equal(plain[k], mapped[k]) for k in plain)
     assert not torch.equal(plain["model.layers.0.mlp.down_proj.weight"], pruned.model.layers[0].mlp.down_proj.weight)
     capsys.readouterr()

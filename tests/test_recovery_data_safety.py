@@ -12,18 +12,26 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT
 
+import secateurs.pipeline.jobs
+import secateurs.storage.loading
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import load_text
-from secateurs.storage.pruned import save_pruned
-from secateurs.storage.loading import load_model
 from secateurs.methods import prune
 from secateurs.recovery import RECOVERY_FILENAME
-from secateurs.recovery.data import (OVERLAP_LIMIT, EvaluationText, RecoveryDataError, check_recovery_source,
-                                     load_recovery_data, refuse_shared_text, shared_ngram_fraction)
-
-from conftest import STORIES, TINYSTORIES_TEXT, WIKITEXT
+from secateurs.recovery.data import (
+    OVERLAP_LIMIT,
+    EvaluationText,
+    RecoveryDataError,
+    check_recovery_source,
+    load_recovery_data,
+    refuse_shared_text,
+    shared_ngram_fraction,
+)
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import save_pruned
 
 SEQ = 64
 EVALUATED = 2048  # --ppl-tokens: the part of WIKITEXT a run evaluates
@@ -53,9 +61,6 @@ def pruned_folder(stories, tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if any model is loaded or any pruning starts; returns what was attempted."""
-    import secateurs.storage.loading
-    import secateurs.pipeline.jobs
-
     attempted = []
 
     def refuse(name):
@@ -113,7 +118,7 @@ def test_alpaca_records_without_input_and_with_strings_pass(tmp_path):
 @pytest.mark.parametrize("kind", sorted(BAD_VALUES))
 def test_text_records_need_a_string_text(tmp_path, kind):
     path = _jsonl(tmp_path / "texts.jsonl", [{"text": "Once upon a time."}, {"text": BAD_VALUES[kind]}])
-    with pytest.raises(RecoveryDataError, match=rf"texts\.jsonl:2: field 'text' .* must be a string"):
+    with pytest.raises(RecoveryDataError, match=r"texts\.jsonl:2: field 'text' .* must be a string"):
         check_recovery_source(str(path))
 
 

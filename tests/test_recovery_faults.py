@@ -20,19 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
 from secateurs.cli.main import main
 from secateurs.errors import SecateursError
-from secateurs.storage.loading import load_model
-from secateurs.storage.output import MARKER
+from secateurs.files.output import MARKER
 from secateurs.recovery import RecoveryError, recover
-from secateurs.recovery.trainer import (BEST_FILE, SCHEDULERS, SETTINGS_FILE, STATE_FILE, WEIGHTS_FILE,
-                                        check_scheduler)
-
-from conftest import STORIES, TINYSTORIES_TEXT
+from secateurs.recovery.trainer import BEST_FILE, SCHEDULERS, SETTINGS_FILE, STATE_FILE, WEIGHTS_FILE, check_scheduler
+from secateurs.storage.loading import load_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SEQ = 32

@@ -8,16 +8,15 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.errors import OutputExistsError
-from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.methods import prune
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
+from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.surgery.apply import apply_plan
-
-from conftest import FAMILIES, input_ids, tiny_model
 
 
 def _logits(model, ids):
@@ -29,7 +28,8 @@ def _heterogeneous_plan(model) -> PruningPlan:
     plan = identity_plan(model)
     h, kv, inter = plan.layer_shape(0)
     g = h // kv
-    plan.layers[0].heads = [k * g + j for k in range(kv) for j in range(max(1, g // 2))] if g > 1 else list(range(h - 1))
+    plan.layers[0].heads = ([k * g + j for k in range(kv) for j in range(max(1, g // 2))] if g > 1
+                            else list(range(h - 1)))
     plan.layers[1].kv_heads = [kv - 1]
     plan.layers[2].neurons = list(range(0, inter, 3))
     plan.layers[3].removed = True

@@ -10,9 +10,18 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from secateurs.criteria.similarity import (DISTANCES, angular_distance, cka_distance, cosine_distance, distances,
-                                           linear_cka, permutation_distance, procrustes_distance,
-                                           unbiased_cka_distance, wasserstein_distance)
+from secateurs.criteria.similarity import (
+    DISTANCES,
+    angular_distance,
+    cka_distance,
+    cosine_distance,
+    distances,
+    linear_cka,
+    permutation_distance,
+    procrustes_distance,
+    unbiased_cka_distance,
+    wasserstein_distance,
+)
 from secateurs.errors import SecateursError
 
 

@@ -8,18 +8,20 @@ import json
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, input_ids, padded_calibration, tiny_model
 from transformers import AutoModelForCausalLM
 
-from secateurs.adapters.plans import identity_plan
-from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-from secateurs.storage.pruned import load_pruned
-from secateurs.methods import make_plan
+from secateurs.adapters import get_adapter
+from secateurs.calibration.data import load_calibration
 from secateurs.calibration.statistics import collect_statistics
 from secateurs.calibration.streaming import streamed_statistics
-from secateurs.surgery.apply import apply_plan
-
-from conftest import input_ids, tiny_model
-from test_amp import _padded_calibration
+from secateurs.cli.main import main
+from secateurs.methods import make_plan
+from secateurs.planning.geometry import identity_plan
+from secateurs.storage.checkpoint import CheckpointTensors, load_skeleton, prune_checkpoint
+from secateurs.storage.loading import load_tokenizer
+from secateurs.storage.pruned import load_pruned
+from secateurs.surgery.apply import apply_layer_plan, apply_plan
 
 
 def _close(a, b):
@@ -32,7 +34,7 @@ def _close(a, b):
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gemma2", "phi", "phi3", "mistral"])
 def test_streamed_equals_full_forward(name):
     model = tiny_model(name)
-    calib = _padded_calibration()
+    calib = padded_calibration()
     full = collect_statistics(model, calib, progress=False)
     streamed = streamed_statistics(model, calib, progress=False)
     _close(streamed, full)
@@ -42,15 +44,12 @@ def test_streamed_equals_full_forward(name):
 
 def test_sequential_mode_measures_each_layer_after_the_ones_below_are_pruned():
     model = tiny_model("llama-gqa")
-    calib = _padded_calibration()
+    calib = padded_calibration()
     plan = make_plan(model, "magnitude", 0.3)
     adapter_layers = model.model.layers
 
     def prune_layer(index, layer, a, m):
         lp = plan.layers[index]
-        from secateurs.adapters import get_adapter
-        from secateurs.surgery.apply import apply_layer_plan
-
         apply_layer_plan(get_adapter(model), layer, lp, *plan.resolve_layer(lp))
 
     work = copy.deepcopy(model)
@@ -70,7 +69,7 @@ def test_sequential_mode_measures_each_layer_after_the_ones_below_are_pruned():
 
 def test_interrupted_run_resumes_to_the_identical_plan(tmp_path):
     model = tiny_model("qwen3")
-    calib = _padded_calibration()
+    calib = padded_calibration()
 
     def interrupt(index, layer, a, m):
         if index == 2:
@@ -97,7 +96,7 @@ def test_checkpoint_streaming_and_shard_by_shard_pruning(tmp_path):
     assert len(files) > 2
     skeleton, tensors = load_skeleton(src, load_outside_layers=False)
     assert all(p.device.type == "meta" for p in skeleton.parameters())
-    calib = _padded_calibration()
+    calib = padded_calibration()
     stats = streamed_statistics(skeleton, calib, checkpoint=tensors, progress=False)
     assert all(p.device.type == "meta" for p in skeleton.parameters())  # every weight released again
     _close(stats, collect_statistics(model, calib, progress=False))
@@ -114,10 +113,6 @@ def test_checkpoint_streaming_and_shard_by_shard_pruning(tmp_path):
 
 
 def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
-    from secateurs.cli.main import main
-
-    from conftest import STORIES, TINYSTORIES_TEXT
-
     common = ["--method", "amp", "--ratio", "0.2", "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8"]
     assert main(["prune", str(STORIES), *common, "--out", str(tmp_path / "full")]) == 0
     assert main(["prune", str(STORIES), *common, "--streamed", "--scores-cache", str(tmp_path / "cache"),
@@ -126,7 +121,8 @@ def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
     assert (full / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
     assert json.loads((full / "pruning_plan.json").read_text())["layers"] == \
         json.loads((streamed / "pruning_plan.json").read_text())["layers"]
-    assert main(["prune", str(STORIES), "--streamed", "--method", "amp", "--out", str(tmp_path / "no")]) == 2  # no --calib
+    assert main(["prune", str(STORIES), "--streamed", "--method", "amp",
+                 "--out", str(tmp_path / "no")]) == 2  # no --calib
 
 
 @pytest.mark.parametrize("method, options", [
@@ -135,12 +131,6 @@ def test_cli_streamed_prune_equals_in_memory_prune(tmp_path):
 ])
 def test_lazy_skeleton_holds_one_decoder_layer_at_a_time(method, options, monkeypatch):
     """On a lazy skeleton, every method reads decoder layers one at a time: never two at once."""
-    from secateurs.calibration.data import load_calibration
-    from secateurs.storage.checkpoint import CheckpointTensors
-    from secateurs.storage.loading import _tokenizer
-
-    from conftest import STORIES, TINYSTORIES_TEXT
-
     live: set[str] = set()
     most = [0]
     materialize, release = CheckpointTensors.materialize, CheckpointTensors.release
@@ -164,7 +154,7 @@ def test_lazy_skeleton_holds_one_decoder_layer_at_a_time(method, options, monkey
 
     monkeypatch.setattr(CheckpointTensors, "materialize", counting_materialize)
     monkeypatch.setattr(CheckpointTensors, "release", counting_release)
-    calib = load_calibration(str(TINYSTORIES_TEXT), _tokenizer(STORIES), num_samples=8, max_length=64)
+    calib = load_calibration(str(TINYSTORIES_TEXT), load_tokenizer(STORIES), num_samples=8, max_length=64)
     stats = None
     if method == "flap":
         stats = streamed_statistics(skeleton, calib, checkpoint=tensors, progress=False)

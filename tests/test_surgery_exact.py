@@ -7,16 +7,15 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, input_ids, masked_reference, tiny_model
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.adapters import get_adapter
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
 from secateurs.surgery.apply import apply_plan
 
-from conftest import FAMILIES, input_ids, masked_reference, tiny_model
 
-
-def _plan(model, kind: str) -> PruningPlan:
+def exactness_plan(model, kind: str) -> PruningPlan:
     plan = identity_plan(model)
     adapter = get_adapter(model)
     gen = torch.Generator().manual_seed(3)
@@ -46,7 +45,7 @@ KINDS = ["groups", "in-group", "neurons", "layers", "mixed"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_surgery_matches_masking(family, kind):
     dense = tiny_model(family)
-    plan = _plan(dense, kind)
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids()
@@ -62,7 +61,7 @@ def test_surgery_matches_masking(family, kind):
 @pytest.mark.parametrize("kind", ["mixed", "in-group"])
 def test_surgery_matches_masking_with_kv_cache(family, kind):
     dense = tiny_model(family)
-    plan = _plan(dense, kind)
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(length=14)
@@ -79,7 +78,7 @@ def test_surgery_matches_masking_with_kv_cache(family, kind):
 
 def test_generate_matches_masking(family):
     dense = tiny_model(family)
-    plan = _plan(dense, "mixed")
+    plan = exactness_plan(dense, "mixed")
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(batch=1, length=5)
@@ -93,14 +92,14 @@ def test_generate_matches_masking(family):
 
 def test_config_follows_real_shapes(family):
     dense = tiny_model(family)
-    plan = _plan(dense, "groups")
+    plan = exactness_plan(dense, "groups")
     pruned = apply_plan(copy.deepcopy(dense), plan)
     adapter = get_adapter(pruned)
     layer = adapter.decoder_layers(pruned)[0]
     shape = adapter.layer_shape(layer)
     assert pruned.config.head_dim == adapter.head_dim(layer)
     assert pruned.config.num_key_value_heads == max(
-        adapter.layer_shape(l).num_kv_heads for l in adapter.decoder_layers(pruned))
+        adapter.layer_shape(layer).num_kv_heads for layer in adapter.decoder_layers(pruned))
     assert shape.num_kv_heads < get_adapter(dense).layer_shape(get_adapter(dense).decoder_layers(dense)[0]).num_kv_heads
 
 
@@ -112,7 +111,7 @@ def test_layer_removal_reindexes_and_slices_config(family):
     pruned = apply_plan(copy.deepcopy(dense), plan)
     adapter = get_adapter(pruned)
     assert pruned.config.num_hidden_layers == 3
-    assert [adapter.attention(l).layer_idx for l in adapter.decoder_layers(pruned)] == [0, 1, 2]
+    assert [adapter.attention(layer).layer_idx for layer in adapter.decoder_layers(pruned)] == [0, 1, 2]
     if layer_types is not None:
         assert pruned.config.layer_types == [layer_types[i] for i in (0, 2, 3)]
     if FAMILIES[family][0] == "qwen2":

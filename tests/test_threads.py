@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import STORIES
-from secateurs.runtime import threads
+
+from secateurs.calibration import data as calibration
+from secateurs.calibration.data import sample_sequences
 from secateurs.cli.main import main
-from secateurs.storage.output import MARKER
+from secateurs.files.output import MARKER
+from secateurs.runtime import threads
+from secateurs.storage.loading import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +55,6 @@ def test_working_sets_and_restores_torch_threads():
 
 
 def test_self_sampling_decodes_on_the_decode_count(monkeypatch, tmp_path):
-    from secateurs.calibration import data as calibration
-    from secateurs.storage.loading import load_model
-
     model, tokenizer = load_model(str(STORIES))
     seen = []
     real = calibration.sample_sequences
@@ -75,9 +75,6 @@ def test_forward_and_decode_are_bit_identical_across_thread_counts():
     the same bits at 1 and 2 threads (stories260K here; SmolLM2 in benchmarks/thread_policy.py).
     Training steps are not compared: their backward reductions may differ in the last bits, so the
     train count is fixed by the cores alone."""
-    from secateurs.calibration.data import sample_sequences
-    from secateurs.storage.loading import load_model
-
     model, _ = load_model(str(STORIES))
     ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
 

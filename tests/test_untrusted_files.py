@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import STORIES
 
+import secateurs.planning.plan
 from secateurs.cli.main import main
 from secateurs.planning.plan import ALPHA_MAX, PLAN_FILENAME
-
-from conftest import STORIES
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -82,8 +82,6 @@ def test_plan_nested_200000_levels_is_refused(tmp_path, capsys):
 
 
 def test_plan_over_the_size_limit_is_refused(runs, tmp_path, capsys, monkeypatch):
-    import secateurs.planning.plan
-
     plan = _plan(runs, tmp_path, lambda d: None)
     monkeypatch.setattr(secateurs.planning.plan, "PLAN_MAX_BYTES", plan.stat().st_size - 1)
     _refused(["plan", "show", str(plan)], capsys, str(plan), "secateurs reads at most")

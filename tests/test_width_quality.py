@@ -4,23 +4,31 @@ allocation and the data-chosen attention share keep the exactness and round-trip
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+from typing import ClassVar
 
 import pytest
 import torch
+from conftest import STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
+from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
-from secateurs.planning.budget import Geometry, target_params
 from secateurs.calibration.data import Calibration
+from secateurs.calibration.statistics import InputStats, Statistics, check_finite, collect_statistics
+from secateurs.cli.main import build_parser, main
 from secateurs.errors import SecateursError
-from secateurs.storage.pruned import load_pruned, save_pruned
-from secateurs.methods import make_plan, prune
+from secateurs.methods import api, make_plan, prune
+from secateurs.methods.amp import Amp
+from secateurs.methods.options import AmpOptions
+from secateurs.planning import split
+from secateurs.planning.budget import Geometry, target_params
 from secateurs.planning.plan import PruningPlan
-from secateurs.surgery.reconstruction import ridge_refit
-from secateurs.calibration.statistics import Statistics, collect_statistics
-
-from conftest import input_ids, tiny_model
+from secateurs.settings.values import CommandLineError
+from secateurs.storage.loading import load_model
+from secateurs.storage.pruned import load_pruned, save_pruned
+from secateurs.surgery.reconstruction import Reconstruction, prune_and_refit_layer, ridge_refit
 
 
 def _calibration(seed: int = 0) -> Calibration:
@@ -117,7 +125,6 @@ def test_sequential_reconstruction_fits_each_layer_on_the_pruned_layers_below():
     step, _ = prune(copy.deepcopy(model), plan=first, calibration=calibration, reconstruct="dense", progress=False)
     stats = collect_statistics(step, calibration, progress=False, gram=True)
     expected = copy.deepcopy(step)
-    from secateurs.surgery.reconstruction import Reconstruction, prune_and_refit_layer
 
     adapter = get_adapter(expected)
     prune_and_refit_layer(adapter, adapter.decoder_layers(expected)[1], plan, plan.layers[1], stats.attention[1],
@@ -203,8 +210,6 @@ def test_chosen_split_is_recorded_and_reapplying_the_plan_reproduces_the_model(t
 def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatch):
     """On a GQA model several shares round to the same whole KV groups; the search masks each
     distinct plan once and gives the shares that share it the same KL."""
-    from secateurs.planning import split
-
     model, calibration = tiny_model("llama-gqa"), _calibration()
     few = make_plan(model, "amp", 0.1, calibration=calibration, split="balanced", progress=False)
     many = make_plan(model, "amp", 0.3, calibration=calibration, split="balanced", progress=False)
@@ -224,8 +229,6 @@ def test_split_candidates_keeping_the_same_structures_are_scored_once(monkeypatc
 def test_refit_pass_without_scores_still_refuses_non_finite_activations():
     """The re-fit pass collects no importance scores; a NaN at a real token must still stop it
     (the check reads the channel sums too), while NaN at padding is ignored."""
-    from secateurs.calibration.statistics import InputStats, check_finite
-
     x = torch.ones(1, 3, 4)
     x[0, 2, 1] = float("nan")
     padded = InputStats.zeros(2, 4, gram=True)
@@ -239,8 +242,6 @@ def test_refit_pass_without_scores_still_refuses_non_finite_activations():
 
 
 def test_split_search_on_uniform_layers_stays_stock_loadable(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model, calibration = tiny_model("llama-gqa"), _calibration()
     pruned, plan = prune(copy.deepcopy(model), method="amp", ratio=0.3, calibration=calibration, split="search",
                          progress=False)
@@ -267,8 +268,6 @@ def test_amp_default_searches_the_split_and_refits_on_the_same_data(name):
 def test_split_search_needs_the_weights_in_memory(tmp_path):
     """A device-mapped model gets the balanced split by default; a search asked for is refused
     before any calibration work."""
-    from secateurs.storage.loading import load_model
-
     tiny_model("llama-gqa").save_pretrained(tmp_path / "dense")
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
                   **{f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(4)}}
@@ -307,10 +306,6 @@ def test_gram_statistics_save_and_load(tmp_path):
 def test_streamed_reconstruction_equals_in_memory(tmp_path):
     """prune --streamed --reconstruct: one layer in memory, fits applied shard by shard, the same
     weights as the in-memory run."""
-    from secateurs.cli.main import main
-
-    from conftest import STORIES, TINYSTORIES_TEXT
-
     common = ["--method", "amp", "--ratio", "0.2", "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8",
               "--reconstruct", "--reconstruct-bias", "--allocation", "global"]
     assert main(["prune", str(STORIES), *common, "--out", str(tmp_path / "full")]) == 0
@@ -336,13 +331,6 @@ def test_streamed_reconstruction_equals_in_memory(tmp_path):
 def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):
     """A default combination a method declares (its options class) never reaches paper rounding,
     whose plan stays byte-identical."""
-    import dataclasses
-    from typing import ClassVar
-
-    from secateurs.methods import api
-    from secateurs.methods.amp import Amp
-    from secateurs.methods.options import AmpOptions
-
     @dataclasses.dataclass(frozen=True)
     class GlobalAmpOptions(AmpOptions):
         reconstruct: ClassVar[str | None] = "dense"
@@ -360,9 +348,6 @@ def test_method_defaults_apply_to_balanced_rounding_only(monkeypatch):
 
 
 def test_cli_split_values():
-    from secateurs.settings.values import CommandLineError
-    from secateurs.cli.main import build_parser
-
     parse = build_parser().parse_args
     assert parse(["prune", "m", "--out", "o", "--split", "search"]).method_split == "search"
     assert parse(["prune", "m", "--out", "o", "--split", "0.25", "--reconstruct"]).method_split == 0.25

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from secateurs.surgery.value_attention import is_replaced
+from secateurs.adapters.value_attention import is_replaced
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ once and read back afterwards.
 
 Files live in $SECATEURS_CACHE/calibration (default ~/.cache/secateurs/calibration), one JSON file
 per (model identity, seed, num_samples, max_length, start token, sampler), written atomically through
-secateurs.storage.output. A file is trusted only when every recorded field matches the request and the
+secateurs.files.output. A file is trusted only when every recorded field matches the request and the
 samples are exactly num_samples lists of max_length integer token ids in [0, vocab); anything else
 (corrupt, truncated, another model's, hand-edited) is ignored with a warning and rewritten.
 """
@@ -16,8 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from secateurs.storage.cache import root
-from secateurs.storage.output import write_file
+from secateurs.files.cache import root
+from secateurs.files.output import write_file
 
 log = logging.getLogger("secateurs")
 FORMAT = "secateurs-self-calibration"

@@ -26,11 +26,11 @@ import torch
 
 from secateurs.calibration import cache as calibration_cache
 from secateurs.errors import SecateursError
+from secateurs.files.jsonl import iter_jsonl, read_text_file
 from secateurs.runtime import threads
+from secateurs.runtime.identity import model_identity
+from secateurs.runtime.offload import input_device
 from secateurs.runtime.progress import bar, phase, status
-from secateurs.storage.identity import model_identity
-from secateurs.storage.jsonl import iter_jsonl, read_text_file
-from secateurs.storage.offload import input_device
 
 log = logging.getLogger("secateurs")
 

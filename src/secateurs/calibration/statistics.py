@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from secateurs.adapters import get_adapter
 from secateurs.calibration.runner import zero_padding
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_finite as check_finite_tensors
+from secateurs.files.output import writing_file
+from secateurs.runtime.offload import input_device, materialized
 from secateurs.runtime.progress import bar
-from secateurs.storage.offload import input_device, materialized
-from secateurs.storage.output import check_finite as check_finite_tensors
-from secateurs.storage.output import writing_file
 
 # Head contributions are computed for this many (token, head, hidden) elements at a time.
 CONTRIBUTION_CHUNK_ELEMENTS = 1 << 22  # 16 MiB in float32: small beside one layer of any LLM

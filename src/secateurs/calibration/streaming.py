@@ -30,10 +30,10 @@ from secateurs.adapters import get_adapter
 from secateurs.calibration.runner import run_layer
 from secateurs.calibration.statistics import InputStats, Statistics, attach_layer_hooks, check_finite
 from secateurs.errors import SecateursError
+from secateurs.files.output import write_file, writing_file
+from secateurs.runtime.identity import model_identity
+from secateurs.runtime.offload import has_offloaded_weights, input_device, materialized
 from secateurs.runtime.progress import bar
-from secateurs.storage.identity import model_identity
-from secateurs.storage.offload import has_offloaded_weights, input_device, materialized
-from secateurs.storage.output import write_file, writing_file
 
 MODES = ("dense", "sequential")
 

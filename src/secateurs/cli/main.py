@@ -46,6 +46,7 @@ from secateurs.cli.options import (
     recovery_settings,
 )
 from secateurs.errors import SecateursError
+from secateurs.files.output import disk_full_message, release_all
 from secateurs.methods.options import METHOD_NAMES, OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
 from secateurs.recovery.settings import BriefRecovery
 from secateurs.runtime import progress, threads
@@ -60,7 +61,6 @@ from secateurs.settings.values import (
     positive_float,
     positive_int,
 )
-from secateurs.storage.output import disk_full_message, release_all
 from secateurs.version import __version__
 
 DEFAULT_METHOD, DEFAULT_RATIO = "amp", 0.2

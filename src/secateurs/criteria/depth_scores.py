@@ -32,8 +32,8 @@ from secateurs.calibration.runner import run_layer, summed_next_token_nll
 from secateurs.calibration.streaming import capture_layer_calls
 from secateurs.criteria.similarity import DISTANCES, token_angles
 from secateurs.errors import SecateursError
+from secateurs.runtime.offload import materialized
 from secateurs.runtime.progress import bar
-from secateurs.storage.offload import materialized
 
 END_TO_END_METRICS = tuple(DISTANCES) + ("nll",)  # need F'(X) with the candidate skipped
 LOCAL_METRICS = ("bi", "block-angular")  # need only the layer's own input and output

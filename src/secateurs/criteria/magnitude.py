@@ -11,7 +11,7 @@ import torch
 
 from secateurs.adapters import get_adapter
 from secateurs.criteria.scores import StructureScores
-from secateurs.storage.offload import each_materialized
+from secateurs.runtime.offload import each_materialized
 
 
 def _sq(t: torch.Tensor | None, units: int, dim: int) -> torch.Tensor:

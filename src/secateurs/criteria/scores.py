@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from secateurs.storage.output import writing_file
+from secateurs.files.output import writing_file
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from secateurs.adapters import get_adapter
 from secateurs.calibration.statistics import Statistics
 from secateurs.criteria.scores import StructureScores
-from secateurs.storage.offload import each_materialized
+from secateurs.runtime.offload import each_materialized
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ from secateurs.adapters import get_adapter
 from secateurs.calibration.runner import summed_next_token_nll
 from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.evaluation.settings import DEFAULT_MAX_BATCH_TOKENS
+from secateurs.files.jsonl import file_sha256, iter_jsonl, read_text_file
+from secateurs.runtime.offload import input_device
 from secateurs.runtime.progress import bar
-from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
-from secateurs.storage.offload import input_device
 
 PROTOCOLS: dict[str, int | None] = {"seq128": 128, "seq2048": 2048, "seq4096": 4096, "context": None}
 PROTOCOL_NOTES = {

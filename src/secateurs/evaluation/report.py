@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from secateurs.errors import SecateursError
+from secateurs.files.output import write_file, write_folder
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan, read_json_file
-from secateurs.storage.output import write_file, write_folder
 
 SCORE_FILES = ("importance_scores.safetensors", "scores.safetensors")
 

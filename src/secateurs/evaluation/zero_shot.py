@@ -31,9 +31,9 @@ from pathlib import Path
 import yaml
 
 from secateurs.errors import SecateursError
+from secateurs.files.output import write_folder
 from secateurs.runtime.progress import phase
 from secateurs.settings.names import STANDARD_TASKS
-from secateurs.storage.output import write_folder
 
 TASK_DIR = Path(__file__).with_name("tasks")
 

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from secateurs.adapters import get_adapter
+from secateurs.adapters.value_attention import RemovedAttention, ValueOnlyAttention
 from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (
     LAYER_NORMS,
@@ -69,10 +70,9 @@ from secateurs.export.gguf_arch import (
 )
 from secateurs.export.gguf_vocab import add_tokenizer
 from secateurs.export.settings import ExportSettings
+from secateurs.files.output import check_finite, check_output_file, writing_file
 from secateurs.runtime.progress import phase
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import check_finite, check_output_file, writing_file
-from secateurs.surgery.value_attention import RemovedAttention, ValueOnlyAttention
 from secateurs.version import __version__
 
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -87,7 +87,7 @@ def export_gguf(model, out: str | os.PathLike, outtype: str | None = None, token
     folder, HF folder, .gguf or alias) as a GGUF file at `out`; returns its path. `tokenizer`: a
     fast tokenizer or a folder holding tokenizer.json (default: the model's own).
 
-    The file is built beside `out` and renamed into place (secateurs.storage.output), so `out` holds either
+    The file is built beside `out` and renamed into place (secateurs.files.output), so `out` holds either
     the old file or the complete new one; an existing file is replaced only with force. `settings`
     (ExportSettings) or `outtype` (default f32) choose the weights' encoding."""
     outtype = ExportSettings.of(settings, outtype=outtype).outtype
@@ -111,7 +111,7 @@ WRITER_KEY = "secateurs.writer"  # metadata of every GGUF secateurs writes ("sec
 
 
 def check_gguf_output(out, force: bool, inputs) -> Path:
-    """The output rules of secateurs.storage.output for a .gguf file: an existing file is replaced only with
+    """The output rules of secateurs.files.output for a .gguf file: an existing file is replaced only with
     force and only when secateurs wrote it (its WRITER_KEY metadata); any other file is left alone."""
     return check_output_file(out, inputs, suffixes=(".gguf",), what="GGUF output", force=force,
                              kind="gguf", replaceable=written_gguf)

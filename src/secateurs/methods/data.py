@@ -9,7 +9,7 @@ import os
 from secateurs.calibration.data import Calibration, as_calibration, load_calibration
 from secateurs.calibration.statistics import Statistics, collect_statistics
 from secateurs.errors import SecateursError
-from secateurs.storage.identity import model_identity
+from secateurs.runtime.identity import model_identity
 
 
 def resolve_statistics(model, tokenizer, calibration=None, statistics=None, calibration_options: dict | None = None,

@@ -28,7 +28,6 @@ import random
 from typing import ClassVar
 
 from secateurs.adapters import get_adapter
-from secateurs.adapters.plans import layer_removal_plan
 from secateurs.calibration.data import Calibration, as_calibration
 from secateurs.criteria.consensus import consensus_ranking
 from secateurs.criteria.depth_scores import LOCAL_METRICS, capture_traces, check_metrics, score_layers
@@ -36,6 +35,7 @@ from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import CONSENSUS_METRICS, DepthOptions
 from secateurs.planning.budget import Geometry, target_params
+from secateurs.planning.geometry import layer_removal_plan
 from secateurs.planning.plan import PruningPlan
 
 

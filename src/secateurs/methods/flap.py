@@ -6,13 +6,13 @@ o_proj / down_proj bias (stored in the plan, applied by surgery)."""
 
 from __future__ import annotations
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.calibration.statistics import Statistics
 from secateurs.criteria.flap import flap_scores, standardize
 from secateurs.errors import SecateursError
 from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.options import FlapOptions
 from secateurs.planning.budget import Budget, Geometry, KeepCounts, target_params
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
 
 

@@ -15,7 +15,6 @@ import math
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.adapters.plans import identity_plan
 from secateurs.calibration.data import Calibration
 from secateurs.calibration.runner import run_layer, summed_next_token_nll
 from secateurs.calibration.statistics import collect_statistics
@@ -25,9 +24,10 @@ from secateurs.methods.base import Method, Needs, PlanContext, provenance
 from secateurs.methods.flap import flap_plan
 from secateurs.methods.options import ALPHA_GRID, HarpOptions
 from secateurs.planning.budget import Geometry, target_params
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import ALPHA_MAX, PruningPlan
+from secateurs.runtime.offload import detached_copy, input_device
 from secateurs.runtime.progress import bar as progress_bar
-from secateurs.storage.offload import detached_copy, input_device
 from secateurs.surgery.apply import apply_plan, replace_attention
 
 DEFAULT_GRID = ALPHA_GRID

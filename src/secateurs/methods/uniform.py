@@ -4,9 +4,9 @@ best-scored ones."""
 from __future__ import annotations
 
 from secateurs.adapters import LayerShape
-from secateurs.adapters.plans import identity_plan
 from secateurs.criteria import StructureScores
 from secateurs.planning.budget import KeepCounts
+from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
 from secateurs.planning.selection import select_heads, top_indices
 

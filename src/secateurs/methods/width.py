@@ -17,9 +17,9 @@ from secateurs.planning.budget import Budget, Geometry, KeepCounts, plan_budget,
 from secateurs.planning.plan import PruningPlan
 from secateurs.planning.selection import apply_selection
 from secateurs.planning.split import CANDIDATE_FRACTIONS, choose_attention_share
+from secateurs.runtime.offload import weights_in_memory
 from secateurs.runtime.progress import phase, status
 from secateurs.settings.names import ALLOCATIONS, SPLITS
-from secateurs.storage.offload import weights_in_memory
 
 log = logging.getLogger("secateurs")
 

@@ -40,6 +40,7 @@ from secateurs.evaluation.speed import (
 )
 from secateurs.evaluation.suite import EvalSpec, evaluate
 from secateurs.evaluation.zero_shot import find_task_file
+from secateurs.files.output import write_file, write_folder
 from secateurs.pipeline.jobs import PruneJob, preflight, prune_and_save
 from secateurs.pipeline.stages import RunState, Stage
 from secateurs.recovery.api import recover
@@ -48,7 +49,6 @@ from secateurs.recovery.settings import BriefRecovery, RecoverySettings
 from secateurs.runtime import threads
 from secateurs.runtime.progress import phase
 from secateurs.settings.names import STANDARD_TASKS
-from secateurs.storage.output import write_file, write_folder
 from secateurs.storage.pruned import load_pruned
 
 DEMO_TEXT = "tinystories_sample.txt"

@@ -31,6 +31,7 @@ from typing import Any
 from secateurs.calibration.data import check_calibration_length, load_calibration
 from secateurs.calibration.streaming import streamed_statistics
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_output_dir, check_output_file, refuse_overlap
 from secateurs.methods import make_plan, prune, reconstruction_for
 from secateurs.methods.registry import get_method
 from secateurs.planning.accounting import compare_stats, model_stats
@@ -39,12 +40,11 @@ from secateurs.recovery.api import RECOVERY_FILENAME, check_resources_before_loa
 from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
 from secateurs.recovery.iterative import prune_depth_recovering
 from secateurs.recovery.settings import RecoverySettings
+from secateurs.runtime.identity import model_identity
 from secateurs.runtime.progress import status
 from secateurs.storage import loading
 from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
-from secateurs.storage.identity import model_identity
 from secateurs.storage.loading import check_device, load_tokenizer, resolve_source
-from secateurs.storage.output import check_output_dir, check_output_file, refuse_overlap
 from secateurs.storage.pruned import save_pruned
 from secateurs.surgery.reconstruction import RefitStore, apply_plan_sequential
 

@@ -1,6 +1,6 @@
 """`run`: the one orchestrator. A run is a list of stages (secateurs.pipeline.stages): every stage is
 checked first (its options, its data files, its outputs claimed under the rules of
-secateurs.storage.output), so that nothing long starts before everything that can be refused was;
+secateurs.files.output), so that nothing long starts before everything that can be refused was;
 then each executes in order on what the one before left (the model in memory, the folder written).
 
     run([Prune(job), Recover(out, settings, teacher=job.source), Export("model.gguf"), Evaluate(spec)])

@@ -1,6 +1,6 @@
 """The stages a run is made of: each a small frozen dataclass holding its settings, with `check`
 (everything that can be refused before long work: options, data files, the outputs claimed under
-the rules of secateurs.storage.output) and `execute` (the work, on the model or folder the stage
+the rules of secateurs.files.output) and `execute` (the work, on the model or folder the stage
 before it left in the RunState). secateurs.pipeline.runner.run checks every stage, then executes
 them in order.
 
@@ -30,17 +30,17 @@ from secateurs.evaluation.suite import EvalSpec, evaluate
 from secateurs.export import export_gguf
 from secateurs.export.gguf_export import check_gguf_output
 from secateurs.export.settings import ExportSettings
+from secateurs.files.output import check_output_dir, check_output_file, result_marker, write_file
 from secateurs.pipeline import jobs
 from secateurs.pipeline.sweep import check_methods_ratios, refuse_unused_calibration, run_sweep
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.recovery.api import RecoveryResult, check_resources_before_loading, checkpoint_folder, recover
 from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
 from secateurs.recovery.settings import RecoverySettings
+from secateurs.runtime.offload import has_offloaded_weights
 from secateurs.runtime.progress import phase
 from secateurs.storage import loading
 from secateurs.storage.loading import check_device
-from secateurs.storage.offload import has_offloaded_weights
-from secateurs.storage.output import check_output_dir, check_output_file, result_marker, write_file
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from secateurs.errors import SecateursError
 from secateurs.evaluation.report import plot_sweep, write_page
 from secateurs.evaluation.speed import machine_info
 from secateurs.evaluation.suite import EvalSpec, evaluate
+from secateurs.files.output import write_file, write_folder
 from secateurs.methods.registry import METHODS, get_method
 from secateurs.pipeline.jobs import PruneJob, prune_in_memory
 from secateurs.planning.accounting import model_stats
 from secateurs.runtime.progress import bar
-from secateurs.storage.output import write_file, write_folder
 
 
 def check_methods_ratios(methods: list[str], ratios: list[float]) -> None:

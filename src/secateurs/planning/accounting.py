@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from secateurs.adapters import get_adapter
-from secateurs.surgery.value_attention import is_replaced
+from secateurs.adapters.value_attention import is_replaced
 
 
 @dataclass

@@ -21,13 +21,13 @@ import torch
 from secateurs.criteria.flap import standardize
 from secateurs.criteria.scores import StructureScores
 from secateurs.errors import SecateursError
-from secateurs.planning.budget import Geometry, KeepCounts, _head_unit, _keep
+from secateurs.planning.budget import Geometry, KeepCounts, head_unit, keep_counts
 
 
 def balanced_attention_share(geo: Geometry, gqa: str) -> float:
     """The attention share the balanced rule spends (the same fraction of head units as of
     neurons): attention's part of the prunable parameters."""
-    attention = sum(_head_unit(s, c, gqa)[0] * _head_unit(s, c, gqa)[1] for s, c in zip(geo.shapes, geo.costs))
+    attention = sum(head_unit(s, c, gqa)[0] * head_unit(s, c, gqa)[1] for s, c in zip(geo.shapes, geo.costs))
     neurons = sum(s.intermediate_size * c.neuron for s, c in zip(geo.shapes, geo.costs))
     return attention / (attention + neurons)
 
@@ -48,13 +48,13 @@ def uniform_counts(geo: Geometry, target: int, share: float, gqa: str) -> list[K
     counts = []
     for index, (shape, costs, size) in enumerate(zip(geo.shapes, geo.costs, prunable)):
         layer_target = target * size / sum(prunable)
-        unit_cost, units = _head_unit(shape, costs, gqa)
+        unit_cost, units = head_unit(shape, costs, gqa)
         removed_units = min(units - 1, round(layer_target * share / unit_cost))
         removed_neurons = max(0, round((layer_target - removed_units * unit_cost) / costs.neuron))
         if removed_neurons >= shape.intermediate_size:
             raise SecateursError(f"this target would remove every MLP neuron of layer {index}; lower the ratio or "
                                  "give attention a larger share")
-        counts.append(_keep(shape, removed_units, shape.intermediate_size - removed_neurons, gqa))
+        counts.append(keep_counts(shape, removed_units, shape.intermediate_size - removed_neurons, gqa))
     return counts
 
 
@@ -83,12 +83,13 @@ def global_counts(geo: Geometry, scores: StructureScores, target: int, share: fl
     """One global threshold per kind on per-layer standardised scores (see the module docstring)."""
     heads, head_sizes = [], []
     for i, (shape, costs, h) in enumerate(zip(geo.shapes, geo.costs, scores.heads)):
-        unit_cost, units = _head_unit(shape, costs, gqa)
+        unit_cost, units = head_unit(shape, costs, gqa)
         heads += [(float(z), i, unit_cost) for z in standardize(unit_scores(h, shape.num_kv_heads, gqa))]
         head_sizes.append(units)
     removed_units = _closest_prefix(heads, head_sizes, share * target) if share > 0 else [0] * len(geo.shapes)
-    spent = sum(r * _head_unit(s, c, gqa)[0] for r, s, c in zip(removed_units, geo.shapes, geo.costs))
+    spent = sum(r * head_unit(s, c, gqa)[0] for r, s, c in zip(removed_units, geo.shapes, geo.costs))
     neurons = [(float(z), i, costs.neuron) for i, (costs, n) in enumerate(zip(geo.costs, scores.neurons))
                for z in standardize(n.float())]
     removed_neurons = _closest_prefix(neurons, [s.intermediate_size for s in geo.shapes], target - spent)
-    return [_keep(s, u, s.intermediate_size - n, gqa) for s, u, n in zip(geo.shapes, removed_units, removed_neurons)]
+    return [keep_counts(s, u, s.intermediate_size - n, gqa)
+            for s, u, n in zip(geo.shapes, removed_units, removed_neurons)]

@@ -87,7 +87,7 @@ def unit_costs(adapter: ModelAdapter, layer) -> UnitCosts:
     )
 
 
-def _head_unit(shape: LayerShape, costs: UnitCosts, gqa: str) -> tuple[int, int]:
+def head_unit(shape: LayerShape, costs: UnitCosts, gqa: str) -> tuple[int, int]:
     """(parameters per head unit, number of units there are) in this GQA mode."""
     g = shape.group_size
     if gqa == "groups" or g == 1:
@@ -95,7 +95,7 @@ def _head_unit(shape: LayerShape, costs: UnitCosts, gqa: str) -> tuple[int, int]
     return shape.num_kv_heads * costs.head, g
 
 
-def _keep(shape: LayerShape, units_removed: int, neurons_kept: int, gqa: str) -> KeepCounts:
+def keep_counts(shape: LayerShape, units_removed: int, neurons_kept: int, gqa: str) -> KeepCounts:
     g = shape.group_size
     if gqa == "groups" or g == 1:
         kv = shape.num_kv_heads - units_removed
@@ -110,7 +110,7 @@ def uniform_keep_counts(shape: LayerShape, ratio: float, gqa: str = "groups") ->
     units = shape.num_kv_heads if gqa == "groups" or shape.group_size == 1 else shape.group_size
     removed = min(units - 1, round(ratio * units))
     neurons = max(1, shape.intermediate_size - round(ratio * shape.intermediate_size))
-    return _keep(shape, removed, neurons, gqa)
+    return keep_counts(shape, removed, neurons, gqa)
 
 
 def _round_to(kept: int, multiple: int, limit: int) -> int:
@@ -186,7 +186,7 @@ def plan_budget(model, ratio: float | None = None, *, ratio_of: str = "all", lay
 
 def _layer_counts(index: int, shape: LayerShape, costs: UnitCosts, share: float, rounding: str, gqa: str,
                   parts: str, round_to: int) -> KeepCounts:
-    unit_cost, units = _head_unit(shape, costs, gqa)
+    unit_cost, units = head_unit(shape, costs, gqa)
     prunable = units * unit_cost + shape.intermediate_size * costs.neuron
     p = share / prunable
     if parts == "heads":
@@ -206,4 +206,4 @@ def _layer_counts(index: int, shape: LayerShape, costs: UnitCosts, share: float,
             + ("" if parts == "both" else " or prune both heads and neurons")
         )
     neurons = _round_to(shape.intermediate_size - removed_neurons, round_to, shape.intermediate_size)
-    return _keep(shape, removed_units, neurons, gqa)
+    return keep_counts(shape, removed_units, neurons, gqa)

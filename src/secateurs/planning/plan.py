@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from secateurs.errors import PlanError
-from secateurs.storage.jsonl import decode_utf8
-from secateurs.storage.output import write_file
+from secateurs.files.jsonl import decode_utf8
+from secateurs.files.output import write_file
 
 PLAN_FORMAT = "secateurs.plan/1"
 PLAN_FILENAME = "pruning_plan.json"
@@ -87,7 +87,7 @@ class PruningPlan:
 
     def check_compatible(self, here: dict) -> None:
         """Refuse a plan made for a model of another geometry (`here`: the model's
-        secateurs.adapters.plans.plan_base)."""
+        secateurs.planning.geometry.plan_base)."""
         keys = ("model_type", "num_hidden_layers", "hidden_size", "head_dim", "vocab_size", "layer_shapes")
         diffs = [k for k in keys if here[k] != self.base.get(k)]
         if diffs:

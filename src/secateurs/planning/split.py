@@ -13,8 +13,8 @@ import torch
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.planning.plan import PruningPlan
+from secateurs.runtime.offload import input_device, refuse_offloaded
 from secateurs.runtime.progress import bar
-from secateurs.storage.offload import input_device, refuse_offloaded
 
 # Candidate shares as fractions of the balanced share (attention's part of the prunable parameters).
 CANDIDATE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.adapters.plans import plan_base
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
 from secateurs.planning.accounting import model_stats
+from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import CONFIG_KEY, PruningPlan
 from secateurs.recovery import estimate as resources
 from secateurs.recovery.data import RecoveryData, load_recovery_data
@@ -32,17 +33,16 @@ from secateurs.recovery.objectives import Objective
 from secateurs.recovery.settings import PRESETS, RecoverySettings
 from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
 from secateurs.runtime import threads
+from secateurs.runtime.identity import model_identity
 from secateurs.runtime.progress import status
 from secateurs.storage.checkpoint import load_skeleton
-from secateurs.storage.identity import model_identity
 from secateurs.storage.loading import resolve_source
-from secateurs.storage.output import check_output_dir, marker_record, refuse_overlap, remove_own_folder
 from secateurs.storage.pruned import save_pruned
 from secateurs.version import __version__
 
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
-CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.storage.output)
+CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.files.output)
 __all__ = ["CHECKPOINT_KIND", "PRESETS", "RECOVERY_FILENAME", "RecoveryResult", "check_resources", "check_teacher",
            "checkpoint_folder", "recover", "settings_of"]
 

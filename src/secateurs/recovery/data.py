@@ -32,7 +32,7 @@ import torch
 from secateurs.calibration.data import hf_texts, self_generated
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import load_text
-from secateurs.storage.jsonl import file_sha256, iter_jsonl, read_text_file
+from secateurs.files.jsonl import file_sha256, iter_jsonl, read_text_file
 
 IGNORE_INDEX = -100
 # Stanford Alpaca's training prompts (used by the AMP paper's fine_tune.py, as by LLM-Pruner's).

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import copy
 
-from secateurs.adapters.plans import identity_plan
 from secateurs.calibration.data import as_calibration
 from secateurs.errors import SecateursError
 from secateurs.methods.depth import DEPTH_METHODS, depth_plan, layers_for_target
 from secateurs.methods.options import DepthOptions
 from secateurs.planning.accounting import model_stats
+from secateurs.planning.geometry import identity_plan
 from secateurs.recovery.api import recover
 from secateurs.recovery.data import sources_read_once
 from secateurs.recovery.settings import RecoverySettings

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from secateurs.adapters import get_adapter
 from secateurs.recovery.settings import OBJECTIVES  # noqa: F401 - re-exported: the objectives' names
-from secateurs.storage.offload import input_device
+from secateurs.runtime.offload import input_device
 
 IGNORE_INDEX = -100
 

@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from secateurs.errors import SecateursError
+from secateurs.files.output import write_folder
 from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 from secateurs.recovery.settings import SCHEDULERS, check_scheduler  # noqa: F401 - SCHEDULERS: re-exported
 from secateurs.runtime.progress import bar as progress_bar
-from secateurs.storage.output import write_folder
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"

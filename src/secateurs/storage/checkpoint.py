@@ -21,12 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from secateurs.adapters import get_adapter
-from secateurs.adapters.plans import plan_base
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_finite, check_output_dir, write_folder
+from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
+from secateurs.runtime.offload import mark_lazy
 from secateurs.storage.hfcompat import load_config, write_config
-from secateurs.storage.offload import mark_lazy
-from secateurs.storage.output import check_finite, check_output_dir, write_folder
 from secateurs.storage.pruned import meta_model
 from secateurs.surgery.apply import apply_layer_plan, remove_layers, sync_config
 from secateurs.surgery.reconstruction import apply_refit
@@ -151,7 +151,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
 def prune_checkpoint(folder: str | Path, plan: PruningPlan, out_dir: str | Path, tokenizer=None,
                      force: bool = False, refits=None) -> Path:
     """Apply `plan` to the checkpoint in `folder` without loading the whole model, writing through
-    the one writer (secateurs.storage.output): every input shard becomes an output shard of the same name.
+    the one writer (secateurs.files.output): every input shard becomes an output shard of the same name.
     refits: a secateurs.surgery.reconstruction.RefitStore whose re-fitted output projections replace the
     sliced ones, layer by layer."""
     check_output_dir(out_dir, force, [folder])

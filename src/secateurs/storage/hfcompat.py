@@ -30,8 +30,8 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from secateurs.adapters import get_adapter
+from secateurs.adapters.value_attention import is_replaced
 from secateurs.planning.plan import CONFIG_KEY
-from secateurs.surgery.value_attention import is_replaced
 
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 

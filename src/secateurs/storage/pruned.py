@@ -18,17 +18,17 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_finite, final_path, write_folder
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.runtime.progress import phase
 from secateurs.storage.hfcompat import load_config, module_names, save_model_files
-from secateurs.storage.output import check_finite, final_path, write_folder
 from secateurs.surgery.apply import replace_attention, replaced_attention_modes, resize_layer
 
 
 def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tokenizer=None,
                 force: bool = False, extra_files: dict[str, str] | None = None, inputs=()) -> Path:
     """Write the model (safetensors), config, tokenizer and plan to out_dir through the one writer
-    (secateurs.storage.output): built beside it, swapped in whole; the model's own source and `inputs` are
+    (secateurs.files.output): built beside it, swapped in whole; the model's own source and `inputs` are
     never written to; nothing non-finite is saved."""
     sources = [getattr(model.config, "_name_or_path", None), *inputs]
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())

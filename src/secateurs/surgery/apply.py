@@ -13,10 +13,10 @@ from torch import nn
 
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
 from secateurs.adapters.base import set_linear
-from secateurs.adapters.plans import plan_base
+from secateurs.adapters.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
+from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
-from secateurs.storage.offload import refuse_offloaded
-from secateurs.surgery.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
+from secateurs.runtime.offload import refuse_offloaded
 
 
 def _row_index(units: list[int], width: int, device) -> torch.Tensor:
@@ -76,7 +76,7 @@ def slice_mlp(adapter: ModelAdapter, layer: nn.Module, neurons: list[int],
 
 def replace_attention(adapter: ModelAdapter, layer: nn.Module, mode: str, alpha: float = 1.0) -> None:
     """HARP: swap the attention for its identity-matrix value path scaled by alpha ('value'), or
-    drop it with the norms that only feed it ('removed'). See secateurs.surgery.value_attention."""
+    drop it with the norms that only feed it ('removed'). See secateurs.adapters.value_attention."""
     attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
     d = adapter.head_dim(layer)

@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 
 from secateurs.adapters import get_adapter
 from secateurs.adapters.base import set_linear
-from secateurs.adapters.plans import plan_base
 from secateurs.calibration.statistics import InputStats, Statistics
 from secateurs.calibration.streaming import streamed_statistics
 from secateurs.errors import SecateursError
+from secateurs.files.output import check_finite, writing_file
+from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import PruningPlan
 from secateurs.settings.names import RECONSTRUCT_MODES
-from secateurs.storage.output import check_finite, writing_file
 from secateurs.surgery.apply import _row_index, apply_layer_plan, remove_layers, sync_config
 
 DEFAULT_DAMPING = 0.3

@@ -16,7 +16,7 @@ import json
 import torch
 
 from secateurs.adapters import get_adapter
-from secateurs.storage.offload import materialized
+from secateurs.runtime.offload import materialized
 
 _SAMPLE_ROWS = 2
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures",
