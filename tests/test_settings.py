@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from conftest import STORIES, TINYSTORIES_TEXT
 
 from secateurs.cli.main import build_parser, main
@@ -21,6 +22,7 @@ from secateurs.evaluation.suite import EvalSpec, evaluate
 from secateurs.export import export_gguf
 from secateurs.export.settings import ExportSettings
 from secateurs.methods import prune
+from secateurs.methods.options import OPTIONS_BY_METHOD
 from secateurs.recovery import recover
 from secateurs.recovery.settings import LIBRARY_ONLY, RecoverySettings
 from secateurs.settings.fields import flags_of
@@ -198,3 +200,24 @@ def test_export_and_evaluation_settings_round_trip(stories, tmp_path):
     assert spec.protocols == ["seq128", "64"] and info is not None
     by_settings, by_spec = evaluate(model, tok, settings, progress=False), evaluate(model, tok, spec, progress=False)
     assert _stable(by_settings) == _stable(by_spec) and len(by_spec["perplexity"]) == 2
+
+
+def test_prune_takes_the_method_options_as_one_object_with_the_same_result(tmp_path):
+    """prune(..., method_options=AmpOptions(...)) equals the same options given as keywords; another method's
+    class and an option given both ways are refused."""
+    def pruned(**given):
+        model, tok = load_model(str(STORIES))
+        prune(model, tok, "magnitude", 0.2, **given)
+        return model
+
+    options = OPTIONS_BY_METHOD["magnitude"]
+    by_object = pruned(method_options=options(gqa="in-group"))
+    by_keywords = pruned(gqa="in-group")
+    default = pruned()
+    same = [torch.equal(a, b) for a, b in zip(by_object.state_dict().values(), by_keywords.state_dict().values())]
+    assert all(same) and len(by_object.state_dict()) == len(by_keywords.state_dict())
+    assert [p.shape for p in by_object.parameters()] != [p.shape for p in default.parameters()]
+    with pytest.raises(SecateursError, match="takes"):
+        pruned(method_options=OPTIONS_BY_METHOD["harp"]())
+    with pytest.raises(SecateursError, match="both"):
+        pruned(method_options=options(gqa="in-group"), gqa="groups")

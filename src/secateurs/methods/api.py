@@ -4,10 +4,13 @@ and make_plan, which hands the model to the method the registry names (secateurs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+from secateurs.errors import SecateursError
 from secateurs.methods.base import PlanContext
 from secateurs.methods.data import resolve_statistics, run_calibration
+from secateurs.methods.options import MethodOptions
 from secateurs.methods.registry import get_method
 from secateurs.planning.accounting import model_stats
 from secateurs.planning.plan import PruningPlan
@@ -24,7 +27,25 @@ PLAN_CONTEXT_KEYS = ("tokenizer", "calibration", "statistics", "calibration_opti
                      "layers_equivalent", "seed", "progress", "scores_out")
 
 
-def make_plan(model, method: str = "amp", ratio: float | None = 0.2, **keywords) -> PruningPlan:
+def with_method_options(method: str, method_options: MethodOptions | None, keywords: dict) -> dict:
+    """`keywords` with a method's options object spread into them: the options it was given, or that
+    differ from their defaults. Refused: an object of another method's class, or options given both ways."""
+    if method_options is None:
+        return keywords
+    expected = get_method(method).options
+    if type(method_options) is not expected:
+        raise SecateursError(f"method {method!r} takes {expected.__name__}, not {type(method_options).__name__}")
+    both = sorted(k for k in keywords if k not in PLAN_CONTEXT_KEYS and k in expected.option_names())
+    if both:
+        raise SecateursError(f"{', '.join(both)} given both in method_options and as keywords; give each once")
+    values = {f.name: (getattr(method_options, f.name), f.default) for f in dataclasses.fields(method_options)
+              if f.name != "given"}
+    set_here = {k: v for k, (v, default) in values.items() if k in method_options.given or v != default}
+    return {**keywords, **set_here}
+
+
+def make_plan(model, method: str = "amp", ratio: float | None = 0.2, *, method_options: MethodOptions | None = None,
+              **keywords) -> PruningPlan:
     """Score the model with `method` and return the plan (the model is not modified).
 
     ratio: fraction of parameters removed (of all parameters, or of attention+MLP with
@@ -32,8 +53,10 @@ def make_plan(model, method: str = "amp", ratio: float | None = 0.2, **keywords)
     tokenizer, calibration (a Calibration or a source spec), calibration_options, statistics,
     seed, progress and scores_out (a dict receiving the StructureScores behind the plan) go to
     every method; any other keyword is one of the method's options (its `options` dataclass,
-    e.g. secateurs.methods.amp.AmpOptions) and is refused by methods that do not take it.
+    e.g. secateurs.methods.amp.AmpOptions) and is refused by methods that do not take it; or give them as
+    one object, `method_options=AmpOptions(...)`.
     """
+    keywords = with_method_options(method, method_options, keywords)
     spec = get_method(method)
     context = PlanContext(model, ratio=ratio, **{k: keywords.pop(k) for k in PLAN_CONTEXT_KEYS if k in keywords})
     return spec.make_plan(context, spec.options.from_keywords(method, keywords))
@@ -61,7 +84,7 @@ def reconstruction_for(method: str, given_plan: PruningPlan | None = None, recon
 
 def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2, *, plan: PruningPlan | None = None,
           reconstruct: str | None = None, damping: float | None = None, reconstruct_bias: bool = False,
-          **options):
+          method_options: MethodOptions | None = None, **options):
     """Prune `model` in place and return (model, plan). With `plan` given, it is re-applied as is
     (re-fitted as its provenance records, on the calibration data given).
 
@@ -69,8 +92,9 @@ def prune(model, tokenizer=None, method: str = "amp", ratio: float | None = 0.2,
     (secateurs.surgery.reconstruction), 'none', or None for the method's default (reconstruction_for);
     damping: ridge toward the original weights (default DEFAULT_DAMPING, 0.3); reconstruct_bias: also fit a bias
     where the family has none. The plan's provenance gains the parameter counts before and after
-    surgery.
+    surgery. The method's options come as keywords or as one object (`method_options=AmpOptions(...)`).
     """
+    options = with_method_options(method, method_options, options)
     settings = reconstruction_for(method, plan, reconstruct, damping, reconstruct_bias,
                                   options.get("rounding", "balanced"), options.get("round_to", 1))
     calibration, statistics = options.get("calibration"), options.get("statistics")
