@@ -14,7 +14,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import STORIES, TASKS  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
+from secateurs.cli.main import main  # noqa: E402
 from secateurs.errors import SecateursError  # noqa: E402
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, detect_format, local_task_config, zero_shot  # noqa: E402
 from secateurs.storage.loading import load_model  # noqa: E402
@@ -141,12 +145,6 @@ def test_bad_input(stories, tmp_path):
 def test_exported_task_yamls_run_in_lm_eval_itself(stories, hand_dir, tmp_path):
     """`secateurs tasks` writes YAMLs that lm-eval's own runners (lm_eval CLI, accelerate launch)
     load with --include_path, offline, and that score exactly like zero_shot()."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from secateurs.cli.main import main
-
     out = tmp_path / "yamls"
     assert main(["tasks", "--data-dir", str(hand_dir), "--tasks", "story_mc,story_schema", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.yaml")) == ["secateurs_story_mc.yaml", "secateurs_story_schema.yaml"]

@@ -28,9 +28,9 @@ from secateurs.methods import METHODS
 from secateurs.methods.options import METHOD_NAMES
 from secateurs.planning import budget, selection
 from secateurs.runtime import progress
+from secateurs.runtime.identity import model_identity
 from secateurs.settings import names
 from secateurs.storage import loading
-from secateurs.runtime.identity import model_identity
 from secateurs.storage.loading import load_model
 from secateurs.storage.pruned import load_pruned
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import test_gguf_export
 import torch
 from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, masked_reference, tiny_model
 from safetensors.torch import load_file
@@ -312,9 +313,7 @@ def _removing(model, removed):
 
 @pytest.fixture(scope="module")
 def engines():
-    """test_gguf_export's llama.cpp helpers (imported here: that module needs llama-cpp-python)."""
-    import test_gguf_export  # noqa: PLC0415 - needs llama_cpp, which only the marked tests may import
-
+    """test_gguf_export's llama.cpp helpers (they import llama-cpp-python on first use, in the marked tests)."""
     return test_gguf_export
 
 

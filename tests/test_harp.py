@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import get_adapter
 from secateurs.calibration.data import load_calibration
-from secateurs.methods.harp import _tail_nll, capture_layer_inputs, harp_plan  # noqa: PLC2701 (no public name yet)
+from secateurs.methods.harp import capture_layer_inputs, harp_plan, tail_nll
 from secateurs.planning.geometry import identity_plan
 from secateurs.storage.loading import load_model
 from secateurs.storage.pruned import load_pruned, save_pruned
@@ -133,7 +133,7 @@ def test_search_on_stories260k_beats_fixed_alphas(stories, tmp_path):
         for index, alpha in fixed.items():
             layers[index] = copy.deepcopy(layers[index])
             replace_attention(adapter, layers[index], "removed" if alpha == 0 else "value", alpha)
-        return _tail_nll(model, adapter, layers, 3, captured, calib)
+        return tail_nll(model, adapter, layers, 3, captured, calib)
 
     searched = calibration_nll(alphas)
     assert searched < calibration_nll({3: 1.0, 4: 1.0})

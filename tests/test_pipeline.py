@@ -15,7 +15,7 @@ from conftest import STORIES, TINYSTORIES_TEXT, tiny_model
 from safetensors.torch import load_file
 
 import secateurs.evaluation
-from secateurs.cli.main import _method_options, build_parser, main  # noqa: PLC2701 (no public name yet)
+from secateurs.cli.main import build_parser, main, method_options_of
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS, get_method, make_plan
 from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of, methods_taking
@@ -96,10 +96,11 @@ def test_command_line_flags_and_help_come_from_the_options_dataclasses(capsys):
         assert all(f"  {flag}" in text for flag in flags)
     args = parser.parse_args(["prune", "m", "--out", "o", "--method", "consensus", "--depth-tokens", "64",
                               "--protect-last", "2"])
-    assert _method_options(args) == {"max_tokens": 64, "protect_last": 2}  # given flags only: defaults are the method's
+    # given flags only: defaults are the method's
+    assert method_options_of(args) == {"max_tokens": 64, "protect_last": 2}
     args = parser.parse_args(["prune", "m", "--out", "o", "--method", "flap", "--rounding", "balanced"])
     with pytest.raises(SecateursError, match="--rounding applies to amp, .*not to 'flap'"):
-        _method_options(args)
+        method_options_of(args)
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

@@ -613,7 +613,8 @@ def test_recover_places_teacher_and_student_with_accelerate(stories, amp20, tmp_
     pruned, plan = amp20
     twin = save_pruned(pruned, plan, tmp_path / "pruned", tokenizer=tok)
     base = ["recover", str(twin), "--teacher", str(STORIES), "--data", str(TINYSTORIES_TEXT),
-            "--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ), "--dtype", "float32"]
+            "--tokens", str(2 * 2 * SEQ), "--train-length", str(SEQ), "--val-tokens", str(2 * SEQ),
+            "--dtype", "float32"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
     layers = {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(5)}
     offloading = json.dumps({"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu",

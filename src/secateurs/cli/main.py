@@ -174,7 +174,7 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-def _method_options(args) -> dict:
+def method_options_of(args) -> dict:
     """The chosen method's options from the flags given; a flag for an option the method does not
     take is refused (with the methods that take it)."""
     given = {f.name: (flag, getattr(args, _dest(flag))) for _, f, flag in _method_flags() if hasattr(args, _dest(flag))}
@@ -322,7 +322,7 @@ def prune_job(args):
     args.method = args.method or DEFAULT_METHOD
     args.ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
     return PruneJob(
-        source=args.model, out=args.out, method=args.method, ratio=args.ratio, options=_method_options(args),
+        source=args.model, out=args.out, method=args.method, ratio=args.ratio, options=method_options_of(args),
         ratio_of=args.ratio_of, layers_equivalent=args.layers_equivalent, calibration=args.calib,
         calibration_options=calibration_options(args), statistics=args.stats, seed=args.seed or 0,
         reconstruction=_reconstruct_options(args), plan=PruningPlan.load(plan_file) if plan_file else None,

@@ -41,7 +41,7 @@ def capture_layer_inputs(model, calibration: Calibration, first: int) -> list[li
 
 
 @torch.inference_mode()
-def _tail_nll(model, adapter, layers, start: int, captured, calibration) -> float:
+def tail_nll(model, adapter, layers, start: int, captured, calibration) -> float:
     """Mean next-token NLL of the calibration set running layers[start:] on cached inputs."""
     first = len(adapter.decoder_layers(model)) - len(captured[0])
     total, count = 0.0, 0
@@ -82,7 +82,7 @@ def search_alphas(model, calibration: Calibration, num_layers: int, grid=DEFAULT
         curve = []
         for alpha in grid:
             layers[index] = _harp_layer(adapter, dense_layers[index], alpha)
-            curve.append([alpha, math.exp(_tail_nll(model, adapter, layers, index, captured, calibration))])
+            curve.append([alpha, math.exp(tail_nll(model, adapter, layers, index, captured, calibration))])
             bar.update()
         best = min(curve, key=lambda point: (point[1], point[0]))[0]
         layers[index] = _harp_layer(adapter, dense_layers[index], best)
