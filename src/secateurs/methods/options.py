@@ -96,7 +96,7 @@ def _split_option(default: str) -> Any:
 class WidthOptions(MethodOptions):
     """What every score-based width method takes (see secateurs.planning.budget and secateurs.planning.allocation)."""
 
-    title: ClassVar[str] = "width methods (amp*, wanda-sp*, magnitude, random; see README 'Beyond the paper')"
+    title: ClassVar[str] = "width methods (amp*, wanda-sp*, magnitude, random; see docs/guide/choose-a-method.md)"
     selection: str = option("standard", "standard: drop the lowest scores; reversed: drop the highest (sanity "
                                         "check); random", choices=SELECTIONS)
     gqa: str = _gqa_option()

@@ -69,8 +69,8 @@ class ScoredWidthMethod(Method):
 
 
 def width_knobs(options: WidthOptions, in_memory: bool = True) -> tuple[str, str | float]:
-    """(allocation, split) as the options say. The defaults a method declares (README "Beyond the
-    paper") apply with balanced rounding and round-to 1 only: paper rounding keeps the official
+    """(allocation, split) as the options say. The defaults a method declares (docs/methods.md, "What secateurs adds
+    to AMP") apply with balanced rounding and round-to 1 only: paper rounding keeps the official
     uniform shapes (uniform allocation, balanced split) unless asked otherwise. The split search masks
     weights in place: a model whose weights live elsewhere (device map, streamed skeleton) gets the
     balanced split by default, and a search asked for there is refused before any calibration work."""
