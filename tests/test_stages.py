@@ -167,3 +167,12 @@ def test_neither_the_pipeline_nor_the_command_line_tests_a_method_name():
             if isinstance(node, ast.Compare):
                 constants = [c for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
                 assert not any(c.value in names for c in constants), (path.name, node.lineno, ast.unparse(node))
+
+
+def test_only_recovery_runs_under_several_launched_processes(tmp_path, monkeypatch, capsys):
+    """A launcher's WORLD_SIZE > 1 with a prune (or any stage but Recover) is refused before anything runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "p"
+    assert main(["prune", str(STORIES), "--method", "magnitude", "--ratio", "0.2", "--out", str(out)]) == 2
+    assert "only recovery runs in several processes (Prune runs in one)" in capsys.readouterr().err
+    assert not out.exists()

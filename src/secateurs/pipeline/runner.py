@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from secateurs.errors import SecateursError
 from secateurs.pipeline.jobs import PruneJob, PruneResult
 from secateurs.pipeline.stages import Prune, Recover, RunState, Stage
+from secateurs.runtime.distributed import launched_size
 
 
 def run(stages: PruneJob | Sequence[Stage]) -> RunState | PruneResult:
@@ -23,6 +25,7 @@ def run(stages: PruneJob | Sequence[Stage]) -> RunState | PruneResult:
     if isinstance(stages, PruneJob):
         return run([Prune(stages)]).results[-1]
     stages = list(stages)
+    refuse_several_processes(stages)
     state = RunState(keep_dense=teachers_in_memory(stages))
     prepared = [stage.check(state) for stage in stages]
     for stage, ready in zip(stages, prepared):
@@ -39,3 +42,13 @@ def teachers_in_memory(stages: Sequence[Stage]) -> set[str]:
         if isinstance(stage, Recover) and stage.teacher in pruned:
             kept.add(stage.teacher)
     return kept
+
+
+def refuse_several_processes(stages: Sequence[Stage]) -> None:
+    """Under a launcher's several processes only recovery runs (data-parallel); any other stage would run
+    once per process and every process would write its output."""
+    others = sorted({type(stage).__name__ for stage in stages if not isinstance(stage, Recover)})
+    if launched_size() > 1 and others:
+        raise SecateursError(f"{launched_size()} processes were launched, and only recovery runs in several "
+                             f"processes ({', '.join(others)} runs in one): run it without the launcher, then "
+                             "`torchrun ... -m secateurs recover` on its output")

@@ -34,7 +34,13 @@ from secateurs.files.output import check_output_dir, check_output_file, result_m
 from secateurs.pipeline import jobs
 from secateurs.pipeline.sweep import check_methods_ratios, refuse_unused_calibration, run_sweep
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
-from secateurs.recovery.api import RecoveryResult, check_resources_before_loading, checkpoint_folder, recover
+from secateurs.recovery.api import (
+    RecoveryResult,
+    check_resources_before_loading,
+    checkpoint_folder,
+    join_processes,
+    recover,
+)
 from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
 from secateurs.recovery.settings import RecoverySettings
 from secateurs.runtime.offload import has_offloaded_weights
@@ -171,8 +177,10 @@ class Recover(Stage):
         s.check(self.teacher is not None)
         if self.student and self.placement.device_map is None and self.student_device_map is None:
             check_resources_before_loading(self.student, self.teacher, self.placement.device, s)
-        out_path = check_output_dir(self.out, self.force, self.inputs(run))
-        checkpoint_folder(s.checkpoint_dir, out_path, s.save_every, s.resume, self.inputs(run), self.force)
+        world = join_processes(s, self.placement.device, (self.placement.device_map, self.student_device_map))
+        out_path = world.from_main(check_output_dir, self.out, self.force, self.inputs(run))
+        world.from_main(checkpoint_folder, s.checkpoint_dir, out_path, s.save_every, s.resume, self.inputs(run),
+                        self.force)
         check_recovery_source(s.data)
         refuse_evaluation_overlap(s.data, self.evaluated())
         return load_text(self.ppl)[0] if self.ppl else None  # a missing file fails before the models load

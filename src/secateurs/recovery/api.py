@@ -33,6 +33,7 @@ from secateurs.recovery.objectives import Objective
 from secateurs.recovery.settings import PRESETS, RecoverySettings
 from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
 from secateurs.runtime import threads
+from secateurs.runtime.distributed import World, join
 from secateurs.runtime.identity import model_identity
 from secateurs.runtime.progress import status
 from secateurs.storage.checkpoint import load_skeleton
@@ -44,7 +45,7 @@ RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
 CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.files.output)
 __all__ = ["CHECKPOINT_KIND", "PRESETS", "RECOVERY_FILENAME", "RecoveryResult", "check_resources", "check_teacher",
-           "checkpoint_folder", "recover", "settings_of"]
+           "checkpoint_folder", "join_processes", "recover", "settings_of"]
 
 
 @dataclass
@@ -166,21 +167,25 @@ def recover(student, teacher=None, *, settings: RecoverySettings | None = None, 
     or more memory than the device has free, is refused before its first step. A teacher other
     than the dense model the plan was made from is named in a warning unless `teacher_any`.
     `on_validation` and `on_step` are called by the training loop (secateurs.recovery.trainer).
+    In several processes (torchrun), each trains on its share of every batch; process 0 writes `out`.
     """
     wall_start = time.perf_counter()
     s = settings_of(settings, keywords)
     s.check(teacher is not None, student)
+    world = join_processes(s, next(student.parameters()).device.type)
+    progress = progress and world.main
     inputs = [_name(student), _name(teacher), s.data, *(evaluation_files or [])]  # never written to
-    out_path = check_output_dir(out, force, inputs) if out else None
+    out_path = world.from_main(check_output_dir, out, force, inputs) if out else None
     _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, s.hidden_weight, s.teacher_any)
-    checkpoint_dir, default_checkpoints, identity = checkpoint_folder(s.checkpoint_dir, out_path, s.save_every,
-                                                                       s.resume, inputs, force)
+    checkpoint_dir, default_checkpoints, identity = world.from_main(checkpoint_folder, s.checkpoint_dir, out_path,
+                                                                    s.save_every, s.resume, inputs, force)
     objective = s.objective_for(teacher is not None)
     teacher_for_loss = None if objective == "ce" else teacher.eval()
     _check_resources(student, teacher_for_loss, s, self_tokens=s.self_tokens(teacher is not None), progress=progress)
     recovery_data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
                                        seed=s.seed, teacher=teacher, evaluation_files=evaluation_files,
                                        self_samples=s.self_samples)
+    _check_same_data(world, recovery_data)
     obj = Objective(objective, float(s.kd_ratio), float(s.temperature), s.chunk_rows, float(s.hidden_weight),
                     _layer_map(student, teacher, plan) if s.hidden_weight else None, bool(s.bf16))
     run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, LoopSettings(**s.loop_keywords()), s,
@@ -189,11 +194,37 @@ def recover(student, teacher=None, *, settings: RecoverySettings | None = None, 
     trained, loop, history, targets, trainable = _train(run, progress, on_validation, on_step)
     record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
                      params_before=params_before)
+    if world.size > 1:  # one process records nothing here: its recovery.json is the same as ever
+        record["processes"] = {"world_size": world.size, "strategy": "ddp",
+                               "batch_size_per_process": s.batch_size // world.size}
     record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     result = RecoveryResult(trained, record)
     if out_path is not None:
-        _save(result, run, out_path, tokenizer, force)
+        result.out = world.from_main(_save, result, run, out_path, tokenizer, force)
     return result
+
+
+def join_processes(settings: RecoverySettings, device: str | None, device_maps=()) -> World:
+    """The processes of a run a launcher started several of (WORLD_SIZE > 1; secateurs.runtime.distributed):
+    the group formed (or this one process), refusing what several processes cannot share: a device
+    map (each process holds whole replicas) and a batch that does not split evenly over them."""
+    world = join(device)
+    if world.size == 1:
+        return world
+    if any(m is not None for m in device_maps):
+        raise SecateursError(f"{world.size} processes each hold the whole student and teacher: --device-map and "
+                             "--student-device-map place one process's models, run them in one process")
+    if settings.batch_size % world.size:
+        raise SecateursError(f"--train-batch-size {settings.batch_size} is the batch of all {world.size} processes "
+                             f"together and must split evenly: give a multiple of {world.size}")
+    return world
+
+
+def _check_same_data(world: World, data: RecoveryData) -> None:
+    """Every process must train on the data process 0 read (the same hash)."""
+    if world.from_main(lambda: data.hash) != data.hash:
+        raise RecoveryError(f"process {world.rank} read other recovery data than process 0 (data hash {data.hash}); "
+                            "every process must see the same --data")
 
 
 def _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, hidden_weight: float,
@@ -336,7 +367,7 @@ def _train(run: _Run, progress: bool, on_validation, on_step):
     return trained, loop, history, targets, trainable
 
 
-def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: bool) -> None:
+def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: bool) -> Path:
     """Save the recovered model as a pruned folder with its plan and recovery.json; the default
     checkpoint folder goes once the model is safely saved, and only if this run's checkpoints are
     what it holds (its marker carries this run's identity)."""
@@ -347,6 +378,7 @@ def _save(result: RecoveryResult, run: _Run, out_path: Path, tokenizer, force: b
                              extra_files={RECOVERY_FILENAME: json.dumps(result.record, indent=2) + "\n"})
     if run.default_checkpoints and run.checkpoint_dir is not None:
         remove_own_folder(run.checkpoint_dir, CHECKPOINT_KIND, run.identity)
+    return result.out
 
 
 def _record(run: _Run, *, trained, history, loop, targets, trainable, params_before) -> dict:

@@ -127,8 +127,8 @@ class RecoverySettings:
                                         type=DROPOUT)
     seq_len: int = option(256, "tokens per packed training sequence (default: {default})", flag="--train-length",
                           type=TOKENS, metavar="N")
-    batch_size: int = option(2, "training sequences per micro-batch (default: {default})", flag="--train-batch-size",
-                             type=positive_int, metavar="N")
+    batch_size: int = option(2, "training sequences per micro-batch, of all processes together (default: {default})",
+                             flag="--train-batch-size", type=positive_int, metavar="N")
     grad_accum: int = option(1, "micro-batches per optimiser step (default: {default})", type=positive_int)
     val_tokens: int = option(4096, "held-out validation tokens (default: {default}; 0: none)", type=nonnegative_int)
     eval_every: int | None = option(None, "steps between validations (default: a tenth of the run)",

@@ -7,6 +7,13 @@ training sequences per epoch), and a checkpoint holds everything else the next s
 the trainable weights, the optimiser and scheduler states, the torch RNG state (LoRA dropout) and
 the step. A run stopped after k steps and resumed therefore ends with the same weights, to the bit,
 as the run that never stopped (on the same machine and thread count).
+
+Several processes (secateurs.runtime.distributed): `batch_size` stays the global micro-batch. Every
+process takes its contiguous share of each micro-batch of the one-process order, the gradients
+(scaled by the supervised tokens of the whole step) are summed over the processes before clipping,
+and the training and validation sums too, so every process takes the same step and the same
+decisions as one process would, up to the order of floating-point additions. Process 0 alone
+writes checkpoints; the others wait for it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.recovery.data import RecoveryData
 from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
 from secateurs.recovery.settings import SCHEDULERS, check_scheduler  # noqa: F401 - SCHEDULERS: re-exported
+from secateurs.runtime.distributed import current as current_world
 from secateurs.runtime.progress import bar as progress_bar
 
 STATE_FILE = "trainer_state.pt"
@@ -109,6 +117,10 @@ class RecoveryLoop:
         self.progress, self.on_validation, self.on_step = progress, on_validation, on_step
         self.inputs = list(inputs)  # files the checkpoint folder may not be, contain or lie in
         self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        self.world = current_world()
+        if settings.batch_size % self.world.size:
+            raise RecoveryError(f"the training batch of {settings.batch_size} sequences does not split evenly over "
+                                f"{self.world.size} processes; give --train-batch-size a multiple of {self.world.size}")
         if not self.params:
             raise RecoveryError("nothing to train: no parameter of the student requires grad")
         decay = [p for n, p in self.params.items() if p.dim() >= 2]
@@ -143,10 +155,15 @@ class RecoveryLoop:
         self.student.eval()
         totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "hidden": 0.0, "tokens": 0}
         for start in range(0, len(ids), self.s.batch_size):
-            part = slice(start, start + self.s.batch_size)
+            part = self.world.share(start, min(start + self.s.batch_size, len(ids)))
+            if part.stop == part.start:
+                continue
             sums = chunked_loss(self.student, self.teacher, ids[part], labels[part], self.objective, backward=False)
             for k in totals:
                 totals[k] += sums[k]
+        if self.world.size > 1:
+            totals = dict(zip(totals, self.world.sum(list(totals.values()))))
+            totals["tokens"] = int(totals["tokens"])
         self.student.train(was_training)
         n = max(1, totals["tokens"])
         out = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": totals["loss"] / n,
@@ -169,13 +186,18 @@ class RecoveryLoop:
         supervised = sum(int((self.data.train_labels[i, 1:] != IGNORE_INDEX).sum()) for i in micro)
         scale = 1.0 / max(1, supervised)
         loss = 0.0
+        mine = self.world.share(0, self.s.batch_size)
         for index in micro:
+            index = index[mine]
             sums = chunked_loss(self.student, self.teacher, self.data.train_ids[index], self.data.train_labels[index],
                                 self.objective, scale=scale)
             loss += sums["loss"]
+        params = list(self.params.values())
+        if self.world.size > 1:
+            loss = self.world.sum([loss])[0]
+            self.world.sum_gradients(params)
         loss *= scale
         _finite_or_raise(loss, "the training loss", self.step)
-        params = list(self.params.values())
         if self.s.max_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm))
         else:
@@ -198,7 +220,8 @@ class RecoveryLoop:
         started = time.perf_counter()
         seconds_before = self.history["seconds"]
         bar = progress_bar(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
-                           unit="tok", unit_scale=True, desc="recover", disable=not self.progress, smoothing=0.1)
+                           unit="tok", unit_scale=True, desc="recover", smoothing=0.1,
+                           disable=not (self.progress and self.world.main))
         interval = self.s.validation_interval(self.data.seq_len)
         stopped_early = False
         try:
@@ -281,7 +304,11 @@ class RecoveryLoop:
     marker: dict | None = None  # the run identity every checkpoint's marker carries (secateurs.recovery.api)
 
     def _save_checkpoint(self) -> None:
-        """Through secateurs' one writer: built beside the folder, swapped in whole."""
+        """Through secateurs' one writer: built beside the folder, swapped in whole (by process 0; the
+        others wait until it is)."""
+        self.world.from_main(self._write_checkpoint)
+
+    def _write_checkpoint(self) -> None:
         with write_folder(self.checkpoint_dir, force=True, inputs=self.inputs, kind="recovery-checkpoint",
                           what="checkpoint folder", marker=self.marker) as tmp:
             save_file({n: p.detach().contiguous() for n, p in self.params.items()}, tmp / WEIGHTS_FILE)
