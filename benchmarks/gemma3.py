@@ -46,11 +46,11 @@ from secateurs.calibration.statistics import collect_statistics
 from secateurs.evaluation.perplexity import perplexity, read_text, window_start_token, windows_of
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, zero_shot
 from secateurs.export import export_gguf
+from secateurs.files.output import write_file
 from secateurs.methods import prune
 from secateurs.planning.accounting import model_stats
 from secateurs.recovery.api import recover
 from secateurs.storage.loading import load_model
-from secateurs.storage.output import write_file
 
 MODEL = "gemma3-270m"
 WIKI = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
@@ -81,7 +81,8 @@ def row_settings(name: str, args) -> dict:
     _, spec, served = ROWS[name]
     return {"model": MODEL, "row": name, "prune": spec, "seq_len": SEQ_LEN, "max_tokens": args.max_tokens,
             "tasks": args.tasks, "limit": args.limit, "calib": Path(args.calib).name,
-            "calib_samples": args.calib_samples, "calib_length": args.calib_length,
+            "calib_samples": args.harp_calib_samples if spec and spec["method"] == "harp" else args.calib_samples,
+            "calib_length": args.calib_length,
             "recover_tokens": args.recover_tokens if spec else 0,
             "llamacpp": {"threads": args.threads, "repeats": args.repeats, "prompt": PROMPT, "decode": DECODE}
             if served else None}
@@ -94,7 +95,7 @@ class Context:
         self.args = args
         self.dense, self.tok = load_model(MODEL, dtype="float32")
         self.ids = self.tok(read_text(args.eval_text), return_tensors="pt", verbose=False).input_ids[0]
-        self._calibration = self._statistics = None
+        self._calibration = self._harp_calibration = self._statistics = None
 
     @property
     def calibration(self):
@@ -102,6 +103,16 @@ class Context:
             self._calibration = load_calibration(self.args.calib, self.tok, num_samples=self.args.calib_samples,
                                                  max_length=self.args.calib_length, seed=0, batch_size=8)
         return self._calibration
+
+    @property
+    def harp_calibration(self):
+        """HARP's alpha search scores 11 alphas per layer through the 262k-token LM head: the first
+        --harp-calib-samples samples (harp_quality.py uses 8 too)."""
+        if self._harp_calibration is None:
+            self._harp_calibration = load_calibration(self.args.calib, self.tok,
+                                                      num_samples=self.args.harp_calib_samples,
+                                                      max_length=self.args.calib_length, seed=0, batch_size=8)
+        return self._harp_calibration
 
     @property
     def statistics(self):
@@ -130,6 +141,7 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> floa
 def serve(model, ctx: Context, name: str, args) -> dict:
     """Export to f32 GGUF, then llama.cpp's perplexity on the evaluation windows and its decode speed."""
     path = Path(args.work) / f"{name}.f32.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     export_gguf(model, path, "f32", tokenizer=ctx.tok, force=True)
     export_seconds = time.perf_counter() - start
@@ -158,7 +170,8 @@ def run_row(name: str, ctx: Context, args) -> dict:
     seconds, started = {}, time.perf_counter()
     model, plan = ctx.dense, None
     if spec is not None:
-        keywords = {**spec, "calibration": ctx.calibration, "progress": False}
+        calibration = ctx.harp_calibration if spec["method"] == "harp" else ctx.calibration
+        keywords = {**spec, "calibration": calibration, "progress": False}
         if spec["method"] in WIDTH:
             keywords["statistics"] = ctx.statistics
         model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, **keywords)
@@ -229,7 +242,8 @@ def smollm2_rows() -> list[dict]:
             key = "dense" if name == "dense" else "amp-20%"
             z = quality["eval"]["models"][key]["zero_shot"]
             entry.update(zero_shot=z.get("mean_acc"), limit=quality["args"]["limit"])
-            entry["sources"].append(f"zero-shot: `eval_smollm2_quality.json` (`{key}`, amp's defaults of its commit)")
+            what = "" if name == "dense" else ", amp's defaults of its commit"
+            entry["sources"].append(f"zero-shot: `eval_smollm2_quality.json` (`{key}`{what})")
         if depth and name == "consensus-3":
             r = next(r for r in depth["results"] if r["model"] == "smollm2")
             rows = [x for x in r["rows"] if x["method"] in ("dense", "consensus") and x["k"] in (0, 3)]
@@ -259,14 +273,19 @@ def markdown(summary: dict) -> str:
     dense = next((r for r in rows if r["row"] == "dense"), None)
     recovery = f"{s['recover_tokens']:,} tokens of KD from the dense model on C4" if s["recover_tokens"] else "none"
     lines = ["# Gemma-3-270M dense and pruned, beside SmolLM2-135M", "", header_markdown(summary["header"]),
-             f"Load average at the end of the last row: {summary.get('load_average_end')}.", "",
+             f"Load average when the summary was written: {', '.join(f'{x:.2f}' for x in summary['load_average_end'])}"
+             " (each row's own, at its start and end, in the last table).", "",
              f"Perplexity: WikiText-2 test (`wiki.test.raw`), first {s['max_tokens']:,} tokens, windows of "
-             f"{SEQ_LEN} (BOS first in every window, {SEQ_LEN - 1} text tokens scored each). Zero-shot: lm-eval, "
-             f"local llm-foundry files, {s['limit']} items per task ({', '.join(s['tasks'])}); mean acc. "
-             f"Calibration: {s['calib_samples']} x {s['calib_length']} tokens of `{s['calib']}`. "
+             f"{SEQ_LEN} (BOS first in every window, {SEQ_LEN - 1} text tokens scored each). "
+             + (f"Zero-shot: lm-eval, local llm-foundry files, {s['limit']} items per task ({', '.join(s['tasks'])}); "
+                "mean acc. " if s["tasks"] else "Zero-shot: not run. ")
+             + f"Calibration: {s['calib_samples']} x {s['calib_length']} tokens of `{s['calib']}` (HARP's alpha "
+             f"search: {s['harp_calib_samples']} samples). "
              f"Recovery: {recovery}. "
              f"llama.cpp: the f32 GGUF export, {s['threads']} thread(s), decode = {DECODE} greedy tokens after a "
-             f"{PROMPT}-token prompt, median of {s['repeats']}.", "",
+             f"{PROMPT}-token prompt, median of {s['repeats']}. At {s['limit']} items a task's accuracy has a standard "
+             f"error of up to {50 / math.sqrt(s['limit']):.0f} points, the mean of five up to "
+             f"{50 / math.sqrt(5 * s['limit']):.0f}.", "",
              "| row | params | prunable | layers | ppl seq 128 | x dense | llama.cpp ppl | decode tok/s | x dense "
              "| zero-shot mean | " + " | ".join(s["tasks"]) + " | seconds |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
@@ -285,7 +304,7 @@ def markdown(summary: dict) -> str:
                      f"{r['seconds']['total']:.0f} |")
     missing = [ROWS[n][0] for n in summary["missing"]]
     if missing:
-        lines += ["", "Not measured in this run: " + ", ".join(missing) + "."]
+        lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
     lines += ["", "## SmolLM2-135M at the same settings (from earlier results)", "",
               "SmolLM2-135M-Instruct, read from the files named; their token counts and item limits are their own. "
               "SmolLM2's embeddings are 21% of its parameters (Gemma-3-270M's: 63%), so 20% of all parameters is "
@@ -301,11 +320,16 @@ def markdown(summary: dict) -> str:
         acc = f"{100 * e['zero_shot']:.1f} ({e['limit']} items)" if e.get("zero_shot") is not None else ""
         lines.append(f"| {ROWS[e['row']][0]} | {_f(e.get('params'), ',')} | {_f(e.get('ppl'))} | {_f(ratio)} | "
                      f"{_f(e.get('tokens'), ',')} | {acc} | {'; '.join(e['sources'])} |")
-    lines += ["", "## Wall time per row (seconds)", "", "| row | " + " | ".join(summary["phases"]) + " |",
-              "| --- | " + " | ".join("---:" for _ in summary["phases"]) + " |"]
+    lines += ["", "## Wall time per row (seconds) and the load around it", "",
+              "The first row that prunes also loads the calibration data (and, for a width method, runs the "
+              "statistics pass the width rows share) inside its prune time.", "",
+              "| row | " + " | ".join(summary["phases"]) + " | load at start | load at end |",
+              "| --- | " + " | ".join("---:" for _ in summary["phases"]) + " | ---: | ---: |"]
     for r in rows:
+        load = ", ".join(f"{x:.2f}" for x in r["header"]["machine"]["load_average"])
+        end = ", ".join(f"{x:.2f}" for x in r["load_average_end"])
         lines.append(f"| {r['label']} | " + " | ".join(_f(r["seconds"].get(p), ".0f") for p in summary["phases"])
-                     + " |")
+                     + f" | {load} | {end} |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,13 +340,14 @@ def render(args, header: dict) -> dict:
         saved = _row_file(args, name)
         data = json.loads(saved.read_text()) if saved.is_file() else None
         if data and data["settings"] == row_settings(name, args):
-            rows.append({**data["result"], "header": data["header"]})
+            rows.append({**data["result"], "header": data["header"], "load_average_end": data["load_average_end"]})
         else:
             missing.append(name)
     phases = [p for p in ("prune", "recover", "perplexity", "zero_shot", "llamacpp", "total")
               if any(p in r["seconds"] for r in rows)]
     settings = {k: v for k, v in row_settings("dense", args).items() if k not in ("row", "prune", "llamacpp")}
     settings.update(recover_tokens=args.recover_tokens, threads=args.threads, repeats=args.repeats,
+                    harp_calib_samples=args.harp_calib_samples,
                     eval_text=os.path.relpath(args.eval_text, ROOT))
     summary = {"header": rows[0]["header"] if rows else header, "settings": settings,
                "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -350,6 +375,7 @@ def main() -> None:
     p.add_argument("--calib", default=str(C4))
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-length", type=int, default=128)
+    p.add_argument("--harp-calib-samples", type=int, default=8, help="HARP's alpha search samples (default: 8)")
     p.add_argument("--recover-tokens", type=int, default=0,
                    help="KD recovery of every pruned row from the dense model on the C4 sample (default: 0, none)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
@@ -358,7 +384,8 @@ def main() -> None:
     p.add_argument("--keep-gguf", action="store_true", help="keep the GGUF files in --work")
     p.add_argument("--work", default=str(ROOT / "runs" / "gemma3"), help="where the GGUF files are written")
     p.add_argument("--out", default=str(RESULTS), help="results folder (rows in OUT/gemma3{tag}_rows/)")
-    p.add_argument("--tag", default="", help="suffix of the result names: gemma3{tag}.json/md")
+    p.add_argument("--tag", default="", help="suffix of the result names: gemma3{tag}.json/md and gemma3{tag}_rows/ "
+                                             "(a row saved with other settings is measured again and replaced)")
     p.add_argument("--render", action="store_true", help="only rebuild the summary from the saved rows")
     args = p.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
@@ -366,7 +393,6 @@ def main() -> None:
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     args.tasks = [t for t in args.tasks.split(",") if t]
-    Path(args.work).mkdir(parents=True, exist_ok=True)
     header = result_header()
     header["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
     ctx = None
