@@ -36,10 +36,9 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import ASSETS, ROOT, header_markdown, result_header
-from serve_llamacpp import DECODE, PROMPT, engine, speed
+from serve_llamacpp import DECODE, PROMPT, engine, speed, windows_perplexity
 
 from secateurs.calibration.data import load_calibration
 from secateurs.calibration.statistics import collect_statistics
@@ -122,20 +121,8 @@ class Context:
 
 
 def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
-    """llama.cpp's perplexity on exactly the windows transformers scored (BOS first where the family needs it):
-    every token after the first of a window, from the logits of the tokens before it."""
-    seq = windows.shape[1]
-    llm = engine(path, threads, n_ctx=seq, logits_all=True)
-    nll, count = 0.0, 0
-    for window in windows.tolist():
-        llm.reset()
-        llm.eval(window)
-        logits = np.array(llm.scores[:seq - 1], dtype=np.float64)
-        top = logits.max(-1, keepdims=True)
-        logp = logits - (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))
-        nll -= logp[np.arange(seq - 1), window[1:]].sum()
-        count += seq - 1
-    return math.exp(nll / count)
+    """llama.cpp's perplexity on exactly the windows transformers scored (BOS first where the family needs it)."""
+    return windows_perplexity(path, windows.tolist(), threads)
 
 
 def serve(model, ctx: Context, name: str, args) -> dict:

@@ -111,11 +111,13 @@ def speed(llm, prompt: list[int]) -> tuple[float, float]:
     return prefill, DECODE / (time.perf_counter() - start)
 
 
-def llamacpp_perplexity(path: Path, ids: list[int], threads: int, seq: int = 128) -> float:
+def windows_perplexity(path: Path, windows: list[list[int]], threads: int) -> float:
+    """llama.cpp's perplexity on the given windows (all of one length): every token after the first of a
+    window, scored from the logits of the tokens before it, as secateurs.evaluation.perplexity scores them."""
+    seq = len(windows[0])
     llm = engine(path, threads, n_ctx=seq, logits_all=True)
     nll, count = 0.0, 0
-    for start in range(0, len(ids) // seq * seq, seq):
-        window = ids[start:start + seq]
+    for window in windows:
         llm.reset()
         llm.eval(window)
         logits = np.array(llm.scores[:seq - 1], dtype=np.float64)
@@ -124,6 +126,12 @@ def llamacpp_perplexity(path: Path, ids: list[int], threads: int, seq: int = 128
         nll -= logp[np.arange(seq - 1), window[1:]].sum()
         count += seq - 1
     return math.exp(nll / count)
+
+
+def llamacpp_perplexity(path: Path, ids: list[int], threads: int, seq: int = 128) -> float:
+    """Non-overlapping windows of `seq` tokens of `ids`, the ragged tail dropped."""
+    return windows_perplexity(path, [ids[start:start + seq] for start in range(0, len(ids) // seq * seq, seq)],
+                              threads)
 
 
 def main() -> None:

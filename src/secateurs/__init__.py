@@ -4,8 +4,7 @@ The public names are imported on first use, so `import secateurs.cli.main` (and 
 does not pay for torch and transformers, and no module imports the package root.
 """
 
-from importlib import import_module
-
+from secateurs.lazy import lazy_names
 from secateurs.version import __version__
 
 _PUBLIC = {
@@ -28,9 +27,4 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        value = getattr(import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _PUBLIC)

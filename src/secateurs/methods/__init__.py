@@ -7,14 +7,11 @@ The names below are imported on first use, so that `secateurs.methods.options` l
 
 from __future__ import annotations
 
-import importlib
+from secateurs.lazy import lazy_names
 
 _EXPORTS = {"make_plan": "api", "prune": "api", "reconstruction_for": "api", "METHODS": "registry",
             "get_method": "registry"}
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'secateurs.methods' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"secateurs.methods.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_names(__name__, {k: f"secateurs.methods.{v}" for k, v in _EXPORTS.items()})

@@ -7,7 +7,7 @@ import every stage's dependencies."""
 
 from __future__ import annotations
 
-import importlib
+from secateurs.lazy import lazy_names
 
 _EXPORTS = {"run": "runner", "RunState": "stages", "Placement": "stages", "Prune": "stages", "Recover": "stages",
             "Export": "stages", "Evaluate": "stages", "Bench": "stages", "Report": "stages", "Sweep": "stages",
@@ -15,7 +15,4 @@ _EXPORTS = {"run": "runner", "RunState": "stages", "Placement": "stages", "Prune
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'secateurs.pipeline' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"secateurs.pipeline.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_names(__name__, {k: f"secateurs.pipeline.{v}" for k, v in _EXPORTS.items()})

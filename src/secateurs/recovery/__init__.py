@@ -5,7 +5,7 @@ secateurs.recovery.settings.RecoverySettings.
 The public names are imported on first use, so that the command line's parsers can read
 RecoverySettings (secateurs.recovery.settings) without paying for torch."""
 
-from importlib import import_module
+from secateurs.lazy import lazy_names
 
 _PUBLIC = {
     "PRESETS": "secateurs.recovery.settings",
@@ -24,9 +24,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        value = getattr(import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'secateurs.recovery' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _PUBLIC)
