@@ -19,7 +19,8 @@ from secateurs.cli.main import build_parser, main, method_options_of
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS, get_method, make_plan
 from secateurs.methods.options import OPTIONS_BY_METHOD, flag_of, methods_taking
-from secateurs.pipeline.jobs import PruneJob, run
+from secateurs.pipeline import run
+from secateurs.pipeline.jobs import PruneJob
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
               "model.layers.3": "cpu", "model.layers.4": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",

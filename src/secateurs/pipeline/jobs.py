@@ -1,4 +1,5 @@
-"""The one place a pruning run executes: `run(PruneJob(...))` loads, plans, cuts, (recovers,) saves.
+"""A pruning job and its drivers: `check(job)` refuses what can be refused before loading, `execute(job)` loads,
+plans, cuts, (recovers,) saves; `secateurs.run(PruneJob(...))` (secateurs.pipeline.runner) calls both.
 
 Which driver runs is chosen from the job's memory mode and what the method declares it needs
 (secateurs.methods.base.Needs), never from method names:
@@ -101,12 +102,6 @@ class PruneResult:
     seconds: float | None = None
     recovery: dict | None = None   # recovery.json's record
     scores: Any = None             # the StructureScores behind the plan, when a stage asked to keep them
-
-
-def run(job: PruneJob) -> PruneResult:
-    """Check what can be checked, then run the job on the driver its method and memory mode name."""
-    check(job)
-    return execute(job)
 
 
 def check(job: PruneJob) -> None:

@@ -58,6 +58,11 @@ class Placement:
     device_map: Any = None
     offload_folder: str | None = None
 
+    def check(self) -> None:
+        """A device map is checked by accelerate when the model loads; a plain device now."""
+        if self.device_map is None:
+            check_device(self.device)
+
 
 @dataclass
 class RunState:
@@ -107,6 +112,12 @@ def _label(source: str, taken: set[str]) -> str:
         name += "'"
     taken.add(name)
     return name
+
+
+def _measured(baseline: str | None, models: tuple[str, ...], run: RunState) -> list[str]:
+    """The sources an Evaluate or Bench stage measures: the baseline first, then the models (default: the
+    run's model)."""
+    return ([baseline] if baseline else []) + list(models or [run.source])
 
 
 def _claim_result_file(out: str | None, force: bool, inputs, kind: str) -> Path | None:
@@ -264,13 +275,9 @@ class Evaluate(Stage):
     out: str | None = None
     force: bool = False
 
-    def sources(self, run: RunState) -> list[str]:
-        return ([self.baseline] if self.baseline else []) + list(self.models or [run.source])
-
     def check(self, run: RunState):
-        if self.placement.device_map is None:
-            check_device(self.placement.device)
-        inputs = [*self.sources(run), self.settings.ppl, self.settings.data_dir]
+        self.placement.check()
+        inputs = [*_measured(self.baseline, self.models, run), self.settings.ppl, self.settings.data_dir]
         out = _claim_result_file(self.out, self.force, inputs, "eval")
         spec, info = EvalSpec.from_settings(self.settings)  # the text read once, before any model loads
         return out, spec, info
@@ -279,7 +286,7 @@ class Evaluate(Stage):
         out, spec, info = prepared
         taken: set[str] = set()
         models = {}
-        for source in self.sources(run):
+        for source in _measured(self.baseline, self.models, run):
             model, tokenizer = run.load(source, self.placement)
             spec.check(model)
             models[_label(source, taken)] = {"source": source, **evaluate(model, tokenizer, spec)}
@@ -308,17 +315,15 @@ class Bench(Stage):
     force: bool = False
 
     def check(self, run: RunState) -> Path | None:
-        if self.placement.device_map is None:
-            check_device(self.placement.device)
-        sources = ([self.baseline] if self.baseline else []) + list(self.models or [run.source])
-        out = _claim_result_file(self.out, self.force, sources, "bench")
+        self.placement.check()
+        out = _claim_result_file(self.out, self.force, _measured(self.baseline, self.models, run), "bench")
         self.config.validate()
         return out
 
     def execute(self, run: RunState, prepared: Path | None) -> dict:
         taken: set[str] = set()
         models, paths = {}, {}
-        for source in ([self.baseline] if self.baseline else []) + list(self.models or [run.source]):
+        for source in _measured(self.baseline, self.models, run):
             label = _label(source, taken)
             if run.source == source:
                 models[label] = run.model
@@ -370,8 +375,7 @@ class Sweep(Stage):
     def check(self, run: RunState):
         check_methods_ratios(list(self.methods), list(self.ratios))
         refuse_unused_calibration(self.prune.calibration_options, self.prune.calibration, list(self.methods))
-        if self.evaluation.placement.device_map is None:
-            check_device(self.evaluation.placement.device)
+        self.evaluation.placement.check()
         check_output_dir(self.out, force=self.force, inputs=self.inputs(), what="sweep output folder", kind="sweep")
         return Evaluate.check(self.evaluation, run)
 
