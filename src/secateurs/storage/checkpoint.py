@@ -26,7 +26,7 @@ from secateurs.files.output import check_finite, check_output_dir, write_folder
 from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import PLAN_FILENAME, PruningPlan
 from secateurs.runtime.offload import mark_lazy
-from secateurs.storage.hfcompat import load_config, write_config
+from secateurs.storage.hfcompat import load_config, module_names, write_config
 from secateurs.storage.pruned import meta_model
 from secateurs.surgery.apply import apply_layer_plan, remove_layers, sync_config
 from secateurs.surgery.reconstruction import apply_refit
@@ -45,9 +45,12 @@ def return_freed_memory() -> None:
 
 
 class CheckpointTensors:
-    """Name -> file map of a safetensors checkpoint (single file or sharded), read lazily."""
+    """Name -> file map of a safetensors checkpoint (single file or sharded), read lazily. Given the
+    `model` the checkpoint is for, names are the model's own parameter names: a folder written under
+    checkpoint names (a multimodal model's `language_model.model.layers.*`) is read as from_pretrained
+    reads it."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, model: torch.nn.Module | None = None):
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.exists():
@@ -65,6 +68,11 @@ class CheckpointTensors:
         if not self.weight_map:
             raise SecateursError(f"{self.folder}: no safetensors weights found (model.safetensors or shards with "
                                  f"{INDEX_FILE})")
+        self.stored: dict[str, str] = {}  # module name -> the name in the file, where they differ
+        if model is not None:
+            renamed = module_names(model, {name: name for name in self.weight_map})
+            self.stored = {new: old for new, old in renamed.items() if new != old}
+            self.weight_map = {new: self.weight_map[old] for new, old in renamed.items()}
         for file in self.files:
             if not (self.folder / file).is_file():
                 raise SecateursError(f"{self.folder}: shard {file} named by {INDEX_FILE} is missing")
@@ -75,12 +83,12 @@ class CheckpointTensors:
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(self.stored.get(name, name))
 
     def get_rows(self, name: str, rows: int) -> torch.Tensor:
         """The first `rows` rows of a tensor, read without loading the rest."""
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as handle:
-            return handle.get_slice(name)[:rows]
+            return handle.get_slice(self.stored.get(name, name))[:rows]
 
     def materialize(self, module: torch.nn.Module, prefix: str, device="cpu",
                     skip: re.Pattern | None = None) -> list[str]:
@@ -130,8 +138,9 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     code written for offloaded models (criteria, HARP, depth scoring) runs on the skeleton."""
     folder = Path(folder)
     config = load_config(folder)
-    tensors = CheckpointTensors(folder)
+    CheckpointTensors(folder)  # shard names from the index stay inside the folder, before any model is built
     model = meta_model(config, dtype)
+    tensors = CheckpointTensors(folder, model)
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
     adapter = get_adapter(model)
     layer_parameter = adapter.layer_parameter()
