@@ -95,7 +95,8 @@ class SkipLayer(nn.Module):
 @torch.no_grad()
 def masked_reference(model, plan):
     """The dense model with the plan's removed structures masked: o_proj input columns of removed
-    heads and down_proj input columns of removed neurons zeroed, removed layers skipped."""
+    heads and down_proj input columns of removed neurons zeroed, removed layers skipped, the output
+    of a removed MLP zeroed by a hook."""
     ref = copy.deepcopy(model)
     adapter = get_adapter(ref)
     layers = adapter.decoder_layers(ref)
@@ -112,6 +113,8 @@ def masked_reference(model, plan):
         down = adapter.mlp_output_linear(layer).weight
         dropped = sorted(set(range(down.shape[1])) - set(neurons))
         down[:, dropped] = 0
+        if lp.mlp is not None:  # the whole block's output, biases included
+            adapter.mlp(layer).register_forward_hook(lambda module, args, out: torch.zeros_like(out))
     return ref
 
 

@@ -1,5 +1,6 @@
 """GGUF export, checked in a real engine: every pruned form (dense, uniform widths, FLAP's per-layer
-widths and biases, removed layers, HARP layers with alpha > 0 and alpha = 0) of the llama family, and
+widths and biases, removed layers, HARP layers with alpha > 0 and alpha = 0, removed MLPs beside an
+attention-free layer) of the llama family, and
 the forms phi3, gemma2 and phi go out in, is exported as f32, loaded by llama.cpp (llama-cpp-python)
 and must give transformers' next-token logits (load_pruned, float64) to 1e-3 relative on several
 prompts and the same 32 greedy tokens; HARP layers hold no KV cache; what llama.cpp cannot hold is
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 from unittest import mock
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -56,13 +58,13 @@ MODELS = {  # tiny configs share stories260K's 512-token tokenizer so every file
     "gemma2": dict(vocab_size=512, query_pre_attn_scalar=24),
     "phi": dict(vocab_size=512),  # partial rotary, parallel block, LayerNorm, biases everywhere
 }
-FORMS = ("dense", "uniform", "in-group", "flap", "depth", "harp-value", "harp-removed")
+FORMS = ("dense", "uniform", "in-group", "flap", "depth", "harp-value", "harp-removed", "mlp-removed")
 # Families with their own llama.cpp architecture: each form run and the architecture it goes out as.
 # "mlp": uniform MLP-only pruning (square attention stays square); "depth-1": layer 1 removed, so
 # gemma2's sliding layers no longer alternate.
 ARCHS = {
     "phi3": {"dense": "phi3", "mlp": "phi3", "depth": "phi3", "uniform": "deci", "flap": "deci",
-             "harp-value": "deci", "harp-removed": "deci"},
+             "harp-value": "deci", "harp-removed": "deci", "mlp-removed": "deci"},
     "phi3-partial": {"dense": "phi3", "mlp": "phi3"},
     "gemma2": {"dense": "gemma2", "uniform": "gemma2", "mlp": "gemma2", "depth-1": "gemma2"},
     "phi": {"dense": "phi2", "mlp": "phi2", "depth": "phi2"},
@@ -82,6 +84,11 @@ def _plan(model, form: str) -> PruningPlan:
     n = model.config.num_hidden_layers
     if form == "mlp":
         return make_plan(model, "magnitude", 0.1, split=0.0, progress=False)
+    if form == "mlp-removed":  # the last layer's MLP among them; an attention-free layer between
+        plan = identity_plan(model)
+        plan.layers[1].mlp = plan.layers[n - 1].mlp = {"mode": "removed"}
+        plan.layers[n - 2].attention = {"mode": "removed"}
+        return plan
     if form in ("dense", "depth", "depth-1", "harp-value", "harp-removed"):
         plan = identity_plan(model)
         plan.layers[1].removed = form.startswith("depth")
@@ -220,6 +227,37 @@ def test_harp_layers_hold_no_kv_cache(folders, tmp_path):
 
 
 @pytest.mark.llama_cpp
+def test_a_removed_mlp_is_a_zero_feed_forward_block(folders, tmp_path):
+    """deci's own FFN-free layer (feed_forward_length 0) skips the rest of the layer, its attention's residual
+    update included (and aborts llama.cpp when it is the last layer), so a removed MLP goes out as one neuron of
+    zero weights: exact in f32, and in q8_0 (its one-column down matrix stays f16) as close as the rest."""
+    path = export_gguf(folders["stories260K", "mlp-removed"], tmp_path / "f32.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("deci.feed_forward_length").contents() == [172, 1, 172, 172, 1]
+    assert reader.get_field("deci.attention.head_count").contents()[3] == 0
+    tensors = {t.name: t for t in reader.tensors}
+    for block in (1, 4):
+        assert tensors[f"blk.{block}.ffn_down.weight"].data.shape == (64, 1)
+        assert not np.any(tensors[f"blk.{block}.ffn_gate.weight"].data)
+        assert not np.any(tensors[f"blk.{block}.ffn_down.weight"].data)
+    reference = _engine_logits(_engine(path), PROMPTS[2])
+    quantised = export_gguf(folders["stories260K", "mlp-removed"], tmp_path / "q8_0.gguf", "q8_0")
+    got = _engine_logits(_engine(quantised), PROMPTS[2])
+    assert np.abs(got - reference).max() <= 3e-2 * np.abs(reference).max()
+    # a HARP value path and a removed MLP in one layer: deci's linear attention, then the zero block
+    model = _base("stories260K")
+    plan = identity_plan(model)
+    plan.layers[2].attention, plan.layers[2].mlp = {"mode": "value", "alpha": 0.5}, {"mode": "removed"}
+    apply_plan(model, plan)
+    engine = _engine(export_gguf(model, tmp_path / "harp-mlp.gguf", tokenizer=folders["stories260K", "dense"]))
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0].numpy()
+        got = _engine_logits(engine, prompt)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.llama_cpp
 def test_quantised_outputs_load_and_stay_close(folders, tmp_path):
     folder = folders["stories260K", "flap"]
     reference = _engine_logits(_engine(export_gguf(folder, tmp_path / "f32.gguf")), PROMPTS[2])
@@ -281,7 +319,8 @@ def test_refusals_write_nothing(folders, tokenizer, tmp_path):
     apply_plan(model, _plan(model, "harp-removed"))
     _refused(model, out, "qwen3", tokenizer)
     # per-layer gemma2 and phi: their own architectures read one width for all layers, deci is llama's layer
-    for name, form in (("gemma2", "flap"), ("gemma2", "harp-removed"), ("phi", "flap"), ("phi", "harp-value")):
+    for name, form in (("gemma2", "flap"), ("gemma2", "harp-removed"), ("phi", "flap"), ("phi", "harp-value"),
+                       ("gemma2", "mlp-removed"), ("phi", "mlp-removed")):
         model = _base(name)
         apply_plan(model, _plan(model, form))
         _refused(model, out, "sizes every layer from layer 0", tokenizer)

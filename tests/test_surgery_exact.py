@@ -1,5 +1,6 @@
 """Invariant 1: physical surgery equals masking, for every family, with and without KV cache,
-and through generate."""
+and through generate. "mlp": removed MLPs (the last layer's among them) beside a narrower one,
+against the dense model with those MLPs' outputs zeroed."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def exactness_plan(model, kind: str) -> PruningPlan:
             lp.neurons = torch.randperm(n, generator=gen)[: n - 7 - lp.index].sort().values.tolist()
     if kind in ("layers", "mixed"):
         plan.layers[2].removed = True
+    if kind == "mlp":
+        plan.layers[1].mlp = plan.layers[3].mlp = {"mode": "removed"}
+        plan.layers[2].neurons = list(range(0, plan.layer_shape(2)[2], 2))
     return plan
 
 
-KINDS = ["groups", "in-group", "neurons", "layers", "mixed"]
+KINDS = ["groups", "in-group", "neurons", "layers", "mixed", "mlp"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -58,7 +62,7 @@ def test_surgery_matches_masking(family, kind):
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
 
 
-@pytest.mark.parametrize("kind", ["mixed", "in-group"])
+@pytest.mark.parametrize("kind", ["mixed", "in-group", "mlp"])
 def test_surgery_matches_masking_with_kv_cache(family, kind):
     dense = tiny_model(family)
     plan = exactness_plan(dense, kind)
@@ -76,9 +80,10 @@ def test_surgery_matches_masking_with_kv_cache(family, kind):
     torch.testing.assert_close(outs[1], full, atol=1e-10, rtol=0)
 
 
-def test_generate_matches_masking(family):
+@pytest.mark.parametrize("kind", ["mixed", "mlp"])
+def test_generate_matches_masking(family, kind):
     dense = tiny_model(family)
-    plan = exactness_plan(dense, "mixed")
+    plan = exactness_plan(dense, kind)
     reference = masked_reference(dense, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     ids = input_ids(batch=1, length=5)

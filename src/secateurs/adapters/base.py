@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from secateurs.adapters.removed_mlp import is_removed_mlp
 from secateurs.adapters.value_attention import is_replaced
 
 
@@ -103,6 +104,9 @@ class ModelAdapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def set_mlp(self, layer: nn.Module, module: nn.Module) -> None:
+        layer.mlp = module
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
 
@@ -123,8 +127,11 @@ class ModelAdapter:
     def head_dim(self, layer: nn.Module) -> int:
         return int(self.attention(layer).head_dim)
 
-    # Norms that feed only the attention block (dropped with it when HARP's alpha is 0).
+    # Norms that feed only the attention block (dropped with it when HARP's alpha is 0), only the MLP
+    # (dropped with a removed MLP), and both blocks (dropped when both are gone: a parallel block's norm).
     attention_only_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_only_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    shared_norms: tuple[str, ...] = ()
 
     def fold_attention_scale(self, layer: nn.Module, alpha: float) -> bool:
         """Fold a scale of the attention output into a norm where the family has one after the
@@ -171,8 +178,9 @@ class ModelAdapter:
             mlp.intermediate_size = w.out.shape[1]
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
-        """Widths from real weight shapes (HARP layers report the head counts they had)."""
-        inter = self.mlp_weights(layer).out.shape[1]
+        """Widths from real weight shapes (HARP layers report the head counts they had, a removed MLP
+        0 neurons)."""
+        inter = 0 if is_removed_mlp(self.mlp(layer)) else self.mlp_weights(layer).out.shape[1]
         attn = self.attention(layer)
         if is_replaced(attn):
             return LayerShape(attn.num_heads, attn.num_kv_heads, inter)

@@ -11,6 +11,7 @@ from secateurs.adapters.base import ModelAdapter
 class Gemma2Adapter(ModelAdapter):
     model_types = ("gemma2",)
     attention_only_norms = ("input_layernorm", "post_attention_layernorm")
+    mlp_only_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     bos_every_window = True
     gguf_architectures = {"gemma2": "gemma2"}
     gguf_not_deci = ("deci is llama's layer (no soft-capping, post-norms or GELU), and llama.cpp's gemma2 sizes "

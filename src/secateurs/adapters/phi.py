@@ -11,7 +11,10 @@ class PhiAdapter(ModelAdapter):
     o_name = "dense"
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
-    attention_only_norms = ()  # parallel block: the MLP reads the same input_layernorm
+    # parallel block: attention and MLP read the same input_layernorm, dropped only when both blocks are
+    attention_only_norms = ()
+    mlp_only_norms = ()
+    shared_norms = ("input_layernorm",)
     gguf_architectures = {"phi": "phi2"}
     gguf_not_deci = ("deci is llama's layer (sequential, RMSNorm, SiLU), and llama.cpp's phi2 sizes every layer "
                      "from layer 0's head count and FFN width")

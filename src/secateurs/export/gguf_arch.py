@@ -36,6 +36,7 @@ class LayerForm:
     kv_heads: int
     ffn: int
     harp: str | None = None  # 'value' | 'removed'
+    mlp: str | None = None  # 'removed': the MLP is written as a zero feed-forward block (gguf_export)
     tensors: dict[tuple[T, str], torch.Tensor] = field(default_factory=dict)
 
 
@@ -176,6 +177,8 @@ def _layer_problem(rules: ArchitectureRules, form: LayerForm, config) -> str | N
                 "attention has none")
     if form.harp and not rules.per_layer:
         return "a HARP layer, which only deci holds"
+    if form.mlp and not rules.per_layer:
+        return "a removed MLP, which only deci holds (as a zero feed-forward block)"
     if (T.ATTN_Q_NORM in kinds or T.ATTN_K_NORM in kinds) and not rules.qk_norm:
         return "per-head q/k norms, which only qwen3 itself holds"
     extra = {kind for kind, part in form.tensors if part == "bias" and kind not in rules.biases}
@@ -185,7 +188,8 @@ def _layer_problem(rules: ArchitectureRules, form: LayerForm, config) -> str | N
         return (f"{form.heads} heads x {head_dim(config)} != hidden size {config.hidden_size}, and its attention "
                 "is square")
     if form.ffn == 0:
-        return "no MLP neurons (llama.cpp's FFN-free layers skip the layer's residual update)"
+        return ("no MLP neurons (llama.cpp's FFN-free layers skip the rest of the layer, its attention's residual "
+                "update included)")
     if (T.FFN_GATE in kinds) != rules.gated_ffn:
         return "an MLP without a gate" if rules.gated_ffn else "a gated MLP, and its MLP has no gate"
     if norms - rules.norms or (form.harp is None and rules.norms - norms):

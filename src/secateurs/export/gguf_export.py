@@ -12,7 +12,10 @@ secateurs.export.gguf_arch):
   `deci`, with per-layer arrays `head_count`, `head_count_kv`, `feed_forward_length`. A HARP layer
   is deci's "linear attention" (head_count > 0, head_count_kv = 0: only attn_norm and a hidden x
   hidden attn_output, alpha folded in); HARP with alpha = 0 is an attention-free layer (head_count
-  0). Neither holds KV cache.
+  0). Neither holds KV cache. A removed MLP is a feed-forward block of ZERO_FFN_WIDTH neuron whose
+  gate, up and down weights are zeros (and an ffn_norm of ones): it adds exactly 0 to the residual.
+  deci's own FFN-free form (feed_forward_length 0) cannot carry it: llama.cpp's deci graph then skips
+  the rest of the layer, residual update included, so the layer's attention output would be dropped.
 
 Phi-3 is llama's layer with fused qkv_proj and gate_up_proj (rotate-half rope over the whole head,
 RMSNorm, SiLU gate, 1/sqrt(head_dim)). Square uniform phi3 goes out as llama.cpp's phi3 (fused
@@ -55,6 +58,7 @@ import numpy as np
 import torch
 
 from secateurs.adapters import get_adapter
+from secateurs.adapters.removed_mlp import is_removed_mlp
 from secateurs.adapters.value_attention import RemovedAttention, ValueOnlyAttention
 from secateurs.errors import SecateursError, UnsupportedModelError
 from secateurs.export.gguf_arch import (
@@ -137,9 +141,10 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
     if not adapter.gguf_architectures:
         raise UnsupportedModelError(f"GGUF export of {model_type!r} is not implemented (exported: "
                                     "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, phi)")
-    layers = [_layer_form(adapter, layer) for layer in adapter.decoder_layers(model)]
+    hidden = model.config.get_text_config().hidden_size
+    layers = [_layer_form(adapter, layer, hidden) for layer in adapter.decoder_layers(model)]
     own = adapter.gguf_architectures.get(model_type)
-    uniform = len({(f.heads, f.kv_heads, f.ffn) for f in layers}) == 1 and not any(f.harp for f in layers)
+    uniform = len({(f.heads, f.kv_heads, f.ffn) for f in layers}) == 1 and not any(f.harp or f.mlp for f in layers)
     reasons = []
     if own and uniform:
         problem = unsupported(RULES[own], model, layers)
@@ -147,7 +152,8 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
             return own, layers
         reasons.append(f"{own}: {problem}")
     elif own:
-        reasons.append(f"{own}: its layers differ (widths or HARP layers), and {own} reads one shape for all layers")
+        reasons.append(f"{own}: its layers differ (widths, HARP layers or removed MLPs), and {own} reads one shape "
+                       "for all layers")
     if model_type in adapter.gguf_per_layer_types:
         problem = unsupported(RULES["deci"], model, layers)
         if problem is None:
@@ -158,7 +164,7 @@ def plan_export(model) -> tuple[str, list[LayerForm]]:
     raise SecateursError("llama.cpp cannot hold this model, so no GGUF file is written (" + "; ".join(reasons) + ")")
 
 
-def _layer_form(adapter, layer) -> LayerForm:
+def _layer_form(adapter, layer, hidden: int) -> LayerForm:
     """Widths and tensors of one layer, in Hugging Face layout (row = output feature)."""
     attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
@@ -181,11 +187,27 @@ def _layer_form(adapter, layer) -> LayerForm:
         norm = getattr(layer, name)
         if getattr(norm, "weight", None) is not None:
             _put(form, T[key.upper()], norm.weight, getattr(norm, "bias", None))
+    if is_removed_mlp(adapter.mlp(layer)):
+        _put_zero_ffn(form, hidden)
+        return form
     mlp = adapter.mlp_weights(layer)
     for kind, (weight, bias) in zip((T.FFN_GATE, T.FFN_UP) if len(mlp.inputs) == 2 else (T.FFN_UP,), mlp.inputs):
         _put(form, kind, weight, bias)
     _put(form, T.FFN_DOWN, mlp.out, mlp.out_bias)
     return form
+
+
+ZERO_FFN_WIDTH = 1  # neurons of the zero feed-forward block a removed MLP is written as
+
+
+def _put_zero_ffn(form: LayerForm, hidden: int) -> None:
+    """A removed MLP as deci computes it exactly: ffn_norm of ones (llama.cpp loads one wherever a layer has an
+    FFN), then gate, up and down of zeros: down(silu(0 x) * 0 x) = 0 for any finite x."""
+    form.ffn, form.mlp = ZERO_FFN_WIDTH, "removed"
+    _put(form, T.FFN_NORM, torch.ones(hidden), None)
+    for kind, shape in ((T.FFN_GATE, (ZERO_FFN_WIDTH, hidden)), (T.FFN_UP, (ZERO_FFN_WIDTH, hidden)),
+                        (T.FFN_DOWN, (hidden, ZERO_FFN_WIDTH))):
+        _put(form, kind, torch.zeros(shape), None)
 
 
 def _put(form: LayerForm, kind: T, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

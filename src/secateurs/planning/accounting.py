@@ -1,7 +1,8 @@
 """Parameter, FLOP and byte accounting, per layer and in total, before and after pruning.
 
 Counts come from the real modules (meta tensors work, so a 70B config is counted without
-weights). Shared parameters (tied embeddings) are counted once.
+weights). Shared parameters (tied embeddings) are counted once. A HARP layer has no token mixing
+and no KV cache; a removed MLP has no parameters, no FLOPs and 0 neurons.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def model_stats(model: nn.Module) -> ModelStats:
         mlp = _numel(adapter.mlp(layer), seen)
         other = _numel(layer, seen)
         d = adapter.head_dim(layer)
-        dtype_bytes = adapter.mlp_weights(layer).out.element_size()
+        # the KV cache is kept in the attention's dtype (a layer without attention weights holds none)
+        dtype_bytes = next((p.element_size() for p in adapter.attention(layer).parameters()), 0)
         mixing = not is_replaced(adapter.attention(layer))  # HARP layers: no token mixing, no KV cache
         layers.append(LayerStats(
             index=i, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,

@@ -8,7 +8,8 @@ from secateurs.planning.plan import LayerPlan, PruningPlan
 
 
 def plan_base(model) -> dict:
-    """The geometry a plan is bound to: applying it elsewhere is refused."""
+    """The geometry a plan is bound to: applying it elsewhere is refused. Shapes are the layers' real widths
+    (a layer whose MLP is removed has 0 neurons)."""
     adapter = get_adapter(model)
     config = model.config
     text = config.get_text_config()  # the language model's own config (itself, except in multimodal models)
@@ -26,9 +27,11 @@ def plan_base(model) -> dict:
 
 
 def identity_plan(model, provenance: dict | None = None) -> PruningPlan:
-    """A plan that keeps everything (a starting point for building one)."""
+    """A plan that keeps everything (a starting point for building one); a layer whose MLP is already
+    removed (0 neurons) keeps it removed."""
     base = plan_base(model)
-    layers = [LayerPlan(index=i) for i in range(base["num_hidden_layers"])]
+    layers = [LayerPlan(index=i, mlp={"mode": "removed"} if shape[2] == 0 else None)
+              for i, shape in enumerate(base["layer_shapes"])]
     return PruningPlan(base=base, layers=layers, provenance=dict(provenance or {}))
 
 

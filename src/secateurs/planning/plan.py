@@ -1,13 +1,15 @@
 """PruningPlan: which structures stay. JSON on disk; the single source of truth for surgery.
 
 A plan names kept query heads, kept KV heads and kept MLP neurons per layer (None = all kept),
-or marks the layer removed, and carries the geometry of the model it was made for plus
-provenance (method, ratio, calibration, seed, library version).
+or marks the layer removed, may replace a layer's attention (HARP: a value path, or no attention)
+or remove its MLP (the layer keeps its attention only), and carries the geometry of the model it
+was made for plus provenance (method, ratio, calibration, seed, library version).
 
 Plans are user files, read defensively (`PruningPlan.load` / `from_dict`): at most
 PLAN_MAX_BYTES (512 MiB) and JSON_MAX_DEPTH (32) levels of nesting, UTF-8, finite numbers only;
 every layer of the base listed once, in order; every index (heads, KV heads, neurons) inside the
-base's own layer_shapes; HARP alphas finite and within (0, ALPHA_MAX]; the counts a plan records
+base's own layer_shapes; HARP alphas finite and within (0, ALPHA_MAX]; `attention` and `mlp` one of
+their modes and nothing else; the counts a plan records
 (params_before, params_after, budget counts and fractions) plausible, and params_before /
 params_after never carried over when a plan is re-applied (`mark_reapplied` drops them, the run
 that applies it records what it measured).
@@ -49,6 +51,9 @@ JSON_MAX_DEPTH = 32
 # float16/bfloat16 weights once folded into o_proj) or -50 is refused as a tampered or broken plan.
 ALPHA_MAX = 10.0
 
+# The modes of a layer's MLP besides the neuron list: "removed" (the layer keeps its attention only).
+MLP_MODES = ("removed",)
+
 # Upper bounds on the base geometry a plan may declare (the largest real models are far below:
 # 126 layers, 128 query heads, head_dim 256, hidden 18,432, 53,248 neurons, vocabulary 262,144),
 # so a tampered plan cannot make secateurs build lists of billions of indices.
@@ -69,6 +74,9 @@ class LayerPlan:
     compensation: dict | None = None
     # HARP: {"mode": "value", "alpha": a} (identity-matrix attention scaled by a) or {"mode": "removed"}.
     attention: dict | None = None
+    # {"mode": "removed"}: the layer keeps its attention and loses its whole MLP (None: the MLP keeps
+    # `neurons`). A removed MLP keeps no neurons and carries no MLP compensation.
+    mlp: dict | None = None
 
 
 @dataclass
@@ -136,9 +144,7 @@ class PruningPlan:
                 f"{[per_group[g] for g in kv]} (groups {kv}); keep whole KV groups or the same number "
                 f"of query heads in every kept group"
             )
-        neurons = _check_indices(lp.neurons, inter, f"{where} neurons")
-        if not neurons:
-            raise PlanError(f"{where} keeps no MLP neurons; a kept layer needs at least one (remove the layer instead)")
+        neurons = _resolve_neurons(lp, inter, where)
         if lp.attention is not None:
             mode = lp.attention.get("mode")
             if mode not in ("value", "removed"):
@@ -148,6 +154,8 @@ class PruningPlan:
             if len(heads) < num_heads:
                 raise PlanError(f"{where}: a HARP layer keeps all heads (its value path uses every head)")
         comp = lp.compensation or {}
+        if lp.mlp is not None and "mlp" in comp:
+            raise PlanError(f"{where}: a removed MLP has no output projection to carry MLP compensation")
         for kind, removed in (("attention", (num_heads - len(heads)) * self.base["head_dim"]),
                               ("mlp", inter - len(neurons))):
             if kind in comp and len(comp[kind]) != removed:
@@ -155,8 +163,13 @@ class PruningPlan:
                                 "removed channels")
         return heads, kv, neurons
 
+    def removed_mlp_layers(self) -> list[int]:
+        """Positions, among the kept layers (the pruned model's layer numbers), of the layers whose MLP is removed."""
+        kept = [lp for lp in self.layers if not lp.removed]
+        return [i for i, lp in enumerate(kept) if lp.mlp is not None]
+
     def pruned_shapes(self) -> list[tuple[int, int, int]]:
-        """Shapes of the kept layers after surgery (validates every layer)."""
+        """Shapes of the kept layers after surgery (validates every layer); a removed MLP has 0 neurons."""
         out = []
         for lp in self.layers:
             if not lp.removed:
@@ -272,6 +285,7 @@ class PruningPlan:
                 if lp.attention:
                     harp = "  attention " + ("removed" if lp.attention["mode"] == "removed"
                                              else f"-> value path, alpha {lp.attention.get('alpha')}")
+                harp += "  mlp removed" if lp.mlp else ""
                 text = f"{len(heads):>4}/{h:<4}  {len(kvs):>4}/{kv:<4}  {len(neurons):>6}/{inter:<6}{harp}"
             if rows and rows[-1][2] == text and rows[-1][1] == lp.index - 1:
                 rows[-1][1] = lp.index
@@ -299,9 +313,11 @@ def _check_base(base) -> None:
                             f"{_short(base.get(key))[:80]}")
     shapes = base.get("layer_shapes")
     if (not isinstance(shapes, list) or len(shapes) != base["num_hidden_layers"]
-            or not all(isinstance(s, list) and len(s) == 3 and all(_is_int(v) and v >= 1 for v in s) for s in shapes)):
-        raise PlanError("plan base.layer_shapes must list [heads, kv_heads, neurons] (positive whole numbers) for "
-                        f"every one of the base.num_hidden_layers = {base['num_hidden_layers']} layers")
+            or not all(isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s)
+                       and s[0] >= 1 and s[1] >= 1 and s[2] >= 0 for s in shapes)):
+        raise PlanError("plan base.layer_shapes must list [heads, kv_heads, neurons] (positive whole numbers; 0 "
+                        "neurons for a layer whose MLP is removed) for every one of the base.num_hidden_layers = "
+                        f"{base['num_hidden_layers']} layers")
     for i, shape in enumerate(shapes):
         for what, value, limit in zip(("heads", "kv_heads", "neurons"), shape, _SHAPE_LIMITS):
             if value > limit:
@@ -407,6 +423,10 @@ def _layer_from_dict(row, position: int) -> LayerPlan:
                             f"{{\"mode\": \"removed\"}}, got {_short(attention)[:80]}")
         if attention["mode"] == "value":
             check_alpha(attention.get("alpha"), f"{where} (layer {row['index']})")
+    mlp = row.get("mlp")
+    if mlp is not None and (not isinstance(mlp, dict) or set(mlp) != {"mode"} or mlp["mode"] not in MLP_MODES):
+        raise PlanError(f"{where}: 'mlp' must be {{\"mode\": \"removed\"}} (or absent: the MLP keeps 'neurons'), "
+                        f"got {_short(mlp)[:80]}")
     return LayerPlan(**row)
 
 
@@ -496,6 +516,21 @@ def _json_depth(text: str, limit: int) -> int:
 def _compact_layer(lp: LayerPlan) -> dict:
     d = asdict(lp)
     return {k: v for k, v in d.items() if v is not None and not (k == "removed" and v is False)}
+
+
+def _resolve_neurons(lp: LayerPlan, inter: int, where: str) -> list[int]:
+    """A layer's kept neurons: none for a removed MLP (whose neuron list may only be empty), else at least one."""
+    if lp.mlp is not None:
+        if lp.mlp.get("mode") not in MLP_MODES or set(lp.mlp) != {"mode"}:
+            raise PlanError(f"{where}: mlp must be {{\"mode\": \"removed\"}}, got {_short(lp.mlp)[:80]}")
+        if lp.neurons:
+            raise PlanError(f"{where}: the MLP is removed, so it keeps no neurons; leave 'neurons' out")
+        return []
+    neurons = _check_indices(lp.neurons, inter, f"{where} neurons")
+    if not neurons:
+        raise PlanError(f"{where} keeps no MLP neurons; a kept layer needs at least one, or mark its MLP removed "
+                        "(mlp {\"mode\": \"removed\"}) or remove the layer")
+    return neurons
 
 
 def _check_indices(indices, size: int, what: str) -> list[int]:

@@ -94,7 +94,8 @@ def write_config(model, directory: Path) -> dict:
         note["extra_parameters"] = extra
     info = on_disk.setdefault(CONFIG_KEY, {})
     note["stock_loadable"] = ((valid or "exported_from" in note) and not extra
-                              and not info.get("heterogeneous") and not info.get("replaced_attention"))
+                              and not info.get("heterogeneous") and not info.get("replaced_attention")
+                              and not info.get("replaced_mlp"))
     info.update(note)
     (directory / "config.json").write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
     return note

@@ -197,7 +197,8 @@ def _load(source, kind, path, torch_dtype, device, device_map, offload_folder):
         if kind == "gguf" or (info is not None and not info.get("stock_loadable", False)):
             raise SecateursError("--device-map works with models stock from_pretrained loads (a safetensors folder "
                                  "or hub id): not GGUF files, nor pruned folders with per-layer shapes, extra "
-                                 "biases or HARP layers (load those with load_pruned, without a device map)")
+                                 "biases, HARP layers or removed MLPs (load those with load_pruned, without a device "
+                                 "map)")
         if offload_folder is not None:  # accelerate writes offloaded weights there: never into the input
 
             refuse_overlap(Path(offload_folder).expanduser().resolve(), [path] if path else [], "--offload-folder")

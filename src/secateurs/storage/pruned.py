@@ -3,7 +3,8 @@
 save_pruned writes safetensors + config + tokenizer + plan into a temporary sibling directory
 and renames it into place, so a crash never leaves a half-written output and the source model is
 never touched. Uniform models load with stock AutoModelForCausalLM.from_pretrained;
-heterogeneous ones (layers of different widths) load with load_pruned.
+heterogeneous ones (layers of different widths), HARP layers and removed MLPs load with load_pruned
+(stock from_pretrained would build the family's full modules there and initialise the missing weights).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from secateurs.files.output import check_finite, final_path, write_folder
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PruningPlan
 from secateurs.runtime.progress import phase
 from secateurs.storage.hfcompat import load_config, module_names, save_model_files
-from secateurs.surgery.apply import replace_attention, replaced_attention_modes, resize_layer
+from secateurs.surgery.apply import remove_mlp, replace_attention, replaced_attention_modes, resize_layer
 
 
 def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tokenizer=None,
@@ -50,7 +51,8 @@ def save_pruned(model, plan: PruningPlan | None, out_dir: str | os.PathLike, tok
 def needs_skeleton(config) -> bool:
     """Layers of different widths or parameters the config cannot express: stock loading fails."""
     info = getattr(config, CONFIG_KEY, None) or {}
-    return bool(info.get("heterogeneous") or info.get("extra_parameters") or info.get("replaced_attention"))
+    return bool(info.get("heterogeneous") or info.get("extra_parameters") or info.get("replaced_attention")
+                or info.get("replaced_mlp"))
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -85,18 +87,27 @@ def check_pruned_config(path, config) -> None:
             for k, v in replaced.items()):
         raise SecateursError(f"{path}/config.json: replaced_attention must map layer numbers 0..{num_layers - 1} to "
                              f"'value' or 'removed', got {replaced!r}")
+    mlp_gone = info.get("replaced_mlp", {})
+    if not isinstance(mlp_gone, dict) or not all(
+            isinstance(k, str) and k.isdigit() and int(k) < num_layers and v == "removed" for k, v in mlp_gone.items()):
+        raise SecateursError(f"{path}/config.json: replaced_mlp must map layer numbers 0..{num_layers - 1} to "
+                             f"'removed', got {mlp_gone!r}")
     shapes = info.get("layer_shapes")
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     if shapes is not None and (not isinstance(shapes, list) or not all(
-            isinstance(s, dict) and all(isinstance(s.get(k), int) and s[k] >= 1 for k in keys) for s in shapes)):
-        raise SecateursError(f"{path}/config.json: layer_shapes must list {keys} (positive whole numbers) per layer")
+            isinstance(s, dict) and all(isinstance(s.get(k), int) and s[k] >= 1 for k in keys[:2])
+            and isinstance(s.get(keys[2]), int) and s[keys[2]] >= (0 if str(i) in mlp_gone else 1)
+            for i, s in enumerate(shapes))):
+        raise SecateursError(f"{path}/config.json: layer_shapes must list {keys} (positive whole numbers; 0 neurons "
+                             "where replaced_mlp lists the layer) per layer")
     extra = info.get("extra_parameters", [])
     if not isinstance(extra, list) or not all(isinstance(n, str) for n in extra):
         raise SecateursError(f"{path}/config.json: extra_parameters must be a list of parameter names")
 
 
 def model_layout(model) -> tuple[list[tuple[int, int, int]], dict[int, str]]:
-    """(per-layer (heads, kv heads, neurons), {layer: HARP mode}) read from the real weights."""
+    """(per-layer (heads, kv heads, neurons), {layer: HARP mode}) read from the real weights (a removed MLP:
+    0 neurons)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     shapes = [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in map(adapter.layer_shape, layers)]
@@ -113,11 +124,14 @@ def config_layout(config) -> tuple[list[tuple[int, int, int]], dict[int, str]]:
         text = config.get_text_config()  # the language model's config (text_config in a multimodal model)
         kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         shapes = [(text.num_attention_heads, kv, text.intermediate_size)] * text.num_hidden_layers
+    gone = {int(k) for k in info.get("replaced_mlp", {})}
+    shapes = [(h, kv, 0 if i in gone else n) for i, (h, kv, n) in enumerate(shapes)]
     return shapes, {int(k): v for k, v in info.get("replaced_attention", {}).items()}
 
 
 def check_plan_matches(plan: PruningPlan, shapes, replaced: dict[int, str], where: str) -> None:
-    """Refuse a pruning_plan.json that disagrees with the model beside it (shapes, HARP layers)."""
+    """Refuse a pruning_plan.json that disagrees with the model beside it (shapes, HARP layers; a removed MLP
+    is a layer of 0 neurons on both sides)."""
     kept = [lp for lp in plan.layers if not lp.removed]
     expected = [tuple(s) for s in plan.pruned_shapes()]
     harp = {i: lp.attention["mode"] for i, lp in enumerate(kept) if lp.attention}
@@ -144,8 +158,9 @@ def read_plan(path: str | os.PathLike) -> PruningPlan:
 
 
 def _load_skeleton(path: Path, config):
-    """Meta-device skeleton -> resize every layer to its saved widths, add the extra parameters
-    (compensation biases) -> assign weights from disk.
+    """Meta-device skeleton -> remove the MLPs the config lists, resize every layer to its saved widths,
+    replace the HARP layers' attention, add the extra parameters (compensation biases) -> assign weights
+    from disk.
 
     accelerate's init_empty_weights puts parameters on meta but keeps buffers real, so
     non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are computed from the config.
@@ -154,6 +169,8 @@ def _load_skeleton(path: Path, config):
     adapter = get_adapter(model)
     info = getattr(config, CONFIG_KEY)
     layers = adapter.decoder_layers(model)
+    for index in info.get("replaced_mlp", {}):
+        remove_mlp(adapter, layers[int(index)])
     shapes = info.get("layer_shapes")
     if shapes is not None:
         if len(shapes) != len(layers):

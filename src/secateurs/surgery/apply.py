@@ -1,6 +1,7 @@
 """Surgery: apply a PruningPlan physically. Slices weights (q/k/v/o rows and columns per head,
-MLP rows and columns per neuron, biases along), deletes decoder layers, and rewrites the config
-from the real shapes. Works on real and on meta tensors (so 70B plans can be sized cheaply).
+MLP rows and columns per neuron, biases along), replaces attention (HARP) and removes MLPs with
+the norms that only feed them, deletes decoder layers, and rewrites the config from the real shapes.
+Works on real and on meta tensors (so 70B plans can be sized cheaply).
 
 Each weight is replaced by its slice (index_select, then the old tensor is freed), so peak memory
 stays near the model's size plus one matrix.
@@ -13,6 +14,7 @@ from torch import nn
 
 from secateurs.adapters import AttentionWeights, MLPWeights, ModelAdapter, get_adapter
 from secateurs.adapters.base import set_linear
+from secateurs.adapters.removed_mlp import RemovedMLP, is_removed_mlp
 from secateurs.adapters.value_attention import RemovedAttention, ValueOnlyAttention, fused_value_output, is_replaced
 from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import CONFIG_KEY, PLAN_FILENAME, PLAN_FORMAT, PruningPlan
@@ -82,8 +84,6 @@ def replace_attention(adapter: ModelAdapter, layer: nn.Module, mode: str, alpha:
     d = adapter.head_dim(layer)
     if mode == "removed":
         new = RemovedAttention(shape.num_heads, shape.num_kv_heads, d, attn.layer_idx)
-        for name in adapter.attention_only_norms:
-            setattr(layer, name, nn.Identity())
     else:
         w = adapter.attention_weights(layer)
         folded = adapter.fold_attention_scale(layer, alpha)
@@ -93,6 +93,26 @@ def replace_attention(adapter: ModelAdapter, layer: nn.Module, mode: str, alpha:
         set_linear(fused, weight, bias)
         new = ValueOnlyAttention(fused, shape.num_heads, shape.num_kv_heads, d, attn.layer_idx)
     adapter.set_attention(layer, new)
+    drop_unused_norms(adapter, layer)
+
+
+def remove_mlp(adapter: ModelAdapter, layer: nn.Module) -> None:
+    """Drop the layer's MLP (a RemovedMLP: zeros, no weights) with the norms that only feed it; the layer
+    keeps its attention. See secateurs.adapters.removed_mlp."""
+    if not is_removed_mlp(adapter.mlp(layer)):
+        adapter.set_mlp(layer, RemovedMLP())
+    drop_unused_norms(adapter, layer)
+
+
+def drop_unused_norms(adapter: ModelAdapter, layer: nn.Module) -> None:
+    """Norms whose only readers are gone become Identity: those of a removed attention, of a removed MLP, and
+    the norm both blocks share (a parallel block) when both are."""
+    attention_gone = isinstance(adapter.attention(layer), RemovedAttention)
+    mlp_gone = is_removed_mlp(adapter.mlp(layer))
+    names = ((adapter.attention_only_norms if attention_gone else ()) + (adapter.mlp_only_norms if mlp_gone else ())
+             + (adapter.shared_norms if attention_gone and mlp_gone else ()))
+    for name in names:
+        setattr(layer, name, nn.Identity())
 
 
 def remove_layers(adapter: ModelAdapter, model: nn.Module, kept: list[int]) -> None:
@@ -115,12 +135,18 @@ def replaced_attention_modes(adapter: ModelAdapter, layers) -> dict[int, str]:
             for i, layer in enumerate(layers) if is_replaced(adapter.attention(layer))}
 
 
+def removed_mlp_layers(adapter: ModelAdapter, layers) -> list[int]:
+    """Indices of the layers whose MLP is removed, read from the modules themselves."""
+    return [i for i, layer in enumerate(layers) if is_removed_mlp(adapter.mlp(layer))]
+
+
 def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     """Rewrite width fields of the config from real weight shapes.
 
     Uniform layers: num_attention_heads / num_key_value_heads / intermediate_size describe every
     layer, so stock from_pretrained rebuilds the model. Heterogeneous layers: those fields hold the
     per-field maximum and config.secateurs.layer_shapes lists each layer; load_pruned rebuilds it.
+    HARP layers are listed in replaced_attention, removed MLPs (0 neurons) in replaced_mlp.
     head_dim is always written explicitly (it no longer equals hidden / heads).
     """
     adapter = get_adapter(model)
@@ -137,6 +163,9 @@ def sync_config(model: nn.Module, plan: PruningPlan | None = None) -> None:
     replaced = {str(i): mode for i, mode in replaced_attention_modes(adapter, layers).items()}
     if replaced:
         info["replaced_attention"] = replaced
+    mlp_gone = removed_mlp_layers(adapter, layers)
+    if mlp_gone:
+        info["replaced_mlp"] = {str(i): "removed" for i in mlp_gone}
     if plan is not None:
         info["base_model"] = plan.base.get("name_or_path")
         info["method"] = plan.provenance.get("method")
@@ -153,7 +182,8 @@ def resize_layer(adapter: ModelAdapter, layer: nn.Module, num_heads: int, num_kv
                  intermediate_size: int) -> None:
     """Give a layer empty weights of the given widths (same dtype/device/bias layout).
 
-    Used on meta-device skeletons by load_pruned, which then fills the weights from disk.
+    Used on meta-device skeletons by load_pruned, which then fills the weights from disk. A removed
+    MLP (0 neurons) stays removed.
     """
     def empty(t: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
         return None if t is None else torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -170,6 +200,8 @@ def resize_layer(adapter: ModelAdapter, layer: nn.Module, num_heads: int, num_kv
             v_bias=empty(w.v_bias, num_kv_heads * d), o_bias=w.o_bias,
         ),
     )
+    if is_removed_mlp(adapter.mlp(layer)):
+        return
     m = adapter.mlp_weights(layer)
     adapter.set_mlp_weights(
         layer,
@@ -207,7 +239,9 @@ def apply_layer_plan(adapter: ModelAdapter, layer: nn.Module, lp, heads: list[in
     comp = lp.compensation or {}
     if len(heads) < shape.num_heads:
         slice_attention(adapter, layer, heads, kv_heads, comp.get("attention"))
-    if len(neurons) < shape.intermediate_size:
+    if lp.mlp is not None:
+        remove_mlp(adapter, layer)
+    elif len(neurons) < shape.intermediate_size:
         slice_mlp(adapter, layer, neurons, comp.get("mlp"))
     if lp.attention is not None:
         replace_attention(adapter, layer, lp.attention["mode"], float(lp.attention.get("alpha", 0.0)))

@@ -116,8 +116,8 @@ def refit_layer(adapter, layer, lp, heads: list[int], neurons: list[int], attent
     compensated = set(lp.compensation or {})
     kept_channels = {"attention": _row_index(heads, adapter.head_dim(layer), "cpu") if len(heads) < shape.num_heads
                      else None,
-                     "mlp": torch.as_tensor(neurons, dtype=torch.long) if len(neurons) < shape.intermediate_size
-                     else None}
+                     "mlp": torch.as_tensor(neurons, dtype=torch.long)
+                     if lp.mlp is None and len(neurons) < shape.intermediate_size else None}
     linears = {"attention": adapter.attention_output_linear, "mlp": adapter.mlp_output_linear}
     fitted = {}
     for kind, stats in (("attention", attention), ("mlp", mlp)):
@@ -160,25 +160,30 @@ def prune_and_refit_layer(adapter, layer, plan: PruningPlan, lp, attention: Inpu
     return fitted
 
 
-def check_reconstructable(plan: PruningPlan) -> None:
+def check_reconstructable(plan: PruningPlan, mode: str = "sequential") -> None:
     """Reconstruction re-fits width-pruned layers; removed or replaced (HARP) layers have no
-    output projection fed by the same inputs."""
-    if any(lp.removed or lp.attention is not None for lp in plan.layers):
-        raise SecateursError("reconstruction applies to width plans (heads and neurons); this plan removes layers or "
-                             "replaces attention (depth methods, HARP)")
+    output projection fed by the same inputs. The dense re-fit takes them beside width-pruned
+    blocks (the architecture search's plans): each narrower block is re-fitted from the dense
+    model's statistics, removed and replaced blocks are applied as they are."""
+    if mode != "dense" and any(lp.removed or lp.attention is not None or lp.mlp is not None for lp in plan.layers):
+        raise SecateursError("reconstruction applies to width plans (heads and neurons); this plan removes layers, "
+                             "replaces attention (depth methods, HARP) or removes MLPs")
 
 
 @torch.no_grad()
 def apply_plan_dense(model, plan: PruningPlan, stats: Statistics, settings: Reconstruction):
-    """Apply a width plan, every layer re-fitted from the dense model's Gram matrices."""
-    check_reconstructable(plan)
+    """Apply a plan, every narrower block re-fitted from the dense model's Gram matrices (removed
+    layers, replaced attention and removed MLPs applied as they are)."""
+    check_reconstructable(plan, "dense")
     plan.check_compatible(plan_base(model))
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     for lp in plan.layers:
         plan.resolve_layer(lp)  # validate every layer before touching any weight
     for lp, a, m in zip(plan.layers, stats.attention, stats.mlp):
-        prune_and_refit_layer(adapter, layers[lp.index], plan, lp, a, m, settings)
+        if not lp.removed:
+            prune_and_refit_layer(adapter, layers[lp.index], plan, lp, a, m, settings)
+    remove_layers(adapter, model, plan.kept_layer_indices())
     sync_config(model, plan)
     return model
 
