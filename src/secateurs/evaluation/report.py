@@ -172,6 +172,92 @@ def plot_head_heatmap(plan, path: Path, scores=None) -> Path:
     return _save(plt, fig, path)
 
 
+# Colours of the per-layer choice picture: a block's kind (the search's vocabulary).
+CHOICE_COLOURS = {"dense": "#2a7ab9", "kv": "#8fc1e3", "width": "#8fc1e3", "value": "#e08e2b", "removed": "#c0392b"}
+CHOICE_LABELS = {"dense": "dense", "kv": "fewer heads or neurons", "value": "value path (HARP)", "removed": "removed"}
+
+
+def layer_choices(plan) -> list[dict]:
+    """Per layer of the base model, what the plan made of its attention and its MLP: the kind (attention
+    dense | kv | value | removed; MLP dense | width | removed), kept and base counts, HARP's alpha."""
+    rows = []
+    for lp in plan.layers:
+        h, kv, n = plan.layer_shape(lp.index)
+        heads, kvs, neurons = ([], [], []) if lp.removed else plan.resolve_layer(lp)
+        mode = "removed" if lp.removed else (lp.attention or {}).get("mode")
+        attention = mode or ("dense" if len(heads) == h else "kv")
+        mlp_removed = lp.removed or getattr(lp, "mlp", None) is not None
+        mlp = "removed" if mlp_removed else ("dense" if len(neurons) == n else "width")
+        mixing = attention in ("dense", "kv")
+        rows.append({"layer": lp.index, "attention": attention, "heads": len(heads) if mixing else 0, "base_heads": h,
+                     "kv_heads": len(kvs) if mixing else 0, "base_kv_heads": kv,
+                     "alpha": (lp.attention or {}).get("alpha"), "mlp": mlp,
+                     "neurons": 0 if mlp_removed else len(neurons), "base_neurons": n, "layer_removed": lp.removed})
+    return rows
+
+
+def choice_rows(choices: list[dict]) -> list[list]:
+    """Rows of the per-layer table: layer, attention (heads and KV kept, value path, removed), MLP width."""
+    def attention(c):
+        if c["attention"] == "value":
+            return f"value path (alpha {c['alpha']})"
+        if c["attention"] == "removed":
+            return "layer removed" if c["layer_removed"] else "removed"
+        counts = f"{c['heads']}/{c['base_heads']} heads, {c['kv_heads']}/{c['base_kv_heads']} KV"
+        return f"dense ({counts})" if c["attention"] == "dense" else counts
+
+    def mlp(c):
+        if c["mlp"] == "removed":
+            return "layer removed" if c["layer_removed"] else "removed"
+        return f"dense ({c['neurons']:,})" if c["mlp"] == "dense" else f"{c['neurons']:,}/{c['base_neurons']:,}"
+
+    return [[c["layer"], attention(c), mlp(c)] for c in choices]
+
+
+def plot_layer_choices(choices: list[dict], path: Path) -> Path:
+    """Two bar rows per layer: the attention (KV groups kept, the value path drawn full and hatched,
+    removed as x) and the MLP (neurons kept), each coloured by its kind and relative to the base model."""
+    plt = _plt()
+    from matplotlib.patches import Patch  # noqa: PLC0415 (optional: the plots extra)
+
+    layers = [c["layer"] for c in choices]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.3 * len(layers) + 3), 4.5), sharex=True)
+    rows = ((axes[0], "attention", lambda c: 1.0 if c["attention"] == "value" else c["kv_heads"] / c["base_kv_heads"],
+             "attention (KV kept)"),
+            (axes[1], "mlp", lambda c: c["neurons"] / c["base_neurons"] if c["base_neurons"] else 0.0,
+             "MLP (neurons kept)"))
+    for ax, block, height, name in rows:
+        kinds = [c[block] for c in choices]
+        ax.bar(layers, [1.0] * len(layers), color="#eeeeee")
+        ax.bar(layers, [height(c) for c in choices], color=[CHOICE_COLOURS[k] for k in kinds])
+        value = [i for i, kind in zip(layers, kinds) if kind == "value"]
+        if value:  # the value path has no heads to count: a full bar, hatched
+            ax.bar(value, [1.0] * len(value), color=CHOICE_COLOURS["value"], hatch="//", edgecolor="#7a4a10")
+        for i, kind in zip(layers, kinds):
+            if kind == "removed":
+                ax.text(i, 0, "x", ha="center", va="bottom", color=CHOICE_COLOURS["removed"], fontweight="bold")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(name, fontsize=8)
+    used = {c[block] for c in choices for block in ("attention", "mlp")}
+    shown = [k for k in CHOICE_LABELS if k in used or (k == "kv" and "width" in used)]
+    axes[0].legend(handles=[Patch(color=CHOICE_COLOURS[k], label=CHOICE_LABELS[k]) for k in shown], fontsize=8,
+                   loc="lower center", bbox_to_anchor=(0.5, 1.02), ncol=len(shown), frameon=False)
+    axes[1].set_xlabel("layer (x = removed); bars relative to the base model")
+    return _save(plt, fig, path)
+
+
+def layer_choice_blocks(plan, out: Path) -> tuple[list[tuple], dict[str, Path]]:
+    """The per-layer picture and table (blocks, plots) when the plan's layers differ in their attention
+    or MLP; nothing for a plan that treats every layer alike."""
+    choices = layer_choices(plan)
+    keys = ("attention", "heads", "kv_heads", "alpha", "mlp", "neurons")
+    if len({tuple(c[k] for k in keys) for c in choices}) < 2:
+        return [], {}
+    png = plot_layer_choices(choices, out / "layer_choices.png")
+    return ([("h3", "Per-layer choices"), ("img", png.name, "attention and MLP per layer"),
+             ("table", ["layer", "attention", "MLP"], choice_rows(choices))], {"layer_choices": png})
+
+
 UNRELIABLE = "unreliable"  # a before/after value that was not measured reliably: marked, never drawn
 
 
@@ -647,12 +733,15 @@ def _write_report(plan, run_dir: Path, out: Path, eval_file, bench_file, scores,
     if score_obj is None:
         blocks.append(("p", "The heatmap shows the kept mask: no importance scores were found (pass --scores FILE, "
                             f"a StructureScores safetensors, or save one as {SCORE_FILES[0]} in the run folder)."))
+    choice_blocks, choice_plots = layer_choice_blocks(plan, out)
+    blocks += choice_blocks
     blocks += [("h2", "Plan"), ("pre", plan.summary())]
     files = write_page(blocks, out, "report", title)
     summary = {**(summary_extra or {}), "plan": plan.to_dict()["provenance"], "eval": ev, "bench": bench,
-               "plots": [kept_png.name, heat_png.name, *(p.name for p in plots.values())]}
+               "plots": [kept_png.name, heat_png.name, *(p.name for p in {**plots, **choice_plots}.values())]}
     write_file(out / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
-    return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png, **plots}
+    return {**files, "json": out / "report.json", "kept_per_layer": kept_png, "head_heatmap": heat_png, **plots,
+            **choice_plots}
 
 
 def _eval_intro(ev: dict) -> str:

@@ -1,0 +1,1 @@
+"""The architecture search: per-layer block variants, their scores and costs, and the choice among them."""
