@@ -32,10 +32,11 @@ CASES = {  # method: (ratio, options)
     "consensus": (None, {"layers": 2, "metrics": ["cka", "angular", "nll", "bi"], "iterative": True}),
     "depth-bi": (None, {"layers": 1}), "depth-angular": (None, {"layers": 2}), "depth-cka": (None, {"layers": 1}),
     "depth-ppl": (None, {"layers": 1}), "depth-random": (None, {"layers": 1}),
+    "search": (0.2, {"scoring_tokens": 64, "mlp_fractions": [0.5]}),
 }
 # amp's defaults (split search, sequential re-fit) need the weights in memory; a device-mapped run takes
 # the balanced split and no re-fit by default (test_width_quality covers both), so this compares them given.
-RECONSTRUCTION = {"amp": {"reconstruct": "none"}}
+RECONSTRUCTION = {"amp": {"reconstruct": "none"}, "search": {"reconstruct": "none"}}
 
 
 def test_every_registered_method_is_covered():
@@ -92,7 +93,8 @@ def test_command_line_flags_and_help_come_from_the_options_dataclasses(capsys):
     text = capsys.readouterr().out
     for name, cls in OPTIONS_BY_METHOD.items():
         flags = [flag_of(f) for f in dataclasses.fields(cls) if flag_of(f)]
-        line = next(x for x in text.splitlines() if x.startswith("  ") and name in x.split(":")[0].strip().split(", "))
+        line = next(x for x in text.splitlines() if x.startswith("  ") and not x.startswith("   ")
+                    and name in x.split(":")[0].strip().split(", "))
         assert line.split(": ", 1)[1].split() == (flags or ["(none)"])
         assert all(f"  {flag}" in text for flag in flags)
     args = parser.parse_args(["prune", "m", "--out", "o", "--method", "consensus", "--depth-tokens", "64",

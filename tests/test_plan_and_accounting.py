@@ -106,7 +106,7 @@ def test_unknown_family_and_method():
     with pytest.raises(UnsupportedModelError,
                        match="gemma2, gemma3, gemma3_text, llama, mistral, phi, phi3, qwen2, qwen3"):
         get_adapter(model)
-    with pytest.raises(SecateursError, match=r"available: amp, .*magnitude, random, wanda-sp"):
+    with pytest.raises(SecateursError, match=r"available: amp, .*magnitude, random, search, wanda-sp"):
         make_plan(tiny_model("llama-mha"), "nope", 0.2)
 
 

@@ -162,15 +162,43 @@ class HarpOptions(MethodOptions):
                                             "pairs them)", type=fraction, metavar="R")
 
 
+SEARCH_BUDGETS = ("params", "kv", "decode")
+SEARCH_MLP_FRACTIONS = tuple(i / 8 for i in range(1, 8))  # MLP widths in the search's library: 1/8 .. 7/8 kept
+SEARCH_SCORING_TOKENS = 512  # scoring tokens x vocabulary log-probabilities are held (SmolLM2: 100 MB)
+
+
+@dataclass(frozen=True)
+class SearchOptions(MethodOptions):
+    title: ClassVar[str] = ("architecture search (--method search): one attention and one MLP variant per layer, "
+                            "scored by KL, chosen under one budget")
+    kind: ClassVar[str] = "search"
+    reconstruct: ClassVar[str | None] = "dense"
+    budget: str = option("params", "what --ratio removes: params (of all parameters), kv (of the KV cache per "
+                                   "token) or decode (of the decode time per token)", choices=SEARCH_BUDGETS)
+    keep_first: int = option(1, "keep the first N layers dense", type=nonnegative_int, metavar="N")
+    keep_last: int = option(0, "keep the last N layers dense", type=nonnegative_int, metavar="N")
+    uniform: bool = option(False, "one attention shape and one MLP width in every layer, no value path or removed "
+                                  "block (stock from_pretrained loads the result)", action="store_true")
+    max_attention_free: int | None = option(None, "at most N layers without attention scores (value path or "
+                                                  "removed attention)", type=nonnegative_int, metavar="N")
+    mlp_fractions: tuple | list = option(SEARCH_MLP_FRACTIONS, "MLP widths the library holds, as fractions of the "
+                                                              "neurons kept", type=finite_list, metavar="F1,F2,...")
+    scoring_tokens: int = option(SEARCH_SCORING_TOKENS, "calibration tokens (whole samples) the variants are scored "
+                                                        "on", type=positive_int, metavar="N")
+    rounds: int = option(1, "scoring rounds: 2 scores every variant again around the first round's choice",
+                         flag="--search-rounds", type=int, choices=(1, 2), metavar="R")
+
+
 # The one declaration of the methods by name (the registry's classes use the same options classes, a
 # test checks it); their kinds are their options classes'.
 OPTIONS_BY_METHOD: dict[str, type[MethodOptions]] = {
     "amp": AmpOptions, "amp-heads": AmpPartOptions, "amp-mlp": AmpPartOptions, "wanda-sp": WidthOptions,
     "wanda-sp-heads": WidthOptions, "flap": FlapOptions, "magnitude": WidthOptions, "random": WidthOptions,
     "harp": HarpOptions, "consensus": DepthOptions, "depth-bi": DepthOptions, "depth-angular": DepthOptions,
-    "depth-cka": DepthOptions, "depth-ppl": DepthOptions, "depth-random": DepthOptions}
+    "depth-cka": DepthOptions, "depth-ppl": DepthOptions, "depth-random": DepthOptions, "search": SearchOptions}
 METHOD_NAMES = tuple(OPTIONS_BY_METHOD)
-OPTION_CLASSES = (WidthOptions, AmpOptions, DepthOptions, HarpOptions)  # each field's flag declared once, in this order
+# each field's flag declared once, in this order
+OPTION_CLASSES = (WidthOptions, AmpOptions, DepthOptions, HarpOptions, SearchOptions)
 
 
 def methods_taking(name: str) -> list[str]:

@@ -12,10 +12,11 @@ from secateurs.methods.flap import Flap
 from secateurs.methods.harp import Harp
 from secateurs.methods.magnitude import Magnitude
 from secateurs.methods.random import Random
+from secateurs.methods.search import Search
 from secateurs.methods.wanda_sp import WandaSp, WandaSpHeads
 
 METHODS: dict[str, Method] = {m.name: m() for m in (Amp, AmpHeads, AmpMlp, WandaSp, WandaSpHeads, Flap, Magnitude,
-                                                       Random, Harp)}
+                                                       Random, Harp, Search)}
 METHODS.update(DEPTH_METHODS)
 
 

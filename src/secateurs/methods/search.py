@@ -1,0 +1,148 @@
+"""The architecture search (Puzzle, arXiv 2411.19146): one budget, every structure. Per decoder layer a
+library of attention and MLP variants (secateurs.search.library), each scored by the KL divergence of
+the model with that one block replaced (secateurs.search.scoring), and a mixed-integer program that
+picks one attention and one MLP variant per layer under the budget (secateurs.search.choice).
+
+--ratio is what the budget removes: of all parameters (`params`), of the KV cache per token (`kv`), or
+of the decode time per token (`decode`). The plan records every score, the choice and the scoring
+tokens; it is applied with the dense re-fit its narrower blocks were scored with.
+"""
+
+from __future__ import annotations
+
+from secateurs.adapters import get_adapter
+from secateurs.calibration.statistics import Statistics
+from secateurs.calibration.streaming import streamed_statistics
+from secateurs.errors import SecateursError
+from secateurs.methods.base import Method, Needs, PlanContext, provenance
+from secateurs.methods.options import SearchOptions
+from secateurs.planning.budget import Geometry, target_params
+from secateurs.planning.geometry import identity_plan
+from secateurs.planning.plan import PruningPlan
+from secateurs.runtime.offload import weights_in_memory
+from secateurs.runtime.progress import phase, status
+from secateurs.search.choice import Budget, Choice, Constraints, LayerOptions, Table, Variant, choose
+from secateurs.search.costs import DecodeCosts, decode_costs
+from secateurs.search.library import Library, build_library, dense_block_params, fit_value_alpha
+from secateurs.search.scoring import cache_scoring_data, score_library, scoring_calibration
+
+
+class Search(Method):
+    name = "search"
+    summary = "architecture search: per-layer attention and MLP variants scored by KL, chosen by a MILP"
+    options = SearchOptions
+    needs = Needs(calibration=True, lm_head=True)
+
+    def make_plan(self, context: PlanContext, options: SearchOptions) -> PruningPlan:
+        model = context.model
+        calibration = context.calibration_data()
+        stats = search_statistics(context)
+        count = len(get_adapter(model).decoder_layers(model))
+        scored = [i for i in range(options.keep_first, count - options.keep_last)]
+        if not scored:
+            raise SecateursError(f"keep_first {options.keep_first} and keep_last {options.keep_last} keep all "
+                                 f"{count} layers dense: nothing to search")
+        with phase("search: caching the scoring inputs"):
+            data = cache_scoring_data(model, scoring_calibration(calibration, options.scoring_tokens),
+                                      progress=context.progress)
+        status(f"search: {data.tokens:,} scoring tokens; dense log-probabilities hold "
+               f"{data.reference_bytes() / 2**20:,.1f} MiB")
+        with phase("search: building the block library"):
+            alphas = {} if options.uniform else {
+                i: fit_value_alpha(model, i, data.inputs[i], data.kwargs[i], data.masks) for i in scored}
+            library = build_library(model, stats, scored, alphas=alphas, mlp_fractions=tuple(options.mlp_fractions),
+                                    sized_only=options.uniform)
+        costs = None
+        if options.budget == "decode":
+            with phase("search: measuring decode costs"):
+                costs = decode_costs(model)
+        budget, head = search_budget(model, library, context, options, costs)
+        constraints = Constraints(options.keep_first, options.keep_last, options.uniform,
+                                  options.max_attention_free)
+        scores = score_library(model, library, data, progress=context.progress)
+        rows = score_rows(library, scores, 1)
+        choice = choose(search_table(model, library, scores, costs), budget, constraints)
+        if options.rounds == 2:
+            chosen = chosen_plans(library, choice)
+            around = [library.module(chosen[i]) for i in range(count)]
+            data = cache_scoring_data(model, data.calibration, around, reference=data.reference,
+                                      progress=context.progress)
+            scores = score_library(model, library, data, context={i: chosen[i] for i in scored},
+                                   progress=context.progress)
+            rows += score_rows(library, scores, 2)
+            choice = choose(search_table(model, library, scores, costs), budget, constraints)
+        plan = identity_plan(model)
+        plan.layers = list(chosen_plans(library, choice).values())
+        head.update(achieved_params_removed=Geometry.of(model).total_params - int(choice.costs["params"]),
+                    scoring_tokens=data.tokens, scoring_samples=data.calibration.description["scoring_samples"],
+                    rounds=options.rounds, keep_first=options.keep_first, keep_last=options.keep_last,
+                    uniform=options.uniform, max_attention_free=options.max_attention_free)
+        plan.provenance = provenance(self.name, plan, context.seed, calibration.description, calibration.hash, head,
+                                     {"library": library.settings, "choice": choice.to_dict(), "scores": rows})
+        return plan
+
+
+def search_statistics(context: PlanContext) -> Statistics:
+    """The one statistics pass the library is built from (AMP's scores and the Gram matrices): the
+    statistics given when they hold Gram matrices, else a calibration pass (layer by layer when the
+    weights are not all in memory)."""
+    given = context.statistics
+    if isinstance(given, Statistics) and all(s.gram is not None for s in given.attention + given.mlp):
+        return given
+    if weights_in_memory(context.model):
+        return context.activation_statistics(gram=True)
+    return streamed_statistics(context.model, context.calibration_data(), gram=True, progress=context.progress)
+
+
+def search_budget(model, library: Library, context: PlanContext, options: SearchOptions,
+                  costs: DecodeCosts | None = None) -> tuple[Budget, dict]:
+    """The budget --ratio asks for and its record: parameters of the whole model (secateurs.planning.budget's
+    target), or the dense model's KV cache per token or decode seconds per token (LM head included)
+    scaled by 1 - ratio."""
+    geo = Geometry.of(model)
+    if options.budget == "params":
+        target, settings = target_params(geo, None if context.layers_equivalent is not None else context.ratio,
+                                         context.ratio_of, context.layers_equivalent)
+        return (Budget("params", geo.total_params - target),
+                {"budget": "params", **settings, "requested_params_removed": target})
+    if options.budget == "kv":
+        if context.ratio is None:
+            raise SecateursError("the kv budget takes --ratio: the share of the KV cache per token removed")
+        dense = sum(library.get(i, "attention", "dense").kv_bytes for i in library.variants)
+        return (Budget("kv", (1 - context.ratio) * dense),
+                {"budget": "kv", "ratio": context.ratio, "dense_kv_bytes_per_token": dense})
+    if context.ratio is None or costs is None:
+        raise SecateursError("the decode budget takes --ratio: the share of the decode time per token removed")
+    dense = costs.head + sum(costs.block(v.block, v.kind, v.size) for i in library.variants
+                             for v in library.variants[i] if v.kind == "dense")
+    return (Budget("decode", (1 - context.ratio) * dense),
+            {"budget": "decode", "ratio": context.ratio, "dense_decode_seconds": dense,
+             "decode_context": costs.context})
+
+
+def search_table(model, library: Library, scores: dict, costs: DecodeCosts | None = None) -> Table:
+    """The choice's table: every layer's variants with their scores and costs (decode seconds from
+    `costs` when given), and what lies outside the decoder layers' blocks (embeddings, final norm, LM
+    head) as the fixed cost."""
+    layers = []
+    for i in sorted(library.variants):
+        blocks = {b: tuple(Variant(v.id, v.block, v.kind, scores[(i, v.block, v.id)], v.params, v.kv_bytes,
+                                   costs.block(v.block, v.kind, v.size) if costs is not None else 0.0, v.size)
+                           for v in library.of(i, b)) for b in ("attention", "mlp")}
+        layers.append(LayerOptions(blocks["attention"], blocks["mlp"]))
+    adapter = get_adapter(model)
+    blocks = sum(sum(dense_block_params(adapter, layer)) for layer in adapter.decoder_layers(model))
+    return Table(tuple(layers), fixed_params=Geometry.of(model).total_params - blocks,
+                 fixed_decode=costs.head if costs is not None else 0.0)
+
+
+def chosen_plans(library: Library, choice: Choice) -> dict:
+    """{layer: its LayerPlan} of a choice."""
+    return {i: library.layer_plan(i, a.id, m.id) for i, (a, m) in enumerate(zip(choice.attention, choice.mlp))}
+
+
+def score_rows(library: Library, scores: dict, round_number: int) -> list[dict]:
+    """The provenance's score table: one row per scored variant."""
+    return [{"layer": i, "block": v.block, "variant": v.id, "params": v.params, "kv_bytes": v.kv_bytes,
+             "kl": float(f"{scores[(i, v.block, v.id)]:.8g}"), "round": round_number}
+            for i in sorted(library.variants) for v in library.variants[i] if len(library.variants[i]) > 2]
