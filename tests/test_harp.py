@@ -1,20 +1,25 @@
 """HARP: the materialised layer equals the dense layer run with an identity attention matrix and
 its output scaled by alpha; alpha = 0 removal and Gemma 2's norm folding are exact; the search
-beats alpha = 1 and alpha = 0 on the real model; save -> load_pruned -> identical; generate works."""
+beats alpha = 1 and alpha = 0 on the real model; save -> load_pruned -> identical; generate works.
+Wherever HARP layers sit (layer 0, the first layer of each attention kind, the last layer, every
+layer), cached decoding through dynamic and static caches equals the uncached model and greedy
+generate equals its token-by-token argmax, while the HARP layers' cache slots hold zero bytes."""
 
 from __future__ import annotations
 
 import copy
 import json
+from unittest import mock
 
 import pytest
 import torch
 from conftest import FAMILIES, STORIES, TINYSTORIES_TEXT, input_ids, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from secateurs.adapters import get_adapter
 from secateurs.calibration.data import load_calibration
 from secateurs.methods.harp import capture_layer_inputs, harp_plan, tail_nll
+from secateurs.planning.accounting import model_stats
 from secateurs.planning.geometry import identity_plan
 from secateurs.storage.loading import load_model
 from secateurs.storage.pruned import load_pruned, save_pruned
@@ -75,9 +80,9 @@ def test_materialised_harp_equals_identity_attention(family, tmp_path):
         first = pruned(ids[:, :9], use_cache=True)
         step = pruned(ids[:, 9:], past_key_values=first.past_key_values, use_cache=True)
         torch.testing.assert_close(torch.cat([first.logits, step.logits], 1), want, atol=atol, rtol=0)
-        # the HARP layers hold no KV cache
+        # the HARP layers' cache slots count every token (the step extended the same cache) and hold no bytes
         cache = first.past_key_values
-        assert all(cache.layers[i].keys is None or cache.layers[i].keys.numel() == 0 for i in ALPHAS)
+        assert all(_held_bytes(cache.layers[i]) == 0 and cache.layers[i].get_seq_length() == 14 for i in ALPHAS)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(pruned.generate(ids[:1, :5], **kwargs), reference.generate(ids[:1, :5], **kwargs))
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
@@ -159,3 +164,98 @@ def test_harp_with_flap_mlp_pruning(stories):
     assert all(lp.heads is None for lp in plan.layers)
     pruned = apply_plan(AutoModelForCausalLM.from_pretrained(STORIES).eval(), plan)
     assert pruned.num_parameters() < model.num_parameters()
+
+
+# Gemma 3's local/global layout (the first global layer is not layer 1, the last layer is local)
+GEMMA3 = ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                              query_pre_attn_scalar=24, tie_word_embeddings=True,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                           "sliding_attention"]))
+DECODING_FAMILIES = sorted(FAMILIES) + ["gemma3"]
+
+
+def _family_model(name: str):
+    with mock.patch.dict(FAMILIES, {"gemma3": GEMMA3}):
+        return tiny_model(name)
+
+
+def _held_bytes(slot) -> int:
+    return sum(t.untyped_storage().nbytes() for t in (slot.keys, slot.values) if t is not None)
+
+
+def _placements(model) -> list[int]:
+    """Layer 0 (the past length is read there), the first layer of each attention kind the cache holds
+    (each kind's mask sizes are read there) and the last layer."""
+    sliding = DynamicCache(config=model.config).is_sliding
+    return sorted({0, len(sliding) - 1} | {sliding.index(kind) for kind in set(sliding)})
+
+
+def _cached_logits(model, ids, cache=None):
+    """Logits of ids fed through one cache as a 4-token prefill, a 3-token chunk, then one token at a
+    time: the tiny sliding window (6) fills and slides during decoding."""
+    cuts = [0, 4, 7, *range(8, ids.shape[1] + 1)]
+    logits = []
+    for start, end in zip(cuts, cuts[1:]):
+        out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
+def _greedy(model, ids, steps: int):
+    """Greedy decoding without a cache: the whole sequence re-run for every new token."""
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def _caches(model) -> dict:
+    """The caches decoding may run through: the one the model makes (its config's layer kinds), one made
+    without a config (slots appended on first use), a static one and a static one allocated ahead of time."""
+    early = StaticCache(config=model.config, max_cache_len=16)
+    early.early_initialization(batch_size=2, num_heads=model.config.num_key_value_heads,
+                               head_dim=get_adapter(model).head_dim(get_adapter(model).decoder_layers(model)[0]),
+                               dtype=model.dtype, device=model.device)
+    return {"dynamic": None, "dynamic without config": DynamicCache(),
+            "static": StaticCache(config=model.config, max_cache_len=16), "static allocated ahead": early}
+
+
+@torch.no_grad()
+def _assert_decoding_exact(model, harp_layers, where: str):
+    ids = input_ids(length=14)
+    want = model(ids).logits
+    for kind, cache in _caches(model).items():
+        got, cache = _cached_logits(model, ids, cache)
+        # Gemma 2's eager attention takes its softmax in float32, and a static cache's key axis is longer (masked
+        # slots): the dense model's own static-cache logits differ from its uncached ones by about 1e-7
+        atol = 1e-6 if model.config.model_type == "gemma2" and "static" in kind else 1e-10
+        torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=lambda m, kind=kind: f"{where}, {kind}: {m}")
+        assert int(cache.get_seq_length()) == ids.shape[1], f"{where}, {kind}"
+        if kind != "static allocated ahead":  # there transformers allocated every slot before the first token
+            assert all(_held_bytes(cache.layers[i]) == 0 for i in harp_layers), f"{where}, {kind}"
+    prompt = ids[:, :5]
+    expected = _greedy(model, prompt, 9)
+    for implementation in (None, "static"):  # no end-of-sequence stop: every step is compared
+        out = model.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             cache_implementation=implementation)
+        assert torch.equal(out, expected), f"{where}, generate with cache {implementation or 'default'}"
+
+
+@pytest.mark.parametrize("mode", ["value", "removed"])
+@pytest.mark.parametrize("name", DECODING_FAMILIES)
+def test_cached_decoding_is_exact_wherever_the_harp_layer_sits(name, mode):
+    model = _family_model(name)
+    alpha = 0.0 if mode == "removed" else 0.6
+    for index in _placements(model):
+        pruned = apply_plan(copy.deepcopy(model), _harp(model, {index: alpha}))
+        _assert_decoding_exact(pruned, [index], f"{name}, {mode} layer {index}")
+
+
+@pytest.mark.parametrize("name", DECODING_FAMILIES)
+def test_a_model_without_attention_decodes_exactly_and_holds_no_kv_cache(name):
+    model = _family_model(name)
+    layers = range(len(get_adapter(model).decoder_layers(model)))
+    alphas = {i: 0.0 if i % 2 else 0.6 for i in layers}  # value paths and removed attention alternate
+    pruned = apply_plan(copy.deepcopy(model), _harp(model, alphas))
+    _assert_decoding_exact(pruned, list(alphas), f"{name}, every layer attention-free")
+    assert all(layer.kv_cache_bytes_per_token == 0 for layer in model_stats(pruned).layers)

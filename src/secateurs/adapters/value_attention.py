@@ -8,14 +8,50 @@ one hidden x hidden matrix, fewer parameters than v_proj + o_proj for any head l
 (hidden * hidden vs hidden * (KV + H) * d), and one matmul instead of two. alpha is folded into it
 (Gemma 2: into the post-attention norm, w' = alpha * (1 + w) - 1). alpha = 0 removes the block:
 the attention returns zeros and the norms that only feed it become Identity.
+
+Such a layer keeps no keys or values, yet transformers reads the past length, the positions and
+each attention kind's mask sizes from the KV-cache slot of a layer (layer 0; the first layer of
+each kind in `layer_types`), whichever layer that is. So when a cache is passed, a HARP layer
+writes zero-width keys and values (batch, 0, tokens, head_dim) into its own slot: no bytes, and
+every length the slot reports (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
+StaticSlidingWindowLayer) counts the tokens seen, as a dense layer's slot would.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 MODES = ("value", "removed")
+
+
+class ZeroWidthDynamicLayer(DynamicLayer):
+    """A growing full-attention cache slot that holds zero-width keys and values. DynamicLayer reports
+    length 0 for a tensor without elements; this slot reads the length from the sequence axis."""
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+
+def record_tokens(cache: Cache | None, layer_idx: int, hidden_states: torch.Tensor, head_dim: int) -> None:
+    """Advance the layer's cache slot by the tokens of hidden_states without storing any of them."""
+    if cache is None:
+        return
+    if cache.layer_class_to_replicate is not None:  # a cache that appends its slots on first use
+        while len(cache.layers) <= layer_idx:
+            cache.layers.append(cache.layer_class_to_replicate())
+    slot = cache.layers[layer_idx]
+    if not isinstance(slot, CacheLayerMixin):  # a slot that tracks no sequence (shared or recurrent state)
+        return
+    if type(slot) is DynamicLayer:
+        cache.layers[layer_idx] = replacement = ZeroWidthDynamicLayer()
+        replacement.__dict__.update(slot.__dict__)
+    keys = cache.layers[layer_idx].keys
+    # a slot allocated ahead of time (a static cache's early initialisation) takes its own head layout
+    heads, width = (keys.shape[1], keys.shape[-1]) if keys is not None and keys.dim() == 4 else (0, head_dim)
+    empty = hidden_states.new_zeros(hidden_states.shape[0], heads, hidden_states.shape[1], width)
+    cache.update(empty, empty, layer_idx)
 
 
 class ValueOnlyAttention(nn.Module):
@@ -27,7 +63,8 @@ class ValueOnlyAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Cache | None = None, **kwargs):
+        record_tokens(past_key_values, self.layer_idx, hidden_states, self.head_dim)
         return self.fused(hidden_states), None
 
 
@@ -39,7 +76,8 @@ class RemovedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Cache | None = None, **kwargs):
+        record_tokens(past_key_values, self.layer_idx, hidden_states, self.head_dim)
         return torch.zeros_like(hidden_states), None
 
 
