@@ -182,6 +182,25 @@ def test_llamacpp_matches_transformers(folders, name, form, tmp_path):
     assert _engine_greedy(engine, prompt, 32) == greedy
 
 
+@pytest.mark.llama_cpp
+def test_a_searched_architecture_is_served_by_llamacpp_as_transformers_runs_it(tmp_path):
+    """`--method search` at a ratio that mixes block kinds across layers: the export matches transformers."""
+    out = tmp_path / "search"
+    assert main(["prune", str(STORIES), "--method", "search", "--ratio", "0.4", "--scoring-tokens", "128",
+                 "--calib", str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", "64",
+                 "--out", str(out)]) == 0
+    plan = PruningPlan.load(out)
+    chosen = {(r["attention"], r["mlp"]) for r in plan.provenance["choice"]["layers"]}
+    assert len(chosen) > 1, chosen  # layers differ: a per-layer architecture, not one shape
+    reference = load_pruned(out).double()
+    engine = _engine(export_gguf(out, tmp_path / "model.gguf", "f32"))
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            want = reference(torch.tensor([prompt])).logits[0].numpy()
+        got = _engine_logits(engine, prompt)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), (prompt, np.abs(got - want).max())
+
+
 class _GgmlCpuGelu(torch.nn.Module):
     """GELU (tanh) as llama.cpp computes it on CPU: the input rounded to float16 and looked up in a
     float16 table (ggml-cpu/vec.h, GGML_GELU_FP16), identity from 10 and zero below -10."""
