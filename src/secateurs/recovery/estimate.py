@@ -9,62 +9,68 @@ the run's device for a fraction of a second. Training reaches only part of that 
 is discounted by TRAINING_EFFICIENCY (and token-by-token generation by GENERATION_EFFICIENCY); the
 estimate is a lower bound in spirit: what is refused would not finish in time even at that rate.
 
-Memory: what training adds to the models already in memory: gradients and AdamW's two moments for
-every trainable parameter, the activations of one micro-batch (per layer and token about
-ACTIVATION_FLOATS hidden-size floats; with activation checkpointing one layer's worth plus one
-hidden state per layer) and the logits of one chunk of rows for student, teacher and gradient,
-compared with the memory the device has free (CUDA: torch.cuda.mem_get_info; CPU: the kernel's
-MemAvailable).
+Memory: the per-device plan of secateurs.recovery.memory (weights, gradients, AdamW state,
+activations, logits, teacher; for each strategy), compared with what the device can give the run:
+its free memory (CUDA: torch.cuda.mem_get_info; CPU: the kernel's MemAvailable) plus what the run's
+models already hold there when they are loaded. The one memory check is
+secateurs.recovery.memory.choose_strategy.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.recovery.settings import DEFAULT_MAX_HOURS  # noqa: F401 - re-exported: the library's default
+from secateurs.recovery.memory import MEMORY_MARGIN, MemoryPlan, choose_strategy, free_memory, gib
+from secateurs.recovery.settings import DEFAULT_MAX_HOURS
 from secateurs.runtime.progress import duration
 
 TRAINING_EFFICIENCY = 0.5
 GENERATION_EFFICIENCY = 0.1
-ACTIVATION_FLOATS = 34  # per token, layer and hidden unit (attention, MLP and norm inputs kept for backward)
-MEMORY_MARGIN = 0.9  # refuse when the estimate exceeds this share of the free memory
+__all__ = ["DEFAULT_MAX_HOURS", "MEMORY_MARGIN", "Estimate", "Workload", "check", "estimate", "free_memory",
+           "measured_flops"]
 
 
 @dataclass
 class Workload:
     """The run as decided: sizes and counts, no tensors."""
 
-    student_params: int
-    trainable_params: int
-    teacher_params: int  # 0 without a teacher in the loss
-    hidden_size: int
-    layers: int
-    vocab_size: int
+    memory: MemoryPlan  # the models' shapes and the memory per device (secateurs.recovery.memory)
     tokens: int  # training tokens
     self_tokens: int  # tokens the teacher generates ('self' data), 0 otherwise
     val_tokens: int
     validations: int
-    micro_batch_tokens: int  # batch_size x seq_len
-    chunk_rows: int
-    dtype_bytes: int
-    gradient_checkpointing: bool
+    resident_bytes: int = 0  # what the run's models already hold on the device (0 before they load)
+
+    @property
+    def student_params(self) -> int:
+        return self.memory.student.params
+
+    @property
+    def teacher_params(self) -> int:
+        return self.memory.teacher.params if self.memory.teacher is not None else 0
 
 
 @dataclass
 class Estimate:
     seconds: float
-    training_bytes: int
-    free_bytes: int | None
+    memory: MemoryPlan
+    free_bytes: int | None  # free on the device now
     flops_per_second: float
+    resident_bytes: int = 0
 
-    def describe(self) -> str:
-        free = f" of {_gib(self.free_bytes)} free" if self.free_bytes is not None else ""
-        return f"~{duration(self.seconds)} and ~{_gib(self.training_bytes)} for training{free}"
+    @property
+    def device_bytes(self) -> int | None:
+        """What the run can use on the device: free now, plus what its loaded models hold."""
+        return None if self.free_bytes is None else self.free_bytes + self.resident_bytes
+
+    def describe(self, strategy: str = "ddp") -> str:
+        free = f" of {gib(self.device_bytes)}" if self.free_bytes is not None else ""
+        where = f" ({strategy}, {self.memory.processes} processes)" if self.memory.processes > 1 else ""
+        return f"~{duration(self.seconds)} and ~{gib(self.memory.device(strategy).peak)} per device{where}{free}"
 
 
 def measured_flops(device: torch.device, seconds: float = 0.15) -> float:
@@ -90,46 +96,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on `device` (None where it cannot be read)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def estimate(work: Workload, device: torch.device, flops: float | None = None) -> Estimate:
     rate = flops if flops is not None else measured_flops(device)
-    train = work.tokens * ((6 if work.trainable_params >= work.student_params else 4) * work.student_params
+    trainable = work.memory.trainable_params()
+    train = work.tokens * ((6 if trainable >= work.student_params else 4) * work.student_params
                            + 2 * work.teacher_params)
     validation = work.validations * work.val_tokens * 2 * (work.student_params + work.teacher_params)
     seconds = (train + validation) / (rate * TRAINING_EFFICIENCY) + \
         work.self_tokens * 2 * work.teacher_params / (rate * GENERATION_EFFICIENCY)
-    optimiser = work.trainable_params * (work.dtype_bytes + 8)  # gradient + AdamW's two float32 moments
-    per_token = work.hidden_size * 4 * (work.layers + ACTIVATION_FLOATS if work.gradient_checkpointing
-                                        else ACTIVATION_FLOATS * work.layers)
-    logits = min(work.chunk_rows, work.micro_batch_tokens) * work.vocab_size * 4 * 3
-    training_bytes = optimiser + work.micro_batch_tokens * per_token + logits
-    return Estimate(seconds, int(training_bytes), free_memory(device), rate)
+    return Estimate(seconds, work.memory, free_memory(device), rate, work.resident_bytes)
 
 
-def check(est: Estimate, max_hours: float) -> None:
-    """Refuse a run that would not finish within max_hours or fit in the free memory."""
+def check(est: Estimate, max_hours: float, strategy: str = "auto") -> str:
+    """Refuse a run that would not finish within max_hours or fit in the device's memory (under
+    `strategy`, or the one secateurs.recovery.memory.choose_strategy picks); returns the strategy."""
     if est.seconds > max_hours * 3600:
         raise SecateursError(f"this recovery would take {est.describe()} (at {est.flops_per_second / 1e9:,.0f} "
                              f"GFLOP/s measured here), more than --max-hours {max_hours:g}: lower --tokens (or "
                              "--self-samples), or raise --max-hours if that is meant")
-    if est.free_bytes is not None and est.training_bytes > MEMORY_MARGIN * est.free_bytes:
-        raise SecateursError(f"this recovery needs {est.describe()}: lower --train-batch-size or --train-length, "
-                             "add --gradient-checkpointing, use --lora, or free memory")
-
-
-def _gib(n: int | None) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n is not None else "?"
+    return choose_strategy(est.memory, est.device_bytes, strategy)
