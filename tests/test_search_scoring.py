@@ -20,7 +20,9 @@ from secateurs.calibration.data import load_calibration
 from secateurs.calibration.statistics import collect_statistics, zero_padding_hooks
 from secateurs.cli.main import main
 from secateurs.criteria.depth_scores import capture_traces, final_hidden, score_layers
+from secateurs.errors import SecateursError
 from secateurs.methods import make_plan, prune
+from secateurs.methods.search import choose_again, recorded_scores
 from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import LayerPlan, PruningPlan
 from secateurs.search.costs import DecodeCosts, LinearFit
@@ -248,3 +250,38 @@ def test_a_decode_budget_reads_the_decode_cost_table(stories32, monkeypatch):
     dense = table.head + 5 * (table.attention(4) + table.mlp(172))
     assert p["dense_decode_seconds"] == pytest.approx(dense)
     assert p["choice"]["costs"]["decode"] <= 0.7 * dense + 1e-15
+
+
+def test_choose_again_picks_another_budget_from_the_recorded_scores_as_a_full_search_would(stories32, monkeypatch):
+    """A plan chosen again from an earlier search plan's recorded scores is the plan a full search at that
+    budget makes, without scoring a variant; other calibration data or library settings are refused."""
+    model, tokenizer, calibration = stories32
+    common = {"tokenizer": tokenizer, "calibration": calibration, "progress": False}
+    first = make_plan(model, "search", 0.2, mlp_fractions=[0.5], scoring_tokens=64, **common)
+    full = make_plan(model, "search", 0.4, mlp_fractions=[0.5], scoring_tokens=64, **common)
+    kv = make_plan(model, "search", 0.5, budget="kv", mlp_fractions=[0.5], scoring_tokens=64, **common)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr("secateurs.methods.search.score_library", no_scoring)
+    rows = first.provenance["scores"]
+    assert recorded_scores(first) == {(r["layer"], r["block"], r["variant"]): r["kl"] for r in rows}
+    same = choose_again(model, first, 0.2, **common)
+    again = choose_again(model, first, 0.4, **common)
+    again_kv = choose_again(model, first, 0.5, budget="kv", **common)
+    for made, chosen in ((first, same), (full, again), (kv, again_kv)):
+        assert chosen.layers == made.layers
+        picked, expected = chosen.provenance["choice"], made.provenance["choice"]
+        assert picked["costs"] == expected["costs"]  # scores recorded to 8 digits: the objective to ~1e-8
+        assert picked["objective"] == pytest.approx(expected["objective"], rel=1e-7)
+        assert chosen.provenance["scores"] == first.provenance["scores"]
+        assert chosen.provenance["scores_measured_before"] is True
+    assert again.provenance["choice"]["costs"]["params"] <= first.provenance["choice"]["costs"]["params"]
+    other = load_calibration(str(TINYSTORIES_TEXT), tokenizer, num_samples=8, max_length=64, seed=1)
+    with pytest.raises(SecateursError, match="other calibration data"):
+        choose_again(model, first, 0.3, tokenizer=tokenizer, calibration=other, progress=False)
+    with pytest.raises(SecateursError, match="no score for"):
+        choose_again(model, first, 0.3, mlp_fractions=[0.25], **common)
+    with pytest.raises(SecateursError, match="second round"):
+        choose_again(model, first, 0.3, rounds=2, **common)

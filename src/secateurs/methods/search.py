@@ -33,7 +33,13 @@ class Search(Method):
     options = SearchOptions
     needs = Needs(calibration=True, lm_head=True)
 
-    def make_plan(self, context: PlanContext, options: SearchOptions) -> PruningPlan:
+    def make_plan(self, context: PlanContext, options: SearchOptions, *, scores: dict | None = None) -> PruningPlan:
+        """scores: {(layer, block, variant id): KL} measured before (recorded_scores; choose_again) in
+        place of scoring the library."""
+        given = scores is not None
+        if given and options.rounds == 2:
+            raise SecateursError("scores measured before are a first round's; a second round scores around one "
+                                 "budget's choice, so it cannot reuse them")
         model = context.model
         calibration = context.calibration_data()
         stats = search_statistics(context)
@@ -59,7 +65,8 @@ class Search(Method):
         budget, head = search_budget(model, library, context, options, costs)
         constraints = Constraints(options.keep_first, options.keep_last, options.uniform,
                                   options.max_attention_free)
-        scores = score_library(model, library, data, progress=context.progress)
+        scores = given_scores(library, scores) if given else score_library(model, library, data,
+                                                                           progress=context.progress)
         rows = score_rows(library, scores, 1)
         choice = choose(search_table(model, library, scores, costs), budget, constraints)
         if options.rounds == 2:
@@ -76,7 +83,8 @@ class Search(Method):
         head.update(achieved_params_removed=Geometry.of(model).total_params - int(choice.costs["params"]),
                     scoring_tokens=data.tokens, scoring_samples=data.calibration.description["scoring_samples"],
                     rounds=options.rounds, keep_first=options.keep_first, keep_last=options.keep_last,
-                    uniform=options.uniform, max_attention_free=options.max_attention_free)
+                    uniform=options.uniform, max_attention_free=options.max_attention_free,
+                    **({"scores_measured_before": True} if given else {}))
         plan.provenance = provenance(self.name, plan, context.seed, calibration.description, calibration.hash, head,
                                      {"library": library.settings, "choice": choice.to_dict(), "scores": rows})
         return plan
@@ -146,3 +154,58 @@ def score_rows(library: Library, scores: dict, round_number: int) -> list[dict]:
     return [{"layer": i, "block": v.block, "variant": v.id, "params": v.params, "kv_bytes": v.kv_bytes,
              "kl": float(f"{scores[(i, v.block, v.id)]:.8g}"), "round": round_number}
             for i in sorted(library.variants) for v in library.variants[i] if len(library.variants[i]) > 2]
+
+
+def recorded_scores(plan: PruningPlan) -> dict[tuple[int, str, str], float]:
+    """{(layer, block, variant id): KL} of the first scoring round a search plan's provenance records (every
+    variant of every scored layer; the dense blocks of a layer kept dense score 0 and are not recorded)."""
+    rows = plan.provenance.get("scores") if plan.provenance.get("method") == "search" else None
+    if not rows:
+        raise SecateursError("the plan records no search scores (make it with --method search)")
+    return {(int(r["layer"]), str(r["block"]), str(r["variant"])): float(r["kl"]) for r in rows
+            if r.get("round", 1) == 1}
+
+
+def given_scores(library: Library, scores: dict) -> dict[tuple[int, str, str], float]:
+    """The library's scores read from a table measured before; a variant of a scored layer without a
+    score is refused (the table came from another model or other library settings)."""
+    out, missing = {}, []
+    for i, variants in library.variants.items():
+        for v in variants:
+            key = (i, v.block, v.id)
+            if key in scores:
+                out[key] = float(scores[key])
+            elif len(variants) == 2:  # a layer kept dense holds its dense blocks alone
+                out[key] = 0.0
+            else:
+                missing.append(key)
+    if missing:
+        raise SecateursError(f"the scores given hold no score for {len(missing)} variants of this library (the "
+                             f"first: layer {missing[0][0]} {missing[0][1]} {missing[0][2]}); they were measured "
+                             "on another model or with other mlp_fractions, uniform or keep_first / keep_last")
+    return out
+
+
+def choose_again(model, plan: PruningPlan, ratio: float | None = 0.2, *, tokenizer=None, calibration=None,
+                 statistics=None, ratio_of: str = "all", progress: bool = True, **options) -> PruningPlan:
+    """A search plan for another budget chosen from the scores an earlier search plan records, without
+    scoring again: the scores do not depend on the budget, and the choice takes seconds where the scoring
+    takes many forward passes. The library is rebuilt as the earlier search built it (the statistics
+    pass, or `statistics` given, and the value path's alphas on the same scoring tokens), so
+    `calibration` must be the data the plan was scored on (its hash is checked). options: the search's
+    (budget, keep_first, max_attention_free, ...), each defaulting to what the plan records."""
+    recorded = plan.provenance
+    scores = recorded_scores(plan)
+    defaults = {"budget": recorded.get("budget"), "keep_first": recorded.get("keep_first"),
+                "keep_last": recorded.get("keep_last"), "uniform": recorded.get("uniform"),
+                "max_attention_free": recorded.get("max_attention_free"),
+                "mlp_fractions": (recorded.get("library") or {}).get("mlp_fractions"),
+                "scoring_tokens": recorded.get("scoring_tokens")}
+    context = PlanContext(model, tokenizer, ratio=ratio, ratio_of=ratio_of, calibration=calibration,
+                          statistics=statistics, progress=progress)
+    used = context.calibration_data().hash
+    if used != recorded.get("calibration_hash"):
+        raise SecateursError(f"the plan was scored on other calibration data ({recorded.get('calibration_hash')}) "
+                             f"than given ({used}); choose again on the same data")
+    keywords = {k: v for k, v in defaults.items() if v is not None} | options
+    return Search().make_plan(context, SearchOptions.from_keywords("search", keywords), scores=scores)
