@@ -1,6 +1,8 @@
 """Recovery in several processes (torchrun): two processes of one sequence each give the run of one
-process of two sequences, and a process that sees WORLD_SIZE > 1 without the others is refused
-before any weights load.
+process of two sequences, with every process holding the whole student (ddp) or the student sharded
+over them (fsdp, with its sharded checkpoints resumed by another number of processes, and on two
+"nodes" of one machine); a process that sees WORLD_SIZE > 1 without the others is refused before any
+weights load, and a sharded checkpoint whose metadata would run code is refused as damaged.
 
 Tolerance: the runs are in float64 and differ only in the order of floating-point additions (each
 process's forward sees one sequence instead of two, the gradients and loss sums are added across
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -135,3 +140,147 @@ def test_refusal_of_process_zero_stops_every_process(pruned, tmp_path):
     assert len(errors) == 2 and all("already exists" in e for e in errors), done.stderr[-3000:]
     assert sum(e.startswith("process 0 stopped the run: output folder") for e in errors) == 1
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]
+
+
+# -- fully sharded (fsdp) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def per_layer(tmp_path_factory) -> Path:
+    """FLAP's cut: every layer its own heads and MLP width, with compensation biases."""
+    out = tmp_path_factory.mktemp("distributed") / "per-layer"
+    assert main(["--quiet", "prune", str(STORIES), "--method", "flap", "--ratio", "0.2", "--calib",
+                 str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", "64", "--dtype", "float64",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["secateurs"]["heterogeneous"]
+    return out
+
+
+FSDP = ["--strategy", "fsdp"]
+# LoRA without clipping (the norm of sharded gradients without clip_grad_norm_), with gradient accumulation
+FSDP_LORA = ["--lora", "--lora-dropout", "0", "--grad-accum", "2", "--kd-ratio", "0.5", "--max-grad-norm", "0",
+             "--val-tokens", "192"]
+
+
+def _assert_same_run(one: Path, two: Path) -> dict:
+    assert _max_difference(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < TOLERANCE
+    record_one = json.loads((one / "recovery.json").read_text())
+    record_two = json.loads((two / "recovery.json").read_text())
+    for curve in ("train", "val"):
+        a, b = record_one["curves"][curve], record_two["curves"][curve]
+        assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) > 1
+        assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < TOLERANCE
+    assert record_one["parametrisation"] == record_two["parametrisation"]
+    return record_two
+
+
+@pytest.mark.parametrize("method", [FULL, FSDP_LORA], ids=["full", "lora"])
+@pytest.mark.parametrize("student", ["pruned", "per_layer"], ids=["gqa", "per-layer"])
+def test_fsdp_two_processes_equal_one(student, method, request, tmp_path):
+    source = request.getfixturevalue(student)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["--quiet", *_recover_args(source, one, method)]) == 0
+    done = _torchrun(_recover_args(source, two, [*method, *FSDP]), processes=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = _assert_same_run(one, two)
+    assert record["processes"] == {"world_size": 2, "strategy": "fsdp", "batch_size_per_process": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous on this machine."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id",
+               uuid.uuid4().hex, "-m", "secateurs", "--quiet", *args]
+    nodes = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    return [subprocess.CompletedProcess(command, n.wait(timeout=300), *n.communicate()) for n in nodes]
+
+
+def test_fsdp_on_two_nodes_and_its_checkpoint_resumed_in_one_process(pruned, tmp_path):
+    """Two nodes of one process each write sharded checkpoints (every third step); one process resumes
+    the step-6 one and ends where they and the uninterrupted one-process run end."""
+    checkpoints = [*FULL, *FSDP, "--save-every", "3", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    assert main(["--quiet", *_recover_args(pruned, tmp_path / "one", FULL)]) == 0
+    for node in _two_nodes(_recover_args(pruned, tmp_path / "two", checkpoints)):
+        assert node.returncode == 0, node.stderr[-4000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    shards = tmp_path / "checkpoints" / "shards"
+    sizes = {p.name: p.stat().st_size for p in shards.glob("*.distcp")}
+    assert sorted(sizes) == ["__0_0.distcp", "__1_0.distcp"]
+    assert max(sizes.values()) < 0.6 * sum(sizes.values())  # each process wrote its half: the weights were sharded
+    assert main(["--quiet", *_recover_args(pruned, tmp_path / "resumed", [*checkpoints, "--resume"])]) == 0
+    record = _assert_same_run(tmp_path / "one", tmp_path / "resumed")
+    assert record["steps"]["resumed_at"] == [6] and record["steps"]["done"] == 8 and "processes" not in record
+
+
+@pytest.fixture(scope="module")
+def one_process_checkpoint(pruned, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """(the uninterrupted run's output, a sharded checkpoint of one process at step 6, its settings)."""
+    folder = tmp_path_factory.mktemp("fsdp-one")
+    checkpoints = [*FULL, *FSDP, "--save-every", "3", "--checkpoint-dir", str(folder / "checkpoints")]
+    assert main(["--quiet", *_recover_args(pruned, folder / "one", checkpoints)]) == 0
+    assert sorted(p.name for p in (folder / "checkpoints" / "shards").glob("*.distcp")) == ["__0_0.distcp"]
+    return folder / "one", folder / "checkpoints", checkpoints
+
+
+def test_fsdp_checkpoint_of_one_process_resumes_in_two(pruned, one_process_checkpoint, tmp_path):
+    one, checkpoint, checkpoints = one_process_checkpoint
+    resumable = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint, resumable)
+    settings = [*checkpoints[:-1], str(resumable), "--resume"]
+    done = _torchrun(_recover_args(pruned, tmp_path / "two", settings), processes=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = _assert_same_run(one, tmp_path / "two")
+    assert record["steps"]["resumed_at"] == [6] and record["processes"]["strategy"] == "fsdp"
+
+
+class _Code:
+    """A pickle that runs a command when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _resume_refusal(pruned, checkpoint: Path, settings: list[str], out: Path, capsys) -> str:
+    assert main(["--quiet", *_recover_args(pruned, out, [*settings[:-1], str(checkpoint), "--resume"])]) == 2
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["code in the metadata", "a shard cut short", "a path out of the folder"])
+def test_damaged_sharded_checkpoint_is_refused_before_any_step(pruned, one_process_checkpoint, tmp_path, capsys,
+                                                               damage):
+    _, checkpoint, settings = one_process_checkpoint
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint, folder)
+    shards, marker = folder / "shards", tmp_path / "code-ran"
+    if damage == "code in the metadata":
+        (shards / ".metadata").write_bytes(pickle.dumps(_Code(marker)))
+        expected = "names posix.system"
+    elif damage == "a shard cut short":
+        data = (shards / "__0_0.distcp").read_bytes()
+        (shards / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+        expected = "shorter than its table says"
+    else:
+        text = (shards / ".metadata").read_bytes().replace(b"__0_0.distcp", b"../_0.distcp")  # the same length
+        (shards / ".metadata").write_bytes(text)
+        expected = "points outside the folder"
+    err = _resume_refusal(pruned, folder, settings, tmp_path / "out", capsys)
+    assert f"the checkpoint in {folder} is damaged: shards" in err and expected in err, err
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_strategy_is_refused(pruned, one_process_checkpoint, tmp_path, capsys):
+    _, checkpoint, settings = one_process_checkpoint
+    ddp = [s for s in settings if s not in FSDP]
+    err = _resume_refusal(pruned, checkpoint, ddp, tmp_path / "out", capsys)
+    assert "written by a run with --strategy fsdp" in err and "resume with --strategy fsdp" in err, err

@@ -14,6 +14,14 @@ process takes its contiguous share of each micro-batch of the one-process order,
 and the training and validation sums too, so every process takes the same step and the same
 decisions as one process would, up to the order of floating-point additions. Process 0 alone
 writes checkpoints; the others wait for it.
+
+Strategies: 'ddp' (above: every process holds the whole student and the gradients are all-reduced)
+and 'fsdp' (secateurs.runtime.sharding: the student, its gradients and the optimiser's moments sharded
+over the processes, the gradients reduce-scattered as sums; same data shares and the same step as one
+process). An fsdp run writes sharded checkpoints (secateurs.runtime.sharded_checkpoint, in SHARDS_DIR
+beside the trainer state), in one process too, so that any number of processes resumes them; process
+0 builds the folder beside the old one, every process writes its shards into it, then process 0
+finishes and swaps it in whole.
 """
 
 from __future__ import annotations
@@ -22,21 +30,27 @@ import json
 import math
 import os
 import pickle
+import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from transformers import get_scheduler
 
+from secateurs.adapters import get_adapter
 from secateurs.errors import SecateursError
 from secateurs.files.output import write_folder
 from secateurs.recovery.allocator import retain_freed_memory
 from secateurs.recovery.data import RecoveryData
-from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss
+from secateurs.recovery.memory import strategy_for
+from secateurs.recovery.objectives import IGNORE_INDEX, Objective, chunked_loss, final_hidden
 from secateurs.recovery.settings import SCHEDULERS, check_scheduler  # noqa: F401 - SCHEDULERS: re-exported
+from secateurs.runtime import sharded_checkpoint, sharding
 from secateurs.runtime.distributed import current as current_world
 from secateurs.runtime.progress import bar as progress_bar
 
@@ -44,11 +58,24 @@ STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 SETTINGS_FILE = "settings.json"
+SHARDS_DIR = "shards"  # an fsdp run's checkpoint tensors (weights, optimiser moments, best weights)
 # The schedulers the loop drives, and why the others are refused: secateurs.recovery.settings.SCHEDULERS.
 
 
 class RecoveryError(SecateursError):
     """Recovery cannot go on: non-finite loss or weights, a checkpoint of another run, ..."""
+
+
+def choose_strategy(student, teacher, settings, processes: int) -> str:
+    """The strategy ('ddp' or 'fsdp') of a run whose strategy setting is 'auto': ddp, where every
+    process holds the whole student, when it fits the device; else fsdp (the memory plan:
+    secateurs.recovery.memory.strategy_for)."""
+    return strategy_for(student, teacher, settings, processes)
+
+
+def resolved_strategy(student, teacher, settings, processes: int) -> str:
+    """The strategy setting, 'auto' chosen by choose_strategy."""
+    return settings.strategy if settings.strategy != "auto" else choose_strategy(student, teacher, settings, processes)
 
 
 @dataclass
@@ -110,14 +137,21 @@ class RecoveryLoop:
 
     def __init__(self, student, teacher, data: RecoveryData, objective: Objective, settings: LoopSettings,
                  checkpoint_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
-                 progress: bool = True, on_validation=None, on_step=None, inputs=()):
+                 progress: bool = True, on_validation=None, on_step=None, inputs=(), strategy: str = "ddp"):
         self.student, self.teacher, self.data, self.objective, self.s = student, teacher, data, objective, settings
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.progress, self.on_validation, self.on_step = progress, on_validation, on_step
         self.inputs = list(inputs)  # files the checkpoint folder may not be, contain or lie in
-        self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         self.world = current_world()
+        self.strategy = strategy  # 'fsdp': sharded checkpoints, and the student sharded over several processes
+        self.sharded = None
+        if strategy == "fsdp" and self.world.size > 1:
+            self.sharded = sharding.shard(student, get_adapter(student).decoder_layers(student), final_hidden,
+                                          device=next(student.parameters()).device, processes=self.world.size,
+                                          bf16=objective.bf16)
+        self.body = self.sharded.root if self.sharded is not None else None  # the student's body, ids -> hidden
+        self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         if settings.batch_size % self.world.size:
             raise RecoveryError(f"the training batch of {settings.batch_size} sequences does not split evenly over "
                                 f"{self.world.size} processes; give --train-batch-size a multiple of {self.world.size}")
@@ -157,8 +191,14 @@ class RecoveryLoop:
         for start in range(0, len(ids), self.s.batch_size):
             part = self.world.share(start, min(start + self.s.batch_size, len(ids)))
             if part.stop == part.start:
+                if self.sharded is None:
+                    continue
+                # a sharded forward gathers weights with the other processes: run it on a sequence, unsummed
+                chunked_loss(self.student, self.teacher, ids[start:start + 1], labels[start:start + 1],
+                             self.objective, backward=False, body=self.body)
                 continue
-            sums = chunked_loss(self.student, self.teacher, ids[part], labels[part], self.objective, backward=False)
+            sums = chunked_loss(self.student, self.teacher, ids[part], labels[part], self.objective, backward=False,
+                                body=self.body)
             for k in totals:
                 totals[k] += sums[k]
         if self.world.size > 1:
@@ -190,16 +230,20 @@ class RecoveryLoop:
         for index in micro:
             index = index[mine]
             sums = chunked_loss(self.student, self.teacher, self.data.train_ids[index], self.data.train_labels[index],
-                                self.objective, scale=scale)
+                                self.objective, scale=scale, body=self.body)
             loss += sums["loss"]
         params = list(self.params.values())
         if self.world.size > 1:
             loss = self.world.sum([loss])[0]
-            self.world.sum_gradients(params)
+            if self.sharded is None:  # fsdp reduce-scatters the sums in backward
+                self.world.sum_gradients(params)
         loss *= scale
         _finite_or_raise(loss, "the training loss", self.step)
-        if self.s.max_grad_norm:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm))
+        if self.s.max_grad_norm:  # of sharded gradients: the norm over every process's shards
+            norm = float(sharding.full_value(torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)))
+        elif self.sharded is not None:
+            norm = float(sharding.full_value(torch.nn.utils.get_total_norm([p.grad for p in params
+                                                                              if p.grad is not None])))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         _finite_or_raise(norm, "the gradient norm", self.step)
@@ -249,6 +293,9 @@ class RecoveryLoop:
             bar.close()
         self.student.eval()
         restored = self._restore_best()
+        if self.sharded is not None:  # the trained student whole again in every process
+            sharding.unshard(self.sharded)
+            self.sharded = self.body = None
         self.history.update(stopped_early=stopped_early, steps_done=self.step, total_steps=self.total_steps,
                             warmup_steps=self.warmup_steps, restored_best_step=restored,
                             best_step=self.best["step"] if self.best else None)
@@ -306,7 +353,42 @@ class RecoveryLoop:
     def _save_checkpoint(self) -> None:
         """Through secateurs' one writer: built beside the folder, swapped in whole (by process 0; the
         others wait until it is)."""
-        self.world.from_main(self._write_checkpoint)
+        if self.strategy == "fsdp":
+            self._save_sharded_checkpoint()
+        else:
+            self.world.from_main(self._write_checkpoint)
+
+    def _shard_tensors(self, optimizer_state: dict, best: dict | None) -> dict:
+        """The tensors of a sharded checkpoint by key: the trainable weights, the optimiser's state of
+        each, the best weights (each process's shards of them, or whole ones in one process)."""
+        tensors = {f"weights/{n}": p.detach() for n, p in self.params.items()}
+        for n, entry in optimizer_state.items():
+            tensors.update({f"optimizer/{n}/{k}": v for k, v in entry.items()})
+        tensors.update({f"best/{n}": t for n, t in (best or {}).items()})
+        return tensors
+
+    def _save_sharded_checkpoint(self) -> None:
+        """Process 0 opens the folder beside the old one, every process writes its shards into it,
+        process 0 adds the trainer state and swaps the folder in; the others wait for it."""
+        if self.sharded is not None:
+            sharding.reshard(self.sharded)
+        optimizer_state = get_optimizer_state_dict(self.student, self.optimizer)
+        tensors = self._shard_tensors(optimizer_state["state"], getattr(self, "_best_weights", None))
+        stack = ExitStack()
+        tmp = self.world.from_main(lambda: stack.enter_context(write_folder(
+            self.checkpoint_dir, force=True, inputs=self.inputs, kind="recovery-checkpoint", what="checkpoint folder",
+            marker=self.marker)))
+        try:
+            sharded_checkpoint.save(tmp / SHARDS_DIR, tensors)
+            self.world.from_main(self._write_trainer_state, tmp, {"param_groups": optimizer_state["param_groups"]})
+        except BaseException:
+            stack.__exit__(*sys.exc_info())
+            raise
+        self.world.from_main(stack.close)
+
+    def _write_trainer_state(self, tmp: Path, optimizer: dict) -> None:
+        torch.save({**self._state(), "optimizer": optimizer}, tmp / STATE_FILE)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
 
     def _write_checkpoint(self) -> None:
         with write_folder(self.checkpoint_dir, force=True, inputs=self.inputs, kind="recovery-checkpoint",
@@ -324,22 +406,51 @@ class RecoveryLoop:
         values of the weights; the types of the optimiser's and scheduler's states), so that nothing
         fails once training has started; what was read is kept for `_load_checkpoint`."""
         folder = self.checkpoint_dir
-        files = (STATE_FILE, WEIGHTS_FILE, SETTINGS_FILE)
+        files = (STATE_FILE, WEIGHTS_FILE, SETTINGS_FILE, SHARDS_DIR)
         if folder is None or not folder.is_dir() or not any((folder / name).exists() for name in files):
             raise RecoveryError(f"--resume: no checkpoint in {folder}; run without --resume (and with --save-every)")
+        sharded = os.path.lexists(folder / SHARDS_DIR)
+        if sharded != (self.strategy == "fsdp"):
+            written, here = ("fsdp", self.strategy) if sharded else ("ddp", "fsdp")
+            raise RecoveryError(f"--resume: the checkpoint in {folder} was written by a run with --strategy {written} "
+                                f"({'sharded' if sharded else 'whole'} files) and this run's strategy is {here}; "
+                                f"resume with --strategy {written}")
         saved = self._read_settings()
         if saved != self.fingerprint:
             diffs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             raise RecoveryError(f"--resume: the checkpoint in {folder} was written by a run with other settings "
                                 f"({', '.join(diffs)}); resume with the same arguments or start afresh")
         state = self._read_state()
+        if sharded:
+            self._checked_checkpoint = (state, *self._read_shards(state))
+            return
         weights = self._read_weights(WEIGHTS_FILE)
         best_weights = None
         if os.path.lexists(folder / BEST_FILE):
             best_weights = self._read_weights(BEST_FILE)
         elif self.s.patience and state["best"] is not None:
             raise self._damaged(BEST_FILE, "is missing (the best validated weights, which early stopping returns to)")
-        self._checked_checkpoint = (state, weights, best_weights)
+        self._checked_checkpoint = (state, weights, best_weights, None)
+
+    def _read_shards(self, state: dict) -> tuple[dict, dict | None, dict]:
+        """(weights, best weights or None, optimiser state) read from the checked shards of a sharded
+        checkpoint into new tensors of this run's shapes and sharding, all finite."""
+        optimizer_state = get_optimizer_state_dict(self.student, self.optimizer)["state"]
+        optimizer_state = {n: {k: v.clone() for k, v in entry.items()} for n, entry in optimizer_state.items()}
+        weights = {n: p.detach().clone() for n, p in self.params.items()}
+        best = {n: p.detach().clone() for n, p in self.params.items()} if state["best"] and self.s.patience else None
+        tensors = self._shard_tensors(optimizer_state, best)
+        tensors.update({f"weights/{n}": t for n, t in weights.items()})
+        try:
+            sharded_checkpoint.load(self.checkpoint_dir / SHARDS_DIR, tensors)
+        except sharded_checkpoint.DamagedShards as exc:
+            raise self._damaged(SHARDS_DIR, str(exc)) from None
+        local = (sharding.local_value(t) for t in tensors.values())
+        bad = sum(not bool(torch.isfinite(t).all()) for t in local if t.is_floating_point())
+        bad += sum(float(sharding.local_value(e["step"]).min()) < 0 for e in optimizer_state.values() if "step" in e)
+        if self.world.sum([bad])[0]:
+            raise self._damaged(SHARDS_DIR, "hold non-finite values, or negative step counts")
+        return weights, best, optimizer_state
 
     def _damaged(self, name: str, problem: str) -> RecoveryError:
         folder = self.checkpoint_dir
@@ -401,13 +512,36 @@ class RecoveryLoop:
         problem = _history_problem(state["history"]) or _best_problem(state["best"])
         if problem:
             return problem
-        problem = self._optimizer_problem(state["optimizer"])
+        if self.strategy == "fsdp":
+            problem = self._sharded_groups_problem(state["optimizer"])
+        else:
+            problem = self._optimizer_problem(state["optimizer"])
         if problem:
             return f"has an optimiser state that does not fit this run: {problem}"
         problem = _kind_problem(self.scheduler.state_dict(), state["scheduler"], "the state",
                                 required=_SCHEDULER_KEYS)
         if problem:
             return f"has a scheduler state that does not fit this run's {self.s.scheduler!r} scheduler: {problem}"
+        return None
+
+    def _sharded_groups_problem(self, saved) -> str | None:
+        """What in a sharded checkpoint's optimiser groups (its moments are in the shards) would fail
+        in set_optimizer_state_dict: other groups, other parameters in them, values of other types."""
+        reference = get_optimizer_state_dict(self.student, self.optimizer)["param_groups"]
+        if not isinstance(saved, dict) or set(saved) != {"param_groups"}:
+            return "not the parameter groups of a sharded checkpoint"
+        groups = saved["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(reference):
+            return f"other parameter groups than this run's {len(reference)}"
+        for i, (ours, group) in enumerate(zip(reference, groups)):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)) or list(
+                    group["params"]) != list(ours["params"]):
+                return f"parameter group {i} holds other parameters than this run's"
+            problem = _kind_problem({k: v for k, v in ours.items() if k != "params"},
+                                    {k: v for k, v in group.items() if k != "params"}, f"parameter group {i}",
+                                    required=_GROUP_KEYS)
+            if problem:
+                return problem
         return None
 
     def _optimizer_problem(self, saved) -> str | None:
@@ -488,10 +622,13 @@ class RecoveryLoop:
         """Continue from the checkpoint that check_resumable read and checked (reading it now if not)."""
         if getattr(self, "_checked_checkpoint", None) is None:
             self.check_resumable()
-        state, weights, best_weights = self._checked_checkpoint
+        state, weights, best_weights, optimizer_state = self._checked_checkpoint
         self._checked_checkpoint = None
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if optimizer_state is not None:  # a sharded checkpoint: the moments from the shards
+                set_optimizer_state_dict(self.student, self.optimizer, {**state["optimizer"], "state": optimizer_state})
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # checked above; a last guard
