@@ -131,7 +131,8 @@ def row_settings(name: str, spec: dict, args) -> dict:
     return {**calibration_settings(args), "row": name, "spec": {k: v for k, v in spec.items() if k != "label"},
             "seq_len": SEQ_LEN, "max_tokens": args.max_tokens, "kl_tokens": args.kl_tokens, "tasks": args.tasks,
             "limit": args.limit, **({"harp_calib_samples": args.harp_calib_samples} if harp else {}),
-            **({"scoring": scoring_settings(args)} if spec["kind"] == "search" else {}),
+            **({"scoring": scoring_settings(args), "reconstruct": args.search_reconstruct}
+               if spec["kind"] == "search" else {}),
             "recover_tokens": args.recover_tokens if spec["recover"] else 0,
             **({"kd_ratio": args.kd_ratio} if spec["recover"] and args.recover_tokens else {}),
             "llamacpp": None if args.no_llamacpp else {"threads": args.threads, "repeats": args.repeats,
@@ -276,8 +277,8 @@ def build(name: str, spec: dict, ctx: Context, args) -> tuple:
                             statistics=ctx.statistics, **common)
         seconds["choose"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, "search", plan=plan, reconstruct="dense",
-                            statistics=ctx.statistics, **common)
+        model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, "search", plan=plan,
+                            reconstruct=args.search_reconstruct, statistics=ctx.statistics, **common)
         seconds["surgery"] = round(time.perf_counter() - start, 2)
         details = {"architecture": architecture(plan), "budget": spec["budget"], "budget_ratio": spec["ratio"],
                    "choice_costs": plan.provenance["choice"]["costs"],
@@ -568,6 +569,8 @@ def parse_args():
     p.add_argument("--calib-length", type=int, default=128)
     p.add_argument("--scoring-tokens", type=int, default=512,
                    help="calibration tokens the search scores its variants on (default: 512, the search's own)")
+    p.add_argument("--search-reconstruct", default="sequential", choices=("sequential", "dense", "none"),
+                   help="the re-fit a search row's chosen plan is applied with (default: sequential, the method's)")
     p.add_argument("--harp-calib-samples", type=int, default=8, help="HARP's alpha search samples (default: 8)")
     p.add_argument("--recover-tokens", type=int, default=0,
                    help=f"KD recovery of the search and AMP rows at {pct(RECOVERED_AT)}%% (default: 0, none)")

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, input_ids, masked_reference, tiny_model
+from conftest import FAMILIES, input_ids, masked_reference, padded_calibration, tiny_model
 from safetensors.torch import load_file
 from test_gemma3 import gemma3, gemma3_multimodal
 from test_harp import IdentityMatrixAttention
@@ -24,6 +24,7 @@ from test_harp import IdentityMatrixAttention
 from secateurs.adapters import get_adapter
 from secateurs.adapters.removed_mlp import RemovedMLP
 from secateurs.errors import PlanError, SecateursError
+from secateurs.methods import prune
 from secateurs.planning.accounting import model_stats
 from secateurs.planning.geometry import identity_plan, plan_base
 from secateurs.planning.plan import PLAN_FILENAME, LayerPlan, PruningPlan
@@ -158,11 +159,36 @@ def test_a_removed_mlp_keeps_no_neurons_and_no_compensation():
         PruningPlan.from_dict(data)
 
 
-def test_reconstruction_refuses_a_plan_that_removes_mlps():
-    plan = identity_plan(tiny_model("llama-gqa"))
-    plan.layers[1].mlp = {"mode": "removed"}
-    with pytest.raises(SecateursError, match="removes MLPs"):
-        check_reconstructable(plan)
+def _mixed_plan(model) -> PruningPlan:
+    """Layer 1 removed, layer 2's MLP removed and its attention replaced, layer 3 narrower: the forms a search
+    mixes, beside a block the re-fit has work to do on."""
+    plan = identity_plan(model)
+    plan.layers[1].removed = True
+    plan.layers[2].mlp = {"mode": "removed"}
+    plan.layers[2].attention = {"mode": "removed"}
+    plan.layers[3].neurons = list(range(0, 48, 2))
+    return plan
+
+
+def test_the_sequential_refit_passes_removed_layers_and_blocks_through():
+    """Removed layers and blocks are applied as they are; a narrower block above them is re-fitted on the
+    inputs they produce: the same model as with the removed layer kept as an identity (both blocks removed)."""
+    model = tiny_model("llama-gqa").double()
+    calibration = padded_calibration(seed=5)
+    plan = _mixed_plan(model)
+    assert check_reconstructable(plan) is None
+    removed, _ = prune(copy.deepcopy(model), plan=plan, calibration=calibration, reconstruct="sequential",
+                       progress=False)
+    kept = PruningPlan.from_dict(plan.to_dict())
+    kept.layers[1] = LayerPlan(index=1, attention={"mode": "removed"}, mlp={"mode": "removed"})
+    identity, _ = prune(copy.deepcopy(model), plan=kept, calibration=calibration, reconstruct="sequential",
+                        progress=False)
+    assert removed.config.num_hidden_layers == 3 and identity.config.num_hidden_layers == 4
+    ids = input_ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(removed(ids).logits, identity(ids).logits, rtol=0, atol=1e-10)
+        plain = apply_plan(copy.deepcopy(model), plan)
+        assert (removed(ids).logits - plain(ids).logits).abs().max() > 1e-6  # layer 3 was re-fitted
 
 
 # -- surgery equals masking ---------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_search_prunes_within_budget_and_the_plan_reapplies_to_the_same_bytes(tm
     plan = PruningPlan.load(out)
     p = plan.provenance
     assert p["method"] == "search" and p["budget"] == "params" and p["scoring_tokens"] >= 128
-    assert p["reconstruction"]["mode"] == "dense"
+    assert p["reconstruction"]["mode"] == "sequential"
     assert p["params_before"] - p["params_after"] >= p["requested_params_removed"]
     assert p["params_after"] == p["choice"]["costs"]["params"]
     rows = p["scores"]

@@ -281,7 +281,7 @@ def test_split_search_needs_the_weights_in_memory(tmp_path):
         make_plan(mapped, "amp", 0.3, calibration="self", split="search", progress=False)
 
 
-def test_paper_rounding_and_non_scoring_methods_refuse_the_knobs():
+def test_paper_rounding_and_non_scoring_methods_refuse_the_knobs_and_a_depth_plan_refits_nothing():
     model, calibration = tiny_model("llama-gqa"), _calibration()
     for method, options in (("amp", {"rounding": "paper", "allocation": "global"}), ("flap", {"split": "search"}),
                             ("amp-heads", {"allocation": "global"}), ("consensus", {"allocation": "global"})):
@@ -291,8 +291,12 @@ def test_paper_rounding_and_non_scoring_methods_refuse_the_knobs():
         prune(copy.deepcopy(model), method="amp", ratio=0.2, calibration=calibration, reconstruct="sequential",
               damping=0.0, progress=False)
     plan = make_plan(model, "depth-random", None, layers=1, progress=False)
-    with pytest.raises(SecateursError):
-        prune(copy.deepcopy(model), plan=plan, calibration=calibration, reconstruct="dense", progress=False)
+    for mode in ("dense", "sequential"):  # a plan that narrows no block: the re-fit has nothing to change
+        refitted, _ = prune(copy.deepcopy(model), plan=plan, calibration=calibration, reconstruct=mode,
+                            progress=False)
+        plain, _ = prune(copy.deepcopy(model), plan=plan, reconstruct="none", progress=False)
+        assert refitted.state_dict().keys() == plain.state_dict().keys()
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in refitted.state_dict().items())
 
 
 def test_gram_statistics_save_and_load(tmp_path):

@@ -172,7 +172,7 @@ class SearchOptions(MethodOptions):
     title: ClassVar[str] = ("architecture search (--method search): one attention and one MLP variant per layer, "
                             "scored by KL, chosen under one budget")
     kind: ClassVar[str] = "search"
-    reconstruct: ClassVar[str | None] = "dense"
+    reconstruct: ClassVar[str | None] = "sequential"
     budget: str = option("params", "what --ratio removes: params (of all parameters), kv (of the KV cache per "
                                    "token) or decode (of the decode time per token)", choices=SEARCH_BUDGETS)
     keep_first: int = option(1, "keep the first N layers dense", type=nonnegative_int, metavar="N")

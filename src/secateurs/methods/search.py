@@ -5,7 +5,9 @@ picks one attention and one MLP variant per layer under the budget (secateurs.se
 
 --ratio is what the budget removes: of all parameters (`params`), of the KV cache per token (`kv`), or
 of the decode time per token (`decode`). The plan records every score, the choice and the scoring
-tokens; it is applied with the dense re-fit its narrower blocks were scored with.
+tokens. Each narrower block is scored with the dense re-fit (fitted alone, on the dense model's inputs);
+the chosen plan is applied with the sequential re-fit (each layer fitted on the inputs the pruned
+layers below produce), AMP's default.
 """
 
 from __future__ import annotations

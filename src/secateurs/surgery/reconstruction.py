@@ -39,7 +39,7 @@ from secateurs.calibration.streaming import streamed_statistics
 from secateurs.errors import SecateursError
 from secateurs.files.output import check_finite, writing_file
 from secateurs.planning.geometry import plan_base
-from secateurs.planning.plan import PruningPlan
+from secateurs.planning.plan import LayerPlan, PruningPlan
 from secateurs.settings.names import RECONSTRUCT_MODES
 from secateurs.surgery.apply import _row_index, apply_layer_plan, remove_layers, sync_config
 
@@ -161,13 +161,18 @@ def prune_and_refit_layer(adapter, layer, plan: PruningPlan, lp, attention: Inpu
 
 
 def check_reconstructable(plan: PruningPlan, mode: str = "sequential") -> None:
-    """Reconstruction re-fits width-pruned layers; removed or replaced (HARP) layers have no
-    output projection fed by the same inputs. The dense re-fit takes them beside width-pruned
-    blocks (the architecture search's plans): each narrower block is re-fitted from the dense
-    model's statistics, removed and replaced blocks are applied as they are."""
-    if mode != "dense" and any(lp.removed or lp.attention is not None or lp.mlp is not None for lp in plan.layers):
-        raise SecateursError("reconstruction applies to width plans (heads and neurons); this plan removes layers, "
-                             "replaces attention (depth methods, HARP) or removes MLPs")
+    """Reconstruction re-fits width-pruned blocks; removed layers, replaced (HARP) attention and
+    removed MLPs have no output projection to re-fit and are applied as they are, beside the
+    narrower blocks (the architecture search's plans). Both re-fits take every plan; a plan with
+    nothing narrower gains nothing from either."""
+    if mode not in ("dense", "sequential"):
+        raise SecateursError(f"unknown reconstruction mode {mode!r}; choose dense or sequential")
+
+
+def _as_identity(lp: LayerPlan) -> LayerPlan:
+    """A removed layer as the sequential pass applies it until the layers are removed at the end: both
+    blocks removed, so the layer passes its input on unchanged (exactly) to the layers above."""
+    return LayerPlan(index=lp.index, attention={"mode": "removed"}, mlp={"mode": "removed"})
 
 
 @torch.no_grad()
@@ -191,9 +196,10 @@ def apply_plan_dense(model, plan: PruningPlan, stats: Statistics, settings: Reco
 @torch.no_grad()
 def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Reconstruction, *, checkpoint=None,
                           device=None, store: RefitStore | None = None, progress: bool = True):
-    """Apply a width plan layer by layer, each layer re-fitted on the inputs the pruned layers below
-    produce. With `checkpoint` (a lazy skeleton, `prune --streamed`) the model is not modified for
-    good: the fits go to `store` and prune_checkpoint applies them shard by shard."""
+    """Apply a plan layer by layer, each narrower block re-fitted on the inputs the pruned layers below
+    produce (removed layers pass their input on until they are removed at the end). With `checkpoint`
+    (a lazy skeleton, `prune --streamed`) the model is not modified for good: the fits go to `store` and
+    prune_checkpoint applies them shard by shard."""
 
     check_reconstructable(plan)
     plan.check_compatible(plan_base(model))
@@ -202,7 +208,9 @@ def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Recon
     adapter = get_adapter(model)
 
     def on_layer(index, layer, attention, mlp):
-        fitted = prune_and_refit_layer(adapter, layer, plan, plan.layers[index], attention, mlp, settings)
+        lp = plan.layers[index]
+        fitted = prune_and_refit_layer(adapter, layer, plan, _as_identity(lp) if lp.removed else lp, attention, mlp,
+                                       settings)
         attention.gram = mlp.gram = None  # one layer's Gram matrices in memory at a time
         if store is not None:
             store.save(index, fitted)
