@@ -62,6 +62,7 @@ ROWS = {
     "dense": ("dense", None, True),
     "amp-20-prunable": ("AMP 20% of prunable", {"method": "amp", "ratio": 0.2, "ratio_of": "prunable"}, True),
     "amp-20-all": ("AMP 20% of all", {"method": "amp", "ratio": 0.2, "ratio_of": "all"}, True),
+    "amp-25-prunable": ("AMP 25% of prunable", {"method": "amp", "ratio": 0.25, "ratio_of": "prunable"}, True),
     "wanda-sp-20-prunable": ("Wanda-SP 20% of prunable",
                              {"method": "wanda-sp", "ratio": 0.2, "ratio_of": "prunable"}, False),
     "consensus-3": ("Consensus, 3 layers removed", {"method": "consensus", "ratio": None, "layers": 3}, False),
@@ -83,6 +84,7 @@ def row_settings(name: str, args) -> dict:
             "calib_samples": args.harp_calib_samples if spec and spec["method"] == "harp" else args.calib_samples,
             "calib_length": args.calib_length,
             "recover_tokens": args.recover_tokens if spec else 0,
+            **({"kd_ratio": args.kd_ratio} if spec and args.recover_tokens else {}),
             "llamacpp": {"threads": args.threads, "repeats": args.repeats, "prompt": PROMPT, "decode": DECODE}
             if served else None}
 
@@ -166,8 +168,11 @@ def run_row(name: str, ctx: Context, args) -> dict:
     recovery = None
     if spec is not None and args.recover_tokens:
         start = time.perf_counter()
+        checkpoints = Path(args.work) / f"recovery-{name}{args.tag}"
+        resume = (checkpoints / "trainer_state.pt").exists()
         out = recover(model, ctx.dense, tokenizer=ctx.tok, plan=plan, data=str(C4), tokens=args.recover_tokens,
-                      objective="kd", progress=False)
+                      objective="kd", kd_ratio=args.kd_ratio, progress=False, checkpoint_dir=str(checkpoints),
+                      save_every=args.save_every, resume=resume)
         model = out.model
         recovery = {"tokens": out.record["tokens"], "before": out.record["before"], "after": out.record["after"],
                     "training_tokens_per_second": out.record["training_tokens_per_second"]}
@@ -258,7 +263,8 @@ def _f(value, spec: str = ".2f", empty: str = "") -> str:
 def markdown(summary: dict) -> str:
     rows, s = summary["rows"], summary["settings"]
     dense = next((r for r in rows if r["row"] == "dense"), None)
-    recovery = f"{s['recover_tokens']:,} tokens of KD from the dense model on C4" if s["recover_tokens"] else "none"
+    recovery = (f"{s['recover_tokens']:,} tokens of KD from the dense model on C4 (kd ratio {s.get('kd_ratio', 1.0):g})"
+                if s["recover_tokens"] else "none")
     lines = ["# Gemma-3-270M dense and pruned, beside SmolLM2-135M", "", header_markdown(summary["header"]),
              f"Load average when the summary was written: {', '.join(f'{x:.2f}' for x in summary['load_average_end'])}"
              " (each row's own, at its start and end, in the last table).", "",
@@ -333,8 +339,8 @@ def render(args, header: dict) -> dict:
     phases = [p for p in ("prune", "recover", "perplexity", "zero_shot", "llamacpp", "total")
               if any(p in r["seconds"] for r in rows)]
     settings = {k: v for k, v in row_settings("dense", args).items() if k not in ("row", "prune", "llamacpp")}
-    settings.update(recover_tokens=args.recover_tokens, threads=args.threads, repeats=args.repeats,
-                    harp_calib_samples=args.harp_calib_samples,
+    settings.update(recover_tokens=args.recover_tokens, kd_ratio=args.kd_ratio, threads=args.threads,
+                    repeats=args.repeats, harp_calib_samples=args.harp_calib_samples,
                     eval_text=os.path.relpath(args.eval_text, ROOT))
     summary = {"header": rows[0]["header"] if rows else header, "settings": settings,
                "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -365,6 +371,9 @@ def main() -> None:
     p.add_argument("--harp-calib-samples", type=int, default=8, help="HARP's alpha search samples (default: 8)")
     p.add_argument("--recover-tokens", type=int, default=0,
                    help="KD recovery of every pruned row from the dense model on the C4 sample (default: 0, none)")
+    p.add_argument("--kd-ratio", type=float, default=1.0, help="recovery's KL share of the loss (default: 1.0)")
+    p.add_argument("--save-every", type=int, default=20,
+                   help="recovery checkpoint every N steps in --work, resumed by a rerun (default: 20)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
     p.add_argument("--repeats", type=int, default=3, help="llama.cpp decode runs, median reported (default: 3)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the GGUF export and llama.cpp")

@@ -63,6 +63,19 @@ step "recover (KD from the dense parent) on $DEVICE -> $OUT/recovered"
 "$PYTHON" -m secateurs recover "$OUT/pruned" --teacher "$MODEL" --data "$TEXT" "${RECOVER[@]}" --ppl "$HELD_OUT" \
     --device "$DEVICE" --out "$OUT/recovered" --force --quiet 2>&1 | tee "$OUT/recover.txt"
 
+# Several processes: one a GPU (--cpu-smoke: two on the CPU, gloo), each strategy; the global batch is the one above.
+if [[ "$MODE" == gpu ]]; then
+    PROCESSES="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
+else
+    PROCESSES=2
+fi
+for STRATEGY in ddp fsdp; do
+    step "recover under torchrun: $PROCESSES process(es), --strategy $STRATEGY -> $OUT/recovered-$STRATEGY"
+    OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$PROCESSES" \
+        -m secateurs recover "$OUT/pruned" --teacher "$MODEL" --data "$TEXT" "${RECOVER[@]}" --strategy "$STRATEGY" \
+        --device "$DEVICE" --out "$OUT/recovered-$STRATEGY" --force --quiet 2>&1 | tee "$OUT/recover-$STRATEGY.txt"
+done
+
 step "bench: recovered vs dense parent on $DEVICE -> $OUT/bench.md, $OUT/bench.json"
 "$PYTHON" -m secateurs bench "$OUT/recovered" --baseline "$MODEL" --device "$DEVICE" "${BENCH[@]}" \
     --out "$OUT/bench.json" --force --quiet 2>&1 | tee "$OUT/bench.md"
@@ -88,6 +101,13 @@ print(f"recovery on {recovery['device']}: {recovery['tokens']['trained']:,} toke
       f"validation loss {before['loss']:.4f} -> {after['loss']:.4f}")
 if ppl:
     print(ppl)
+for strategy in ("ddp", "fsdp"):
+    run = json.loads((out / f"recovered-{strategy}" / "recovery.json").read_text())
+    processes = run.get("processes", {"world_size": 1, "strategy": "one process"})
+    memory = run.get("peak_memory") or {}
+    print(f"recovery under torchrun, {processes['world_size']} process(es), {processes['strategy']}: "
+          f"{run['training_tokens_per_second']:,.0f} tok/s, validation loss {run['after']['loss']:.4f}, "
+          f"peak memory of process 0: {memory.get('gib', 'not recorded')} GiB ({memory.get('kind', '')})")
 print("speed, recovered / dense (measured; ideal from FLOPs and bytes):")
 for row in bench["results"]:
     vs = row["vs_baseline"]

@@ -158,7 +158,8 @@ def large_models() -> list[dict]:
         for method, variant in VARIANTS:
             settings = RecoverySettings(**PLANNED["settings"], method=method, **variant)
             teacher = None if variant else dense  # a teacher-logit cache: no teacher in memory
-            plan = plan_memory(student, teacher, settings, PLANNED["processes"], "cuda")
+            plan = plan_memory(student, teacher, settings, PLANNED["processes"], "cuda",
+                               PLANNED["device_gib"] * 2**30)
             try:
                 chosen = choose_strategy(plan, PLANNED["device_gib"] * 2**30)
             except Exception:  # noqa: BLE001 - the refusal is the result
@@ -187,13 +188,16 @@ def markdown(header: dict, measured: list[dict], large: list[dict]) -> str:
                      f"{gib(m['peak_above_baseline'])} GiB | {m['ratio']:.3f} | {m['seconds']} |")
     lines += ["", f"## Llama-3.1 pruned {PLANNED['ratio']:.0%}, {PLANNED['processes']} x {PLANNED['device_gib']} GiB",
               "", f"Batch {PLANNED['settings']['batch_size']} x {PLANNED['settings']['seq_len']} tokens (one sequence "
-              "per process), bfloat16 weights, distillation from the dense model (replicated on every device, "
-              "forward only) or from a teacher-logit cache (no teacher in memory), cut by AMP's budget with the "
-              "balanced split (`--assume-ratio`); GiB per "
-              "device. Loading: the whole student and the teacher, held by every process before fsdp shards "
-              "the student.", "",
+              "per process), bfloat16 weights, distillation from the dense model (forward only: replicated on every "
+              "device, or under fsdp sharded like the student where the replicated one does not fit, "
+              "`--teacher-sharding auto`) or from a teacher-logit cache (no teacher in memory), cut by AMP's "
+              "budget with the balanced split (`--assume-ratio`); GiB per device. Teacher: its weights on the "
+              "device, what a sharded one gathers at a time and its activations. Loading: on the device while "
+              "the models load (ddp: every process holds the whole student and teacher; fsdp: only process 0 "
+              "reads them, into its host memory, the host column, and every device receives its shards).", "",
               "| model | method | strategy | student weights | gradients | AdamW | best weights | gathered | "
-              "activations | logits | teacher | loading | peak | fits |", "| --- | --- | --- |" + " ---: |" * 11]
+              "activations | logits | teacher | loading | host (process 0) | peak | fits |",
+              "| --- | --- | --- |" + " ---: |" * 12]
     for r in large:
         for d in r["plan"]["devices"]:
             if d["method"] != r["method"]:
@@ -204,8 +208,8 @@ def markdown(header: dict, measured: list[dict], large: list[dict]) -> str:
             lines.append(f"| {r['model']} ({r['student_params'] / 1e9:.2f} B) | {method} | {d['strategy']} | "
                          + " | ".join(gib(d[k]) for k in ("student_weights", "gradients", "optimizer", "best_weights",
                                                           "gathered", "activations", "logits"))
-                         + f" | {gib(d['teacher_weights'] + d['teacher_activations'])} | {gib(d['load_peak'])} | "
-                         f"{gib(d['peak'])} | {fits} |")
+                         + f" | {gib(d['teacher_weights'] + d['teacher_gathered'] + d['teacher_activations'])} | "
+                         f"{gib(d['load_peak'])} | {gib(d['host_load'])} | {gib(d['peak'])} | {fits} |")
     return "\n".join(lines) + "\n"
 
 

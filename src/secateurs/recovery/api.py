@@ -27,16 +27,25 @@ from secateurs.planning.accounting import model_stats
 from secateurs.planning.geometry import plan_base
 from secateurs.planning.plan import CONFIG_KEY, PruningPlan
 from secateurs.recovery import estimate as resources
+from secateurs.recovery import memory
+from secateurs.recovery.cached_teacher import open_teacher_cache
 from secateurs.recovery.data import RecoveryData, load_recovery_data
 from secateurs.recovery.lora import attach_lora, lora_target_names, merge_lora
 from secateurs.recovery.objectives import Objective
 from secateurs.recovery.settings import PRESETS, RecoverySettings
-from secateurs.recovery.trainer import STATE_FILE, LoopSettings, RecoveryError, RecoveryLoop, settings_dict
+from secateurs.recovery.trainer import (
+    STATE_FILE,
+    LoopSettings,
+    RecoveryError,
+    RecoveryLoop,
+    Sharding,
+    resolved_strategy,
+    settings_dict,
+)
 from secateurs.runtime import threads
 from secateurs.runtime.distributed import World, join
 from secateurs.runtime.identity import model_identity
 from secateurs.runtime.progress import status
-from secateurs.storage.checkpoint import load_skeleton
 from secateurs.storage.loading import resolve_source
 from secateurs.storage.pruned import save_pruned
 from secateurs.version import __version__
@@ -94,7 +103,7 @@ def settings_of(settings: RecoverySettings | None, keywords: dict) -> RecoverySe
 def check_resources(student, teacher, device, settings: RecoverySettings) -> None:
     """Refuse, before the weights load, a run of recover(student, teacher, settings=settings) estimated
     past max_hours or the free memory of `device`: the models may be meta skeletons built from their
-    configs (secateurs.storage.checkpoint.load_skeleton), only their shapes are read."""
+    configs (secateurs.recovery.memory.skeleton), only their shapes are read."""
     has_teacher = teacher is not None
     _check_resources(student, teacher if settings.objective_for(has_teacher) != "ce" else None, settings,
                      self_tokens=settings.self_tokens(has_teacher), progress=False, device=torch.device(device))
@@ -117,6 +126,8 @@ class _Run:
     checkpoint_dir: Path | None  # None: this run writes no checkpoint
     default_checkpoints: bool  # OUT.checkpoints, removed after a successful save if this run wrote it
     identity: dict  # {"run": id} in the marker of every checkpoint this run writes (kept across resumes)
+    strategy: str = "ddp"  # how several processes share the training: 'ddp' or 'fsdp' (also sharded checkpoints)
+    teacher_sharded: bool = False  # fsdp: the teacher sharded over the processes too (teacher_sharding)
 
 
 def check_resources_before_loading(pruned: str, teacher: str | None, device: str,
@@ -127,7 +138,7 @@ def check_resources_before_loading(pruned: str, teacher: str | None, device: str
     def skeleton(source):
         try:
             kind, path = resolve_source(source)
-            return load_skeleton(path, load_outside_layers=False)[0] if kind == "dir" else None
+            return memory.skeleton(path) if kind == "dir" else None
         except Exception:  # noqa: BLE001 - no skeleton: the check runs once the models are loaded
             return None
 
@@ -174,13 +185,36 @@ def recover(student, teacher=None, *, settings: RecoverySettings | None = None, 
     s.check(teacher is not None, student)
     world = join_processes(s, next(student.parameters()).device.type)
     progress = progress and world.main
-    inputs = [_name(student), _name(teacher), s.data, *(evaluation_files or [])]  # never written to
+    run, out_path = _prepare(world, student, teacher, s, plan, tokenizer, teacher_tokenizer, out, force,
+                             evaluation_files, progress)
+    params_before = model_stats(student).total_params
+    trained, loop, history, targets, trainable = _train(run, progress, on_validation, on_step)
+    record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
+                     params_before=params_before)
+    if world.size > 1:  # one process records nothing here: its recovery.json is the same as ever
+        record["processes"] = {"world_size": world.size, "strategy": run.strategy,
+                               "teacher_sharded": bool(getattr(run, "teacher_sharded", False)),
+                               "batch_size_per_process": s.batch_size // world.size}
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    result = RecoveryResult(trained, record)
+    if out_path is not None:
+        result.out = world.from_main(_save, result, run, out_path, tokenizer, force)
+    return result
+
+
+def _prepare(world: World, student, teacher, s: RecoverySettings, plan, tokenizer, teacher_tokenizer, out,
+             force: bool, evaluation_files, progress: bool):
+    """Everything `recover` checks and decides before its first step: the output and checkpoint folders (claimed
+    by process 0), the teacher, the resources, the data, the objective, the strategy; returns (run, out path)."""
+    inputs = [_name(student), _name(teacher), s.data, s.teacher_cache, *(evaluation_files or [])]  # never written to
     out_path = world.from_main(check_output_dir, out, force, inputs) if out else None
-    _check_teacher_use(student, teacher, plan, tokenizer, teacher_tokenizer, s.hidden_weight, s.teacher_any)
+    # process 0 alone: a model loaded once is on the meta device in the others (secateurs.runtime.sharding)
+    world.from_main(_check_teacher_use, student, teacher, plan, tokenizer, teacher_tokenizer, s.hidden_weight,
+                    s.teacher_any)
     checkpoint_dir, default_checkpoints, identity = world.from_main(checkpoint_folder, s.checkpoint_dir, out_path,
                                                                     s.save_every, s.resume, inputs, force)
     objective = s.objective_for(teacher is not None)
-    teacher_for_loss = None if objective == "ce" else teacher.eval()
+    teacher_for_loss = None if objective == "ce" or s.teacher_cache is not None else teacher.eval()
     _check_resources(student, teacher_for_loss, s, self_tokens=s.self_tokens(teacher is not None), progress=progress)
     recovery_data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
                                        seed=s.seed, teacher=teacher, evaluation_files=evaluation_files,
@@ -188,20 +222,22 @@ def recover(student, teacher=None, *, settings: RecoverySettings | None = None, 
     _check_same_data(world, recovery_data)
     obj = Objective(objective, float(s.kd_ratio), float(s.temperature), s.chunk_rows, float(s.hidden_weight),
                     _layer_map(student, teacher, plan) if s.hidden_weight else None, bool(s.bf16))
-    run = _Run(student, teacher, teacher_for_loss, plan, recovery_data, obj, LoopSettings(**s.loop_keywords()), s,
-               inputs, checkpoint_dir, default_checkpoints, identity)
-    params_before = model_stats(student).total_params
-    trained, loop, history, targets, trainable = _train(run, progress, on_validation, on_step)
-    record = _record(run, trained=trained, history=history, loop=loop, targets=targets, trainable=trainable,
-                     params_before=params_before)
-    if world.size > 1:  # one process records nothing here: its recovery.json is the same as ever
-        record["processes"] = {"world_size": world.size, "strategy": "ddp",
-                               "batch_size_per_process": s.batch_size // world.size}
-    record["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    result = RecoveryResult(trained, record)
-    if out_path is not None:
-        result.out = world.from_main(_save, result, run, out_path, tokenizer, force)
-    return result
+    run = _Run(student, teacher, _cached_or(teacher_for_loss, s, recovery_data, student, teacher, plan, tokenizer),
+               plan, recovery_data, obj, LoopSettings(**s.loop_keywords()), s, inputs, checkpoint_dir,
+               default_checkpoints, identity, resolved_strategy(student, teacher_for_loss, s, world.size))
+    if isinstance(run.teacher_for_loss, torch.nn.Module):  # decided by process 0: every process shards alike
+        run.teacher_sharded = world.from_main(memory.teacher_sharding_for, student, teacher_for_loss, s, world.size,
+                                              run.strategy)
+    return run, out_path
+
+
+def _cached_or(teacher_for_loss, settings: RecoverySettings, data: RecoveryData, student, teacher, plan,
+               tokenizer):
+    """What the loss reads the teacher from: `teacher_for_loss`, or with teacher_cache the cache, checked
+    against this run (secateurs.recovery.cached_teacher); then no teacher model takes part in the loss."""
+    if settings.teacher_cache is None:
+        return teacher_for_loss
+    return open_teacher_cache(settings, data, student, teacher, plan, tokenizer)
 
 
 def join_processes(settings: RecoverySettings, device: str | None, device_maps=()) -> World:
@@ -298,23 +334,17 @@ def _check_resources(student, teacher, settings: RecoverySettings, *, self_token
     """Estimate the run's time and memory (secateurs.recovery.estimate) and refuse one that cannot
     finish within max_hours or fit in the free memory; the estimate is printed."""
 
-    s, lora = settings, settings.lora
-    params = sum(p.numel() for p in student.parameters())
-    trainable = params if lora is None else sum(
-        lora["r"] * (m.in_features + m.out_features) for m in student.modules() if isinstance(m, torch.nn.Linear))
+    s = settings
+    device = torch.device(device) if device is not None else next(student.parameters()).device
     steps = max(1, s.tokens // (s.batch_size * s.seq_len * s.grad_accum))
-    work = resources.Workload(
-        student_params=params, trainable_params=trainable,
-        teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
-        hidden_size=student.config.hidden_size, layers=len(get_adapter(student).decoder_layers(student)),
-        vocab_size=student.config.vocab_size, tokens=s.tokens, self_tokens=self_tokens, val_tokens=s.val_tokens,
-        validations=steps // (s.eval_every or max(1, steps // 10)) + 2, micro_batch_tokens=s.batch_size * s.seq_len,
-        chunk_rows=s.chunk_rows, dtype_bytes=next(student.parameters()).element_size(),
-        gradient_checkpointing=s.gradient_checkpointing)
-    est = resources.estimate(work, device if device is not None else next(student.parameters()).device)
-    resources.check(est, s.max_hours)
+    work = resources.Workload(memory.plan_for_models(student, teacher, s, memory.world_size(), device.type),
+                              tokens=s.tokens, self_tokens=self_tokens, val_tokens=s.val_tokens,
+                              validations=steps // (s.eval_every or max(1, steps // 10)) + 2,
+                              resident_bytes=memory.resident_bytes((student, teacher), device))
+    est = resources.estimate(work, device)
+    strategy = resources.check(est, s.max_hours, s.strategy)
     if progress:
-        status(f"recovery estimate: {est.describe()} (limit --max-hours {s.max_hours:g})")
+        status(f"recovery estimate: {est.describe(strategy)} (limit --max-hours {s.max_hours:g})")
 
 
 def _fingerprint(run: _Run) -> dict:
@@ -324,7 +354,8 @@ def _fingerprint(run: _Run) -> dict:
     return {"data_hash": run.data.hash, "objective": run.objective.to_dict(), "loop": settings_dict(run.loop),
             "method": s.training_method, "lora": s.lora, "seq_len": s.seq_len,
             "student": _shape_fingerprint(run.student), "teacher": _name(run.teacher) if run.teacher_for_loss else None,
-            "gradient_checkpointing": s.gradient_checkpointing}
+            "gradient_checkpointing": s.gradient_checkpointing,
+            **({"teacher_cache": run.teacher_for_loss.fingerprint} if s.teacher_cache is not None else {})}
 
 
 def _train(run: _Run, progress: bool, on_validation, on_step):
@@ -346,7 +377,8 @@ def _train(run: _Run, progress: bool, on_validation, on_step):
         if gradient_checkpointing:
             _set_activation_checkpointing(student, True)
         loop = RecoveryLoop(student, run.teacher_for_loss, run.data, run.objective, run.loop, run.checkpoint_dir,
-                            fingerprint, progress, on_validation, on_step, inputs=run.inputs)
+                            fingerprint, progress, on_validation, on_step, inputs=run.inputs,
+                            sharding=Sharding(run.strategy, bool(run.teacher_sharded)))
         loop.marker = run.identity
         if resume:
             loop.check_resumable()
@@ -395,6 +427,7 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
                      "is_plan_base": _is_plan_base(teacher, plan)} if teacher is not None else None),
         "data": {**data.description, "hash": data.hash},
         "objective": run.objective.to_dict(),
+        **({"teacher_cache": run.teacher_for_loss.describe()} if run.settings.teacher_cache is not None else {}),
         "parametrisation": {"method": run.settings.training_method, "preset": run.settings.preset,
                             "trainable_params": trainable,
                             **({"lora": {**lora, "target_modules": len(targets), "targets": targets, "merged": True}}

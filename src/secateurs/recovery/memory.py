@@ -9,18 +9,22 @@ strategy, what the run holds at its highest points:
   logits and the LM head's gradient being accumulated chunk by chunk, the teacher's weights and its
   forward activations (no grad);
 * optimiser step: student weights, gradients, AdamW state, the best weights, the teacher's weights;
-* loading: the whole student and the teacher, before fsdp shards the student.
+* loading: the whole student and the teacher in every process (ddp); under fsdp with several processes
+  only process 0 reads them, into its host memory (`host_load`), and every device receives its shards
+  (secateurs.runtime.sharding: loaded once), so the device's loading peak is its share.
 
 The peak is the largest of the three: gradients exist from the backward pass to the step
 (`zero_grad(set_to_none=True)`), while the activations are freed during that same backward pass.
 
-Strategies over P processes (the teacher is replicated in both, forward only):
+Strategies over P processes (the teacher forward only: replicated, or under fsdp sharded like the
+student when `teacher_sharding` says so; 'auto' shards it where the replicated one does not fit):
 
 * ddp: every process holds the whole student, its gradients and its AdamW state;
 * fsdp: student weights, gradients and AdamW state divided over the P processes (one shard per
   decoder layer), plus what is gathered whole at a time: the root group (embeddings, final norm, LM
   head) and two decoder layers (the one computing and the next one being gathered; in backward a
-  layer's weights and its unsharded gradient).
+  layer's weights and its unsharded gradient). A sharded teacher: 1/P of its weights, plus its root
+  group (gathered through the loss's head chunks) and one decoder layer gathered at a time.
 
 Sizes (bytes): weights and gradients in the parameters' dtype; AdamW's two moments in the dtype of
 the parameter they belong to (torch.optim.AdamW allocates them with zeros_like); LoRA trains only
@@ -149,6 +153,9 @@ class DevicePlan:
     teacher_weights: int
     teacher_activations: int
     whole_student: int = 0  # the student's weights as loaded, before fsdp shards them
+    teacher_gathered: int = 0  # a sharded teacher: its root group and one layer gathered during its forward
+    loaded_once: bool = False  # fsdp over several processes: process 0 alone reads the weights (host memory)
+    whole_teacher: int = 0  # the teacher's weights as read
 
     @property
     def resident(self) -> int:
@@ -158,7 +165,7 @@ class DevicePlan:
     @property
     def forward_peak(self) -> int:
         return (self.resident + self.gathered + self.activations + self.heap_slack + self.logits
-                + self.teacher_activations)
+                + self.teacher_activations + self.teacher_gathered)
 
     @property
     def step_peak(self) -> int:
@@ -166,8 +173,17 @@ class DevicePlan:
 
     @property
     def load_peak(self) -> int:
-        """Every process loads the whole student (and the teacher) before fsdp shards it."""
+        """On the device while the models load: every process the whole student and teacher, or, loaded
+        once, the shards it receives (and a replicated teacher whole)."""
+        if self.loaded_once:
+            return self.student_weights + self.teacher_weights
         return self.whole_student + self.teacher_weights
+
+    @property
+    def host_load(self) -> int:
+        """Process 0's host memory while the models load once (fsdp over several processes): the whole
+        student and teacher as read; 0 when every process loads onto its device."""
+        return self.whole_student + self.whole_teacher if self.loaded_once else 0
 
     @property
     def peak(self) -> int:
@@ -180,10 +196,10 @@ class DevicePlan:
 
     def to_dict(self) -> dict:
         keys = ("student_weights", "gradients", "optimizer", "best_weights", "gathered", "activations", "heap_slack",
-                "logits", "teacher_weights", "teacher_activations")
+                "logits", "teacher_weights", "teacher_gathered", "teacher_activations")
         return {"strategy": self.strategy, "method": self.method, **{k: getattr(self, k) for k in keys},
                 "forward_peak": self.forward_peak, "step_peak": self.step_peak, "load_peak": self.load_peak,
-                "peak": self.peak}
+                "host_load": self.host_load, "peak": self.peak}
 
 
 @dataclass(frozen=True)
@@ -241,9 +257,9 @@ def logits_bytes(shapes: ModelShapes, rows: int, logit: int, teacher: bool, temp
 
 
 def device_plan(student: ModelShapes, teacher: ModelShapes | None, settings: RecoverySettings, processes: int,
-                strategy: str, method: str, device: str = "cpu") -> DevicePlan:
+                strategy: str, method: str, device: str = "cpu", teacher_sharded: bool = False) -> DevicePlan:
     """What one of `processes` devices (of type `device`: cpu, cuda, ...) holds under `strategy`,
-    training `method`."""
+    training `method` (with the teacher sharded over the processes: `teacher_sharded`, fsdp only)."""
     w = student.dtype_bytes
     act = 2 if settings.bf16 or w < FLOAT32 else w
     tokens = tokens_per_process(settings, processes)
@@ -255,6 +271,8 @@ def device_plan(student: ModelShapes, teacher: ModelShapes | None, settings: Rec
         trainable, t_bytes, trains = student.params, w, "full"
     adapters = trainable * t_bytes if method == "lora" else 0
     shard = processes if strategy == "fsdp" else 1
+    teacher_shard = processes if teacher_sharded and strategy == "fsdp" and processes > 1 else 1
+    teacher_bytes = teacher.params * teacher.dtype_bytes if teacher else 0
     rows = min(settings.chunk_rows, tokens)
     head_grad = 0 if method == "lora" else student.head_params * w * (2 if tokens > settings.chunk_rows else 1)
     activations = activation_bytes(student, tokens, act, trains, settings.gradient_checkpointing)
@@ -269,22 +287,41 @@ def device_plan(student: ModelShapes, teacher: ModelShapes | None, settings: Rec
         activations=activations, heap_slack=round(CPU_HEAP_SLACK * activations) if device == "cpu" else 0,
         logits=logits_bytes(student, rows, 2 if settings.bf16 else w, teacher is not None, settings.temperature)
         + head_grad,
-        teacher_weights=teacher.params * teacher.dtype_bytes if teacher else 0,
-        whole_student=student.params * w + adapters,
+        teacher_weights=ceil_div(teacher_bytes, teacher_shard),
+        teacher_gathered=(teacher.root_params + teacher.largest_layer) * (2 if settings.bf16 else teacher.dtype_bytes)
+        if teacher and teacher_shard > 1 else 0,
+        whole_student=student.params * w + adapters, whole_teacher=teacher_bytes,
+        loaded_once=strategy == "fsdp" and processes > 1,
         teacher_activations=tokens * act * (TEACHER_LIVE_HIDDEN * teacher.hidden_size + TEACHER_LIVE_NEURONS * max(
             (layer.intermediate for layer in teacher.layers), default=0)) if teacher else 0)
 
 
 def plan_memory(student: ModelShapes, teacher: ModelShapes | None, settings: RecoverySettings,
-                processes: int = 1, device: str = "cpu") -> MemoryPlan:
+                processes: int = 1, device: str = "cpu", device_bytes: int | None = None) -> MemoryPlan:
     """The run's per-device plan for every strategy, full fine-tuning and LoRA, on devices of type
-    `device`. `teacher`: the teacher in the loss (None for objective 'ce')."""
+    `device` (of `device_bytes` each, where known: what teacher_sharding 'auto' decides by).
+    `teacher`: the teacher in the loss (None for objective 'ce')."""
     if processes < 1:
         raise SecateursError(f"the number of processes must be at least 1, got {processes}")
-    devices = {(s, m): device_plan(student, teacher, settings, processes, s, m, device)
-               for s in STRATEGIES for m in ("full", "lora")}
+    devices = {}
+    for m in ("full", "lora"):
+        for s in STRATEGIES:
+            devices[(s, m)] = device_plan(student, teacher, settings, processes, s, m, device)
+        if teacher_sharded(devices[("fsdp", m)], settings.teacher_sharding, device_bytes):
+            devices[("fsdp", m)] = device_plan(student, teacher, settings, processes, "fsdp", m, device, True)
     return MemoryPlan(processes, settings.training_method, tokens_per_process(settings, processes), student, teacher,
                       lora_of(settings)["r"], devices)
+
+
+def teacher_sharded(replicated: DevicePlan, setting: str, device_bytes: int | None) -> bool:
+    """Whether the teacher is sharded under `replicated`'s fsdp plan (the plan with the teacher whole):
+    'sharded' yes, 'replicated' no; 'auto' where the replicated one does not fit MEMORY_MARGIN of
+    `device_bytes` (not known: no). Only fsdp over several processes shards it."""
+    if replicated.strategy != "fsdp" or not replicated.loaded_once or not replicated.teacher_weights:
+        return False
+    if setting != "auto":
+        return setting == "sharded"
+    return device_bytes is not None and replicated.peak > MEMORY_MARGIN * device_bytes
 
 
 def lora_of(settings: RecoverySettings) -> dict:
@@ -362,6 +399,17 @@ def strategy_for(student: nn.Module, teacher: nn.Module | None, settings: Recove
     return next((name for name in names if fits(plan, name, device_bytes)), names[-1])  # refused by the check
 
 
+def teacher_sharding_for(student: nn.Module, teacher: nn.Module | None, settings: RecoverySettings, processes: int,
+                         strategy: str) -> bool:
+    """Whether a run of `strategy` over `processes` shards its teacher (teacher_sharding: 'auto' by the
+    free memory of the student's device, as strategy_for; a device it cannot read: replicated)."""
+    if strategy != "fsdp" or processes < 2 or teacher is None:
+        return False
+    device = next(student.parameters()).device
+    plan = plan_for_models(student, teacher, settings, processes, device.type)
+    return plan.device("fsdp").teacher_gathered > 0
+
+
 def gib(n: int | None) -> str:
     return f"{n / 2**30:,.2f} GiB" if n is not None else "?"
 
@@ -401,9 +449,15 @@ def skeleton(source: str | os.PathLike, dtype: torch.dtype | None = None, assume
 
 def plan_for_models(student: nn.Module, teacher: nn.Module | None, settings: RecoverySettings,
                     processes: int = 1, device: str = "cpu") -> MemoryPlan:
-    """plan_memory for models (real or meta); `teacher`: the teacher in the loss, or None."""
+    """plan_memory for models (real or meta); `teacher`: the teacher in the loss, or None. teacher_sharding
+    'auto' decides by the student's device: its free memory plus what the models hold there."""
+    device_bytes = None
+    if teacher is not None and processes > 1 and settings.teacher_sharding == "auto":
+        home = next(student.parameters()).device
+        free = free_memory(home)
+        device_bytes = None if free is None else free + resident_bytes((student, teacher), home)
     return plan_memory(shapes_of(student), shapes_of(teacher) if teacher is not None else None, settings, processes,
-                       device)
+                       device, device_bytes)
 
 
 def describe(plan: MemoryPlan, device_bytes: int | None, chosen: str | None) -> str:
@@ -412,9 +466,10 @@ def describe(plan: MemoryPlan, device_bytes: int | None, chosen: str | None) -> 
             ("best weights (early stopping)", "best_weights"), ("gathered (fsdp)", "gathered"),
             ("activations", "activations"), ("CPU heap slack", "heap_slack"),
             ("logits chunk + LM head grad", "logits"),
-            ("teacher weights", "teacher_weights"), ("teacher activations", "teacher_activations"),
+            ("teacher weights", "teacher_weights"), ("teacher gathered (sharded)", "teacher_gathered"),
+            ("teacher activations", "teacher_activations"),
             ("peak: forward and loss", "forward_peak"), ("peak: optimiser step", "step_peak"),
-            ("peak: loading", "load_peak"), ("peak", "peak")]
+            ("peak: loading", "load_peak"), ("peak", "peak"), ("host, process 0: loading", "host_load")]
     plans = [plan.device(s) for s in STRATEGIES]
     s = plan.student
     lines = [f"memory plan per device: {plan.processes} process{'es' if plan.processes > 1 else ''}, "
@@ -458,10 +513,10 @@ def dry_run(student: str, teacher: str | None, settings: RecoverySettings, *, pr
     kd = settings.objective_for(has_teacher) != "ce" and settings.teacher_cache is None
     teacher_model = skeleton(teacher, dtype) if has_teacher and kd else None
     kind = torch.device(device).type
-    plan = plan_memory(shapes_of(student_model), shapes_of(teacher_model) if teacher_model is not None else None,
-                       settings, processes, kind)
     if device_bytes is None:
         device_bytes = free_memory(torch.device(device))
+    plan = plan_memory(shapes_of(student_model), shapes_of(teacher_model) if teacher_model is not None else None,
+                       settings, processes, kind, device_bytes)
     try:
         chosen, refusal = choose_strategy(plan, device_bytes, settings.strategy), None
     except SecateursError as exc:

@@ -14,6 +14,10 @@ Objectives (per supervised token, averaged over the supervised tokens of an opti
   kd  kd_ratio * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - kd_ratio) * CE(z_s, y)
       [+ hidden_weight * mean over student layers j of ||h_s,j - h_t,m(j)||^2 / ||h_t,m(j)||^2]
   ce  CE(z_s, y): plain causal-LM cross-entropy, no teacher
+The teacher's terms come from the teacher model, or from a teacher-logit cache (a `CachedTeacher`,
+secateurs.recovery.teacher_cache): its top-K log-probabilities at T and the log of the mass left. Then the
+KL is taken over the K tokens plus one "rest" bucket, the teacher's remaining mass against the student's
+(`top_k_terms`): with K = the vocabulary it is the KL above, value and gradient.
 The optional hidden-state term matches the output of student layer j with the output of the teacher
 layer m(j) it came from (the plan's kept layers: identity for width and HARP pruning, the kept
 indices after depth pruning), normalised by the teacher's norm so every layer weighs alike.
@@ -58,6 +62,30 @@ class Objective:
                             else "causal-LM cross-entropy")}
 
 
+@dataclass(frozen=True)
+class TopK:
+    """A cached teacher's rows: log-probabilities at T of its K most likely tokens (rows x K), their token
+    ids (rows x K) and the log of the rest of the mass, log(1 - sum of the K probabilities) (rows; -inf
+    when K is the vocabulary)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest: torch.Tensor
+
+    def __getitem__(self, part: slice) -> TopK:
+        return TopK(self.values[part], self.indices[part], self.rest[part])
+
+
+class CachedTeacher:
+    """A teacher known by its cached outputs (secateurs.recovery.teacher_cache), passed where the teacher
+    model goes."""
+
+    def rows(self, ids: torch.Tensor, labels: torch.Tensor, device) -> TopK:
+        """The rows of every supervised position of the sequences `ids` (their `labels` other than
+        IGNORE_INDEX from the second token on), in the order of `[:, :-1][mask]`, on `device`."""
+        raise NotImplementedError
+
+
 @contextmanager
 def layer_outputs(model, indices):
     """{index: output hidden states} of the chosen decoder layers during the forward inside the block."""
@@ -100,6 +128,8 @@ def _chunk_terms(objective: Objective, z_s: torch.Tensor, z_t: torch.Tensor | No
     through two log-softmaxes: autograd's path makes a dozen fresh (rows x vocab) tensors a chunk,
     ~1.2 s of a ~5 s SmolLM2 kd step on 2 CPU cores (torch profiler), this one ~0.6 s. Every pass
     after the log-softmaxes and the teacher's probabilities works in place."""
+    if isinstance(z_t, TopK):
+        return top_k_terms(objective, z_s, z_t, targets, with_grad=with_grad, with_metrics=with_metrics)
     with torch.no_grad():
         z_s = _at_least_float32(z_s.detach())
         log_ps = F.log_softmax(z_s, dim=-1)
@@ -136,10 +166,59 @@ def _chunk_terms(objective: Objective, z_s: torch.Tensor, z_t: torch.Tensor | No
     return loss, metrics, grad
 
 
+def top_k_terms(objective: Objective, z_s: torch.Tensor, top: TopK, targets: torch.Tensor, *, with_grad: bool,
+                with_metrics: bool) -> tuple[float, dict, torch.Tensor | None]:
+    """`_chunk_terms` with a cached teacher: the KL at T over the teacher's K tokens and one bucket of the
+    rest, p_r = exp(top.rest) against the student's q_r = the mass of its other tokens. Its gradient with
+    respect to z_s / T is q minus a target that is p on the K tokens and p_r * q_m / q_r on every other
+    token m (the rest's mass spread as the student spreads it); with K = the vocabulary, q - p. The
+    validation KL ("kl") is this KL at the cache's temperature."""
+    with torch.no_grad():
+        z_s = _at_least_float32(z_s.detach())
+        log_ps = F.log_softmax(z_s, dim=-1)
+        nll = float(-log_ps.gather(-1, targets[:, None]).sum())
+        t, kd_weight = objective.temperature, objective.kd_ratio
+        ce_weight = 1.0 - kd_weight
+        log_q = log_ps if t == 1.0 else F.log_softmax(z_s / t, dim=-1)
+        index, log_p, rest = top.indices.long(), top.values.to(log_q.dtype), top.rest.to(log_q.dtype)
+        outside = log_q.scatter(-1, index, float("-inf"))  # the student's log-probabilities off the K tokens
+        log_q_rest = torch.logsumexp(outside, dim=-1)
+        p, p_rest = log_p.exp(), rest.exp()
+        kl = p.mul(log_p - log_q.gather(-1, index)).sum(-1)
+        kl += torch.where(p_rest > 0, p_rest * (rest - log_q_rest), torch.zeros_like(p_rest))
+        loss = kd_weight * t * t * float(kl.sum()) + (ce_weight * nll if ce_weight else 0.0)
+        metrics = {"nll": nll, "kl": float(kl.sum())} if with_metrics else {}
+        if not with_grad:
+            return loss, metrics, None
+        shift = torch.where(torch.isfinite(log_q_rest), log_q_rest, torch.zeros_like(log_q_rest))
+        target = outside.sub_(shift[:, None]).exp_().mul_(p_rest[:, None]).scatter_(-1, index, p)
+        grad = log_q.exp().sub_(target).mul_(kd_weight * t)
+        if ce_weight:  # d/dz_s of CE is softmax(z_s) - onehot(y)
+            grad.add_(log_ps.exp(), alpha=ce_weight)
+            grad[torch.arange(targets.numel(), device=grad.device), targets] -= ce_weight
+    return loss, metrics, grad
+
+
+def _hidden_term(objective: Objective, student_out: dict, teacher_out: dict, mask: torch.Tensor,
+                 backward: bool) -> torch.Tensor:
+    """The per-token mean over student layers j of ||h_s,j - h_t,m(j)||^2 / ||h_t,m(j)||^2, summed over tokens."""
+    with torch.set_grad_enabled(backward):
+        terms = []
+        for j, source in enumerate(objective.layer_map):
+            h_s = student_out[j][:, :-1][mask]
+            h_t = teacher_out[source][:, :-1][mask.to(h_s.device)].to(h_s.device)
+            h_s, h_t = _at_least_float32(h_s), _at_least_float32(h_t)
+            terms.append((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12))
+        return torch.stack(terms).mean(0).sum()
+
+
 def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, objective: Objective, *,
-                 scale: float = 1.0, backward: bool = True) -> dict:
+                 scale: float = 1.0, backward: bool = True, body=None, teacher_body=None) -> dict:
     """Loss of one micro-batch; with backward=True its gradient (times `scale`) is accumulated into
-    the student's .grad. Returns summed loss, NLL, KL (validation) and the supervised token count."""
+    the student's .grad. Returns summed loss, NLL, KL (validation) and the supervised token count.
+    `body(ids)` gives the student's final hidden states (default: final_hidden; a sharded student's
+    root module, secateurs.runtime.sharding); `teacher_body(ids)` the teacher's (a sharded teacher's root,
+    its weights left gathered for the head chunks)."""
     adapter_s = get_adapter(student)
     device = input_device(student)
     targets = labels[:, 1:].to(device)
@@ -148,36 +227,30 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
     student_layers = range(len(objective.layer_map)) if use_hidden else ()
     with torch.set_grad_enabled(backward), layer_outputs(student, student_layers) as student_out, \
             _autocast(objective, device):
-        hidden = final_hidden(student, ids)[:, :-1][mask]
+        hidden = (final_hidden(student, ids) if body is None else body(ids.to(device)))[:, :-1][mask]
     teacher_rows = None
-    if objective.kind == "kd" and teacher is not None:
+    if isinstance(teacher, CachedTeacher):
+        teacher_rows = teacher.rows(ids, labels, device)
+    elif objective.kind == "kd" and teacher is not None:
         with torch.no_grad(), layer_outputs(teacher, sorted(set(objective.layer_map or ())) if use_hidden else ()) \
                 as teacher_out:
             with _autocast(objective, input_device(teacher)):
-                teacher_rows = final_hidden(teacher, ids)[:, :-1][mask.to(input_device(teacher))].to(device)
-        adapter_t = get_adapter(teacher)
+                teacher_ids = ids.to(input_device(teacher))
+                whole = final_hidden(teacher, teacher_ids) if teacher_body is None else teacher_body(teacher_ids)
+                teacher_rows = whole[:, :-1][mask.to(input_device(teacher))].to(device)
     targets = targets[mask]
     rows = hidden.detach().requires_grad_(backward)
     sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "hidden": 0.0, "tokens": int(targets.numel())}
     hidden_loss = None
     if use_hidden:
+        total = _hidden_term(objective, student_out, teacher_out, mask, backward)
         with torch.set_grad_enabled(backward):
-            terms = []
-            for j, source in enumerate(objective.layer_map):
-                h_s = student_out[j][:, :-1][mask]
-                h_t = teacher_out[source][:, :-1][mask.to(h_s.device)].to(h_s.device)
-                h_s, h_t = _at_least_float32(h_s), _at_least_float32(h_t)
-                terms.append((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12))
-            per_token = torch.stack(terms).mean(0)
-            hidden_loss = objective.hidden_weight * per_token.sum()
-        sums["hidden"] = per_token.sum().item()
+            hidden_loss = objective.hidden_weight * total
+        sums["hidden"] = total.item()
         sums["loss"] += hidden_loss.item()
     for start in range(0, rows.shape[0], objective.chunk_rows):
         part = slice(start, start + objective.chunk_rows)
-        z_t = None
-        if teacher_rows is not None:
-            with torch.no_grad(), _autocast(objective, input_device(teacher)):
-                z_t = adapter_t.logits(teacher, teacher_rows[part].to(input_device(teacher))).to(device)
+        z_t = _teacher_chunk(teacher, teacher_rows, part, objective, device)
         with torch.set_grad_enabled(backward), _autocast(objective, device):
             z_s = adapter_s.logits(student, rows[part])
         loss, metrics, grad = _chunk_terms(objective, z_s, z_t, targets[part], with_grad=backward,
@@ -196,3 +269,12 @@ def chunked_loss(student, teacher, ids: torch.Tensor, labels: torch.Tensor, obje
         if outputs:
             torch.autograd.backward(outputs, grads)
     return sums
+
+
+def _teacher_chunk(teacher, rows, part: slice, objective: Objective, device) -> torch.Tensor | TopK | None:
+    """The teacher's terms of one chunk of supervised positions: its logits from its final hidden `rows`,
+    or the cached rows (a TopK); None without a teacher."""
+    if rows is None or isinstance(rows, TopK):
+        return None if rows is None else rows[part]
+    with torch.no_grad(), _autocast(objective, input_device(teacher)):
+        return get_adapter(teacher).logits(teacher, rows[part].to(input_device(teacher))).to(device)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from secateurs.errors import SecateursError
-from secateurs.settings.fields import check_declared, from_keywords, option
+from secateurs.settings.fields import check_choices, check_declared, from_keywords, option
 from secateurs.settings.values import (
     TOKENS,
     finite_float,
@@ -29,6 +29,12 @@ from secateurs.settings.values import (
 
 OBJECTIVES = ("kd", "ce")
 METHODS = ("full", "lora")
+# How several processes share the training (secateurs.runtime.distributed): ddp, every process holds the
+# whole student; fsdp, the student is sharded over them (secateurs.runtime.sharding); auto chooses.
+STRATEGIES = ("auto", "ddp", "fsdp")
+# Where the teacher lives under fsdp: replicated, whole in every process; sharded like the student
+# (secateurs.runtime.sharding); auto shards it where the memory plan says the replicated one does not fit.
+TEACHER_SHARDINGS = ("auto", "replicated", "sharded")
 # The AMP paper's recovery (official fine_tune.py): LoRA r=8, alpha=16, dropout 0.05 on the seven
 # projections, lr 3e-4. Its data (Alpaca-cleaned, 2 epochs) is the caller's --data.
 PRESETS = {"amp-paper": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 3e-4}}
@@ -150,11 +156,23 @@ class RecoverySettings:
                                           action="store_true")
     bf16: bool = option(False, "bfloat16 autocast for the forward passes (GPUs); weights and optimiser keep --dtype, "
                                "losses are float32", action="store_true")
+    strategy: str = option("auto", "how several processes (torchrun) share the training: ddp, each holds the whole "
+                                   "student; fsdp, the student, its gradients and optimiser state are sharded over "
+                                   "them (for students that do not fit one device); auto chooses (default: "
+                                   "{default}; one process trains unsharded)", choices=STRATEGIES)
+    teacher_sharding: str = option("auto", "the teacher under --strategy fsdp: replicated, whole in every process; "
+                                           "sharded like the student, each process holding 1/N of it; auto shards it "
+                                           "when the replicated one does not fit (default: {default})",
+                                   choices=TEACHER_SHARDINGS)
     max_hours: float = option(DEFAULT_MAX_HOURS, "refuse a run estimated to take longer (the estimate is printed "
                                                  "before the first step; default: {default:g})",
                               type=positive_float, metavar="H")
     teacher_any: bool = option(False, "the teacher is meant not to be the dense model the student was pruned from "
                                       "(no warning)", action="store_true")
+    teacher_cache: str | os.PathLike | None = option(None, "distil from the teacher's top-K log-probabilities that "
+                                                           "`secateurs teacher-logits` wrote to this folder, with no "
+                                                           "teacher in memory (instead of --teacher)", type=nonempty,
+                                                     metavar="CACHE")
     seed: int = option(0, "seed for the data split and order and LoRA init (default: {default})", flag="--seed",
                        type=nonnegative_int, shared=True)
     chunk_rows: int = option(256, "token rows per chunk of the loss over the vocabulary (bounds its memory)",
@@ -203,7 +221,7 @@ class RecoverySettings:
 
     def objective_for(self, has_teacher: bool) -> str:
         """The objective: as given, else 'kd' with a teacher and 'ce' without."""
-        return self.objective or ("kd" if has_teacher else "ce")
+        return self.objective or ("kd" if has_teacher or self.teacher_cache is not None else "ce")
 
     def self_tokens(self, has_teacher: bool) -> int:
         """Tokens the teacher generates for data 'self' (0 for any other data)."""
@@ -216,7 +234,7 @@ class RecoverySettings:
         """What needs to know the models: the objective's teacher, distillation settings with 'ce',
         and (given the student) its context length."""
         objective = self.objective_for(has_teacher)
-        if objective == "kd" and not has_teacher:
+        if objective == "kd" and not (has_teacher or self.teacher_cache is not None):
             raise SecateursError("objective 'kd' distils from a teacher: pass the dense model (--teacher), "
                                  "or use objective 'ce'")
         if objective == "ce" and (self.kd_ratio != 1.0 or self.temperature != 1.0):
@@ -227,6 +245,21 @@ class RecoverySettings:
         context = getattr(student.config, "max_position_embeddings", None) if student is not None else None
         if context is not None and self.seq_len > context:
             raise SecateursError(f"seq_len {self.seq_len} exceeds the model's context of {context} tokens")
+
+    def _check_teacher_cache(self, objective: str) -> None:
+        """A teacher-logit cache holds the teacher's output distributions: it serves objective 'kd' alone, without
+        the hidden-state term (the teacher's hidden states are not in it) and on data the cache can name."""
+        if self.teacher_cache is None:
+            return
+        if objective != "kd":
+            raise SecateursError("teacher_cache (--teacher-cache) holds the teacher's next-token distributions for "
+                                 "objective 'kd'; objective 'ce' uses no teacher")
+        if self.hidden_weight:
+            raise SecateursError("hidden_weight (--hidden-weight) matches the teacher's hidden states, which a "
+                                 "teacher-logit cache does not hold: distil from the teacher itself (--teacher)")
+        if self.data == "self":
+            raise SecateursError("data 'self' is text sampled from the teacher, and a run from a teacher-logit cache "
+                                 "has no teacher: give the text file the cache was made from (--data)")
 
     def _check_training(self) -> None:
         tokens = self.tokens
@@ -275,6 +308,7 @@ class RecoverySettings:
 
     def _check_applies_with(self) -> None:
         """Settings that apply only with another."""
+        self._check_teacher_cache(self.objective_for(False))
         if self.hidden_weight and self.objective not in (None, "kd"):
             raise SecateursError("hidden_weight (hidden-state distillation) must be >= 0 and needs objective 'kd'")
         if self.self_samples is not None and self.data != "self":
@@ -293,6 +327,54 @@ class RecoverySettings:
 
 
 LIBRARY_ONLY = tuple(f.name for f in dataclasses.fields(RecoverySettings) if f.metadata["flag"] is None)
+
+CACHE_DTYPES = ("float32", "float16")
+# A cache's K is at most a vocabulary (the largest real ones are below 2^18 tokens).
+TOP_K = int_in(1, 262144, "a vocabulary's size at most")
+
+
+@dataclass(frozen=True)
+class TeacherLogitsSettings:
+    """What `secateurs teacher-logits` (secateurs.recovery.teacher_cache) writes: the teacher's top-K
+    log-probabilities at `temperature` for every supervised position of the recovery sequences that
+    `secateurs recover` draws from the same data, tokens, val_tokens, seq_len and seed."""
+
+    data: str | None = option(None, "recovery data, as `recover --data` takes it: text file, .jsonl, hf:NAME:SPLIT "
+                                    "or 'tinystories' (not 'self': the run that reads the cache has no teacher to "
+                                    "sample it)", type=nonempty)
+    tokens: int = option(200_000, "training tokens to cover: the --tokens of the recover runs that read the cache "
+                                  "(default: {default})", type=positive_int)
+    val_tokens: int = option(4096, "held-out validation tokens, as recover's --val-tokens (default: {default})",
+                             type=nonnegative_int)
+    seq_len: int = option(256, "tokens per packed training sequence, as recover's (default: {default})",
+                          flag="--train-length", type=TOKENS, metavar="N")
+    top_k: int = option(64, "teacher log-probabilities kept per position; the rest is one bucket (default: "
+                            "{default})", type=TOP_K, metavar="K")
+    temperature: float = option(1.0, "distillation temperature T of the recover runs (default: {default:g})",
+                                type=TEMPERATURE)
+    cache_dtype: str = option("float16", "dtype of the stored log-probabilities: float16 rounds them by 2^-11, "
+                                         "far below what K leaves out (default: {default})", choices=CACHE_DTYPES)
+    seed: int = option(0, "seed of the data split and order, as recover's --seed (default: {default})", flag="--seed",
+                       type=nonnegative_int, shared=True)
+    shard_sequences: int = option(256, "sequences per shard: the unit written at once and resumed", flag=None,
+                                  type=positive_int)
+    batch_size: int = option(4, "sequences per teacher forward", flag=None, type=positive_int)
+    chunk_rows: int = option(256, "positions per chunk of the softmax over the vocabulary", flag=None,
+                             type=positive_int)
+
+    def __post_init__(self):
+        check_declared(self)
+        if self.data is None:
+            raise SecateursError("teacher-logits needs the recovery data (--data): the cache holds the teacher's "
+                                 "outputs on the sequences recover draws from it")
+        if self.data == "self":
+            raise SecateursError("data 'self' is text sampled from the teacher, and a run from a teacher-logit cache "
+                                 "has no teacher to sample it: give a text file, .jsonl or hf:NAME:SPLIT")
+        check_choices(self)
+
+    @classmethod
+    def from_keywords(cls, keywords: dict) -> TeacherLogitsSettings:
+        return from_keywords(cls, keywords, "teacher-logits")
 
 
 @dataclass(frozen=True)

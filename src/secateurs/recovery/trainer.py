@@ -102,6 +102,15 @@ class LoopSettings:
         return self.eval_every or max(1, self.steps(seq_len) // 10)
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How the processes hold the models: `strategy` 'ddp' (a whole student in every process) or 'fsdp' (the
+    student sharded over them, checkpoints sharded), and with fsdp whether the `teacher` is sharded too."""
+
+    strategy: str = "ddp"
+    teacher: bool = False
+
+
 class DataOrder:
     """Training sequence indices for micro-batch m: a seeded permutation per epoch, so the order
     depends on nothing but the seed and the position (what resume needs). `offset` sequences of the
@@ -137,19 +146,17 @@ class RecoveryLoop:
 
     def __init__(self, student, teacher, data: RecoveryData, objective: Objective, settings: LoopSettings,
                  checkpoint_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
-                 progress: bool = True, on_validation=None, on_step=None, inputs=(), strategy: str = "ddp"):
+                 progress: bool = True, on_validation=None, on_step=None, inputs=(), sharding: Sharding | None = None):
         self.student, self.teacher, self.data, self.objective, self.s = student, teacher, data, objective, settings
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.progress, self.on_validation, self.on_step = progress, on_validation, on_step
         self.inputs = list(inputs)  # files the checkpoint folder may not be, contain or lie in
         self.world = current_world()
-        self.strategy = strategy  # 'fsdp': sharded checkpoints, and the student sharded over several processes
-        self.sharded = None
-        if strategy == "fsdp" and self.world.size > 1:
-            self.sharded = sharding.shard(student, get_adapter(student).decoder_layers(student), final_hidden,
-                                          device=next(student.parameters()).device, processes=self.world.size,
-                                          bf16=objective.bf16)
+        sharding = sharding or Sharding()
+        self.strategy = sharding.strategy  # 'fsdp': sharded checkpoints, the student sharded over several processes
+        self.sharded = self.teacher_sharded = None
+        self._place_models(sharding.teacher and self.strategy == "fsdp" and isinstance(teacher, torch.nn.Module))
         self.body = self.sharded.root if self.sharded is not None else None  # the student's body, ids -> hidden
         self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         if settings.batch_size % self.world.size:
@@ -177,6 +184,42 @@ class RecoveryLoop:
         self.best: dict | None = None  # {"step", "loss"} of the best validation so far (the start included)
         self.bad_validations = 0
 
+    def _place_models(self, shard_teacher: bool) -> None:
+        """Shard the student (fsdp) and the teacher (`shard_teacher`) over the processes, and fill the
+        models the other processes hold on the meta device (loaded once, by process 0) from process 0's
+        weights (secateurs.runtime.sharding)."""
+        student, teacher, world = self.student, self.teacher, self.world
+        if world.size == 1:
+            return
+        device = sharding.training_device(student)
+        once = [bool(n) for n in world.sum([float(sharding.on_meta(student)), float(sharding.on_meta(teacher))])]
+        states = [sharding.full_state(m) if flag and world.main else None for m, flag in zip((student, teacher), once)]
+        if self.strategy == "fsdp":
+            self.sharded = sharding.shard(student, get_adapter(student).decoder_layers(student), final_hidden,
+                                          device=device, processes=world.size, bf16=self.objective.bf16, home=device)
+        if shard_teacher:
+            self.teacher_sharded = sharding.shard(teacher, get_adapter(teacher).decoder_layers(teacher), final_hidden,
+                                                  device=device, processes=world.size, bf16=self.objective.bf16)
+        for model, flag, state in zip((student, teacher), once, states):
+            if flag:
+                sharding.fill_from_main(model, state, device, world.main)
+        if any(once):  # LoRA's initialisation drew numbers in process 0 alone: every process goes on from its state
+            torch.set_rng_state(world.from_main(torch.get_rng_state))
+
+    def _teacher_body(self, ids: torch.Tensor) -> torch.Tensor:
+        """A sharded teacher's final hidden states, its root group left gathered for the head chunks."""
+        hidden = self.teacher_sharded.root(ids)
+        self.teacher_sharded.root.unshard()
+        return hidden
+
+    def _loss(self, ids, labels, **keywords) -> dict:
+        """chunked_loss of the models as placed; a sharded teacher's root group freed after it."""
+        sums = chunked_loss(self.student, self.teacher, ids, labels, self.objective, body=self.body,
+                            teacher_body=self._teacher_body if self.teacher_sharded is not None else None, **keywords)
+        if self.teacher_sharded is not None:
+            sharding.reshard(self.teacher_sharded)
+        return sums
+
     # -- validation ------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
@@ -194,11 +237,9 @@ class RecoveryLoop:
                 if self.sharded is None:
                     continue
                 # a sharded forward gathers weights with the other processes: run it on a sequence, unsummed
-                chunked_loss(self.student, self.teacher, ids[start:start + 1], labels[start:start + 1],
-                             self.objective, backward=False, body=self.body)
+                self._loss(ids[start:start + 1], labels[start:start + 1], backward=False)
                 continue
-            sums = chunked_loss(self.student, self.teacher, ids[part], labels[part], self.objective, backward=False,
-                                body=self.body)
+            sums = self._loss(ids[part], labels[part], backward=False)
             for k in totals:
                 totals[k] += sums[k]
         if self.world.size > 1:
@@ -229,8 +270,7 @@ class RecoveryLoop:
         mine = self.world.share(0, self.s.batch_size)
         for index in micro:
             index = index[mine]
-            sums = chunked_loss(self.student, self.teacher, self.data.train_ids[index], self.data.train_labels[index],
-                                self.objective, scale=scale, body=self.body)
+            sums = self._loss(self.data.train_ids[index], self.data.train_labels[index], scale=scale)
             loss += sums["loss"]
         params = list(self.params.values())
         if self.world.size > 1:
@@ -296,6 +336,9 @@ class RecoveryLoop:
         if self.sharded is not None:  # the trained student whole again in every process
             sharding.unshard(self.sharded)
             self.sharded = self.body = None
+        if self.teacher_sharded is not None:  # the teacher back where it was
+            sharding.unshard(self.teacher_sharded)
+            self.teacher_sharded = None
         self.history.update(stopped_early=stopped_early, steps_done=self.step, total_steps=self.total_steps,
                             warmup_steps=self.warmup_steps, restored_best_step=restored,
                             best_step=self.best["step"] if self.best else None)
