@@ -3,6 +3,8 @@ constraints and refusals, the decode-cost table's fitting and cache, and the rep
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
 
@@ -14,9 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.adapters import get_adapter
 from secateurs.calibration.data import load_calibration
+from secateurs.calibration.statistics import collect_statistics
 from secateurs.errors import SecateursError
 from secateurs.evaluation.report import layer_choice_blocks, layer_choices, write_run_report
-from secateurs.methods import make_plan
+from secateurs.methods import make_plan, prune
+from secateurs.methods.search import chosen_plans, search_table
 from secateurs.planning.accounting import model_stats
 from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import PruningPlan
@@ -41,6 +45,8 @@ from secateurs.search.costs import (
     machine_key,
     widths,
 )
+from secateurs.search.library import build_library
+from secateurs.search.scoring import cache_scoring_data, score_library
 
 LAYERS = 5
 KV_GROUPS, NEURONS = 4, 32
@@ -341,3 +347,50 @@ def test_measured_decode_costs_have_every_width_and_leave_the_model_as_it_was(tm
     assert [n for n, _ in costs.measured["mlp"]] == [48, 36, 24, 12]
     values = [s for _, s in costs.measured["attention"] + costs.measured["mlp"]] + [costs.value, costs.head]
     assert all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_uniform_mlp_search_at_amp_mlps_parameters_keeps_amp_mlps_neurons(stories):
+    """The search restricted to uniform MLP widths (every attention variant but dense left out of the
+    library before scoring, no layer kept dense), its budget exactly the parameters of amp-mlp's plan at
+    ratio 0.2 on stories260K, and a grid holding amp-mlp's width between a narrower and a wider one,
+    chooses amp-mlp's width and, in every layer, amp-mlp's very neurons. The library ranks neurons by
+    AMP's own score (mean |activation|, averaged per prompt), so the indices are the claim: the library's
+    ranking (float64 argsort of a Gram statistics pass) is amp-mlp's (its own statistics pass, its
+    selection). Re-fit off on both sides: the plans are equal, and surgery without re-fit gives the same
+    bytes."""
+    model, tok = stories
+    calib = load_calibration("tinystories", tok, num_samples=8, max_length=64, seed=0)
+    amp = make_plan(model, "amp-mlp", 0.2, calibration=calib, progress=False)
+    inter = model.config.intermediate_size
+    widths_kept = {len(lp.neurons) for lp in amp.layers}
+    assert len(widths_kept) == 1 and all(lp.heads is None and lp.kv_heads is None for lp in amp.layers)
+    width = widths_kept.pop()
+    assert 0 < width < inter
+    amp_model, _ = prune(copy.deepcopy(model), plan=amp, reconstruct="none", progress=False)
+    budget = Budget("params", model_stats(amp_model).total_params)
+
+    layers = list(range(model.config.num_hidden_layers))
+    stats = collect_statistics(model, calib, progress=False, gram=True)
+    library = build_library(model, stats, layers, alphas={}, sized_only=True,
+                            mlp_fractions=(0.25, width / inter, 0.875))
+    library = dataclasses.replace(library, variants={i: [v for v in vs if v.block == "mlp" or v.kind == "dense"]
+                                                     for i, vs in library.variants.items()})
+    assert {v.size for v in library.of(0, "mlp")} == {inter, 150, width, 43}
+    scores = score_library(model, library, cache_scoring_data(model, calib, progress=False), progress=False)
+    choice = choose(search_table(model, library, scores), budget, Constraints(0, 0, uniform=True))
+    assert [v.size for v in choice.mlp] == [width] * len(layers) and {v.kind for v in choice.attention} == {"dense"}
+    assert choice.costs["params"] == budget.limit  # the library's accounting is the pruned model's
+    narrower = sum(scores[(i, "mlp", "width43")] for i in layers)
+    assert choice.objective < narrower  # the width fits the budget best, not the only one that fits
+    tighter = choose(search_table(model, library, scores), Budget("params", budget.limit - 1),
+                     Constraints(0, 0, uniform=True))
+    assert [v.size for v in tighter.mlp] == [43] * len(layers)  # the budget is exactly amp-mlp's width
+
+    plan = identity_plan(model)
+    plan.layers = list(chosen_plans(library, choice).values())
+    assert plan.layers == amp.layers
+    searched, _ = prune(copy.deepcopy(model), plan=plan, reconstruct="none", progress=False)
+    ours, theirs = searched.state_dict(), amp_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert tensor.shape == theirs[name].shape and tensor.numpy().tobytes() == theirs[name].numpy().tobytes(), name

@@ -50,6 +50,11 @@ from secateurs.storage.loading import resolve_source
 from secateurs.storage.pruned import save_pruned
 from secateurs.version import __version__
 
+try:
+    import resource  # POSIX only: the peak resident set of this process
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 RECOVERY_FILENAME = "recovery.json"
 RECOVERY_FORMAT = "secateurs.recovery/1"
 CHECKPOINT_KIND = "recovery-checkpoint"  # the marker kind of a checkpoint folder (secateurs.files.output)
@@ -452,7 +457,19 @@ def _record(run: _Run, *, trained, history, loop, targets, trainable, params_bef
         "device": str(next(trained.parameters()).device), "torch_threads": torch.get_num_threads(),
         "threads": threads.describe(),
         "allocator": history.get("allocator"),
+        "peak_memory": peak_memory(next(trained.parameters()).device),
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: on CUDA what torch allocated on the device, elsewhere the process's
+    peak resident set (the kernel's ru_maxrss, imports and data included)."""
+    if device.type == "cuda":
+        return {"kind": "cuda max_memory_allocated", "gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+    if resource is None:
+        return {"kind": "not measured on this system", "gib": None}
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    return {"kind": "process peak resident set", "gib": round(peak_kib / 2**20, 3)}
 
 
 def _layer_map(student, teacher, plan: PruningPlan | None) -> tuple[int, ...]:

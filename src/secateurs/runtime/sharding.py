@@ -98,6 +98,8 @@ def shard(student: nn.Module, layers, body, *, device: torch.device, processes: 
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sums: the loss is scaled by the step's tokens already
+            # a plain SUM: float32 and bfloat16 gradients would otherwise go through PREMUL_SUM, which gloo lacks
+            module.set_force_sum_reduction_for_comms(True)
     return sharded
 
 
