@@ -77,6 +77,7 @@ def test_two_processes_equal_one(pruned, tmp_path, method):
     assert main(["--quiet", *_recover_args(pruned, one, method)]) == 0
     done = _torchrun(_recover_args(pruned, two, method), processes=2)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count(f"saved to {two.resolve()}") == 1, done.stdout  # process 0 alone reports
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert next(iter(weights_one.values())).dtype == next(iter(weights_two.values())).dtype
     assert _max_difference(weights_one, weights_two) < TOLERANCE

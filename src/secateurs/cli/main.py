@@ -488,6 +488,7 @@ def recover_dry_run(args) -> int:
 
 def cmd_recover(args) -> int:
     from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
+    from secateurs.runtime.distributed import current as current_world  # noqa: PLC0415 (deferred: torch)
 
     if args.dry_run:
         return recover_dry_run(args)
@@ -499,6 +500,8 @@ def cmd_recover(args) -> int:
     if args.out is None:
         raise SecateursError("--out is required: the folder the recovered model is saved to (--dry-run needs none)")
     recovered = run(recover_stages(args)).results[-1]
+    if not current_world().main:  # every process trained the same model: process 0 reports it
+        return 0
     result, ppl = recovered.result, recovered.perplexity
     _print_recovery(result.record)
     if ppl:
