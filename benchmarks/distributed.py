@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--rows", default="1x2,2x1", help="PROCESSESxTHREADS, comma-separated")
     p.add_argument("--strategies", default="ddp", help="strategies of the several-process rows: ddp, fsdp")
+    p.add_argument("--pruned", help="a pruned SmolLM2 folder to recover (default: AMP --ratio on C4, made in --work)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-distributed"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed"))
     args = p.parse_args()
@@ -91,10 +92,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     saved_path = Path(args.out + ".json")
-    settings = {"tokens": args.tokens, "seq_len": args.seq_len, "batch": args.batch, "ratio": args.ratio}
+    settings = {"tokens": args.tokens, "seq_len": args.seq_len, "batch": args.batch, "ratio": args.ratio,
+                "pruned": args.pruned}
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     rows = saved.get("rows", []) if saved.get("settings") == settings else []
-    pruned = _pruned(work, args.ratio)
+    pruned = Path(args.pruned) if args.pruned else _pruned(work, args.ratio)
     wanted = [(spec, strategy) for spec in args.rows.split(",")
               for strategy in (args.strategies.split(",") if int(spec.split("x")[0]) > 1 else ["one process"])]
     for spec, strategy in wanted:

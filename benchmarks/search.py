@@ -94,6 +94,8 @@ def row_specs(args) -> dict[str, dict]:
         p = pct(r)
         rows[f"search-{p}"] = {"label": f"search, {p}% of parameters", "kind": "search", "budget": "params",
                                "ratio": r}
+        rows[f"search-r2-{p}"] = {"label": f"search, {p}% of parameters, two scoring rounds", "kind": "search-r2",
+                                  "budget": "params", "ratio": r}
         rows[f"amp-{p}"] = {"label": f"AMP {p}%", "kind": "prune", "prune": {"method": "amp", "ratio": r}}
         rows[f"amp-global-{p}"] = {"label": f"AMP {p}%, global allocation", "kind": "prune",
                                    "prune": {"method": "amp", "ratio": r, "allocation": "global"}}
@@ -132,7 +134,7 @@ def row_settings(name: str, spec: dict, args) -> dict:
             "seq_len": SEQ_LEN, "max_tokens": args.max_tokens, "kl_tokens": args.kl_tokens, "tasks": args.tasks,
             "limit": args.limit, **({"harp_calib_samples": args.harp_calib_samples} if harp else {}),
             **({"scoring": scoring_settings(args), "reconstruct": args.search_reconstruct}
-               if spec["kind"] == "search" else {}),
+               if spec["kind"] in ("search", "search-r2") else {}),
             "recover_tokens": args.recover_tokens if spec["recover"] else 0,
             **({"kd_ratio": args.kd_ratio} if spec["recover"] and args.recover_tokens else {}),
             "llamacpp": None if args.no_llamacpp else {"threads": args.threads, "repeats": args.repeats,
@@ -208,6 +210,23 @@ def calibration_forward_seconds(model, calibration) -> float:
     for batch in calibration.batches:
         model(**batch, use_cache=False)
     return time.perf_counter() - start
+
+
+def search_two_rounds(spec: dict, ctx: Context, args) -> tuple:
+    """The search at one budget with its second round (every variant scored again around the first round's
+    choice, which depends on the budget): a whole search per row, timed in calibration forwards."""
+    forward = calibration_forward_seconds(ctx.dense, ctx.calibration)
+    start = time.perf_counter()
+    model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, "search", spec["ratio"], calibration=ctx.calibration,
+                        statistics=ctx.statistics, budget=spec["budget"], rounds=2,
+                        scoring_tokens=args.scoring_tokens, reconstruct=args.search_reconstruct, progress=True)
+    seconds = time.perf_counter() - start
+    p = plan.provenance
+    details = {"architecture": architecture(plan), "budget": spec["budget"], "budget_ratio": spec["ratio"],
+               "choice_costs": p["choice"]["costs"], "objective": p["choice"]["objective"], "rounds": 2,
+               "search_and_surgery_seconds": round(seconds, 1), "calibration_forward_seconds": round(forward, 3),
+               "search_and_surgery_forwards": round(seconds / forward, 1), "scoring_tokens": p["scoring_tokens"]}
+    return model, plan, {"search_and_surgery": round(seconds, 1)}, details
 
 
 def score_once(ctx: Context) -> dict:
@@ -289,6 +308,8 @@ def build(name: str, spec: dict, ctx: Context, args) -> tuple:
                                              "statistics_seconds", "calibration_tokens", "scoring_tokens",
                                              "scoring_samples", "variants_scored")}}
         return model, plan, seconds, details
+    if kind == "search-r2":
+        return search_two_rounds(spec, ctx, args)
     if kind == "consensus":
         layers, share = consensus_layers(ctx.dense, spec["share"])
         keywords, details = {"method": "consensus", "ratio": None, "layers": layers}, {"layers_removed": layers}
@@ -503,6 +524,10 @@ def markdown(summary: dict) -> str:
                       if costs["decode"] else ""}[r["budget"]]
             lines.append(f"| {r['label']} | {r['budget']}: {r['budget_ratio']:.1%} | {chosen} | "
                          f"`{r['architecture']}` |")
+    two = [r for r in rows if r.get("rounds") == 2]
+    lines += [""] * bool(two) + [f"* {r['label']}: its search (both rounds) and surgery took "
+                                 f"{r['search_and_surgery_seconds']:,.1f} s = {r['search_and_surgery_forwards']:,.1f} "
+                                 f"calibration forwards of {r['calibration_forward_seconds']:.2f} s." for r in two]
     lines += ["", "## Wall time per row (seconds) and the load around it", "",
               "| row | " + " | ".join(summary["phases"]) + " | load at start | load at end |",
               "| --- | " + " | ".join("---:" for _ in summary["phases"]) + " | ---: | ---: |"]
