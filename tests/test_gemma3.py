@@ -247,7 +247,8 @@ def folder(tmp_path_factory):
 FLAGS = {"amp": ["--ratio", "0.3", "--split", "balanced", "--reconstruct", "none"],
          "amp-heads": ["--ratio", "0.3"], "amp-mlp": ["--ratio", "0.2"], "wanda-sp": ["--ratio", "0.3"],
          "wanda-sp-heads": ["--ratio", "0.3"], "flap": ["--ratio", "0.3"], "magnitude": ["--ratio", "0.3"],
-         "random": ["--ratio", "0.3"], "harp": ["--top-layers", "2"], "consensus": ["--layers", "1"]}
+         "random": ["--ratio", "0.3"], "harp": ["--top-layers", "2"], "consensus": ["--layers", "1"],
+         "search": ["--ratio", "0.3", "--reconstruct", "none", "--scoring-tokens", "32"]}
 
 
 def _flags(method: str) -> list[str]:

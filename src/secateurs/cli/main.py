@@ -527,12 +527,13 @@ def _add_teacher_logits_parser(sub) -> None:
     p = sub.add_parser("teacher-logits", help="cache a teacher's top-K log-probabilities on the recovery data, "
                                               "for recover --teacher-cache (distillation with no teacher loaded)")
     p.add_argument("teacher", type=nonempty, help="the dense model to distil from: " + MODEL_HELP)
-    add_arguments(p, TeacherLogitsSettings, title="what is cached (as the recover runs that read it)")
+    add_arguments(p, TeacherLogitsSettings, title="what is cached (as the recover runs that read it)", suppress=True)
     p.add_argument("--seed", type=nonnegative_int, help="seed of the data split and order, as recover's (default: 0)")
     add_runtime_args(p)
     add_out_arg(p, required=True, help="cache folder (safetensors shards and manifest.json)")
     p.add_argument("--force", action="store_true", help="replace an existing cache folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted write of the same cache")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                   help="continue an interrupted write of the same cache")
 
 
 def teacher_logits_stages(args) -> list:
@@ -541,7 +542,7 @@ def teacher_logits_stages(args) -> list:
     settings = TeacherLogitsSettings(**read_arguments(args, TeacherLogitsSettings), seed=args.seed or 0)
     return [TeacherLogits(args.out, settings, args.teacher, Placement(args.dtype, args.device, args.device_map,
                                                                       args.offload_folder),
-                          force=args.force, resume=args.resume)]
+                          force=args.force, resume=getattr(args, "resume", False))]
 
 
 def cmd_teacher_logits(args) -> int:
