@@ -31,7 +31,6 @@ from secateurs.planning.plan import PLAN_FILENAME, LayerPlan, PruningPlan
 from secateurs.storage.checkpoint import prune_checkpoint
 from secateurs.storage.pruned import load_pruned, read_plan, save_pruned
 from secateurs.surgery.apply import apply_plan
-from secateurs.surgery.reconstruction import check_reconstructable
 
 NAMES = [*sorted(FAMILIES), "gemma3", "gemma3-multimodal"]
 GEMMA = ("gemma2", "gemma3_text", "gemma3")
@@ -176,7 +175,6 @@ def test_the_sequential_refit_passes_removed_layers_and_blocks_through():
     model = tiny_model("llama-gqa").double()
     calibration = padded_calibration(seed=5)
     plan = _mixed_plan(model)
-    assert check_reconstructable(plan) is None
     removed, _ = prune(copy.deepcopy(model), plan=plan, calibration=calibration, reconstruct="sequential",
                        progress=False)
     kept = PruningPlan.from_dict(plan.to_dict())

@@ -160,15 +160,6 @@ def prune_and_refit_layer(adapter, layer, plan: PruningPlan, lp, attention: Inpu
     return fitted
 
 
-def check_reconstructable(plan: PruningPlan, mode: str = "sequential") -> None:
-    """Reconstruction re-fits width-pruned blocks; removed layers, replaced (HARP) attention and
-    removed MLPs have no output projection to re-fit and are applied as they are, beside the
-    narrower blocks (the architecture search's plans). Both re-fits take every plan; a plan with
-    nothing narrower gains nothing from either."""
-    if mode not in ("dense", "sequential"):
-        raise SecateursError(f"unknown reconstruction mode {mode!r}; choose dense or sequential")
-
-
 def _as_identity(lp: LayerPlan) -> LayerPlan:
     """A removed layer as the sequential pass applies it until the layers are removed at the end: both
     blocks removed, so the layer passes its input on unchanged (exactly) to the layers above."""
@@ -179,7 +170,6 @@ def _as_identity(lp: LayerPlan) -> LayerPlan:
 def apply_plan_dense(model, plan: PruningPlan, stats: Statistics, settings: Reconstruction):
     """Apply a plan, every narrower block re-fitted from the dense model's Gram matrices (removed
     layers, replaced attention and removed MLPs applied as they are)."""
-    check_reconstructable(plan, "dense")
     plan.check_compatible(plan_base(model))
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
@@ -201,7 +191,6 @@ def apply_plan_sequential(model, plan: PruningPlan, calibration, settings: Recon
     (a lazy skeleton, `prune --streamed`) the model is not modified for good: the fits go to `store` and
     prune_checkpoint applies them shard by shard."""
 
-    check_reconstructable(plan)
     plan.check_compatible(plan_base(model))
     for lp in plan.layers:
         plan.resolve_layer(lp)
