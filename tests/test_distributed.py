@@ -44,13 +44,18 @@ def _recover_args(pruned: Path, out: Path, method: list[str]) -> list[str]:
             "--out", str(out), *method]
 
 
-@pytest.fixture(scope="module")
-def pruned(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("distributed") / "pruned"
-    assert main(["--quiet", "prune", str(STORIES), "--method", "amp", "--ratio", "0.2", "--calib",
+def _pruned_stories(tmp_path_factory, name: str, method: str) -> Path:
+    """stories260K pruned by `method` at 20%, in float64."""
+    out = tmp_path_factory.mktemp("distributed") / name
+    assert main(["--quiet", "prune", str(STORIES), "--method", method, "--ratio", "0.2", "--calib",
                  str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", "64", "--dtype", "float64",
                  "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    return _pruned_stories(tmp_path_factory, "pruned", "amp")
 
 
 def _torchrun(args: list[str], processes: int) -> subprocess.CompletedProcess:
@@ -149,10 +154,7 @@ def test_refusal_of_process_zero_stops_every_process(pruned, tmp_path):
 @pytest.fixture(scope="module")
 def per_layer(tmp_path_factory) -> Path:
     """FLAP's cut: every layer its own heads and MLP width, with compensation biases."""
-    out = tmp_path_factory.mktemp("distributed") / "per-layer"
-    assert main(["--quiet", "prune", str(STORIES), "--method", "flap", "--ratio", "0.2", "--calib",
-                 str(TINYSTORIES_TEXT), "--calib-samples", "8", "--calib-length", "64", "--dtype", "float64",
-                 "--out", str(out)]) == 0
+    out = _pruned_stories(tmp_path_factory, "per-layer", "flap")
     assert json.loads((out / "config.json").read_text())["secateurs"]["heterogeneous"]
     return out
 
