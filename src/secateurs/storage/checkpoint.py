@@ -138,8 +138,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype | None = None, load_out
     code written for offloaded models (criteria, HARP, depth scoring) runs on the skeleton."""
     folder = Path(folder)
     config = load_config(folder)
-    CheckpointTensors(folder)  # shard names from the index stay inside the folder, before any model is built
-    model = meta_model(config, dtype)
+    model = meta_model(config, dtype)  # on meta: nothing is read before CheckpointTensors checks the shard names
     tensors = CheckpointTensors(folder, model)
     model.tie_weights()  # also on meta: tied embeddings are one parameter, for counting too
     adapter = get_adapter(model)
