@@ -360,3 +360,74 @@ def test_loaded_once_gives_every_process_the_weights(student, lora, request, tmp
     tied = "True" if json.loads((STORIES / "config.json").read_text()).get("tie_word_embeddings", True) else "False"
     assert results == [f"rank=0 reads=1 meta=False same=True buffers=True tied={tied} tokenizer=True",
                        f"rank=1 reads=0 meta=True same=True buffers=True tied={tied} tokenizer=True"]
+
+
+CACHE_SCRIPT = """
+import sys
+from secateurs.recovery.settings import TeacherLogitsSettings
+from secateurs.recovery.teacher_cache import write_teacher_logits
+from secateurs.storage.loading import load_model
+
+teacher, tok = load_model(sys.argv[1], dtype="float32")
+settings = TeacherLogitsSettings(data=sys.argv[2], tokens=1024, val_tokens=192, seq_len=64, top_k=16,
+                                 shard_sequences=3)
+write_teacher_logits(teacher, tok, settings, sys.argv[3], resume=sys.argv[4] == "resume", progress=False)
+"""
+
+
+def _cache_files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".secateurs")}
+
+
+def test_teacher_cache_written_by_two_processes_is_the_one_of_one(tmp_path):
+    """Every process computes every other shard and process 0 writes them in order: the files are the
+    one-process write's, byte for byte, also when two processes resume a write one process began."""
+    script = tmp_path / "cache.py"
+    script.write_text(CACHE_SCRIPT)
+
+    def write(out: Path, processes: int, mode: str = "new") -> None:
+        command = [sys.executable, str(script), str(STORIES), str(TINYSTORIES_TEXT), str(out), mode]
+        if processes > 1:
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--rdzv-endpoint", "localhost:0",
+                            "--nproc_per_node", str(processes)]
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    write(one, 1)
+    write(two, 2)
+    files = _cache_files(one)
+    manifest = json.loads(files["manifest.json"])
+    assert len(manifest["shards"]) == manifest["planned_shards"] >= 5 and manifest["complete"]
+    assert _cache_files(two) == files
+    shutil.copytree(one, resumed)  # an interrupted write: its first shard done, the manifest saying so
+    for entry in manifest["shards"][1:]:
+        (resumed / entry["file"]).unlink()
+    (resumed / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"][:1],
+                                                       "complete": False}, indent=1) + "\n")
+    write(resumed, 2, "resume")
+    assert _cache_files(resumed) == files
+
+
+def test_prune_recover_in_two_processes_equals_one(tmp_path):
+    """`prune --recover` under a launcher: process 0 prunes and samples the teacher's own recovery data
+    (`--data self`), the others take its plan, weights and data, and the two processes together train to
+    the one-process run of the same global batch."""
+    def args(out: Path) -> list[str]:
+        return ["prune", str(STORIES), "--method", "amp", "--ratio", "0.2", "--calib", str(TINYSTORIES_TEXT),
+                "--calib-samples", "8", "--calib-length", "64", "--dtype", "float64", "--recover", "--data", "self",
+                "--tokens", "512", "--val-tokens", "128", "--train-length", "64", "--train-batch-size", "2",
+                "--threads", "1", "--out", str(out)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["--quiet", *args(one)]) == 0
+    done = _torchrun(args(two), processes=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count(f"saved to {two.resolve()}") == 1, done.stdout  # process 0 alone reports
+    assert _max_difference(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < TOLERANCE
+    plan_one, plan_two = (json.loads((f / "pruning_plan.json").read_text()) for f in (one, two))
+    assert plan_one["layers"] == plan_two["layers"]
+    record_one, record_two = (json.loads((f / "recovery.json").read_text()) for f in (one, two))
+    assert record_two["processes"]["world_size"] == 2 and record_one["steps"] == record_two["steps"]
+    assert record_one["data"]["hash"] == record_two["data"]["hash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]

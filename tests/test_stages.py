@@ -170,9 +170,10 @@ def test_neither_the_pipeline_nor_the_command_line_tests_a_method_name():
 
 
 def test_only_recovery_runs_under_several_launched_processes(tmp_path, monkeypatch, capsys):
-    """A launcher's WORLD_SIZE > 1 with a prune (or any stage but Recover) is refused before anything runs."""
+    """A launcher's WORLD_SIZE > 1 with a prune without --recover (or any stage but Recover and TeacherLogits)
+    is refused before anything runs."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "p"
     assert main(["prune", str(STORIES), "--method", "magnitude", "--ratio", "0.2", "--out", str(out)]) == 2
-    assert "only recovery runs in several processes (Prune runs in one)" in capsys.readouterr().err
+    assert "only recovery and teacher-logits run in several processes (Prune runs in one)" in capsys.readouterr().err
     assert not out.exists()

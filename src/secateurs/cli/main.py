@@ -355,12 +355,15 @@ def prune_stages(args) -> list:
 
 def cmd_prune(args) -> int:
     from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
+    from secateurs.runtime.distributed import current as current_world  # noqa: PLC0415 (deferred: torch)
 
     if args.dry_run:
         raise SecateursError("prune --dry-run: the student's shapes come from the method's scores and are known "
                              "only after pruning; plan recovery's memory with `secateurs recover MODEL --teacher "
                              "MODEL --assume-ratio R --dry-run` (AMP's uniform cut), or on the pruned folder")
     result = run(prune_stages(args)).results[-1]  # checks the output and the options before loading anything
+    if not current_world().main:  # prune --recover under a launcher: process 0 reports
+        return 0
     print(result.plan.summary())
     cmp = result.comparison
     if cmp is not None and result.recovery is None:
@@ -547,9 +550,11 @@ def teacher_logits_stages(args) -> list:
 
 def cmd_teacher_logits(args) -> int:
     from secateurs.pipeline import run  # noqa: PLC0415 (deferred: torch)
+    from secateurs.runtime.distributed import current as current_world  # noqa: PLC0415 (deferred: torch)
 
     folder = run(teacher_logits_stages(args)).results[-1]
-    print(f"wrote {folder}")
+    if current_world().main:  # under a launcher process 0 wrote it
+        print(f"wrote {folder}")
     return 0
 
 

@@ -37,16 +37,24 @@ from secateurs.methods import make_plan, prune, reconstruction_for
 from secateurs.methods.registry import get_method
 from secateurs.planning.accounting import compare_stats, model_stats
 from secateurs.planning.plan import PruningPlan
-from secateurs.recovery.api import RECOVERY_FILENAME, check_resources_before_loading, checkpoint_folder, recover
+from secateurs.recovery.api import (
+    RECOVERY_FILENAME,
+    check_resources_before_loading,
+    checkpoint_folder,
+    join_processes,
+    recover,
+)
 from secateurs.recovery.data import check_recovery_source, refuse_evaluation_overlap
 from secateurs.recovery.iterative import prune_depth_recovering
 from secateurs.recovery.settings import RecoverySettings
+from secateurs.runtime.distributed import launched_size
 from secateurs.runtime.identity import model_identity
 from secateurs.runtime.progress import status
 from secateurs.storage import loading
 from secateurs.storage.checkpoint import load_skeleton, prune_checkpoint
 from secateurs.storage.loading import check_device, load_tokenizer, resolve_source
 from secateurs.storage.pruned import save_pruned
+from secateurs.surgery.apply import apply_plan
 from secateurs.surgery.reconstruction import RefitStore, apply_plan_sequential
 
 MEMORY_MODES = ("in-memory", "streamed", "device-map")
@@ -108,6 +116,9 @@ def check(job: PruneJob) -> None:
     """Everything refused before the model loads: the memory mode, the output, the recovery data."""
     if job.memory not in MEMORY_MODES:
         raise SecateursError(f"memory must be one of {', '.join(MEMORY_MODES)}; got {job.memory!r}")
+    if job.recovery is not None and launched_size() > 1 and execution(job) == "recovering":
+        raise SecateursError(f"{launched_size()} processes were launched, and the iterative pipeline (remove a layer, "
+                             "recover, re-score) runs in one: run it without the launcher")
     preflight(job)
     if job.recovery is not None and job.memory != "in-memory":
         raise SecateursError("--recover trains the pruned model in memory, beside its dense teacher: prune with "
@@ -190,9 +201,19 @@ def prune_and_save(job: PruneJob, model, tokenizer, scores_out: dict | None = No
 
 def _pruned_and_recovered(job: PruneJob, model, tokenizer) -> PruneResult:
     """Dense in, recovered model out: prune in memory, then distil the dense model (a copy kept
-    before pruning) into the pruned one, and save the result."""
+    before pruning) into the pruned one, and save the result. In several launched processes
+    (secateurs.runtime.distributed) process 0 alone prunes: every other process gives its copy the
+    plan's shapes and process 0's weights, then all of them recover data-parallel."""
+    world = join_processes(job.recovery, job.device)
     dense = copy.deepcopy(model)
-    model, plan, before, after, seconds = prune_in_memory(job, model, tokenizer)
+
+    def pruned() -> tuple:
+        return prune_in_memory(job, model, tokenizer)[1:]
+
+    plan, before, after, seconds = world.from_main(pruned)
+    if not world.main:
+        apply_plan(model, plan)
+    world.copy_from_main(model)
     result = recover(model, dense, tokenizer=tokenizer, teacher_tokenizer=tokenizer, plan=plan, out=job.out,
                      force=job.force, settings=job.recovery.replace(seed=job.seed))
     return PruneResult(plan, result.out, result.model, compare_stats(before, after), seconds, result.record)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from secateurs.errors import SecateursError
 from secateurs.pipeline.jobs import PruneJob, PruneResult
-from secateurs.pipeline.stages import Prune, Recover, RunState, Stage
+from secateurs.pipeline.stages import Prune, Recover, RunState, Stage, TeacherLogits
 from secateurs.runtime.distributed import launched_size
 
 
@@ -45,10 +45,13 @@ def teachers_in_memory(stages: Sequence[Stage]) -> set[str]:
 
 
 def refuse_several_processes(stages: Sequence[Stage]) -> None:
-    """Under a launcher's several processes only recovery runs (data-parallel); any other stage would run
-    once per process and every process would write its output."""
-    others = sorted({type(stage).__name__ for stage in stages if not isinstance(stage, Recover)})
+    """Under a launcher's several processes only recovery (data-parallel, alone or after the pruning of
+    `prune --recover`: process 0 prunes, secateurs.pipeline.jobs) and the teacher-logit cache run; any
+    other stage would run once per process and every process would write its output."""
+    others = sorted({type(stage).__name__ for stage in stages
+                     if not isinstance(stage, Recover | TeacherLogits)
+                     and not (isinstance(stage, Prune) and stage.job.recovery)})
     if launched_size() > 1 and others:
-        raise SecateursError(f"{launched_size()} processes were launched, and only recovery runs in several "
-                             f"processes ({', '.join(others)} runs in one): run it without the launcher, then "
-                             "`torchrun ... -m secateurs recover` on its output")
+        raise SecateursError(f"{launched_size()} processes were launched, and only recovery and teacher-logits run "
+                             f"in several processes ({', '.join(others)} runs in one): run it without the launcher, "
+                             "then `torchrun ... -m secateurs recover` on its output")

@@ -48,6 +48,7 @@ from secateurs.recovery.settings import RecoverySettings, TeacherLogitsSettings
 from secateurs.recovery.teacher_cache import check_cache_output, write_teacher_logits
 from secateurs.runtime import sharding
 from secateurs.runtime.distributed import current as current_world
+from secateurs.runtime.distributed import join as join_world
 from secateurs.runtime.offload import has_offloaded_weights
 from secateurs.runtime.progress import phase
 from secateurs.storage import loading
@@ -138,7 +139,10 @@ class Prune(Stage):
     keep_scores: bool = False
 
     def check(self, run: RunState) -> None:
-        jobs.check(self.job)
+        if self.job.recovery is None:
+            return jobs.check(self.job)
+        world = join_processes(self.job.recovery, self.job.device)  # prune --recover under a launcher
+        return world.from_main(jobs.check, self.job)
 
     def execute(self, run: RunState, prepared: Any = None) -> jobs.PruneResult:
         job = self.job
@@ -272,7 +276,8 @@ def _perplexity_meter(ppl: str, text: str, tokenizer, tokens: int):
 @dataclass(frozen=True)
 class TeacherLogits(Stage):
     """Write the teacher-logit cache of `teacher` on the recovery data of `settings` to the folder `out`
-    (`resume`: continue an interrupted write of it), for `Recover` with teacher_cache."""
+    (`resume`: continue an interrupted write of it), for `Recover` with teacher_cache; under a launcher,
+    every process computes a share of the shards and process 0 writes them."""
 
     out: str
     settings: TeacherLogitsSettings
@@ -287,7 +292,11 @@ class TeacherLogits(Stage):
     def check(self, run: RunState) -> None:
         self.placement.check()
         check_recovery_source(self.settings.data)
-        check_cache_output(self.out, self.force, self.resume, self.inputs())
+        world = join_world(self.placement.device)
+        if world.size > 1 and self.placement.device_map is not None:
+            raise SecateursError(f"{world.size} processes each hold the whole teacher and write every N-th shard: "
+                                 "--device-map places one process's teacher, run it in one process")
+        world.from_main(check_cache_output, self.out, self.force, self.resume, self.inputs())
 
     def execute(self, run: RunState, prepared: Any = None) -> Path:
         model, tokenizer = run.load(self.teacher, self.placement)

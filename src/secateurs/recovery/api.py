@@ -221,9 +221,14 @@ def _prepare(world: World, student, teacher, s: RecoverySettings, plan, tokenize
     objective = s.objective_for(teacher is not None)
     teacher_for_loss = None if objective == "ce" or s.teacher_cache is not None else teacher.eval()
     _check_resources(student, teacher_for_loss, s, self_tokens=s.self_tokens(teacher is not None), progress=progress)
-    recovery_data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
-                                       seed=s.seed, teacher=teacher, evaluation_files=evaluation_files,
-                                       self_samples=s.self_samples)
+
+    def read_data() -> RecoveryData:
+        return load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
+                                  seed=s.seed, teacher=teacher, evaluation_files=evaluation_files,
+                                  self_samples=s.self_samples)
+
+    # the teacher's own samples are generated once, by process 0, and handed to the others
+    recovery_data = world.from_main(read_data) if s.data == "self" else read_data()
     _check_same_data(world, recovery_data)
     obj = Objective(objective, float(s.kd_ratio), float(s.temperature), s.chunk_rows, float(s.hidden_weight),
                     _layer_map(student, teacher, plan) if s.hidden_weight else None, bool(s.bf16))

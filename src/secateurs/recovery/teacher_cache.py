@@ -12,6 +12,11 @@ rows of each sequence at `offsets`. Shards (safetensors) are written one at a ti
 and `manifest.json` after each, so an interrupted write resumes at its first missing shard
 (`resume=True`) and ends with the very cache an uninterrupted one writes.
 
+Launched as several processes (torchrun, accelerate launch; secateurs.runtime.distributed), each
+process holds the teacher and computes every N-th of the shards still to write, and process 0 (the
+one that writes outputs) gathers them and writes them in order: the same files as one process
+writes, N times as fast.
+
 The manifest binds the cache to its teacher (secateurs.runtime.identity), tokenizer, data (the
 RecoveryData hash), sequence length, validation split, seed, temperature, K and token count. The format
 and its reading, which treats the folder as untrusted, are secateurs.recovery.cached_teacher.
@@ -47,23 +52,13 @@ from secateurs.recovery.cached_teacher import (
 from secateurs.recovery.data import IGNORE_INDEX, RecoveryData, load_recovery_data
 from secateurs.recovery.objectives import TopK, final_hidden
 from secateurs.recovery.settings import TeacherLogitsSettings
-from secateurs.runtime.distributed import launched_size
+from secateurs.runtime.distributed import join
 from secateurs.runtime.identity import model_identity
 from secateurs.runtime.offload import input_device
 from secateurs.runtime.progress import bar as progress_bar
 from secateurs.runtime.progress import status
 
 _STRAY = re.compile(r"^\.(?:(?:train|val)-\d{5}\.safetensors|manifest\.json)\.tmp-\d+-\w+(?:\.safetensors|\.json)?$")
-
-
-
-
-
-
-
-
-
-
 
 
 def top_k_rows(logits: torch.Tensor, top_k: int, temperature: float) -> TopK:
@@ -118,8 +113,6 @@ def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: lis
             "rest": torch.cat(rests) if rests else torch.zeros(0, dtype=torch.float32)}
 
 
-
-
 def _manifest(bound: dict, shards: list[dict], planned: int) -> dict:
     per_position = bytes_per_position(bound["top_k"], bound["cache_dtype"])
     return {"format": FORMAT, "binding": bound, "planned_shards": planned, "complete": len(shards) == planned,
@@ -166,45 +159,69 @@ def _resumed_shards(folder: Path, bound: dict, planned: int) -> list[dict]:
 def write_teacher_logits(teacher, tokenizer, settings: TeacherLogitsSettings, out: str | os.PathLike, *,
                          force: bool = False, resume: bool = False, inputs=(), progress: bool = True) -> Path:
     """Write the cache of `teacher` on `settings.data` to the folder `out` (see the module docstring);
-    resume=True continues an interrupted write of the same cache. Returns the folder."""
-    if launched_size() > 1:
-        raise TeacherCacheError("teacher-logits runs in one process: launch it without torchrun (one GPU or the "
-                                "CPU), then recover data-parallel from the cache")
+    resume=True continues an interrupted write of the same cache. Several launched processes share the
+    shards (each with its own teacher) and process 0 writes them. Returns the folder."""
+    world = join(input_device(teacher).type)
     inputs = [getattr(teacher.config, "_name_or_path", None), settings.data, *inputs]
-    folder = check_cache_output(out, force, resume, inputs)
+    folder = world.from_main(check_cache_output, out, force, resume, inputs)
     s = settings
     data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
                               seed=s.seed)
+    if world.from_main(lambda: data.hash) != data.hash:
+        raise TeacherCacheError(f"process {world.rank} read other data than process 0 (data hash {data.hash}); "
+                                "every process must see the same --data")
     bound = binding(teacher, tokenizer, data, s)
     plan = shard_plan(data, s.tokens, s.seed, s.shard_sequences)
-    if resume:
-        shards = _resumed_shards(folder, bound, len(plan))
-    else:
-        with write_folder(folder, force, inputs, kind=KIND, what="cache folder") as tmp:
-            (tmp / MANIFEST).write_text(json.dumps(_manifest(bound, [], len(plan)), indent=1) + "\n")
-        check_output_dir(folder, True, inputs, what="cache folder", kind=KIND)
-        shards = []
+    shards = world.from_main(_begin, folder, bound, len(plan), resume, force, inputs)
     total = sum(len(indices) for _, indices in plan)
     bar = progress_bar(total=total, initial=sum(e["sequences"] for e in shards), unit="seq", desc="teacher-logits",
-                       disable=not progress)
+                       disable=not (progress and world.main))
     teacher.eval()
+    pending = list(enumerate(plan))[len(shards):]
     try:
-        for number, (split, indices) in enumerate(plan[len(shards):], start=len(shards)):
-            ids, labels = (data.val_ids, data.val_labels) if split == "val" else (data.train_ids, data.train_labels)
-            tensors = shard_tensors(teacher, ids, labels, indices, bound)
-            name = shard_name(split, number)
-            with writing_file(folder / name) as tmp:
-                save_file(tensors, tmp)
-            shards.append({"file": name, "split": split, "sequences": len(indices),
-                           "positions": int(tensors["values"].shape[0]), "bytes": (folder / name).stat().st_size,
-                           "sha256": file_sha256(folder / name)})
-            _write_manifest(folder, bound, shards, len(plan))
-            bar.update(len(indices))
+        for first in range(0, len(pending), world.size):
+            mine = pending[first + world.rank] if first + world.rank < len(pending) else None
+            computed = world.gather(_compute(teacher, data, mine, bound))
+            for number, split, tensors in (c for c in computed or () if c is not None):
+                shards.append(_write_shard(folder, split, number, tensors))
+                _write_manifest(folder, bound, shards, len(plan))
+                bar.update(int(tensors["sequences"].numel()))
     finally:
         bar.close()
-        release(folder)
-    if progress:
+        if world.main:
+            release(folder)
+    if progress and world.main:
         positions = sum(e["positions"] for e in shards)
         status(f"teacher-logit cache: {positions:,} positions, K={bound['top_k']}, "
                f"{sum(e['bytes'] for e in shards) / 2**20:,.1f} MiB in {len(shards)} shards at {folder}")
     return folder
+
+
+def _begin(folder: Path, bound: dict, planned: int, resume: bool, force: bool, inputs) -> list[dict]:
+    """The shards already written: those of the interrupted write being resumed, or none in a folder
+    created now (holding only the manifest)."""
+    if resume:
+        return _resumed_shards(folder, bound, planned)
+    with write_folder(folder, force, inputs, kind=KIND, what="cache folder") as tmp:
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(bound, [], planned), indent=1) + "\n")
+    check_output_dir(folder, True, inputs, what="cache folder", kind=KIND)
+    return []
+
+
+def _compute(teacher, data: RecoveryData, shard: tuple | None, bound: dict) -> tuple | None:
+    """(number, split, tensors) of one shard of the plan, (number, (split, indices)); None for none."""
+    if shard is None:
+        return None
+    number, (split, indices) = shard
+    ids, labels = (data.val_ids, data.val_labels) if split == "val" else (data.train_ids, data.train_labels)
+    return number, split, shard_tensors(teacher, ids, labels, indices, bound)
+
+
+def _write_shard(folder: Path, split: str, number: int, tensors: dict) -> dict:
+    """Write one shard atomically; its manifest entry."""
+    name = shard_name(split, number)
+    with writing_file(folder / name) as tmp:
+        save_file(tensors, tmp)
+    return {"file": name, "split": split, "sequences": int(tensors["sequences"].numel()),
+            "positions": int(tensors["values"].shape[0]), "bytes": (folder / name).stat().st_size,
+            "sha256": file_sha256(folder / name)}

@@ -1,6 +1,7 @@
 """Several processes of one run, as a launcher starts them (torchrun, accelerate launch): the process
 group, this process's rank, and the few collectives recovery needs (sums, a gradient all-reduce,
-a barrier, a decision of process 0 handed to every process). Everything is torch.distributed's.
+a barrier, a decision of process 0 handed to every process, results gathered at process 0).
+Everything is torch.distributed's.
 
 A launcher sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every process; `join`
 forms the group from them (gloo for CPU tensors; with CUDA, nccl for CUDA tensors beside gloo, each
@@ -71,6 +72,30 @@ class World:
         pending = [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]
         for work in pending:
             work.wait()
+
+    def gather(self, value) -> list | None:
+        """Every process's `value` (any picklable object), in rank order, at process 0; None in the others."""
+        if self.size == 1:
+            return [value]
+        box = [None] * self.size if self.main else None
+        dist.gather_object(value, box, dst=0)
+        return box
+
+    def copy_from_main(self, module: torch.nn.Module) -> None:
+        """Every parameter and buffer of `module` set to process 0's, in place; the processes' modules must
+        have the same names and shapes (checked first, refused naming the first difference)."""
+        if self.size == 1:
+            return
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        expected = self.from_main(lambda: shapes)
+        if expected != shapes:
+            name = next(n for n in sorted(expected.keys() | shapes.keys()) if expected.get(n) != shapes.get(n))
+            raise SecateursError(f"process {self.rank} holds another model than process 0 ({name}: "
+                                 f"{shapes.get(name)} here, {expected.get(name)} there)")
+        with torch.no_grad():
+            for name in sorted(tensors):
+                dist.broadcast(tensors[name].data, src=0)
 
     def barrier(self) -> None:
         if self.size > 1:
