@@ -93,9 +93,12 @@ def row_specs(args) -> dict[str, dict]:
     for r in args.ratios:
         p = pct(r)
         rows[f"search-{p}"] = {"label": f"search, {p}% of parameters", "kind": "search", "budget": "params",
-                               "ratio": r}
+                               "ratio": r, "candidates": True}
+        if r == args.ratios[0]:
+            rows[f"search-program-{p}"] = {"label": f"search, {p}% of parameters, the program's choice alone",
+                                           "kind": "search", "budget": "params", "ratio": r, "candidates": False}
         rows[f"search-r2-{p}"] = {"label": f"search, {p}% of parameters, two scoring rounds", "kind": "search-r2",
-                                  "budget": "params", "ratio": r}
+                                  "budget": "params", "ratio": r, "candidates": True}
         rows[f"amp-{p}"] = {"label": f"AMP {p}%", "kind": "prune", "prune": {"method": "amp", "ratio": r}}
         rows[f"amp-global-{p}"] = {"label": f"AMP {p}%, global allocation", "kind": "prune",
                                    "prune": {"method": "amp", "ratio": r, "allocation": "global"}}
@@ -104,13 +107,13 @@ def row_specs(args) -> dict[str, dict]:
         rows[f"harp-{p}"] = {"label": f"HARP, {p}% of parameters", "kind": "harp", "share": r}
     k = pct(args.kv_ratio)
     rows[f"search-kv{k}"] = {"label": f"search, {k}% of the KV cache", "kind": "search", "budget": "kv",
-                             "ratio": args.kv_ratio}
+                             "ratio": args.kv_ratio, "candidates": True}
     rows[f"amp-heads-kv{k}"] = {"label": f"amp-heads, {k}% of heads (whole KV groups)", "kind": "prune",
                                 "prune": {"method": "amp-heads", "ratio": args.kv_ratio, "rounding": "structures"}}
     rows[f"harp-kv{k}"] = {"label": f"HARP on {k}% of the layers", "kind": "harp-layers", "share": args.kv_ratio}
     s = f"{args.speedup:g}"
     rows[f"search-decode{s}"] = {"label": f"search, decode {s}x", "kind": "search", "budget": "decode",
-                                 "ratio": 1 - 1 / args.speedup}
+                                 "ratio": 1 - 1 / args.speedup, "candidates": True}
     for name, spec in rows.items():
         spec["recover"] = name in (f"search-{pct(RECOVERED_AT)}", f"amp-{pct(RECOVERED_AT)}",
                                    f"amp-global-{pct(RECOVERED_AT)}")
@@ -218,12 +221,13 @@ def search_two_rounds(spec: dict, ctx: Context, args) -> tuple:
     forward = calibration_forward_seconds(ctx.dense, ctx.calibration)
     start = time.perf_counter()
     model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, "search", spec["ratio"], calibration=ctx.calibration,
-                        statistics=ctx.statistics, budget=spec["budget"], rounds=2,
+                        statistics=ctx.statistics, budget=spec["budget"], rounds=2, candidates=spec["candidates"],
                         scoring_tokens=args.scoring_tokens, reconstruct=args.search_reconstruct, progress=True)
     seconds = time.perf_counter() - start
     p = plan.provenance
     details = {"architecture": architecture(plan), "budget": spec["budget"], "budget_ratio": spec["ratio"],
                "choice_costs": p["choice"]["costs"], "objective": p["choice"]["objective"], "rounds": 2,
+               "candidates": p.get("candidates"),
                "search_and_surgery_seconds": round(seconds, 1), "calibration_forward_seconds": round(forward, 3),
                "search_and_surgery_forwards": round(seconds / forward, 1), "scoring_tokens": p["scoring_tokens"]}
     return model, plan, {"search_and_surgery": round(seconds, 1)}, details
@@ -293,7 +297,7 @@ def build(name: str, spec: dict, ctx: Context, args) -> tuple:
     start = time.perf_counter()
     if kind == "search":
         plan = choose_again(ctx.dense, scored["plan"], spec["ratio"], budget=spec["budget"], tokenizer=ctx.tok,
-                            statistics=ctx.statistics, **common)
+                            statistics=ctx.statistics, candidates=spec["candidates"], **common)
         seconds["choose"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         model, plan = prune(copy.deepcopy(ctx.dense), ctx.tok, "search", plan=plan,
@@ -302,6 +306,7 @@ def build(name: str, spec: dict, ctx: Context, args) -> tuple:
         details = {"architecture": architecture(plan), "budget": spec["budget"], "budget_ratio": spec["ratio"],
                    "choice_costs": plan.provenance["choice"]["costs"],
                    "objective": plan.provenance["choice"]["objective"],
+                   "candidates": plan.provenance.get("candidates"),
                    **{k: plan.provenance.get(k) for k in ("dense_kv_bytes_per_token", "dense_decode_seconds",
                                                           "requested_params_removed")},
                    **{k: scored[k] for k in ("search_seconds", "calibration_forward_seconds", "search_forwards",
@@ -524,6 +529,11 @@ def markdown(summary: dict) -> str:
                       if costs["decode"] else ""}[r["budget"]]
             lines.append(f"| {r['label']} | {r['budget']}: {r['budget_ratio']:.1%} | {chosen} | "
                          f"`{r['architecture']}` |")
+    checked = [r for r in rows if r.get("candidates")]
+    lines += [""] * bool(checked) + [
+        f"* {r['label']}: the candidates' KL on the scoring tokens: "
+        + ", ".join(f"{c['name']} {c['kl']:.4f}" for c in r["candidates"])
+        + f"; kept: {next(c['name'] for c in r['candidates'] if c['picked'])}." for r in checked]
     two = [r for r in rows if r.get("rounds") == 2]
     lines += [""] * bool(two) + [f"* {r['label']}: its search (both rounds) and surgery took "
                                  f"{r['search_and_surgery_seconds']:,.1f} s = {r['search_and_surgery_forwards']:,.1f} "

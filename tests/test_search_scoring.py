@@ -22,9 +22,17 @@ from secateurs.cli.main import main
 from secateurs.criteria.depth_scores import capture_traces, final_hidden, score_layers
 from secateurs.errors import SecateursError
 from secateurs.methods import make_plan, prune
-from secateurs.methods.search import choose_again, recorded_scores
+from secateurs.methods.search import (
+    best_candidate,
+    candidate_choices,
+    choose_again,
+    chosen_plans,
+    recorded_scores,
+    search_table,
+)
 from secateurs.planning.geometry import identity_plan
 from secateurs.planning.plan import LayerPlan, PruningPlan
+from secateurs.search.choice import Budget, Constraints, choose
 from secateurs.search.costs import DecodeCosts, LinearFit
 from secateurs.search.library import REFIT, BlockVariant, Library, build_library, dense_block_params, fit_value_alpha
 from secateurs.search.scoring import cache_scoring_data, score_library, scoring_calibration
@@ -285,3 +293,49 @@ def test_choose_again_picks_another_budget_from_the_recorded_scores_as_a_full_se
         choose_again(model, first, 0.3, mlp_fractions=[0.25], **common)
     with pytest.raises(SecateursError, match="second round"):
         choose_again(model, first, 0.3, rounds=2, **common)
+
+
+def test_each_candidate_architectures_kl_is_the_whole_model_with_its_blocks_and_the_least_is_kept():
+    """The candidates (the program's choice, its choices among MLP variants only, attention variants only and
+    uniform shapes) are measured whole: each KL equals the model with every chosen block applied by surgery
+    and the dense re-fit, run whole; the one kept has the least KL."""
+    model = tiny_model("llama-gqa")
+    calibration = padded_calibration()
+    layers = list(range(len(get_adapter(model).decoder_layers(model))))
+    library, data = library_of(model, calibration, layers)
+    table = search_table(model, library, score_library(model, library, data, progress=False))
+    dense = table.fixed_params + sum(lo.attention[0].params + lo.mlp[0].params for lo in table.layers)
+    budget, constraints = Budget("params", 0.8 * dense), Constraints()
+    program = choose(table, budget, constraints)
+    candidates = candidate_choices(table, budget, constraints, program)
+    assert {"program", "mlp only", "attention only", "uniform"} <= candidates.keys()
+    assert all(a.kind == "dense" for a in candidates["mlp only"].attention)
+    assert all(m.kind == "dense" for m in candidates["attention only"].mlp)
+    kept, records = best_candidate(model, library, data, table, budget, constraints, program)
+    assert [r["name"] for r in records][0] == "program" and sum(r["picked"] for r in records) == 1
+    for r in records:
+        choice = candidates[r["name"]]
+        plan = identity_plan(model)
+        plan.layers = list(chosen_plans(library, choice).values())
+        pruned = apply_plan_dense(copy.deepcopy(model), plan, library.stats, REFIT)
+        assert r["kl"] == pytest.approx(whole_model_kl(model, pruned, calibration), rel=1e-7), r["name"]
+        assert r["params"] == choice.costs["params"] <= budget.limit
+    best = min(records, key=lambda r: r["kl"])
+    assert best["picked"] and (kept.attention, kept.mlp) == (candidates[best["name"]].attention,
+                                                             candidates[best["name"]].mlp)
+
+
+def test_without_candidates_the_search_keeps_the_programs_choice(stories32):
+    model, tokenizer, calibration = stories32
+    common = dict(tokenizer=tokenizer, calibration=calibration, mlp_fractions=[0.5], scoring_tokens=64,
+                  keep_first=0, progress=False)
+    checked = make_plan(model, "search", 0.3, **common)
+    plain = make_plan(model, "search", 0.3, candidates=False, **common)
+    assert "candidates" not in plain.provenance
+    records = checked.provenance["candidates"]
+    program = next(r for r in records if r["name"] == "program")
+    assert program["params"] == plain.provenance["choice"]["costs"]["params"]
+    picked = next(r for r in records if r["picked"])
+    assert picked["kl"] == min(r["kl"] for r in records)
+    assert checked.provenance["choice"]["costs"]["params"] == picked["params"]
+    assert (checked.layers == plain.layers) == (picked["name"] == "program")

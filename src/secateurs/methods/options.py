@@ -187,6 +187,10 @@ class SearchOptions(MethodOptions):
                                                         "on", type=positive_int, metavar="N")
     rounds: int = option(1, "scoring rounds: 2 scores every variant again around the first round's choice",
                          flag="--search-rounds", type=int, choices=(1, 2), metavar="R")
+    candidates: bool = option(True, "measure the whole-model KL of the program's choice and of its choices among "
+                                    "MLP variants only, attention variants only and uniform shapes, and keep the "
+                                    "least (--no-search-candidates: the program's choice as it is)",
+                              flag="--search-candidates", action=argparse.BooleanOptionalAction)
 
 
 # The one declaration of the methods by name (the registry's classes use the same options classes, a

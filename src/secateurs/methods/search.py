@@ -1,7 +1,9 @@
 """The architecture search (Puzzle, arXiv 2411.19146): one budget, every structure. Per decoder layer a
 library of attention and MLP variants (secateurs.search.library), each scored by the KL divergence of
 the model with that one block replaced (secateurs.search.scoring), and a mixed-integer program that
-picks one attention and one MLP variant per layer under the budget (secateurs.search.choice).
+picks one attention and one MLP variant per layer under the budget (secateurs.search.choice); the
+program's choice and its choices among MLP variants only, attention variants only and uniform shapes are
+then measured whole on the scoring tokens, and the least KL is kept (`candidates`).
 
 --ratio is what the budget removes: of all parameters (`params`), of the KV cache per token (`kv`), or
 of the decode time per token (`decode`). The plan records every score, the choice and the scoring
@@ -11,6 +13,8 @@ layers below produce), AMP's default.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from secateurs.adapters import get_adapter
 from secateurs.calibration.statistics import Statistics
@@ -26,7 +30,7 @@ from secateurs.runtime.progress import phase, status
 from secateurs.search.choice import Budget, Choice, Constraints, LayerOptions, Table, Variant, choose
 from secateurs.search.costs import DecodeCosts, decode_costs
 from secateurs.search.library import Library, build_library, dense_block_params, fit_value_alpha
-from secateurs.search.scoring import cache_scoring_data, score_library, scoring_calibration
+from secateurs.search.scoring import ScoringData, cache_scoring_data, kl_with, score_library, scoring_calibration
 
 
 class Search(Method):
@@ -80,6 +84,11 @@ class Search(Method):
                                    progress=context.progress)
             rows += score_rows(library, scores, 2)
             choice = choose(search_table(model, library, scores, costs), budget, constraints)
+        checked = None
+        if options.candidates:
+            table = search_table(model, library, scores, costs)
+            with phase("search: measuring the candidate architectures"):
+                choice, checked = best_candidate(model, library, data, table, budget, constraints, choice)
         plan = identity_plan(model)
         plan.layers = list(chosen_plans(library, choice).values())
         head.update(achieved_params_removed=Geometry.of(model).total_params - int(choice.costs["params"]),
@@ -87,8 +96,9 @@ class Search(Method):
                     rounds=options.rounds, keep_first=options.keep_first, keep_last=options.keep_last,
                     uniform=options.uniform, max_attention_free=options.max_attention_free,
                     **({"scores_measured_before": True} if given else {}))
+        found = {"library": library.settings, "choice": choice.to_dict(), "scores": rows}
         plan.provenance = provenance(self.name, plan, context.seed, calibration.description, calibration.hash, head,
-                                     {"library": library.settings, "choice": choice.to_dict(), "scores": rows})
+                                     found | ({"candidates": checked} if checked is not None else {}))
         return plan
 
 
@@ -144,6 +154,51 @@ def search_table(model, library: Library, scores: dict, costs: DecodeCosts | Non
     blocks = sum(sum(dense_block_params(adapter, layer)) for layer in adapter.decoder_layers(model))
     return Table(tuple(layers), fixed_params=Geometry.of(model).total_params - blocks,
                  fixed_decode=costs.head if costs is not None else 0.0)
+
+
+def candidate_choices(table: Table, budget: Budget, constraints: Constraints, choice: Choice) -> dict[str, Choice]:
+    """The architectures whose whole-model KL is measured: the program's choice, and the program's choice
+    among the MLP variants alone (every attention dense), among the attention variants alone (every MLP
+    dense) and with uniform shapes; those the budget leaves infeasible are left out."""
+    only = {"mlp only": "attention", "attention only": "mlp"}
+    out = {"program": choice}
+    for name, kept in only.items():
+        layers = tuple(replace(lo, **{kept: tuple(v for v in getattr(lo, kept) if v.kind == "dense")})
+                       for lo in table.layers)
+        out[name] = replace(table, layers=layers)
+    out["uniform"] = replace(constraints, uniform=True)
+    for name in ("mlp only", "attention only", "uniform"):
+        candidate = out.pop(name)
+        try:
+            out[name] = (choose(candidate, budget, constraints) if isinstance(candidate, Table)
+                         else choose(table, budget, candidate))
+        except SecateursError:  # infeasible under this budget: not a candidate
+            continue
+    return out
+
+
+def best_candidate(model, library: Library, data: ScoringData, table: Table, budget: Budget,
+                   constraints: Constraints, choice: Choice) -> tuple[Choice, list[dict]]:
+    """The candidate architecture (candidate_choices) of least measured KL: each built from the library's
+    re-fitted blocks and run whole on the scoring tokens, since the program adds single-block scores as if
+    the blocks hurt independently. Returns it and every candidate's record (name, summed score, KL,
+    parameters, picked)."""
+    measured, records = {}, []
+    for name, candidate in candidate_choices(table, budget, constraints, choice).items():
+        if any(candidate.attention == c.attention and candidate.mlp == c.mlp for c in measured.values()):
+            continue  # the same architecture as a candidate measured already
+        plans = chosen_plans(library, candidate)
+        modules = [library.module(plans[i]) for i in range(len(plans))]
+        measured[name] = candidate
+        records.append({"name": name, "summed_score": float(f"{candidate.objective:.8g}"),
+                        "kl": float(f"{kl_with(model, data, 0, modules[0], modules):.8g}"),
+                        "params": int(candidate.costs["params"])})
+    best = min(records, key=lambda r: r["kl"])
+    for r in records:
+        r["picked"] = r is best
+    status("search: candidates' KL " + ", ".join(f"{r['name']} {r['kl']:.4f}" for r in records)
+           + f"; kept {best['name']}")
+    return measured[best["name"]], records
 
 
 def chosen_plans(library: Library, choice: Choice) -> dict:
