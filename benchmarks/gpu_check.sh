@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU: the cuda-marked tests, then stories260K (tests/data) pruned (AMP 30%)
-# and briefly recovered (KD) with --device cuda, then `secateurs bench` of the recovered model against its dense
-# parent on the GPU (paired rounds). Everything it ran and measured goes under OUTDIR; summary.txt is printed.
+# and briefly recovered (KD) with --device cuda in one process, then under torchrun on every GPU (ddp, fsdp), the
+# teacher-logit cache written data-parallel and recovered from, and `secateurs bench` of the recovered model
+# against its dense parent on the GPU (paired rounds). Tokens/s and peak memory of each recovery, and everything
+# it ran and measured, go under OUTDIR; summary.txt is printed.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]              # default OUTDIR: benchmarks/results/gpu_check
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR    # the same steps on the CPU, tiny sizes, under a minute
@@ -36,7 +38,8 @@ if [[ "$MODE" == gpu ]]; then
     DEVICE=cuda
     TESTS=(-m cuda tests)
     CALIB=(--calib-samples 32 --calib-length 64)
-    RECOVER=(--tokens 8192 --train-length 128 --train-batch-size 4 --val-tokens 256 --ppl-tokens 4096)
+    DATA=(--tokens 8192 --train-length 128 --val-tokens 256)
+    RECOVER=("${DATA[@]}" --train-batch-size 4 --ppl-tokens 4096)
     BENCH=(--batch-sizes 1,8 --prompt-lengths 128,256 --decode-tokens 32 --repeats 5 --time-limit 30)
     "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
                   "gpu_check: torch sees no CUDA device (torch " + torch.__version__ + "); use --cpu-smoke on a CPU")'
@@ -44,7 +47,8 @@ else
     DEVICE=cpu
     TESTS=(-m cuda tests/test_cuda.py)  # they skip here: this checks that they still collect
     CALIB=(--calib-samples 4 --calib-length 32)
-    RECOVER=(--tokens 256 --train-length 32 --train-batch-size 2 --val-tokens 64 --ppl-tokens 512)
+    DATA=(--tokens 256 --train-length 32 --val-tokens 64)
+    RECOVER=("${DATA[@]}" --train-batch-size 2 --ppl-tokens 512)
     BENCH=(--batch-sizes 1 --prompt-lengths 16 --decode-tokens 4 --repeats 1 --warmup 0 --time-limit 2)
 fi
 
@@ -76,6 +80,15 @@ for STRATEGY in ddp fsdp; do
         --device "$DEVICE" --out "$OUT/recovered-$STRATEGY" --force --quiet 2>&1 | tee "$OUT/recover-$STRATEGY.txt"
 done
 
+step "teacher-logits under torchrun: $PROCESSES process(es) -> $OUT/teacher-cache"
+OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$PROCESSES" \
+    -m secateurs teacher-logits "$MODEL" --data "$TEXT" "${DATA[@]}" --top-k 16 --device "$DEVICE" \
+    --out "$OUT/teacher-cache" --force --quiet 2>&1 | tee "$OUT/teacher-logits.txt"
+step "recover from the cache under torchrun: $PROCESSES process(es) -> $OUT/recovered-cache"
+OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$PROCESSES" \
+    -m secateurs recover "$OUT/pruned" --teacher-cache "$OUT/teacher-cache" --data "$TEXT" "${RECOVER[@]}" \
+    --device "$DEVICE" --out "$OUT/recovered-cache" --force --quiet 2>&1 | tee "$OUT/recover-cache.txt"
+
 step "bench: recovered vs dense parent on $DEVICE -> $OUT/bench.md, $OUT/bench.json"
 "$PYTHON" -m secateurs bench "$OUT/recovered" --baseline "$MODEL" --device "$DEVICE" "${BENCH[@]}" \
     --out "$OUT/bench.json" --force --quiet 2>&1 | tee "$OUT/bench.md"
@@ -101,11 +114,12 @@ print(f"recovery on {recovery['device']}: {recovery['tokens']['trained']:,} toke
       f"validation loss {before['loss']:.4f} -> {after['loss']:.4f}")
 if ppl:
     print(ppl)
-for strategy in ("ddp", "fsdp"):
+for strategy in ("ddp", "fsdp", "cache"):
     run = json.loads((out / f"recovered-{strategy}" / "recovery.json").read_text())
     processes = run.get("processes", {"world_size": 1, "strategy": "one process"})
     memory = run.get("peak_memory") or {}
-    print(f"recovery under torchrun, {processes['world_size']} process(es), {processes['strategy']}: "
+    source = " from the teacher-logit cache" if strategy == "cache" else ""
+    print(f"recovery{source} under torchrun, {processes['world_size']} process(es), {processes['strategy']}: "
           f"{run['training_tokens_per_second']:,.0f} tok/s, validation loss {run['after']['loss']:.4f}, "
           f"peak memory of process 0: {memory.get('gib', 'not recorded')} GiB ({memory.get('kind', '')})")
 print("speed, recovered / dense (measured; ideal from FLOPs and bytes):")
@@ -113,7 +127,11 @@ for row in bench["results"]:
     vs = row["vs_baseline"]
     if row["model"] == bench["baseline"]:
         continue
-    print(f"  batch {row['batch']:>2}, prompt {row['prompt_length']:>4}: prefill x{vs['prefill_speedup']:.2f} "
-          f"(ideal x{vs['ideal_prefill_speedup']:.2f}), decode x{vs['decode_speedup']:.2f} "
+    def measured(kind: str) -> str:  # None where the rounds were not reliable (a busy machine): the reason
+        value = vs[f"{kind}_speedup"]
+        return f"x{value:.2f}" if value is not None else f"not measured ({vs[kind].get('reason', 'unreliable')})"
+
+    print(f"  batch {row['batch']:>2}, prompt {row['prompt_length']:>4}: prefill {measured('prefill')} "
+          f"(ideal x{vs['ideal_prefill_speedup']:.2f}), decode {measured('decode')} "
           f"(ideal x{vs['ideal_decode_speedup_bytes']:.2f}), reliable: {vs['reliable']}")
 EOF
