@@ -323,16 +323,23 @@ def test_each_candidate_architectures_kl_is_the_whole_model_with_its_blocks_and_
     best = min(records, key=lambda r: r["kl"])
     assert best["picked"] and (kept.attention, kept.mlp) == (candidates[best["name"]].attention,
                                                              candidates[best["name"]].mlp)
+    first_kept = Constraints(keep_first=1)
+    uniform = candidate_choices(table, budget, first_kept, choose(table, budget, first_kept))["uniform"]
+    assert uniform.attention[0].kind == uniform.mlp[0].kind == "dense"  # kept dense; one shape in the others
+    assert len({(a.kind, a.size, m.kind, m.size) for a, m in zip(uniform.attention[1:], uniform.mlp[1:])}) == 1
+    assert uniform.costs["params"] == sum(a.params + m.params for a, m in zip(uniform.attention, uniform.mlp)) + \
+        table.fixed_params <= budget.limit
 
 
 def test_without_candidates_the_search_keeps_the_programs_choice(stories32):
     model, tokenizer, calibration = stories32
     common = dict(tokenizer=tokenizer, calibration=calibration, mlp_fractions=[0.5], scoring_tokens=64,
-                  keep_first=0, progress=False)
+                  progress=False)
     checked = make_plan(model, "search", 0.3, **common)
     plain = make_plan(model, "search", 0.3, candidates=False, **common)
     assert "candidates" not in plain.provenance
     records = checked.provenance["candidates"]
+    assert {r["name"] for r in records} >= {"program", "uniform"}  # uniform outside the first layer, kept dense
     program = next(r for r in records if r["name"] == "program")
     assert program["params"] == plain.provenance["choice"]["costs"]["params"]
     picked = next(r for r in records if r["picked"])

@@ -166,15 +166,35 @@ def candidate_choices(table: Table, budget: Budget, constraints: Constraints, ch
         layers = tuple(replace(lo, **{kept: tuple(v for v in getattr(lo, kept) if v.kind == "dense")})
                        for lo in table.layers)
         out[name] = replace(table, layers=layers)
-    out["uniform"] = replace(constraints, uniform=True)
-    for name in ("mlp only", "attention only", "uniform"):
-        candidate = out.pop(name)
+    for name in ("mlp only", "attention only"):
         try:
-            out[name] = (choose(candidate, budget, constraints) if isinstance(candidate, Table)
-                         else choose(table, budget, candidate))
+            out[name] = choose(out.pop(name), budget, constraints)
         except SecateursError:  # infeasible under this budget: not a candidate
             continue
+    try:
+        out["uniform"] = _uniform_choice(table, budget, constraints)
+    except SecateursError:
+        pass
     return out
+
+
+def _uniform_choice(table: Table, budget: Budget, constraints: Constraints) -> Choice:
+    """The program's choice with one attention shape and one MLP width in every layer it may change (the
+    layers kept dense stay dense: AMP's uniform cut, as near as the library's sizes come)."""
+    kept = constraints.kept_dense(len(table.layers))
+    if not kept:
+        return choose(table, budget, replace(constraints, uniform=True))
+    dense = {i: (lo.attention[lo.by_kind("attention", ("dense",))[0]], lo.mlp[lo.by_kind("mlp", ("dense",))[0]])
+             for i, lo in enumerate(table.layers) if i in kept}
+    fixed = {kind: sum(a.cost(kind) + m.cost(kind) for a, m in dense.values()) for kind in ("params", "kv", "decode")}
+    rest = replace(table, layers=tuple(lo for i, lo in enumerate(table.layers) if i not in kept),
+                   fixed_params=table.fixed_params + int(fixed["params"]),
+                   fixed_kv_bytes=table.fixed_kv_bytes + int(fixed["kv"]),
+                   fixed_decode=table.fixed_decode + fixed["decode"])
+    part = choose(rest, budget, replace(constraints, keep_first=0, keep_last=0, uniform=True))
+    chosen = iter(zip(part.attention, part.mlp))
+    pairs = [dense[i] if i in kept else next(chosen) for i in range(len(table.layers))]
+    return replace(part, attention=tuple(a for a, _ in pairs), mlp=tuple(m for _, m in pairs))
 
 
 def best_candidate(model, library: Library, data: ScoringData, table: Table, budget: Budget,
