@@ -219,8 +219,10 @@ def stories32():
 
 def test_uniform_search_keeps_one_shape_that_stock_from_pretrained_loads(stories32, tmp_path):
     model, tokenizer, calibration = stories32
+    with pytest.raises(SecateursError, match="no layer can stay dense"):  # before any scoring
+        make_plan(model, "search", 0.15, tokenizer=tokenizer, calibration=calibration, uniform=True, keep_first=1)
     pruned, plan = prune(copy.deepcopy(model), tokenizer, method="search", ratio=0.15, calibration=calibration,
-                         uniform=True, keep_first=0, scoring_tokens=64, progress=False)
+                         uniform=True, scoring_tokens=64, progress=False)  # no layer kept dense by default
     kinds = {(r["block"], r["variant"].rstrip("0123456789")) for r in plan.provenance["scores"]}
     assert kinds == {("attention", "dense"), ("attention", "kv"), ("mlp", "dense"), ("mlp", "width")}
     assert len(set(plan.pruned_shapes())) == 1 and len(plan.pruned_shapes()) == 5

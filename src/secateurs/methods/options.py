@@ -175,7 +175,8 @@ class SearchOptions(MethodOptions):
     reconstruct: ClassVar[str | None] = "sequential"
     budget: str = option("params", "what --ratio removes: params (of all parameters), kv (of the KV cache per "
                                    "token) or decode (of the decode time per token)", choices=SEARCH_BUDGETS)
-    keep_first: int = option(1, "keep the first N layers dense", type=nonnegative_int, metavar="N")
+    keep_first: int | None = option(None, "keep the first N layers dense (default: 1; 0 with --uniform, which keeps "
+                                          "one shape in every layer)", type=nonnegative_int, metavar="N")
     keep_last: int = option(0, "keep the last N layers dense", type=nonnegative_int, metavar="N")
     uniform: bool = option(False, "one attention shape and one MLP width in every layer, no value path or removed "
                                   "block (stock from_pretrained loads the result)", action="store_true")

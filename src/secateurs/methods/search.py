@@ -46,6 +46,7 @@ class Search(Method):
         if given and options.rounds == 2:
             raise SecateursError("scores measured before are a first round's; a second round scores around one "
                                  "budget's choice, so it cannot reuse them")
+        options = with_kept_layers(options)
         model = context.model
         calibration = context.calibration_data()
         stats = search_statistics(context)
@@ -100,6 +101,17 @@ class Search(Method):
         plan.provenance = provenance(self.name, plan, context.seed, calibration.description, calibration.hash, head,
                                      found | ({"candidates": checked} if checked is not None else {}))
         return plan
+
+
+def with_kept_layers(options: SearchOptions) -> SearchOptions:
+    """keep_first resolved (1, or 0 with uniform); uniform with layers kept dense refused: one shape in every
+    layer leaves none dense."""
+    keep_first = options.keep_first if options.keep_first is not None else (0 if options.uniform else 1)
+    if options.uniform and (keep_first or options.keep_last):
+        raise SecateursError(f"--uniform keeps one attention shape and one MLP width in every layer, so no layer can "
+                             f"stay dense (keep_first {keep_first}, keep_last {options.keep_last}): drop --keep-first "
+                             "and --keep-last, or drop --uniform")
+    return replace(options, keep_first=keep_first)
 
 
 def search_statistics(context: PlanContext) -> Statistics:
