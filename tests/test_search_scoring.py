@@ -35,7 +35,7 @@ from secateurs.planning.plan import LayerPlan, PruningPlan
 from secateurs.search.choice import Budget, Constraints, choose
 from secateurs.search.costs import DecodeCosts, LinearFit
 from secateurs.search.library import REFIT, BlockVariant, Library, build_library, dense_block_params, fit_value_alpha
-from secateurs.search.scoring import cache_scoring_data, score_library, scoring_calibration
+from secateurs.search.scoring import after_samples, cache_scoring_data, score_library, scoring_calibration
 from secateurs.storage.pruned import load_pruned, save_pruned
 from secateurs.surgery.reconstruction import apply_plan_dense
 
@@ -208,6 +208,9 @@ def test_scoring_tokens_are_the_first_whole_samples_holding_enough_tokens():
     assert [b["input_ids"].shape[0] for b in chosen.batches] == [2, 1]
     assert chosen.description["scoring_tokens"] == 21 and chosen.num_tokens == 21
     assert scoring_calibration(calibration, 10**6).num_tokens == calibration.num_tokens
+    rest = after_samples(calibration, 3)  # what the candidates are measured on: the samples after the scoring's
+    assert [b["attention_mask"].sum(1).tolist() for b in rest.batches] == [[3]]
+    assert after_samples(calibration, 1).num_tokens == 17 and not after_samples(calibration, 4).batches
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +345,7 @@ def test_without_candidates_the_search_keeps_the_programs_choice(stories32):
     assert "candidates" not in plain.provenance
     records = checked.provenance["candidates"]
     assert {r["name"] for r in records} >= {"program", "uniform"}  # uniform outside the first layer, kept dense
+    assert checked.provenance["candidate_samples_held_out"] is True  # measured on samples the scores did not see
     program = next(r for r in records if r["name"] == "program")
     assert program["params"] == plain.provenance["choice"]["costs"]["params"]
     picked = next(r for r in records if r["picked"])

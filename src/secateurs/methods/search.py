@@ -3,7 +3,7 @@ library of attention and MLP variants (secateurs.search.library), each scored by
 the model with that one block replaced (secateurs.search.scoring), and a mixed-integer program that
 picks one attention and one MLP variant per layer under the budget (secateurs.search.choice); the
 program's choice and its choices among MLP variants only, attention variants only and uniform shapes are
-then measured whole on the scoring tokens, and the least KL is kept (`candidates`).
+then measured whole on calibration samples the scores did not see, and the least KL is kept (`candidates`).
 
 --ratio is what the budget removes: of all parameters (`params`), of the KV cache per token (`kv`), or
 of the decode time per token (`decode`). The plan records every score, the choice and the scoring
@@ -30,7 +30,14 @@ from secateurs.runtime.progress import phase, status
 from secateurs.search.choice import Budget, Choice, Constraints, LayerOptions, Table, Variant, choose
 from secateurs.search.costs import DecodeCosts, decode_costs
 from secateurs.search.library import Library, build_library, dense_block_params, fit_value_alpha
-from secateurs.search.scoring import ScoringData, cache_scoring_data, kl_with, score_library, scoring_calibration
+from secateurs.search.scoring import (
+    ScoringData,
+    after_samples,
+    cache_scoring_data,
+    kl_with,
+    score_library,
+    scoring_calibration,
+)
 
 
 class Search(Method):
@@ -89,7 +96,9 @@ class Search(Method):
         if options.candidates:
             table = search_table(model, library, scores, costs)
             with phase("search: measuring the candidate architectures"):
-                choice, checked = best_candidate(model, library, data, table, budget, constraints, choice)
+                held_out = candidate_data(model, calibration, data, options.scoring_tokens, context.progress)
+                choice, checked = best_candidate(model, library, held_out, table, budget, constraints, choice)
+            head.update(candidate_tokens=held_out.tokens, candidate_samples_held_out=held_out is not data)
         plan = identity_plan(model)
         plan.layers = list(chosen_plans(library, choice).values())
         head.update(achieved_params_removed=Geometry.of(model).total_params - int(choice.costs["params"]),
@@ -209,11 +218,21 @@ def _uniform_choice(table: Table, budget: Budget, constraints: Constraints) -> C
     return replace(part, attention=tuple(a for a, _ in pairs), mlp=tuple(m for _, m in pairs))
 
 
+def candidate_data(model, calibration, data: ScoringData, tokens: int, progress: bool) -> ScoringData:
+    """What the candidates are measured on: the calibration samples after the scoring ones (as many tokens
+    as the scoring's), which no score has seen, so that the choice that fits the scoring tokens best is not
+    favoured for that alone; the scoring tokens when the calibration holds no more samples."""
+    rest = after_samples(calibration, data.calibration.description["scoring_samples"])
+    if not rest.batches:
+        return data
+    return cache_scoring_data(model, scoring_calibration(rest, tokens), progress=progress)
+
+
 def best_candidate(model, library: Library, data: ScoringData, table: Table, budget: Budget,
                    constraints: Constraints, choice: Choice) -> tuple[Choice, list[dict]]:
     """The candidate architecture (candidate_choices) of least measured KL: each built from the library's
-    re-fitted blocks and run whole on the scoring tokens, since the program adds single-block scores as if
-    the blocks hurt independently. Returns it and every candidate's record (name, summed score, KL,
+    re-fitted blocks and run whole on `data` (candidate_data), since the program adds single-block scores as
+    if the blocks hurt independently. Returns it and every candidate's record (name, summed score, KL,
     parameters, picked)."""
     measured, records = {}, []
     for name, candidate in candidate_choices(table, budget, constraints, choice).items():

@@ -78,6 +78,19 @@ def scoring_calibration(calibration: Calibration, tokens: int) -> Calibration:
     return Calibration(batches, description, calibration.hash)
 
 
+def after_samples(calibration: Calibration, count: int) -> Calibration:
+    """The calibration samples after the first `count`, in order (none when there are no more)."""
+    batches, skip = [], count
+    for batch in calibration.batches:
+        rows = batch["input_ids"].shape[0]
+        if skip >= rows:
+            skip -= rows
+            continue
+        batches.append({k: v[skip:] for k, v in batch.items()})
+        skip = 0
+    return Calibration(batches, {**calibration.description, "skipped_samples": count}, calibration.hash)
+
+
 def dense_layers(model) -> list[nn.Module]:
     return list(get_adapter(model).decoder_layers(model))
 
