@@ -531,7 +531,7 @@ def markdown(summary: dict) -> str:
                          f"`{r['architecture']}` |")
     checked = [r for r in rows if r.get("candidates")]
     lines += [""] * bool(checked) + [
-        f"* {r['label']}: the candidates' KL on the scoring tokens: "
+        f"* {r['label']}: the candidates' KL on calibration tokens the scores did not see: "
         + ", ".join(f"{c['name']} {c['kl']:.4f}" for c in r["candidates"])
         + f"; kept: {next(c['name'] for c in r['candidates'] if c['picked'])}." for r in checked]
     two = [r for r in rows if r.get("rounds") == 2]
