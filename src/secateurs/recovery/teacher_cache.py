@@ -209,7 +209,8 @@ def _begin(folder: Path, bound: dict, planned: int, resume: bool, force: bool, i
 
 
 def _compute(teacher, data: RecoveryData, shard: tuple | None, bound: dict) -> tuple | None:
-    """(number, split, tensors) of one shard of the plan, (number, (split, indices)); None for none."""
+    """(number, split, tensors) of `shard`, an entry (number, (split, indices)) of the shard plan; None
+    for None (a process with no shard left in the last round)."""
     if shard is None:
         return None
     number, (split, indices) = shard
