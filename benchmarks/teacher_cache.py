@@ -72,6 +72,7 @@ def cache_for(k: int, dense, tok, args) -> dict:
 
 
 def run_row(row: str, folder: Path, dense, tok, args, wiki_ids) -> dict:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     student, _ = load_model(str(folder), dtype=args.dtype)
     plan = PruningPlan.load(folder)
     common = dict(data=str(C4), tokens=args.tokens, val_tokens=args.val_tokens, seq_len=args.train_length,
@@ -88,22 +89,33 @@ def run_row(row: str, folder: Path, dense, tok, args, wiki_ids) -> dict:
     return {"row": row, "objective": r["objective"]["kind"], "tokens_trained": r["tokens"]["trained"],
             "tokens_per_second": r["training_tokens_per_second"], "training_seconds": r["training_seconds"],
             "val_perplexity_before": r["before"]["perplexity"], "val_perplexity_after": r["after"]["perplexity"],
-            "wikitext_perplexity_after": round(wiki, 3), "cache": cache}
+            "wikitext_perplexity_after": round(wiki, 3), "cache": cache,
+            "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}}
 
 
-def render(result: dict) -> str:
+def _load(row: dict) -> str:
+    load = row.get("load_average")
+    if not load:
+        return "not recorded"
+    return " / ".join(", ".join(f"{x:.2f}" for x in load[k]) for k in ("start", "end"))
+
+
+def render(result: dict, expected: list[str] | None = None) -> str:
     a = result["args"]
     lines = [f"# Recovery from a teacher-logit cache: {a['model']} AMP {a['ratio']:g}, {a['tokens']:,} tokens\n",
              f"Data: C4 sample, sequences of {a['train_length']} tokens, {a['val_tokens']} validation tokens; "
              f"cache values {a['cache_dtype']}. WikiText-2 perplexity: seq 128, first {a['eval_tokens']:,} tokens.\n",
              "| teacher | tok/s | val ppl before -> after | WikiText-2 ppl after | cache MiB | bytes/position | "
-             "cache write s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "cache write s | load average at start / end |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"].values():
         c = row["cache"] or {}
         size = f"{c['bytes'] / 2**20:.1f}" if c else "-"
         lines.append(f"| {row['row']} | {row['tokens_per_second']} | {row['val_perplexity_before']:.2f} -> "
                      f"{row['val_perplexity_after']:.2f} | {row['wikitext_perplexity_after']:.2f} | {size} | "
-                     f"{c.get('bytes_per_position', '-')} | {c.get('write_seconds', '-')} |")
+                     f"{c.get('bytes_per_position', '-')} | {c.get('write_seconds', '-')} | {_load(row)} |")
+    missing = [row for row in expected or () if row not in result["rows"]]
+    if missing:
+        lines += ["", "Not measured yet (the same command continues with them): " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n\n" + header_markdown(result["header"])
 
 
@@ -121,29 +133,36 @@ def main() -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--work", default=str(ROOT / "runs" / "teacher_cache_bench"), help="pruned model and caches")
     ap.add_argument("--name", default="teacher_cache", help="results/<name>.json and .md")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved rows")
     args = ap.parse_args()
+    rows = ["live", *(f"cache-k{k}" for k in args.ks.split(",")), "ce"]
     threads.set_override(args.threads)
     threads.apply_default()
     path = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     keys = ("model", "ratio", "tokens", "train_length", "val_tokens", "eval_tokens", "cache_dtype", "dtype")
     saved = json.loads(path.read_text()) if path.is_file() else {}
     same = saved.get("args") and all(saved["args"].get(k) == getattr(args, k) for k in keys)
+    if args.render:
+        if not same:
+            raise SystemExit(f"{path} holds no rows of these settings")
+        write_file(path.with_suffix(".md"), render(saved, rows))
+        print(render(saved, rows))
+        return 0
     result = {"header": result_header(), "args": {k: getattr(args, k) for k in keys},
               "rows": saved.get("rows", {}) if same else {}}
     folder = pruned_folder(args)
     dense, tok = load_model(args.model, dtype=args.dtype)
     text = load_text(str(WIKITEXT))[0][:args.eval_tokens * 16]  # a prefix: 16 characters a token is ample
     wiki_ids = tok(text, return_tensors="pt", verbose=False).input_ids[0][:args.eval_tokens]
-    rows = ["live", *(f"cache-k{k}" for k in args.ks.split(",")), "ce"]
     for row in rows:
         if row in result["rows"]:
             continue
         torch.manual_seed(0)
         result["rows"][row] = run_row(row, folder, dense, tok, args, wiki_ids)
         write_file(path, json.dumps(result, indent=2) + "\n")
-        write_file(path.with_suffix(".md"), render(result))
+        write_file(path.with_suffix(".md"), render(result, rows))
         print(json.dumps(result["rows"][row]), flush=True)
-    print(render(result))
+    print(render(result, rows))
     return 0
 
 
