@@ -181,15 +181,12 @@ def candidate_choices(table: Table, budget: Budget, constraints: Constraints, ch
     """The architectures whose whole-model KL is measured: the program's choice, and the program's choice
     among the MLP variants alone (every attention dense), among the attention variants alone (every MLP
     dense) and with uniform shapes; those the budget leaves infeasible are left out."""
-    only = {"mlp only": "attention", "attention only": "mlp"}
     out = {"program": choice}
-    for name, kept in only.items():
-        layers = tuple(replace(lo, **{kept: tuple(v for v in getattr(lo, kept) if v.kind == "dense")})
+    for name, dense_block in (("mlp only", "attention"), ("attention only", "mlp")):
+        layers = tuple(replace(lo, **{dense_block: tuple(v for v in getattr(lo, dense_block) if v.kind == "dense")})
                        for lo in table.layers)
-        out[name] = replace(table, layers=layers)
-    for name in ("mlp only", "attention only"):
         try:
-            out[name] = choose(out.pop(name), budget, constraints)
+            out[name] = choose(replace(table, layers=layers), budget, constraints)
         except SecateursError:  # infeasible under this budget: not a candidate
             continue
     try:
