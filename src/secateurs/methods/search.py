@@ -56,22 +56,12 @@ class Search(Method):
         options = with_kept_layers(options)
         model = context.model
         calibration = context.calibration_data()
-        stats = search_statistics(context)
         count = len(get_adapter(model).decoder_layers(model))
         scored = [i for i in range(options.keep_first, count - options.keep_last)]
         if not scored:
             raise SecateursError(f"keep_first {options.keep_first} and keep_last {options.keep_last} keep all "
                                  f"{count} layers dense: nothing to search")
-        with phase("search: caching the scoring inputs"):
-            data = cache_scoring_data(model, scoring_calibration(calibration, options.scoring_tokens),
-                                      progress=context.progress)
-        status(f"search: {data.tokens:,} scoring tokens; dense log-probabilities hold "
-               f"{data.reference_bytes() / 2**20:,.1f} MiB")
-        with phase("search: building the block library"):
-            alphas = {} if options.uniform else {
-                i: fit_value_alpha(model, i, data.inputs[i], data.kwargs[i], data.masks) for i in scored}
-            library = build_library(model, stats, scored, alphas=alphas, mlp_fractions=tuple(options.mlp_fractions),
-                                    sized_only=options.uniform)
+        data, library = scoring_library(context, options, scored)
         costs = None
         if options.budget == "decode":
             with phase("search: measuring decode costs"):
@@ -110,6 +100,24 @@ class Search(Method):
         plan.provenance = provenance(self.name, plan, context.seed, calibration.description, calibration.hash, head,
                                      found | ({"candidates": checked} if checked is not None else {}))
         return plan
+
+
+def scoring_library(context: PlanContext, options: SearchOptions, scored: list[int]) -> tuple[ScoringData, Library]:
+    """The scoring inputs cached on the first calibration samples and the block library of the `scored`
+    layers, built from the statistics pass and the value path's alphas fitted on those inputs."""
+    model = context.model
+    stats = search_statistics(context)
+    with phase("search: caching the scoring inputs"):
+        data = cache_scoring_data(model, scoring_calibration(context.calibration_data(), options.scoring_tokens),
+                                  progress=context.progress)
+    status(f"search: {data.tokens:,} scoring tokens; dense log-probabilities hold "
+           f"{data.reference_bytes() / 2**20:,.1f} MiB")
+    with phase("search: building the block library"):
+        alphas = {} if options.uniform else {
+            i: fit_value_alpha(model, i, data.inputs[i], data.kwargs[i], data.masks) for i in scored}
+        library = build_library(model, stats, scored, alphas=alphas, mlp_fractions=tuple(options.mlp_fractions),
+                                sized_only=options.uniform)
+    return data, library
 
 
 def with_kept_layers(options: SearchOptions) -> SearchOptions:
