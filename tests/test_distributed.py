@@ -58,10 +58,15 @@ def pruned(tmp_path_factory) -> Path:
     return _pruned_stories(tmp_path_factory, "pruned", "amp")
 
 
-def _torchrun(args: list[str], processes: int) -> subprocess.CompletedProcess:
+def _launch(program: list[str], processes: int) -> subprocess.CompletedProcess:
+    """`program` (a script or `-m module` and its arguments) under torchrun in `processes` processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--rdzv-endpoint", "localhost:0",
-               "--nproc_per_node", str(processes), "-m", "secateurs", "--quiet", *args]
+               "--nproc_per_node", str(processes), *program]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    return _launch(["-m", "secateurs", "--quiet", *args], processes)
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -386,11 +391,9 @@ def test_teacher_cache_written_by_two_processes_is_the_one_of_one(tmp_path):
     script.write_text(CACHE_SCRIPT)
 
     def write(out: Path, processes: int, mode: str = "new") -> None:
-        command = [sys.executable, str(script), str(STORIES), str(TINYSTORIES_TEXT), str(out), mode]
-        if processes > 1:
-            command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--rdzv-endpoint", "localhost:0",
-                            "--nproc_per_node", str(processes)]
-        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+        program = [str(script), str(STORIES), str(TINYSTORIES_TEXT), str(out), mode]
+        done = (_launch(program, processes) if processes > 1 else
+                subprocess.run([sys.executable, *program], env=ENV, capture_output=True, text=True, timeout=300))
         assert done.returncode == 0, done.stderr[-4000:]
 
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"

@@ -229,7 +229,7 @@ def _prepare(world: World, student, teacher, s: RecoverySettings, plan, tokenize
 
     # the teacher's own samples are generated once, by process 0, and handed to the others
     recovery_data = world.from_main(read_data) if s.data == "self" else read_data()
-    _check_same_data(world, recovery_data)
+    check_same_data(world, recovery_data)
     obj = Objective(objective, float(s.kd_ratio), float(s.temperature), s.chunk_rows, float(s.hidden_weight),
                     _layer_map(student, teacher, plan) if s.hidden_weight else None, bool(s.bf16))
     run = _Run(student, teacher, _cached_or(teacher_for_loss, s, recovery_data, student, teacher, plan, tokenizer),
@@ -266,8 +266,8 @@ def join_processes(settings: RecoverySettings, device: str | None, device_maps=(
     return world
 
 
-def _check_same_data(world: World, data: RecoveryData) -> None:
-    """Every process must train on the data process 0 read (the same hash)."""
+def check_same_data(world: World, data: RecoveryData) -> None:
+    """Every process must train on (or cache the teacher on) the data process 0 read (the same hash)."""
     if world.from_main(lambda: data.hash) != data.hash:
         raise RecoveryError(f"process {world.rank} read other recovery data than process 0 (data hash {data.hash}); "
                             "every process must see the same --data")

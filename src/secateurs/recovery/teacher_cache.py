@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from secateurs.adapters import get_adapter
 from secateurs.files.output import check_output_dir, marker_record, release, write_file, write_folder, writing_file
+from secateurs.recovery.api import check_same_data
 from secateurs.recovery.cached_teacher import (
     FORMAT,
     KIND,
@@ -167,9 +168,7 @@ def write_teacher_logits(teacher, tokenizer, settings: TeacherLogitsSettings, ou
     s = settings
     data = load_recovery_data(s.data, tokenizer, seq_len=s.seq_len, tokens=s.tokens, val_tokens=s.val_tokens,
                               seed=s.seed)
-    if world.from_main(lambda: data.hash) != data.hash:
-        raise TeacherCacheError(f"process {world.rank} read other data than process 0 (data hash {data.hash}); "
-                                "every process must see the same --data")
+    check_same_data(world, data)
     bound = binding(teacher, tokenizer, data, s)
     plan = shard_plan(data, s.tokens, s.seed, s.shard_sequences)
     shards = world.from_main(_begin, folder, bound, len(plan), resume, force, inputs)
