@@ -1,7 +1,8 @@
 """Recovery from a teacher-logit cache against the live teacher, on SmolLM2-135M pruned by AMP: training
 throughput of the recovery loop (tokens/s) and perplexity after the same token budget, with the live
 teacher (kd), with the cache at each K (`secateurs teacher-logits`, then `recover --teacher-cache`: no
-teacher in memory), and with no teacher (ce). Each cache row also records the time to write the cache,
+teacher in memory; rows cache-kK keep the top K, rows cache-sK K draws, `--selection sampled`), and with no
+teacher (ce). Each cache row also records the time to write the cache,
 its size on disk and its bytes per position.
 
 Pruning: `secateurs prune MODEL --method amp --ratio R` (calibration 'self'), once, in --work. Recovery
@@ -54,11 +55,14 @@ def pruned_folder(args) -> Path:
     return folder
 
 
-def cache_for(k: int, dense, tok, args) -> dict:
-    """The cache of K (written, or continued, in --work) and what writing it cost."""
-    folder = Path(args.work) / f"cache-k{k}-{args.tokens}"
+def cache_for(row: str, dense, tok, args) -> dict:
+    """The cache of a row cache-kK (top-K) or cache-sK (K draws) (written, or continued, in --work) and what
+    writing it cost."""
+    folder = Path(args.work) / f"{row}-{args.tokens}"
     settings = TeacherLogitsSettings(data=str(C4), tokens=args.tokens, val_tokens=args.val_tokens,
-                                     seq_len=args.train_length, top_k=k, cache_dtype=args.cache_dtype)
+                                     seq_len=args.train_length, top_k=int(row[len("cache-k"):]),
+                                     selection="sampled" if row.startswith("cache-s") else "top-k",
+                                     cache_dtype=args.cache_dtype)
     record = marker_record(folder)
     resume = record is not None and record.get("kind") == KIND
     started = time.perf_counter()
@@ -78,8 +82,8 @@ def run_row(row: str, folder: Path, dense, tok, args, wiki_ids) -> dict:
     common = dict(data=str(C4), tokens=args.tokens, val_tokens=args.val_tokens, seq_len=args.train_length,
                   patience=None)
     cache = None
-    if row.startswith("cache-k"):
-        cache = cache_for(int(row[len("cache-k"):]), dense, tok, args)
+    if row.startswith("cache-"):
+        cache = cache_for(row, dense, tok, args)
         settings, teacher = RecoverySettings(**common, teacher_cache=cache["folder"]), None
     else:
         settings, teacher = RecoverySettings(**common, objective="kd" if row == "live" else "ce"), dense
@@ -104,10 +108,13 @@ def render(result: dict, expected: list[str] | None = None) -> str:
     a = result["args"]
     lines = [f"# Recovery from a teacher-logit cache: {a['model']} AMP {a['ratio']:g}, {a['tokens']:,} tokens\n",
              f"Data: C4 sample, sequences of {a['train_length']} tokens, {a['val_tokens']} validation tokens; "
-             f"cache values {a['cache_dtype']}. WikiText-2 perplexity: seq 128, first {a['eval_tokens']:,} tokens.\n",
+             f"cache values {a['cache_dtype']}. WikiText-2 perplexity: seq 128, first {a['eval_tokens']:,} tokens. "
+             "Teacher: live (kd), a cache of the top K log-probabilities (cache-kK), a cache of K draws from the "
+             "teacher (cache-sK, `--selection sampled`), none (ce).\n",
              "| teacher | tok/s | val ppl before -> after | WikiText-2 ppl after | cache MiB | bytes/position | "
              "cache write s | load average at start / end |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in result["rows"].values():
+    order = {name: i for i, name in enumerate(expected or ())}
+    for row in sorted(result["rows"].values(), key=lambda r: order.get(r["row"], len(order))):
         c = row["cache"] or {}
         size = f"{c['bytes'] / 2**20:.1f}" if c else "-"
         lines.append(f"| {row['row']} | {row['tokens_per_second']} | {row['val_perplexity_before']:.2f} -> "
@@ -127,15 +134,22 @@ def main() -> int:
     ap.add_argument("--train-length", type=int, default=256)
     ap.add_argument("--val-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=65536, help="first N tokens of WikiText-2 test")
-    ap.add_argument("--ks", default="16,64,256", help="the caches' K, comma-separated")
+    ap.add_argument("--ks", default="16,64,256", help="the top-K caches' K, comma-separated")
+    ap.add_argument("--sampled-ks", default="64", help="the sampled caches' draws K, comma-separated ('': none)")
     ap.add_argument("--cache-dtype", default="float16", choices=("float32", "float16"))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--work", default=str(ROOT / "runs" / "teacher_cache_bench"), help="pruned model and caches")
     ap.add_argument("--name", default="teacher_cache", help="results/<name>.json and .md")
+    ap.add_argument("--rows", default="", help="only these rows, in this order, comma-separated (default: every row "
+                                               "of --ks and --sampled-ks, with live first and ce last)")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved rows")
     args = ap.parse_args()
-    rows = ["live", *(f"cache-k{k}" for k in args.ks.split(",")), "ce"]
+    rows = ["live", *(f"cache-k{k}" for k in args.ks.split(",") if k),
+            *(f"cache-s{k}" for k in args.sampled_ks.split(",") if k), "ce"]
+    chosen = [r for r in args.rows.split(",") if r] or rows
+    if set(chosen) - set(rows):
+        ap.error(f"unknown rows {sorted(set(chosen) - set(rows))}; these settings have {', '.join(rows)}")
     threads.set_override(args.threads)
     threads.apply_default()
     path = ROOT / "benchmarks" / "results" / f"{args.name}.json"
@@ -154,7 +168,7 @@ def main() -> int:
     dense, tok = load_model(args.model, dtype=args.dtype)
     text = load_text(str(WIKITEXT))[0][:args.eval_tokens * 16]  # a prefix: 16 characters a token is ample
     wiki_ids = tok(text, return_tensors="pt", verbose=False).input_ids[0][:args.eval_tokens]
-    for row in rows:
+    for row in chosen:
         if row in result["rows"]:
             continue
         torch.manual_seed(0)

@@ -375,7 +375,7 @@ from secateurs.storage.loading import load_model
 
 teacher, tok = load_model(sys.argv[1], dtype="float32")
 settings = TeacherLogitsSettings(data=sys.argv[2], tokens=1024, val_tokens=192, seq_len=64, top_k=16,
-                                 shard_sequences=3)
+                                 shard_sequences=3, selection=sys.argv[5])
 write_teacher_logits(teacher, tok, settings, sys.argv[3], resume=sys.argv[4] == "resume", progress=False)
 """
 
@@ -384,14 +384,16 @@ def _cache_files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".secateurs")}
 
 
-def test_teacher_cache_written_by_two_processes_is_the_one_of_one(tmp_path):
+@pytest.mark.parametrize("selection", ["top-k", "sampled"])
+def test_teacher_cache_written_by_two_processes_is_the_one_of_one(tmp_path, selection):
     """Every process computes every other shard and process 0 writes them in order: the files are the
-    one-process write's, byte for byte, also when two processes resume a write one process began."""
+    one-process write's, byte for byte (a sampled cache's draws too: each shard's own seed), also when
+    two processes resume a write one process began."""
     script = tmp_path / "cache.py"
     script.write_text(CACHE_SCRIPT)
 
     def write(out: Path, processes: int, mode: str = "new") -> None:
-        program = [str(script), str(STORIES), str(TINYSTORIES_TEXT), str(out), mode]
+        program = [str(script), str(STORIES), str(TINYSTORIES_TEXT), str(out), mode, selection]
         done = (_launch(program, processes) if processes > 1 else
                 subprocess.run([sys.executable, *program], env=ENV, capture_output=True, text=True, timeout=300))
         assert done.returncode == 0, done.stderr[-4000:]

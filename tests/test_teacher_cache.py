@@ -29,7 +29,7 @@ from secateurs.recovery.cached_teacher import (
 from secateurs.recovery.data import load_recovery_data
 from secateurs.recovery.objectives import Objective, chunked_loss, top_k_terms
 from secateurs.recovery.settings import RecoverySettings, TeacherLogitsSettings
-from secateurs.recovery.teacher_cache import top_k_rows, write_teacher_logits
+from secateurs.recovery.teacher_cache import PAD_LOG_PROBABILITY, sampled_rows, top_k_rows, write_teacher_logits
 from secateurs.storage.loading import load_model
 from secateurs.storage.pruned import save_pruned
 
@@ -123,6 +123,36 @@ def test_top_k_loss_is_below_the_full_kl_by_the_rests_own_kl_and_its_gradient_by
         previous = total
 
 
+def test_a_sampled_cache_row_is_the_draws_frequencies_and_its_gradient_is_unbiased():
+    """A sampled row holds the distinct tokens of K draws at log(count / K) (the rest: the most probable
+    undrawn tokens at probability 0, every id once); its gradient is exactly q minus those frequencies, and
+    averaged over draws it tends to the live teacher's gradient q - p, which the top-K cache's does not."""
+    generator = torch.Generator().manual_seed(0)
+    z_t = torch.randn(6, 300, generator=generator, dtype=torch.float64) * 2
+    z_s = z_t + torch.randn(6, 300, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 300, (6,), generator=generator)
+    objective, draws, rounds = Objective("kd", 1.0, 1.0), 16, 2000
+    p, q = torch.softmax(z_t, -1), torch.softmax(z_s, -1)
+    mean_grad = torch.zeros_like(z_t)
+    for _ in range(rounds):
+        row = sampled_rows(z_t, draws, 1.0, generator)
+        assert row.indices.shape == (6, draws) and (row.indices.sort(-1).values.diff(dim=-1) > 0).all()
+        assert torch.isinf(row.rest).all() and (row.rest < 0).all()
+        drawn = row.values > PAD_LOG_PROBABILITY
+        counts = torch.where(drawn, row.values.exp() * draws, torch.zeros_like(row.values))
+        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(counts.sum(-1), torch.full((6,), float(draws), dtype=torch.float64))
+        frequencies = torch.zeros_like(p).scatter_(-1, row.indices, counts / draws)
+        _, _, grad = top_k_terms(objective, z_s, row, targets, with_grad=True, with_metrics=False)
+        torch.testing.assert_close(grad, q - frequencies, rtol=0, atol=1e-12)
+        mean_grad += grad / rounds
+    live = q - p  # the standard error of the mean frequency is at most sqrt(0.25 / (16 * 2000)) = 0.0028
+    assert (mean_grad - live).abs().max() < 0.015
+    _, _, top_grad = top_k_terms(objective, z_s, top_k_rows(z_t, draws, 1.0), targets, with_grad=True,
+                                 with_metrics=False)
+    assert (top_grad - live).abs().sum() > 3 * (mean_grad - live).abs().sum()
+
+
 def test_a_cache_for_another_run_is_refused_naming_what_differs(stories64, tmp_path):
     dense, tok = stories64
     folder = _cache(dense, tok, tmp_path / "c", temperature=2.0)
@@ -187,9 +217,10 @@ def test_a_cache_changed_after_it_was_written_is_refused(stories64, tmp_path, da
         open_teacher_cache(_run(folder), _data(tok), _student(dense), None, None, tok)
 
 
-def test_an_interrupted_write_resumes_to_the_identical_cache(stories64, tmp_path, monkeypatch):
+@pytest.mark.parametrize("selection", ["top-k", "sampled"])
+def test_an_interrupted_write_resumes_to_the_identical_cache(stories64, tmp_path, monkeypatch, selection):
     dense, tok = stories64
-    whole = _cache(dense, tok, tmp_path / "whole")
+    whole = _cache(dense, tok, tmp_path / "whole", selection=selection)
     calls = {"n": 0}
     real = writer.shard_tensors
 
@@ -201,7 +232,7 @@ def test_an_interrupted_write_resumes_to_the_identical_cache(stories64, tmp_path
 
     monkeypatch.setattr(writer, "shard_tensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _cache(dense, tok, tmp_path / "cut")
+        _cache(dense, tok, tmp_path / "cut", selection=selection)
     monkeypatch.setattr(writer, "shard_tensors", real)
     cut = tmp_path / "cut"
     assert len(_manifest(cut)["shards"]) == 2 and not _manifest(cut)["complete"]
@@ -209,16 +240,20 @@ def test_an_interrupted_write_resumes_to_the_identical_cache(stories64, tmp_path
         open_teacher_cache(_run(cut), _data(tok), _student(dense), None, None, tok)
     with pytest.raises(SecateursError, match="holds a teacher-logit cache"):
         _cache(dense, tok, cut)
-    with pytest.raises(TeacherCacheError, match="other settings"):
-        write_teacher_logits(dense, tok, TeacherLogitsSettings(**{**DATA, "shard_sequences": 3, "top_k": 8}), cut,
-                             resume=True, progress=False)
-    write_teacher_logits(dense, tok, TeacherLogitsSettings(**{**DATA, "shard_sequences": 3}), cut, resume=True,
-                         progress=False)
+    other = "top-k" if selection == "sampled" else "sampled"
+    for change in ({"top_k": 8}, {"selection": other}):
+        with pytest.raises(TeacherCacheError, match="other settings"):
+            write_teacher_logits(dense, tok, TeacherLogitsSettings(**{**DATA, "shard_sequences": 3,
+                                                                      "selection": selection, **change}), cut,
+                                 resume=True, progress=False)
+    write_teacher_logits(dense, tok, TeacherLogitsSettings(**{**DATA, "shard_sequences": 3, "selection": selection}),
+                         cut, resume=True, progress=False)
     names = sorted(p.name for p in whole.iterdir())
     assert names == sorted(p.name for p in cut.iterdir())
     for name in names:
         if name.endswith(".safetensors") or name == MANIFEST:
             assert (whole / name).read_bytes() == (cut / name).read_bytes(), name
+    open_teacher_cache(_run(cut), _data(tok), _student(dense), dense, None, tok)  # every shard passes the checks
 
 
 def test_recover_from_a_cache_trains_with_no_teacher_loaded(tmp_path, capsys, monkeypatch):

@@ -26,11 +26,11 @@ from secateurs.errors import SecateursError
 from secateurs.files.output import marker_record
 from secateurs.recovery.data import IGNORE_INDEX, RecoveryData
 from secateurs.recovery.objectives import CachedTeacher, TopK
-from secateurs.recovery.settings import RecoverySettings
+from secateurs.recovery.settings import CACHE_SELECTIONS, RecoverySettings
 from secateurs.recovery.trainer import DataOrder
 from secateurs.runtime.identity import model_identity
 
-FORMAT = "secateurs.teacher-logits/1"
+FORMAT = "secateurs.teacher-logits/2"
 KIND = "teacher-logits"  # the marker kind of a cache folder (secateurs.files.output)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 2**20
@@ -101,7 +101,7 @@ def _is_int(value, low: int = 0) -> bool:
 
 
 _BINDING = {"format": str, "teacher": dict, "tokenizer": str, "data": dict, "seq_len": int, "val_tokens": int,
-            "seed": int, "temperature": float, "top_k": int, "cache_dtype": str, "tokens": int,
+            "seed": int, "temperature": float, "top_k": int, "selection": str, "cache_dtype": str, "tokens": int,
             "shard_sequences": int, "batch_size": int, "chunk_rows": int}
 
 
@@ -122,8 +122,10 @@ def _manifest_problem(manifest) -> str | None:
     if not (isinstance(teacher.get("identity"), str) and _is_int(teacher.get("vocab_size"), 1)
             and isinstance(bound["data"].get("hash"), str)):
         return "has a binding without the teacher's identity and vocabulary or the data hash"
-    if bound["cache_dtype"] not in VALUE_DTYPES or not 1 <= bound["top_k"] <= teacher["vocab_size"]:
-        return f"has a cache dtype {bound['cache_dtype']!r} or a K {bound['top_k']} secateurs does not write"
+    if (bound["cache_dtype"] not in VALUE_DTYPES or not 1 <= bound["top_k"] <= teacher["vocab_size"]
+            or bound["selection"] not in CACHE_SELECTIONS):
+        return (f"has a cache dtype {bound['cache_dtype']!r}, a K {bound['top_k']} or a selection "
+                f"{bound['selection']!r} secateurs does not write")
     if not (_is_int(manifest.get("planned_shards"), 1) and isinstance(manifest.get("complete"), bool)
             and isinstance(shards, list) and len(shards) <= manifest["planned_shards"]):
         return "has no shard list, shard count or completion flag"
@@ -270,7 +272,8 @@ class TeacherCache(CachedTeacher):
     def describe(self) -> dict:
         bound = self.manifest["binding"]
         return {"path": str(self.folder), "fingerprint": self.fingerprint, "teacher": bound["teacher"],
-                "top_k": bound["top_k"], "temperature": bound["temperature"], "cache_dtype": bound["cache_dtype"],
+                "top_k": bound["top_k"], "selection": bound["selection"], "temperature": bound["temperature"],
+                "cache_dtype": bound["cache_dtype"],
                 "tokens": bound["tokens"], "positions": sum(e["positions"] for e in self.manifest["shards"]),
                 "bytes": sum(e["bytes"] for e in self.manifest["shards"])}
 

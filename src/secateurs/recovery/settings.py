@@ -329,6 +329,7 @@ class RecoverySettings:
 LIBRARY_ONLY = tuple(f.name for f in dataclasses.fields(RecoverySettings) if f.metadata["flag"] is None)
 
 CACHE_DTYPES = ("float32", "float16")
+CACHE_SELECTIONS = ("top-k", "sampled")
 # A cache's K is at most a vocabulary (the largest real ones are below 2^18 tokens).
 TOP_K = int_in(1, 262144, "a vocabulary's size at most")
 
@@ -348,8 +349,12 @@ class TeacherLogitsSettings:
                              type=nonnegative_int)
     seq_len: int = option(256, "tokens per packed training sequence, as recover's (default: {default})",
                           flag="--train-length", type=TOKENS, metavar="N")
-    top_k: int = option(64, "teacher log-probabilities kept per position; the rest is one bucket (default: "
-                            "{default})", type=TOP_K, metavar="K")
+    top_k: int = option(64, "teacher log-probabilities kept per position (with --selection sampled: the draws "
+                            "per position) (default: {default})", type=TOP_K, metavar="K")
+    selection: str = option("top-k", "which tokens a position keeps: 'top-k', the K most probable and the rest's mass "
+                                     "as one bucket; 'sampled', K draws from the teacher's distribution kept as the "
+                                     "distinct tokens drawn and their frequencies, an unbiased estimate of it "
+                                     "(random-sampling distillation) (default: {default})", choices=CACHE_SELECTIONS)
     temperature: float = option(1.0, "distillation temperature T of the recover runs (default: {default:g})",
                                 type=TEMPERATURE)
     cache_dtype: str = option("float16", "dtype of the stored log-probabilities: float16 rounds them by 2^-11, "

@@ -8,7 +8,9 @@ in the order the training loop draws them (secateurs.recovery.trainer.DataOrder)
 N tokens covers any run of up to N tokens. For every supervised position a shard holds the K largest
 log-probabilities of softmax(z_t / T) (`values`, float32 or float16), their token ids (`indices`,
 int32) and log(1 - their summed probability) (`rest`, float32; -inf when K is the vocabulary), the
-rows of each sequence at `offsets`. Shards (safetensors) are written one at a time, each atomically,
+rows of each sequence at `offsets`. A sampled cache (`selection="sampled"`) holds instead the tokens of K
+draws from that distribution with the log of their frequencies (sampled_rows): the same tensors, its rest
+-inf. Shards (safetensors) are written one at a time, each atomically,
 and `manifest.json` after each, so an interrupted write resumes at its first missing shard
 (`resume=True`) and ends with the very cache an uninterrupted one writes.
 
@@ -18,7 +20,7 @@ one that writes outputs) gathers them and writes them in order: the same files a
 writes, N times as fast.
 
 The manifest binds the cache to its teacher (secateurs.runtime.identity), tokenizer, data (the
-RecoveryData hash), sequence length, validation split, seed, temperature, K and token count. The format
+RecoveryData hash), sequence length, validation split, seed, temperature, K, selection and token count. The format
 and its reading, which treats the folder as untrusted, are secateurs.recovery.cached_teacher.
 """
 
@@ -72,6 +74,26 @@ def top_k_rows(logits: torch.Tensor, top_k: int, temperature: float) -> TopK:
     return TopK(values, indices, rest)
 
 
+PAD_LOG_PROBABILITY = -1e4  # a sampled row's columns no draw hit: exp() is 0 in float16 and float32
+
+
+def sampled_rows(logits: torch.Tensor, draws: int, temperature: float, generator: torch.Generator) -> TopK:
+    """`draws` tokens drawn with replacement from softmax(logits / T): the distinct tokens drawn with
+    log(count / draws), then, so that every row holds min(draws, vocabulary) distinct ids, the most probable
+    tokens not drawn at PAD_LOG_PROBABILITY (probability 0); the rest's mass is 0 (log: -inf). Its
+    expectation over the draws is the teacher's distribution, so the distillation gradient q - p is
+    unbiased (a top-K cache's is not: it gives the head the tail's mass as the student spreads it)."""
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    log_p = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    drawn = torch.multinomial(log_p.exp(), draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(log_p).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=log_p.dtype))
+    key = counts.mul(1e4).add_(log_p.clamp(min=-1e3))  # every token drawn first, then the most probable
+    indices = key.topk(min(draws, log_p.shape[-1]), dim=-1).indices
+    picked = counts.gather(-1, indices)
+    values = torch.where(picked > 0, picked.div(draws).log(), torch.full_like(picked, PAD_LOG_PROBABILITY))
+    return TopK(values, indices, torch.full(picked.shape[:1], float("-inf"), dtype=log_p.dtype, device=z.device))
+
+
 def binding(teacher, tokenizer, data: RecoveryData, settings: TeacherLogitsSettings) -> dict:
     """What the cache's content depends on: every entry must match for a resume, and those a recovery
     run can differ in (teacher, tokenizer, data, seq_len, val_tokens, seed, temperature) for a run."""
@@ -84,14 +106,19 @@ def binding(teacher, tokenizer, data: RecoveryData, settings: TeacherLogitsSetti
                      "val_sequences": len(data.val_ids)},
             "seq_len": settings.seq_len, "val_tokens": settings.val_tokens, "seed": settings.seed,
             "temperature": float(settings.temperature), "top_k": min(settings.top_k, vocab),
+            "selection": settings.selection,
             "cache_dtype": settings.cache_dtype, "tokens": settings.tokens,
             "shard_sequences": settings.shard_sequences, "batch_size": settings.batch_size,
             "chunk_rows": settings.chunk_rows}
 
 
-def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: list[int], settings: dict) -> dict:
-    """The tensors of one shard (see the module docstring), computed `batch_size` sequences at a time."""
+def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: list[int], settings: dict,
+                  number: int = 0) -> dict:
+    """The tensors of shard `number` (see the module docstring), computed `batch_size` sequences at a time;
+    a sampled cache draws from a generator seeded by the cache's seed and the shard's number, so a shard is
+    the same whichever process computes it and whether the write was resumed."""
     adapter, device = get_adapter(teacher), input_device(teacher)
+    generator, seed = None, settings["seed"] * 100_000 + number
     values, tokens, rests, counts = [], [], [], []
     for start in range(0, len(indices), settings["batch_size"]):
         rows = torch.tensor(indices[start:start + settings["batch_size"]])
@@ -100,8 +127,11 @@ def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: lis
         with torch.no_grad():
             hidden = final_hidden(teacher, ids[rows])[:, :-1][mask.to(device)]
             for first in range(0, hidden.shape[0], settings["chunk_rows"]):
-                top = top_k_rows(adapter.logits(teacher, hidden[first:first + settings["chunk_rows"]]),
-                                 settings["top_k"], settings["temperature"])
+                logits = adapter.logits(teacher, hidden[first:first + settings["chunk_rows"]])
+                generator = generator or torch.Generator(logits.device).manual_seed(seed)
+                top = sampled_rows(logits, settings["top_k"], settings["temperature"], generator) \
+                    if settings["selection"] == "sampled" else \
+                    top_k_rows(logits, settings["top_k"], settings["temperature"])
                 values.append(top.values.to("cpu", VALUE_DTYPES[settings["cache_dtype"]]))
                 tokens.append(top.indices.to("cpu", torch.int32))
                 rests.append(top.rest.to("cpu", torch.float32))
@@ -214,7 +244,7 @@ def _compute(teacher, data: RecoveryData, shard: tuple | None, bound: dict) -> t
         return None
     number, (split, indices) = shard
     ids, labels = (data.val_ids, data.val_labels) if split == "val" else (data.train_ids, data.train_labels)
-    return number, split, shard_tensors(teacher, ids, labels, indices, bound)
+    return number, split, shard_tensors(teacher, ids, labels, indices, bound, number)
 
 
 def _write_shard(folder: Path, split: str, number: int, tensors: dict) -> dict:
