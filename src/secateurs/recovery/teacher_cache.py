@@ -10,9 +10,9 @@ log-probabilities of softmax(z_t / T) (`values`, float32 or float16), their toke
 int32) and log(1 - their summed probability) (`rest`, float32; -inf when K is the vocabulary), the
 rows of each sequence at `offsets`. A sampled cache (`selection="sampled"`) holds instead the tokens of K
 draws from that distribution with the log of their frequencies (sampled_rows): the same tensors, its rest
--inf. Shards (safetensors) are written one at a time, each atomically,
-and `manifest.json` after each, so an interrupted write resumes at its first missing shard
-(`resume=True`) and ends with the very cache an uninterrupted one writes.
+-inf. Shards (safetensors) are written one at a time, each atomically, and `manifest.json` after each, so
+an interrupted write resumes at its first missing shard (`resume=True`) and ends with the very cache an
+uninterrupted one writes.
 
 Launched as several processes (torchrun, accelerate launch; secateurs.runtime.distributed), each
 process holds the teacher and computes every N-th of the shards still to write, and process 0 (the
@@ -20,8 +20,8 @@ one that writes outputs) gathers them and writes them in order: the same files a
 writes, N times as fast.
 
 The manifest binds the cache to its teacher (secateurs.runtime.identity), tokenizer, data (the
-RecoveryData hash), sequence length, validation split, seed, temperature, K, selection and token count. The format
-and its reading, which treats the folder as untrusted, are secateurs.recovery.cached_teacher.
+RecoveryData hash), sequence length, validation split, seed, temperature, K, selection and token count.
+The format and its reading, which treats the folder as untrusted, are secateurs.recovery.cached_teacher.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: lis
     a sampled cache draws from a generator seeded by the cache's seed and the shard's number, so a shard is
     the same whichever process computes it and whether the write was resumed."""
     adapter, device = get_adapter(teacher), input_device(teacher)
-    generator, seed = None, settings["seed"] * 100_000 + number
+    generator, seed = None, (settings["seed"] * 100_000 + number) % 2**63
     values, tokens, rests, counts = [], [], [], []
     for start in range(0, len(indices), settings["batch_size"]):
         rows = torch.tensor(indices[start:start + settings["batch_size"]])
