@@ -70,7 +70,8 @@ def test_a_full_vocabulary_cache_gives_the_live_teachers_loss_and_gradients(stor
                                                                             kd_ratio):
     dense, tok = stories64
     student = _student(dense)
-    folder = _cache(dense, tok, tmp_path / "c", top_k=512, temperature=temperature, cache_dtype="float32")
+    folder = _cache(dense, tok, tmp_path / "c", top_k=512, temperature=temperature, cache_dtype="float32",
+                    selection="top-k")
     data = _data(tok)
     cache = open_teacher_cache(_run(folder, temperature=temperature, kd_ratio=kd_ratio), data, student, dense,
                                None, tok)
@@ -279,6 +280,7 @@ def test_recover_from_a_cache_trains_with_no_teacher_loaded(tmp_path, capsys, mo
     assert loaded == [str(twin)]  # the student alone: no teacher model
     record = json.loads((tmp_path / "rec" / RECOVERY_FILENAME).read_text())
     assert record["teacher"] is None and record["teacher_cache"]["top_k"] == 32
+    assert record["teacher_cache"]["selection"] == "sampled"  # the default
     assert record["objective"]["kind"] == "kd" and record["after"]["kl"] < record["before"]["kl"]
     capsys.readouterr()
     assert main([*args[:-3], "--quiet", "--out", str(tmp_path / "rec2"), "--teacher", str(STORIES)]) == 2

@@ -351,10 +351,11 @@ class TeacherLogitsSettings:
                           flag="--train-length", type=TOKENS, metavar="N")
     top_k: int = option(64, "teacher log-probabilities kept per position (with --selection sampled: the draws "
                             "per position) (default: {default})", type=TOP_K, metavar="K")
-    selection: str = option("top-k", "which tokens a position keeps: 'top-k', the K most probable and the rest's mass "
-                                     "as one bucket; 'sampled', K draws from the teacher's distribution kept as the "
-                                     "distinct tokens drawn and their frequencies, an unbiased estimate of it "
-                                     "(random-sampling distillation) (default: {default})", choices=CACHE_SELECTIONS)
+    selection: str = option("sampled", "which tokens a position keeps: 'sampled', K draws from the teacher's "
+                                       "distribution kept as the distinct tokens drawn and their frequencies, an "
+                                       "unbiased estimate of it (random-sampling distillation); 'top-k', the K most "
+                                       "probable and the rest's mass as one bucket, biased below the vocabulary and "
+                                       "exact at it (default: {default})", choices=CACHE_SELECTIONS)
     temperature: float = option(1.0, "distillation temperature T of the recover runs (default: {default:g})",
                                 type=TEMPERATURE)
     cache_dtype: str = option("float16", "dtype of the stored log-probabilities: float16 rounds them by 2^-11, "

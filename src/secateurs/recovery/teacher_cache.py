@@ -1,18 +1,18 @@
-"""A teacher-logit cache: the teacher's top-K log-probabilities at temperature T on the recovery
-sequences, written once by `secateurs teacher-logits` so that `recover --teacher-cache` distils with no
-teacher in memory and no teacher forward per step.
+"""A teacher-logit cache: K tokens of the teacher's distribution at temperature T (drawn from it, or its
+top K) on the recovery sequences, written once by `secateurs teacher-logits` so that `recover
+--teacher-cache` distils with no teacher in memory and no teacher forward per step.
 
 The sequences are the ones `recover` trains and validates on: the same data, tokenisation, sequence
 length, validation split and seed (secateurs.recovery.data.load_recovery_data), the training sequences
 in the order the training loop draws them (secateurs.recovery.trainer.DataOrder), so a cache made for
-N tokens covers any run of up to N tokens. For every supervised position a shard holds the K largest
-log-probabilities of softmax(z_t / T) (`values`, float32 or float16), their token ids (`indices`,
-int32) and log(1 - their summed probability) (`rest`, float32; -inf when K is the vocabulary), the
-rows of each sequence at `offsets`. A sampled cache (`selection="sampled"`) holds instead the tokens of K
-draws from that distribution with the log of their frequencies (sampled_rows): the same tensors, its rest
--inf. Shards (safetensors) are written one at a time, each atomically, and `manifest.json` after each, so
-an interrupted write resumes at its first missing shard (`resume=True`) and ends with the very cache an
-uninterrupted one writes.
+N tokens covers any run of up to N tokens. For every supervised position a top-K shard
+(`selection="top-k"`) holds the K largest log-probabilities of softmax(z_t / T) (`values`, float32 or
+float16), their token ids (`indices`, int32) and log(1 - their summed probability) (`rest`, float32; -inf
+when K is the vocabulary), the rows of each sequence at `offsets`. A sampled cache (`selection="sampled"`,
+the default) holds instead the tokens of K draws from that distribution with the log of their frequencies
+(sampled_rows): the same tensors, its rest -inf. Shards (safetensors) are written one at a time, each
+atomically, and `manifest.json` after each, so an interrupted write resumes at its first missing shard
+(`resume=True`) and ends with the very cache an uninterrupted one writes.
 
 Launched as several processes (torchrun, accelerate launch; secateurs.runtime.distributed), each
 process holds the teacher and computes every N-th of the shards still to write, and process 0 (the
@@ -221,7 +221,7 @@ def write_teacher_logits(teacher, tokenizer, settings: TeacherLogitsSettings, ou
             release(folder)
     if progress and world.main:
         positions = sum(e["positions"] for e in shards)
-        status(f"teacher-logit cache: {positions:,} positions, K={bound['top_k']}, "
+        status(f"teacher-logit cache: {positions:,} positions, K={bound['top_k']} {bound['selection']}, "
                f"{sum(e['bytes'] for e in shards) / 2**20:,.1f} MiB in {len(shards)} shards at {folder}")
     return folder
 
