@@ -2,8 +2,8 @@
 throughput of the recovery loop (tokens/s) and perplexity after the same token budget, with the live
 teacher (kd), with the cache at each K (`secateurs teacher-logits`, then `recover --teacher-cache`: no
 teacher in memory; rows cache-kK keep the top K, rows cache-sK K draws, `--selection sampled`), and with no
-teacher (ce). Each cache row also records the time to write the cache,
-its size on disk and its bytes per position.
+teacher (ce). Each cache row also records the time to write the cache, its size on disk and its bytes per
+position.
 
 Pruning: `secateurs prune MODEL --method amp --ratio R` (calibration 'self'), once, in --work. Recovery
 data: the C4 sample; the perplexities are the recovery's held-out validation slice of it and WikiText-2
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from secateurs.storage.loading import load_model  # noqa: E402
 
 C4 = ASSETS / "text" / "c4" / "c4_sample_1000.jsonl"
 WIKITEXT = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"
+CACHE_ROW = re.compile(r"cache-([ks])(\d+)")  # a cache row: cache-kK keeps the top K, cache-sK K draws
 
 
 def pruned_folder(args) -> Path:
@@ -59,10 +61,10 @@ def cache_for(row: str, dense, tok, args) -> dict:
     """The cache of a row cache-kK (top-K) or cache-sK (K draws) (written, or continued, in --work) and what
     writing it cost."""
     folder = Path(args.work) / f"{row}-{args.tokens}"
+    kind, k = CACHE_ROW.fullmatch(row).groups()
     settings = TeacherLogitsSettings(data=str(C4), tokens=args.tokens, val_tokens=args.val_tokens,
-                                     seq_len=args.train_length, top_k=int(row[len("cache-k"):]),
-                                     selection="sampled" if row.startswith("cache-s") else "top-k",
-                                     cache_dtype=args.cache_dtype)
+                                     seq_len=args.train_length, top_k=int(k),
+                                     selection="sampled" if kind == "s" else "top-k", cache_dtype=args.cache_dtype)
     record = marker_record(folder)
     resume = record is not None and record.get("kind") == KIND
     started = time.perf_counter()
@@ -82,7 +84,7 @@ def run_row(row: str, folder: Path, dense, tok, args, wiki_ids) -> dict:
     common = dict(data=str(C4), tokens=args.tokens, val_tokens=args.val_tokens, seq_len=args.train_length,
                   patience=None)
     cache = None
-    if row.startswith("cache-"):
+    if CACHE_ROW.fullmatch(row):
         cache = cache_for(row, dense, tok, args)
         settings, teacher = RecoverySettings(**common, teacher_cache=cache["folder"]), None
     else:

@@ -61,7 +61,7 @@ class Search(Method):
         if not scored:
             raise SecateursError(f"keep_first {options.keep_first} and keep_last {options.keep_last} keep all "
                                  f"{count} layers dense: nothing to search")
-        data, library = scoring_library(context, options, scored)
+        data, library = scoring_library(context, options, scored, calibration)
         costs = None
         if options.budget == "decode":
             with phase("search: measuring decode costs"):
@@ -102,13 +102,14 @@ class Search(Method):
         return plan
 
 
-def scoring_library(context: PlanContext, options: SearchOptions, scored: list[int]) -> tuple[ScoringData, Library]:
-    """The scoring inputs cached on the first calibration samples and the block library of the `scored`
+def scoring_library(context: PlanContext, options: SearchOptions, scored: list[int],
+                    calibration) -> tuple[ScoringData, Library]:
+    """The scoring inputs cached on the first samples of `calibration` and the block library of the `scored`
     layers, built from the statistics pass and the value path's alphas fitted on those inputs."""
     model = context.model
     stats = search_statistics(context)
     with phase("search: caching the scoring inputs"):
-        data = cache_scoring_data(model, scoring_calibration(context.calibration_data(), options.scoring_tokens),
+        data = cache_scoring_data(model, scoring_calibration(calibration, options.scoring_tokens),
                                   progress=context.progress)
     status(f"search: {data.tokens:,} scoring tokens; dense log-probabilities hold "
            f"{data.reference_bytes() / 2**20:,.1f} MiB")

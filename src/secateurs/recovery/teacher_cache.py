@@ -64,11 +64,16 @@ from secateurs.runtime.progress import status
 _STRAY = re.compile(r"^\.(?:(?:train|val)-\d{5}\.safetensors|manifest\.json)\.tmp-\d+-\w+(?:\.safetensors|\.json)?$")
 
 
+def log_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T), in at least float32."""
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
 def top_k_rows(logits: torch.Tensor, top_k: int, temperature: float) -> TopK:
     """The top-K log-probabilities of softmax(logits / T) (at least float32), their ids and the log of
     the mass of the other tokens."""
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    log_p = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    log_p = log_probabilities(logits, temperature)
     values, indices = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)
     rest = torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), dim=-1)
     return TopK(values, indices, rest)
@@ -83,15 +88,14 @@ def sampled_rows(logits: torch.Tensor, draws: int, temperature: float, generator
     tokens not drawn at PAD_LOG_PROBABILITY (probability 0); the rest's mass is 0 (log: -inf). Its
     expectation over the draws is the teacher's distribution, so the distillation gradient q - p is
     unbiased (a top-K cache's is not: it gives the head the tail's mass as the student spreads it)."""
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    log_p = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    log_p = log_probabilities(logits, temperature)
     drawn = torch.multinomial(log_p.exp(), draws, replacement=True, generator=generator)
     counts = torch.zeros_like(log_p).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=log_p.dtype))
     key = counts.mul(1e4).add_(log_p.clamp(min=-1e3))  # every token drawn first, then the most probable
     indices = key.topk(min(draws, log_p.shape[-1]), dim=-1).indices
     picked = counts.gather(-1, indices)
     values = torch.where(picked > 0, picked.div(draws).log(), torch.full_like(picked, PAD_LOG_PROBABILITY))
-    return TopK(values, indices, torch.full(picked.shape[:1], float("-inf"), dtype=log_p.dtype, device=z.device))
+    return TopK(values, indices, torch.full(picked.shape[:1], float("-inf"), dtype=log_p.dtype, device=log_p.device))
 
 
 def binding(teacher, tokenizer, data: RecoveryData, settings: TeacherLogitsSettings) -> dict:
@@ -113,7 +117,7 @@ def binding(teacher, tokenizer, data: RecoveryData, settings: TeacherLogitsSetti
 
 
 def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: list[int], settings: dict,
-                  number: int = 0) -> dict:
+                  number: int) -> dict:
     """The tensors of shard `number` (see the module docstring), computed `batch_size` sequences at a time;
     a sampled cache draws from a generator seeded by the cache's seed and the shard's number, so a shard is
     the same whichever process computes it and whether the write was resumed."""
@@ -128,10 +132,11 @@ def shard_tensors(teacher, ids: torch.Tensor, labels: torch.Tensor, indices: lis
             hidden = final_hidden(teacher, ids[rows])[:, :-1][mask.to(device)]
             for first in range(0, hidden.shape[0], settings["chunk_rows"]):
                 logits = adapter.logits(teacher, hidden[first:first + settings["chunk_rows"]])
-                generator = generator or torch.Generator(logits.device).manual_seed(seed)
-                top = sampled_rows(logits, settings["top_k"], settings["temperature"], generator) \
-                    if settings["selection"] == "sampled" else \
-                    top_k_rows(logits, settings["top_k"], settings["temperature"])
+                if settings["selection"] == "sampled":
+                    generator = generator or torch.Generator(logits.device).manual_seed(seed)
+                    top = sampled_rows(logits, settings["top_k"], settings["temperature"], generator)
+                else:
+                    top = top_k_rows(logits, settings["top_k"], settings["temperature"])
                 values.append(top.values.to("cpu", VALUE_DTYPES[settings["cache_dtype"]]))
                 tokens.append(top.indices.to("cpu", torch.int32))
                 rests.append(top.rest.to("cpu", torch.float32))
