@@ -61,6 +61,7 @@ from secateurs.calibration.data import load_calibration
 from secateurs.calibration.statistics import collect_statistics
 from secateurs.errors import SecateursError
 from secateurs.evaluation.perplexity import perplexity, read_text, window_start_token, windows_of
+from secateurs.evaluation.report import plot_layer_choices
 from secateurs.evaluation.zero_shot import STANDARD_TASKS, zero_shot
 from secateurs.export import export_gguf
 from secateurs.files.output import write_file
@@ -140,6 +141,7 @@ def row_settings(name: str, spec: dict, args) -> dict:
                if spec["kind"] in ("search", "search-r2") else {}),
             "recover_tokens": args.recover_tokens if spec["recover"] else 0,
             **({"kd_ratio": args.kd_ratio} if spec["recover"] and args.recover_tokens else {}),
+            **({"lr": args.lr} if spec["recover"] and args.recover_tokens and args.lr is not None else {}),
             "llamacpp": None if args.no_llamacpp else {"threads": args.threads, "repeats": args.repeats,
                                                         "prompt": PROMPT, "decode": DECODE}}
 
@@ -287,6 +289,37 @@ def architecture(plan: PruningPlan) -> str:
     return " ".join(out)
 
 
+def choices_of(arch: str, layer_shapes: list) -> list[dict]:
+    """The per-layer choices of an `architecture` string, in the form secateurs.evaluation.report draws
+    (layer_choices), against the base model's (heads, KV heads, neurons) per layer."""
+    choices = []
+    for i, (block, (h, kv, n)) in enumerate(zip(arch.split(), layer_shapes, strict=True)):
+        a, m = block.split("/")
+        groups = {"A": kv, "V": 0, "-": 0}[a] if a in ("A", "V", "-") else int(a.removeprefix("k"))
+        attention = {"A": "dense", "V": "value", "-": "removed"}.get(a, "kv")
+        mlp = {"M": "dense", "-": "removed"}.get(m, "width")
+        choices.append({"layer": i, "attention": attention, "heads": groups * h // kv, "base_heads": h,
+                        "kv_heads": groups, "base_kv_heads": kv, "alpha": None, "mlp": mlp,
+                        "neurons": n if m == "M" else 0 if m == "-" else int(m), "base_neurons": n,
+                        "layer_removed": a == m == "-"})
+    return choices
+
+
+def draw_architectures(args, rows: list[dict]) -> dict[str, str]:
+    """row name -> its per-layer picture (secateurs report's drawing), written beside the rows; the base
+    model's layer shapes come from the scored plan."""
+    scored = rows_dir(args) / "scored.json"
+    chosen = [r for r in rows if "architecture" in r]
+    if not chosen or not scored.is_file():
+        return {}
+    shapes = json.loads(scored.read_text())["plan"]["base"]["layer_shapes"]
+    out = {}
+    for r in chosen:
+        path = plot_layer_choices(choices_of(r["architecture"], shapes), rows_dir(args) / f"{r['row']}.png")
+        out[r["row"]] = os.path.relpath(path, args.out)
+    return out
+
+
 def build(name: str, spec: dict, ctx: Context, args) -> tuple:
     """(model, plan, seconds, details) of one row; model None for a row that cannot be built (details say why)."""
     kind, seconds, details = spec["kind"], {}, {}
@@ -340,7 +373,8 @@ def recover_row(name: str, model, plan, ctx: Context, args) -> tuple:
     checkpoints = Path(args.work) / f"recovery-{name}{args.tag}"
     resume = (checkpoints / "trainer_state.pt").exists()
     out = recover(model, ctx.dense, tokenizer=ctx.tok, plan=plan, data=str(C4), tokens=args.recover_tokens,
-                  objective="kd", kd_ratio=args.kd_ratio, progress=False, checkpoint_dir=str(checkpoints),
+                  objective="kd", kd_ratio=args.kd_ratio, **({"lr": args.lr} if args.lr is not None else {}),
+                  progress=False, checkpoint_dir=str(checkpoints),
                   save_every=args.save_every, resume=resume)
     return out.model, {"tokens": out.record["tokens"], "before": out.record["before"], "after": out.record["after"],
                        "training_tokens_per_second": out.record["training_tokens_per_second"]}
@@ -443,7 +477,8 @@ def _f(value, spec: str = ".2f", empty: str = "") -> str:
 def _intro(summary: dict) -> list[str]:
     s = summary["settings"]
     scored = summary.get("scored") or {}
-    recovery = (f"{s['recover_tokens']:,} tokens of KD from the dense model on C4 (kd ratio {s['kd_ratio']:g}) for "
+    lr = f", lr {s['lr']:g}" if s.get("lr") is not None else ""
+    recovery = (f"{s['recover_tokens']:,} tokens of KD from the dense model on C4 (kd ratio {s['kd_ratio']:g}{lr}) for "
                 f"the search and AMP rows at {pct(RECOVERED_AT)}%" if s["recover_tokens"] else "none")
     search = (f"Search: the library scored once on {scored['scoring_tokens']:,} C4 tokens "
               f"({scored['scoring_samples']} samples), {scored['variants_scored']} variants, in "
@@ -529,6 +564,8 @@ def markdown(summary: dict) -> str:
                       if costs["decode"] else ""}[r["budget"]]
             lines.append(f"| {r['label']} | {r['budget']}: {r['budget_ratio']:.1%} | {chosen} | "
                          f"`{r['architecture']}` |")
+    pictures = summary.get("pictures") or {}
+    lines += [""] * bool(pictures) + [f"![{r['label']}]({pictures[r['row']]})" for r in rows if r["row"] in pictures]
     checked = [r for r in rows if r.get("candidates")]
     lines += [""] * bool(checked) + [
         f"* {r['label']}: the candidates' KL on calibration tokens the scores did not see: "
@@ -571,14 +608,15 @@ def render(args, specs: dict, header: dict) -> dict:
         if scored and scored["settings"] == scoring_settings(args) else None
     settings = {k: v for k, v in row_settings("dense", specs["dense"], args).items()
                 if k not in ("row", "spec", "recover_tokens")}
-    settings.update(recover_tokens=args.recover_tokens, kd_ratio=args.kd_ratio, threads=args.threads,
+    settings.update(recover_tokens=args.recover_tokens, kd_ratio=args.kd_ratio, lr=args.lr, threads=args.threads,
                     repeats=args.repeats, harp_calib_samples=args.harp_calib_samples,
                     scoring_tokens=args.scoring_tokens, ratios=args.ratios, kv_ratio=args.kv_ratio,
                     speedup=args.speedup, eval_text=os.path.relpath(args.eval_text, ROOT))
     summary = {"header": rows[0]["header"] if rows else header, "settings": settings, "scored": scored,
                "load_average_end": [round(x, 2) for x in os.getloadavg()],
                "llama_cpp_python": importlib.metadata.version("llama-cpp-python"), "rows": rows, "missing": missing,
-               "labels": {n: s["label"] for n, s in specs.items()}, "phases": phases}
+               "labels": {n: s["label"] for n, s in specs.items()}, "phases": phases,
+               "pictures": draw_architectures(args, rows)}
     out = Path(args.out)
     write_file(out / f"search{args.tag}.json", json.dumps(summary, indent=1, default=str) + "\n")
     write_file(out / f"search{args.tag}.md", markdown(summary))
@@ -610,6 +648,7 @@ def parse_args():
     p.add_argument("--recover-tokens", type=int, default=0,
                    help=f"KD recovery of the search and AMP rows at {pct(RECOVERED_AT)}%% (default: 0, none)")
     p.add_argument("--kd-ratio", type=float, default=1.0, help="recovery's KL share of the loss (default: 1.0)")
+    p.add_argument("--lr", type=float, default=None, help="recovery's learning rate (default: recover's own)")
     p.add_argument("--save-every", type=int, default=20,
                    help="recovery checkpoint every N steps in --work, resumed by a rerun (default: 20)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")

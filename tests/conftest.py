@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,19 @@ C4_HEAD = DATA / "c4" / "c4_sample.jsonl"  # the first 5 documents of C4 en trai
 TASKS = DATA / "commonsense"  # the first 20 rows of each standard task, llm-foundry format
 WIKITEXT = ASSETS / "text" / "wikitext-2-raw" / "wiki.test.raw"  # the whole WikiText-2 test split (1.3 MB)
 CUDA = torch.cuda.is_available()
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its folder on the path while it loads, for its `common`)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                max_position_embeddings=128, tie_word_embeddings=False)

@@ -4,7 +4,6 @@ makes before loading, and the plan against the peak resident memory of CPU runs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-from conftest import STORIES, TINYSTORIES_TEXT
+from conftest import STORIES, TINYSTORIES_TEXT, benchmark_module
 from transformers import LlamaConfig
 
 import secateurs.storage.checkpoint
@@ -212,23 +211,12 @@ def test_the_loaded_models_memory_counts_as_available():
 
 
 # -- the plan against measured peaks ---------------------------------------------------------------------
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
 @pytest.mark.glibc
 @pytest.mark.parametrize("name", ["kd-full", "ce-long"])
 def test_the_plan_is_within_a_fifth_of_the_measured_peak(name):
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs /proc/self/clear_refs to reset the peak resident memory")
-    bench = _benchmark()
+    bench = benchmark_module("memory_plan")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--measure", name], env=env,
                          capture_output=True, text=True, timeout=240)
@@ -240,7 +228,7 @@ def test_the_plan_is_within_a_fifth_of_the_measured_peak(name):
 
 
 def test_the_measured_configurations_are_what_the_plan_reads():
-    bench = _benchmark()
+    bench = benchmark_module("memory_plan")
     for name, case in bench.MEASURED.items():
         model = meta_model(bench.llama_config(case["model"]))
         plan = plan_for_models(model, model if case.get("teacher", True) else None, bench.settings_of(case))

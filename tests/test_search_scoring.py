@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES, TINYSTORIES_TEXT, padded_calibration, tiny_model
+from conftest import STORIES, TINYSTORIES_TEXT, benchmark_module, padded_calibration, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.adapters import get_adapter
@@ -21,6 +21,7 @@ from secateurs.calibration.statistics import collect_statistics, zero_padding_ho
 from secateurs.cli.main import main
 from secateurs.criteria.depth_scores import capture_traces, final_hidden, score_layers
 from secateurs.errors import SecateursError
+from secateurs.evaluation.report import layer_choices
 from secateurs.methods import make_plan, prune
 from secateurs.methods.search import (
     best_candidate,
@@ -248,6 +249,18 @@ def test_a_kv_budget_and_a_second_round_scored_around_the_first_choice(stories32
     second = {(r["layer"], r["block"], r["variant"]): r["kl"] for r in p["scores"] if r["round"] == 2}
     assert first.keys() == second.keys()
     assert any(second[k] > 0 for k in second if k[2] == "dense")  # around the first choice, dense is not free
+
+
+def test_the_benchmarks_picture_of_a_chosen_architecture_is_the_reports(stories32):
+    """benchmarks/search.py draws a search row from its `architecture` string: the per-layer choices it reads
+    back equal `secateurs report`'s of the plan (HARP's alpha aside, which the string leaves out)."""
+    bench = benchmark_module("search")
+    model, tokenizer, calibration = stories32
+    plan = make_plan(model, "search", 0.5, tokenizer=tokenizer, calibration=calibration, budget="kv", keep_first=0,
+                     max_attention_free=2, mlp_fractions=[0.5], scoring_tokens=64, progress=False)
+    expected = [{**c, "alpha": None} for c in layer_choices(plan)]
+    assert len({c["attention"] for c in expected}) >= 2  # the budget leaves attention of more than one kind
+    assert bench.choices_of(bench.architecture(plan), plan.base["layer_shapes"]) == expected
 
 
 def test_a_decode_budget_reads_the_decode_cost_table(stories32, monkeypatch):
