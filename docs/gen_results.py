@@ -23,6 +23,7 @@ MD_LINES_SHOWN = 150  # longer Markdown results (hundreds of fuzz cases) are cut
 MACHINE_KEYS = ("machine", "machine_at_start", "machine_before")
 LOAD_KEYS = ("load_average", "load_average_start", "load_at_start", "load_before", "load_average_before")
 LOAD_END_KEYS = ("load_average_end", "load_after", "load_average_after")
+LINKED_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+\.png)(\))")  # ![alt](a/relative/path.png) in a result
 
 
 @dataclass
@@ -142,6 +143,18 @@ def shown_markdown(path: Path) -> str:
             f"`benchmarks/results/{path.name}`.)*")
 
 
+def with_images(markdown: str, folder: Path, image_path) -> str:
+    """The result's Markdown with each PNG it links (a path relative to its folder, inside that folder) copied
+    into the site under a name that keeps its subfolder; a link to anything else is left as written."""
+    def link(m: re.Match) -> str:
+        png = (folder / m.group(2)).resolve()
+        if not png.is_file() or not png.is_relative_to(folder.resolve()):
+            return m.group(0)
+        return m.group(1) + image_path(png, m.group(2).replace("/", "-")) + m.group(3)
+
+    return LINKED_IMAGE.sub(link, markdown)
+
+
 def json_excerpt(data) -> str:
     lines = json.dumps(data, indent=1, ensure_ascii=False).splitlines()
     shown = "\n".join(lines[:JSON_LINES_SHOWN])
@@ -161,7 +174,8 @@ def section(result: Result, image_path) -> str:
     command = result.command or "not listed in `benchmarks/README.md`"
     parts = [f"## {result.stem}\n", f"Files: {names}\n", f"Command: {command}\n", f"Machine: {where}\n"]
     if ".md" in result.files:
-        parts.append(shown_markdown(result.files[".md"]) + "\n")
+        md = result.files[".md"]
+        parts.append(with_images(shown_markdown(md), md.parent, image_path) + "\n")
     if ".txt" in result.files:
         text = result.files[".txt"].read_text(encoding="utf-8").rstrip()
         parts.append('??? abstract "Console output"\n\n    ```text\n' + _indent(text) + "\n    ```\n")
@@ -211,9 +225,9 @@ def pages(results_dir: Path = RESULTS, readme: Path = BENCHMARKS_README) -> tupl
     results = collect(results_dir, readme)
     images: dict[str, Path] = {}
 
-    def image_path(png: Path) -> str:
-        images[f"results/img/{png.name}"] = png
-        return f"img/{png.name}"
+    def image_path(png: Path, name: str | None = None) -> str:
+        images[f"results/img/{name or png.name}"] = png
+        return f"img/{name or png.name}"
 
     scripts = sorted({r.script for r in results})
     out = {}

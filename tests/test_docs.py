@@ -163,7 +163,8 @@ def test_the_results_pages_show_every_result_file():
 
 def test_the_results_pages_take_a_new_result_with_its_command_machine_and_plot(tmp_path):
     """A result the index has never seen (as the benchmark scripts write them: a JSON with its header, its
-    Markdown, a plot) gets its section with the command from its header and the load it records."""
+    Markdown, a plot, a plot its Markdown links) gets its section with the command from its header and the load it
+    records."""
     gen = load_script("gen_results")
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
@@ -172,15 +173,23 @@ def test_the_results_pages_take_a_new_result_with_its_command_machine_and_plot(t
               "machine": {"cpu": "Some CPU", "cpu_count": 4, "torch_threads": 4, "load_average": [0.5, 0.25, 0.1],
                           "date": "2026-12-05T10:00:00+00:00"}}
     (results / "newbench_small.json").write_text(json.dumps({"header": header, "rows": []}))
-    (results / "newbench_small.md").write_text("# New bench\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n")
     (results / "newbench_small.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (results / "newbench_rows").mkdir()
+    (results / "newbench_rows" / "row.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "benchmarks" / "newbench.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # outside the results folder
+    (results / "newbench_small.md").write_text("# New bench\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n"
+                                               "![a row](newbench_rows/row.png)\n![gone](newbench_rows/gone.png)\n"
+                                               "![outside](../newbench.png)\n")
     (results / "orphan.json").write_text(json.dumps({"x": 1}))
     texts, images = gen.pages(results, tmp_path / "benchmarks" / "README.md")
     page = texts["results/newbench.md"]
     assert "Command: `python benchmarks/newbench.py --fast`" in page
     assert "Some CPU; 4 cores; torch threads 4; load average 0.50, 0.25, 0.10 at the start" in page
     assert "**New bench**" in page and "| 1 | 2 |" in page and "![newbench_small](img/newbench_small.png)" in page
-    assert images == {"results/img/newbench_small.png": results / "newbench_small.png"}
+    assert "![a row](img/newbench_rows-row.png)" in page  # a plot the Markdown links, copied with its folder
+    assert "![gone](newbench_rows/gone.png)" in page and "![outside](../newbench.png)" in page  # left as written
+    assert images == {"results/img/newbench_small.png": results / "newbench_small.png",
+                      "results/img/newbench_rows-row.png": (results / "newbench_rows" / "row.png").resolve()}
     assert "not listed in `benchmarks/README.md`" in texts["results/other.md"]
     assert "[newbench_small](newbench.md#newbench_small)" in texts["results/index.md"]
 
