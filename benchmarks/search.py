@@ -488,8 +488,11 @@ def _intro(summary: dict) -> list[str]:
               f"search and the width methods share took {_f(scored.get('statistics_seconds'), '.1f', '?')} s. "
               "Every search row is chosen from those scores (its own time: the choice, then the surgery). "
               if scored else "")
+    commands = list(dict.fromkeys(r["header"]["command"] for r in summary["rows"]))
+    made = [f"The rows were measured by {len(commands)} commands (the first row's above, with its machine; each "
+            "row's own in its JSON): " + "; ".join(f"`{c}`" for c in commands) + ".", ""] if len(commands) > 1 else []
     return [f"# The architecture search against the fixed-structure methods: {s['model']}", "",
-            header_markdown(summary["header"]),
+            header_markdown(summary["header"]), *made,
             f"Load average when the summary was written: {', '.join(f'{x:.2f}' for x in summary['load_average_end'])}"
             " (each row's own, at its start and end, in the last table).", "",
             f"Perplexity: WikiText-2 test, first {s['max_tokens']:,} tokens, windows of {SEQ_LEN}. KL: mean "
