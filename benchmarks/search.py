@@ -305,18 +305,14 @@ def choices_of(arch: str, layer_shapes: list) -> list[dict]:
     return choices
 
 
-def draw_architectures(args, rows: list[dict]) -> dict[str, str]:
-    """row name -> its per-layer picture (secateurs report's drawing), written beside the rows; the base
-    model's layer shapes come from the scored plan."""
-    scored = rows_dir(args) / "scored.json"
-    chosen = [r for r in rows if "architecture" in r]
-    if not chosen or not scored.is_file():
-        return {}
-    shapes = json.loads(scored.read_text())["plan"]["base"]["layer_shapes"]
+def draw_architectures(args, rows: list[dict], shapes: list | None) -> dict[str, str]:
+    """row name -> its per-layer picture (secateurs report's drawing), written beside the rows; `shapes` the
+    base model's layer shapes (the scored plan's), None for no pictures."""
     out = {}
-    for r in chosen:
-        path = plot_layer_choices(choices_of(r["architecture"], shapes), rows_dir(args) / f"{r['row']}.png")
-        out[r["row"]] = os.path.relpath(path, args.out)
+    for r in rows if shapes else []:
+        if "architecture" in r:
+            path = plot_layer_choices(choices_of(r["architecture"], shapes), rows_dir(args) / f"{r['row']}.png")
+            out[r["row"]] = os.path.relpath(path, args.out)
     return out
 
 
@@ -606,9 +602,10 @@ def render(args, specs: dict, header: dict) -> dict:
     phases = [p for p in ("choose", "surgery", "prune", "recover", "perplexity", "kl", "zero_shot", "llamacpp",
                           "total") if any(p in r["seconds"] for r in rows)]
     scored_file = rows_dir(args) / "scored.json"
-    scored = json.loads(scored_file.read_text()) if scored_file.is_file() else None
-    scored = {k: v for k, v in scored.items() if k not in ("plan", "header")} \
-        if scored and scored["settings"] == scoring_settings(args) else None
+    saved = json.loads(scored_file.read_text()) if scored_file.is_file() else None
+    shapes = saved["plan"]["base"]["layer_shapes"] if saved else None
+    scored = {k: v for k, v in saved.items() if k not in ("plan", "header")} \
+        if saved and saved["settings"] == scoring_settings(args) else None
     settings = {k: v for k, v in row_settings("dense", specs["dense"], args).items()
                 if k not in ("row", "spec", "recover_tokens")}
     settings.update(recover_tokens=args.recover_tokens, kd_ratio=args.kd_ratio, lr=args.lr, threads=args.threads,
@@ -619,7 +616,7 @@ def render(args, specs: dict, header: dict) -> dict:
                "load_average_end": [round(x, 2) for x in os.getloadavg()],
                "llama_cpp_python": importlib.metadata.version("llama-cpp-python"), "rows": rows, "missing": missing,
                "labels": {n: s["label"] for n, s in specs.items()}, "phases": phases,
-               "pictures": draw_architectures(args, rows)}
+               "pictures": draw_architectures(args, rows, shapes)}
     out = Path(args.out)
     write_file(out / f"search{args.tag}.json", json.dumps(summary, indent=1, default=str) + "\n")
     write_file(out / f"search{args.tag}.md", markdown(summary))
